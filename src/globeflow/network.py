@@ -1,0 +1,139 @@
+"""The AdaLN-MLP denoiser (paper section 3.4), with the published PLONK state-dict layout.
+
+The network maps (noisy point y in R^3, signal level gamma, image embedding) to a vector in R^3
+(a velocity or a noise prediction, depending on the generative family).
+
+The *condition path* (condition mapper, time embedding and every AdaLN modulation) depends only on
+(embedding, gamma). :meth:`Denoiser.condition` computes it once per (condition, time step) and
+:meth:`Denoiser.forward_conditioned` reuses it for any number of points of that condition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-5
+TIME_SCALE = 1000.0
+"""The published networks embed gamma * 1000."""
+
+
+class SinusoidalTimeEncoding(nn.Module):
+    """Sinusoidal features of gamma * 1000, standardised over the feature axis: (B,) -> (B, 2 F)."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        half = num_channels // 2
+        freqs = (1.0 / 10000.0) ** (2 * torch.arange(half, dtype=torch.float32) / num_channels)
+        self.register_buffer("freqs", freqs)
+
+    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
+        angles = (gamma * TIME_SCALE)[..., None] * self.freqs
+        feats = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return (feats - feats.mean(-1, keepdim=True)) / feats.std(-1, keepdim=True)
+
+
+class TimeEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.encode_time = SinusoidalTimeEncoding(dim // 4)
+        self.map_time = nn.Sequential(nn.Linear(dim // 4, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
+        return self.map_time(self.encode_time(gamma))
+
+
+class AdaLNBlock(nn.Module):
+    """Residual MLP block modulated by the condition: x + s * mlp((1 + g) LN(x) + m)."""
+
+    def __init__(self, dim: int, expansion: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * expansion),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim * expansion, dim),
+        )
+        self.ada_map = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 3))
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """(..., dim) condition -> (..., 3 dim) packed (g, m, s)."""
+        return self.ada_map(cond)
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        g, m, s = modulation.chunk(3, dim=-1)
+        h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        return x + self.mlp(torch.addcmul(m, h, 1 + g)) * s
+
+
+@dataclass
+class Conditioning:
+    """The cached condition path for a batch of (embedding, gamma) pairs.
+
+    ``blocks[i]`` is the packed (g, m, s) modulation of block i, shape (B, 1, 3 dim); ``final`` the
+    packed (g, m) of the output layer, (B, 1, 2 dim). The singleton axis broadcasts over samples.
+    """
+
+    blocks: list[torch.Tensor]
+    final: torch.Tensor
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch axis."""
+        return Conditioning(
+            blocks=[torch.cat(parts, 0) for parts in zip(*(c.blocks for c in items))],
+            final=torch.cat([c.final for c in items], 0),
+        )
+
+
+class Denoiser(nn.Module):
+    """AdaLN-MLP denoiser; constructor arguments are the published ``config.json`` keys."""
+
+    def __init__(
+        self,
+        input_dim: int = 3,
+        dim: int = 512,
+        depth: int = 12,
+        expansion: int = 4,
+        cond_dim: int = 1024,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % 8:
+            raise ValueError(f"dim must be a multiple of 8, got {dim}")
+        self.config = dict(
+            input_dim=input_dim, dim=dim, depth=depth, expansion=expansion, cond_dim=cond_dim
+        )
+        self.time_embedder = TimeEmbedder(dim)
+        self.cond_mapper = nn.Linear(cond_dim, dim)
+        self.initial_mapper = nn.Linear(input_dim, dim)
+        self.blocks = nn.ModuleList(AdaLNBlock(dim, expansion, dropout) for _ in range(depth))
+        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 2))
+        self.final_linear = nn.Linear(dim, input_dim)
+
+    @property
+    def cond_dim(self) -> int:
+        return self.config["cond_dim"]
+
+    def condition(self, emb: torch.Tensor, gamma: torch.Tensor) -> Conditioning:
+        """Condition path for embeddings (B, cond_dim) at signal levels gamma (B,) or scalar."""
+        gamma = torch.as_tensor(gamma, dtype=emb.dtype, device=emb.device).expand(emb.shape[0])
+        cond = self.cond_mapper(emb) + self.time_embedder(gamma)
+        blocks = [block.modulation(cond)[:, None, :] for block in self.blocks]
+        return Conditioning(blocks=blocks, final=self.final_adaln(cond)[:, None, :])
+
+    def forward_conditioned(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3)."""
+        x = self.initial_mapper(y)
+        for block, modulation in zip(self.blocks, cond.blocks):
+            x = block(x, modulation)
+        g, m = cond.final.chunk(2, dim=-1)
+        h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        return self.final_linear(torch.addcmul(m, h, 1 + g))
+
+    def forward(self, y: torch.Tensor, gamma: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The published signature: one point per row. y (B, 3), gamma (B,), emb (B, cond_dim)."""
+        return self.forward_conditioned(y[:, None, :], self.condition(emb, gamma))[:, 0, :]
