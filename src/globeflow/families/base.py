@@ -1,0 +1,325 @@
+"""The one interface every generative family implements, plus the shared denoising machinery.
+
+Internally everything works on unit vectors (B, N, 3); the public methods speak degrees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..network import Conditioning, Denoiser
+from ..schedules import Schedule, SigmoidSchedule, time_grid
+from ..sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
+
+
+class GeoModel(nn.Module):
+    """A conditional distribution p(location | embedding) on the sphere.
+
+    Subclasses implement :meth:`loss`, :meth:`sample_unit` and :meth:`log_prob_unit`.
+    """
+
+    family: str = "base"
+    density_space: str = "sphere"
+    """"sphere": log_prob is a density per steradian on S^2; "euclidean": the paper's R^3 density."""
+
+    cond_dim: int
+
+    def loss(
+        self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training loss (scalar) for unit vectors x0 (B, 3) and embeddings emb (B, D)."""
+        raise NotImplementedError
+
+    def sample_unit(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 64,
+        steps: int = 32,
+        guidance: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        """Samples on S^2, (B, num_samples, 3)."""
+        raise NotImplementedError
+
+    def log_prob_unit(
+        self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """Natural log density at unit vectors x (B, M, 3) given emb (B, D) -> (B, M)."""
+        raise NotImplementedError
+
+    # ---- public API in degrees -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 64,
+        steps: int = 32,
+        guidance: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
+
+        ``noise`` is the initial state (B, N, 3): unit vectors for the sphere model, standard
+        Gaussians for the R^3 families. ``guidance`` is the classifier-free guidance scale w.
+        """
+        emb = self._check_emb(emb)
+        x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver)
+        return unit_to_latlon(x)
+
+    def log_prob(
+        self, latlon: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """log p(latlon | emb): latlon (B, M, 2) degrees, emb (B, D) -> (B, M) natural log.
+
+        A density per steradian on S^2 (``density_space == "sphere"``), or for the R^3 families
+        the paper's density in R^3 evaluated at the points.
+        """
+        emb = self._check_emb(emb)
+        if latlon.dim() == 2:
+            latlon = latlon[:, None, :]
+        x = latlon_to_unit(latlon.to(emb.dtype))
+        return self.log_prob_unit(x, emb, steps=steps)
+
+    @torch.no_grad()
+    def localizability(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 1024,
+        steps: int = 32,
+        generator: torch.Generator | None = None,
+        likelihood_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Negative entropy E_p[log2 p(y|c)] in bits (B,), by Monte Carlo over model samples.
+
+        Sampled without guidance, so that the samples follow the density being scored.
+        """
+        emb = self._check_emb(emb)
+        x = self.sample_unit(emb, num_samples, steps, 0.0, None, generator)
+        return self.log_prob_unit(x, emb, steps=likelihood_steps).mean(-1) / math.log(2.0)
+
+    def _check_emb(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = torch.as_tensor(emb)
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[-1] != self.cond_dim:
+            raise ValueError(
+                f"expected embeddings of shape (B, {self.cond_dim}), got {tuple(emb.shape)}"
+            )
+        p = next(self.parameters(), None)
+        dtype = p.dtype if p is not None else torch.float32
+        return emb.to(device=self.device, dtype=dtype)
+
+    def config_dict(self) -> dict:
+        """Constructor arguments, saved to config.json."""
+        raise NotImplementedError
+
+
+def effective_area_km2(localizability_bits: torch.Tensor) -> torch.Tensor:
+    """Effective area 2^H steradians in km^2, with H = -localizability the entropy in bits."""
+    return torch.exp2(-localizability_bits) * KM2_PER_SR
+
+
+def drop_condition(
+    emb: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Classifier-free guidance training: replace each row by the null condition (zeros) with
+    probability drop_prob."""
+    if drop_prob <= 0:
+        return emb
+    keep = torch.rand(emb.shape[0], 1, generator=generator, device=emb.device) >= drop_prob
+    return emb * keep.to(emb.dtype)
+
+
+class DenoisingModel(GeoModel):
+    """Shared machinery of the three network-based families (diffusion, flow, RFM).
+
+    Each subclass defines the noising path (:meth:`loss`), the base distribution, the velocity
+    d x / d gamma of its probability-flow ODE (:meth:`velocity_from_output`) and its default
+    sampler step.
+    """
+
+    def __init__(
+        self,
+        network: Denoiser,
+        schedule: Schedule | None = None,
+        cond_drop_prob: float = 0.1,
+    ):
+        super().__init__()
+        self.network = network
+        self.schedule = schedule or SigmoidSchedule()
+        self.cond_drop_prob = cond_drop_prob
+
+    @property
+    def cond_dim(self) -> int:  # type: ignore[override]
+        return self.network.cond_dim
+
+    def config_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "network": dict(self.network.config),
+            "schedule": self.schedule.to_config(),
+            "cond_drop_prob": self.cond_drop_prob,
+        }
+
+    # ---- training ---------------------------------------------------------------------------
+    def sample_training_time(
+        self, batch: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """t ~ U[0, 1], (B,)."""
+        return torch.rand(batch, generator=generator, device=device)
+
+    # ---- guided network output --------------------------------------------------------------
+    def conditionings(
+        self, emb: torch.Tensor, gamma: torch.Tensor | float, guidance: float
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """Condition path for emb (B, D) at one signal level, and (when guided) for the null
+        condition. The null condition is the same for every image: computed once with batch 1
+        and broadcast."""
+        gamma = torch.as_tensor(gamma, dtype=emb.dtype, device=emb.device)
+        cond = self.network.condition(emb, gamma)
+        if guidance == 0:
+            return cond, None
+        null = self.network.condition(torch.zeros_like(emb[:1]), gamma)
+        return cond, null
+
+    def guided_output(
+        self,
+        x: torch.Tensor,
+        cond: Conditioning,
+        null: Conditioning | None,
+        guidance: float,
+    ) -> torch.Tensor:
+        """(1 + w) f(x | c) - w f(x | null) for x (B, N, 3)."""
+        out = self.network.forward_conditioned(x, cond)
+        if null is None or guidance == 0:
+            return out
+        out_null = self.network.forward_conditioned(x, null)
+        return torch.lerp(out_null, out, 1.0 + guidance)
+
+    # ---- family-specific pieces ---------------------------------------------------------------
+    def initial_noise(
+        self, batch: int, num_samples: int, generator: torch.Generator | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity_from_output(
+        self, x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor
+    ) -> torch.Tensor:
+        """d x / d gamma of the probability-flow ODE, from the network output at (x, gamma)."""
+        raise NotImplementedError
+
+    def sampler_step(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        gamma_now: torch.Tensor,
+        gamma_next: torch.Tensor,
+    ) -> torch.Tensor:
+        """The published sampler's step from gamma_now to gamma_next (Euler / DDIM)."""
+        raise NotImplementedError
+
+    def finalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map the sampler's final state to S^2 (identity for the sphere model)."""
+        raise NotImplementedError
+
+    retract = staticmethod(lambda x: x)
+    """Map an ODE iterate back onto the state space (projection onto S^2 for RFM)."""
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _prepare_noise(
+        self,
+        emb: torch.Tensor,
+        num_samples: int,
+        noise: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if noise is None:
+            return self.initial_noise(emb.shape[0], num_samples, generator, emb)
+        noise = torch.as_tensor(noise).to(device=emb.device, dtype=emb.dtype)
+        if noise.dim() == 2:
+            noise = noise[:, None, :]
+        if noise.shape[0] != emb.shape[0] or noise.shape[-1] != 3:
+            raise ValueError(
+                f"noise must have shape (B={emb.shape[0]}, N, 3), got {tuple(noise.shape)}"
+            )
+        return noise
+
+    @torch.no_grad()
+    def sample_raw(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 64,
+        steps: int = 32,
+        guidance: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        """Run the sampler and return its final state before :meth:`finalize`, (B, N, 3)."""
+        x = self._prepare_noise(emb, num_samples, noise, generator)
+        ts = time_grid(steps, dtype=torch.float64).to(emb.device)
+        gammas = self.schedule.signal_level(ts).to(emb.dtype)
+        solver = solver or self.default_solver
+        if solver not in self.solvers:
+            raise ValueError(
+                f"unknown solver {solver!r} for {self.family}; choose from {self.solvers}"
+            )
+        for i in range(steps):
+            g_now, g_next = gammas[i], gammas[i + 1]
+            cond, null = self.conditionings(emb, g_now, guidance)
+            out = self.guided_output(x, cond, null, guidance)
+            if solver in ("euler", "ddim"):
+                x = self.sampler_step(x, out, g_now, g_next)
+            elif solver == "heun":
+                # Heun (explicit trapezoid) on the probability-flow ODE in gamma; the last step
+                # is plain Euler as it lands on the data end where the field may be stiff.
+                v = self.velocity_from_output(x, out, g_now)
+                x_pred = self.retract(x + (g_next - g_now) * v)
+                if i == steps - 1:
+                    x = x_pred
+                    continue
+                cond2, null2 = self.conditionings(emb, g_next, guidance)
+                out2 = self.guided_output(x_pred, cond2, null2, guidance)
+                v2 = self.velocity_from_output(x_pred, out2, g_next)
+                x = self.retract(x + (g_next - g_now) * 0.5 * (v + v2))
+            else:  # pragma: no cover - guarded above
+                raise AssertionError(solver)
+        return x
+
+    def sample_unit(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 64,
+        steps: int = 32,
+        guidance: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        x = self.sample_raw(emb, num_samples, steps, guidance, noise, generator, solver)
+        return self.finalize(x)
+
+    def log_prob_unit(
+        self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        from ..likelihood import log_prob_ode
+
+        return log_prob_ode(self, x, emb, steps=steps)
+
+    default_solver: str = "euler"
+    solvers: tuple[str, ...] = ("euler", "heun")

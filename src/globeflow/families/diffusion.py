@@ -1,0 +1,57 @@
+"""Diffusion in R^3 (paper section 3.1): x_t = sqrt(gamma) x0 + sqrt(1 - gamma) eps.
+
+The network predicts eps (DDPM loss); sampling uses DDIM with the predicted x0 clamped to
+[-1, 1] (and the noise re-derived from the clamped x0), and the result is projected onto S^2. Likelihoods use the probability-flow ODE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sphere import project_to_sphere
+from .base import DenoisingModel, drop_condition
+from .flow import gaussian_log_prob
+
+
+class Diffusion(DenoisingModel):
+    """DDPM/DDIM in R^3 (``PLONK_*_diffusion`` checkpoints)."""
+
+    family = "diffusion"
+    density_space = "euclidean"
+    default_solver = "ddim"
+    solvers = ("ddim", "euler", "heun")
+
+    def loss(self, x0, emb, generator=None):
+        batch = x0.shape[0]
+        t = self.sample_training_time(batch, generator, x0.device)
+        gamma = self.schedule.signal_level(t).to(x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        g = gamma[:, None]
+        x_t = g.sqrt() * x0 + (1 - g).sqrt() * eps
+        emb = drop_condition(emb, self.cond_drop_prob, generator)
+        out = self.network(x_t, gamma, emb)
+        return ((out - eps) ** 2).sum(-1).mean()
+
+    def initial_noise(self, batch, num_samples, generator, like):
+        return torch.randn(
+            (batch, num_samples, 3), generator=generator, device=like.device, dtype=like.dtype
+        )
+
+    def velocity_from_output(self, x, out, gamma):
+        # x = sqrt(g) x0 + sqrt(1-g) eps  =>  dx/dg = x0 / (2 sqrt g) - eps / (2 sqrt(1-g)),
+        # with x0 = (x - sqrt(1-g) eps) / sqrt(g).
+        sg, s1 = gamma.sqrt(), (1 - gamma).clamp_min(1e-12).sqrt()
+        return (x - s1 * out) / (2 * gamma) - out / (2 * s1)
+
+    def sampler_step(self, x, out, gamma_now, gamma_next):
+        s_now, n_now = gamma_now.sqrt(), (1 - gamma_now).sqrt()
+        x0 = ((x - n_now * out) / s_now).clamp(-1.0, 1.0)
+        # The noise is re-derived from the clamped x0, as the published sampler does.
+        eps = (x - s_now * x0) / n_now.clamp_min(1e-12)
+        return gamma_next.sqrt() * x0 + (1 - gamma_next).sqrt() * eps
+
+    def finalize(self, x):
+        return project_to_sphere(x)
+
+    def base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(x)
