@@ -69,13 +69,16 @@ def geoscore(km: ArrayLike) -> ArrayLike:
 
 
 def haversine_km_np(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """Great-circle distance in km between (..., 2) degree coordinates, float64, broadcasting."""
+    """Great-circle distance in km between (..., 2) degree coordinates, float64, broadcasting.
+
+    Same distance as the haversine formula, evaluated in the atan2 (Vincenty) form that stays
+    accurate from coincident to antipodal points.
+    """
     a, b = np.radians(_np64(a)), np.radians(_np64(b))
-    h = (
-        np.sin((b[..., 0] - a[..., 0]) / 2) ** 2
-        + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin((b[..., 1] - a[..., 1]) / 2) ** 2
-    )
-    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+    lat1, lat2, dlon = a[..., 0], b[..., 0], b[..., 1] - a[..., 1]
+    s1, c1, s2, c2 = np.sin(lat1), np.cos(lat1), np.sin(lat2), np.cos(lat2)
+    cross = np.hypot(c2 * np.sin(dlon), c1 * s2 - s1 * c2 * np.cos(dlon))
+    return EARTH_RADIUS_KM * np.arctan2(cross, s1 * s2 + c1 * c2 * np.cos(dlon))
 
 
 def threshold_key(km: float) -> str:
