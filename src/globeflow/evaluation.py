@@ -135,7 +135,7 @@ def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.1f}"
+        return f"{v:.4g}" if abs(v) < 1e3 else f"{v:.1f}"
     return str(v)
 
 
