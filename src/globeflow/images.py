@@ -121,7 +121,9 @@ def _open_checked(
         raise ImageLoadError(name, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not a recognised image format (corrupt or not an image)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        if "truncated" in str(exc).lower():
+            raise ImageLoadError(name, f"truncated or incomplete image data ({exc})") from None
         raise ImageLoadError(name, f"cannot open image: {exc}") from None
 
     w, h = img.size

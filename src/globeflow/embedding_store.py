@@ -1,0 +1,240 @@
+"""Columnar embedding files: a directory ``NAME.parquet/`` of parquet parts.
+
+Each part (``part-00000.parquet``, ...) has columns ``id`` (string, unique per image), ``path``
+(string), ``lat``/``lon`` (float64 degrees, NaN when unknown), ``author`` (string, may be empty)
+and ``embedding`` (fixed_size_list<float32>[dim]); file-level metadata records the encoder name
+and dim. Parts are written to a temporary name and renamed, so an interrupted job never leaves a
+half-written part, and a rerun can skip the ids already stored (:meth:`EmbeddingWriter.done_ids`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+__all__ = ["EmbeddingTable", "EmbeddingWriter", "iter_embedding_batches", "read_embeddings"]
+
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_META_ENCODER = b"globeflow.encoder"
+_META_DIM = b"globeflow.dim"
+
+
+def _schema(dim: int, encoder_name: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("path", pa.string()),
+            pa.field("lat", pa.float64()),
+            pa.field("lon", pa.float64()),
+            pa.field("author", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+        ],
+        metadata={_META_ENCODER: encoder_name.encode(), _META_DIM: str(dim).encode()},
+    )
+
+
+def _parts(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if _PART_RE.match(p.name))
+
+
+@dataclass
+class EmbeddingTable:
+    """In-memory embeddings. ``latlon`` (N, 2) float64 degrees (NaN = unknown),
+    ``embeddings`` (N, dim) float32."""
+
+    ids: list[str]
+    paths: list[str]
+    latlon: torch.Tensor
+    authors: list[str]
+    embeddings: torch.Tensor
+    encoder_name: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+class EmbeddingWriter:
+    """Append embeddings to ``path`` (a ``NAME.parquet/`` directory), one part per flush.
+
+    Rows are buffered and written as a new part every ``chunk_size`` rows and on
+    :meth:`close`. An existing store must have the same encoder name and dim.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        encoder_name: str,
+        dim: int,
+        chunk_size: int = 4096,
+        row_group_size: int = 1024,
+    ) -> None:
+        self.path = Path(path)
+        self.encoder_name = encoder_name
+        self.dim = int(dim)
+        self.chunk_size = int(chunk_size)
+        self.row_group_size = int(row_group_size)
+        self.schema = _schema(self.dim, encoder_name)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(".tmp-*"):  # leftovers of a killed writer
+            stale.unlink(missing_ok=True)
+        existing = _parts(self.path)
+        if existing:
+            meta = pq.read_schema(existing[0]).metadata or {}
+            enc = meta.get(_META_ENCODER, b"").decode()
+            d = int(meta.get(_META_DIM, b"0"))
+            if enc != encoder_name or d != self.dim:
+                raise ValueError(
+                    f"{self.path} holds embeddings of encoder {enc!r} (dim {d}); "
+                    f"cannot append {encoder_name!r} (dim {self.dim})"
+                )
+        self._next = 1 + max((int(_PART_RE.match(p.name).group(1)) for p in existing), default=-1)
+        self._buf: dict[str, list] = {k: [] for k in ("id", "path", "lat", "lon", "author")}
+        self._emb: list[np.ndarray] = []
+        self._done: set[str] | None = None
+        self.rows_written = 0
+
+    def done_ids(self) -> set[str]:
+        """Ids already stored in committed parts (and buffered in this writer)."""
+        if self._done is None:
+            self._done = set()
+            for part in _parts(self.path):
+                self._done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+        return self._done | set(self._buf["id"])
+
+    def add(
+        self,
+        ids: Sequence[str],
+        embeddings: torch.Tensor | np.ndarray,
+        paths: Sequence[str] | None = None,
+        latlon: Sequence[tuple[float, float] | None] | np.ndarray | torch.Tensor | None = None,
+        authors: Sequence[str | None] | None = None,
+    ) -> None:
+        """Buffer rows. ``embeddings`` (n, dim); ``latlon`` (n, 2) degrees or per-row None."""
+        n = len(ids)
+        emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings
+        emb = np.asarray(emb, dtype=np.float32).reshape(n, -1)
+        if emb.shape[1] != self.dim:
+            raise ValueError(f"embedding dim {emb.shape[1]} != store dim {self.dim}")
+        if latlon is None:
+            latlon = [None] * n
+        elif isinstance(latlon, torch.Tensor):
+            latlon = latlon.detach().cpu().numpy()
+        start = 0
+        for i in range(n):
+            if len(self._buf["id"]) >= self.chunk_size:
+                self._emb.append(emb[start:i])
+                start = i
+                self.flush()
+            ll = latlon[i]
+            lat, lon = (math.nan, math.nan) if ll is None else (float(ll[0]), float(ll[1]))
+            self._buf["id"].append(str(ids[i]))
+            self._buf["path"].append(str(paths[i]) if paths is not None else str(ids[i]))
+            self._buf["lat"].append(lat)
+            self._buf["lon"].append(lon)
+            self._buf["author"].append((authors[i] or "") if authors is not None else "")
+        self._emb.append(emb[start:])
+        if len(self._buf["id"]) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write buffered rows as one new part (atomic rename). Returns the part path."""
+        n = len(self._buf["id"])
+        if n == 0:
+            return None
+        emb = np.concatenate(self._emb)
+        flat = pa.array(emb.reshape(-1), type=pa.float32())
+        table = pa.Table.from_arrays(
+            [
+                pa.array(self._buf["id"], pa.string()),
+                pa.array(self._buf["path"], pa.string()),
+                pa.array(self._buf["lat"], pa.float64()),
+                pa.array(self._buf["lon"], pa.float64()),
+                pa.array(self._buf["author"], pa.string()),
+                pa.FixedSizeListArray.from_arrays(flat, self.dim),
+            ],
+            schema=self.schema,
+        )
+        final = self.path / f"part-{self._next:05d}.parquet"
+        tmp = self.path / f".tmp-{final.name}"
+        pq.write_table(table, tmp, row_group_size=self.row_group_size)
+        with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        if self._done is not None:
+            self._done.update(self._buf["id"])
+        self._next += 1
+        self.rows_written += n
+        self._buf = {k: [] for k in self._buf}
+        self._emb = []
+        return final
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # on an exception keep what was complete (the buffer was embedded fine) for resume
+        self.close()
+
+
+def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
+    if not parts:
+        raise FileNotFoundError(f"no embedding parts (part-*.parquet) in {path}")
+    meta = pq.read_schema(parts[0]).metadata or {}
+    return meta.get(_META_ENCODER, b"").decode(), int(meta.get(_META_DIM, b"0"))
+
+
+def _table_to_columns(table: pa.Table, dim: int) -> tuple:
+    emb_col = table.column("embedding").combine_chunks()
+    values = emb_col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    emb = torch.from_numpy(values.reshape(len(table), dim).copy())
+    lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)
+    lon = table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64)
+    latlon = torch.from_numpy(np.stack([lat, lon], axis=1)) if len(table) else torch.zeros(0, 2, dtype=torch.float64)
+    ids = table.column("id").to_pylist()
+    paths = table.column("path").to_pylist()
+    authors = [a or "" for a in table.column("author").to_pylist()]
+    return ids, paths, latlon, authors, emb
+
+
+def read_embeddings(path: str | os.PathLike[str]) -> EmbeddingTable:
+    """Load a whole store into memory (parts in order)."""
+    p = Path(path)
+    parts = _parts(p)
+    encoder, dim = _store_meta(parts, p)
+    tables = [pq.read_table(part) for part in parts]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    ids, paths, latlon, authors, emb = _table_to_columns(table, dim)
+    return EmbeddingTable(ids, paths, latlon, authors, emb, encoder)
+
+
+def iter_embedding_batches(
+    path: str | os.PathLike[str], batch_size: int = 65536
+) -> Iterator[EmbeddingTable]:
+    """Stream a store as :class:`EmbeddingTable` batches of at most ``batch_size`` rows,
+    reading one row group at a time (memory ~ batch_size * dim * 4 bytes)."""
+    p = Path(path)
+    parts = _parts(p)
+    encoder, dim = _store_meta(parts, p)
+    for part in parts:
+        pf = pq.ParquetFile(part)
+        for batch in pf.iter_batches(batch_size=batch_size):
+            ids, paths, latlon, authors, emb = _table_to_columns(pa.Table.from_batches([batch]), dim)
+            yield EmbeddingTable(ids, paths, latlon, authors, emb, encoder)

@@ -1,0 +1,143 @@
+"""Tests for the embed job: folders, CSV, EXIF GPS, bad files, resume after interruption."""
+
+from __future__ import annotations
+
+import csv
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, TiffImagePlugin
+
+from globeflow.embed import collect_inputs, embed_images
+from globeflow.embedding_store import read_embeddings
+from globeflow.encoders import Encoder
+
+
+class MeanColourEncoder(Encoder):
+    """Tiny deterministic encoder: mean RGB over a 2x2 grid of a 16x16 resize (dim 12)."""
+
+    name = "mean-colour"
+    dim = 12
+
+    def __init__(self, fail_after_calls: int | None = None) -> None:
+        self.calls = 0
+        self.fail_after_calls = fail_after_calls
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img.convert("RGB").resize((16, 16)), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
+            raise KeyboardInterrupt  # what a Ctrl-C / kill looks like to the job
+        return torch.nn.functional.avg_pool2d(x, 8).flatten(1)
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    return (i * 37 % 256, i * 91 % 256, i * 53 % 256)
+
+
+def _make_photos(folder: Path, n: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"p{i:03d}.png"
+        Image.new("RGB", (20, 12), _colour(i)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_folder_with_good_and_corrupt(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _make_photos(photos, 5)
+    _make_photos(photos / "sub", 2, start=10)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (photos / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "out" / "emb.parquet"
+    rep = embed_images([photos], MeanColourEncoder(), out, batch_size=3, progress=False)
+    assert rep.total == 8 and rep.embedded == 7 and rep.failed == 1
+    assert rep.errors[0][0].endswith("broken.jpg") and "truncated" in rep.errors[0][1]
+    t = read_embeddings(out)
+    assert sorted(t.ids) == sorted([f"p{i:03d}.png" for i in range(5)] + ["sub/p010.png", "sub/p011.png"])
+    row = t.ids.index("sub/p011.png")
+    expected = torch.tensor(_colour(11), dtype=torch.float32) / 255.0
+    assert torch.allclose(t.embeddings[row].view(3, 4).mean(1), expected, atol=1e-5)
+    assert t.encoder_name == "mean-colour" and torch.isnan(t.latlon).all()
+    with open(out.parent / "errors.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and rows[0]["path"].endswith("broken.jpg")
+
+
+def test_csv_input_with_coordinates_and_images_subfolder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _make_photos(data / "images", 3)
+    with open(data / "locations.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["IMG_ID", "AUTHOR", "LAT", "LON"])
+        w.writerow(["p000.png", "ann", "48.85", "2.35"])
+        w.writerow(["p001.png", "bob", "-33.9", "151.2"])
+        w.writerow(["p002.png", "", "", ""])
+        w.writerow(["missing.png", "x", "1", "2"])
+    out = tmp_path / "emb.parquet"
+    rep = embed_images([data / "locations.csv"], MeanColourEncoder(), out, progress=False)
+    assert rep.embedded == 3 and rep.failed == 1 and rep.with_location == 2
+    assert "missing.png" in rep.errors[0][0] and "not found" in rep.errors[0][1]
+    t = read_embeddings(out)
+    got = dict(zip(t.ids, t.latlon.tolist()))
+    assert got["p000.png"] == [48.85, 2.35] and got["p001.png"] == [-33.9, 151.2]
+    assert np.isnan(got["p002.png"]).all()
+    assert dict(zip(t.ids, t.authors)) == {"p000.png": "ann", "p001.png": "bob", "p002.png": ""}
+
+
+def test_exif_gps_used_when_no_coordinates(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    r = TiffImagePlugin.IFDRational
+    gps.update({1: "S", 2: (r(Fraction(22)), r(Fraction(54)), r(Fraction(30))),
+                3: "W", 4: (r(Fraction(43)), r(Fraction(12)), r(Fraction(0)))})
+    img_path = tmp_path / "rio.jpg"
+    Image.new("RGB", (10, 10), (0, 90, 200)).save(img_path, exif=exif.tobytes())
+    lst = tmp_path / "list.txt"
+    lst.write_text("rio.jpg\n# comment\n\n")
+    rep = embed_images([lst], MeanColourEncoder(), tmp_path / "e.parquet", progress=False)
+    assert rep.embedded == 1 and rep.from_exif == 1
+    lat, lon = read_embeddings(tmp_path / "e.parquet").latlon[0].tolist()
+    assert lat == pytest.approx(-(22 + 54 / 60 + 30 / 3600)) and lon == pytest.approx(-43.2)
+
+
+def test_resume_after_interruption(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _make_photos(photos, 11)
+    (photos / "bad.png").write_bytes(b"garbage")
+    out = tmp_path / "emb.parquet"
+    # batches of 2, parts of 2 rows; die on the 4th forward pass (after 3 batches = 6 rows)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images([photos], MeanColourEncoder(fail_after_calls=3), out, batch_size=2,
+                     chunk_size=2, progress=False)
+    first = read_embeddings(out)
+    assert 0 < len(first) < 11
+    assert not list(out.glob(".tmp-*"))
+    enc = MeanColourEncoder()
+    rep = embed_images([photos], enc, out, batch_size=2, chunk_size=2, progress=False)
+    assert rep.skipped_existing == len(first)
+    assert rep.embedded == 11 - len(first)
+    t = read_embeddings(out)
+    assert len(t.ids) == len(set(t.ids)) == 11
+    assert sorted(t.ids) == [f"p{i:03d}.png" for i in range(11)]
+    # a third run has nothing to do except re-reporting the bad file
+    rep3 = embed_images([photos], enc, out, batch_size=2, progress=False)
+    assert rep3.embedded == 0 and rep3.skipped_existing == 11 and rep3.failed == 1
+
+
+def test_collect_inputs_dedup_and_missing(tmp_path: Path) -> None:
+    paths = _make_photos(tmp_path / "f", 2)
+    errors: list[tuple[str, str]] = []
+    items = collect_inputs([paths[0], paths[0], tmp_path / "nope"], errors=errors)
+    assert [i.path for i in items] == [paths[0]]
+    assert errors and errors[0][1] == "input not found"
+    flat = collect_inputs([tmp_path], recursive=False)
+    assert flat == []

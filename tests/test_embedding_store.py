@@ -1,0 +1,90 @@
+"""Tests for globeflow.embedding_store: round trip, parts, metadata, resume, streaming."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from globeflow.embedding_store import EmbeddingWriter, iter_embedding_batches, read_embeddings
+
+
+def _rows(n: int, dim: int, start: int = 0):
+    g = torch.Generator().manual_seed(start)
+    ids = [f"img/{i:04d}.jpg" for i in range(start, start + n)]
+    emb = torch.randn(n, dim, generator=g)
+    latlon = [(float(i % 90), float(-i % 180)) if i % 3 else None for i in range(start, start + n)]
+    authors = [f"a{i % 4}" if i % 5 else None for i in range(start, start + n)]
+    return ids, emb, latlon, authors
+
+
+def test_round_trip_parts_and_schema(tmp_path: Path) -> None:
+    store = tmp_path / "emb.parquet"
+    ids, emb, latlon, authors = _rows(25, 8)
+    with EmbeddingWriter(store, "toy", 8, chunk_size=10) as w:
+        w.add(ids, emb, paths=[f"/abs/{i}" for i in ids], latlon=latlon, authors=authors)
+    parts = sorted(p.name for p in store.iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    schema = pq.read_schema(store / parts[0])
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[8]"
+    assert schema.metadata[b"globeflow.encoder"] == b"toy"
+    t = read_embeddings(store)
+    assert t.ids == ids and t.encoder_name == "toy" and t.dim == 8 and len(t) == 25
+    assert t.paths[3] == "/abs/img/0003.jpg"
+    assert t.embeddings.dtype == torch.float32 and torch.equal(t.embeddings, emb)
+    assert t.latlon.dtype == torch.float64 and t.latlon.shape == (25, 2)
+    assert math.isnan(t.latlon[0, 0]) and math.isnan(t.latlon[3, 1])
+    assert t.latlon[1].tolist() == [1.0, 179.0]
+    assert t.authors[0] == "" and t.authors[1] == "a1"
+
+
+def test_resume_appends_and_reports_done(tmp_path: Path) -> None:
+    store = tmp_path / "e.parquet"
+    ids, emb, _, _ = _rows(6, 4)
+    w = EmbeddingWriter(store, "toy", 4, chunk_size=100)
+    w.add(ids[:3], emb[:3])
+    w.flush()
+    # simulate a crash mid-write: a stale temp file must be ignored and cleaned up
+    (store / ".tmp-part-00001.parquet").write_bytes(b"half a file")
+    w2 = EmbeddingWriter(store, "toy", 4)
+    assert w2.done_ids() == set(ids[:3])
+    assert not list(store.glob(".tmp-*"))
+    todo = [i for i, x in enumerate(ids) if x not in w2.done_ids()]
+    w2.add([ids[i] for i in todo], emb[todo])
+    w2.close()
+    t = read_embeddings(store)
+    assert sorted(t.ids) == sorted(ids) and len(set(t.ids)) == 6
+    assert torch.equal(t.embeddings[t.ids.index(ids[4])], emb[4])
+
+
+def test_mismatched_encoder_refused(tmp_path: Path) -> None:
+    store = tmp_path / "e.parquet"
+    with EmbeddingWriter(store, "toy", 4) as w:
+        w.add(["a"], torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="toy"):
+        EmbeddingWriter(store, "other", 4)
+    with pytest.raises(ValueError, match="dim"):
+        EmbeddingWriter(store, "toy", 5)
+    w = EmbeddingWriter(store, "toy", 4)
+    with pytest.raises(ValueError, match="dim"):
+        w.add(["b"], torch.zeros(1, 3))
+
+
+def test_streaming_batches_cover_everything(tmp_path: Path) -> None:
+    store = tmp_path / "e.parquet"
+    ids, emb, latlon, _ = _rows(50, 3)
+    with EmbeddingWriter(store, "toy", 3, chunk_size=20, row_group_size=7) as w:
+        w.add(ids, emb, latlon=latlon)
+    batches = list(iter_embedding_batches(store, batch_size=7))
+    assert all(len(b) <= 7 for b in batches)
+    assert [i for b in batches for i in b.ids] == ids
+    assert torch.equal(torch.cat([b.embeddings for b in batches]), emb)
+    assert batches[0].encoder_name == "toy"
+
+
+def test_missing_store_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_embeddings(tmp_path / "nothing.parquet")
