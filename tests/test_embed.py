@@ -62,7 +62,9 @@ def test_folder_with_good_and_corrupt(tmp_path: Path) -> None:
     assert rep.total == 8 and rep.embedded == 7 and rep.failed == 1
     assert rep.errors[0][0].endswith("broken.jpg") and "truncated" in rep.errors[0][1]
     t = read_embeddings(out)
-    assert sorted(t.ids) == sorted([f"p{i:03d}.png" for i in range(5)] + ["sub/p010.png", "sub/p011.png"])
+    assert sorted(t.ids) == sorted(
+        [f"p{i:03d}.png" for i in range(5)] + ["sub/p010.png", "sub/p011.png"]
+    )
     row = t.ids.index("sub/p011.png")
     expected = torch.tensor(_colour(11), dtype=torch.float32) / 255.0
     assert torch.allclose(t.embeddings[row].view(3, 4).mean(1), expected, atol=1e-5)
@@ -97,8 +99,14 @@ def test_exif_gps_used_when_no_coordinates(tmp_path: Path) -> None:
     exif = Image.Exif()
     gps = exif.get_ifd(0x8825)
     r = TiffImagePlugin.IFDRational
-    gps.update({1: "S", 2: (r(Fraction(22)), r(Fraction(54)), r(Fraction(30))),
-                3: "W", 4: (r(Fraction(43)), r(Fraction(12)), r(Fraction(0)))})
+    gps.update(
+        {
+            1: "S",
+            2: (r(Fraction(22)), r(Fraction(54)), r(Fraction(30))),
+            3: "W",
+            4: (r(Fraction(43)), r(Fraction(12)), r(Fraction(0))),
+        }
+    )
     img_path = tmp_path / "rio.jpg"
     Image.new("RGB", (10, 10), (0, 90, 200)).save(img_path, exif=exif.tobytes())
     lst = tmp_path / "list.txt"
@@ -116,8 +124,14 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
     out = tmp_path / "emb.parquet"
     # batches of 2, parts of 2 rows; die on the 4th forward pass (after 3 batches = 6 rows)
     with pytest.raises(KeyboardInterrupt):
-        embed_images([photos], MeanColourEncoder(fail_after_calls=3), out, batch_size=2,
-                     chunk_size=2, progress=False)
+        embed_images(
+            [photos],
+            MeanColourEncoder(fail_after_calls=3),
+            out,
+            batch_size=2,
+            chunk_size=2,
+            progress=False,
+        )
     first = read_embeddings(out)
     assert 0 < len(first) < 11
     assert not list(out.glob(".tmp-*"))

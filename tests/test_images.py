@@ -142,7 +142,9 @@ def _gps_exif(lat: float, lon: float) -> Image.Exif:
         d = int(v)
         m = int((v - d) * 60)
         s = (v - d - m / 60) * 3600
-        return tuple(TiffImagePlugin.IFDRational(Fraction(x).limit_denominator(10000)) for x in (d, m, s))
+        return tuple(
+            TiffImagePlugin.IFDRational(Fraction(x).limit_denominator(10000)) for x in (d, m, s)
+        )
 
     exif = Image.Exif()
     gps = exif.get_ifd(0x8825)
@@ -153,7 +155,9 @@ def _gps_exif(lat: float, lon: float) -> Image.Exif:
     return exif
 
 
-@pytest.mark.parametrize("lat,lon", [(48.8584, 2.2945), (-33.8568, 151.2153), (40.6892, -74.0445), (-22.95, -43.21)])
+@pytest.mark.parametrize(
+    "lat,lon", [(48.8584, 2.2945), (-33.8568, 151.2153), (40.6892, -74.0445), (-22.95, -43.21)]
+)
 def test_exif_gps_round_trip(tmp_path: Path, lat: float, lon: float) -> None:
     path = tmp_path / "gps.jpg"
     Image.new("RGB", (8, 8)).save(path, exif=_gps_exif(lat, lon).tobytes())
@@ -171,9 +175,17 @@ def test_exif_gps_absent_or_malformed(tmp_path: Path) -> None:
     exif = Image.Exif()
     gps = exif.get_ifd(0x8825)
     gps[1] = "N"
-    gps[2] = (TiffImagePlugin.IFDRational(95, 1), TiffImagePlugin.IFDRational(0, 1), TiffImagePlugin.IFDRational(0, 1))
+    gps[2] = (
+        TiffImagePlugin.IFDRational(95, 1),
+        TiffImagePlugin.IFDRational(0, 1),
+        TiffImagePlugin.IFDRational(0, 1),
+    )
     gps[3] = "E"
-    gps[4] = (TiffImagePlugin.IFDRational(10, 1), TiffImagePlugin.IFDRational(0, 1), TiffImagePlugin.IFDRational(0, 1))
+    gps[4] = (
+        TiffImagePlugin.IFDRational(10, 1),
+        TiffImagePlugin.IFDRational(0, 1),
+        TiffImagePlugin.IFDRational(0, 1),
+    )
     bad = tmp_path / "bad.jpg"
     Image.new("RGB", (4, 4)).save(bad, exif=exif.tobytes())
     assert read_exif_gps(bad) is None  # latitude 95 is impossible

@@ -126,7 +126,11 @@ class EmbeddingWriter:
     ) -> None:
         """Buffer rows. ``embeddings`` (n, dim); ``latlon`` (n, 2) degrees or per-row None."""
         n = len(ids)
-        emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings
+        emb = (
+            embeddings.detach().cpu().numpy()
+            if isinstance(embeddings, torch.Tensor)
+            else embeddings
+        )
         emb = np.asarray(emb, dtype=np.float32).reshape(n, -1)
         if emb.shape[1] != self.dim:
             raise ValueError(f"embedding dim {emb.shape[1]} != store dim {self.dim}")
@@ -207,7 +211,11 @@ def _table_to_columns(table: pa.Table, dim: int) -> tuple:
     emb = torch.from_numpy(values.reshape(len(table), dim).copy())
     lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)
     lon = table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64)
-    latlon = torch.from_numpy(np.stack([lat, lon], axis=1)) if len(table) else torch.zeros(0, 2, dtype=torch.float64)
+    latlon = (
+        torch.from_numpy(np.stack([lat, lon], axis=1))
+        if len(table)
+        else torch.zeros(0, 2, dtype=torch.float64)
+    )
     ids = table.column("id").to_pylist()
     paths = table.column("path").to_pylist()
     authors = [a or "" for a in table.column("author").to_pylist()]
@@ -236,5 +244,7 @@ def iter_embedding_batches(
     for part in parts:
         pf = pq.ParquetFile(part)
         for batch in pf.iter_batches(batch_size=batch_size):
-            ids, paths, latlon, authors, emb = _table_to_columns(pa.Table.from_batches([batch]), dim)
+            ids, paths, latlon, authors, emb = _table_to_columns(
+                pa.Table.from_batches([batch]), dim
+            )
             yield EmbeddingTable(ids, paths, latlon, authors, emb, encoder)

@@ -120,7 +120,9 @@ def _open_checked(
     except PermissionError:
         raise ImageLoadError(name, "permission denied") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(name, "not a recognised image format (corrupt or not an image)") from None
+        raise ImageLoadError(
+            name, "not a recognised image format (corrupt or not an image)"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         if "truncated" in str(exc).lower():
             raise ImageLoadError(name, f"truncated or incomplete image data ({exc})") from None
@@ -226,7 +228,9 @@ def _ref(value: object) -> str:
     return str(value or "").strip("\x00 ").upper()
 
 
-def read_exif_gps(path_or_image: str | os.PathLike[str] | Image.Image) -> tuple[float, float] | None:
+def read_exif_gps(
+    path_or_image: str | os.PathLike[str] | Image.Image,
+) -> tuple[float, float] | None:
     """(lat, lon) in degrees from the EXIF GPS IFD, or ``None`` when absent or malformed.
 
     South latitudes and west longitudes (refs ``S``/``W``) are negative. Values outside
