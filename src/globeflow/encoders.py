@@ -280,7 +280,12 @@ class EfficientNetLiteEncoder(Encoder):
         feats = self._components_once(x)
         if self.flip:
             flipped = self._components_once(torch.flip(x, dims=[3]))
-            feats = {k: 0.5 * (v + flipped[k]) for k, v in feats.items()}
+            avg = {k: 0.5 * (v + flipped[k]) for k, v in feats.items()}
+            if "sqrtprobs" in feats:  # Hellinger of the averaged class distribution
+                avg["sqrtprobs"] = (
+                    0.5 * (feats["sqrtprobs"] ** 2 + flipped["sqrtprobs"] ** 2)
+                ).sqrt()
+            feats = avg
         return feats
 
     def _components_once(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -437,6 +442,16 @@ for _v in ("lite0", "lite1", "lite2"):
         flip=True,
     )
 register_encoder(
+    "efficientnet-lite0-geo",
+    EfficientNetLiteEncoder,
+    "EfficientNet-Lite0 stages 5-7 + head (GeM) + Hellinger class probabilities, "
+    "flip-averaged; best offline option on im2gps3k k-NN validation",
+    variant="lite0",
+    components=("stage5", "stage6", "stage7", "head", "sqrtprobs"),
+    gem_p=3.0,
+    flip=True,
+)
+register_encoder(
     "dinov2-vitl14-reg",
     Dinov2Encoder,
     "DINOv2 ViT-L/14 with registers, CLS token, 1024-d (paper; needs transformers + weights)",
@@ -448,4 +463,4 @@ register_encoder(
 )
 
 #: Best offline encoder by the im2gps3k validation benchmark (benchmarks/encoders.py).
-DEFAULT_ENCODER = "efficientnet-lite0-ms"
+DEFAULT_ENCODER = "efficientnet-lite0-geo"
