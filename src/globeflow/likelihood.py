@@ -20,7 +20,6 @@ adaptive solve (torchdiffeq dopri5) is available as a reference.
 from __future__ import annotations
 
 import torch
-from torch.func import jvp, vmap
 
 from .network import Conditioning
 from .sphere import project_to_sphere, tangent_basis
@@ -34,22 +33,13 @@ scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gam
 def _field_and_divergence(model, x: torch.Tensor, cond: Conditioning, gamma: torch.Tensor):
     """Velocity d x / d gamma (B, N, 3) and its divergence (B, N) at x (B, N, 3)."""
     on_sphere = model.density_space == "sphere"
-    x = x.contiguous()
-
-    def net(points: torch.Tensor) -> torch.Tensor:
-        return model.network.forward_conditioned(points, cond)
-
     if on_sphere:
         e1, e2 = tangent_basis(x)
         tangents = torch.stack([e1, e2])
     else:
         eye = torch.eye(3, dtype=x.dtype, device=x.device)
         tangents = eye[:, None, None, :].expand(3, *x.shape)
-
-    def jvp_along(t: torch.Tensor):
-        return jvp(net, (x,), (t,))
-
-    outs, jvps = vmap(jvp_along, out_dims=(None, 0))(tangents)
+    outs, jvps = model.network.forward_with_jvp(x, tangents, cond)
     # sum_i t_i . J t_i
     trace = (tangents * jvps).sum(-1).sum(0)
 
@@ -91,6 +81,7 @@ def log_prob_ode(
     steps: int | None = None,
     guidance: float = 0.0,
     chunk_size: int = 8192,
+    spacing: str = "mixed",
 ) -> torch.Tensor:
     """log p(x | emb) with fixed-step RK4: x (B, M, 3) (unit vectors), emb (B, D) -> (B, M).
 
@@ -102,16 +93,43 @@ def log_prob_ode(
     per_chunk = max(1, chunk_size // max(b, 1))
     parts = []
     with torch.no_grad():
-        conds = _stage_conditionings(model, emb, steps, guidance)
+        conds = _stage_conditionings(model, emb, steps, guidance, spacing)
         for start in range(0, m, per_chunk):
             parts.append(_rk4_chunk(model, x[:, start : start + per_chunk], conds, steps))
     return torch.cat(parts, dim=1)
 
 
-def _stage_conditionings(model, emb, steps, guidance):
+def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):
+    """Times 0 = t_0 < ... < t_steps = t_end for the fixed-step solver, (steps + 1,) float64.
+
+    "t": uniform in t. "gamma": uniform in the signal level (equal increments of the network's
+    time input). "mixed" (default): uniform in (t + 1 - gamma(t)) / 2, which keeps steps short
+    both where the density sharpens (t near 0) and where gamma changes fastest.
+    """
+    if spacing == "t":
+        return torch.linspace(0.0, t_end, steps + 1, dtype=torch.float64)
+    dense = torch.linspace(0.0, t_end, 4097, dtype=torch.float64)
+    gamma = schedule.signal_level(dense).to(torch.float64)
+    if spacing == "gamma":
+        u = 1.0 - gamma
+    elif spacing == "mixed":
+        u = dense / t_end + (1.0 - gamma)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose t, gamma or mixed")
+    u = (u - u[0]) / (u[-1] - u[0])
+    targets = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    idx = torch.searchsorted(u, targets).clamp(1, len(u) - 1)
+    lo, hi = u[idx - 1], u[idx]
+    frac = ((targets - lo) / (hi - lo).clamp_min(1e-300)).clamp(0, 1)
+    ts = dense[idx - 1] + frac * (dense[idx] - dense[idx - 1])
+    ts[0], ts[-1] = 0.0, t_end
+    return ts
+
+
+def _stage_conditionings(model, emb, steps, guidance, spacing="mixed"):
     """Condition paths at every RK4 stage time, computed once and shared by all points."""
     t_end = _t_end(model)
-    ts = torch.linspace(0.0, t_end, steps + 1, dtype=torch.float64)
+    ts = integration_grid(model.schedule, steps, t_end, spacing)
     out = []
     for i in range(steps):
         t0, t1 = ts[i], ts[i + 1]

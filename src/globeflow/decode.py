@@ -1,0 +1,141 @@
+"""Answers from samples: best guess, top regions, sample-based density.
+
+All functions take model samples in degrees, (B, N, 2) or (N, 2), and are pure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .sphere import EARTH_RADIUS_KM, latlon_grid, latlon_to_unit
+
+GEOSCORE_SCALE_KM = 1492.7
+GEOSCORE_MAX = 5000.0
+
+
+def pairwise_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Great-circle distances (..., N, M) in km between points a (..., N, 2) and b (..., M, 2)."""
+    ua, ub = latlon_to_unit(a.double()), latlon_to_unit(b.double())
+    cos = (ua @ ub.transpose(-1, -2)).clamp(-1.0, 1.0)
+    return torch.arccos(cos) * EARTH_RADIUS_KM
+
+
+def expected_geoscore(candidates: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Mean GeoScore of each candidate (..., C, 2) against samples (..., N, 2) -> (..., C)."""
+    km = pairwise_km(candidates, samples)
+    return (GEOSCORE_MAX * torch.exp(-km / GEOSCORE_SCALE_KM)).mean(-1)
+
+
+def best_guess(samples: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The sample that maximises the expected GeoScore under the samples: (B, N, 2) -> (B, 2).
+
+    Maximising expected GeoScore (rather than taking one random sample, or the spherical mean,
+    which can fall in the ocean between two modes) is the Bayes decision for the GeoScore metric
+    when the samples stand for the predictive distribution.
+    """
+    squeeze = samples.dim() == 2
+    if squeeze:
+        samples = samples[None]
+    scores = torch.cat(
+        [expected_geoscore(samples[:, i : i + chunk], samples) for i in range(0, samples.shape[1], chunk)],
+        dim=1,
+    )
+    idx = scores.argmax(-1)
+    out = samples[torch.arange(samples.shape[0]), idx]
+    return out[0] if squeeze else out
+
+
+@dataclass
+class Region:
+    """A place that holds a share of the model's samples.
+
+    ``probability`` is the fraction of samples within ``radius_km`` of (lat, lon) that no
+    higher-ranked region claimed; ``spread_km`` the median distance of those samples to the centre.
+    """
+
+    lat: float
+    lon: float
+    probability: float
+    radius_km: float
+    spread_km: float
+
+    def to_dict(self) -> dict:
+        return {
+            "lat": self.lat,
+            "lon": self.lon,
+            "probability": self.probability,
+            "radius_km": self.radius_km,
+            "spread_km": self.spread_km,
+        }
+
+
+def top_regions(
+    samples: torch.Tensor, k: int = 5, radius_km: float = 500.0, min_probability: float = 0.01
+) -> list[Region]:
+    """Greedy mode finding on samples (N, 2): repeatedly take the sample with the most unclaimed
+    samples within ``radius_km`` as a region centre and claim those samples.
+
+    Returns up to k regions, most probable first; the probabilities are disjoint sample shares.
+    """
+    n = samples.shape[0]
+    km = pairwise_km(samples, samples)
+    near = km <= radius_km
+    unclaimed = torch.ones(n, dtype=torch.bool)
+    regions: list[Region] = []
+    while len(regions) < k and unclaimed.any():
+        counts = (near & unclaimed[None, :]).sum(-1).masked_fill(~unclaimed, -1)
+        centre = int(counts.argmax())
+        members = near[centre] & unclaimed
+        share = float(members.sum()) / n
+        if share < min_probability:
+            break
+        regions.append(
+            Region(
+                lat=float(samples[centre, 0]),
+                lon=float(samples[centre, 1]),
+                probability=share,
+                radius_km=radius_km,
+                spread_km=float(km[centre][members].median()),
+            )
+        )
+        unclaimed &= ~members
+    return regions
+
+
+def sample_density_grid(
+    samples: torch.Tensor, n_lat: int = 90, n_lon: int = 180, bandwidth_deg: float | None = None
+) -> dict:
+    """Kernel density estimate of samples (N, 2) on a lat/lon grid, per steradian.
+
+    A von Mises-Fisher kernel (normalised on S^2) with concentration 1/bandwidth^2 (radians);
+    the default bandwidth follows Scott's rule for 2-D data on the angular spread of the samples,
+    floored at one grid cell. Returns ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists.
+    """
+    grid, _ = latlon_grid(n_lat, n_lon)
+    units = latlon_to_unit(samples.double())
+    if bandwidth_deg is None:
+        centre = units.mean(0)
+        resultant = float(centre.norm())
+        spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-8))
+        bandwidth = spread * samples.shape[0] ** (-1.0 / 6.0)
+        bandwidth = max(bandwidth, math.radians(180.0 / n_lat))
+    else:
+        bandwidth = math.radians(bandwidth_deg)
+    kappa = 1.0 / bandwidth**2
+    # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
+    log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
+    g = latlon_to_unit(grid)
+    logk = kappa * (g @ units.T - 1.0) + log_norm
+    log_density = torch.logsumexp(logk, dim=-1) - math.log(samples.shape[0])
+    lat = grid[:, 0].reshape(n_lat, n_lon)[:, 0]
+    lon = grid[:, 1].reshape(n_lat, n_lon)[0]
+    return {
+        "lat": lat.tolist(),
+        "lon": lon.tolist(),
+        "log_density": log_density.reshape(n_lat, n_lon).float().tolist(),
+        "kind": "kde",
+        "bandwidth_deg": math.degrees(bandwidth),
+    }
