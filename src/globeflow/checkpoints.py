@@ -74,7 +74,8 @@ def model_from_config(config: dict, family: str | None = None, name: str = "") -
     family = family or _infer_family(name)
     if family not in DENOISING_FAMILIES:
         raise CheckpointError(
-            f"family {family!r} cannot hold a PLONK network; choose from {sorted(DENOISING_FAMILIES)}"
+            f"family {family!r} cannot hold a PLONK network; "
+            f"choose from {sorted(DENOISING_FAMILIES)}"
         )
     network = Denoiser(**{k: config[k] for k in sorted(required)})
     return DENOISING_FAMILIES[family](network)
@@ -85,7 +86,9 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{path}: expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointError(
+            f"{path}: expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     text = str(path_or_hub_id)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return _download_from_hub(text)
@@ -161,6 +164,9 @@ def save_plonk_network(model: GeoModel, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     net = model.network
-    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, str(directory / WEIGHTS_NAME))
+    save_file(
+        {k: v.contiguous().cpu() for k, v in net.state_dict().items()},
+        str(directory / WEIGHTS_NAME),
+    )
     (directory / CONFIG_NAME).write_text(json.dumps(net.config, indent=1) + "\n")
     return directory

@@ -40,7 +40,10 @@ def best_guess(samples: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     if squeeze:
         samples = samples[None]
     scores = torch.cat(
-        [expected_geoscore(samples[:, i : i + chunk], samples) for i in range(0, samples.shape[1], chunk)],
+        [
+            expected_geoscore(samples[:, i : i + chunk], samples)
+            for i in range(0, samples.shape[1], chunk)
+        ],
         dim=1,
     )
     idx = scores.argmax(-1)

@@ -108,7 +108,9 @@ class Locator:
         places = reverse_geocode(torch.tensor(points, dtype=torch.float64))
         region_places = iter(places[emb.shape[0] :])
         for i in range(emb.shape[0]):
-            regions = [{**r.to_dict(), "place": next(region_places).to_dict()} for r in all_regions[i]]
+            regions = [
+                {**r.to_dict(), "place": next(region_places).to_dict()} for r in all_regions[i]
+            ]
             result = {
                 "best_guess": {
                     "lat": float(guesses[i, 0]),

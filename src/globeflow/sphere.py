@@ -28,7 +28,8 @@ def latlon_to_unit(latlon: torch.Tensor) -> torch.Tensor:
 
 
 def unit_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
-    """(..., 3) vectors (normalised first) -> (..., 2) degrees, lat in [-90, 90], lon in (-180, 180]."""
+    """(..., 3) vectors (normalised first) -> (..., 2) degrees; lat in [-90, 90],
+    lon in (-180, 180]."""
     xyz = project_to_sphere(xyz)
     lat = torch.asin(xyz[..., 2].clamp(-1.0, 1.0))
     lon = torch.atan2(xyz[..., 1], xyz[..., 0])
@@ -49,7 +50,7 @@ def project_to_tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def angle_between(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Great-circle angle in radians between unit vectors (..., 3); numerically stable near 0 and pi."""
+    """Great-circle angle (radians) between unit vectors (..., 3); stable near 0 and pi."""
     cross = torch.linalg.cross(x, y, dim=-1).norm(dim=-1)
     dot = (x * y).sum(-1)
     return torch.atan2(cross, dot)
@@ -92,7 +93,7 @@ def geodesic(x: torch.Tensor, y: torch.Tensor, fraction: torch.Tensor | float) -
 
 
 def tangent_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis (e1, e2), each (..., 3), of the tangent plane at unit vectors x (..., 3)."""
+    """Orthonormal basis (e1, e2), each (..., 3), of the tangent plane at unit x (..., 3)."""
     # Cross with whichever axis is least aligned with x: always well conditioned.
     axis = torch.zeros_like(x)
     idx = x.abs().argmin(dim=-1, keepdim=True)

@@ -23,7 +23,8 @@ class GeoModel(nn.Module):
 
     family: str = "base"
     density_space: str = "sphere"
-    """"sphere": log_prob is a density per steradian on S^2; "euclidean": the paper's R^3 density."""
+    """"sphere": log_prob is a density per steradian on S^2; "euclidean": the paper's density
+    in R^3."""
 
     cond_dim: int
 

@@ -1,7 +1,8 @@
 """Diffusion in R^3 (paper section 3.1): x_t = sqrt(gamma) x0 + sqrt(1 - gamma) eps.
 
 The network predicts eps (DDPM loss); sampling uses DDIM with the predicted x0 clamped to
-[-1, 1] (and the noise re-derived from the clamped x0), and the result is projected onto S^2. Likelihoods use the probability-flow ODE.
+[-1, 1] (and the noise re-derived from the clamped x0), and the result is projected onto
+S^2. Likelihoods use the probability-flow ODE.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Diffusion(DenoisingModel):
     def velocity_from_output(self, x, out, gamma):
         # x = sqrt(g) x0 + sqrt(1-g) eps  =>  dx/dg = x0 / (2 sqrt g) - eps / (2 sqrt(1-g)),
         # with x0 = (x - sqrt(1-g) eps) / sqrt(g).
-        sg, s1 = gamma.sqrt(), (1 - gamma).clamp_min(1e-12).sqrt()
+        s1 = (1 - gamma).clamp_min(1e-12).sqrt()
         return (x - s1 * out) / (2 * gamma) - out / (2 * s1)
 
     def sampler_step(self, x, out, gamma_now, gamma_next):

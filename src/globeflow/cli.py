@@ -1,0 +1,341 @@
+"""The ``globeflow`` command line: embed, train, predict, evaluate, serve.
+
+Each command is a thin wrapper over a library function; heavy imports happen inside commands so
+that ``globeflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="globeflow: where on Earth was this photo taken? A probability distribution over the "
+    "globe from a frozen image encoder and a flow-matching model on the sphere (PLONK).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Family(str, Enum):
+    rfm = "rfm"
+    flow = "flow"
+    diffusion = "diffusion"
+    vmf = "vmf"
+    vmf_mixture = "vmf-mixture"
+    uniform = "uniform"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def embed(
+    inputs: list[Path] = typer.Argument(
+        ...,
+        help="Image files, folders (recursive), text files of paths, or a CSV with an image "
+        "column and optional lat/lon/author columns.",
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Embedding store to write/extend (NAME.parquet directory)."
+    ),
+    encoder: str = typer.Option(None, help="Encoder name (default: the offline default)."),
+    encoder_path: str = typer.Option(None, help="Hub id or local directory for hub encoders."),
+    batch_size: int = typer.Option(32, min=1),
+    chunk_size: int = typer.Option(4096, min=1, help="Rows per parquet part (resume unit)."),
+    recursive: bool = typer.Option(True, help="Descend into sub-folders."),
+    exif_gps: bool = typer.Option(True, help="Read coordinates from EXIF GPS when none given."),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported)."""
+    from .embed import embed_images
+    from .encoders import get_encoder
+
+    enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
+    report = embed_images(
+        inputs,
+        enc,
+        output,
+        batch_size=batch_size,
+        progress=progress,
+        recursive=recursive,
+        chunk_size=chunk_size,
+        exif_gps=exif_gps,
+    )
+    typer.echo(
+        f"embedded {report.embedded} new, {report.skipped_existing} already done, "
+        f"{report.failed} failed ({report.with_location} with coordinates) -> {output}"
+    )
+    for path, reason in report.errors[:20]:
+        typer.echo(f"  skipped {path}: {reason}", err=True)
+    if len(report.errors) > 20:
+        typer.echo(f"  ... {len(report.errors) - 20} more in errors.csv", err=True)
+    if report.embedded + report.skipped_existing == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    embeddings: Path = typer.Option(..., help="Embedding store from `globeflow embed`."),
+    family: Family = typer.Option(Family.rfm, help="Generative family or baseline."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory (resumes if present)."),
+    val_split: str = typer.Option(
+        "author", help="'author' (grouped split), a fraction, or a second embedding store."
+    ),
+    val_fraction: float = typer.Option(0.15, help="Share of authors/rows held out."),
+    prior_locations: Path = typer.Option(
+        None, help="CSV of extra unlabelled locations (LAT,LON) for the null-condition branch."
+    ),
+    prior_fraction: float = typer.Option(0.25, help="Share of each batch from the prior."),
+    dim: int = typer.Option(256),
+    depth: int = typer.Option(6),
+    max_steps: int = typer.Option(20000),
+    batch_size: int = typer.Option(512),
+    lr: float = typer.Option(1e-3),
+    optimizer: str = typer.Option("adamw", help="adamw or lamb"),
+    warmup_steps: int = typer.Option(500),
+    ema_decay: float = typer.Option(0.999),
+    cond_drop_prob: float = typer.Option(0.1),
+    val_every: int = typer.Option(1000),
+    checkpoint_every: int = typer.Option(500),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Train a model on precomputed embeddings; killed runs resume exactly where they stopped."""
+    from .training import train_from_embeddings
+
+    result = train_from_embeddings(
+        embeddings,
+        family.value,
+        output,
+        val_split=val_split,
+        val_fraction=val_fraction,
+        prior_locations=prior_locations,
+        prior_fraction=prior_fraction,
+        dim=dim,
+        depth=depth,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        warmup_steps=warmup_steps,
+        ema_decay=ema_decay,
+        cond_drop_prob=cond_drop_prob,
+        val_every=val_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        progress=progress,
+    )
+    typer.echo(f"done: {result}")
+
+
+def _predict_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            rows.append([Path(r["image"]).name, "-", "-", "-", "-", f"error: {r['error']}"])
+            continue
+        bg = r["best_guess"]
+        place = bg["place"]
+        label = ", ".join(v for v in (place.get("city"), place.get("country")) if v)
+        top = r["regions"][0]["probability"] if r["regions"] else float("nan")
+        bits = r["localizability_bits"]
+        truth = f"{r['error_km']:.0f} km" if r.get("error_km") is not None else ""
+        rows.append(
+            [
+                Path(r["image"]).name,
+                f"{bg['lat']:.3f}, {bg['lon']:.3f}",
+                label,
+                f"{top:.0%}",
+                f"{bits:.2f}" if bits is not None else "-",
+                truth,
+            ]
+        )
+    return rows
+
+
+@app.command()
+def predict(
+    photos: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
+    model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
+    family: str = typer.Option(None, help="Family of a PLONK checkpoint (rfm, flow, diffusion)."),
+    encoder: str = typer.Option(None, help="Override the encoder named by the model."),
+    encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
+    num_samples: int = typer.Option(512, min=16, help="Samples per photo."),
+    guidance: float = typer.Option(2.0, min=0.0, help="Classifier-free guidance scale."),
+    steps: int = typer.Option(32, min=1, help="Sampler steps."),
+    top_k: int = typer.Option(5, min=1, help="Regions to report."),
+    region_radius_km: float = typer.Option(500.0, help="Radius of a reported region."),
+    json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
+    csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
+    geojson_out: Path = typer.Option(None, "--geojson", help="Write a GeoJSON FeatureCollection."),
+    map_dir: Path = typer.Option(None, "--map", help="Write a PNG world map per photo here."),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Where was each photo taken? Best guess, top regions, localizability, maps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .export import results_to_csv, results_to_geojson
+    from .images import IMAGE_EXTENSIONS
+    from .pipeline import Locator
+
+    paths: list[Path] = []
+    for p in photos:
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            paths.append(p)
+        else:
+            _fail(f"{p}: no such file or folder")
+    if not paths:
+        _fail("no photos found")
+    try:
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    results = locator.locate_paths(
+        paths,
+        progress=progress,
+        num_samples=num_samples,
+        guidance=guidance,
+        steps=steps,
+        top_k=top_k,
+        region_radius_km=region_radius_km,
+        seed=seed,
+        with_density=False,
+    )
+    table = Table(title=f"globeflow ({locator.model_name}, {locator.encoder_name})")
+    for col in (
+        "photo",
+        "best guess (lat, lon)",
+        "place",
+        "top region",
+        "localizability (bits)",
+        "error vs EXIF",
+    ):
+        table.add_column(col)
+    for row in _predict_rows(results):
+        table.add_row(*row)
+    Console().print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"results": results}, indent=1))
+    if csv_out:
+        results_to_csv(results, csv_out)
+    if geojson_out:
+        geojson_out.parent.mkdir(parents=True, exist_ok=True)
+        geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
+    if map_dir:
+        from .decode import sample_density_grid
+        from .maps import render_map
+
+        map_dir.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            if not r.get("ok"):
+                continue
+            import torch
+
+            samples = torch.tensor(r["samples"])
+            render_map(
+                map_dir / (Path(r["image"]).stem + ".png"),
+                samples,
+                density=sample_density_grid(samples),
+                best_guess=(r["best_guess"]["lat"], r["best_guess"]["lon"]),
+                truth=(r["exif_gps"]["lat"], r["exif_gps"]["lon"]) if r.get("exif_gps") else None,
+                regions=r["regions"],
+                title=Path(r["image"]).name,
+            )
+    failed = sum(not r.get("ok") for r in results)
+    if failed:
+        typer.echo(f"{failed} of {len(results)} photos could not be read (see the table)", err=True)
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Argument(
+        ...,
+        help="Dataset: CSV (im2gps/YFCC/MP-16/OSV-5M), iNat JSON, "
+        "image folder with EXIF GPS, WebDataset tars, or embeddings.",
+    ),
+    model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
+    family: str = typer.Option(None),
+    encoder: str = typer.Option(None, help="Encoder for image datasets (default: the model's)."),
+    encoder_path: str = typer.Option(None),
+    output: Path = typer.Option(..., "--output", "-o", help="Report directory."),
+    kind: str = typer.Option(None, help="Force the dataset reader (osv5m, latlon-csv, inat, ...)."),
+    num_samples: int = typer.Option(256, min=8, help="Samples per image for the best guess."),
+    guidance: float = typer.Option(2.0, help="Guidance for point prediction."),
+    steps: int = typer.Option(32),
+    hpd_samples: int = typer.Option(128),
+    batch_size: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    limit: int = typer.Option(None, help="Evaluate only the first N records."),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown)."""
+    from .datasets import open_dataset
+    from .evaluation import evaluate as run_evaluation
+    from .pipeline import Locator
+
+    try:
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+        dataset = open_dataset(data, kind=kind)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    report = run_evaluation(
+        locator.model,
+        dataset,
+        encoder=locator.encoder,
+        num_samples=num_samples,
+        guidance=guidance,
+        steps=steps,
+        hpd_samples=hpd_samples,
+        batch_size=batch_size,
+        seed=seed,
+        limit=limit,
+        progress=progress,
+    )
+    report.write(output)
+    typer.echo(report.to_markdown())
+    typer.echo(f"report written to {output}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
+    family: str = typer.Option(None),
+    encoder: str = typer.Option(None),
+    encoder_path: str = typer.Option(None),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload."),
+) -> None:
+    """Start the local web app and JSON API (http://HOST:PORT)."""
+    from .pipeline import Locator
+    from .server import serve as run_server
+
+    locator = Locator.from_pretrained(
+        model, encoder=encoder, family=family, encoder_path=encoder_path
+    )
+    run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
