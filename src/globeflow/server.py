@@ -1,0 +1,429 @@
+"""Local web app and JSON API: upload photos, get distributions over the globe.
+
+The model is loaded once. Every image goes through one worker thread that batches images from
+concurrent requests (up to ``max_batch`` at a time), so memory is bounded and the event loop
+never runs model code. Uploads are processed in memory and checked by decoding them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import logging
+import queue
+import threading
+import warnings
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+__all__ = ["create_app", "serve", "MIN_SAMPLES", "MAX_SAMPLES", "MAX_GUIDANCE", "MAX_STEPS"]
+
+log = logging.getLogger("globeflow.server")
+
+MIN_SAMPLES, MAX_SAMPLES = 16, 4096
+MAX_GUIDANCE = 10.0
+MAX_STEPS = 256
+_CHUNK = 1 << 20
+
+
+def _static_dir() -> Path:
+    return Path(str(resources.files("globeflow") / "static"))
+
+
+def _coastlines_file() -> Path:
+    return Path(str(resources.files("globeflow") / "assets" / "world_coastlines.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image checks (globeflow.images when present, a minimal PIL check otherwise)
+
+
+def _load_image(data: bytes, name: str):
+    """Decode ``data`` to an RGB PIL image; ``ValueError`` with a readable reason otherwise."""
+    try:
+        from .images import load_image_bytes
+    except ImportError:  # pragma: no cover - images.py is part of the package
+        load_image_bytes = None
+    if load_image_bytes is not None:
+        return load_image_bytes(data, name)
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise ValueError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                probe.verify()
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        return ImageOps.exif_transpose(img).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad file
+        raise ValueError(f"{name}: not a readable image ({exc})") from None
+
+
+def _exif_gps(data: bytes) -> tuple[float, float] | None:
+    """EXIF GPS of the original bytes (decoding to RGB may drop the EXIF block)."""
+    try:
+        from PIL import Image
+
+        from .images import read_exif_gps
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return read_exif_gps(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no truth"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The single inference worker
+
+
+@dataclass
+class _Job:
+    name: str
+    image: Any
+    gps: tuple[float, float] | None
+    params: tuple[int, float, int | None]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class BatchWorker:
+    """One thread that runs ``locator.locate_images`` on batches of queued images.
+
+    Images from concurrent requests that share settings go into the same call, at most
+    ``max_batch`` at a time; a request awaits its own futures without blocking the event loop.
+    """
+
+    def __init__(self, locator: Any, max_batch: int = 8, gather_ms: float = 5.0) -> None:
+        self.locator = locator
+        self.max_batch = max(1, int(max_batch))
+        self.gather_s = gather_ms / 1000.0
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches_run = 0
+        self.images_done = 0
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="globeflow-worker", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish the queued work and stop."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Images waiting in the queue."""
+        return self._queue.qsize()
+
+    def submit(self, jobs: Sequence[_Job]) -> list[concurrent.futures.Future]:
+        """Queue jobs; returns their futures (each resolves to one result dict)."""
+        self.start()
+        for job in jobs:
+            self._queue.put(job)
+        return [job.future for job in jobs]
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            stop = False
+            # A short pause lets images of concurrent requests join this batch.
+            deadline = self.gather_s
+            while len(jobs) < self.max_batch:
+                try:
+                    job = (
+                        self._queue.get(timeout=deadline) if deadline else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                deadline = 0.0
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.params, []).append(job)
+            for params, group in groups.items():
+                self._run_group(params, group)
+            if stop:
+                return
+
+    def _run_group(self, params: tuple[int, float, int | None], group: list[_Job]) -> None:
+        live = [job for job in group if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        num_samples, guidance, steps = params
+        try:
+            results = self.locator.locate_images(
+                [(job.name, job.image) for job in live],
+                num_samples=num_samples,
+                guidance=guidance,
+                steps=steps,
+                exif_gps=[job.gps for job in live],
+                with_density=True,
+            )
+            if len(results) != len(live):
+                raise RuntimeError(f"locator returned {len(results)} results for {len(live)}")
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting requests
+            log.exception("inference failed")
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        self.batches_run += 1
+        self.images_done += len(live)
+        for job, result in zip(live, results):
+            job.future.set_result(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def _first(*values: Any) -> Any:
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    """The upload's bytes, or 413 as soon as it exceeds ``limit``."""
+    buf = bytearray()
+    while True:
+        chunk = await upload.read(_CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise HTTPException(
+                413,
+                f"{upload.filename or 'upload'}: file too large (more than "
+                f"{limit / 2**20:.3g} MB); the limit is {limit / 2**20:.3g} MB per file",
+            )
+
+
+def create_app(
+    locator: Any,
+    *,
+    max_upload_mb: float = 20,
+    max_batch: int = 8,
+    max_files: int = 32,
+) -> FastAPI:
+    """The FastAPI app: the page at ``/``, assets under ``/static``, the API under ``/v1``.
+
+    Args:
+        locator: object with ``locate_images(images, num_samples, guidance, steps, exif_gps,
+            with_density)`` and ``model_name`` / ``encoder_name`` (``globeflow.pipeline.Locator``).
+        max_upload_mb: largest accepted file (413 above).
+        max_batch: most images per model call, across concurrent requests.
+        max_files: most files in one request.
+    """
+    limit = int(max_upload_mb * 2**20)
+    worker = BatchWorker(locator, max_batch=max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        await run_in_threadpool(worker.stop)
+
+    app = FastAPI(
+        title="globeflow",
+        summary="Where on Earth was this photo taken? A probability distribution over the globe.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.locator = locator
+    app.state.worker = worker
+    static = _static_dir()
+    if static.is_dir():
+        app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        # Refuse absurd bodies before the multipart parser spools them to disk.
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit * max_files + 2**20:
+            return JSONResponse(
+                {
+                    "detail": f"request too large ({int(length) / 2**20:.1f} MB); at most "
+                    f"{max_files} files of {max_upload_mb:g} MB each"
+                },
+                status_code=413,
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        text = "; ".join(
+            f"{e['loc'][-1] if e.get('loc') else 'request'}: {e.get('msg', 'invalid')}"
+            for e in errors
+        )
+        safe = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors]
+        return JSONResponse({"detail": text, "errors": safe}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        page = static / "index.html"
+        if not page.is_file():
+            raise HTTPException(404, "the web page is not installed (globeflow/static missing)")
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/v1/health", tags=["meta"])
+    async def health() -> dict:
+        """Liveness and what is loaded."""
+        return {
+            "status": "ok",
+            "model": str(getattr(locator, "model_name", "unknown")),
+            "encoder": str(getattr(locator, "encoder_name", "unknown")),
+            "max_upload_mb": max_upload_mb,
+            "max_batch": max_batch,
+            "max_files": max_files,
+            "limits": {
+                "num_samples": [MIN_SAMPLES, MAX_SAMPLES],
+                "guidance": [0.0, MAX_GUIDANCE],
+                "steps": [1, MAX_STEPS],
+            },
+            "queued_images": worker.pending,
+        }
+
+    @app.get("/v1/coastlines", tags=["meta"])
+    async def coastlines() -> FileResponse:
+        """Bundled world coastlines and borders (Natural Earth, public domain) for the page."""
+        return FileResponse(
+            _coastlines_file(),
+            media_type="application/json",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
+
+    @app.post("/v1/locate", tags=["locate"])
+    async def locate(
+        request: Request,
+        file: list[UploadFile] | None = File(None, description="one or more photos"),
+        files: list[UploadFile] | None = File(None, description="alias of `file`"),
+        num_samples: int | None = Query(None, ge=MIN_SAMPLES, le=MAX_SAMPLES),
+        guidance: float | None = Query(None, ge=0.0, le=MAX_GUIDANCE),
+        steps: int | None = Query(None, ge=1, le=MAX_STEPS),
+        format: str = Query("json", pattern="^(json|geojson)$"),
+        form_num_samples: int | None = Form(
+            None, alias="num_samples", ge=MIN_SAMPLES, le=MAX_SAMPLES
+        ),
+        form_guidance: float | None = Form(None, alias="guidance", ge=0.0, le=MAX_GUIDANCE),
+        form_steps: int | None = Form(None, alias="steps", ge=1, le=MAX_STEPS),
+    ) -> JSONResponse:
+        """Locate photos. Returns ``{"results": [...]}`` (see docs/ARCHITECTURE.md) or, with
+        ``format=geojson``, a FeatureCollection of best guesses, regions and EXIF locations.
+
+        Settings come from the query string or form fields (form wins)."""
+        uploads = [u for u in (file or []) + (files or []) if u is not None]
+        if not uploads:
+            raise HTTPException(400, "no file uploaded: send photos as multipart field 'file'")
+        if len(uploads) > max_files:
+            raise HTTPException(
+                400, f"too many files ({len(uploads)}); at most {max_files} per request"
+            )
+        params = (
+            int(_first(form_num_samples, num_samples, 512)),
+            float(_first(form_guidance, guidance, 2.0)),
+            _first(form_steps, steps),
+        )
+        jobs = []
+        for i, upload in enumerate(uploads):
+            name = Path(upload.filename or f"upload-{i + 1}").name
+            data = await _read_limited(upload, limit)
+            try:
+                image = await run_in_threadpool(_load_image, data, name)
+            except ValueError as exc:
+                msg = str(exc)
+                raise HTTPException(422, msg if name in msg else f"{name}: {msg}") from None
+            gps = await run_in_threadpool(_exif_gps, data)
+            jobs.append(_Job(name=name, image=image, gps=gps, params=params))
+        futures = worker.submit(jobs)
+        try:
+            results = [await asyncio.wrap_future(f) for f in futures]
+        except Exception as exc:  # noqa: BLE001 - inference errors become a readable 500
+            for f in futures:
+                f.cancel()
+            raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        if format == "geojson":
+            from .export import results_to_geojson
+
+            return JSONResponse(results_to_geojson(results))
+        return JSONResponse({"results": results})
+
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("globeflow")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0"
+
+
+def serve(
+    model: Any = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    encoder: str | None = None,
+    family: str | None = None,
+    encoder_path: str | None = None,
+    device: str = "cpu",
+    max_upload_mb: float = 20,
+    max_batch: int = 8,
+    log_level: str = "info",
+) -> None:
+    """Run the web app with uvicorn (blocking).
+
+    ``model`` is a ready locator (anything with ``locate_images``) or a model directory / hub id
+    for ``Locator.from_pretrained`` (``None``: the bundled model).
+    """
+    import uvicorn
+
+    if hasattr(model, "locate_images"):
+        locator = model
+    else:
+        from .pipeline import Locator
+
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path, device=device
+        )
+    app = create_app(locator, max_upload_mb=max_upload_mb, max_batch=max_batch)
+    print(f"globeflow: open http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

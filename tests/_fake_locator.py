@@ -1,0 +1,130 @@
+"""A fast stand-in for ``globeflow.pipeline.Locator`` used by the server and web-page tests."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+
+PARIS = {"city": "Paris", "region": "Ile-de-France", "country": "France", "country_code": "FR"}
+LYON = {"city": "Lyon", "region": "Auvergne-Rhone-Alpes", "country": "France", "country_code": "FR"}
+NYC = {
+    "city": "New York City",
+    "region": "New York",
+    "country": "United States",
+    "country_code": "US",
+}
+
+
+def _haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
+    la1, lo1, la2, lo2 = map(math.radians, (*a, *b))
+    h = (
+        math.sin((la2 - la1) / 2) ** 2
+        + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
+    )
+    return 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h)))
+
+
+class FakeLocator:
+    """Samples around Paris and New York; records every batch it was called with."""
+
+    model_name = "fake-model"
+    encoder_name = "fake-encoder"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def locate_images(
+        self, images, num_samples=512, guidance=2.0, steps=None, exif_gps=None, with_density=True
+    ):
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append(len(images))
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
+            return [
+                self._one(name, num_samples, guidance, steps, g, with_density)
+                for (name, _), g in zip(images, gps)
+            ]
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _one(self, name, num_samples, guidance, steps, gps, with_density):
+        rng = np.random.default_rng(0)
+        n1 = int(num_samples * 0.7)
+        samples = np.concatenate(
+            [
+                rng.normal([48.85, 2.35], [2.0, 3.0], size=(n1, 2)),
+                rng.normal([40.7, -74.0], [1.5, 2.0], size=(num_samples - n1, 2)),
+            ]
+        )
+        result = {
+            "image": name,
+            "ok": True,
+            "error": None,
+            "best_guess": {"lat": 48.85, "lon": 2.35, "place": PARIS},
+            "regions": [
+                {
+                    "lat": 48.8,
+                    "lon": 2.3,
+                    "probability": 0.55,
+                    "radius_km": 250.0,
+                    "spread_km": 120.0,
+                    "place": PARIS,
+                },
+                {
+                    "lat": 40.7,
+                    "lon": -74.0,
+                    "probability": 0.3,
+                    "radius_km": 250.0,
+                    "spread_km": 90.0,
+                    "place": NYC,
+                },
+                {
+                    "lat": 45.76,
+                    "lon": 4.84,
+                    "probability": 0.15,
+                    "radius_km": 250.0,
+                    "spread_km": 60.0,
+                    "place": LYON,
+                },
+            ],
+            "localizability_bits": -3.2,
+            "effective_area_km2": 4.1e6,
+            "samples": [[round(a, 4), round(b, 4)] for a, b in samples.tolist()],
+            "exif_gps": None,
+            "error_km": None,
+            "settings": {
+                "model": self.model_name,
+                "encoder": self.encoder_name,
+                "num_samples": num_samples,
+                "guidance": guidance,
+                "steps": steps or 32,
+            },
+        }
+        if gps is not None:
+            result["exif_gps"] = {"lat": gps[0], "lon": gps[1]}
+            result["error_km"] = _haversine_km((48.85, 2.35), gps)
+        if with_density:
+            lat = np.linspace(-88.5, 88.5, 60)
+            lon = np.linspace(-178.5, 178.5, 120)
+            logd = np.logaddexp(
+                -(((lat[:, None] - 48.85) / 6) ** 2) - ((lon[None, :] - 2.35) / 8) ** 2,
+                np.log(0.4) - (((lat[:, None] - 40.7) / 5) ** 2) - ((lon[None, :] + 74) / 6) ** 2,
+            )
+            result["density"] = {
+                "lat": lat.tolist(),
+                "lon": lon.tolist(),
+                "log_density": logd.round(3).tolist(),
+            }
+        return result

@@ -1,0 +1,248 @@
+"""The JSON API and page server, with a fake locator (no model needed)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, TiffImagePlugin
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_locator import FakeLocator  # noqa: E402
+
+from globeflow.server import create_app  # noqa: E402
+
+
+def _jpeg(size: tuple[int, int] = (96, 64), exif: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, (30, 120, 200))
+    img.paste((240, 200, 40), (10, 10, 40, 40))
+    if exif is None:
+        img.save(buf, "JPEG", quality=90)
+    else:
+        img.save(buf, "JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+def _gps_exif(lat: float, lon: float) -> bytes:
+    def dms(v: float) -> tuple:
+        v = abs(v)
+        d = int(v)
+        m = int((v - d) * 60)
+        s = (v - d - m / 60) * 3600
+        return tuple(
+            TiffImagePlugin.IFDRational(Fraction(x).limit_denominator(10000)) for x in (d, m, s)
+        )
+
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N" if lat >= 0 else "S"
+    gps[2] = dms(lat)
+    gps[3] = "E" if lon >= 0 else "W"
+    gps[4] = dms(lon)
+    return exif.tobytes()
+
+
+@pytest.fixture
+def locator() -> FakeLocator:
+    return FakeLocator()
+
+
+@pytest.fixture
+def client(locator: FakeLocator):
+    with TestClient(create_app(locator, max_upload_mb=1, max_batch=4)) as c:
+        yield c
+
+
+def test_health_and_page(client: TestClient) -> None:
+    r = client.get("/v1/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["model"] == "fake-model" and body["encoder"] == "fake-encoder"
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    coast = client.get("/v1/coastlines")
+    assert coast.status_code == 200 and len(coast.json()["coastlines"]) > 100
+
+
+def test_openapi_and_docs(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/v1/locate" in schema["paths"] and "/v1/health" in schema["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_locate_valid_photo(client: TestClient) -> None:
+    r = client.post(
+        "/v1/locate",
+        params={"num_samples": 64, "guidance": 1.5, "steps": 8},
+        files={"file": ("photo.jpg", _jpeg(), "image/jpeg")},
+    )
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert res["image"] == "photo.jpg" and res["ok"] is True and res["error"] is None
+    assert set(res["best_guess"]) >= {"lat", "lon", "place"}
+    assert res["best_guess"]["place"]["city"] == "Paris"
+    assert len(res["regions"]) == 3
+    assert all({"lat", "lon", "probability", "place"} <= set(g) for g in res["regions"])
+    assert len(res["samples"]) == 64
+    assert res["settings"] == {
+        "model": "fake-model",
+        "encoder": "fake-encoder",
+        "num_samples": 64,
+        "guidance": 1.5,
+        "steps": 8,
+    }
+    assert res["exif_gps"] is None and res["error_km"] is None
+    d = res["density"]
+    assert len(d["log_density"]) == len(d["lat"]) and len(d["log_density"][0]) == len(d["lon"])
+
+
+def test_form_settings_and_several_files(client: TestClient, locator: FakeLocator) -> None:
+    r = client.post(
+        "/v1/locate",
+        data={"num_samples": "32", "guidance": "0"},
+        files=[
+            ("files", ("a.jpg", _jpeg(), "image/jpeg")),
+            ("files", ("b.png", _png(), "image/png")),
+        ],
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == ["a.jpg", "b.png"]
+    assert all(x["settings"]["num_samples"] == 32 for x in results)
+    assert results[0]["settings"]["guidance"] == 0.0
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 20), (1, 2, 3, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_non_image_rejected(client: TestClient) -> None:
+    r = client.post(
+        "/v1/locate", files={"file": ("notes.jpg", b"just some text\n" * 20, "image/jpeg")}
+    )
+    assert 400 <= r.status_code < 500
+    detail = r.json()["detail"]
+    assert "notes.jpg" in detail and "image" in detail
+
+
+def test_truncated_jpeg_rejected(client: TestClient) -> None:
+    data = _jpeg((400, 300))
+    r = client.post("/v1/locate", files={"file": ("cut.jpg", data[: len(data) // 2], "image/jpeg")})
+    assert 400 <= r.status_code < 500
+    assert "cut.jpg" in r.json()["detail"]
+
+
+def test_empty_file_rejected(client: TestClient) -> None:
+    r = client.post("/v1/locate", files={"file": ("empty.jpg", b"", "image/jpeg")})
+    assert 400 <= r.status_code < 500 and "empty.jpg" in r.json()["detail"]
+
+
+def test_oversize_rejected(client: TestClient) -> None:
+    big = _jpeg() + b"\0" * (2 * 2**20)
+    r = client.post("/v1/locate", files={"file": ("big.jpg", big, "image/jpeg")})
+    assert r.status_code == 413
+    assert "big.jpg" in r.json()["detail"] and "too large" in r.json()["detail"]
+
+
+def test_bad_parameters_and_missing_file(client: TestClient) -> None:
+    r = client.post(
+        "/v1/locate", params={"num_samples": 5}, files={"file": ("a.jpg", _jpeg(), "image/jpeg")}
+    )
+    assert r.status_code == 422 and "num_samples" in r.json()["detail"]
+    r = client.post(
+        "/v1/locate", params={"guidance": 99}, files={"file": ("a.jpg", _jpeg(), "image/jpeg")}
+    )
+    assert r.status_code == 422 and "guidance" in r.json()["detail"]
+    r = client.post("/v1/locate", data={"num_samples": "64"})
+    assert r.status_code == 400 and "no file" in r.json()["detail"]
+    # still serving after bad requests
+    ok = client.post("/v1/locate", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert ok.status_code == 200
+
+
+def test_exif_gps_gives_truth_and_error(client: TestClient) -> None:
+    lat, lon = 45.764, 4.8357  # Lyon
+    r = client.post(
+        "/v1/locate", files={"file": ("lyon.jpg", _jpeg(exif=_gps_exif(lat, lon)), "image/jpeg")}
+    )
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["exif_gps"]["lat"] == pytest.approx(lat, abs=1e-3)
+    assert res["exif_gps"]["lon"] == pytest.approx(lon, abs=1e-3)
+    assert res["error_km"] == pytest.approx(392, abs=10)  # Paris -> Lyon
+
+
+def test_geojson_format(client: TestClient) -> None:
+    r = client.post(
+        "/v1/locate",
+        params={"format": "geojson"},
+        files={"file": ("g.jpg", _jpeg(exif=_gps_exif(-33.86, 151.21)), "image/jpeg")},
+    )
+    assert r.status_code == 200, r.text
+    fc = r.json()
+    assert fc["type"] == "FeatureCollection"
+    kinds = [f["properties"]["kind"] for f in fc["features"]]
+    assert kinds.count("best_guess") == 1 and kinds.count("region") == 3
+    assert kinds.count("exif_gps") == 1
+    best = fc["features"][0]
+    assert best["geometry"] == {"type": "Point", "coordinates": [2.35, 48.85]}
+
+
+def test_concurrent_requests_are_batched() -> None:
+    locator = FakeLocator(delay_s=0.05)
+    with TestClient(create_app(locator, max_batch=4)) as client:
+        data = _jpeg()
+
+        def one(i: int) -> int:
+            r = client.post(
+                "/v1/locate",
+                params={"num_samples": 32},
+                files={"file": (f"p{i}.jpg", data, "image/jpeg")},
+            )
+            assert r.json()["results"][0]["image"] == f"p{i}.jpg"
+            return r.status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(one, range(20)))
+    assert codes == [200] * 20
+    assert sum(locator.calls) == 20
+    assert max(locator.calls) <= 4
+    assert len(locator.calls) < 20  # concurrent images shared model calls
+    assert locator.max_active == 1  # one inference at a time
+
+
+def test_inference_failure_is_reported_and_server_recovers() -> None:
+    class Flaky(FakeLocator):
+        fail = True
+
+        def locate_images(self, images, **kw):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return super().locate_images(images, **kw)
+
+    with TestClient(create_app(Flaky()), raise_server_exceptions=False) as client:
+        r = client.post("/v1/locate", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+        assert r.status_code == 500 and "boom" in r.json()["detail"]
+        r = client.post("/v1/locate", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+        assert r.status_code == 200
+
+
+def test_huge_request_rejected_before_parsing() -> None:
+    with TestClient(create_app(FakeLocator(), max_upload_mb=0.1, max_files=2)) as client:
+        big = b"\xff\xd8" + b"\0" * (2 * 2**20)
+        r = client.post("/v1/locate", files={"file": ("huge.jpg", big, "image/jpeg")})
+        assert r.status_code == 413 and "request too large" in r.json()["detail"]
+        assert client.get("/v1/health").status_code == 200
