@@ -81,7 +81,7 @@ def log_prob_ode(
     steps: int | None = None,
     guidance: float = 0.0,
     chunk_size: int = 8192,
-    spacing: str = "mixed",
+    spacing: str | None = None,
 ) -> torch.Tensor:
     """log p(x | emb) with fixed-step RK4: x (B, M, 3) (unit vectors), emb (B, D) -> (B, M).
 
@@ -89,6 +89,7 @@ def log_prob_ode(
     Points are processed in chunks of about ``chunk_size`` to bound memory.
     """
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
+    spacing = spacing or ("mixed-log" if model.family == "diffusion" else "mixed")
     b, m, _ = x.shape
     per_chunk = max(1, chunk_size // max(b, 1))
     parts = []
@@ -103,8 +104,11 @@ def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "m
     """Times 0 = t_0 < ... < t_steps = t_end for the fixed-step solver, (steps + 1,) float64.
 
     "t": uniform in t. "gamma": uniform in the signal level (equal increments of the network's
-    time input). "mixed" (default): uniform in (t + 1 - gamma(t)) / 2, which keeps steps short
-    both where the density sharpens (t near 0) and where gamma changes fastest.
+    time input). "mixed" (default of the flow families): uniform in t + 1 - gamma(t), which keeps
+    steps short both where the density sharpens (t near 0) and where gamma changes fastest.
+    "mixed-log" (default for diffusion): adds log(gamma) / log(gamma_end), since the diffusion
+    probability-flow ODE behaves like dx/dgamma = x / (2 gamma) near the noise end and is smooth
+    only in log gamma.
     """
     if spacing == "t":
         return torch.linspace(0.0, t_end, steps + 1, dtype=torch.float64)
@@ -114,8 +118,11 @@ def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "m
         u = 1.0 - gamma
     elif spacing == "mixed":
         u = dense / t_end + (1.0 - gamma)
+    elif spacing == "mixed-log":
+        log_g = torch.log(gamma.clamp_min(1e-300))
+        u = dense / t_end + (1.0 - gamma) + log_g / log_g[-1]
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose t, gamma or mixed")
+        raise ValueError(f"unknown spacing {spacing!r}; choose t, gamma, mixed or mixed-log")
     u = (u - u[0]) / (u[-1] - u[0])
     targets = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     idx = torch.searchsorted(u, targets).clamp(1, len(u) - 1)

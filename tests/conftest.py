@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GLOBEFLOW_SHARED", REPO.parent / "shared"))
+PLONK_COMPAT = SHARED / "compat" / "plonk"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def plonk_compat() -> Path:
+    if not (PLONK_COMPAT / "tiny" / "vectors.json").is_file():
+        pytest.skip(f"PLONK compat files not found at {PLONK_COMPAT}")
+    return PLONK_COMPAT
