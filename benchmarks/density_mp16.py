@@ -4,9 +4,12 @@ Data: a CSV with columns LAT,LON (default: the 100k MP-16 locations). Protocol: 
 90/10 split; every model is fitted on the 90 % and scored on the held-out 10 % in bits per
 dimension on S^2, ``-log2 p / 3`` with p the density per steradian (uniform: log2(4 pi) / 3 =
 1.217). The RFM is scored with the exact likelihood ODE (fixed-step RK4, ``model.log_prob_unit``)
-on a random subset of the held-out points (its cost is ~1000x a closed-form density); the
-baselines are reported on the full held-out set and on that same subset, and the RK4 values are
-checked against an adaptive dopri5 solve on a few points.
+on the held-out points (``--eval-points`` takes a random subset to save time; the baselines are
+then also reported on that same subset), and the RK4 values are checked against an adaptive
+dopri5 solve (float64) on a few points.
+
+On shared or oversubscribed CPUs pass ``--threads 1``: two intra-op threads competing with other
+processes slowed training steps by more than 10x in our runs.
 
 Usage: ``python benchmarks/density_mp16.py [--data CSV] [--budget-s 600] [--out results.json]``.
 Exits 0 with a message when the data file is absent.
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--schedule", default="sigmoid", choices=["sigmoid", "linear", "cosine"])
     ap.add_argument("--train-noise-km", type=float, default=0.0, help="jitter of train points")
-    ap.add_argument("--eval-points", type=int, default=1000, help="held-out subset for the RFM")
-    ap.add_argument("--rk4-steps", type=int, default=16)
+    ap.add_argument("--eval-points", type=int, default=10000, help="held-out subset for the RFM")
+    ap.add_argument("--rk4-steps", type=int, default=32)
     ap.add_argument("--check-points", type=int, default=16, help="points checked against dopri5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     args = ap.parse_args(argv)
