@@ -1,0 +1,574 @@
+// globeflow web page: upload photos, draw each answer on an offline world map.
+// Plain JS, no dependencies; everything is served by the local globeflow server.
+"use strict";
+
+(() => {
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const EARTH_KM2 = 510.1e6;
+  const MAX_PARALLEL = 3;
+
+  const els = {
+    input: $("#file-input"),
+    drop: $("#dropzone"),
+    dzSub: $("#dz-sub"),
+    guidance: $("#guidance"),
+    guidanceOut: $("#guidance-out"),
+    samples: $("#num-samples"),
+    rerun: $("#rerun"),
+    clear: $("#clear"),
+    status: $("#status"),
+    results: $("#results"),
+    template: $("#card-template"),
+    modelInfo: $("#model-info"),
+  };
+
+  const state = { items: [], maxUploadMb: null, coastlines: null, running: 0, queue: [] };
+
+  // ---------------------------------------------------------------- formatting
+
+  function placeName(place) {
+    if (!place) return "Unknown place";
+    const parts = [place.city, place.region, place.country || place.country_code].filter(Boolean);
+    const unique = parts.filter((p, i) => parts.indexOf(p) === i);
+    return unique.length ? unique.join(", ") : "Unknown place";
+  }
+
+  // A text badge rather than a flag emoji: emoji fonts are missing on many Linux machines.
+  function badge(code) {
+    const el = document.createElement("span");
+    el.className = "cc";
+    if (code && /^[A-Za-z]{2}$/.test(code)) el.textContent = code.toUpperCase();
+    else el.hidden = true;
+    el.setAttribute("aria-hidden", "true");
+    return el;
+  }
+
+  function fmtCoord(lat, lon) {
+    const ns = lat >= 0 ? "N" : "S";
+    const ew = lon >= 0 ? "E" : "W";
+    return `${Math.abs(lat).toFixed(3)}° ${ns}, ${Math.abs(lon).toFixed(3)}° ${ew}`;
+  }
+
+  function fmtKm(km) {
+    if (km == null || !isFinite(km)) return "–";
+    if (km < 1) return `${Math.round(km * 1000)} m`;
+    if (km < 10) return `${km.toFixed(1)} km`;
+    return `${Math.round(km).toLocaleString("en-US")} km`;
+  }
+
+  function fmtArea(km2) {
+    if (km2 == null || !isFinite(km2)) return "–";
+    if (km2 >= 1e6) return `${(km2 / 1e6).toFixed(km2 >= 1e7 ? 0 : 1)} million km²`;
+    if (km2 >= 1e3) return `${Math.round(km2).toLocaleString("en-US")} km²`;
+    if (km2 >= 1) return `${km2.toFixed(km2 < 10 ? 1 : 0)} km²`;
+    return `${(km2 * 1e6).toFixed(0)} m²`;
+  }
+
+  function areaHint(km2) {
+    if (km2 == null || !isFinite(km2)) return "";
+    const pct = (100 * km2) / EARTH_KM2;
+    if (pct >= 0.1) return `${pct.toFixed(pct >= 10 ? 0 : 1)}% of Earth's surface`;
+    const side = Math.sqrt(km2);
+    return `about a ${fmtKm(side)} × ${fmtKm(side)} square`;
+  }
+
+  function fmtPct(p) {
+    const v = 100 * p;
+    return v >= 10 ? `${v.toFixed(0)}%` : `${v.toFixed(1)}%`;
+  }
+
+  function setStatus(text) { els.status.textContent = text; }
+
+  // ---------------------------------------------------------------- data
+
+  function loadCoastlines() {
+    if (!state.coastlines) {
+      state.coastlines = fetch("/v1/coastlines")
+        .then((r) => (r.ok ? r.json() : { coastlines: [], borders: [] }))
+        .catch(() => ({ coastlines: [], borders: [] }));
+    }
+    return state.coastlines;
+  }
+
+  function loadHealth() {
+    fetch("/v1/health")
+      .then((r) => r.json())
+      .then((h) => {
+        state.maxUploadMb = h.max_upload_mb;
+        els.modelInfo.textContent = `Model: ${h.model} · encoder: ${h.encoder}`;
+        els.dzSub.textContent = `JPEG, PNG, WebP, TIFF, HEIC… up to ${h.max_upload_mb} MB each; processed on this machine only.`;
+      })
+      .catch(() => { els.modelInfo.textContent = "Server not reachable."; });
+  }
+
+  function toGeoJSON(result) {
+    const point = (lat, lon, props) => ({
+      type: "Feature",
+      geometry: { type: "Point", coordinates: [lon, lat] },
+      properties: { image: result.image, ...props },
+    });
+    const features = [];
+    const bg = result.best_guess;
+    features.push(point(bg.lat, bg.lon, {
+      kind: "best_guess", ...(bg.place || {}),
+      localizability_bits: result.localizability_bits,
+      effective_area_km2: result.effective_area_km2,
+    }));
+    (result.regions || []).forEach((r, i) => features.push(point(r.lat, r.lon, {
+      kind: "region", rank: i + 1, probability: r.probability, radius_km: r.radius_km, ...(r.place || {}),
+    })));
+    if (result.exif_gps) {
+      features.push(point(result.exif_gps.lat, result.exif_gps.lon, { kind: "exif_gps", error_km: result.error_km }));
+    }
+    return { type: "FeatureCollection", features };
+  }
+
+  function download(name, obj, mime) {
+    const blob = new Blob([JSON.stringify(obj, null, 2)], { type: mime });
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = name;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  }
+
+  function stem(name) { return name.replace(/\.[^.]+$/, "") || "photo"; }
+
+  // ---------------------------------------------------------------- map
+
+  const WORLD = { lon0: -180, lon1: 180, lat0: -90, lat1: 90 };
+
+  function quantile(sorted, q) {
+    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))];
+  }
+
+  // The window (2:1, like the canvas) that holds most samples, the regions and the truth.
+  function fitView(result) {
+    const lats = [];
+    const lons = [];
+    const samples = result.samples || [];
+    if (samples.length) {
+      const sl = samples.map((p) => p[0]).sort((a, b) => a - b);
+      const so = samples.map((p) => p[1]).sort((a, b) => a - b);
+      lats.push(quantile(sl, 0.02), quantile(sl, 0.98));
+      lons.push(quantile(so, 0.02), quantile(so, 0.98));
+    }
+    for (const r of result.regions || []) {
+      if (r.probability >= 0.05) { lats.push(r.lat); lons.push(r.lon); }
+    }
+    for (const p of [result.best_guess, result.exif_gps]) {
+      if (p) { lats.push(p.lat); lons.push(p.lon); }
+    }
+    if (!lats.length) return WORLD;
+    let lon0 = Math.min(...lons);
+    let lon1 = Math.max(...lons);
+    let lat0 = Math.min(...lats);
+    let lat1 = Math.max(...lats);
+    let spanLon = Math.max(40, (lon1 - lon0) * 1.3, (lat1 - lat0) * 1.3 * 2);
+    if (spanLon >= 270) return WORLD;
+    const cLon = (lon0 + lon1) / 2;
+    const cLat = (lat0 + lat1) / 2;
+    const spanLat = spanLon / 2;
+    lon0 = cLon - spanLon / 2;
+    lon1 = cLon + spanLon / 2;
+    if (lon0 < -180) { lon1 += -180 - lon0; lon0 = -180; }
+    if (lon1 > 180) { lon0 -= lon1 - 180; lon1 = 180; }
+    lat0 = Math.max(-90, cLat - spanLat / 2);
+    lat1 = Math.min(90, lat0 + spanLat);
+    lat0 = lat1 - spanLat;
+    return { lon0, lon1, lat0, lat1 };
+  }
+
+  function drawMap(canvas, result, coast, view = WORLD) {
+    const cssW = canvas.clientWidth || 800;
+    const dpr = window.devicePixelRatio || 1;
+    const W = Math.round(cssW * dpr);
+    const H = Math.round(W / 2);
+    canvas.width = W;
+    canvas.height = H;
+    const ctx = canvas.getContext("2d");
+    const x = (lon) => ((lon - view.lon0) / (view.lon1 - view.lon0)) * W;
+    const y = (lat) => ((view.lat1 - lat) / (view.lat1 - view.lat0)) * H;
+    const s = W / 1000; // stroke and marker scale
+    const span = view.lon1 - view.lon0;
+    const step = span > 120 ? 30 : span > 50 ? 10 : 5;
+
+    ctx.fillStyle = "#eaf2f8";
+    ctx.fillRect(0, 0, W, H);
+    ctx.strokeStyle = "#d3dfea";
+    ctx.lineWidth = Math.max(1, 0.6 * s);
+    ctx.beginPath();
+    for (let lon = -180 + step; lon < 180; lon += step) { ctx.moveTo(x(lon), 0); ctx.lineTo(x(lon), H); }
+    for (let lat = -90 + step; lat < 90; lat += step) { ctx.moveTo(0, y(lat)); ctx.lineTo(W, y(lat)); }
+    ctx.stroke();
+
+    const d = result.density;
+    if (d && d.log_density && d.log_density.length) {
+      const h = d.lat.length;
+      const w = d.lon.length;
+      let max = -Infinity;
+      for (const row of d.log_density) for (const v of row) if (v > max) max = v;
+      const off = document.createElement("canvas");
+      off.width = w;
+      off.height = h;
+      const octx = off.getContext("2d");
+      const img = octx.createImageData(w, h);
+      const ascending = h < 2 || d.lat[1] > d.lat[0];
+      for (let i = 0; i < h; i++) {
+        const row = d.log_density[ascending ? h - 1 - i : i];
+        for (let j = 0; j < w; j++) {
+          const rel = Math.exp(row[j] - max);
+          const k = 4 * (i * w + j);
+          img.data[k] = 217; img.data[k + 1] = 38; img.data[k + 2] = 25;
+          // sqrt keeps the tails visible next to a sharp mode
+          img.data[k + 3] = Math.round(200 * Math.sqrt(Math.min(1, Math.max(0, rel))));
+        }
+      }
+      octx.putImageData(img, 0, 0);
+      const dLat = h > 1 ? Math.abs(d.lat[1] - d.lat[0]) : 180;
+      const dLon = w > 1 ? Math.abs(d.lon[1] - d.lon[0]) : 360;
+      const latTop = Math.max(...d.lat) + dLat / 2;
+      const latBot = Math.min(...d.lat) - dLat / 2;
+      const lonL = Math.min(...d.lon) - dLon / 2;
+      const lonR = Math.max(...d.lon) + dLon / 2;
+      ctx.imageSmoothingEnabled = true;
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(off, x(lonL), y(latTop), x(lonR) - x(lonL), y(latBot) - y(latTop));
+    }
+
+    const polylines = (lines, color, width) => {
+      ctx.strokeStyle = color;
+      ctx.lineWidth = width;
+      ctx.lineJoin = "round";
+      ctx.beginPath();
+      for (const line of lines) {
+        for (let i = 0; i < line.length; i++) {
+          const px = x(line[i][0]);
+          const py = y(line[i][1]);
+          if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+        }
+      }
+      ctx.stroke();
+    };
+    if (coast) {
+      polylines(coast.borders || [], "#9aa8b6", Math.max(0.5, 0.5 * s));
+      polylines(coast.coastlines || [], "#3b4a59", Math.max(0.8, 0.9 * s));
+    }
+
+    ctx.fillStyle = "rgba(31, 78, 156, 0.55)";
+    const r = Math.max(1, 1.4 * s);
+    for (const [lat, lon] of result.samples || []) {
+      ctx.beginPath();
+      ctx.arc(x(lon), y(lat), r, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+
+    ctx.font = `600 ${Math.round(11 * s)}px system-ui, sans-serif`;
+    ctx.textBaseline = "middle";
+    (result.regions || []).forEach((reg, i) => {
+      const px = x(reg.lon);
+      const py = y(reg.lat);
+      ctx.beginPath();
+      ctx.arc(px, py, 7 * s, 0, 2 * Math.PI);
+      ctx.lineWidth = 1.5 * s;
+      ctx.strokeStyle = "#111";
+      ctx.stroke();
+      const label = `${i + 1}`;
+      const tw = ctx.measureText(label).width;
+      ctx.fillStyle = "rgba(255,255,255,0.9)";
+      ctx.fillRect(px + 9 * s, py - 8 * s, tw + 8 * s, 16 * s);
+      ctx.fillStyle = "#111";
+      ctx.fillText(label, px + 13 * s, py);
+    });
+
+    const bg = result.best_guess;
+    if (bg) star(ctx, x(bg.lon), y(bg.lat), 11 * s, "#f5b700", "#222", s);
+    if (result.exif_gps) cross(ctx, x(result.exif_gps.lon), y(result.exif_gps.lat), 8 * s, s);
+  }
+
+  function star(ctx, cx, cy, R, fill, stroke, s) {
+    ctx.beginPath();
+    for (let i = 0; i < 10; i++) {
+      const rad = i % 2 ? R * 0.45 : R;
+      const a = -Math.PI / 2 + (i * Math.PI) / 5;
+      ctx.lineTo(cx + rad * Math.cos(a), cy + rad * Math.sin(a));
+    }
+    ctx.closePath();
+    ctx.fillStyle = fill;
+    ctx.fill();
+    ctx.lineWidth = 1.2 * s;
+    ctx.strokeStyle = stroke;
+    ctx.stroke();
+  }
+
+  function cross(ctx, cx, cy, R, s) {
+    ctx.lineCap = "round";
+    for (const [color, width] of [["#fff", 5 * s], ["#15803d", 3 * s]]) {
+      ctx.strokeStyle = color;
+      ctx.lineWidth = width;
+      ctx.beginPath();
+      ctx.moveTo(cx - R, cy - R); ctx.lineTo(cx + R, cy + R);
+      ctx.moveTo(cx + R, cy - R); ctx.lineTo(cx - R, cy + R);
+      ctx.stroke();
+    }
+  }
+
+  // ---------------------------------------------------------------- cards
+
+  function newCard(file) {
+    const node = els.template.content.firstElementChild.cloneNode(true);
+    const thumb = $(".thumb", node);
+    thumb.src = URL.createObjectURL(file);
+    thumb.alt = `Thumbnail of ${file.name}`;
+    thumb.addEventListener("error", () => { thumb.removeAttribute("src"); });
+    $(".file-name", node).textContent = file.name;
+    els.results.prepend(node);
+    return node;
+  }
+
+  function showBusy(item) {
+    const c = item.card;
+    $(".busy", c).hidden = false;
+    $(".error", c).hidden = true;
+    c.setAttribute("aria-busy", "true");
+    c.dataset.state = "busy";
+  }
+
+  function showError(item, message) {
+    const c = item.card;
+    $(".busy", c).hidden = true;
+    $(".card-body", c).hidden = true;
+    const err = $(".error", c);
+    err.textContent = message;
+    err.hidden = false;
+    c.removeAttribute("aria-busy");
+    c.dataset.state = "error";
+  }
+
+  async function showResult(item, result) {
+    const c = item.card;
+    item.result = result;
+    $(".busy", c).hidden = true;
+    $(".error", c).hidden = true;
+    $(".card-body", c).hidden = false;
+    c.removeAttribute("aria-busy");
+
+    const bg = result.best_guess;
+    const name = placeName(bg.place);
+    const bgEl = $(".best-guess", c);
+    bgEl.textContent = "";
+    bgEl.append(badge(bg.place && bg.place.country_code), name);
+    $(".coords", c).textContent = `Best guess: ${fmtCoord(bg.lat, bg.lon)}`;
+
+    const loc = result.localizability_bits;
+    $("[data-testid=localizability]", c).innerHTML = "";
+    $("[data-testid=localizability]", c).append(
+      loc == null ? "–" : `${loc.toFixed(1)} bits`,
+      small("higher = easier to place"),
+    );
+    const area = $("[data-testid=effective-area]", c);
+    area.innerHTML = "";
+    area.append(fmtArea(result.effective_area_km2), small(areaHint(result.effective_area_km2)));
+
+    const hasTruth = !!result.exif_gps;
+    c.querySelectorAll(".truth-row").forEach((el) => { el.hidden = !hasTruth; });
+    $(".lg-truth-item", c).hidden = !hasTruth;
+    if (hasTruth) {
+      $("[data-testid=truth]", c).textContent = fmtCoord(result.exif_gps.lat, result.exif_gps.lon);
+      const ek = $("[data-testid=error-km]", c);
+      ek.innerHTML = "";
+      ek.append(fmtKm(result.error_km), small("best guess to EXIF GPS"));
+    }
+
+    const tbody = $("tbody", $(".regions", c));
+    tbody.innerHTML = "";
+    (result.regions || []).forEach((reg, i) => {
+      const tr = document.createElement("tr");
+      tr.dataset.testid = "region-row";
+      tr.setAttribute("data-testid", "region-row");
+      const rank = document.createElement("td");
+      rank.className = "rank";
+      rank.textContent = String(i + 1);
+      const place = document.createElement("td");
+      place.setAttribute("data-testid", "region-name");
+      place.append(badge(reg.place && reg.place.country_code), placeName(reg.place));
+      const sub = document.createElement("span");
+      sub.className = "sub";
+      sub.textContent = fmtCoord(reg.lat, reg.lon) + (reg.radius_km ? ` · within ${fmtKm(reg.radius_km)}` : "");
+      place.append(sub);
+      const prob = document.createElement("td");
+      prob.className = "num";
+      prob.setAttribute("data-testid", "region-probability");
+      prob.textContent = fmtPct(reg.probability);
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      const fill = document.createElement("i");
+      fill.style.width = `${Math.min(100, 100 * reg.probability).toFixed(1)}%`;
+      bar.append(fill);
+      prob.append(bar);
+      tr.append(rank, place, prob);
+      tbody.append(tr);
+    });
+
+    const st = result.settings || {};
+    $(".settings", c).textContent =
+      `${(result.samples || []).length} samples · guidance ${st.guidance} · ${st.steps} steps · model ${st.model || "?"}`;
+
+    const canvas = $("canvas.map", c);
+    canvas.setAttribute("aria-label",
+      `World map: best guess ${name} (${fmtCoord(bg.lat, bg.lon)})` +
+      (hasTruth ? `; true location ${fmtCoord(result.exif_gps.lat, result.exif_gps.lon)}` : ""));
+    const coast = await loadCoastlines();
+    item.zoomed = item.zoomed !== false;
+    const zoomBtn = $("[data-testid=zoom-toggle]", c);
+    const redraw = () => {
+      const view = item.zoomed ? fitView(result) : WORLD;
+      zoomBtn.textContent = item.zoomed ? "Show whole world" : "Zoom to answer";
+      zoomBtn.hidden = view === WORLD && item.zoomed;
+      zoomBtn.setAttribute("aria-pressed", String(!item.zoomed));
+      drawMap(canvas, result, coast, view);
+    };
+    zoomBtn.onclick = () => { item.zoomed = !item.zoomed; redraw(); };
+    item.redraw = redraw;
+    redraw();
+    c.dataset.state = "done";
+
+    const [jb, gb] = [$("[data-testid=download-json]", c), $("[data-testid=download-geojson]", c)];
+    jb.disabled = false;
+    gb.disabled = false;
+    jb.onclick = () => download(`${stem(result.image)}.globeflow.json`, result, "application/json");
+    gb.onclick = () => download(`${stem(result.image)}.geojson`, toGeoJSON(result), "application/geo+json");
+  }
+
+  function small(text) {
+    const el = document.createElement("small");
+    el.textContent = text;
+    return el;
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  async function locate(item) {
+    showBusy(item);
+    if (state.maxUploadMb && item.file.size > state.maxUploadMb * 2 ** 20) {
+      showError(item, `${item.file.name}: file too large (${(item.file.size / 2 ** 20).toFixed(1)} MB); the limit is ${state.maxUploadMb} MB.`);
+      return;
+    }
+    const body = new FormData();
+    body.append("file", item.file, item.file.name);
+    body.append("num_samples", els.samples.value);
+    body.append("guidance", els.guidance.value);
+    let resp;
+    try {
+      resp = await fetch("/v1/locate", { method: "POST", body });
+    } catch (e) {
+      showError(item, `Could not reach the globeflow server (${e.message}).`);
+      return;
+    }
+    let data = null;
+    try { data = await resp.json(); } catch (e) { data = null; }
+    if (!resp.ok) {
+      const detail = data && data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)) : resp.statusText;
+      showError(item, `Error ${resp.status}: ${detail}`);
+      return;
+    }
+    const result = data && data.results && data.results[0];
+    if (!result || result.ok === false) {
+      showError(item, (result && result.error) || "The server returned no result.");
+      return;
+    }
+    await showResult(item, result);
+  }
+
+  function pump() {
+    while (state.running < MAX_PARALLEL && state.queue.length) {
+      const item = state.queue.shift();
+      state.running += 1;
+      locate(item)
+        .catch((e) => showError(item, `Unexpected error: ${e.message}`))
+        .finally(() => {
+          state.running -= 1;
+          updateStatus();
+          pump();
+        });
+    }
+    updateStatus();
+  }
+
+  function updateStatus() {
+    const pending = state.queue.length + state.running;
+    const done = state.items.filter((i) => i.card.dataset.state === "done").length;
+    const failed = state.items.filter((i) => i.card.dataset.state === "error").length;
+    if (pending) setStatus(`Locating ${pending} photo${pending > 1 ? "s" : ""}…`);
+    else if (state.items.length) setStatus(`${done} located${failed ? `, ${failed} failed` : ""}.`);
+    else setStatus("");
+    els.rerun.disabled = !state.items.length || pending > 0;
+    els.clear.disabled = !state.items.length;
+  }
+
+  function addFiles(fileList) {
+    const files = Array.from(fileList || []);
+    if (!files.length) return;
+    for (const file of files) {
+      const item = { file, card: newCard(file), result: null };
+      state.items.push(item);
+      state.queue.push(item);
+    }
+    pump();
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  els.input.addEventListener("change", () => {
+    addFiles(els.input.files);
+    els.input.value = "";
+  });
+  ["dragenter", "dragover"].forEach((ev) => els.drop.addEventListener(ev, (e) => {
+    e.preventDefault();
+    els.drop.classList.add("dragging");
+  }));
+  ["dragleave", "drop"].forEach((ev) => els.drop.addEventListener(ev, (e) => {
+    e.preventDefault();
+    els.drop.classList.remove("dragging");
+  }));
+  els.drop.addEventListener("drop", (e) => {
+    e.stopPropagation();
+    addFiles(e.dataTransfer && e.dataTransfer.files);
+  });
+  // Dropping outside the zone must not navigate away from the page.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => { e.preventDefault(); addFiles(e.dataTransfer && e.dataTransfer.files); });
+
+  els.guidance.addEventListener("input", () => {
+    els.guidanceOut.textContent = Number(els.guidance.value).toFixed(1);
+  });
+  els.rerun.addEventListener("click", () => {
+    for (const item of state.items) if (!state.queue.includes(item)) state.queue.push(item);
+    pump();
+  });
+  els.clear.addEventListener("click", () => {
+    state.queue.length = 0;
+    for (const item of state.items) {
+      const t = $(".thumb", item.card);
+      if (t.src) URL.revokeObjectURL(t.src);
+      item.card.remove();
+    }
+    state.items = [];
+    updateStatus();
+  });
+
+  let resizeTimer = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(async () => {
+      await loadCoastlines();
+      for (const item of state.items) if (item.redraw) item.redraw();
+    }, 150);
+  });
+
+  loadHealth();
+  loadCoastlines();
+})();

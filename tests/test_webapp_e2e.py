@@ -1,0 +1,220 @@
+"""The web page in a real headless browser (Playwright + Chromium), against a fake locator.
+
+Skips when Playwright or a Chromium executable is missing. Set GLOBEFLOW_SCREENSHOT=1 to save
+the screenshot to docs/screenshot.png (or GLOBEFLOW_SCREENSHOT=path.png), else it goes to tmp.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, TiffImagePlugin
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_locator import FakeLocator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_CANDIDATES = (
+    os.environ.get("GLOBEFLOW_CHROMIUM", ""),
+    "/usr/bin/chromium",
+    "/usr/bin/chromium-browser",
+    "/usr/bin/google-chrome",
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _chromium() -> str | None:
+    for cand in CHROMIUM_CANDIDATES:
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright not installed (pip install playwright)"
+    )
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium executable (apt-get install chromium, or set GLOBEFLOW_CHROMIUM)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    import uvicorn
+
+    from globeflow.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(FakeLocator(delay_s=0.3)), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline:
+            pytest.fail("uvicorn did not start within 20 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def _photo(path: Path, gps: tuple[float, float] | None = None) -> Path:
+    """A small synthetic 'street' photo: sky, buildings, road."""
+    img = Image.new("RGB", (640, 427), (135, 185, 235))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 300, 640, 427), fill=(90, 90, 95))
+    for i, x in enumerate(range(0, 640, 80)):
+        h = 120 + (i * 37) % 110
+        d.rectangle((x + 4, 300 - h, x + 74, 300), fill=(200 - i * 9, 170 - i * 5, 140 + i * 6))
+        for wy in range(300 - h + 12, 290, 28):
+            d.rectangle((x + 14, wy, x + 30, wy + 14), fill=(250, 240, 200))
+            d.rectangle((x + 46, wy, x + 62, wy + 14), fill=(250, 240, 200))
+    d.line((0, 380, 640, 380), fill=(240, 240, 240), width=4)
+    kwargs = {}
+    if gps is not None:
+        exif = Image.Exif()
+        ifd = exif.get_ifd(0x8825)
+
+        def dms(v: float) -> tuple:
+            v = abs(v)
+            deg, mins = int(v), int((abs(v) - int(v)) * 60)
+            sec = (v - deg - mins / 60) * 3600
+            return tuple(
+                TiffImagePlugin.IFDRational(Fraction(t).limit_denominator(10000))
+                for t in (deg, mins, sec)
+            )
+
+        ifd[1], ifd[2] = ("N" if gps[0] >= 0 else "S"), dms(gps[0])
+        ifd[3], ifd[4] = ("E" if gps[1] >= 0 else "W"), dms(gps[1])
+        kwargs["exif"] = exif.tobytes()
+    img.save(path, "JPEG", quality=88, **kwargs)
+    return path
+
+
+def _screenshot_path(tmp_path: Path) -> Path:
+    flag = os.environ.get("GLOBEFLOW_SCREENSHOT", "")
+    if flag.lower().endswith(".png"):
+        return Path(flag)
+    if flag and flag not in ("0", "false", "no"):
+        return REPO / "docs" / "screenshot.png"
+    return tmp_path / "screenshot.png"
+
+
+def test_upload_shows_map_regions_and_best_guess(browser, server_url, tmp_path) -> None:
+    photo = _photo(tmp_path / "lyon-street.jpg", gps=(45.764, 4.8357))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(server_url + "/")
+    page.wait_for_selector("text=Model: fake-model")
+
+    page.set_input_files("[data-testid=file-input]", str(photo))
+    card = page.locator("[data-testid=result-card]").first
+    card.locator("[data-testid=region-row]").first.wait_for(timeout=20_000)
+    page.wait_for_function(
+        "document.querySelector('[data-testid=result-card]').dataset.state === 'done'"
+    )
+
+    assert card.locator("[data-testid=file-name]").inner_text() == "lyon-street.jpg"
+    best = card.locator("[data-testid=best-guess]").inner_text()
+    assert "Paris" in best and "France" in best
+    assert "48.850° N" in card.locator("[data-testid=best-guess-coords]").inner_text()
+    names = card.locator("[data-testid=region-name]").all_inner_texts()
+    assert len(names) == 3
+    assert "Paris" in names[0] and "New York City" in names[1] and "Lyon" in names[2]
+    probs = card.locator("[data-testid=region-probability]").all_inner_texts()
+    assert [p.strip() for p in probs] == ["55%", "30%", "15%"]
+    assert "-3.2 bits" in card.locator("[data-testid=localizability]").inner_text()
+    assert "4.1 million km²" in card.locator("[data-testid=effective-area]").inner_text()
+    assert "45.764° N" in card.locator("[data-testid=truth]").inner_text()
+    assert re.search(r"\b39[12] km", card.locator("[data-testid=error-km]").inner_text())
+    assert card.locator("[data-testid=spinner]").is_hidden()
+    assert card.locator("[data-testid=error]").is_hidden()
+
+    canvas = card.locator("[data-testid=map-canvas]")
+    assert canvas.is_visible()
+    # the canvas was really drawn on: coastline ink, the red density and more than a few colours
+    stats = canvas.evaluate(
+        """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                  let dark = 0, red = 0; const colours = new Set();
+                  for (let i = 0; i < d.length; i += 4 * 7) {
+                    if (d[i] < 90 && d[i + 1] < 100 && d[i + 2] < 120) dark++;
+                    if (d[i] > 200 && d[i + 1] < 170 && d[i + 2] < 170) red++;
+                    colours.add((d[i] >> 4) * 256 + (d[i + 1] >> 4) * 16 + (d[i + 2] >> 4)); }
+                  return {w: c.width, h: c.height, dark, red, colours: colours.size}; }"""
+    )
+    assert stats["w"] >= 400 and abs(stats["w"] - 2 * stats["h"]) <= 2
+    assert stats["dark"] > 100 and stats["red"] > 20 and stats["colours"] > 20, stats
+    assert card.locator("[data-testid=thumbnail]").evaluate("i => i.naturalWidth") == 640
+
+    zoom = card.locator("[data-testid=zoom-toggle]")
+    assert zoom.inner_text() == "Show whole world"
+    zoom.click()
+    assert zoom.inner_text() == "Zoom to answer"
+    zoom.click()
+
+    # client-side downloads
+    with page.expect_download() as dl:
+        card.locator("[data-testid=download-geojson]").click()
+    geo = Path(dl.value.path()).read_text()
+    assert '"FeatureCollection"' in geo and '"exif_gps"' in geo
+    assert dl.value.suggested_filename == "lyon-street.geojson"
+    with page.expect_download() as dl:
+        card.locator("[data-testid=download-json]").click()
+    assert '"best_guess"' in Path(dl.value.path()).read_text()
+
+    out = _screenshot_path(tmp_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    assert out.stat().st_size > 20_000
+    assert not errors, errors
+    page.close()
+
+
+def test_bad_file_shows_readable_error(browser, server_url, tmp_path) -> None:
+    bad = tmp_path / "holiday.jpg"
+    bad.write_bytes(b"this is not really a photo\n" * 10)
+    page = browser.new_page(viewport={"width": 420, "height": 900})  # phone-sized layout
+    page.goto(server_url + "/")
+    page.set_input_files("[data-testid=file-input]", str(bad))
+    err = page.locator("[data-testid=result-card] [data-testid=error]").first
+    err.wait_for(state="visible", timeout=20_000)
+    text = err.inner_text()
+    assert "422" in text and "holiday.jpg" in text
+    # the page keeps working: a good photo after the bad one is located
+    page.set_input_files("[data-testid=file-input]", str(_photo(tmp_path / "ok.jpg")))
+    page.locator("[data-testid=result-card]").first.locator(
+        "[data-testid=region-row]"
+    ).first.wait_for(timeout=20_000)
+    assert page.locator("[data-testid=result-card]").count() == 2
+    page.close()
