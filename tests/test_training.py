@@ -1,0 +1,346 @@
+"""The train job: schedule, LAMB, EMA, batches, validation outputs and exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from globeflow import training
+from globeflow.checkpoints import load_model
+from globeflow.training import (
+    BatchOrder,
+    Lamb,
+    TrainConfig,
+    assemble_batch,
+    build_model,
+    ema_decay_at,
+    learning_rate,
+    split_rows,
+    train,
+    update_ema,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CENTERS = [[48.8, 2.3], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: a second intra-op thread only adds contention on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic(n: int = 400, dim: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Four city clusters; the embedding is a noisy one-hot of the cluster."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(len(CENTERS), (n,), generator=g)
+    latlon = torch.tensor(CENTERS, dtype=torch.float64)[label]
+    latlon = latlon + 2.0 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(label, len(CENTERS)).float()
+    emb = onehot.repeat(1, dim // len(CENTERS)) + 0.1 * torch.randn(n, dim, generator=g)
+    cut = n * 4 // 5
+    return {
+        "emb": emb[:cut],
+        "latlon": latlon[:cut],
+        "val_emb": emb[cut:],
+        "val_latlon": latlon[cut:],
+        "prior": latlon[:100] + 5.0 * torch.randn(100, 2, generator=g, dtype=torch.float64),
+    }
+
+
+RUN = dict(
+    family="rfm",
+    dim=32,
+    depth=2,
+    batch_size=64,
+    max_steps=40,
+    warmup_steps=5,
+    lr=3e-3,
+    ema_decay=0.99,
+    val_every=10,
+    checkpoint_every=5,
+    log_every=5,
+    val_geo_rows=48,
+    prior_fraction=0.25,
+)
+
+
+def run_config(**changes) -> TrainConfig:
+    data = synthetic()
+    return TrainConfig(**{**RUN, **changes}, prior_latlon=data["prior"])
+
+
+def run(out: Path, config: TrainConfig, **kwargs) -> training.TrainResult:
+    d = synthetic()
+    return train(
+        config, d["emb"], d["latlon"], d["val_emb"], d["val_latlon"], out, progress=False, **kwargs
+    )
+
+
+def metric_lines(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k != "time"} for m in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the configuration that the resume tests interrupt."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference")
+    run(out, run_config(), encoder="synthetic-encoder")
+    return out
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+def test_learning_rate_warmup_and_cosine():
+    c = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert [learning_rate(s, c) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert learning_rate(9, c) == pytest.approx(1.0)
+    assert learning_rate(10, c) == pytest.approx(1.0)
+    assert learning_rate(60, c) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert learning_rate(110, c) == pytest.approx(0.1)
+    assert learning_rate(500, c) == pytest.approx(0.1)  # floor after max_steps
+    lrs = [learning_rate(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lamb_decreases_a_quadratic_and_uses_the_trust_ratio():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 5, generator=g), torch.randn(20, generator=g)
+    w = torch.nn.Parameter(torch.randn(5, generator=g))
+    opt = Lamb([w], lr=0.05, weight_decay=0.0)
+
+    def loss_fn() -> torch.Tensor:
+        return ((a @ w - b) ** 2).mean()
+
+    start = float(loss_fn().detach())
+    w0 = w.detach().clone()
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
+    # First Adam step is ~sign(grad) per coordinate; the trust ratio scales it to lr * ||w||.
+    assert float((w.detach() - w0).norm()) == pytest.approx(0.05 * float(w0.norm()), rel=1e-4)
+    for _ in range(200):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    best = float(((a @ torch.linalg.lstsq(a, b[:, None]).solution[:, 0] - b) ** 2).mean())
+    assert float(loss_fn().detach()) - best < 0.05 * (start - best)
+
+
+def test_ema_update_math():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    e0 = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, p, before in zip(ema.parameters(), model.parameters(), e0):
+        torch.testing.assert_close(e, 0.9 * before + 0.1 * p.detach())
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay_at(10**7, 0.999) == 0.999
+
+
+def test_condition_dropout_rate(monkeypatch):
+    model = build_model(TrainConfig(dim=16, depth=1, cond_drop_prob=0.2), cond_dim=4)
+    seen = []
+    forward = model.network.forward
+
+    def spy(y, gamma, emb):
+        seen.append(emb)
+        return forward(y, gamma, emb)
+
+    monkeypatch.setattr(model.network, "forward", spy)
+    n = 5000
+    x0 = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)
+    model.loss(x0, torch.ones(n, 4), generator=torch.Generator().manual_seed(0))
+    dropped = float((seen[0].abs().sum(1) == 0).float().mean())
+    assert abs(dropped - 0.2) < 4 * math.sqrt(0.2 * 0.8 / n)
+
+
+def test_prior_mixing_fraction():
+    config = TrainConfig(batch_size=64, prior_fraction=0.25, prior_latlon=torch.zeros(10, 2))
+    assert config.prior_rows == 16
+    assert TrainConfig(family="vmf", **{"prior_fraction": 0.25}).prior_rows == 0
+    d = synthetic()
+    x0 = training._to_unit(d["latlon"])
+    prior = training._to_unit(d["prior"])
+    order = BatchOrder(len(x0), config.batch_size - config.prior_rows, seed=0)
+    bx, be = assemble_batch(
+        x0, d["emb"], order.indices(3), prior, config.prior_rows, torch.Generator().manual_seed(1)
+    )
+    assert bx.shape == (64, 3) and be.shape == (64, 8)
+    null = be.abs().sum(1) == 0
+    assert int(null.sum()) == 16 and bool(null[-16:].all())
+    # Every null row is one of the prior locations.
+    gap = (bx[null][:, None, :] - prior[None]).abs().sum(-1).min(1).values
+    assert bool((gap == 0).all())
+
+
+def test_batch_order_is_a_pure_function_of_the_step():
+    order = BatchOrder(10, 4, seed=3)
+    stream = torch.cat([order.indices(s) for s in range(5)])  # 20 rows = two epochs
+    assert sorted(stream[:10].tolist()) == list(range(10))
+    assert sorted(stream[10:].tolist()) == list(range(10))
+    assert torch.equal(BatchOrder(10, 4, seed=3).indices(3), order.indices(3))
+    assert order.position(3) == (1, 2)
+
+
+def test_split_rows_by_author_keeps_authors_apart():
+    authors = [f"a{i % 20}" for i in range(200)] + [""] * 10
+    tr, va = split_rows(authors, len(authors), 0.15, seed=0)
+    assert len(tr) + len(va) == 210 and set(tr.tolist()).isdisjoint(va.tolist())
+    assert {authors[i] for i in tr.tolist() if authors[i]}.isdisjoint(
+        {authors[i] for i in va.tolist() if authors[i]}
+    )
+    tr2, va2 = split_rows(None, 100, 0.2, seed=0)
+    assert len(va2) == 20 and len(tr2) == 80
+
+
+# ---- whole runs ------------------------------------------------------------------------------
+def test_training_writes_models_metrics_and_log(reference: Path):
+    lines = metric_lines(reference)
+    assert [m["step"] for m in lines] == [10, 20, 30, 40]
+    for m in lines:
+        assert {"train_loss", "lr", "val_loss", "val_geoscore", "val_median_km"} <= set(m)
+        assert 0 < m["val_geoscore"] <= 5000 and math.isfinite(m["val_loss"])
+    assert lines[-1]["val_loss"] < lines[0]["val_loss"]
+    best = load_model(reference / "best")
+    final = load_model(reference / "final")
+    assert final.metadata["encoder"] == "synthetic-encoder"
+    assert final.metadata["training"]["family"] == "rfm"
+    assert final.metadata["data"]["train"]["rows"] == 320
+    assert final.metadata["validation"]["step"] == 40
+    assert best.metadata["validation"]["val_geoscore"] == max(m["val_geoscore"] for m in lines)
+    assert "step 5 loss" in (reference / "train_log.txt").read_text()
+
+
+def test_resume_after_sigkill_is_exact(reference: Path, tmp_path: Path):
+    d = synthetic()
+    data_file = tmp_path / "data.safetensors"
+    save_file({k: v.contiguous() for k, v in d.items()}, str(data_file))
+    out = tmp_path / "run"
+    code = (
+        "import json, sys, time, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from safetensors.torch import load_file\n"
+        "from globeflow import training\n"
+        "from globeflow.families import RiemannianFlowMatching as M\n"
+        "d = load_file(sys.argv[1])\n"
+        "loss = M.loss\n"
+        # Slow each step down so that the kill lands in the middle of the run.
+        "M.loss = lambda self, *a, **k: (time.sleep(0.04), loss(self, *a, **k))[1]\n"
+        "config = training.TrainConfig(**json.loads(sys.argv[3]), prior_latlon=d['prior'])\n"
+        "training.train(config, d['emb'], d['latlon'], d['val_emb'], d['val_latlon'],\n"
+        "               sys.argv[2], progress=False, encoder='synthetic-encoder')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(data_file), str(out), json.dumps(RUN)], env=env
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 60
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads(state.read_text())["step"] >= 15:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        time.sleep(0.07)  # land between checkpoints, mid-step
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the worker finished before it could be killed"
+    assert not (out / "final").exists()
+
+    result = run(out, run_config(), encoder="synthetic-encoder")
+    assert result.steps == 40
+    got = load_file(str(out / "final" / "model.safetensors"))
+    want = load_file(str(reference / "final" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert metric_lines(out) == metric_lines(reference)
+
+
+def test_resume_after_an_exception_is_exact_with_lamb(tmp_path: Path, monkeypatch):
+    config = run_config(optimizer="lamb", max_steps=24, val_every=8, checkpoint_every=6)
+    reference = run(tmp_path / "ref", config)
+
+    calls = {"n": 0}
+    real = training.update_ema
+
+    def crash_at_17(*args):
+        calls["n"] += 1
+        if calls["n"] == 17:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(training, "update_ema", crash_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", config)
+    monkeypatch.setattr(training, "update_ema", real)
+    assert json.loads((tmp_path / "run/checkpoint/state.json").read_text())["step"] == 12
+    result = run(tmp_path / "run", config)
+    assert result.steps == 24
+    got = load_file(str(tmp_path / "run/final/model.safetensors"))
+    want = load_file(str(reference.final_dir / "model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert metric_lines(tmp_path / "run") == metric_lines(tmp_path / "ref")
+
+    with pytest.raises(ValueError, match="different config"):
+        run(tmp_path / "run", run_config(optimizer="lamb", max_steps=24, lr=1e-2))
+
+
+def test_uniform_baseline_needs_no_optimiser(tmp_path: Path):
+    result = run(tmp_path, TrainConfig(family="uniform", max_steps=10, val_geo_rows=16))
+    assert result.steps == 10 and result.best_dir is not None
+    assert load_model(result.final_dir).family == "uniform"
+
+
+def test_train_from_embeddings(tmp_path: Path, monkeypatch):
+    from globeflow import embedding_store
+
+    d = synthetic()
+    n = len(d["emb"])
+    latlon = d["latlon"].clone()
+    latlon[:7] = float("nan")
+    table = embedding_store.EmbeddingTable(
+        ids=[str(i) for i in range(n)],
+        paths=[f"img{i}.jpg" for i in range(n)],
+        latlon=latlon,
+        authors=[f"author{i % 25}" for i in range(n)],
+        embeddings=d["emb"],
+        encoder_name="synthetic-encoder",
+    )
+    monkeypatch.setattr(embedding_store, "read_embeddings", lambda path: table)
+    prior = tmp_path / "prior.csv"
+    prior.write_text("ID,LAT,LON\n1,10.0,20.0\n2,-5.5,100.25\n3,,\n4,95,0\n")
+    result = training.train_from_embeddings(
+        "store", "flow", tmp_path / "out", prior_locations=prior, prior_fraction=0.25,
+        dim=16, depth=1, batch_size=32, max_steps=6, warmup_steps=2, val_every=3,
+        checkpoint_every=3, val_geo_rows=16, progress=False,
+    )  # fmt: skip
+    meta = load_model(result.final_dir).metadata
+    assert meta["encoder"] == "synthetic-encoder"
+    assert meta["data"]["prior_points"] == 2
+    assert meta["validation_split"].startswith("author-grouped")
+    rows = meta["data"]["train"]["rows"] + meta["data"]["val"]["rows"]
+    assert rows == n - 7
+    assert "dropped 7 of 320 rows" in (tmp_path / "out" / "train_log.txt").read_text()
+    with pytest.raises(TypeError, match="unknown training option"):
+        training.train_from_embeddings("store", "flow", tmp_path / "x", no_such_option=1)
