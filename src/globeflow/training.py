@@ -83,7 +83,8 @@ class TrainConfig:
     val_every: int = 1000
     checkpoint_every: int = 500
     log_every: int = 100
-    # validation: GeoScore of the best guess from a few guided samples on a subset
+    # validation: loss on a fixed subset, GeoScore of the best guess from a few guided samples
+    val_loss_rows: int = 16384
     val_geo_rows: int = 512
     val_num_samples: int = 32
     val_sample_steps: int = 16
@@ -376,22 +377,23 @@ def validate(
     val_latlon: torch.Tensor,
     config: TrainConfig,
 ) -> dict:
-    """Mean loss over the validation set (fixed noise, no condition dropout) and the GeoScore /
-    median km of the best guess from a few guided samples on a fixed subset."""
+    """Mean loss on a fixed subset of the validation set (fixed noise, no condition dropout) and
+    the GeoScore / median km of the best guess from a few guided samples on a fixed subset."""
     was_training = model.training
     model.eval()
     drop = getattr(model, "cond_drop_prob", None)
     if drop is not None:
         model.cond_drop_prob = 0.0
     try:
+        fixed = torch.randperm(len(val_x0), generator=torch.Generator().manual_seed(config.seed))
+        rows = fixed[: config.val_loss_rows]
         g = torch.Generator().manual_seed(config.seed + 1)
         total, count = 0.0, 0
-        for i in range(0, len(val_x0), config.batch_size):
-            x, e = val_x0[i : i + config.batch_size], val_emb[i : i + config.batch_size]
-            total += float(model.loss(x, e, generator=g)) * len(x)
-            count += len(x)
-        rows = torch.randperm(len(val_x0), generator=torch.Generator().manual_seed(config.seed))
-        rows = rows[: config.val_geo_rows]
+        for i in range(0, len(rows), config.batch_size):
+            r = rows[i : i + config.batch_size]
+            total += float(model.loss(val_x0[r], val_emb[r], generator=g)) * len(r)
+            count += len(r)
+        rows = fixed[: config.val_geo_rows]
         g = torch.Generator().manual_seed(config.seed + 2)
         km = []
         for i in range(0, len(rows), 256):
@@ -630,11 +632,13 @@ def train(
         torch_rng = state["torch_rng"]
         _rewrite_metrics(out / METRICS_NAME, step)
         log(f"resumed from {found} at step {step}")
+        if saved["max_steps"] != config.max_steps:
+            log(f"max_steps {saved['max_steps']} -> {config.max_steps}: the cosine decay changes")
     else:
-        if not resume:  # a fresh start must not mix with an earlier run's outputs
-            (out / METRICS_NAME).unlink(missing_ok=True)
-            for name in (CHECKPOINT_DIR, "best", "final"):
-                shutil.rmtree(out / name, ignore_errors=True)
+        # A fresh start must not mix with the outputs of an earlier (or never checkpointed) run.
+        (out / METRICS_NAME).unlink(missing_ok=True)
+        for name in (CHECKPOINT_DIR, "best", "final"):
+            shutil.rmtree(out / name, ignore_errors=True)
         log(f"start {config.family}: {json.dumps(config_json)}")
         log(f"data: {json.dumps(base_meta['data'])}")
     if optimizer is None:
