@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  likelihood check: {check}", flush=True)
         add_row(
             "rfm",
-            None,
+            lp if sub_idx.numel() == n_test else None,
             lp,
             config={
                 k: getattr(args, k)
