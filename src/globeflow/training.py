@@ -118,7 +118,7 @@ class TrainConfig:
             return 0
         if self.family not in DENOISING_FAMILIES:
             return 0  # only guided families have a null-condition branch to teach
-        return int(round(self.batch_size * self.prior_fraction))
+        return min(int(round(self.batch_size * self.prior_fraction)), self.batch_size - 1)
 
     def to_dict(self) -> dict:
         """JSON-ready view; the prior locations are summarised by their count."""
