@@ -78,6 +78,7 @@ def trained_model() -> RiemannianFlowMatching:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_samples_match_the_true_mixture(trained_model):
     n = 2000
     emb = torch.eye(3)
@@ -96,6 +97,7 @@ def test_samples_match_the_true_mixture(trained_model):
         assert abs(frac - p_true) < 4 * math.sqrt(p_true * (1 - p_true) / n) + 0.07, (c, frac)
 
 
+@pytest.mark.slow
 def test_held_out_nll_is_close_to_the_truth(trained_model):
     m = 150
     g = torch.Generator().manual_seed(2)

@@ -211,9 +211,7 @@ class VonMisesFisherMixture(GeoModel):
                 means = torch.randn(num_components, 3, generator=g)
                 self.head.bias[num_components : 4 * num_components] = means.reshape(-1)
 
-    def parameters_for(
-        self, emb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def parameters_for(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log weights (B, K), means (B, K, 3) unit, kappas (B, K)), all float64."""
         k = self.num_components
         out = self.head(emb).to(torch.float64)
