@@ -79,15 +79,18 @@ def train_rfm(
         warnings.simplefilter("ignore")
         net = Denoiser(dim=args.dim, depth=args.depth, expansion=args.expansion, cond_dim=0)
     schedule = schedule_from_config({"name": args.schedule})
-    model = RiemannianFlowMatching(net, schedule=schedule, cond_drop_prob=0.0)
+    device = torch.device(args.device)
+    model = RiemannianFlowMatching(net, schedule=schedule, cond_drop_prob=0.0).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
+    # The noise of the loss is drawn on the training device.
+    g_dev = torch.Generator(device=device).manual_seed(args.seed)
     n = train.shape[0]
     sigma = args.train_noise_km / EARTH_RADIUS_KM
-    emb = torch.zeros(args.batch, 0)
+    emb = torch.zeros(args.batch, 0, device=device)
     start = time.perf_counter()
     step, losses = 0, []
     while True:
@@ -100,8 +103,8 @@ def train_rfm(
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(n, (args.batch,), generator=g)
-        x0 = jitter(train[idx], sigma, g)
-        loss = model.loss(x0, emb, generator=g)
+        x0 = jitter(train[idx], sigma, g).to(device)
+        loss = model.loss(x0, emb, generator=g_dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +128,7 @@ def train_rfm(
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
     }
-    return ema, stats
+    return ema.cpu(), stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rk4-steps", type=int, default=32)
     ap.add_argument("--check-points", type=int, default=16, help="points checked against dopri5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--device", default="cpu", help="device for RFM training (cpu, cuda)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

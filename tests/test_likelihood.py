@@ -76,7 +76,7 @@ def test_diffusion_divergence_formula_on_a_known_field():
     assert torch.allclose(lp, expected, atol=0.02)
 
 
-@pytest.mark.parametrize("cls", [RiemannianFlowMatching, FlowMatching, Diffusion])
+@pytest.mark.parametrize("cls", [RiemannianFlowMatching, FlowMatching])
 def test_fixed_step_agrees_with_adaptive_solve(cls):
     """The fixed-step default against a tight dopri5 solve of the same ODE (float64).
 

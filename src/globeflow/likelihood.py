@@ -25,6 +25,9 @@ from .network import Conditioning
 from .sphere import project_to_sphere, tangent_basis
 
 DEFAULT_LIKELIHOOD_STEPS = 16
+# Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
+# in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
+# gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
 DIFFUSION_GAMMA_END = 1e-5
 """The diffusion ODE is singular at gamma = 0; it is integrated down to this signal level and
 scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
