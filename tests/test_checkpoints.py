@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+import globeflow as gf
+from globeflow.checkpoints import CheckpointError, save_plonk_network
+from globeflow.families import Diffusion, FlowMatching, RiemannianFlowMatching
+from globeflow.network import Denoiser
+
+
+def _rfm():
+    torch.manual_seed(0)
+    return RiemannianFlowMatching(Denoiser(dim=32, depth=2, cond_dim=4), cond_drop_prob=0.2)
+
+
+def test_published_tiny_checkpoint_loads_with_inferred_or_given_family(plonk_compat, tmp_path):
+    assert isinstance(gf.load_model(plonk_compat / "tiny"), RiemannianFlowMatching)
+    assert isinstance(gf.load_model(plonk_compat / "tiny", family="flow"), FlowMatching)
+    # Family inferred from the published naming scheme.
+    for suffix, cls in (("_flow", FlowMatching), ("_diffusion", Diffusion)):
+        d = tmp_path / f"PLONK_TINY{suffix}"
+        d.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (d / name).write_bytes((plonk_compat / "tiny" / name).read_bytes())
+        assert isinstance(gf.load_model(d), cls)
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = _rfm()
+    gf.save_model(model, tmp_path / "m", metadata={"encoder": "x"})
+    loaded = gf.load_model(tmp_path / "m")
+    assert loaded.cond_drop_prob == 0.2 and loaded.metadata == {"encoder": "x"}
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    emb = torch.randn(2, 4)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(
+        model.sample(emb, 8, 4, generator=g1), loaded.sample(emb, 8, 4, generator=g2)
+    )
+
+
+def test_plonk_export_round_trip(tmp_path):
+    model = _rfm()
+    save_plonk_network(model, tmp_path / "plonk")
+    config = json.loads((tmp_path / "plonk" / "config.json").read_text())
+    assert set(config) == {"input_dim", "dim", "depth", "expansion", "cond_dim"}
+    loaded = gf.load_model(tmp_path / "plonk")
+    assert torch.equal(loaded.network.final_linear.weight, model.network.final_linear.weight)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        gf.load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        gf.load_model(tmp_path / "empty")
+    gf.save_model(_rfm(), tmp_path / "bad")
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        gf.load_model(tmp_path / "bad")
+    gf.save_model(_rfm(), tmp_path / "mismatch")
+    cfg = json.loads((tmp_path / "mismatch" / "config.json").read_text())
+    cfg["network"]["dim"] = 64
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((CheckpointError, RuntimeError)):
+        gf.load_model(tmp_path / "mismatch")
+    with pytest.raises(CheckpointError, match="family"):
+        gf.checkpoints.model_from_config(
+            {"input_dim": 3, "dim": 8, "depth": 1, "expansion": 4, "cond_dim": 2}, family="vmf"
+        )
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    # A pickle disguised as weights must be rejected by safetensors, not executed.
+    gf.save_model(_rfm(), tmp_path / "m")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(Exception) as info:
+        gf.load_model(tmp_path / "m")
+    assert "pickle" not in type(info.value).__name__.lower()

@@ -1,0 +1,68 @@
+import math
+
+import torch
+
+from globeflow.decode import (
+    best_guess,
+    expected_geoscore,
+    pairwise_km,
+    sample_density_grid,
+    top_regions,
+)
+from globeflow.sphere import latlon_grid
+
+
+def _cluster(lat, lon, n, spread_deg, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([lat, lon]) + spread_deg * torch.randn(n, 2, generator=g)
+
+
+def test_best_guess_is_in_the_heavier_mode_not_between_modes():
+    # 70% of samples around Paris, 30% around New York: the spherical mean would be in the
+    # Atlantic; the expected-GeoScore decision is a sample near Paris.
+    samples = torch.cat([_cluster(48.85, 2.35, 70, 0.5, 0), _cluster(40.7, -74.0, 30, 0.5, 1)])
+    guess = best_guess(samples)
+    assert pairwise_km(guess[None], torch.tensor([[48.85, 2.35]]))[0, 0] < 150
+    # It is the argmax of the expected score among the samples.
+    scores = expected_geoscore(samples, samples)
+    assert torch.allclose(guess.double(), samples[scores.argmax()].double())
+
+
+def test_best_guess_batched_equals_single():
+    a = _cluster(10.0, 20.0, 50, 5.0, 2)
+    b = _cluster(-30.0, 140.0, 50, 5.0, 3)
+    batched = best_guess(torch.stack([a, b]))
+    assert torch.equal(batched[0], best_guess(a)) and torch.equal(batched[1], best_guess(b))
+
+
+def test_expected_geoscore_values():
+    pts = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    assert expected_geoscore(pts, pts).item() == 5000.0
+    # 1492.7 km away (on the equator: 1492.7 / 6371 rad) -> 5000 / e.
+    lon = math.degrees(1492.7 / 6371.0)
+    far = torch.tensor([[0.0, lon]], dtype=torch.float64)
+    assert abs(expected_geoscore(pts, far).item() - 5000 / math.e) < 1e-6
+
+
+def test_top_regions_shares_and_order():
+    samples = torch.cat(
+        [
+            _cluster(48.85, 2.35, 60, 0.3, 0),
+            _cluster(35.7, 139.7, 30, 0.3, 1),
+            _cluster(-33.9, 151.2, 10, 0.3, 2),
+        ]
+    )
+    regions = top_regions(samples, k=5, radius_km=300)
+    assert [round(r.probability, 2) for r in regions] == [0.6, 0.3, 0.1]
+    assert abs(regions[1].lat - 35.7) < 1.5 and abs(regions[1].lon - 139.7) < 1.5
+    assert sum(r.probability for r in regions) <= 1.0 + 1e-9
+    assert all(r.spread_km < 300 for r in regions)
+
+
+def test_sample_density_grid_integrates_to_one():
+    samples = _cluster(20.0, 30.0, 200, 10.0, 0)
+    grid = sample_density_grid(samples, n_lat=90, n_lon=180)
+    _, weights = latlon_grid(90, 180)
+    density = torch.tensor(grid["log_density"], dtype=torch.float64).exp().reshape(-1)
+    assert abs((density * weights).sum().item() - 1.0) < 0.02
+    assert len(grid["lat"]) == 90 and len(grid["lon"]) == 180
