@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from globeflow.datasets import (
@@ -22,7 +23,6 @@ from globeflow.datasets import (
     iter_parquet,
     load_record_image,
     open_dataset,
-    read_embeddings,
 )
 
 OSV_ROWS = [
@@ -224,25 +224,23 @@ def test_webdataset_tar(tmp_path):
     assert list(open_dataset(shards / "shard-0000.tar")) == recs
 
 
-def test_embeddings_parquet(tmp_path):
-    table = pa.table(
-        {
-            "id": ["a", "b"],
-            "lat": [1.0, 2.0],
-            "lon": [3.0, 4.0],
-            "embedding": [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]],
-        }
-    )
-    pq.write_table(table, tmp_path / "part-00000.parquet")
-    try:
-        import globeflow.embedding_store  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("embedding_store exists: its own format is tested by its owner")
-    assert detect_kind(tmp_path) == "embeddings"
-    recs = list(read_embeddings(tmp_path))
-    assert [r.id for r in recs] == ["a", "b"]
+def test_embeddings_store(tmp_path):
+    from globeflow.embedding_store import EmbeddingWriter
+
+    store = tmp_path / "emb.parquet"
+    with EmbeddingWriter(store, "fake", 3) as writer:
+        writer.add(
+            ["a", "b", "c"],
+            torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]]),
+            paths=["a.jpg", "b.jpg", "c.jpg"],
+            latlon=torch.tensor([[1.0, 3.0], [2.0, 4.0], [float("nan"), float("nan")]]),
+            authors=["x", "y", "z"],
+        )
+    assert detect_kind(store) == "embeddings"
+    ds = open_dataset(store)
+    recs = list(ds)
+    assert [r.id for r in recs] == ["a", "b"] and ds.skipped == {"no coordinates": 1}
+    assert (recs[1].lat, recs[1].lon, recs[1].author) == (2.0, 4.0, "y")
     np.testing.assert_allclose(recs[1].embedding, [0.4, 0.5, 0.6], rtol=1e-6)
 
 

@@ -513,66 +513,32 @@ def _embedding_column(cols: Sequence[str]) -> str | None:
     return _pick(cols, ("embedding", "embeddings", "emb"))
 
 
-def read_embeddings(path: str | Path) -> Dataset:
-    """Precomputed embeddings from ``globeflow embed`` (a parquet file or a folder of parts).
+def read_embeddings(path: str | Path, batch_size: int = 65536) -> Dataset:
+    """Precomputed embeddings from ``globeflow embed`` (an embedding store), streamed by row
+    groups so that stores larger than memory can be evaluated."""
+    from .embedding_store import iter_embedding_batches
 
-    Uses ``globeflow.embedding_store.read_embeddings`` when available; otherwise reads parquet
-    with ``id``, ``lat``/``lon`` and ``embedding`` (list) columns directly, batch by batch.
-    """
     root = Path(path)
-    try:
-        from .embedding_store import read_embeddings as store_read  # type: ignore[attr-defined]
-    except ImportError:
-        store_read = None
 
-    def gen_store(skipped: dict[str, int]) -> Iterator[GeoRecord]:
-        got = store_read(root)  # type: ignore[misc]
-        if isinstance(got, (tuple, list)):
-            ids, paths, latlon, authors, embs = got
-        else:
-            ids, paths, latlon = got.ids, got.paths, got.latlon
-            authors, embs = getattr(got, "authors", None), got.embeddings
-        latlon = np.asarray(latlon, dtype=np.float64)
-        embs = np.asarray(embs)
-        for i in range(len(ids)):
-            lat, lon = float(latlon[i, 0]), float(latlon[i, 1])
-            if not _valid(lat, lon):
-                _skip(skipped, "no coordinates")
-                continue
-            yield GeoRecord(
-                id=str(ids[i]),
-                lat=lat,
-                lon=lon,
-                path=str(paths[i]) if paths is not None and paths[i] is not None else None,
-                author=_str(authors[i]) if authors is not None else None,
-                embedding=embs[i],
-            )
-
-    def gen_parquet(skipped: dict[str, int]) -> Iterator[GeoRecord]:
-        files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
-        for f in files:
-            cols = _parquet_columns(f)
-            emb_col = _embedding_column(cols)
-            id_col, lat_col, lon_col = _require(cols, f)
-            if emb_col is None:
-                raise ValueError(f"{f}: no 'embedding' column")
-            path_col = _pick(cols, ("path", "image_path"))
-            author_col = _pick(cols, ("author",))
-            for row in iter_parquet(f):
-                lat, lon = _float(row[lat_col]), _float(row[lon_col])
+    def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
+        for batch in iter_embedding_batches(root, batch_size):
+            latlon = batch.latlon.numpy()
+            embs = batch.embeddings.numpy()
+            for i, rid in enumerate(batch.ids):
+                lat, lon = float(latlon[i, 0]), float(latlon[i, 1])
                 if not _valid(lat, lon):
                     _skip(skipped, "no coordinates")
                     continue
                 yield GeoRecord(
-                    id=str(row[id_col]),
-                    lat=lat,  # type: ignore[arg-type]
-                    lon=lon,  # type: ignore[arg-type]
-                    path=_str(row.get(path_col)) if path_col else None,
-                    author=_str(row.get(author_col)) if author_col else None,
-                    embedding=np.asarray(row[emb_col], dtype=np.float32),
+                    id=str(rid),
+                    lat=lat,
+                    lon=lon,
+                    path=batch.paths[i] or None,
+                    author=_str(batch.authors[i]),
+                    embedding=embs[i],
                 )
 
-    return Dataset("embeddings", root, gen_store if store_read is not None else gen_parquet)
+    return Dataset("embeddings", root, gen)
 
 
 # ---- auto-detection ------------------------------------------------------------------------
