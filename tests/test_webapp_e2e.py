@@ -1,7 +1,9 @@
-"""The web page in a real headless browser (Playwright + Chromium), against a fake locator.
+"""The web page in a real headless browser (Playwright + Chromium): exact assertions against a
+fake locator, and one run of the real pipeline (bundled model + offline encoder).
 
 Skips when Playwright or a Chromium executable is missing. Set GLOBEFLOW_SCREENSHOT=1 to save
-the screenshot to docs/screenshot.png (or GLOBEFLOW_SCREENSHOT=path.png), else it goes to tmp.
+the real-model screenshot to docs/screenshot.png (or GLOBEFLOW_SCREENSHOT=path.png), else
+screenshots go to tmp.
 """
 
 from __future__ import annotations
@@ -62,8 +64,7 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server_url():
+def _start_server(locator):
     import uvicorn
 
     from globeflow.server import create_app
@@ -71,9 +72,7 @@ def server_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(FakeLocator(delay_s=0.3)), host="127.0.0.1", port=port, log_level="warning"
-    )
+    config = uvicorn.Config(create_app(locator), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -82,7 +81,13 @@ def server_url():
         if time.time() > deadline:
             pytest.fail("uvicorn did not start within 20 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    url, server, thread = _start_server(FakeLocator(delay_s=0.3))
+    yield url
     server.should_exit = True
     thread.join(10)
 
@@ -120,8 +125,8 @@ def _photo(path: Path, gps: tuple[float, float] | None = None) -> Path:
     return path
 
 
-def _screenshot_path(tmp_path: Path) -> Path:
-    flag = os.environ.get("GLOBEFLOW_SCREENSHOT", "")
+def _screenshot_path(tmp_path: Path, real: bool = False) -> Path:
+    flag = os.environ.get("GLOBEFLOW_SCREENSHOT", "") if real else ""
     if flag.lower().endswith(".png"):
         return Path(flag)
     if flag and flag not in ("0", "false", "no"):
@@ -232,3 +237,46 @@ def test_bad_file_shows_readable_error(browser, server_url, tmp_path) -> None:
     ).first.wait_for(timeout=20_000)
     assert page.locator("[data-testid=result-card]").count() == 2
     page.close()
+
+
+def test_real_pipeline_in_the_browser(browser, tmp_path) -> None:
+    """The bundled model and encoder behind the page: an example photo goes in, a map, a best
+    guess with a place name, regions with probabilities and the EXIF truth come out."""
+    from globeflow.images import read_exif_gps
+    from globeflow.pipeline import Locator, default_model_path
+
+    photo = REPO / "examples" / "paris.jpg"
+    if not (default_model_path() / "model.safetensors").is_file() or not photo.is_file():
+        pytest.skip("bundled model or examples/paris.jpg missing")
+    url, server, thread = _start_server(Locator.from_pretrained())
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/")
+        page.set_input_files("[data-testid=file-input]", str(photo))
+        card = page.locator("[data-testid=result-card]").first
+        card.locator("[data-testid=region-row]").first.wait_for(timeout=120_000)
+        page.wait_for_function(
+            "document.querySelector('[data-testid=result-card]').dataset.state === 'done'",
+            timeout=120_000,
+        )
+        assert re.search(r"[A-Za-z]", card.locator("[data-testid=best-guess]").inner_text())
+        probs = [
+            float(p.strip().rstrip("%"))
+            for p in card.locator("[data-testid=region-probability]").all_inner_texts()
+        ]
+        assert probs and all(0 < p <= 100 for p in probs) and sum(probs) <= 100.5
+        assert probs == sorted(probs, reverse=True)
+        assert "bits" in card.locator("[data-testid=localizability]").inner_text()
+        lat, _ = read_exif_gps(photo)
+        assert f"{abs(lat):.3f}" in card.locator("[data-testid=truth]").inner_text()
+        assert re.search(r"\d", card.locator("[data-testid=error-km]").inner_text())
+        out = _screenshot_path(tmp_path, real=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out), full_page=True)
+        assert not errors, errors
+        page.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
