@@ -3,7 +3,9 @@
 Weights are stored in float16 (half the size; loading casts them back to float32), and the
 metadata keeps the encoder name, training config and validation metrics.
 
-    python scripts/export_default_model.py runs/default-rfm/best src/globeflow/default_model
+    python scripts/export_default_model.py runs/default-rfm/best src/globeflow/default_model [W]
+
+W, if given, is stored as the model's ``recommended_guidance`` (used when the user gives none).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from safetensors.torch import save_file
 from globeflow.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_model
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, guidance: str | None = None) -> None:
     model = load_model(src)
     out = Path(dst)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy(Path(src) / CONFIG_NAME, out / CONFIG_NAME)
+    config = json.loads((Path(src) / CONFIG_NAME).read_text())
+    if guidance is not None:
+        config.setdefault("metadata", {})["recommended_guidance"] = float(guidance)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     state = {
         k: (v.half() if v.is_floating_point() else v).contiguous()
         for k, v in model.state_dict().items()
@@ -47,4 +52,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -34,8 +34,9 @@ class Family(str, Enum):
 @app.callback()
 def _configure(
     threads: int = typer.Option(
-        None, help="CPU threads for torch (default: torch's choice; 1 is fastest for small "
-        "models on a busy machine)."
+        None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest for small "
+        "models on a busy machine).",
     ),
 ) -> None:
     if threads:
@@ -171,8 +172,10 @@ def _without_authors(store: Path, authors_file: Path, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddingWriter(out, table.encoder_name, table.embeddings.shape[1]) as writer:
         writer.add(
-            [table.ids[i] for i in keep], table.embeddings[keep],
-            paths=[table.paths[i] for i in keep], latlon=table.latlon[keep],
+            [table.ids[i] for i in keep],
+            table.embeddings[keep],
+            paths=[table.paths[i] for i in keep],
+            latlon=table.latlon[keep],
             authors=[table.authors[i] for i in keep],
         )
     typer.echo(f"left out {len(table.ids) - len(keep)} rows by {len(drop)} authors")
@@ -212,7 +215,12 @@ def predict(
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
     num_samples: int = typer.Option(512, min=16, help="Samples per photo."),
-    guidance: float = typer.Option(2.0, min=0.0, help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(
+        None,
+        min=-1.0,
+        help="Classifier-free guidance scale (default: the model's recommended "
+        "value, else 2 as in the paper; negative values lean on the unconditional prior).",
+    ),
     steps: int = typer.Option(32, min=1, help="Sampler steps."),
     top_k: int = typer.Option(5, min=1, help="Regions to report."),
     region_radius_km: float = typer.Option(500.0, help="Radius of a reported region."),

@@ -22,6 +22,9 @@ from .families import GeoModel, effective_area_km2
 from .sphere import haversine_km
 
 DEFAULT_MODEL_DIR = "default_model"
+DEFAULT_GUIDANCE = 2.0
+"""The paper's guidance for point prediction; a checkpoint may recommend its own
+(metadata ``recommended_guidance``)."""
 
 
 def default_model_path() -> Path:
@@ -40,6 +43,8 @@ class Locator:
             )
         self.model = model.eval()
         self.encoder = encoder
+        meta = getattr(model, "metadata", {}) or {}
+        self.default_guidance = float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
         self.model_name = model_name
 
     @property
@@ -77,7 +82,7 @@ class Locator:
         self,
         emb: torch.Tensor,
         num_samples: int = 512,
-        guidance: float = 2.0,
+        guidance: float | None = None,
         steps: int = 32,
         top_k: int = 5,
         region_radius_km: float = 500.0,
@@ -88,6 +93,7 @@ class Locator:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure."""
         from .geocode import reverse_geocode
 
+        guidance = self.default_guidance if guidance is None else guidance
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         samples = self.model.sample(emb, num_samples, steps, guidance, generator=generator)
         guesses = best_guess(samples)
@@ -141,7 +147,7 @@ class Locator:
         self,
         images: Sequence[tuple[str, Image.Image]],
         num_samples: int = 512,
-        guidance: float = 2.0,
+        guidance: float | None = None,
         steps: int | None = None,
         exif_gps: Sequence[tuple[float, float] | None] | None = None,
         with_density: bool = True,

@@ -33,6 +33,8 @@ log = logging.getLogger("globeflow.server")
 
 MIN_SAMPLES, MAX_SAMPLES = 16, 4096
 MAX_GUIDANCE = 10.0
+MIN_GUIDANCE = -1.0
+"""Guidance in (-1, 0) interpolates towards the unconditional branch (a flatter answer)."""
 MAX_STEPS = 256
 _CHUNK = 1 << 20
 
@@ -309,12 +311,13 @@ def create_app(
             "status": "ok",
             "model": str(getattr(locator, "model_name", "unknown")),
             "encoder": str(getattr(locator, "encoder_name", "unknown")),
+            "default_guidance": float(getattr(locator, "default_guidance", 2.0)),
             "max_upload_mb": max_upload_mb,
             "max_batch": max_batch,
             "max_files": max_files,
             "limits": {
                 "num_samples": [MIN_SAMPLES, MAX_SAMPLES],
-                "guidance": [0.0, MAX_GUIDANCE],
+                "guidance": [MIN_GUIDANCE, MAX_GUIDANCE],
                 "steps": [1, MAX_STEPS],
             },
             "queued_images": worker.pending,
@@ -335,13 +338,15 @@ def create_app(
         file: list[UploadFile] | None = File(None, description="one or more photos"),
         files: list[UploadFile] | None = File(None, description="alias of `file`"),
         num_samples: int | None = Query(None, ge=MIN_SAMPLES, le=MAX_SAMPLES),
-        guidance: float | None = Query(None, ge=0.0, le=MAX_GUIDANCE),
+        guidance: float | None = Query(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE),
         steps: int | None = Query(None, ge=1, le=MAX_STEPS),
         format: str = Query("json", pattern="^(json|geojson)$"),
         form_num_samples: int | None = Form(
             None, alias="num_samples", ge=MIN_SAMPLES, le=MAX_SAMPLES
         ),
-        form_guidance: float | None = Form(None, alias="guidance", ge=0.0, le=MAX_GUIDANCE),
+        form_guidance: float | None = Form(
+            None, alias="guidance", ge=MIN_GUIDANCE, le=MAX_GUIDANCE
+        ),
         form_steps: int | None = Form(None, alias="steps", ge=1, le=MAX_STEPS),
     ) -> JSONResponse:
         """Locate photos. Returns ``{"results": [...]}`` (see docs/ARCHITECTURE.md) or, with
@@ -357,7 +362,7 @@ def create_app(
             )
         params = (
             int(_first(form_num_samples, num_samples, 512)),
-            float(_first(form_guidance, guidance, 2.0)),
+            float(_first(form_guidance, guidance, getattr(locator, "default_guidance", 2.0))),
             _first(form_steps, steps),
         )
         jobs = []

@@ -96,6 +96,10 @@
       .then((h) => {
         state.maxUploadMb = h.max_upload_mb;
         els.modelInfo.textContent = `Model: ${h.model} · encoder: ${h.encoder}`;
+        if (typeof h.default_guidance === "number") {
+          els.guidance.value = h.default_guidance;
+          els.guidanceOut.textContent = Number(h.default_guidance).toFixed(1);
+        }
         els.dzSub.textContent = `JPEG, PNG, WebP, TIFF, HEIC… up to ${h.max_upload_mb} MB each; processed on this machine only.`;
       })
       .catch(() => { els.modelInfo.textContent = "Server not reachable."; });
