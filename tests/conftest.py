@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLOBEFLOW_SHARED", REPO.parent / "shared"))
 PLONK_COMPAT = SHARED / "compat" / "plonk"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The test models are tiny: one intra-op thread is as fast, and it cannot be starved by
+# oversubscription when other jobs share the two cores (two threads were >10x slower then).
+torch.set_num_threads(1)
 
 
 @pytest.fixture
