@@ -278,7 +278,10 @@ def predict(
         table.add_column(col)
     for row in _predict_rows(results):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # pipes and CI logs: do not squeeze the table into 80 columns
+        console = Console(width=140)
+    console.print(table)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"results": results}, indent=1))
