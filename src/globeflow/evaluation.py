@@ -24,6 +24,7 @@ import torch
 
 from . import metrics as M
 from .datasets import Dataset, GeoRecord, load_record_image, open_dataset
+from .decode import best_guess
 
 __all__ = [
     "EvaluationReport",
@@ -262,24 +263,6 @@ def summary_from_predictions_csv(
 # ---- model plumbing ------------------------------------------------------------------------
 
 
-def _fallback_best_guess(samples: torch.Tensor) -> torch.Tensor:
-    """The sample with the highest mean GeoScore to the other samples: (B, N, 2) -> (B, 2)."""
-    from .sphere import haversine_km
-
-    d = haversine_km(samples[:, :, None, :].double(), samples[:, None, :, :].double())
-    score = (5000.0 * torch.exp(-d / M.GEOSCORE_SCALE_KM)).mean(-1)
-    idx = score.argmax(-1)
-    return samples[torch.arange(samples.shape[0]), idx]
-
-
-def _best_guess_fn():  # noqa: ANN202
-    try:
-        from .decode import best_guess  # type: ignore[attr-defined]
-    except ImportError:
-        return _fallback_best_guess
-    return best_guess
-
-
 def _accepts(fn: Any, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -456,7 +439,6 @@ def evaluate(
     if limit is not None:
         records = _take(records, limit)
     errors: list[dict[str, str]] = []
-    best_guess = _best_guess_fn()
     gen = torch.Generator(device=device).manual_seed(seed)
     guided_log_prob = density_guidance != 0.0
     if guided_log_prob and not _accepts(model.log_prob, "guidance"):

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import save_model
+from .decode import best_guess
 from .families import DENOISING_FAMILIES, GeoModel
 from .network import Denoiser
 from .schedules import schedule_from_config
@@ -356,19 +357,6 @@ def build_model(config: TrainConfig, cond_dim: int) -> GeoModel:
 
 
 # ---- validation ---------------------------------------------------------------------------------
-def _best_guess(samples: torch.Tensor) -> torch.Tensor:
-    try:
-        from .decode import best_guess
-    except ImportError:  # pragma: no cover - decode is part of the package
-
-        def best_guess(samples: torch.Tensor) -> torch.Tensor:
-            km = haversine_km(samples[:, :, None, :].double(), samples[:, None, :, :].double())
-            score = torch.exp(-km / GEOSCORE_SCALE_KM).mean(-1)
-            return samples[torch.arange(samples.shape[0]), score.argmax(-1)]
-
-    return best_guess(samples)
-
-
 @torch.no_grad()
 def validate(
     model: GeoModel,
@@ -405,7 +393,7 @@ def validate(
                 guidance=config.val_guidance,
                 generator=g,
             )
-            km.append(haversine_km(_best_guess(samples).double(), val_latlon[r].double()))
+            km.append(haversine_km(best_guess(samples).double(), val_latlon[r].double()))
         km = torch.cat(km)
     finally:
         if drop is not None:
