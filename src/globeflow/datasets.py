@@ -19,7 +19,6 @@ datasets larger than memory can be iterated. Coordinates are degrees (lat, lon).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .images import load_image, load_image_bytes, read_exif_gps
 
 __all__ = [
     "GeoRecord",
@@ -373,41 +374,8 @@ def _rational(x: Any) -> float:
 
 def exif_gps(image_path: str | Path) -> tuple[float, float] | None:
     """(lat, lon) degrees from a photo's EXIF GPS tags, or None when absent or unreadable."""
-    try:
-        from .images import read_exif_gps  # type: ignore[attr-defined]
-    except ImportError:
-        read_exif_gps = None
-    if read_exif_gps is not None:
-        try:
-            got = read_exif_gps(image_path)
-        except Exception:  # noqa: BLE001 - fall back to our own reader
-            got = None
-        if got is not None:
-            if isinstance(got, dict):
-                return float(got["lat"]), float(got["lon"])
-            return float(got[0]), float(got[1])
-    try:
-        from PIL import Image
-
-        with Image.open(image_path) as im:
-            gps = im.getexif().get_ifd(0x8825)
-        if not gps or 2 not in gps or 4 not in gps:
-            return None
-
-        def dms(v: Any) -> float:
-            parts = [_rational(p) for p in v]
-            while len(parts) < 3:
-                parts.append(0.0)
-            return parts[0] + parts[1] / 60.0 + parts[2] / 3600.0
-
-        lat, lon = dms(gps[2]), dms(gps[4])
-        if str(gps.get(1, "N")).upper().startswith("S"):
-            lat = -lat
-        if str(gps.get(3, "E")).upper().startswith("W"):
-            lon = -lon
-    except Exception:  # noqa: BLE001 - any unreadable file simply has no GPS
-        return None
-    return (lat, lon) if _valid(lat, lon) else None
+    got = read_exif_gps(image_path)
+    return got if got is not None and _valid(*got) else None
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -673,22 +641,9 @@ def author_split(
 
 
 def load_record_image(record: GeoRecord) -> Any:
-    """The record's photo as an RGB PIL image (uses ``globeflow.images.load_image`` if present)."""
-    from PIL import Image, ImageOps
-
+    """The record's photo as an RGB PIL image (raises ``ImageLoadError`` naming the file)."""
     if record.image_bytes is not None:
-        im = Image.open(io.BytesIO(record.image_bytes))
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+        return load_image_bytes(record.image_bytes, record.path or record.id)
     if record.path is None:
         raise FileNotFoundError(f"record {record.id}: no image file found")
-    try:
-        from .images import load_image  # type: ignore[attr-defined]
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        got = load_image(record.path)
-        return getattr(got, "image", got)
-    with Image.open(record.path) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+    return load_image(record.path)

@@ -13,7 +13,6 @@ import io
 import logging
 import queue
 import threading
-import warnings
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,10 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
+
+from .images import load_image_bytes, read_exif_gps
 
 __all__ = ["create_app", "serve", "MIN_SAMPLES", "MAX_SAMPLES", "MAX_GUIDANCE", "MAX_STEPS"]
 
@@ -48,41 +50,16 @@ def _coastlines_file() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image checks (globeflow.images when present, a minimal PIL check otherwise)
+# Image checks
 
 
 def _load_image(data: bytes, name: str):
-    """Decode ``data`` to an RGB PIL image; ``ValueError`` with a readable reason otherwise."""
-    try:
-        from .images import load_image_bytes
-    except ImportError:  # pragma: no cover - images.py is part of the package
-        load_image_bytes = None
-    if load_image_bytes is not None:
-        return load_image_bytes(data, name)
-    from PIL import Image, ImageOps
-
-    if not data:
-        raise ValueError(f"{name}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                probe.verify()
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad file
-        raise ValueError(f"{name}: not a readable image ({exc})") from None
+    """Decode ``data`` to an RGB PIL image; ``ValueError`` naming the file otherwise."""
+    return load_image_bytes(data, name)
 
 
 def _exif_gps(data: bytes) -> tuple[float, float] | None:
     """EXIF GPS of the original bytes (decoding to RGB may drop the EXIF block)."""
-    try:
-        from PIL import Image
-
-        from .images import read_exif_gps
-    except ImportError:  # pragma: no cover
-        return None
     try:
         with Image.open(io.BytesIO(data)) as img:
             return read_exif_gps(img)
