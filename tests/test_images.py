@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _photos import gps_exif
 from PIL import Image, TiffImagePlugin
 
 from globeflow.images import (
@@ -137,22 +137,7 @@ def test_load_image_bytes_matches_file(tmp_path: Path) -> None:
 
 
 def _gps_exif(lat: float, lon: float) -> Image.Exif:
-    def dms(v: float) -> tuple:
-        v = abs(v)
-        d = int(v)
-        m = int((v - d) * 60)
-        s = (v - d - m / 60) * 3600
-        return tuple(
-            TiffImagePlugin.IFDRational(Fraction(x).limit_denominator(10000)) for x in (d, m, s)
-        )
-
-    exif = Image.Exif()
-    gps = exif.get_ifd(0x8825)
-    gps[1] = "N" if lat >= 0 else "S"
-    gps[2] = dms(lat)
-    gps[3] = "E" if lon >= 0 else "W"
-    gps[4] = dms(lon)
-    return exif
+    return gps_exif(lat, lon)
 
 
 @pytest.mark.parametrize(

@@ -5,15 +5,15 @@ from __future__ import annotations
 import io
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_locator import FakeLocator  # noqa: E402
+from _photos import gps_exif  # noqa: E402
 
 from globeflow.server import create_app  # noqa: E402
 
@@ -30,22 +30,7 @@ def _jpeg(size: tuple[int, int] = (96, 64), exif: bytes | None = None) -> bytes:
 
 
 def _gps_exif(lat: float, lon: float) -> bytes:
-    def dms(v: float) -> tuple:
-        v = abs(v)
-        d = int(v)
-        m = int((v - d) * 60)
-        s = (v - d - m / 60) * 3600
-        return tuple(
-            TiffImagePlugin.IFDRational(Fraction(x).limit_denominator(10000)) for x in (d, m, s)
-        )
-
-    exif = Image.Exif()
-    gps = exif.get_ifd(0x8825)
-    gps[1] = "N" if lat >= 0 else "S"
-    gps[2] = dms(lat)
-    gps[3] = "E" if lon >= 0 else "W"
-    gps[4] = dms(lon)
-    return exif.tobytes()
+    return gps_exif(lat, lon).tobytes()
 
 
 @pytest.fixture
