@@ -178,6 +178,29 @@ class DenoisingModel(GeoModel):
         }
 
     # ---- training ---------------------------------------------------------------------------
+    def loss(
+        self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Mean squared error between the network output at a random point of the noising path
+        and the family's regression target; x0 (B, 3) unit vectors, emb (B, D)."""
+        t = self.sample_training_time(x0.shape[0], generator, x0.device)
+        gamma = self.schedule.signal_level(t).to(x0.dtype)
+        eps = self.training_noise(x0, generator)
+        x_t, target = self.noising_path(x0, eps, gamma)
+        emb = drop_condition(emb, self.cond_drop_prob, generator)
+        out = self.network(x_t, gamma, emb)
+        return ((out - target) ** 2).sum(-1).mean()
+
+    def training_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noise endpoints for x0 (B, 3): standard Gaussians (R^3 families)."""
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    def noising_path(
+        self, x0: torch.Tensor, eps: torch.Tensor, gamma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_gamma, regression target) for data x0, noise eps (B, 3), signal level gamma (B,)."""
+        raise NotImplementedError
+
     def sample_training_time(
         self, batch: int, generator: torch.Generator | None, device: torch.device
     ) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sphere import project_to_sphere
-from .base import DenoisingModel, drop_condition
+from .base import DenoisingModel
 from .flow import gaussian_log_prob
 
 
@@ -22,16 +22,9 @@ class Diffusion(DenoisingModel):
     default_solver = "ddim"
     solvers = ("ddim", "euler", "heun")
 
-    def loss(self, x0, emb, generator=None):
-        batch = x0.shape[0]
-        t = self.sample_training_time(batch, generator, x0.device)
-        gamma = self.schedule.signal_level(t).to(x0.dtype)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def noising_path(self, x0, eps, gamma):
         g = gamma[:, None]
-        x_t = g.sqrt() * x0 + (1 - g).sqrt() * eps
-        emb = drop_condition(emb, self.cond_drop_prob, generator)
-        out = self.network(x_t, gamma, emb)
-        return ((out - eps) ** 2).sum(-1).mean()
+        return g.sqrt() * x0 + (1 - g).sqrt() * eps, eps
 
     def initial_noise(self, batch, num_samples, generator, like):
         return torch.randn(

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..sphere import project_to_sphere
-from .base import DenoisingModel, drop_condition
+from .base import DenoisingModel
 
 
 def gaussian_log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -25,16 +25,9 @@ class FlowMatching(DenoisingModel):
     family = "flow"
     density_space = "euclidean"
 
-    def loss(self, x0, emb, generator=None):
-        batch = x0.shape[0]
-        t = self.sample_training_time(batch, generator, x0.device)
-        gamma = self.schedule.signal_level(t).to(x0.dtype)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def noising_path(self, x0, eps, gamma):
         g = gamma[:, None]
-        x_t = g * x0 + (1 - g) * eps
-        emb = drop_condition(emb, self.cond_drop_prob, generator)
-        out = self.network(x_t, gamma, emb)
-        return ((out - (x0 - eps)) ** 2).sum(-1).mean()
+        return g * x0 + (1 - g) * eps, x0 - eps
 
     def initial_noise(self, batch, num_samples, generator, like):
         return torch.randn(

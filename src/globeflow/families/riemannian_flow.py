@@ -15,7 +15,7 @@ from ..sphere import (
     project_to_tangent,
     sample_uniform_sphere,
 )
-from .base import DenoisingModel, drop_condition
+from .base import DenoisingModel
 
 
 def geodesic_point_and_velocity(
@@ -45,17 +45,16 @@ class RiemannianFlowMatching(DenoisingModel):
     density_space = "sphere"
     retract = staticmethod(project_to_sphere)
 
-    def loss(self, x0, emb, generator=None):
-        batch = x0.shape[0]
-        t = self.sample_training_time(batch, generator, x0.device)
-        gamma = self.schedule.signal_level(t).to(x0.dtype)
-        eps = sample_uniform_sphere((batch,), generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t, target = geodesic_point_and_velocity(x0, eps, gamma)
-        emb = drop_condition(emb, self.cond_drop_prob, generator)
-        out = self.network(x_t, gamma, emb)
-        # Ambient squared error = tangent-metric error + the normal component of the output,
-        # which keeps the raw output tangent (the published Euler step uses it unprojected).
-        return ((out - target) ** 2).sum(-1).mean()
+    def training_noise(self, x0, generator):
+        return sample_uniform_sphere(
+            (x0.shape[0],), generator=generator, device=x0.device, dtype=x0.dtype
+        )
+
+    def noising_path(self, x0, eps, gamma):
+        # The loss is the ambient squared error = tangent-metric error + the normal component of
+        # the output, which keeps the raw output tangent (the published Euler step uses it
+        # unprojected).
+        return geodesic_point_and_velocity(x0, eps, gamma)
 
     def initial_noise(self, batch, num_samples, generator, like):
         return sample_uniform_sphere(
