@@ -102,9 +102,9 @@ def knn_predict(
     """Cosine k-NN: -> (best guesses (Q, 2), neighbour locations (Q, k, 2)).
 
     The best guess is the neighbour location with the highest summed GeoScore to the k
-    neighbours, i.e. :func:`globeflow.decode.best_guess` over the neighbour locations.
+    neighbours, i.e. :func:`globeflow.answers.decode.best_guess` over the neighbour locations.
     """
-    from globeflow.decode import best_guess
+    from globeflow.answers.decode import best_guess
 
     q = torch.nn.functional.normalize(query.double(), dim=1)
     b = torch.nn.functional.normalize(bank.double(), dim=1)
@@ -115,7 +115,7 @@ def knn_predict(
 
 def best_fixed_location(latlon: torch.Tensor) -> torch.Tensor:
     """The training location with the highest mean GeoScore over the training locations, (2,)."""
-    from globeflow.decode import expected_geoscore
+    from globeflow.answers.decode import expected_geoscore
 
     ll = latlon.double()
     return ll[int(expected_geoscore(ll[None], ll[None])[0].argmax())]
@@ -123,8 +123,8 @@ def best_fixed_location(latlon: torch.Tensor) -> torch.Tensor:
 
 def point_summary(truth: np.ndarray, pred: np.ndarray, sample: np.ndarray) -> dict:
     """Every summary metric for point predictions: the density columns are NaN (not defined)."""
-    from globeflow.evaluation import summarize
-    from globeflow.geocode import reverse_geocode
+    from globeflow.answers.geocode import reverse_geocode
+    from globeflow.jobs.evaluation import summarize
 
     def places(ll: np.ndarray) -> list[dict]:
         keys = ("country", "country_code", "region", "city")
@@ -137,9 +137,9 @@ def point_summary(truth: np.ndarray, pred: np.ndarray, sample: np.ndarray) -> di
 # ---- trained methods ----------------------------------------------------------------------------
 def train_and_evaluate(family: str, data: dict, args: argparse.Namespace, work: Path) -> dict:
     """Train ``family`` for ``args.steps`` steps, then run :func:`evaluate` on the held-out rows."""
-    from globeflow.checkpoints import load_model
-    from globeflow.evaluation import evaluate
-    from globeflow.training import TrainConfig, train
+    from globeflow.core.checkpoints import load_model
+    from globeflow.jobs.evaluation import evaluate
+    from globeflow.jobs.training import TrainConfig, train
 
     config = TrainConfig(
         family=family,
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from types import SimpleNamespace
 
-    from globeflow.embedding_store import read_embeddings
-    from globeflow.training import split_rows
+    from globeflow.data.embedding_store import read_embeddings
+    from globeflow.jobs.training import split_rows
 
     table = read_embeddings(args.embeddings)
     n = len(table.ids)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from globeflow import load_model
-from globeflow.decode import best_guess, expected_geoscore
-from globeflow.embedding_store import read_embeddings
-from globeflow.metrics import distance_metrics
-from globeflow.training import read_prior_locations, split_rows
+from globeflow.answers.decode import best_guess, expected_geoscore
+from globeflow.data.embedding_store import read_embeddings
+from globeflow.jobs.metrics import distance_metrics
+from globeflow.jobs.training import read_prior_locations, split_rows
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (25, 200, 750, 2500)

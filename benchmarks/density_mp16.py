@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from globeflow.families import RiemannianFlowMatching
-from globeflow.families.baselines import fit_vmf_mixture_em
-from globeflow.network import Denoiser
-from globeflow.schedules import schedule_from_config
-from globeflow.sphere import (
+from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.families.baselines import fit_vmf_mixture_em
+from globeflow.core.network import Denoiser
+from globeflow.core.schedules import schedule_from_config
+from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     LOG_UNIFORM_DENSITY,
     latlon_to_unit,
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_s = time.perf_counter() - t
         check = {}
         if args.check_points > 0:
-            from globeflow.likelihood import log_prob_adaptive
+            from globeflow.core.likelihood import log_prob_adaptive
 
             c = sub[: args.check_points][None].double()
             model64 = copy.deepcopy(model).double()
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nheld-out NLL, bits/dim on S^2 (-log2 p / 3, p per steradian); lower is better")
     print(f"{'model':<26}{'test (all)':>18}{'subset':>18}")
     for r in rows:
-        full = (
-            f"{r['test_bpd']:.4f}+-{r['test_bpd_sem']:.4f}" if r["test_bpd"] is not None else "-"
-        )
+        full = f"{r['test_bpd']:.4f}+-{r['test_bpd_sem']:.4f}" if r["test_bpd"] is not None else "-"
         subset = f"{r['subset_bpd']:.4f}+-{r['subset_bpd_sem']:.4f}"
         print(f"{r['model']:<26}{full:>18}{subset:>18}")
     print(json.dumps(result, indent=1))

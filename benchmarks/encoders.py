@@ -98,8 +98,8 @@ def embed_variant(
     variant: str, data: Path, names: list[str], cache: Path, flip: bool, batch_size: int
 ) -> dict:
     """Pooled components for every image (plain and, if flip, mirrored). Cached as .npz."""
-    from globeflow.encoders import EfficientNetLiteEncoder
-    from globeflow.images import ImageLoadError, load_image
+    from globeflow.data.encoders import EfficientNetLiteEncoder
+    from globeflow.data.images import ImageLoadError, load_image
 
     path = cache / f"{variant}{'_flip' if flip else ''}_{len(names)}.npz"
     meta_path = path.with_suffix(".json")

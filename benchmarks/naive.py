@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from globeflow.schedules import time_grid
+from globeflow.core.schedules import time_grid
 
 LOG_UNIFORM = -math.log(4.0 * math.pi)
 """Base density of RFM: uniform on S^2, per steradian."""

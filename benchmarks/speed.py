@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive import naive_log_prob, naive_sample  # noqa: E402
 
-from globeflow.families import RiemannianFlowMatching  # noqa: E402
-from globeflow.likelihood import log_prob_adaptive, log_prob_ode  # noqa: E402
-from globeflow.network import LAYER_NORM_EPS, Denoiser  # noqa: E402
-from globeflow.sphere import sample_uniform_sphere  # noqa: E402
+from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
+from globeflow.core.likelihood import log_prob_adaptive, log_prob_ode  # noqa: E402
+from globeflow.core.network import LAYER_NORM_EPS, Denoiser  # noqa: E402
+from globeflow.core.sphere import sample_uniform_sphere  # noqa: E402
 
 TARGET_SAMPLING = 1.5
 TARGET_DENSITY = 50.0
@@ -136,9 +136,7 @@ def bench_sampling(model, cfg, device, reps, gen) -> dict:
         "ratio_proposed": med["naive"] / med["proposed"],
         "ratio_proposed_paired_median": statistics.median(paired_prop),
         "max_abs_diff_naive_vs_ours": float((results["naive"] - results["ours"]).abs().max()),
-        "max_abs_diff_proposed_vs_ours": float(
-            (results["proposed"] - results["ours"]).abs().max()
-        ),
+        "max_abs_diff_proposed_vs_ours": float((results["proposed"] - results["ours"]).abs().max()),
         "target": TARGET_SAMPLING,
         "target_met": ratio >= TARGET_SAMPLING,
     }
@@ -190,8 +188,11 @@ def bench_density(model, cfg, device, gen, args) -> dict:
             stats = _err_stats(lp, ref)
             ok = stats["max"] <= TARGET_ERROR_NATS
             search.append({"steps": k, "spacing": spacing, **stats, "ok": ok, "seconds": dt})
-            print(f"    K={k:3d} {spacing:6s} max {stats['max']:.4f} mean {stats['mean']:.4f}"
-                  f" {'ok' if ok else '--'}", flush=True)
+            print(
+                f"    K={k:3d} {spacing:6s} max {stats['max']:.4f} mean {stats['mean']:.4f}"
+                f" {'ok' if ok else '--'}",
+                flush=True,
+            )
             if ok:
                 best = (k, spacing)
                 break
@@ -227,17 +228,37 @@ def bench_density(model, cfg, device, gen, args) -> dict:
         "accuracy_embeddings": e,
         "reference": ref_info,
         "search": search,
-        "chosen": {"steps": k_best, "spacing": s_best, "nfe": 4 * k_best,
-                   **_err_stats(log_prob_ode(model, x, emb, k_best, spacing=s_best), ref)},
+        "chosen": {
+            "steps": k_best,
+            "spacing": s_best,
+            "nfe": 4 * k_best,
+            **_err_stats(log_prob_ode(model, x, emb, k_best, spacing=s_best), ref),
+        },
         "timing_points": m,
-        "naive_tight": {"rtol_atol": args.tight_tol, "nfe": nfe_tight, "seconds": t_tight,
-                        "points_per_s": m / t_tight, "vs_reference": _err_stats(lp_tight, ref_t)},
-        "naive_loose": {"rtol_atol": args.loose_tol, "nfe": nfe_loose, "seconds": t_loose,
-                        "points_per_s": m / t_loose, "vs_reference": _err_stats(lp_loose, ref_t)},
-        "ours": {"steps": k_best, "spacing": s_best, "nfe": 4 * k_best, "seconds": ours_times,
-                 "median_seconds": t_ours, "points_per_s": m / t_ours,
-                 "vs_reference": _err_stats(lp_ours, ref_t),
-                 "vs_naive_tight": _err_stats(lp_ours, lp_tight)},
+        "naive_tight": {
+            "rtol_atol": args.tight_tol,
+            "nfe": nfe_tight,
+            "seconds": t_tight,
+            "points_per_s": m / t_tight,
+            "vs_reference": _err_stats(lp_tight, ref_t),
+        },
+        "naive_loose": {
+            "rtol_atol": args.loose_tol,
+            "nfe": nfe_loose,
+            "seconds": t_loose,
+            "points_per_s": m / t_loose,
+            "vs_reference": _err_stats(lp_loose, ref_t),
+        },
+        "ours": {
+            "steps": k_best,
+            "spacing": s_best,
+            "nfe": 4 * k_best,
+            "seconds": ours_times,
+            "median_seconds": t_ours,
+            "points_per_s": m / t_ours,
+            "vs_reference": _err_stats(lp_ours, ref_t),
+            "vs_naive_tight": _err_stats(lp_ours, lp_tight),
+        },
         "ratio_vs_naive_tight": ratio,
         "ratio_vs_naive_loose": t_loose / t_ours,
         "target": TARGET_DENSITY,
@@ -251,26 +272,36 @@ def print_table(report: dict) -> None:
     print("\n| measurement | naive | ours | ratio | target | met |")
     print("|---|---|---|---|---|---|")
     sps = s["samples_per_s"]
-    print(f"| sampling {s['samples']}x{s['steps']} steps, w={s['guidance']} (samples/s) "
-          f"| {sps['naive']:.1f} | {sps['ours']:.1f} | {s['ratio_ours']:.2f}x "
-          f"| >= {s['target']}x | {'yes' if s['target_met'] else 'no'} |")
-    print(f"| sampling with proposed patch (samples/s) | {sps['naive']:.1f} "
-          f"| {sps['proposed']:.1f} | {s['ratio_proposed']:.2f}x | >= {s['target']}x "
-          f"| {'yes' if s['ratio_proposed'] >= s['target'] else 'no'} |")
+    print(
+        f"| sampling {s['samples']}x{s['steps']} steps, w={s['guidance']} (samples/s) "
+        f"| {sps['naive']:.1f} | {sps['ours']:.1f} | {s['ratio_ours']:.2f}x "
+        f"| >= {s['target']}x | {'yes' if s['target_met'] else 'no'} |"
+    )
+    print(
+        f"| sampling with proposed patch (samples/s) | {sps['naive']:.1f} "
+        f"| {sps['proposed']:.1f} | {s['ratio_proposed']:.2f}x | >= {s['target']}x "
+        f"| {'yes' if s['ratio_proposed'] >= s['target'] else 'no'} |"
+    )
     if d:
         o, nt, nl = d["ours"], d["naive_tight"], d["naive_loose"]
-        print(f"| log p, {d['timing_points']} pts: naive dopri5 {nt['rtol_atol']} "
-              f"(NFE {nt['nfe']}) vs RK4 K={o['steps']} {o['spacing']} (points/s) "
-              f"| {nt['points_per_s']:.4f} | {o['points_per_s']:.3f} "
-              f"| {d['ratio_vs_naive_tight']:.1f}x | >= {d['target']}x "
-              f"| {'yes' if d['target_met'] else 'no'} |")
-        print(f"| log p vs naive dopri5 {nl['rtol_atol']} (NFE {nl['nfe']}) "
-              f"| {nl['points_per_s']:.4f} | {o['points_per_s']:.3f} "
-              f"| {d['ratio_vs_naive_loose']:.1f}x | (info) | |")
+        print(
+            f"| log p, {d['timing_points']} pts: naive dopri5 {nt['rtol_atol']} "
+            f"(NFE {nt['nfe']}) vs RK4 K={o['steps']} {o['spacing']} (points/s) "
+            f"| {nt['points_per_s']:.4f} | {o['points_per_s']:.3f} "
+            f"| {d['ratio_vs_naive_tight']:.1f}x | >= {d['target']}x "
+            f"| {'yes' if d['target_met'] else 'no'} |"
+        )
+        print(
+            f"| log p vs naive dopri5 {nl['rtol_atol']} (NFE {nl['nfe']}) "
+            f"| {nl['points_per_s']:.4f} | {o['points_per_s']:.3f} "
+            f"| {d['ratio_vs_naive_loose']:.1f}x | (info) | |"
+        )
         c = d["chosen"]
-        print(f"| log p error vs tight solve over {d['accuracy_points']} pts (nats) | | "
-              f"max {c['max']:.4f} / mean {c['mean']:.4f} | | <= {d['target_error_nats']} "
-              f"| {'yes' if c['max'] <= d['target_error_nats'] else 'no'} |")
+        print(
+            f"| log p error vs tight solve over {d['accuracy_points']} pts (nats) | | "
+            f"max {c['max']:.4f} / mean {c['mean']:.4f} | | <= {d['target_error_nats']} "
+            f"| {'yes' if c['max'] <= d['target_error_nats'] else 'no'} |"
+        )
     print(f"\nload average before/after: {report['loadavg_start']} / {report['loadavg_end']}")
 
 
@@ -309,10 +340,19 @@ def main(argv=None) -> int:
     model = RiemannianFlowMatching(net).to(device).eval()
 
     report = {
-        "config": {**cfg, "expansion": 4, "dtype": "float32", "weights": "random",
-                   "device": str(device), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                   "machine": platform.machine(), "quick": args.quick, "seed": args.seed},
+        "config": {
+            **cfg,
+            "expansion": 4,
+            "dtype": "float32",
+            "weights": "random",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "quick": args.quick,
+            "seed": args.seed,
+        },
         "loadavg_start": loadavg(),
     }
     print(json.dumps(report["config"]), flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from globeflow.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_model
+from globeflow.core.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_model
 
 
 def main(src: str, dst: str, guidance: str | None = None) -> None:

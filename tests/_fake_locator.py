@@ -1,4 +1,4 @@
-"""A fast stand-in for ``globeflow.pipeline.Locator`` used by the server and web-page tests."""
+"""A fast stand-in for ``globeflow.apps.pipeline.Locator`` used by the server and web-page tests."""
 
 from __future__ import annotations
 

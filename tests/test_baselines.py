@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from globeflow.checkpoints import load_model, save_model
-from globeflow.families.baselines import (
+from globeflow.core.checkpoints import load_model, save_model
+from globeflow.core.families.baselines import (
     BASELINES,
     UniformSphere,
     VonMisesFisher,
@@ -20,7 +20,7 @@ from globeflow.families.baselines import (
     vmf_log_density,
     vmf_mean_resultant,
 )
-from globeflow.sphere import angle_between, latlon_grid, latlon_to_unit, sample_uniform_sphere
+from globeflow.core.sphere import angle_between, latlon_grid, latlon_to_unit, sample_uniform_sphere
 
 
 def _unit(v) -> torch.Tensor:
@@ -47,8 +47,14 @@ def _integral(model, cond_dim: int, cells_per_degree: int) -> float:
 @pytest.mark.parametrize("kappa", [1e-4, 0.3, 2.0, 25.0, 300.0])
 def test_vmf_density_matches_independent_formula(kappa):
     mu = _unit([0.3, -0.5, 0.8])
-    x = torch.cat([sample_uniform_sphere((200,), generator=torch.Generator().manual_seed(0),
-                                         dtype=torch.float64), mu[None]])
+    x = torch.cat(
+        [
+            sample_uniform_sphere(
+                (200,), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            ),
+            mu[None],
+        ]
+    )
     ours = vmf_log_density(x, mu, torch.tensor(kappa, dtype=torch.float64))
     try:
         from scipy.stats import vonmises_fisher
@@ -154,8 +160,9 @@ def test_uniform_baseline():
 def test_mixture_sampling_frequencies():
     model = _fixed_mixture([0.6, 0.3, 0.1], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [500.0] * 3)
     n = 20_000
-    s = model.sample_unit(torch.zeros(1, 0, dtype=torch.float64), n,
-                          generator=torch.Generator().manual_seed(0))[0]
+    s = model.sample_unit(
+        torch.zeros(1, 0, dtype=torch.float64), n, generator=torch.Generator().manual_seed(0)
+    )[0]
     assign = s.argmax(-1)
     for k, w in enumerate([0.6, 0.3, 0.1]):
         freq = float((assign == k).double().mean())
@@ -187,8 +194,12 @@ def test_em_recovers_known_mixture():
 
 
 def test_em_with_duplicates_stays_finite():
-    x = torch.cat([_unit([[0.0, 0.0, 1.0]]).expand(500, 3), _unit(np.random.default_rng(0)
-                                                                    .normal(size=(500, 3)))])
+    x = torch.cat(
+        [
+            _unit([[0.0, 0.0, 1.0]]).expand(500, 3),
+            _unit(np.random.default_rng(0).normal(size=(500, 3))),
+        ]
+    )
     fit = fit_vmf_mixture_em(x, 2, iters=100, seed=0)
     lp = fit.log_prob_unit(x[None].float(), torch.zeros(1, 0))
     assert torch.isfinite(lp).all()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import globeflow as gf
-from globeflow.checkpoints import CheckpointError, save_plonk_network
-from globeflow.families import Diffusion, FlowMatching, RiemannianFlowMatching
-from globeflow.network import Denoiser
+from globeflow.core.checkpoints import CheckpointError, model_from_config, save_plonk_network
+from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
+from globeflow.core.network import Denoiser
 
 
 def _rfm():
@@ -66,7 +66,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises((CheckpointError, RuntimeError)):
         gf.load_model(tmp_path / "mismatch")
     with pytest.raises(CheckpointError, match="family"):
-        gf.checkpoints.model_from_config(
+        model_from_config(
             {"input_dim": 3, "dim": 8, "depth": 1, "expansion": 4, "cond_dim": 2}, family="vmf"
         )
 

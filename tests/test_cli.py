@@ -9,10 +9,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import globeflow as gf
-from globeflow.cli import app
-from globeflow.encoders import get_encoder
-from globeflow.families import RiemannianFlowMatching
-from globeflow.network import Denoiser
+from globeflow.apps.cli import app
+from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.network import Denoiser
+from globeflow.data.encoders import get_encoder
 
 ENCODER = "efficientnet-lite0"
 
@@ -131,7 +131,7 @@ def test_evaluate_on_an_im2gps_style_csv(tmp_path, tiny_model_dir):
         ],
     )
     assert result.exit_code == 0, result.output
-    from globeflow.evaluation import summary_from_predictions_csv
+    from globeflow.jobs.evaluation import summary_from_predictions_csv
 
     summary = json.loads((out / "summary.json").read_text())
     recomputed = summary_from_predictions_csv(out / "predictions.csv")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from globeflow.datasets import (
+from globeflow.data.datasets import (
     GeoRecord,
     author_split,
     detect_kind,
@@ -225,7 +225,7 @@ def test_webdataset_tar(tmp_path):
 
 
 def test_embeddings_store(tmp_path):
-    from globeflow.embedding_store import EmbeddingWriter
+    from globeflow.data.embedding_store import EmbeddingWriter
 
     store = tmp_path / "emb.parquet"
     with EmbeddingWriter(store, "fake", 3) as writer:

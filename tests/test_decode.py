@@ -2,14 +2,14 @@ import math
 
 import torch
 
-from globeflow.decode import (
+from globeflow.answers.decode import (
     best_guess,
     expected_geoscore,
     pairwise_km,
     sample_density_grid,
     top_regions,
 )
-from globeflow.sphere import latlon_grid
+from globeflow.core.sphere import latlon_grid
 
 
 def _cluster(lat, lon, n, spread_deg, seed):

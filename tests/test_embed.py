@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, TiffImagePlugin
 
-from globeflow.embed import collect_inputs, embed_images
-from globeflow.embedding_store import read_embeddings
-from globeflow.encoders import Encoder
+from globeflow.data.embedding_store import read_embeddings
+from globeflow.data.encoders import Encoder
+from globeflow.jobs.embed import collect_inputs, embed_images
 
 
 class MeanColourEncoder(Encoder):

@@ -1,4 +1,4 @@
-"""Tests for globeflow.embedding_store: round trip, parts, metadata, resume, streaming."""
+"""Tests for globeflow.data.embedding_store: round trip, parts, metadata, resume, streaming."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from globeflow.embedding_store import EmbeddingWriter, iter_embedding_batches, read_embeddings
+from globeflow.data.embedding_store import EmbeddingWriter, iter_embedding_batches, read_embeddings
 
 
 def _rows(n: int, dim: int, start: int = 0):

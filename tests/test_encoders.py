@@ -1,4 +1,4 @@
-"""Tests for globeflow.encoders: offline default encoder and the hub encoder code paths."""
+"""Tests for globeflow.data.encoders: offline default encoder and the hub encoder code paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from globeflow.encoders import (
+from globeflow.data.encoders import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_ENCODER,
@@ -87,7 +87,7 @@ def _transformers():
 
 def test_dinov2_encoder_tiny_offline(tmp_path: Path) -> None:
     tf = _transformers()
-    from globeflow.encoders import Dinov2Encoder
+    from globeflow.data.encoders import Dinov2Encoder
 
     torch.manual_seed(0)
     cfg = tf.Dinov2WithRegistersConfig(
@@ -123,7 +123,7 @@ def test_dinov2_encoder_tiny_offline(tmp_path: Path) -> None:
 
 def test_streetclip_encoder_tiny_offline(tmp_path: Path) -> None:
     tf = _transformers()
-    from globeflow.encoders import StreetCLIPEncoder
+    from globeflow.data.encoders import StreetCLIPEncoder
 
     torch.manual_seed(0)
     vcfg = dict(

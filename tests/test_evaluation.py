@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from globeflow.evaluation import evaluate, summary_from_predictions_csv
-from globeflow.sphere import sample_uniform_sphere, unit_to_latlon
+from globeflow.core.sphere import sample_uniform_sphere, unit_to_latlon
+from globeflow.jobs.evaluation import evaluate, summary_from_predictions_csv
 
 TRUTHS = [
     ("paris.jpg", 48.8566, 2.3522),

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import globeflow as gf
-from globeflow.families import Diffusion, FlowMatching, RiemannianFlowMatching
-from globeflow.network import Denoiser
+from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
+from globeflow.core.network import Denoiser
+from globeflow.core.sphere import sample_uniform_sphere
 
 SAMPLERS = {
     "riemannian_flow_sampler": "rfm",
@@ -21,7 +22,10 @@ def test_samplers_reproduce_published_vectors(plonk_compat, sampler, guidance):
     ref = json.loads((plonk_compat / "tiny" / "vectors.json").read_text())
     ref = ref[f"{sampler}(num_steps=10,cfg_rate={guidance})"]
     out = model.sample_raw(
-        torch.tensor(ref["emb"]), num_samples=1, steps=10, guidance=guidance,
+        torch.tensor(ref["emb"]),
+        num_samples=1,
+        steps=10,
+        guidance=guidance,
         noise=torch.tensor(ref["x_init"])[:, None],
     )[:, 0]
     assert torch.allclose(out, torch.tensor(ref["output"]), atol=1e-5)
@@ -43,10 +47,12 @@ def test_guidance_zero_equals_unguided_field(cls):
     assert torch.equal(model.guided_output(x, cond, None, 0.0), plain)
     # With w > 0 the field is (1 + w) v_c - w v_null, v_null from the all-zeros embedding.
     cond, null = model.conditionings(emb, torch.tensor(0.4), guidance=1.5)
-    v_null = model.network.forward_conditioned(x, model.network.condition(
-        torch.zeros_like(emb), torch.tensor(0.4)))
-    assert torch.allclose(model.guided_output(x, cond, null, 1.5), 2.5 * plain - 1.5 * v_null,
-                          atol=1e-6)
+    v_null = model.network.forward_conditioned(
+        x, model.network.condition(torch.zeros_like(emb), torch.tensor(0.4))
+    )
+    assert torch.allclose(
+        model.guided_output(x, cond, null, 1.5), 2.5 * plain - 1.5 * v_null, atol=1e-6
+    )
     g = torch.Generator().manual_seed(3)
     a = model.sample(emb, 8, 4, guidance=0.0, generator=g)
     g = torch.Generator().manual_seed(3)
@@ -76,19 +82,21 @@ def test_rfm_iterates_stay_on_sphere_and_noise_is_respected():
 
 
 def test_rfm_training_target_is_the_geodesic_velocity():
-    from globeflow.families.riemannian_flow import geodesic_point_and_velocity
-    from globeflow.sphere import geodesic
+    from globeflow.core.families.riemannian_flow import geodesic_point_and_velocity
+    from globeflow.core.sphere import geodesic
 
     g = torch.Generator().manual_seed(0)
-    x0 = gf.sphere.sample_uniform_sphere((50,), generator=g, dtype=torch.float64)
-    eps = gf.sphere.sample_uniform_sphere((50,), generator=g, dtype=torch.float64)
+    x0 = sample_uniform_sphere((50,), generator=g, dtype=torch.float64)
+    eps = sample_uniform_sphere((50,), generator=g, dtype=torch.float64)
     gamma = torch.rand(50, generator=g, dtype=torch.float64) * 0.9 + 0.05
     x, v = geodesic_point_and_velocity(x0, eps, gamma)
     # x_gamma = exp_x0((1 - gamma) log_x0(eps)); velocity by central differences in gamma.
     assert torch.allclose(x, geodesic(x0, eps, (1 - gamma)[:, None]), atol=1e-10)
     h = 1e-6
-    fd = (geodesic_point_and_velocity(x0, eps, gamma + h)[0]
-          - geodesic_point_and_velocity(x0, eps, gamma - h)[0]) / (2 * h)
+    fd = (
+        geodesic_point_and_velocity(x0, eps, gamma + h)[0]
+        - geodesic_point_and_velocity(x0, eps, gamma - h)[0]
+    ) / (2 * h)
     assert torch.allclose(v, fd, atol=1e-6)
     assert (v * x).sum(-1).abs().max() < 1e-10
 
@@ -97,7 +105,7 @@ def test_rfm_training_target_is_the_geodesic_velocity():
 def test_loss_is_finite_and_trainable(cls):
     model = _model(cls).train()
     g = torch.Generator().manual_seed(0)
-    x0 = gf.sphere.sample_uniform_sphere((256,), generator=g)
+    x0 = sample_uniform_sphere((256,), generator=g)
     emb = torch.randn(256, 4, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
@@ -112,7 +120,7 @@ def test_loss_is_finite_and_trainable(cls):
 
 
 def test_condition_dropout_rate():
-    from globeflow.families.base import drop_condition
+    from globeflow.core.families.base import drop_condition
 
     g = torch.Generator().manual_seed(0)
     out = drop_condition(torch.ones(20000, 3), 0.1, generator=g)

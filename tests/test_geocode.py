@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from globeflow.geocode import Place, country_name, place_label, reverse_geocode
+from globeflow.answers.geocode import Place, country_name, place_label, reverse_geocode
 
 CITIES = {
     "Paris": ((48.8566, 2.3522), "FR", "France"),

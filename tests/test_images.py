@@ -1,4 +1,4 @@
-"""Tests for globeflow.images: modes, orientation, corrupt files, bombs, EXIF GPS."""
+"""Tests for globeflow.data.images: modes, orientation, corrupt files, bombs, EXIF GPS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from _photos import gps_exif
 from PIL import Image, TiffImagePlugin
 
-from globeflow.images import (
+from globeflow.data.images import (
     ImageLoadError,
     heif_available,
     load_image,

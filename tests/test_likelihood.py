@@ -3,17 +3,17 @@ import math
 import pytest
 import torch
 
-from globeflow.families import Diffusion, FlowMatching, RiemannianFlowMatching
-from globeflow.families.flow import gaussian_log_prob
-from globeflow.likelihood import (
+from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
+from globeflow.core.families.flow import gaussian_log_prob
+from globeflow.core.likelihood import (
     DIFFUSION_GAMMA_END,
     integration_grid,
     log_prob_adaptive,
     log_prob_ode,
 )
-from globeflow.network import Denoiser
-from globeflow.schedules import SigmoidSchedule
-from globeflow.sphere import latlon_grid, latlon_to_unit, sample_uniform_sphere
+from globeflow.core.network import Denoiser
+from globeflow.core.schedules import SigmoidSchedule
+from globeflow.core.sphere import latlon_grid, latlon_to_unit, sample_uniform_sphere
 
 f64 = torch.float64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from globeflow.maps import load_borders, load_coastlines, render_map
+from globeflow.answers.maps import load_borders, load_coastlines, render_map
 
 
 def test_coastline_data_is_sane() -> None:

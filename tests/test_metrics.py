@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from globeflow import metrics as M
-from globeflow.sphere import EARTH_RADIUS_KM, haversine_km
+from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km
+from globeflow.jobs import metrics as M
 
 PARIS = (48.8566, 2.3522)
 LONDON = (51.5074, -0.1278)

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from naive import naive_field_and_divergence, naive_log_prob, naive_sample  # noqa: E402
 
-from globeflow.families import RiemannianFlowMatching  # noqa: E402
-from globeflow.likelihood import _field_and_divergence, log_prob_adaptive  # noqa: E402
-from globeflow.network import Denoiser  # noqa: E402
-from globeflow.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere  # noqa: E402
+from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
+from globeflow.core.likelihood import _field_and_divergence, log_prob_adaptive  # noqa: E402
+from globeflow.core.network import Denoiser  # noqa: E402
+from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere  # noqa: E402
 
 f64 = torch.float64
 

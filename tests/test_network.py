@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from torch.func import jvp
 
-from globeflow.network import Denoiser
+from globeflow.core.network import Denoiser
 
 
 def test_state_dict_layout_matches_published(plonk_compat):
@@ -38,9 +38,7 @@ def test_cached_condition_equals_per_row_forward():
     y = torch.randn(3, 7, 3, dtype=torch.float64)
     gamma = torch.tensor(0.37, dtype=torch.float64)
     cached = net.forward_conditioned(y, net.condition(emb, gamma))
-    rows = net(
-        y.reshape(-1, 3), gamma.expand(21), emb.repeat_interleave(7, dim=0)
-    ).reshape(3, 7, 3)
+    rows = net(y.reshape(-1, 3), gamma.expand(21), emb.repeat_interleave(7, dim=0)).reshape(3, 7, 3)
     assert torch.allclose(cached, rows, atol=1e-12)
 
 

@@ -27,19 +27,22 @@ import math
 import pytest
 import torch
 
-from globeflow.families import RiemannianFlowMatching
-from globeflow.families.baselines import sample_vmf, vmf_log_density
-from globeflow.network import Denoiser
-from globeflow.sphere import LOG_UNIFORM_DENSITY, angle_between
+from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.families.baselines import sample_vmf, vmf_log_density
+from globeflow.core.network import Denoiser
+from globeflow.core.sphere import LOG_UNIFORM_DENSITY, angle_between
 
 KAPPA = 50.0
 WEIGHTS = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]], dtype=torch.float64)
-MEANS_LATLON = [[(40.0, 0.0), (-20.0, 100.0)], [(0.0, -90.0), (60.0, 150.0)], [(-50.0, 30.0),
-                                                                               (10.0, 170.0)]]
+MEANS_LATLON = [
+    [(40.0, 0.0), (-20.0, 100.0)],
+    [(0.0, -90.0), (60.0, 150.0)],
+    [(-50.0, 30.0), (10.0, 170.0)],
+]
 
 
 def _means() -> torch.Tensor:
-    from globeflow.sphere import latlon_to_unit
+    from globeflow.core.sphere import latlon_to_unit
 
     return latlon_to_unit(torch.tensor(MEANS_LATLON, dtype=torch.float64))  # (3, 2, 3)
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from globeflow.schedules import (
+from globeflow.core.schedules import (
     CosineSchedule,
     LinearSchedule,
     SigmoidSchedule,
@@ -11,8 +11,12 @@ from globeflow.schedules import (
     time_grid,
 )
 
-SCHEDULES = [SigmoidSchedule(), SigmoidSchedule(alpha=-2.0, beta=5.0), LinearSchedule(),
-             CosineSchedule()]
+SCHEDULES = [
+    SigmoidSchedule(),
+    SigmoidSchedule(alpha=-2.0, beta=5.0),
+    LinearSchedule(),
+    CosineSchedule(),
+]
 
 
 def test_sigmoid_reproduces_published_vectors(plonk_compat):

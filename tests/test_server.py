@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _fake_locator import FakeLocator  # noqa: E402
 from _photos import gps_exif  # noqa: E402
 
-from globeflow.server import create_app  # noqa: E402
+from globeflow.apps.server import create_app  # noqa: E402
 
 
 def _jpeg(size: tuple[int, int] = (96, 64), exif: bytes | None = None) -> bytes:

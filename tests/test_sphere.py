@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from globeflow import sphere as S
+from globeflow.core import sphere as S
 
 lat_st = st.floats(-89.9, 89.9)
 lon_st = st.floats(-179.9, 179.9)
@@ -42,9 +42,7 @@ def test_haversine_equals_angle_times_radius(la1, lo1, la2, lo2):
     a = torch.tensor([la1, lo1], dtype=f64)
     b = torch.tensor([la2, lo2], dtype=f64)
     angle = S.angle_between(S.latlon_to_unit(a), S.latlon_to_unit(b))
-    assert S.haversine_km(a, b).item() == pytest.approx(
-        angle.item() * S.EARTH_RADIUS_KM, abs=1e-6
-    )
+    assert S.haversine_km(a, b).item() == pytest.approx(angle.item() * S.EARTH_RADIUS_KM, abs=1e-6)
 
 
 @settings(max_examples=200)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from globeflow import training
-from globeflow.checkpoints import load_model
-from globeflow.training import (
+from globeflow.core.checkpoints import load_model
+from globeflow.jobs import training
+from globeflow.jobs.training import (
     BatchOrder,
     Lamb,
     TrainConfig,
@@ -235,8 +235,8 @@ def test_resume_after_sigkill_is_exact(reference: Path, tmp_path: Path):
         "import json, sys, time, torch\n"
         "torch.set_num_threads(1)\n"
         "from safetensors.torch import load_file\n"
-        "from globeflow import training\n"
-        "from globeflow.families import RiemannianFlowMatching as M\n"
+        "from globeflow.jobs import training\n"
+        "from globeflow.core.families import RiemannianFlowMatching as M\n"
         "d = load_file(sys.argv[1])\n"
         "loss = M.loss\n"
         # Slow each step down so that the kill lands in the middle of the run.
@@ -313,7 +313,7 @@ def test_uniform_baseline_needs_no_optimiser(tmp_path: Path):
 
 
 def test_train_from_embeddings(tmp_path: Path, monkeypatch):
-    from globeflow import embedding_store
+    from globeflow.data import embedding_store
 
     d = synthetic()
     n = len(d["emb"])

@@ -67,7 +67,7 @@ def browser():
 def _start_server(locator):
     import uvicorn
 
-    from globeflow.server import create_app
+    from globeflow.apps.server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,7 +137,7 @@ def _screenshot_path(tmp_path: Path, real: bool = False) -> Path:
 def test_upload_shows_map_regions_and_best_guess(browser, server_url, tmp_path) -> None:
     from _fake_locator import _haversine_km
 
-    from globeflow.images import read_exif_gps
+    from globeflow.data.images import read_exif_gps
 
     photo = REPO / "examples" / "paris.jpg"
     if not photo.is_file() or read_exif_gps(photo) is None:
@@ -242,8 +242,8 @@ def test_bad_file_shows_readable_error(browser, server_url, tmp_path) -> None:
 def test_real_pipeline_in_the_browser(browser, tmp_path) -> None:
     """The bundled model and encoder behind the page: an example photo goes in, a map, a best
     guess with a place name, regions with probabilities and the EXIF truth come out."""
-    from globeflow.images import read_exif_gps
-    from globeflow.pipeline import Locator, default_model_path
+    from globeflow.apps.pipeline import Locator, default_model_path
+    from globeflow.data.images import read_exif_gps
 
     photo = REPO / "examples" / "paris.jpg"
     if not (default_model_path() / "model.safetensors").is_file() or not photo.is_file():

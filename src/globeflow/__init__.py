@@ -6,35 +6,47 @@ Riemannian flow matching over frozen image embeddings).
 >>> latlon = model.sample(emb, num_samples=64, steps=32, guidance=2.0)   # (B, N, 2) degrees
 >>> logp = model.log_prob(latlon, emb)                   # (B, N) natural log per steradian
 >>> bits = model.localizability(emb)                     # (B,) E_p[log2 p]
+
+The package is layered (``core``: maths and models; ``data``: images, encoders, stores;
+``answers``: decoding, places, maps; ``jobs``: embed, train, evaluate; ``apps``: pipeline, CLI,
+server). The names below are imported on first use, so that ``import globeflow`` (and the
+command line's ``--help``) does not pay for importing torch.
 """
 
-from .checkpoints import load_model, save_model
-from .families import (
-    Diffusion,
-    FlowMatching,
-    GeoModel,
-    RiemannianFlowMatching,
-    effective_area_km2,
-)
-from .network import Denoiser
-from .schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
-from .sphere import haversine_km, latlon_to_unit, unit_to_latlon
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load_model",
-    "save_model",
-    "GeoModel",
-    "RiemannianFlowMatching",
-    "FlowMatching",
-    "Diffusion",
-    "Denoiser",
-    "SigmoidSchedule",
-    "LinearSchedule",
-    "CosineSchedule",
-    "haversine_km",
-    "latlon_to_unit",
-    "unit_to_latlon",
-    "effective_area_km2",
-]
+_PUBLIC = {
+    "load_model": "globeflow.core.checkpoints",
+    "save_model": "globeflow.core.checkpoints",
+    "GeoModel": "globeflow.core.families",
+    "RiemannianFlowMatching": "globeflow.core.families",
+    "FlowMatching": "globeflow.core.families",
+    "Diffusion": "globeflow.core.families",
+    "effective_area_km2": "globeflow.core.families",
+    "Denoiser": "globeflow.core.network",
+    "SigmoidSchedule": "globeflow.core.schedules",
+    "LinearSchedule": "globeflow.core.schedules",
+    "CosineSchedule": "globeflow.core.schedules",
+    "haversine_km": "globeflow.core.sphere",
+    "latlon_to_unit": "globeflow.core.sphere",
+    "unit_to_latlon": "globeflow.core.sphere",
+    "Locator": "globeflow.apps.pipeline",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'globeflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..sphere import project_to_sphere
-from .base import DenoisingModel
-from .flow import gaussian_log_prob
+from globeflow.core.families.base import DenoisingModel
+from globeflow.core.families.flow import gaussian_log_prob
+from globeflow.core.sphere import project_to_sphere
 
 
 class Diffusion(DenoisingModel):

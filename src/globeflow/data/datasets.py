@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import load_image, load_image_bytes, read_exif_gps
+from globeflow.data.images import load_image, load_image_bytes, read_exif_gps
 
 __all__ = [
     "GeoRecord",
@@ -484,7 +484,7 @@ def _embedding_column(cols: Sequence[str]) -> str | None:
 def read_embeddings(path: str | Path, batch_size: int = 65536) -> Dataset:
     """Precomputed embeddings from ``globeflow embed`` (an embedding store), streamed by row
     groups so that stores larger than memory can be evaluated."""
-    from .embedding_store import iter_embedding_batches
+    from globeflow.data.embedding_store import iter_embedding_batches
 
     root = Path(path)
 

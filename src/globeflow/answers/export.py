@@ -1,4 +1,4 @@
-"""Writing located results (the dicts of :mod:`globeflow.pipeline`) as CSV and GeoJSON."""
+"""Writing located results (the dicts of :mod:`globeflow.apps.pipeline`) as CSV and GeoJSON."""
 
 from __future__ import annotations
 

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import save_model
-from .decode import best_guess
-from .families import DENOISING_FAMILIES, GeoModel
-from .network import Denoiser
-from .schedules import schedule_from_config
-from .sphere import haversine_km, latlon_to_unit
+from globeflow.answers.decode import best_guess
+from globeflow.core.checkpoints import save_model
+from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.network import Denoiser
+from globeflow.core.schedules import schedule_from_config
+from globeflow.core.sphere import haversine_km, latlon_to_unit
 
 FAMILIES = ("rfm", "flow", "diffusion", "vmf", "vmf-mixture", "uniform")
 GEOSCORE_SCALE_KM = 1492.7
@@ -341,7 +341,7 @@ def build_model(config: TrainConfig, cond_dim: int) -> GeoModel:
                 schedule=schedule_from_config({"name": config.schedule}),
                 cond_drop_prob=config.cond_drop_prob,
             )
-        from .families.baselines import BASELINES
+        from globeflow.core.families.baselines import BASELINES
 
         cls = BASELINES[config.family]
         if config.family == "vmf":
@@ -796,7 +796,7 @@ def train_from_embeddings(
     locations mixed into each batch (``prior_fraction``) under the null condition.
     ``overrides``: any :class:`TrainConfig` field.
     """
-    from .embedding_store import read_embeddings
+    from globeflow.data.embedding_store import read_embeddings
 
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"family", "prior_latlon"}
     unknown = sorted(set(overrides) - known)

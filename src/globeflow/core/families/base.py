@@ -10,9 +10,9 @@ import math
 import torch
 from torch import nn
 
-from ..network import Conditioning, Denoiser
-from ..schedules import Schedule, SigmoidSchedule, time_grid
-from ..sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
+from globeflow.core.network import Conditioning, Denoiser
+from globeflow.core.schedules import Schedule, SigmoidSchedule, time_grid
+from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
 
 
 class GeoModel(nn.Module):
@@ -341,7 +341,7 @@ class DenoisingModel(GeoModel):
     def log_prob_unit(
         self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
     ) -> torch.Tensor:
-        from ..likelihood import log_prob_ode
+        from globeflow.core.likelihood import log_prob_ode
 
         return log_prob_ode(self, x, emb, steps=steps)
 

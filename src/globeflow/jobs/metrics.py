@@ -4,7 +4,7 @@ coverage on the sphere, and calibration of highest-density regions.
 
 All functions are pure and vectorised. Inputs may be torch tensors, numpy arrays or nested
 sequences; coordinates are degrees in (lat, lon) order; distances are kilometres on a sphere of
-radius :data:`globeflow.sphere.EARTH_RADIUS_KM`. Computations run in float64 so that summaries
+radius :data:`globeflow.core.sphere.EARTH_RADIUS_KM`. Computations run in float64 so that summaries
 are reproducible from written CSVs.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sphere import EARTH_RADIUS_KM
+from globeflow.core.sphere import EARTH_RADIUS_KM
 
 __all__ = [
     "GEOSCORE_SCALE_KM",
@@ -351,7 +351,7 @@ def _country_key(place: Mapping[str, Any]) -> str:
         return name
     if name:
         if _NAME_TO_CODE is None:
-            from .geocode import _COUNTRY_NAMES
+            from globeflow.answers.geocode import _COUNTRY_NAMES
 
             _NAME_TO_CODE = {_norm(v): k.casefold() for k, v in _COUNTRY_NAMES.items()}
         return _NAME_TO_CODE.get(name, name)
@@ -371,7 +371,7 @@ def _as_mapping(place: Any) -> Mapping[str, Any]:
 def admin_accuracy(pred_places: Sequence[Any], true_places: Sequence[Any]) -> dict[str, float]:
     """Percentage of predictions in the true country, region (admin1) and city.
 
-    Places are :class:`globeflow.geocode.Place` objects or dicts with keys country /
+    Places are :class:`globeflow.answers.geocode.Place` objects or dicts with keys country /
     country_code / region / city. Countries match by ISO code (names are mapped to codes).
     Region and city match within the same country (names compared case-insensitively), so that a
     "Springfield" in another country is not a hit. A truth without a label at some level is left

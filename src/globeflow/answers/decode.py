@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sphere import EARTH_RADIUS_KM, latlon_grid, latlon_to_unit
+from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_grid, latlon_to_unit
 
 GEOSCORE_SCALE_KM = 1492.7
 GEOSCORE_MAX = 5000.0

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from ..sphere import (
+from globeflow.core.families.base import DenoisingModel
+from globeflow.core.sphere import (
     LOG_UNIFORM_DENSITY,
     angle_between,
     project_to_sphere,
     project_to_tangent,
     sample_uniform_sphere,
 )
-from .base import DenoisingModel
 
 
 def geodesic_point_and_velocity(

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoints import load_model
-from .decode import best_guess, sample_density_grid, top_regions
-from .families import GeoModel, effective_area_km2
-from .sphere import haversine_km
+from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
+from globeflow.core.checkpoints import load_model
+from globeflow.core.families import GeoModel, effective_area_km2
+from globeflow.core.sphere import haversine_km
 
 DEFAULT_MODEL_DIR = "default_model"
 DEFAULT_GUIDANCE = 2.0
@@ -61,7 +61,7 @@ class Locator:
         device: str = "cpu",
     ) -> Locator:
         """Load a model (default: the bundled one) and the encoder its metadata names."""
-        from .encoders import get_encoder
+        from globeflow.data.encoders import get_encoder
 
         path = Path(model) if model is not None else default_model_path()
         geo = load_model(path if model is None or Path(model).exists() else model, family, device)
@@ -91,7 +91,7 @@ class Locator:
         seed: int = 0,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure."""
-        from .geocode import reverse_geocode
+        from globeflow.answers.geocode import reverse_geocode
 
         guidance = self.default_guidance if guidance is None else guidance
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -177,7 +177,7 @@ class Locator:
         and never stop the batch."""
         from tqdm.auto import tqdm
 
-        from .images import ImageLoadError, load_image, read_exif_gps
+        from globeflow.data.images import ImageLoadError, load_image, read_exif_gps
 
         results: list[dict] = []
         bar = tqdm(total=len(paths), desc="locating", unit="photo", disable=not progress)

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .families import DENOISING_FAMILIES, GeoModel
-from .network import Denoiser
-from .schedules import schedule_from_config
+from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.network import Denoiser
+from globeflow.core.schedules import schedule_from_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,7 +44,7 @@ def _infer_family(name: str) -> str:
 
 def _baseline_classes() -> dict[str, type[GeoModel]]:
     try:
-        from .families.baselines import BASELINES
+        from globeflow.core.families.baselines import BASELINES
     except ImportError:  # pragma: no cover - baselines are part of the package
         return {}
     return BASELINES

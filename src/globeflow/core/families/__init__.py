@@ -1,9 +1,9 @@
 """Generative families behind one interface (:class:`GeoModel`)."""
 
-from .base import DenoisingModel, GeoModel, effective_area_km2
-from .diffusion import Diffusion
-from .flow import FlowMatching
-from .riemannian_flow import RiemannianFlowMatching
+from globeflow.core.families.base import DenoisingModel, GeoModel, effective_area_km2
+from globeflow.core.families.diffusion import Diffusion
+from globeflow.core.families.flow import FlowMatching
+from globeflow.core.families.riemannian_flow import RiemannianFlowMatching
 
 DENOISING_FAMILIES: dict[str, type[DenoisingModel]] = {
     "rfm": RiemannianFlowMatching,

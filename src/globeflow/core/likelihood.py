@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .network import Conditioning
-from .sphere import project_to_sphere, tangent_basis
+from globeflow.core.network import Conditioning
+from globeflow.core.sphere import project_to_sphere, tangent_basis
 
 DEFAULT_LIKELIHOOD_STEPS = 32
 """With "gamma" spacing: max |delta log p| 0.016 nats against dopri5 at 1e-7 on the YFCC-size

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .embedding_store import EmbeddingWriter
-from .encoders import Encoder
-from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
+from globeflow.data.embedding_store import EmbeddingWriter
+from globeflow.data.encoders import Encoder
+from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
 
 __all__ = ["EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
 
@@ -172,7 +172,8 @@ def embed_images(
 
     Args:
         inputs: image files, folders, text lists of paths, or CSV files (see module doc).
-        encoder: a frozen :class:`~globeflow.encoders.Encoder`; its ``name``/``dim`` are stored.
+        encoder: a frozen :class:`~globeflow.data.encoders.Encoder`; its ``name``/``dim`` are
+            stored.
         output: ``NAME.parquet`` directory; created or resumed (existing ids are skipped).
         batch_size: images per encoder forward pass.
         progress: show a tqdm progress bar.

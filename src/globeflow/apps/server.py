@@ -27,11 +27,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .images import load_image_bytes, read_exif_gps
+from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = ["create_app", "serve", "MIN_SAMPLES", "MAX_SAMPLES", "MAX_GUIDANCE", "MAX_STEPS"]
 
-log = logging.getLogger("globeflow.server")
+log = logging.getLogger("globeflow.apps.server")
 
 MIN_SAMPLES, MAX_SAMPLES = 16, 4096
 MAX_GUIDANCE = 10.0
@@ -42,7 +42,7 @@ _CHUNK = 1 << 20
 
 
 def _static_dir() -> Path:
-    return Path(str(resources.files("globeflow") / "static"))
+    return Path(str(resources.files("globeflow.apps") / "static"))
 
 
 def _coastlines_file() -> Path:
@@ -220,7 +220,8 @@ def create_app(
 
     Args:
         locator: object with ``locate_images(images, num_samples, guidance, steps, exif_gps,
-            with_density)`` and ``model_name`` / ``encoder_name`` (``globeflow.pipeline.Locator``).
+            with_density)`` and ``model_name`` / ``encoder_name``
+            (``globeflow.apps.pipeline.Locator``).
         max_upload_mb: largest accepted file (413 above).
         max_batch: most images per model call, across concurrent requests.
         max_files: most files in one request.
@@ -361,7 +362,7 @@ def create_app(
                 f.cancel()
             raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
         if format == "geojson":
-            from .export import results_to_geojson
+            from globeflow.answers.export import results_to_geojson
 
             return JSONResponse(results_to_geojson(results))
         return JSONResponse({"results": results})
@@ -401,7 +402,7 @@ def serve(
     if hasattr(model, "locate_images"):
         locator = model
     else:
-        from .pipeline import Locator
+        from globeflow.apps.pipeline import Locator
 
         locator = Locator.from_pretrained(
             model, encoder=encoder, family=family, encoder_path=encoder_path, device=device

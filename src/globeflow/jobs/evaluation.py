@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics as M
-from .datasets import Dataset, GeoRecord, load_record_image, open_dataset
-from .decode import best_guess
+from globeflow.answers.decode import best_guess
+from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
+from globeflow.jobs import metrics as M
 
 __all__ = [
     "EvaluationReport",
@@ -360,7 +360,7 @@ def _has_admin_labels(record: GeoRecord) -> bool:
 
 def _true_place(record: GeoRecord) -> dict[str, str]:
     """The dataset's own labels as a place (country may be an ISO code or a name)."""
-    from .geocode import country_name
+    from globeflow.answers.geocode import country_name
 
     labels = record.labels() or {}
     country = labels.get("country", "")
@@ -431,7 +431,7 @@ def evaluate(
     Returns:
         An :class:`EvaluationReport`; call ``.write(out_dir)`` for the files.
     """
-    from .geocode import reverse_geocode
+    from globeflow.answers.geocode import reverse_geocode
 
     started = time.time()
     device = _model_device(model)

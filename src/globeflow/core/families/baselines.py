@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sphere import LOG_UNIFORM_DENSITY, project_to_sphere, tangent_basis
-from .base import GeoModel
+from globeflow.core.families.base import GeoModel
+from globeflow.core.sphere import LOG_UNIFORM_DENSITY, project_to_sphere, tangent_basis
 
 KAPPA_MIN = 1e-6
 KAPPA_MAX = 1e7

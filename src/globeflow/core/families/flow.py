@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ..sphere import project_to_sphere
-from .base import DenoisingModel
+from globeflow.core.families.base import DenoisingModel
+from globeflow.core.sphere import project_to_sphere
 
 
 def gaussian_log_prob(x: torch.Tensor) -> torch.Tensor:

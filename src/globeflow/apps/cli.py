@@ -69,8 +69,8 @@ def embed(
     progress: bool = typer.Option(True),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported)."""
-    from .embed import embed_images
-    from .encoders import get_encoder
+    from globeflow.data.encoders import get_encoder
+    from globeflow.jobs.embed import embed_images
 
     enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
     report = embed_images(
@@ -128,7 +128,7 @@ def train(
     progress: bool = typer.Option(True),
 ) -> None:
     """Train a model on precomputed embeddings; killed runs resume exactly where they stopped."""
-    from .training import train_from_embeddings
+    from globeflow.jobs.training import train_from_embeddings
 
     if exclude_authors is not None:
         embeddings = _without_authors(embeddings, exclude_authors, output)
@@ -161,7 +161,7 @@ def train(
 
 def _without_authors(store: Path, authors_file: Path, run_dir: Path) -> Path:
     """Copy of an embedding store without the listed authors' rows (kept in the run dir)."""
-    from .embedding_store import EmbeddingWriter, read_embeddings
+    from globeflow.data.embedding_store import EmbeddingWriter, read_embeddings
 
     drop = {a.strip() for a in authors_file.read_text().splitlines() if a.strip()}
     table = read_embeddings(store)
@@ -235,9 +235,9 @@ def predict(
     from rich.console import Console
     from rich.table import Table
 
-    from .export import results_to_csv, results_to_geojson
-    from .images import IMAGE_EXTENSIONS
-    from .pipeline import Locator
+    from globeflow.answers.export import results_to_csv, results_to_geojson
+    from globeflow.apps.pipeline import Locator
+    from globeflow.data.images import IMAGE_EXTENSIONS
 
     paths: list[Path] = []
     for p in photos:
@@ -291,8 +291,8 @@ def predict(
         geojson_out.parent.mkdir(parents=True, exist_ok=True)
         geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
     if map_dir:
-        from .decode import sample_density_grid
-        from .maps import render_map
+        from globeflow.answers.decode import sample_density_grid
+        from globeflow.answers.maps import render_map
 
         map_dir.mkdir(parents=True, exist_ok=True)
         for r in results:
@@ -338,9 +338,9 @@ def evaluate(
     progress: bool = typer.Option(True),
 ) -> None:
     """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown)."""
-    from .datasets import open_dataset
-    from .evaluation import evaluate as run_evaluation
-    from .pipeline import Locator
+    from globeflow.apps.pipeline import Locator
+    from globeflow.data.datasets import open_dataset
+    from globeflow.jobs.evaluation import evaluate as run_evaluation
 
     try:
         locator = Locator.from_pretrained(
@@ -378,8 +378,8 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
-    from .pipeline import Locator
-    from .server import serve as run_server
+    from globeflow.apps.pipeline import Locator
+    from globeflow.apps.server import serve as run_server
 
     locator = Locator.from_pretrained(
         model, encoder=encoder, family=family, encoder_path=encoder_path

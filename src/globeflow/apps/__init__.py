@@ -1,0 +1,1 @@
+"""Applications: the shared pipeline, the command line and the web server."""

@@ -1,0 +1,2 @@
+"""Core maths: sphere geometry, schedules, the network, the generative families,
+likelihoods and model files."""

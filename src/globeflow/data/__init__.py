@@ -1,0 +1,1 @@
+"""Data in: image loading, frozen encoders, embedding stores and dataset readers."""

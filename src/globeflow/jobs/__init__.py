@@ -1,0 +1,1 @@
+"""Long jobs: embedding, training, evaluation and its metrics."""
