@@ -69,7 +69,7 @@ def test_folder_with_good_and_corrupt(tmp_path: Path) -> None:
     expected = torch.tensor(_colour(11), dtype=torch.float32) / 255.0
     assert torch.allclose(t.embeddings[row].view(3, 4).mean(1), expected, atol=1e-5)
     assert t.encoder_name == "mean-colour" and torch.isnan(t.latlon).all()
-    with open(out.parent / "errors.csv", newline="") as fh:
+    with open(out / "_errors.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["path"].endswith("broken.jpg")
 

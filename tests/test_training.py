@@ -174,8 +174,8 @@ def test_prior_mixing_fraction():
     assert config.prior_rows == 16
     assert TrainConfig(family="vmf", **{"prior_fraction": 0.25}).prior_rows == 0
     d = synthetic()
-    x0 = training._to_unit(d["latlon"])
-    prior = training._to_unit(d["prior"])
+    x0 = training.to_unit(d["latlon"])
+    prior = training.to_unit(d["prior"])
     order = BatchOrder(len(x0), config.batch_size - config.prior_rows, seed=0)
     bx, be = assemble_batch(
         x0, d["emb"], order.indices(3), prior, config.prior_rows, torch.Generator().manual_seed(1)

@@ -3,8 +3,14 @@
 Inputs may be image files, folders (recursive), text files listing one path per line, or CSV
 files with an image column (``image``/``path``/``filename``/``IMG_ID``, any case) and optional
 ``lat``/``lon`` (also ``latitude``/``longitude``, any case) and ``author`` columns. Missing
-coordinates are read from EXIF GPS. Already stored ids are skipped (resume). Unreadable files
-are counted and listed in ``errors.csv`` beside the output; they never stop the job.
+coordinates are read from EXIF GPS. Already stored ids are skipped (resume); rows are committed
+every ``chunk_size`` rows and at least every ``max_unsaved_seconds``, so a kill loses little.
+Unreadable files are counted and listed in ``_errors.csv`` inside the store; they never stop
+the job.
+
+Under ``torchrun`` the processes split the remaining photos into contiguous runs of whole
+batches (the same batches one process would form), each writes its own parts, and rank 0 writes
+the merged error list: the store then reads back row for row as one process would write it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from globeflow.data.embedding_store import EmbeddingWriter
 from globeflow.data.encoders import Encoder
 from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
+from globeflow.jobs.distributed import (
+    Placement,
+    autocast,
+    join_process_group,
+    leave_process_group,
+    rank_slice,
+)
 
-__all__ = ["EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
+__all__ = ["ERRORS_NAME", "EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
+
+ERRORS_NAME = "_errors.csv"
+"""The error list, inside the store (``_``: parquet dataset readers skip it)."""
 
 _IMAGE_COLS = ("image", "path", "filename", "file", "img_id", "image_path")
 _LAT_COLS = ("lat", "latitude")
@@ -56,6 +74,27 @@ class EmbedReport:
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def errors_path(self) -> Path:
+        return self.output / ERRORS_NAME
+
+    def merged(self, others: Sequence[EmbedReport]) -> EmbedReport:
+        """This rank's report plus the photo work of the other ranks' reports (the input
+        listing, its errors and the already-stored count are the same on every rank)."""
+        out = EmbedReport(self.output, self.total, skipped_existing=self.skipped_existing)
+        out.errors = list(self.errors[: self._input_errors])
+        out.failed = self._input_errors
+        for r in (self, *others):
+            out.embedded += r.embedded
+            out.failed += r.failed - r._input_errors
+            out.with_location += r.with_location
+            out.from_exif += r.from_exif
+            out.seconds = max(out.seconds, r.seconds)
+            out.errors += r.errors[r._input_errors :]
+        return out
+
+    _input_errors: int = 0
 
 
 def _find_col(header: Sequence[str], names: Sequence[str]) -> str | None:
@@ -167,6 +206,9 @@ def embed_images(
     recursive: bool = True,
     chunk_size: int = 4096,
     exif_gps: bool = True,
+    max_unsaved_seconds: float = 60.0,
+    precision: str = "fp32",
+    place: Placement | None = None,
 ) -> EmbedReport:
     """Embed every photo in ``inputs`` with ``encoder`` into the store ``output``.
 
@@ -176,75 +218,128 @@ def embed_images(
             stored.
         output: ``NAME.parquet`` directory; created or resumed (existing ids are skipped).
         batch_size: images per encoder forward pass.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0).
         recursive: descend into sub-folders of folder inputs.
-        chunk_size: rows per parquet part; a part is committed atomically, so an interrupted
-            run loses at most the current chunk.
+        chunk_size: rows per parquet part.
         exif_gps: read coordinates from EXIF when the input gives none.
+        max_unsaved_seconds: commit buffered rows once the oldest has waited this long, so an
+            interrupted run loses at most this much work (or ``chunk_size`` rows).
+        precision: "fp32", or "bf16" autocast for the encoder's forward pass.
+        place: this process's place in a ``torchrun`` job (default: read from the
+            environment; one process without it).
 
     Returns:
-        :class:`EmbedReport`; its ``errors`` are also written to ``errors.csv`` beside
-        ``output``. lat/lon of photos without any known location are stored as NaN.
+        :class:`EmbedReport` (merged over the processes, complete on rank 0); its ``errors``
+        are also written to ``_errors.csv`` inside ``output``. lat/lon of photos without any
+        known location are stored as NaN.
     """
-    out = Path(output)
+    own = place is None
+    place = place or join_process_group("cpu")  # gloo: only barriers and small objects
+    try:
+        return _embed_placed(
+            inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
+            exif_gps, max_unsaved_seconds, precision, place,
+        )  # fmt: skip
+    finally:
+        if own:
+            leave_process_group(place)
+
+
+def _embed_placed(
+    inputs, encoder, out, batch_size, progress, recursive, chunk_size, exif_gps,
+    max_unsaved_seconds, precision, place,
+) -> EmbedReport:  # fmt: skip
+    """:func:`embed_images` on this process of the job."""
+    autocast(torch.device("cpu"), precision)  # a clear error for an unknown precision, first
     report = EmbedReport(output=out)
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)
     report.total = len(items)
-    writer = EmbeddingWriter(out, encoder.name, encoder.dim, chunk_size=chunk_size)
+    report.failed = report._input_errors = len(report.errors)
+    writer = EmbeddingWriter(
+        out,
+        encoder.name,
+        encoder.dim,
+        chunk_size=chunk_size,
+        max_unsaved_seconds=max_unsaved_seconds,
+        rank=place.rank if place.distributed else None,
+        clean_stale=place.is_main,
+    )
     done = writer.done_ids()
+    place.barrier()  # every process has listed the stored parts before any writes a new one
     todo = [it for it in items if it.id not in done]
     report.skipped_existing = len(items) - len(todo)
+    share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
+    mine = todo[share.start * batch_size : share.stop * batch_size]
 
     bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
+    if progress and place.is_main:
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), unit="img", desc=f"embed ({encoder.name})")
-        except ImportError:  # pragma: no cover - tqdm is a core dependency
-            bar = None
+        bar = tqdm(total=len(mine), unit="img", desc=f"embed ({encoder.name})")
+    device = getattr(encoder, "device", torch.device("cpu"))
+    finished = False
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            good, images, coords = [], [], []
-            for it in batch:
-                try:
-                    img = load_image(it.path)
-                except ImageLoadError as exc:
-                    report.errors.append((str(it.path), exc.reason))
-                    report.failed += 1
-                    continue
-                latlon = it.latlon
-                if latlon is None and exif_gps:
-                    latlon = read_exif_gps(it.path)
-                    report.from_exif += latlon is not None
-                good.append(it)
-                images.append(img)
-                coords.append(latlon)
-            if images:
-                try:
-                    emb = encoder.embed(images, batch_size=len(images))
-                except Exception as exc:  # noqa: BLE001 - report the batch, keep going
-                    for it in good:
-                        report.errors.append((str(it.path), f"encoder failed: {exc}"))
-                    report.failed += len(good)
-                else:
-                    writer.add(
-                        [it.id for it in good],
-                        emb,
-                        paths=[str(it.path) for it in good],
-                        latlon=coords,
-                        authors=[it.author for it in good],
-                    )
-                    report.embedded += len(good)
-                    report.with_location += sum(c is not None for c in coords)
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            with autocast(torch.device(device), precision):
+                _embed_batch(batch, encoder, writer, report, exif_gps)
             if bar is not None:
                 bar.update(len(batch))
+        finished = True
     finally:
         writer.close()
         if bar is not None:
             bar.close()
         report.seconds = time.perf_counter() - t0
-        _write_errors(out.parent / "errors.csv", report.errors)
+        if not finished and place.is_main:  # interrupted: keep what this process knows
+            _write_errors(report.errors_path, report.errors)
+    if place.distributed:
+        reports = place.gather(report)
+        report = reports[0].merged(reports[1:])
+    if place.is_main:
+        _write_errors(report.errors_path, report.errors)
     return report
+
+
+def _embed_batch(
+    batch: list[ImageItem],
+    encoder: Encoder,
+    writer: EmbeddingWriter,
+    report: EmbedReport,
+    exif_gps: bool,
+) -> None:
+    """Load, embed and buffer one batch; unreadable photos and encoder failures are reported."""
+    good, images, coords = [], [], []
+    for it in batch:
+        try:
+            img = load_image(it.path)
+        except ImageLoadError as exc:
+            report.errors.append((str(it.path), exc.reason))
+            report.failed += 1
+            continue
+        latlon = it.latlon
+        if latlon is None and exif_gps:
+            latlon = read_exif_gps(it.path)
+            report.from_exif += latlon is not None
+        good.append(it)
+        images.append(img)
+        coords.append(latlon)
+    if not images:
+        return
+    try:
+        emb = encoder.embed(images, batch_size=len(images))
+    except Exception as exc:  # noqa: BLE001 - report the batch, keep going
+        for it in good:
+            report.errors.append((str(it.path), f"encoder failed: {exc}"))
+        report.failed += len(good)
+        return
+    writer.add(
+        [it.id for it in good],
+        emb,
+        paths=[str(it.path) for it in good],
+        latlon=coords,
+        authors=[it.author for it in good],
+    )
+    report.embedded += len(good)
+    report.with_location += sum(c is not None for c in coords)

@@ -179,15 +179,24 @@ class DenoisingModel(GeoModel):
 
     # ---- training ---------------------------------------------------------------------------
     def loss(
-        self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x0: torch.Tensor,
+        emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """Mean squared error between the network output at a random point of the noising path
-        and the family's regression target; x0 (B, 3) unit vectors, emb (B, D)."""
+        and the family's regression target; x0 (B, 3) unit vectors, emb (B, D).
+
+        ``rows``: the mean over these rows only, with the random draws made for the whole
+        batch, so that a batch split across processes gets the draws it gets in one process."""
         t = self.sample_training_time(x0.shape[0], generator, x0.device)
         gamma = self.schedule.signal_level(t).to(x0.dtype)
         eps = self.training_noise(x0, generator)
         x_t, target = self.noising_path(x0, eps, gamma)
         emb = drop_condition(emb, self.cond_drop_prob, generator)
+        if rows is not None:
+            x_t, gamma, emb, target = x_t[rows], gamma[rows], emb[rows], target[rows]
         out = self.network(x_t, gamma, emb)
         return ((out - target) ** 2).sum(-1).mean()
 
