@@ -71,7 +71,10 @@ def test_shuffle_buffer_is_bounded_and_emits_every_row_once():
         for block in buffer.push(rows):
             out += block[0][:, 0].tolist()
         assert buffer.size <= 50
-    out += buffer.drain()[0][:, 0].tolist()
+    for block in buffer.drain(block_rows=7):
+        assert len(block[0]) <= 7
+        out += block[0][:, 0].tolist()
+    assert buffer.size == 0 and list(buffer.drain()) == []
     assert sorted(out) == list(range(400))
     # shuffled: far from the input order
     assert sum(a < b for a, b in zip(out, out[1:])) < 0.75 * len(out)

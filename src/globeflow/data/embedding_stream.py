@@ -122,7 +122,8 @@ def read_located_rows(group: RowGroup, dim: int) -> tuple[torch.Tensor, torch.Te
 class ShuffleBuffer:
     """A bounded shuffle: holds up to ``capacity`` rows; each incoming row takes the slot of a
     uniformly chosen resident row, which leaves (a vectorised reservoir shuffle, one random
-    permutation per incoming block). :meth:`drain` empties the buffer in random order."""
+    permutation per incoming block). :meth:`drain` empties the buffer in random order.
+    Memory: ``capacity`` rows of each column, allocated at the first :meth:`push`."""
 
     def __init__(self, capacity: int, generator: torch.Generator) -> None:
         if capacity < 1:
@@ -151,14 +152,16 @@ class ShuffleBuffer:
             start = stop
             yield out
 
-    def drain(self) -> tuple[torch.Tensor, ...] | None:
-        """Every resident row, in random order (None when empty)."""
+    def drain(self, block_rows: int = 4096) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Every resident row, in random order, in blocks of at most ``block_rows`` rows (so
+        that no second copy of the whole buffer is ever made)."""
         if not self.size or self._cols is None:
-            return None
+            return
         order = torch.randperm(self.size, generator=self.generator)
-        out = tuple(buf[: self.size][order] for buf in self._cols)
+        for start in range(0, self.size, block_rows):
+            rows = order[start : start + block_rows]
+            yield tuple(buf[rows] for buf in self._cols)
         self.size = 0
-        return out
 
 
 def shuffled_rows(
@@ -186,9 +189,7 @@ def shuffled_rows(
             seen += len(emb)
             if len(emb):
                 yield from buffer.push(emb, latlon)
-        rest = buffer.drain()
-        if rest is not None:
-            yield rest  # type: ignore[misc]
+        yield from buffer.drain()  # type: ignore[misc]
         if not seen:
             raise ValueError(f"rank {rank}: no rows with coordinates in its share of the store")
         epoch += 1

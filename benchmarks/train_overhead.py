@@ -1,0 +1,118 @@
+"""Does the multi-process machinery slow the single-process path? ``train()`` of this checkout
+against ``train()`` of an earlier commit (``--baseline-ref``, default: the commit before the
+torchrun work), on the same in-memory data, in one process, in the same run.
+
+The baseline's ``src/globeflow/jobs/training.py`` is read with ``git show`` and imported as a
+separate module (it uses the same, unchanged core modules). Each repetition runs both, in
+alternating order, for ``--steps`` steps of the default network (dim 256, depth 6, batch 512,
+cond_dim 1024, AdamW, EMA) with no validation set and one checkpoint at the end; the ratio of
+median wall times (everything ``train()`` does, start-up included) is the number to read.
+
+Usage: ``python benchmarks/train_overhead.py [--steps 60] [--reps 3] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_REF = "a119c43"
+
+
+def load_baseline(ref: str):
+    source = subprocess.run(
+        ["git", "show", f"{ref}:src/globeflow/jobs/training.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_training.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_training", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def data(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(rows, dim, generator=g)
+    latlon = torch.stack(
+        [torch.rand(rows, generator=g) * 180 - 90, torch.rand(rows, generator=g) * 360 - 180], 1
+    ).double()
+    return emb, latlon
+
+
+def timed_run(module, emb, latlon, steps: int) -> float:
+    config = module.TrainConfig(
+        max_steps=steps, val_every=10**6, checkpoint_every=10**6, log_every=10**6, warmup_steps=10
+    )
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        module.train(config, emb, latlon, None, None, out, progress=False)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline-ref", default=BASELINE_REF)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=50_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from globeflow.jobs import training as current
+
+    baseline = load_baseline(args.baseline_ref)
+    emb, latlon = data(args.rows, 1024)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    timed_run(current, emb, latlon, 3)  # warm-up (allocator, first-call costs)
+    timed_run(baseline, emb, latlon, 3)
+    times: dict[str, list[float]] = {"baseline": [], "current": []}
+    for rep in range(args.reps):
+        order = [("baseline", baseline), ("current", current)]
+        for name, module in order if rep % 2 == 0 else order[::-1]:
+            times[name].append(timed_run(module, emb, latlon, args.steps))
+            print(f"rep {rep} {name}: {args.steps / times[name][-1]:.2f} steps/s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "baseline_ref": args.baseline_ref,
+        "steps": args.steps,
+        "rows": args.rows,
+        "threads": args.threads,
+        "seconds": times,
+        "steps_per_s": {k: args.steps / v for k, v in med.items()},
+        "current_over_baseline_speed": med["baseline"] / med["current"],
+        "per_rep_ratio": [b / c for b, c in zip(times["baseline"], times["current"])],
+        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    print("| code | steps/s (median) |\n|---|---|")
+    for k in ("baseline", "current"):
+        print(f"| {k} | {result['steps_per_s'][k]:.2f} |")
+    print(f"speed ratio current/baseline: {result['current_over_baseline_speed']:.3f}")
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
