@@ -71,6 +71,9 @@ def embed(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (hub encoders)."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast forward passes)."),
+    dtype: str = typer.Option(
+        None, help="Stored embeddings: float32 or float16 (half the size); default: the store's."
+    ),
     progress: bool = typer.Option(True),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported).
@@ -108,6 +111,7 @@ def embed(
             exif_gps=exif_gps,
             max_unsaved_seconds=save_every_s,
             precision=precision,
+            dtype=dtype,
         )
     except (ValueError, OSError) as exc:
         _fail(str(exc))

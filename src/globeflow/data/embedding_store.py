@@ -108,7 +108,8 @@ class EmbeddingWriter:
     Several processes may write one store at once: each passes its ``rank`` (parts are then
     named ``part-SESSION-RANK-CHUNK``), all construct their writers before any of them adds
     rows, and only rank 0 removes the temporary files of killed writers (``clean_stale``).
-    ``dtype``: "float32" or "float16" for the embedding column of new parts.
+    ``dtype``: "float32" or "float16" for the embedding column (default: the store's own, else
+    float32); a store holds one dtype.
     """
 
     def __init__(
@@ -121,9 +122,9 @@ class EmbeddingWriter:
         max_unsaved_seconds: float = 60.0,
         rank: int | None = None,
         clean_stale: bool = True,
-        dtype: str = "float32",
+        dtype: str | None = None,
     ) -> None:
-        if dtype not in _EMBEDDING_TYPES:
+        if dtype is not None and dtype not in _EMBEDDING_TYPES:
             raise ValueError(f"dtype must be one of {sorted(_EMBEDDING_TYPES)}, got {dtype!r}")
         self.path = Path(path)
         self.encoder_name = encoder_name
@@ -132,17 +133,18 @@ class EmbeddingWriter:
         self.row_group_size = int(row_group_size)
         self.max_unsaved_seconds = float(max_unsaved_seconds)
         self.rank = rank
-        self.dtype = dtype
-        self.schema = _schema(self.dim, encoder_name, dtype)
         self.path.mkdir(parents=True, exist_ok=True)
         if clean_stale:
             for stale in self.path.glob(".tmp-*"):  # leftovers of a killed writer
                 stale.unlink(missing_ok=True)
         existing = store_parts(self.path)
+        stored = _part_dtype(existing[0]) if existing else None
+        if dtype is not None and stored is not None and stored != dtype:
+            raise ValueError(f"{self.path} holds {stored} embeddings; cannot append {dtype} ones")
+        self.dtype = dtype or stored or "float32"
+        self.schema = _schema(self.dim, encoder_name, self.dtype)
         if existing:
-            meta = pq.read_schema(existing[0]).metadata or {}
-            enc = meta.get(_META_ENCODER, b"").decode()
-            d = int(meta.get(_META_DIM, b"0"))
+            enc, d = _part_meta(existing[0])
             if enc != encoder_name or d != self.dim:
                 raise ValueError(
                     f"{self.path} holds embeddings of encoder {enc!r} (dim {d}); "
@@ -263,6 +265,11 @@ class EmbeddingWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         # on an exception keep what was complete (the buffer was embedded fine) for resume
         self.close()
+
+
+def _part_dtype(part: Path) -> str:
+    value_type = pq.read_schema(part).field("embedding").type.value_type
+    return next(name for name, t in _EMBEDDING_TYPES.items() if t == value_type)
 
 
 def _part_meta(part: Path) -> tuple[str, int]:

@@ -209,6 +209,7 @@ def embed_images(
     max_unsaved_seconds: float = 60.0,
     precision: str = "fp32",
     place: Placement | None = None,
+    dtype: str | None = None,
 ) -> EmbedReport:
     """Embed every photo in ``inputs`` with ``encoder`` into the store ``output``.
 
@@ -227,6 +228,8 @@ def embed_images(
         precision: "fp32", or "bf16" autocast for the encoder's forward pass.
         place: this process's place in a ``torchrun`` job (default: read from the
             environment; one process without it).
+        dtype: "float32" or "float16" (half the size on disk and in streaming buffers) for the
+            stored embeddings (default: the store's own, else float32).
 
     Returns:
         :class:`EmbedReport` (merged over the processes, complete on rank 0); its ``errors``
@@ -238,7 +241,7 @@ def embed_images(
     try:
         return _embed_placed(
             inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
-            exif_gps, max_unsaved_seconds, precision, place,
+            exif_gps, max_unsaved_seconds, precision, place, dtype,
         )  # fmt: skip
     finally:
         if own:
@@ -247,7 +250,7 @@ def embed_images(
 
 def _embed_placed(
     inputs, encoder, out, batch_size, progress, recursive, chunk_size, exif_gps,
-    max_unsaved_seconds, precision, place,
+    max_unsaved_seconds, precision, place, dtype,
 ) -> EmbedReport:  # fmt: skip
     """:func:`embed_images` on this process of the job."""
     autocast(torch.device("cpu"), precision)  # a clear error for an unknown precision, first
@@ -264,6 +267,7 @@ def _embed_placed(
         max_unsaved_seconds=max_unsaved_seconds,
         rank=place.rank if place.distributed else None,
         clean_stale=place.is_main,
+        dtype=dtype,
     )
     done = writer.done_ids()
     place.barrier()  # every process has listed the stored parts before any writes a new one
