@@ -13,9 +13,9 @@ multiply-add is 2 FLOPs):
   device (no weights needed: FLOPs depend on shapes only).
 
 Measured on this machine's CPU (float32): network training steps/s at batch ``--batch-size``,
-Lite0 images/s (forward only, batch 32) and ViT-L/14-336 seconds per image (random weights,
-forward only). GPU times in docs/scaling.md are estimates from these counts and published peak
-rates, not measurements.
+Lite0 images/s (forward only, batch 32), ViT-L/14-336 seconds per image (random weights,
+forward only) and JPEG decode + preprocessing images/s on one thread. GPU times in
+docs/scaling.md are estimates from these counts and published peak rates, not measurements.
 
 Usage: ``python benchmarks/flops.py [--threads 2] [--out out/bench/flops.json]``.
 """
@@ -107,10 +107,11 @@ def measure_train_steps(dim: int, depth: int, batch: int, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def vit_counts() -> dict:
+def clip_vit_l14_336():
+    """StreetCLIP's vision tower: the published CLIP ViT-L/14-336 configuration."""
     import transformers
 
-    clip = transformers.CLIPVisionConfig(
+    return transformers.CLIPVisionConfig(
         image_size=336,
         patch_size=14,
         hidden_size=1024,
@@ -118,6 +119,12 @@ def vit_counts() -> dict:
         num_hidden_layers=24,
         num_attention_heads=16,
     )
+
+
+def vit_counts() -> dict:
+    import transformers
+
+    clip = clip_vit_l14_336()
     dino = transformers.Dinov2WithRegistersConfig(
         image_size=518,  # the published position grid; our encoder feeds 336 px (interpolated)
         patch_size=14,
@@ -146,15 +153,7 @@ def measure_vit_cpu(images: int) -> float:
     """Seconds per image of a randomly initialised CLIP ViT-L/14-336 forward, float32."""
     import transformers
 
-    cfg = transformers.CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-    )
-    model = transformers.CLIPVisionModel(cfg).eval()
+    model = transformers.CLIPVisionModel(clip_vit_l14_336()).eval()
     x = torch.randn(1, 3, 336, 336)
     with torch.inference_mode():
         model(pixel_values=x)
@@ -182,6 +181,27 @@ def lite_counts_and_speed(batch: int, reps: int) -> dict:
     return out
 
 
+def measure_decode(reps: int) -> float:
+    """Images/s of one thread decoding the bundled example JPEGs (about 450 x 336) and
+    preprocessing them as the ViT-L/14-336 encoders do (resize, centre crop, normalise)."""
+    from globeflow.data.encoders import (
+        CLIP_MEAN,
+        CLIP_STD,
+        center_crop,
+        resize_short_side,
+        to_tensor,
+    )
+    from globeflow.data.images import load_image
+
+    photos = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
+    start = time.perf_counter()
+    for _ in range(reps):
+        for path in photos:
+            img = center_crop(resize_short_side(load_image(path), 336), 336)
+            to_tensor(img, CLIP_MEAN, CLIP_STD)
+    return reps * len(photos) / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net-dim", type=int, default=512)
@@ -203,9 +223,12 @@ def main() -> None:
     encoders["streetclip (CLIP ViT-L/14-336)"]["cpu_seconds_per_image"] = measure_vit_cpu(
         args.vit_images
     )
+    torch.set_num_threads(1)
+    decode = measure_decode(reps=20)
     result = {
         "network": {"dim": args.net_dim, "depth": args.net_depth, "batch": args.batch_size, **net},
         "encoders": encoders,
+        "decode_preprocess_images_per_s_one_thread": decode,
         "threads": args.threads,
         "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
         "torch": torch.__version__,
@@ -222,6 +245,7 @@ def main() -> None:
         if "cpu_seconds_per_image" in e:
             line += f", CPU {e['cpu_seconds_per_image']:.1f} s/image"
         print(line)
+    print(f"JPEG decode + 336 px preprocessing: {decode:.0f} images/s on one thread")
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

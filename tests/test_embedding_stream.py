@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _interrupt import interrupted_at_step
 from safetensors.torch import load_file
 
 from globeflow.data.embedding_store import EmbeddingWriter, read_embeddings, store_fingerprint
@@ -171,19 +172,8 @@ def test_streamed_training_resumes_exactly_after_an_interruption(tmp_path, monke
     assert meta["data"]["train"]["rows"] + held == 300 - len(range(0, 300, 11))
     assert 48 - 5 <= held < 48 + 16  # whole groups up to 48 stored rows, 1 in 11 unlocated
 
-    calls = {"n": 0}
-    real = training.update_ema
-
-    def crash_at_11(*args):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(training, "update_ema", crash_at_11)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 11):
         streamed(store, tmp_path / "run")
-    monkeypatch.setattr(training, "update_ema", real)
     assert json.loads((tmp_path / "run/checkpoint/state.json").read_text())["step"] == 8
     assert streamed(store, tmp_path / "run").steps == 16  # replays 8 steps of the stream
     got = load_file(str(tmp_path / "run/final/model.safetensors"))

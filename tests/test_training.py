@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _interrupt import interrupted_at_step
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.checkpoints import load_model
@@ -280,19 +281,8 @@ def test_resume_after_an_exception_is_exact_with_lamb(tmp_path: Path, monkeypatc
     config = run_config(optimizer="lamb", max_steps=24, val_every=8, checkpoint_every=6)
     reference = run(tmp_path / "ref", config)
 
-    calls = {"n": 0}
-    real = training.update_ema
-
-    def crash_at_17(*args):
-        calls["n"] += 1
-        if calls["n"] == 17:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(training, "update_ema", crash_at_17)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 17):
         run(tmp_path / "run", config)
-    monkeypatch.setattr(training, "update_ema", real)
     assert json.loads((tmp_path / "run/checkpoint/state.json").read_text())["step"] == 12
     result = run(tmp_path / "run", config)
     assert result.steps == 24
