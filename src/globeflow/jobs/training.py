@@ -433,29 +433,29 @@ def validate(
         model.cond_drop_prob = 0.0
     device = val.x0.device
     try:
+        n = min(config.val_loss_rows, len(val.x0))
+        g = torch.Generator(device=device).manual_seed(config.seed + 1)
+        total, count = 0.0, 0
         with autocast(device, precision):
-            n = min(config.val_loss_rows, len(val.x0))
-            g = torch.Generator(device=device).manual_seed(config.seed + 1)
-            total, count = 0.0, 0
             for i in range(0, n, config.batch_size):
                 r = slice(i, min(n, i + config.batch_size))
                 total += float(model.loss(val.x0[r], val.emb[r], generator=g)) * (r.stop - i)
                 count += r.stop - i
-            n = min(config.val_geo_rows, len(val.x0))
-            g = torch.Generator(device=device).manual_seed(config.seed + 2)
-            km = []
-            for i in range(0, n, 256):
-                r = slice(i, min(n, i + 256))
-                samples = model.sample(
-                    val.emb[r],
-                    num_samples=config.val_num_samples,
-                    steps=config.val_sample_steps,
-                    guidance=config.val_guidance,
-                    generator=g,
-                )
-                guess = best_guess(samples.float()).double()
-                km.append(haversine_km(guess, val.latlon[r].double()))
-            km = torch.cat(km).cpu()
+        n = min(config.val_geo_rows, len(val.x0))
+        g = torch.Generator(device=device).manual_seed(config.seed + 2)
+        km = []
+        for i in range(0, n, 256):
+            r = slice(i, min(n, i + 256))
+            samples = model.sample(
+                val.emb[r],
+                num_samples=config.val_num_samples,
+                steps=config.val_sample_steps,
+                guidance=config.val_guidance,
+                generator=g,
+                precision=precision,
+            )
+            km.append(haversine_km(best_guess(samples).double(), val.latlon[r].double()))
+        km = torch.cat(km).cpu()
     finally:
         if drop is not None:
             model.cond_drop_prob = drop
