@@ -561,6 +561,181 @@ def _resume_problem(
     return saved_state, None
 
 
+class _Run:
+    """One training run as seen by one process: model, optimiser, step and bookkeeping; rank 0
+    also holds the EMA and writes every output."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: InMemoryRows | StreamedRows,
+        val: ValidationRows | None,
+        out: Path,
+        place: Placement,
+        runtime: Runtime,
+        meta: dict,
+    ) -> None:
+        self.config, self.data, self.out, self.place, self.runtime = (
+            config, data, out, place, runtime,
+        )  # fmt: skip
+        self.main = place.is_main
+        self.model = build_model(config, data.dim).to(place.device)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if self.main else None
+        self.optimizer = make_optimizer(self.model, config)
+        self.config_json = json.loads(json.dumps(config.to_dict()))
+        self.fingerprint = _data_fingerprint(data, val, config)
+        self.val = val.to(place.device) if self.main and val is not None else None
+        self.has_val = val is not None
+        self.meta = {**meta, "training": self.config_json}
+        if self.main:
+            self.meta["data"] = {
+                "train": data.stats(),
+                "val": val.stats if val is not None else None,
+                "prior_points": self.config_json["prior_points"],
+            }
+        self.step, self.best, self.best_metrics, self.last_metrics = 0, -math.inf, None, None
+        self.tally = _LossTally(place)
+
+    def say(self, message: str) -> None:
+        if self.main:
+            _append_log(self.out, message)
+
+    def start(self, resume: bool) -> None:
+        """Resume from the checkpoint in the run directory (same config and data, or a clear
+        error on every process), or start afresh, removing an earlier run's outputs."""
+        out, place = self.out, self.place
+        found = place.broadcast(
+            find_checkpoint(out / CHECKPOINT_DIR) if self.main and resume else None
+        )
+        if found is None:
+            if self.main:
+                (out / METRICS_NAME).unlink(missing_ok=True)
+                for name in (CHECKPOINT_DIR, "best", "final"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+            self.say(f"start {self.config.family}: {json.dumps(self.config_json)}")
+            self.say(f"data: {json.dumps(self.meta.get('data'))}")
+        else:
+            saved, problem = (None, None)
+            if self.main:
+                saved, problem = _resume_problem(found, self.config_json, self.fingerprint, out)
+            problem = place.broadcast(problem)
+            if problem:
+                raise ValueError(problem)
+            state = load_checkpoint(found, self.model, self.ema, self.optimizer)
+            self.step, self.best = state["step"], state["best_geoscore"]
+            self.best_metrics, self.last_metrics = state["best_metrics"], state["last_metrics"]
+            self.tally = _LossTally(place, state["loss_sum"], state["loss_count"])
+            if self.main:
+                rewrite_metrics(out / METRICS_NAME, self.step)
+                self.say(
+                    f"resumed from {found} at step {self.step} with {place.world_size} process(es)"
+                )
+                before = saved["config"]["max_steps"]
+                if before != self.config.max_steps:
+                    self.say(
+                        f"max_steps {before} -> {self.config.max_steps}: the cosine decay changes"
+                    )
+        if self.optimizer is None:
+            self.step = self.config.max_steps  # nothing to learn (uniform baseline)
+
+    def validation(self) -> None:
+        """Rank 0: metrics line, log line and, when the GeoScore improves, the ``best`` model."""
+        metrics = {
+            "step": self.step,
+            "train_loss": self.tally.validation_mean(),
+            "lr": learning_rate(max(self.step - 1, 0), self.config),
+        }
+        if self.val is not None:
+            metrics.update(validate(self.ema, self.val, self.config, self.runtime.precision))
+        self.last_metrics = metrics
+        with open(self.out / METRICS_NAME, "a") as f:
+            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        self.say("validation " + json.dumps(metrics))
+        if self.val is not None and metrics["val_geoscore"] > self.best:
+            self.best, self.best_metrics = metrics["val_geoscore"], metrics
+            self.save(self.out / "best", metrics)
+
+    def checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "world_size": self.place.world_size,
+            "best_geoscore": self.best,
+            "best_metrics": self.best_metrics,
+            "last_metrics": self.last_metrics,
+            "loss_sum": self.tally.loss_sum,
+            "loss_count": self.tally.loss_count,
+            "config": self.config_json,
+            "data_fingerprint": self.fingerprint,
+        }
+        save_checkpoint(self.out / CHECKPOINT_DIR, self.model, self.ema, self.optimizer, state)
+
+    def save(self, directory: Path, metrics: dict | None) -> Path:
+        return save_model(
+            self.ema, directory, {**self.meta, "validation": metrics, "step": self.step}
+        )
+
+    def train(self, progress: bool) -> TrainResult:
+        """Steps up to ``max_steps``, then the final model; every process returns the result."""
+        config, place = self.config, self.place
+        trainer = _trainer(self.model, place, self.runtime, self.optimizer is not None)
+        more = self.step < config.max_steps
+        batches = _batch_feed(self.data, self.step, place, self.runtime) if more else iter(())
+        bar = _progress_bar(config.max_steps, self.step, progress and self.main)
+        rng_devices = [place.device] if place.device.type == "cuda" else []
+        # fork_rng: the caller's global RNG state is left as it was.
+        with torch.random.fork_rng(devices=rng_devices):
+            try:
+                while self.step < config.max_steps:
+                    self.one_step(trainer, next(batches), bar)
+                final_dir = self.out / "final"
+                if self.main:
+                    if self.last_metrics is None or self.last_metrics["step"] != self.step:
+                        self.validation()  # nothing to train, or resumed after the last step
+                    self.save(final_dir, self.last_metrics)
+                    self.say(f"done at step {self.step}; final model in {final_dir}")
+            finally:
+                if isinstance(batches, Prefetcher):
+                    batches.close()
+                bar.close()
+        place.barrier()  # the other processes return once rank 0 has written the final model
+        best = self.out / "best"
+        best_dir = best if self.has_val and best.is_dir() else None
+        metrics = self.last_metrics or {}
+        return TrainResult(self.out, final_dir, best_dir, self.step, metrics, self.best_metrics)
+
+    def one_step(self, trainer: nn.Module, batch: Batch, bar) -> None:
+        """One optimiser update, the EMA, and the bookkeeping due after it."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        if config.dropout > 0:  # the global RNG feeds dropout only
+            torch.manual_seed(derived_seed(config.seed, "dropout", self.step, self.place.rank))
+        weighted, grad_norm = train_step(
+            trainer, self.optimizer, batch, lr, config, self.runtime.precision
+        )
+        if self.ema is not None:
+            update_ema(self.ema, self.model, ema_decay_at(self.step, config.ema_decay))
+        self.step += 1
+        self.tally.add(weighted)
+        at_log = self.step % config.log_every == 0
+        at_val = self.step % config.val_every == 0 or self.step == config.max_steps
+        at_ckpt = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
+        if at_log or at_val or at_ckpt:
+            self.tally.sync(self.step)  # every process, at the same steps
+        if not self.main:
+            return
+        if at_log:
+            norm = None if grad_norm is None else float(grad_norm)
+            shown = self.tally.window_mean()
+            self.say(f"step {self.step} loss {shown:.5f} lr {lr:.3e} grad_norm {norm}")
+            bar.set_postfix({"loss": f"{shown:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
+        if at_val:
+            self.validation()
+        if at_ckpt:
+            self.checkpoint()
+        bar.update(1)
+
+
 def _train_on(
     config: TrainConfig,
     data: InMemoryRows | StreamedRows,
@@ -574,135 +749,9 @@ def _train_on(
     metadata: dict | None,
 ) -> TrainResult:
     """The training loop on every process; rank 0 validates, checkpoints, logs and saves."""
-    device, main = place.device, place.is_main
-    model = build_model(config, data.dim).to(device)
-    model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if main else None
-    optimizer = make_optimizer(model, config)
-    config_json = json.loads(json.dumps(config.to_dict()))
-    fingerprint = _data_fingerprint(data, val, config)
-    say = (lambda m: _append_log(out, m)) if main else (lambda m: None)
-
-    step, best, best_metrics, last_metrics = 0, -math.inf, None, None
-    tally = _LossTally(place)
-    ckpt_dir = out / CHECKPOINT_DIR
-    found = place.broadcast(find_checkpoint(ckpt_dir) if main and resume else None)
-    if found is not None:
-        saved, problem = (
-            _resume_problem(found, config_json, fingerprint, out) if main else ({}, None)
-        )
-        problem = place.broadcast(problem)
-        if problem:
-            raise ValueError(problem)
-        state = load_checkpoint(found, model, ema, optimizer)
-        step, best = state["step"], state["best_geoscore"]
-        best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
-        tally = _LossTally(place, state["loss_sum"], state["loss_count"])
-        if main:
-            rewrite_metrics(out / METRICS_NAME, step)
-            say(f"resumed from {found} at step {step} with {place.world_size} process(es)")
-            if saved["config"]["max_steps"] != config.max_steps:
-                before = saved["config"]["max_steps"]
-                say(f"max_steps {before} -> {config.max_steps}: the cosine decay changes")
-    elif main:
-        # A fresh start must not mix with the outputs of an earlier (or never checkpointed) run.
-        (out / METRICS_NAME).unlink(missing_ok=True)
-        for name in (CHECKPOINT_DIR, "best", "final"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        say(f"start {config.family}: {json.dumps(config_json)}")
-    base_meta = {"encoder": encoder, "training": config_json, **(metadata or {})}
-    if main:
-        base_meta["data"] = {
-            "train": data.stats(),
-            "val": val.stats if val is not None else None,
-            "prior_points": config_json["prior_points"],
-        }
-        if found is None:
-            say(f"data: {json.dumps(base_meta['data'])}")
-    if optimizer is None:
-        step = config.max_steps  # nothing to learn (uniform baseline)
-    val_on_device = val.to(device) if main and val is not None else None
-
-    def run_validation() -> None:
-        nonlocal best, best_metrics, last_metrics
-        metrics = {
-            "step": step,
-            "train_loss": tally.validation_mean(),
-            "lr": learning_rate(max(step - 1, 0), config),
-        }
-        if val_on_device is not None:
-            metrics.update(validate(ema, val_on_device, config, runtime.precision))
-        last_metrics = metrics
-        with open(out / METRICS_NAME, "a") as f:
-            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
-        say("validation " + json.dumps(metrics))
-        if val_on_device is not None and metrics["val_geoscore"] > best:
-            best, best_metrics = metrics["val_geoscore"], metrics
-            save_model(ema, out / "best", {**base_meta, "validation": metrics, "step": step})
-
-    def checkpoint() -> None:
-        state = {
-            "step": step,
-            "world_size": place.world_size,
-            "best_geoscore": best,
-            "best_metrics": best_metrics,
-            "last_metrics": last_metrics,
-            "loss_sum": tally.loss_sum,
-            "loss_count": tally.loss_count,
-            "config": config_json,
-            "data_fingerprint": fingerprint,
-        }
-        save_checkpoint(ckpt_dir, model, ema, optimizer, state)
-
-    trainer = _trainer(model, place, runtime, optimizer is not None)
-    batches = _batch_feed(data, step, place, runtime) if step < config.max_steps else iter(())
-    bar = _progress_bar(config.max_steps, step, progress and main)
-    rng_devices = [device] if device.type == "cuda" else []
-    # fork_rng: the caller's global RNG state is left as it was.
-    with torch.random.fork_rng(devices=rng_devices):
-        try:
-            while step < config.max_steps:
-                batch = next(batches)
-                lr = learning_rate(step, config)
-                if config.dropout > 0:  # the global RNG feeds dropout only
-                    torch.manual_seed(derived_seed(config.seed, "dropout", step, place.rank))
-                weighted, grad_norm = train_step(
-                    trainer, optimizer, batch, lr, config, runtime.precision
-                )
-                if ema is not None:
-                    update_ema(ema, model, ema_decay_at(step, config.ema_decay))
-                step += 1
-                tally.add(weighted)
-                at_log = step % config.log_every == 0
-                at_val = step % config.val_every == 0 or step == config.max_steps
-                at_ckpt = step % config.checkpoint_every == 0 or step == config.max_steps
-                if at_log or at_val or at_ckpt:
-                    tally.sync(step)  # every process, at the same steps
-                if not main:
-                    continue
-                if at_log:
-                    norm = None if grad_norm is None else float(grad_norm)
-                    shown = tally.window_mean()
-                    say(f"step {step} loss {shown:.5f} lr {lr:.3e} grad_norm {norm}")
-                    bar.set_postfix({"loss": f"{shown:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
-                if at_val:
-                    run_validation()
-                if at_ckpt:
-                    checkpoint()
-                bar.update(1)
-            final_dir = out / "final"
-            if main:
-                if last_metrics is None or last_metrics["step"] != step:
-                    run_validation()  # a run with nothing to train, or resumed after its last step
-                save_model(ema, final_dir, {**base_meta, "validation": last_metrics, "step": step})
-                say(f"done at step {step}; final model in {final_dir}")
-        finally:
-            if isinstance(batches, Prefetcher):
-                batches.close()
-            bar.close()
-    place.barrier()  # the other processes return once rank 0 has written the final model
-    best_dir = out / "best" if val is not None and (out / "best").is_dir() else None
-    return TrainResult(out, final_dir, best_dir, step, last_metrics or {}, best_metrics)
+    run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
+    run.start(resume)
+    return run.train(progress)
 
 
 def _trainer(model: GeoModel, place: Placement, runtime: Runtime, trainable: bool) -> nn.Module:
