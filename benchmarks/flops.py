@@ -67,7 +67,7 @@ def network_counts(dim: int, depth: int, batch: int) -> dict:
     step = flops_of(lambda: model.loss(x0, emb, generator=g).backward())
     ops = {}
     for name, opt in (
-        ("adamw", torch.optim.AdamW(model.parameters(), lr=1e-4)),
+        ("adamw", torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)),  # CUDA default
         ("lamb", Lamb(model.parameters(), lr=1e-4)),
     ):
         counter = OpCounter()

@@ -211,3 +211,19 @@ def test_a_kill_before_the_first_part_keeps_rows_older_than_the_save_interval(
     assert len(kept) == 20  # 6 batches embedded; the first 5 committed at the 60 s mark
     rep = embed_images([photos], MeanColourEncoder(), out, batch_size=4, progress=False)
     assert rep.skipped_existing == 20 and rep.embedded == 20
+
+
+def test_decode_workers_give_the_store_of_inline_decoding(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _make_photos(photos, 9)
+    (photos / "bad.png").write_bytes(b"garbage")
+    reports = {}
+    for workers in (0, 3):
+        out = tmp_path / f"w{workers}.parquet"
+        reports[workers] = embed_images(
+            [photos], MeanColourEncoder(), out, batch_size=4, progress=False,
+            decode_workers=workers,
+        )  # fmt: skip
+    assert reports[0].errors == reports[3].errors and reports[3].embedded == 9
+    a, b = read_embeddings(tmp_path / "w0.parquet"), read_embeddings(tmp_path / "w3.parquet")
+    assert a.ids == b.ids and torch.equal(a.embeddings, b.embeddings)

@@ -74,6 +74,9 @@ def embed(
     dtype: str = typer.Option(
         None, help="Stored embeddings: float32 or float16 (half the size); default: the store's."
     ),
+    decode_workers: int = typer.Option(
+        0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
+    ),
     progress: bool = typer.Option(True),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported).
@@ -112,6 +115,7 @@ def embed(
             max_unsaved_seconds=save_every_s,
             precision=precision,
             dtype=dtype,
+            decode_workers=decode_workers,
         )
     except (ValueError, OSError) as exc:
         _fail(str(exc))

@@ -19,7 +19,9 @@ import csv
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +212,7 @@ def embed_images(
     precision: str = "fp32",
     place: Placement | None = None,
     dtype: str | None = None,
+    decode_workers: int = 0,
 ) -> EmbedReport:
     """Embed every photo in ``inputs`` with ``encoder`` into the store ``output``.
 
@@ -230,6 +233,8 @@ def embed_images(
             environment; one process without it).
         dtype: "float32" or "float16" (half the size on disk and in streaming buffers) for the
             stored embeddings (default: the store's own, else float32).
+        decode_workers: threads that decode photos ahead of the encoder (0: inline). A GPU
+            encoder outruns one decoding thread (see docs/scaling.md).
 
     Returns:
         :class:`EmbedReport` (merged over the processes, complete on rank 0); its ``errors``
@@ -241,7 +246,7 @@ def embed_images(
     try:
         return _embed_placed(
             inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
-            exif_gps, max_unsaved_seconds, precision, place, dtype,
+            exif_gps, max_unsaved_seconds, precision, place, dtype, decode_workers,
         )  # fmt: skip
     finally:
         if own:
@@ -250,7 +255,7 @@ def embed_images(
 
 def _embed_placed(
     inputs, encoder, out, batch_size, progress, recursive, chunk_size, exif_gps,
-    max_unsaved_seconds, precision, place, dtype,
+    max_unsaved_seconds, precision, place, dtype, decode_workers,
 ) -> EmbedReport:  # fmt: skip
     """:func:`embed_images` on this process of the job."""
     autocast(torch.device("cpu"), precision)  # a clear error for an unknown precision, first
@@ -283,13 +288,13 @@ def _embed_placed(
         bar = tqdm(total=len(mine), unit="img", desc=f"embed ({encoder.name})")
     device = getattr(encoder, "device", torch.device("cpu"))
     finished = False
+    batches = (mine[i : i + batch_size] for i in range(0, len(mine), batch_size))
     try:
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
+        for loaded in _loaded_batches(batches, exif_gps, decode_workers):
             with autocast(torch.device(device), precision):
-                _embed_batch(batch, encoder, writer, report, exif_gps)
+                _embed_batch(loaded, encoder, writer, report)
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(loaded))
         finished = True
     finally:
         writer.close()
@@ -306,44 +311,74 @@ def _embed_placed(
     return report
 
 
+@dataclass
+class _Loaded:
+    """One photo after loading: the image (None when unreadable), its coordinates, the reason
+    it failed, and whether the coordinates came from EXIF."""
+
+    item: ImageItem
+    image: object | None
+    latlon: tuple[float, float] | None
+    error: str | None
+    from_exif: bool
+
+
+def _load_one(item: ImageItem, exif_gps: bool) -> _Loaded:
+    try:
+        img = load_image(item.path)
+    except ImageLoadError as exc:
+        return _Loaded(item, None, None, exc.reason, False)
+    latlon, from_exif = item.latlon, False
+    if latlon is None and exif_gps:
+        latlon = read_exif_gps(item.path)
+        from_exif = latlon is not None
+    return _Loaded(item, img, latlon, None, from_exif)
+
+
+def _loaded_batches(
+    batches: Iterable[list[ImageItem]], exif_gps: bool, workers: int
+) -> Iterator[list[_Loaded]]:
+    """Each batch's photos loaded, in order: inline, or decoded by ``workers`` threads up to two
+    batches ahead of the encoder (PIL releases the GIL while it decodes)."""
+    if workers <= 0:
+        for batch in batches:
+            yield [_load_one(it, exif_gps) for it in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[list[Future]] = deque()
+        for batch in batches:
+            pending.append([pool.submit(_load_one, it, exif_gps) for it in batch])
+            if len(pending) > 2:
+                yield [f.result() for f in pending.popleft()]
+        while pending:
+            yield [f.result() for f in pending.popleft()]
+
+
 def _embed_batch(
-    batch: list[ImageItem],
-    encoder: Encoder,
-    writer: EmbeddingWriter,
-    report: EmbedReport,
-    exif_gps: bool,
+    loaded: list[_Loaded], encoder: Encoder, writer: EmbeddingWriter, report: EmbedReport
 ) -> None:
-    """Load, embed and buffer one batch; unreadable photos and encoder failures are reported."""
-    good, images, coords = [], [], []
-    for it in batch:
-        try:
-            img = load_image(it.path)
-        except ImageLoadError as exc:
-            report.errors.append((str(it.path), exc.reason))
+    """Embed and buffer one loaded batch; unreadable photos and encoder failures are reported."""
+    good = [x for x in loaded if x.image is not None]
+    for x in loaded:
+        if x.image is None:
+            report.errors.append((str(x.item.path), x.error))
             report.failed += 1
-            continue
-        latlon = it.latlon
-        if latlon is None and exif_gps:
-            latlon = read_exif_gps(it.path)
-            report.from_exif += latlon is not None
-        good.append(it)
-        images.append(img)
-        coords.append(latlon)
-    if not images:
+    report.from_exif += sum(x.from_exif for x in good)
+    if not good:
         return
     try:
-        emb = encoder.embed(images, batch_size=len(images))
+        emb = encoder.embed([x.image for x in good], batch_size=len(good))
     except Exception as exc:  # noqa: BLE001 - report the batch, keep going
-        for it in good:
-            report.errors.append((str(it.path), f"encoder failed: {exc}"))
+        for x in good:
+            report.errors.append((str(x.item.path), f"encoder failed: {exc}"))
         report.failed += len(good)
         return
     writer.add(
-        [it.id for it in good],
+        [x.item.id for x in good],
         emb,
-        paths=[str(it.path) for it in good],
-        latlon=coords,
-        authors=[it.author for it in good],
+        paths=[str(x.item.path) for x in good],
+        latlon=[x.latlon for x in good],
+        authors=[x.item.author for x in good],
     )
     report.embedded += len(good)
-    report.with_location += sum(c is not None for c in coords)
+    report.with_location += sum(x.latlon is not None for x in good)

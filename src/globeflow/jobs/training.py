@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -534,6 +535,14 @@ def _data_fingerprint(
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
 
+def _in_background(fn: Callable, *args) -> Future:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="globeflow")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _resume_problem(
     found: Path, config_json: dict, fingerprint: str, out: Path
 ) -> tuple[dict | None, str | None]:
@@ -584,7 +593,9 @@ class _Run:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if self.main else None
         self.optimizer = make_optimizer(self.model, config)
         self.config_json = json.loads(json.dumps(config.to_dict()))
-        self.fingerprint = _data_fingerprint(data, val, config)
+        # Hashing in-memory rows takes ~2 s per GB: done in a thread (hashlib releases the
+        # GIL) while training starts; only a checkpoint or a resume needs the result.
+        self._fingerprint = _in_background(_data_fingerprint, data, val, config)
         self.val = val.to(place.device) if self.main and val is not None else None
         self.has_val = val is not None
         self.meta = {**meta, "training": self.config_json}
@@ -596,6 +607,10 @@ class _Run:
             }
         self.step, self.best, self.best_metrics, self.last_metrics = 0, -math.inf, None, None
         self.tally = _LossTally(place)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint.result()
 
     def say(self, message: str) -> None:
         if self.main:
