@@ -72,6 +72,8 @@ class EmbedReport:
     from_exif: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    input_errors: int = 0
+    """How many of ``errors`` (the first ones) come from listing the inputs."""
 
     @property
     def images_per_second(self) -> float:
@@ -85,18 +87,16 @@ class EmbedReport:
         """This rank's report plus the photo work of the other ranks' reports (the input
         listing, its errors and the already-stored count are the same on every rank)."""
         out = EmbedReport(self.output, self.total, skipped_existing=self.skipped_existing)
-        out.errors = list(self.errors[: self._input_errors])
-        out.failed = self._input_errors
+        out.input_errors = out.failed = self.input_errors
+        out.errors = list(self.errors[: self.input_errors])
         for r in (self, *others):
             out.embedded += r.embedded
-            out.failed += r.failed - r._input_errors
+            out.failed += r.failed - r.input_errors
             out.with_location += r.with_location
             out.from_exif += r.from_exif
             out.seconds = max(out.seconds, r.seconds)
-            out.errors += r.errors[r._input_errors :]
+            out.errors += r.errors[r.input_errors :]
         return out
-
-    _input_errors: int = 0
 
 
 def _find_col(header: Sequence[str], names: Sequence[str]) -> str | None:
@@ -263,7 +263,7 @@ def _embed_placed(
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)
     report.total = len(items)
-    report.failed = report._input_errors = len(report.errors)
+    report.failed = report.input_errors = len(report.errors)
     writer = EmbeddingWriter(
         out,
         encoder.name,
