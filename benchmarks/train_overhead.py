@@ -4,8 +4,10 @@ torchrun work), on the same in-memory data, in one process, in the same run.
 
 The baseline's ``src/globeflow/jobs/training.py`` is read with ``git show`` and imported as a
 separate module (it uses the same, unchanged core modules). Each repetition runs both, in
-alternating order, for 5 and for ``--steps`` steps of the default network (dim 256, depth 6,
-batch 512, cond_dim 1024, AdamW, EMA) with no validation set and one checkpoint at the end. The
+alternating order, for 5 and for ``--steps`` steps of a network (default: the default config,
+dim 256, depth 6, batch 512; cond_dim 1024, AdamW, EMA) with no validation set and one
+checkpoint at the end. A tiny network (``--net-dim 32 --net-depth 1 --batch-size 64``) makes the
+per-step bookkeeping visible in microseconds. The
 difference of the two wall times gives the time per step; the rest is start-up and the end
 (checkpoint, final model). Reported: the ratio of median times per step, and of median wall
 times of the long run (everything ``train()`` does).
@@ -58,9 +60,14 @@ def data(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, latlon
 
 
-def timed_run(module, emb, latlon, steps: int) -> float:
+def timed_run(module, emb, latlon, steps: int, net: dict) -> float:
     config = module.TrainConfig(
-        max_steps=steps, val_every=10**6, checkpoint_every=10**6, log_every=10**6, warmup_steps=10
+        max_steps=steps,
+        val_every=10**6,
+        checkpoint_every=10**6,
+        log_every=10**6,
+        warmup_steps=10,
+        **net,
     )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -75,6 +82,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--net-dim", type=int, default=256)
+    p.add_argument("--net-depth", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,9 +93,10 @@ def main() -> None:
 
     baseline = load_baseline(args.baseline_ref)
     emb, latlon = data(args.rows, 1024)
+    net = {"dim": args.net_dim, "depth": args.net_depth, "batch_size": args.batch_size}
     load_start = [round(v, 2) for v in os.getloadavg()]
-    timed_run(current, emb, latlon, 3)  # warm-up (allocator, first-call costs)
-    timed_run(baseline, emb, latlon, 3)
+    timed_run(current, emb, latlon, 3, net)  # warm-up (allocator, first-call costs)
+    timed_run(baseline, emb, latlon, 3, net)
     short = 5
     times: dict[str, list[float]] = {"baseline": [], "current": []}
     per_step: dict[str, list[float]] = {"baseline": [], "current": []}
@@ -93,8 +104,8 @@ def main() -> None:
     for rep in range(args.reps):
         order = [("baseline", baseline), ("current", current)]
         for name, module in order if rep % 2 == 0 else order[::-1]:
-            t_short = timed_run(module, emb, latlon, short)
-            t_long = timed_run(module, emb, latlon, args.steps)
+            t_short = timed_run(module, emb, latlon, short, net)
+            t_long = timed_run(module, emb, latlon, args.steps, net)
             step_s = (t_long - t_short) / (args.steps - short)
             times[name].append(t_long)
             per_step[name].append(step_s)
@@ -111,6 +122,7 @@ def main() -> None:
         "steps": args.steps,
         "rows": args.rows,
         "threads": args.threads,
+        "network": net,
         "seconds": times,
         "seconds_per_step": per_step,
         "fixed_seconds": fixed,
@@ -121,6 +133,10 @@ def main() -> None:
         "per_rep_per_step_ratio": [
             b / c for b, c in zip(per_step["baseline"], per_step["current"])
         ],
+        "median_per_rep_per_step_ratio": statistics.median(
+            b / c for b, c in zip(per_step["baseline"], per_step["current"])
+        ),
+        "per_step_overhead_us": 1e6 * (med_step["current"] - med_step["baseline"]),
         "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
         "python": sys.version.split()[0],
         "torch": torch.__version__,
