@@ -751,24 +751,6 @@ class _Run:
         bar.update(1)
 
 
-def _train_on(
-    config: TrainConfig,
-    data: InMemoryRows | StreamedRows,
-    val: ValidationRows | None,
-    out: Path,
-    place: Placement,
-    runtime: Runtime,
-    progress: bool,
-    resume: bool,
-    encoder: str | None,
-    metadata: dict | None,
-) -> TrainResult:
-    """The training loop on every process; rank 0 validates, checkpoints, logs and saves."""
-    run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
-    run.start(resume)
-    return run.train(progress)
-
-
 def _trainer(model: GeoModel, place: Placement, runtime: Runtime, trainable: bool) -> nn.Module:
     """The module each step calls: the loss (compiled network if asked), under DDP when several
     processes train."""
@@ -846,9 +828,9 @@ def train(
         val = None
         if val_emb is not None and val_latlon is not None and len(val_emb) > 0:
             val = ValidationRows.select(val_emb, val_latlon, _validation_rows(config), config.seed)
-        return _train_on(
-            config, data, val, out, place, runtime, progress, resume, encoder, metadata
-        )
+        run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
+        run.start(resume)
+        return run.train(progress)
     finally:
         leave_process_group(place)
 
@@ -1055,17 +1037,9 @@ def train_from_embeddings(
             data, val, encoder, how = _in_memory_inputs(store, split, config, say)
         rows = data.stats()["rows"] if place.is_main else 0
         say(f"train {rows} rows, validation {len(val.x0) if val else 0} rows used ({how})")
-        return _train_on(
-            config,
-            data,
-            val,
-            out,
-            place,
-            runtime,
-            progress,
-            resume,
-            encoder,
-            {"embeddings": str(embeddings_path), "validation_split": how},
-        )
+        meta = {"encoder": encoder, "embeddings": str(embeddings_path), "validation_split": how}
+        run = _Run(config, data, val, out, place, runtime, meta)
+        run.start(resume)
+        return run.train(progress)
     finally:
         leave_process_group(place)
