@@ -131,9 +131,9 @@ def load_model(
     config = _read_config(config_path)
     try:
         model = model_from_config(config, family=family, name=str(path_or_hub_id))
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
         raise CheckpointError(f"{config_path}: unusable config ({_one_line(exc)})") from exc
     state = _read_weights(weights_path)
     # Our checkpoints hold the whole model's state; PLONK's hold the bare network's.
