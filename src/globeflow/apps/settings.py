@@ -61,7 +61,7 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "top_k": Range(1, 100, integer=True),
     "region_radius_km": Range(0.0, MAX_REGION_RADIUS_KM, low_open=True),
 }
-"""Settings of one locate call (``Locator.locate_*``, ``globeflow predict``, ``POST /v1/locate``)."""
+"""Settings of one locate call (``globeflow predict``, ``POST /v1/locate``)."""
 
 EVALUATE_LIMITS: dict[str, Rule] = {
     **{k: LOCATE_LIMITS[k] for k in ("num_samples", "guidance", "steps")},
