@@ -38,8 +38,11 @@ def unit_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
 
 def project_to_sphere(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Radial projection of (..., 3) vectors onto S^2 (the zero vector maps to the north pole;
-    vectors holding NaN or inf give NaN, so that callers can tell them from an answer)."""
+    vectors holding NaN or inf, or so large that their norm overflows, give NaN, so that callers
+    can tell them from an answer)."""
     norm = x.norm(dim=-1, keepdim=True)
+    # An overflowed norm would scale finite vectors to zero, and zero means the north pole.
+    norm = norm.masked_fill(norm.isinf(), math.nan)
     north = torch.zeros_like(x)
     north[..., 2] = 1.0
     return torch.where(norm <= eps, north, x / norm.clamp_min(eps))
