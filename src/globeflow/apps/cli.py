@@ -475,7 +475,7 @@ def evaluate(
         _fail(f"{locator.model_name}: {exc}", code=1)
     if report.summary["n"] == 0:
         report.write(output)
-        _fail(f"{data}: nothing to evaluate ({report.why_empty()}); report in {output}", code=1)
+        _fail(f"{data}: nothing to evaluate; {report.why_empty()}; report in {output}", code=1)
     report.write(output)
     typer.echo(report.to_markdown())
     typer.echo(f"report written to {output}")
