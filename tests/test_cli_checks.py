@@ -287,3 +287,28 @@ def test_evaluate_names_the_model_and_uses_its_recommended_guidance(tmp_path, ti
     assert settings["model"] == str(tiny_model)
     assert settings["encoder"] == ENCODER
     assert settings["guidance"] == 0.5
+
+
+def test_evaluate_keeps_every_good_record_of_a_mixed_batch(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["IMG_ID,LAT,LON"]
+    for i, (lat, lon) in enumerate([(48.85, 2.35), (35.68, 139.69), (-33.87, 151.21)]):
+        Image.new("RGB", (64, 48), (60 * i, 100, 200)).save(images / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{lat},{lon}")
+    (images / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rows += ["bad.jpg,1.0,2.0", "missing.jpg,3.0,4.0"]
+    (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    result = _run("evaluate", tmp_path / "test.csv", "--model", tiny_model, "-o", out,
+                  "--num-samples", "16", "--steps", "2", "--hpd-samples", "0",
+                  "--batch-size", "2", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 3 and summary["n_errors"] == 2
+    errors = {e["id"]: e for e in summary["errors"]}
+    assert sorted(errors) == ["bad.jpg", "missing.jpg"]
+    assert errors["bad.jpg"]["path"].endswith("bad.jpg") and errors["missing.jpg"]["path"] == ""
+    assert "no image file found" in errors["missing.jpg"]["error"]
+    predicted = (out / "predictions.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in predicted) == ["0.jpg", "1.jpg", "2.jpg"]

@@ -349,7 +349,7 @@ def _batches(
                 kept.append(r)
             except Exception as exc:  # noqa: BLE001 - a bad image is reported, not fatal
                 errors.append(
-                    {"id": r.id, "path": str(r.path), "error": f"{type(exc).__name__}: {exc}"}
+                    {"id": r.id, "path": r.path or "", "error": f"{type(exc).__name__}: {exc}"}
                 )
         if not kept:
             return None
