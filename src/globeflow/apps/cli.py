@@ -71,7 +71,9 @@ def _check_outputs(files: dict | None = None, folders: dict | None = None) -> No
         _fail(str(exc))
 
 
-def _load_locator(model: str | None, encoder: str | None, family: str | None, encoder_path):
+def _load_locator(
+    model: str | None, encoder: str | None, family: str | None, encoder_path: str | None
+):
     """The Locator, or a one-line failure naming the model or the encoder."""
     from globeflow.apps.pipeline import Locator
     from globeflow.data.encoders import UnknownEncoderError
@@ -120,12 +122,12 @@ def embed(
     progress: bool = typer.Option(True),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported)."""
-    from globeflow.data.encoders import get_encoder
+    from globeflow.data.encoders import UnknownEncoderError, get_encoder
     from globeflow.jobs.embed import embed_images
 
     try:
         enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
-    except ValueError as exc:
+    except UnknownEncoderError as exc:
         _fail(f"--encoder {encoder}: {exc}")
     report = embed_images(
         inputs,
