@@ -82,7 +82,7 @@ class AdaLNBlock(nn.Module):
         else:
             w1, b1, w2, b2 = lowp
             z = F.gelu(F.linear(a.to(w1.dtype), w1, b1))
-            out = F.linear(z, w2, b2).float()
+            out = F.linear(z, w2, b2).to(x.dtype)
         if torch.is_grad_enabled():
             return x + out * s
         # Inference: reuse the MLP's output buffer instead of allocating two more (B, N, dim)
@@ -224,29 +224,36 @@ class Denoiser(nn.Module):
         return self.final_linear(torch.addcmul(m, h, 1 + g))
 
     def forward_with_jvp(
-        self, y: torch.Tensor, tangents: torch.Tensor, cond: Conditioning
+        self,
+        y: torch.Tensor,
+        tangents: torch.Tensor,
+        cond: Conditioning,
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and Jacobian-vector products in one pass (hand-written forward mode).
 
         y (B, N, 3) points, tangents (K, B, N, 3) input directions -> (output (B, N, 3),
         J @ tangents (K, B, N, 3)). The primal and its K tangents go through every linear layer as
-        one stacked matrix product, which is what makes exact divergences cheap.
+        one stacked matrix product, which is what makes exact divergences cheap. ``precision``
+        as in :meth:`forward_conditioned` (bf16 only inside the blocks' matrix products).
         """
+        lowp = self.lowp_weights() if precision == "bf16" else None
         w_in = self.initial_mapper.weight
         x = self.initial_mapper(y)
         dx = tangents @ w_in.T
-        for block, modulation in zip(self.blocks, cond.blocks):
+        for i, (block, modulation) in enumerate(zip(self.blocks, cond.blocks)):
             g, m, s = modulation.chunk(3, dim=-1)
             h, dh = _layer_norm_jvp(x, dx)
             h, dh = torch.addcmul(m, h, 1 + g), dh * (1 + g)
             lin1, lin2 = block.mlp[0], block.mlp[3]
-            z = torch.cat([h[None], dh]) @ lin1.weight.T
-            z0 = z[0] + lin1.bias
+            w1, b1, w2, b2 = lowp[i] if lowp else (lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+            z = torch.cat([h[None], dh]).to(w1.dtype) @ w1.T
+            z0 = (z[0] + b1).to(x.dtype)
             phi = torch.exp(-0.5 * z0**2) * _INV_SQRT_2PI
             cdf = 0.5 * (1.0 + torch.erf(z0 * _INV_SQRT_2))
             a = torch.cat([(z0 * cdf)[None], z[1:] * (cdf + z0 * phi)])
-            o = a @ lin2.weight.T
-            x = torch.addcmul(x, o[0] + lin2.bias, s)
+            o = (a.to(w2.dtype) @ w2.T).to(x.dtype)
+            x = torch.addcmul(x, o[0] + b2, s)
             dx = dx + o[1:] * s
         g, m = cond.final.chunk(2, dim=-1)
         h, dh = _layer_norm_jvp(x, dx)
