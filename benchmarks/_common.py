@@ -7,11 +7,14 @@ say so (skipping those parts) when it is absent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +163,15 @@ def yfcc_size_model(seed: int = 0):
         for p in net.parameters():
             p.normal_(0, 0.02)
     return RiemannianFlowMatching(net).eval(), torch.randn(1, 1024)
+
+
+@contextlib.contextmanager
+def busy_process():
+    """One CPU-bound process running beside the measurement (a pure-Python loop)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
