@@ -35,6 +35,9 @@ DEFAULT_STEPS = 8
 DEFAULT_SOLVER = "midpoint"
 DEFAULT_PRECISION = "bf16"
 DEFAULT_LOCALIZABILITY_SAMPLES = 128
+DEFAULT_LOCALIZABILITY_STEPS = 16
+"""Midpoint steps of the one-pass localizability estimate (its bias falls below the Monte Carlo
+error from about 16 steps: benchmarks/localizability.py)."""
 
 
 def default_model_path() -> Path:
@@ -167,21 +170,28 @@ class Locator:
         log-densities gives both; otherwise localizability takes its own unguided samples.
         """
         model, n = self.model, settings["num_samples"]
-        common = dict(steps=settings["steps"], generator=generator)
         path = {"solver": settings["solver"], "precision": settings["precision"]}
         path_ok = getattr(model, "geometry", None) is SPHERE and settings["solver"] in TABLEAUS
         nan = torch.full((emb.shape[0],), float("nan"))
+        loc_steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
         if settings["guidance"] == 0.0 and path_ok and n_loc > 0:
+            # The answer samples follow the density: one pass gives samples and log-densities.
             emb = model.prepare_embeddings(emb)
-            x, log_p = model.sample_with_log_density(emb, n, method="path", **common, **path)
+            x, log_p = model.sample_with_log_density(
+                emb, n, loc_steps, generator, method="path", **path
+            )
             bits = log_p / math.log(2.0)
             stderr = bits.std(-1) / math.sqrt(n) if n > 1 else nan
             return unit_to_latlon(x).cpu(), bits.mean(-1).cpu(), stderr.cpu()
-        samples = model.sample(emb, n, guidance=settings["guidance"], **common, **path).cpu()
+        samples = model.sample(
+            emb, n, settings["steps"], settings["guidance"], generator=generator, **path
+        ).cpu()
         if n_loc <= 0:
             return samples, nan, nan
         extra = {"method": "path", **path} if path_ok else {}
-        bits, stderr = model.localizability(emb, n_loc, return_stderr=True, **common, **extra)
+        bits, stderr = model.localizability(
+            emb, n_loc, loc_steps, generator, return_stderr=True, **extra
+        )
         return samples, bits.cpu(), stderr.cpu()
 
     def locate_images(
