@@ -84,6 +84,9 @@ PREDICT_BAD = [
     (["--region-radius-km", "nan"], "--region-radius-km nan: must be"),
     (["--steps", "0"], "--steps 0: must be an integer in [1, 256]"),
     (["--top-k", "0"], "--top-k 0: must be an integer in [1, 100]"),
+    (["--solver", "rk45"], "--solver rk45: must be one of ddim, euler, heun, midpoint"),
+    (["--precision", "fp16"], "--precision fp16: must be one of fp32, bf16"),
+    (["--localizability-samples", "-1"], "--localizability-samples -1: must be an integer in"),
 ]
 
 
@@ -122,6 +125,11 @@ def test_a_models_recommended_guidance_is_checked_with_the_same_range(tmp_path, 
     ok = _run("predict", photo, "--model", model, "--guidance", "1", "--num-samples", "16",
               "--steps", "2", "--no-progress")  # fmt: skip
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_solver_the_models_family_lacks_is_refused(photo, tiny_model):
+    result = _run("predict", photo, "--model", tiny_model, "--solver", "ddim", "--no-progress")
+    _one_line_error(result, 2, "--solver ddim: a rfm model takes euler, midpoint, heun")
 
 
 def test_non_finite_model_output_is_an_error_naming_the_model(tmp_path, photo):

@@ -30,6 +30,9 @@ BAD = {
     "steps": [0, -3, 257],
     "top_k": [0, -1],
     "region_radius_km": [0.0, -100.0, math.nan, math.inf, MAX_REGION_RADIUS_KM + 1],
+    "solver": ["rk45", "", 3],
+    "precision": ["fp16", "BF16"],
+    "localizability_samples": [-1, 4097],
 }
 GOOD = {
     "guidance": [-1.0, 0.0, 2.0, 10.0],
@@ -37,6 +40,9 @@ GOOD = {
     "steps": [1, 32, 256],
     "top_k": [1, 5],
     "region_radius_km": [0.001, 500.0, MAX_REGION_RADIUS_KM],
+    "solver": ["euler", "midpoint", "heun", "ddim"],
+    "precision": ["fp32", "bf16"],
+    "localizability_samples": [0, 128, 4096],
 }
 
 
@@ -47,7 +53,7 @@ def test_every_bad_value_is_named_with_its_allowed_range(name):
             check_settings({name: value})
         err = info.value
         assert (err.name, err.expected) == (name, LOCATE_LIMITS[name].describe())
-        assert err.value is value or (math.isnan(value) and math.isnan(err.value))
+        assert err.value is value or (value != value and err.value != err.value)  # NaN
         assert str(err) == f"{name} = {value!r}: must be {err.expected}"
     for value in GOOD[name]:
         check_settings({name: value})

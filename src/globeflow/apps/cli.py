@@ -103,6 +103,17 @@ def _resolved_guidance(guidance: float | None, locator, limits: dict) -> float:
     return locator.default_guidance
 
 
+def _model_solver(solver: str | None, locator) -> str | None:
+    """--solver, if the loaded model's family has it (each family has its own solvers)."""
+    solvers = getattr(locator.model, "solvers", ())
+    if solver is not None and solver not in solvers:
+        _fail(
+            f"--solver {solver}: a {locator.model.family} model takes "
+            f"{', '.join(solvers) or 'no solver option'}"
+        )
+    return solver
+
+
 @app.command()
 def embed(
     inputs: list[Path] = typer.Argument(
@@ -270,13 +281,27 @@ def predict(
     family: str = typer.Option(None, help="Family of a PLONK checkpoint (rfm, flow, diffusion)."),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
-    num_samples: int = typer.Option(512, help="Samples per photo (16 to 4096)."),
+    num_samples: int = typer.Option(
+        None, help="Samples per photo, 16 to 4096 (default: 512, see docs/defaults.md)."
+    ),
     guidance: float = typer.Option(
         None,
         help="Classifier-free guidance scale, -1 to 10 (default: the model's recommended "
         "value, else 2 as in the paper; negative values lean on the unconditional prior).",
     ),
-    steps: int = typer.Option(32, help="Sampler steps (1 to 256)."),
+    steps: int = typer.Option(
+        None,
+        help="Solver steps, 1 to 256 (default: 8 midpoint steps = 16 network evaluations).",
+    ),
+    solver: str = typer.Option(
+        None, help="midpoint or heun (second order), euler (the paper's sampler), ddim."
+    ),
+    precision: str = typer.Option(
+        None, help="bf16 (default: faster, same answers within noise) or fp32."
+    ),
+    localizability_samples: int = typer.Option(
+        None, help="Samples for the localizability estimate, 0 to 4096 (0: skip; default 128)."
+    ),
     top_k: int = typer.Option(5, help="Regions to report (1 to 100)."),
     region_radius_km: float = typer.Option(
         500.0, help="Radius of a reported region (km, above 0, at most half the circumference)."
@@ -311,6 +336,9 @@ def predict(
         num_samples=num_samples,
         guidance=guidance,
         steps=steps,
+        solver=solver,
+        precision=precision,
+        localizability_samples=localizability_samples,
         top_k=top_k,
         region_radius_km=region_radius_km,
     )
@@ -327,6 +355,9 @@ def predict(
             num_samples=num_samples,
             guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
             steps=steps,
+            solver=_model_solver(solver, locator),
+            precision=precision,
+            localizability_samples=localizability_samples,
             top_k=top_k,
             region_radius_km=region_radius_km,
             seed=seed,

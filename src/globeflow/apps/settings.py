@@ -1,8 +1,8 @@
 """Allowed values of the locate settings: one table for the command line and the server.
 
 Each entry maps a setting name to a rule with ``allows(value) -> bool`` and ``describe() -> str``
-(the allowed values, in words). A new setting (say a solver name) is one more entry; a rule of
-another shape (a set of names) is any object with those two methods.
+(the allowed values, in words): a :class:`Range` of numbers or :class:`OneOf` a set of names. A
+new setting is one more entry; a rule of another shape is any object with those two methods.
 
 ``num_samples`` is bounded rather than chunked, at the server's long-standing cap of 4096 per
 photo: sampling memory grows linearly with it (``1e8`` died in the allocator after 21 s).
@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from globeflow.core.families import DENOISING_FAMILIES
+from globeflow.core.guidance import PRECISIONS
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
 MAX_REGION_RADIUS_KM = math.pi * EARTH_RADIUS_KM
@@ -52,12 +54,31 @@ class Range:
         return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of names."""
+
+    names: tuple[str, ...]
+
+    def allows(self, value: Any) -> bool:
+        return value in self.names
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.names)
+
+
+SOLVERS = tuple(sorted({name for family in DENOISING_FAMILIES.values() for name in family.solvers}))
+"""Every family's solvers; whether a model's family has the one asked for is its own check."""
+
 LOCATE_LIMITS: dict[str, Rule] = {
     "num_samples": Range(16, 4096, integer=True),
     # Guidance in (-1, 0) leans towards the unconditional branch (a flatter answer); 10 is the
     # web page's slider maximum and the server's long-standing cap.
     "guidance": Range(-1.0, 10.0),
     "steps": Range(1, 256, integer=True),
+    "solver": OneOf(SOLVERS),
+    "precision": OneOf(PRECISIONS),
+    "localizability_samples": Range(0, 4096, integer=True),
     "top_k": Range(1, 100, integer=True),
     "region_radius_km": Range(0.0, MAX_REGION_RADIUS_KM, low_open=True),
 }

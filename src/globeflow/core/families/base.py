@@ -94,7 +94,7 @@ class GeoModel(nn.Module):
         Gaussians for the R^3 families. ``guidance`` is the classifier-free guidance scale w.
         ``solver`` and ``precision`` (``"fp32"``/``"bf16"``): see :meth:`DenoisingModel.sample_raw`.
         """
-        emb = self._check_emb(emb)
+        emb = self.prepare_embeddings(emb)
         x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver, precision)
         # Projected to the sphere, NaN would become the north pole and pass for an answer.
         bad = ~torch.isfinite(x).flatten(1).all(dim=1)
@@ -113,7 +113,7 @@ class GeoModel(nn.Module):
         A density per steradian on S^2 (``density_space == "sphere"``), or for the R^3 families
         the paper's density in R^3 evaluated at the points.
         """
-        emb = self._check_emb(emb)
+        emb = self.prepare_embeddings(emb)
         if latlon.dim() == 2:
             latlon = latlon[:, None, :]
         x = latlon_to_unit(latlon.to(emb.dtype))
@@ -151,7 +151,7 @@ class GeoModel(nn.Module):
         ``return_stderr`` also the Monte Carlo standard error (B,) in bits. Extra keyword
         arguments go to :meth:`sample_with_log_density` (estimator options).
         """
-        emb = self._check_emb(emb)
+        emb = self.prepare_embeddings(emb)
         _, log_p = self.sample_with_log_density(emb, num_samples, steps, generator, **estimator)
         bits = log_p / math.log(2.0)
         mean = bits.mean(-1)
@@ -160,7 +160,7 @@ class GeoModel(nn.Module):
         stderr = bits.std(-1) / math.sqrt(bits.shape[-1]) if bits.shape[-1] > 1 else mean * 0
         return mean, stderr
 
-    def _check_emb(self, emb: torch.Tensor) -> torch.Tensor:
+    def prepare_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         emb = torch.as_tensor(emb)
         if emb.dim() == 1:
             emb = emb[None]
@@ -383,6 +383,7 @@ class DenoisingModel(GeoModel):
         likelihood_steps: int | None = None,
         method: str | None = None,
         solver: str = "midpoint",
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and log p at each (B, N).
 
@@ -390,6 +391,7 @@ class DenoisingModel(GeoModel):
         the log-density along the sampling path (:func:`~globeflow.core.likelihood.
         sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
         onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
+        ``precision`` applies to the path method.
         """
         from globeflow.core.likelihood import sample_with_log_density
 
@@ -400,7 +402,9 @@ class DenoisingModel(GeoModel):
             )
         if method != "path":
             raise ValueError(f"unknown density method {method!r}; choose path or ode")
-        return sample_with_log_density(self, emb, num_samples, steps, solver, generator)
+        return sample_with_log_density(
+            self, emb, num_samples, steps, solver, generator, precision=precision
+        )
 
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""
