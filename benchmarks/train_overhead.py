@@ -7,7 +7,8 @@ separate module (it uses the same, unchanged core modules). Each repetition runs
 alternating order, for 5 and for ``--steps`` steps of a network (default: the default config,
 dim 256, depth 6, batch 512; cond_dim 1024, AdamW, EMA) with no validation set and one
 checkpoint at the end. A tiny network (``--net-dim 32 --net-depth 1 --batch-size 64``) makes the
-per-step bookkeeping visible in microseconds. The
+per-step bookkeeping visible in microseconds. ``--from-store`` times the ``globeflow train``
+job (``train_from_embeddings``) on a store of the same rows instead: read, split, train. The
 difference of the two wall times gives the time per step; the rest is start-up and the end
 (checkpoint, final model). Reported: the ratio of median times per step, and of median wall
 times of the long run (everything ``train()`` does).
@@ -60,8 +61,18 @@ def data(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, latlon
 
 
-def timed_run(module, emb, latlon, steps: int, net: dict) -> float:
-    config = module.TrainConfig(
+def write_store(path: Path, emb: torch.Tensor, latlon: torch.Tensor) -> Path:
+    from globeflow.data.embedding_store import EmbeddingWriter
+
+    with EmbeddingWriter(path, "synthetic", emb.shape[1], chunk_size=65536) as writer:
+        writer.add([f"r{i}" for i in range(len(emb))], emb, latlon=latlon)
+    return path
+
+
+def timed_run(module, emb, latlon, steps: int, net: dict, store: Path | None = None) -> float:
+    """Seconds of one run: ``train()`` on the tensors, or (``store``) the ``globeflow train``
+    job on a store (read, 5% random validation split, one small validation at the end)."""
+    options = dict(
         max_steps=steps,
         val_every=10**6,
         checkpoint_every=10**6,
@@ -71,7 +82,15 @@ def timed_run(module, emb, latlon, steps: int, net: dict) -> float:
     )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        module.train(config, emb, latlon, None, None, out, progress=False)
+        if store is None:
+            module.train(
+                module.TrainConfig(**options), emb, latlon, None, None, out, progress=False
+            )
+        else:
+            module.train_from_embeddings(
+                store, "rfm", out, val_split="0.05", progress=False, val_loss_rows=256,
+                val_geo_rows=16, val_num_samples=8, val_sample_steps=4, **options,
+            )  # fmt: skip
         return time.perf_counter() - start
 
 
@@ -85,6 +104,9 @@ def main() -> None:
     p.add_argument("--net-dim", type=int, default=256)
     p.add_argument("--net-depth", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument(
+        "--from-store", action="store_true", help="time the train job on a store (the CLI path)"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,9 +116,14 @@ def main() -> None:
     baseline = load_baseline(args.baseline_ref)
     emb, latlon = data(args.rows, 1024)
     net = {"dim": args.net_dim, "depth": args.net_depth, "batch_size": args.batch_size}
+    store = (
+        write_store(Path(tempfile.mkdtemp()) / "s.parquet", emb, latlon)
+        if args.from_store
+        else None
+    )
     load_start = [round(v, 2) for v in os.getloadavg()]
-    timed_run(current, emb, latlon, 3, net)  # warm-up (allocator, first-call costs)
-    timed_run(baseline, emb, latlon, 3, net)
+    timed_run(current, emb, latlon, 3, net, store)  # warm-up (allocator, first-call costs)
+    timed_run(baseline, emb, latlon, 3, net, store)
     short = 5
     times: dict[str, list[float]] = {"baseline": [], "current": []}
     per_step: dict[str, list[float]] = {"baseline": [], "current": []}
@@ -104,8 +131,8 @@ def main() -> None:
     for rep in range(args.reps):
         order = [("baseline", baseline), ("current", current)]
         for name, module in order if rep % 2 == 0 else order[::-1]:
-            t_short = timed_run(module, emb, latlon, short, net)
-            t_long = timed_run(module, emb, latlon, args.steps, net)
+            t_short = timed_run(module, emb, latlon, short, net, store)
+            t_long = timed_run(module, emb, latlon, args.steps, net, store)
             step_s = (t_long - t_short) / (args.steps - short)
             times[name].append(t_long)
             per_step[name].append(step_s)
@@ -123,6 +150,7 @@ def main() -> None:
         "rows": args.rows,
         "threads": args.threads,
         "network": net,
+        "from_store": args.from_store,
         "seconds": times,
         "seconds_per_step": per_step,
         "fixed_seconds": fixed,

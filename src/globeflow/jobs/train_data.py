@@ -170,6 +170,7 @@ class InMemoryRows:
         prior_x0: torch.Tensor | None,
         prior_rows: int,
         seed: int,
+        fingerprint: str | None = None,
     ) -> None:
         self.emb = torch.as_tensor(emb, dtype=torch.float32)
         self.latlon = torch.as_tensor(latlon, dtype=torch.float64)
@@ -184,6 +185,7 @@ class InMemoryRows:
         self.batch_size, self.prior_rows, self.seed = batch_size, prior_rows, seed
         self.prior_x0 = prior_x0
         self.order = BatchOrder(len(self.x0), batch_size - prior_rows, seed)
+        self._fingerprint = fingerprint
 
     @property
     def dim(self) -> int:
@@ -193,7 +195,9 @@ class InMemoryRows:
         return _stats(self.latlon, self.dim, self.emb)
 
     def fingerprint(self) -> str:
-        return tensor_fingerprint(self.emb, self.latlon)
+        """The one given (e.g. of the store the rows come from), else a hash of the rows
+        (about 2 s per GB)."""
+        return self._fingerprint or tensor_fingerprint(self.emb, self.latlon)
 
     def batches(self, start_step: int, place: Placement) -> Iterator[Batch]:
         """Batches from ``start_step`` on: the global batch, and this process's rows of it."""
@@ -298,6 +302,7 @@ class ValidationRows:
     latlon: torch.Tensor
     stats: dict
     fingerprint: str
+    """Of the rows used (and the size of the set they were drawn from)."""
 
     @classmethod
     def select(cls, emb: torch.Tensor, latlon: torch.Tensor, needed: int, seed: int):
@@ -313,7 +318,7 @@ class ValidationRows:
             emb[fixed],
             latlon[fixed],
             _stats(latlon, emb.shape[1], emb),
-            tensor_fingerprint(emb, latlon),
+            f"{len(emb)}:{tensor_fingerprint(emb[fixed], latlon[fixed])}",
         )
 
     def to(self, device: torch.device) -> ValidationRows:

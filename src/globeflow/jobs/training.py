@@ -883,11 +883,14 @@ def _parse_val_split(val_split: str | float, val_fraction: float) -> tuple[str, 
 
 def _in_memory_inputs(store: Path, split: tuple, config: TrainConfig, say):
     """(training rows, validation rows, encoder name, description), the store in memory."""
-    from globeflow.data.embedding_store import read_embeddings
+    from globeflow.data.embedding_store import read_embeddings, store_fingerprint
 
     kind, fraction, val_store = split
     table = read_embeddings(store)
     emb, latlon, authors = _located(table, str(store), say)
+    # The training rows are a function of the store, the split and the seed (in the config):
+    # fingerprinting those costs milliseconds, hashing the rows seconds per GB.
+    source = f"{store_fingerprint(store)}:{kind}:{fraction}"
     if kind == "store":
         val_table = read_embeddings(val_store)
         if val_table.dim != table.dim:
@@ -904,7 +907,9 @@ def _in_memory_inputs(store: Path, split: tuple, config: TrainConfig, say):
     if len(emb) == 0:
         raise ValueError(f"{store}: no training rows left after the validation split")
     prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
-    data = InMemoryRows(emb, latlon, config.batch_size, prior_x0, config.prior_rows, config.seed)
+    data = InMemoryRows(
+        emb, latlon, config.batch_size, prior_x0, config.prior_rows, config.seed, source
+    )
     val = None
     if len(val_emb):
         val = ValidationRows.select(val_emb, val_latlon, _validation_rows(config), config.seed)
