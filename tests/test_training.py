@@ -439,3 +439,14 @@ def read_embeddings_rows(store: Path) -> int:
     from globeflow.data.embedding_store import read_embeddings
 
     return len(read_embeddings(store))
+
+
+def test_nonfinite_rows_exact_also_when_the_total_overflows():
+    from globeflow.jobs.train_data import nonfinite_rows
+
+    x = torch.zeros(6, 3)
+    assert nonfinite_rows(x).tolist() == []
+    x[1, 2], x[4, 0] = float("nan"), float("-inf")
+    assert nonfinite_rows(x).tolist() == [1, 4]
+    big = torch.full((4, 2), 3e38)  # finite values whose float32 total overflows
+    assert nonfinite_rows(big).tolist() == []

@@ -134,6 +134,15 @@ def _prior_share(batch_size: int, prior_rows: int, share: slice) -> int:
     return max(0, share.stop - max(share.start, batch_size - prior_rows))
 
 
+def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of (N, D) ``values`` holding a NaN or an infinity. One fast pass when
+    there are none: a finite total proves every value finite (a total that overflows only sends
+    the check down the exact, slower path)."""
+    if bool(torch.isfinite(values.sum())):
+        return torch.zeros(0, dtype=torch.long)
+    return (~torch.isfinite(values).all(dim=1)).nonzero().flatten()
+
+
 def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
     """A short hash of the tensors' shapes, dtypes and bytes (None counts as absent)."""
     h = hashlib.sha256()
@@ -178,8 +187,8 @@ class InMemoryRows:
             raise ValueError("train_emb must be (N, D) and train_latlon (N, 2)")
         if not torch.isfinite(self.latlon).all():
             raise ValueError("train_latlon holds non-finite coordinates; drop those rows first")
-        if not torch.isfinite(self.emb).all():
-            bad = int((~torch.isfinite(self.emb).all(dim=1)).sum())
+        bad = len(nonfinite_rows(self.emb))
+        if bad:
             raise ValueError(f"{bad} training row(s) have non-finite embeddings; drop them first")
         self.x0 = to_unit(self.latlon)
         self.batch_size, self.prior_rows, self.seed = batch_size, prior_rows, seed
@@ -309,8 +318,8 @@ class ValidationRows:
         """The first ``needed`` rows of a fixed permutation (``seed``) of the given rows."""
         emb = torch.as_tensor(emb, dtype=torch.float32)
         latlon = torch.as_tensor(latlon, dtype=torch.float64)
-        if not torch.isfinite(emb).all():
-            bad = int((~torch.isfinite(emb).all(dim=1)).sum())
+        bad = len(nonfinite_rows(emb))
+        if bad:
             raise ValueError(f"{bad} validation row(s) have non-finite embeddings")
         fixed = torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:needed]
         return cls(

@@ -64,6 +64,7 @@ from globeflow.jobs.train_data import (
     StreamedRows,
     ValidationRows,
     assemble_batch,
+    nonfinite_rows,
     read_prior_locations,
     split_rows,
     tensor_fingerprint,
@@ -850,7 +851,7 @@ def _located(table, name: str, say: Callable[[str], None]):
         say(f"{name}: dropped {dropped} of {len(keep)} rows without coordinates")
     idx = keep.nonzero().flatten()
     emb = table.embeddings[idx]
-    bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
+    bad = nonfinite_rows(emb)
     if len(bad):
         first = table.ids[int(idx[bad[0]])]
         raise ValueError(
