@@ -66,8 +66,12 @@ def load_pretrained(loader: Any, path: str | os.PathLike[str], **kwargs: Any) ->
         from globeflow.core.hub_downloads import announce_download
 
         downloading = announce_download(text)
-    with _quiet_transformers(progress=downloading):
-        model, info = loader.from_pretrained(text, output_loading_info=True, **kwargs)
+    try:
+        with _quiet_transformers(progress=downloading):
+            model, info = loader.from_pretrained(text, output_loading_info=True, **kwargs)
+    except OSError as exc:  # transformers' messages span lines and may not name the model
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{text}: cannot load the encoder weights ({reason})") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(
