@@ -86,7 +86,9 @@ print(json.dumps({{
     "many": many.tolist(), "one_shape": list(one.shape),
 }}))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert "download" not in run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
@@ -101,7 +103,8 @@ def test_offline_without_the_encoder_says_what_it_needs(tmp_path, monkeypatch, t
     """PLONK_OSV_5M cached, StreetCLIP not: the user is told what it would download (size,
     non-commercial licence) and gets a one-line error, not a traceback."""
     cache = _offline_env(monkeypatch, tmp_path / "hf")
-    add_to_hub_cache(cache, "nicolas-dufour/PLONK_OSV_5M", tiny_models["nicolas-dufour/PLONK_OSV_5M"])
+    repo = "nicolas-dufour/PLONK_OSV_5M"
+    add_to_hub_cache(cache, repo, tiny_models[repo])
     photo = _photos(tmp_path / "photos")[0]
     args = ["predict", str(photo), "--model", "nicolas-dufour/PLONK_OSV_5M", "--no-progress"]
     run = subprocess.run(GLOBEFLOW + args, capture_output=True, text=True, timeout=300)
