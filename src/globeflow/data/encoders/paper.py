@@ -162,9 +162,11 @@ class StreetCLIPEncoder(_TransformersVisionEncoder):
 
     Embedding = CLS token of the vision tower's last hidden state (before the post-layernorm and
     projection). Preprocessing = transformers' CLIP image processor (:func:`clip_pixels`).
-    ``alpha`` says how transparent images become RGB: ``"drop"`` (default) as transformers 4.x
-    did when the published OSV-5M embeddings were made (December 2024, before transformers 5),
-    ``"white"`` as transformers 5.x does. Accepts a full CLIP checkpoint or a vision-only one.
+    ``alpha`` says how transparent images become RGB: ``"drop"`` (default) as the published
+    OSV-5M embeddings saw them (the authors' extraction opened every image with
+    ``convert("RGB")``, and the checkpoints date from December 2024, when transformers 4.x also
+    dropped alpha), or ``"white"`` as transformers 5.x's processor composites it. Accepts a full
+    CLIP checkpoint or a vision-only one.
     """
 
     def __init__(
