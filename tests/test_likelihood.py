@@ -5,6 +5,7 @@ import torch
 
 from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
 from globeflow.core.families.flow import gaussian_log_prob
+from globeflow.core.guidance import GuidedField
 from globeflow.core.likelihood import (
     DIFFUSION_GAMMA_END,
     integration_grid,
@@ -13,7 +14,7 @@ from globeflow.core.likelihood import (
 )
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import SigmoidSchedule
-from globeflow.core.sphere import latlon_grid, latlon_to_unit, sample_uniform_sphere
+from globeflow.core.sphere import latlon_grid, latlon_to_unit, sample_uniform_sphere, tangent_basis
 
 f64 = torch.float64
 
@@ -108,5 +109,7 @@ def test_log_prob_public_api_in_degrees():
     assert lp.shape == (2, 2)
     direct = model.log_prob_unit(latlon_to_unit(latlon), emb)
     assert torch.allclose(lp, direct)
-    with pytest.raises(NotImplementedError):
-        log_prob_ode(model, latlon_to_unit(latlon), emb, guidance=1.0)
+    guided = GuidedField(model.network, emb, torch.tensor([0.5], dtype=f64), guidance=1.0)
+    x = latlon_to_unit(latlon)
+    with pytest.raises(ValueError, match="unguided"):
+        guided.output_and_jvp(x, torch.stack(tangent_basis(x)), 0)

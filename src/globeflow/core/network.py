@@ -63,10 +63,26 @@ class AdaLNBlock(nn.Module):
         """(..., dim) condition -> (..., 3 dim) packed (g, m, s)."""
         return self.ada_map(cond)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        lowp: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """x (..., dim) residual stream; modulation (..., 3 dim) packed (g, m, s).
+
+        ``lowp`` = (W1, b1, W2, b2) in a low precision (bf16): the two matrix products run in that
+        precision while the residual stream, LayerNorm and modulation stay in float32.
+        """
         g, m, s = modulation.chunk(3, dim=-1)
         h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-        out = self.mlp(torch.addcmul(m, h, 1 + g))
+        a = torch.addcmul(m, h, 1 + g)
+        if lowp is None:
+            out = self.mlp(a)
+        else:
+            w1, b1, w2, b2 = lowp
+            z = F.gelu(F.linear(a.to(w1.dtype), w1, b1))
+            out = F.linear(z, w2, b2).float()
         if torch.is_grad_enabled():
             return x + out * s
         # Inference: reuse the MLP's output buffer instead of allocating two more (B, N, dim)
@@ -94,19 +110,32 @@ def _layer_norm_jvp(x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, to
 class Conditioning:
     """The cached condition path for a batch of (embedding, gamma) pairs.
 
-    ``blocks[i]`` is the packed (g, m, s) modulation of block i, shape (B, 1, 3 dim); ``final`` the
-    packed (g, m) of the output layer, (B, 1, 2 dim). The singleton axis broadcasts over samples.
+    ``blocks[i]`` is the packed (g, m, s) modulation of block i, shape (*lead, B, 1, 3 dim);
+    ``final`` the packed (g, m) of the output layer, (*lead, B, 1, 2 dim). The singleton axis
+    broadcasts over samples; the optional leading axes index signal levels (see
+    :meth:`Denoiser.condition_grid` and :meth:`at`).
     """
 
     blocks: list[torch.Tensor]
     final: torch.Tensor
 
     @staticmethod
-    def cat(items: list[Conditioning]) -> Conditioning:
-        """Concatenate along the batch axis."""
+    def cat(items: list[Conditioning], dim: int = 0) -> Conditioning:
+        """Concatenate along an axis (default: the first, the batch axis of an ungridded one)."""
         return Conditioning(
-            blocks=[torch.cat(parts, 0) for parts in zip(*(c.blocks for c in items))],
-            final=torch.cat([c.final for c in items], 0),
+            blocks=[torch.cat(parts, dim) for parts in zip(*(c.blocks for c in items))],
+            final=torch.cat([c.final for c in items], dim),
+        )
+
+    def at(self, index: int) -> Conditioning:
+        """The conditioning at one signal level of a grid (drops the leading axis)."""
+        return Conditioning(blocks=[b[index] for b in self.blocks], final=self.final[index])
+
+    def expand_batch(self, batch: int) -> Conditioning:
+        """Broadcast a batch-1 conditioning (*lead, 1, 1, C) to ``batch`` rows (views)."""
+        return Conditioning(
+            blocks=[b.expand(*b.shape[:-3], batch, *b.shape[-2:]) for b in self.blocks],
+            final=self.final.expand(*self.final.shape[:-3], batch, *self.final.shape[-2:]),
         )
 
 
@@ -143,14 +172,53 @@ class Denoiser(nn.Module):
         """Condition path for embeddings (B, cond_dim) at signal levels gamma (B,) or scalar."""
         gamma = torch.as_tensor(gamma, dtype=emb.dtype, device=emb.device).expand(emb.shape[0])
         cond = self.cond_mapper(emb) + self.time_embedder(gamma)
-        blocks = [block.modulation(cond)[:, None, :] for block in self.blocks]
-        return Conditioning(blocks=blocks, final=self.final_adaln(cond)[:, None, :])
+        return self._modulations(cond[:, None, :])
 
-    def forward_conditioned(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3)."""
+    def condition_grid(self, emb: torch.Tensor, gammas: torch.Tensor) -> Conditioning:
+        """Condition paths of embeddings (B, cond_dim) at every signal level of gammas (S,), in
+        one batched pass: a Conditioning with leading axis S (select one with ``.at(i)``)."""
+        gammas = torch.as_tensor(gammas, dtype=emb.dtype, device=emb.device).reshape(-1)
+        cond = self.cond_mapper(emb)[None] + self.time_embedder(gammas)[:, None]
+        return self._modulations(cond[:, :, None, :])
+
+    def _modulations(self, cond: torch.Tensor) -> Conditioning:
+        blocks = [block.modulation(cond) for block in self.blocks]
+        return Conditioning(blocks=blocks, final=self.final_adaln(cond))
+
+    def lowp_weights(self, dtype: torch.dtype = torch.bfloat16) -> list[tuple[torch.Tensor, ...]]:
+        """The MLP weights of every block cast to ``dtype``, [(W1, b1, W2, b2)], for inference.
+
+        Cached: recast only when a parameter changed (training steps and ``load_state_dict``
+        bump the parameters' version counters).
+        """
+        params = [p for block in self.blocks for p in block.mlp.parameters()]
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_lowp_cache", None)
+        if cached is None or cached[0] != key:
+            weights = [
+                tuple(
+                    p.detach().to(dtype)
+                    for p in (b.mlp[0].weight, b.mlp[0].bias, b.mlp[3].weight, b.mlp[3].bias)
+                )
+                for b in self.blocks
+            ]
+            # A plain attribute (not a buffer): never saved, never moved by .to().
+            object.__setattr__(self, "_lowp_cache", (key, weights))
+            cached = self._lowp_cache
+        return cached[1]
+
+    def forward_conditioned(
+        self, y: torch.Tensor, cond: Conditioning, precision: str = "fp32"
+    ) -> torch.Tensor:
+        """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3), float32.
+
+        ``precision="bf16"`` runs the blocks' matrix products in bfloat16 (weights and
+        activations; float32 accumulation, residual stream, LayerNorm and output layer).
+        """
+        lowp = self.lowp_weights() if precision == "bf16" else [None] * len(self.blocks)
         x = self.initial_mapper(y)
-        for block, modulation in zip(self.blocks, cond.blocks):
-            x = block(x, modulation)
+        for block, modulation, weights in zip(self.blocks, cond.blocks, lowp):
+            x = block(x, modulation, weights)
         g, m = cond.final.chunk(2, dim=-1)
         h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
         return self.final_linear(torch.addcmul(m, h, 1 + g))
