@@ -63,7 +63,7 @@ def test_predict_and_pipelines_read_the_cache_offline(tmp_path, monkeypatch, tin
     out = tmp_path / "out.json"
     args = ["predict", *map(str, photos), "--model", "nicolas-dufour/PLONK_YFCC", "--json"]
     args += [str(out), "--num-samples", "16", "--steps", "2", "--no-progress"]
-    run = subprocess.run(GLOBEFLOW + args, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(GLOBEFLOW + args, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "download" not in run.stderr  # everything came from the cache: no notice
     results = json.loads(out.read_text())["results"]
@@ -87,7 +87,7 @@ print(json.dumps({{
 }}))
 """
     run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr
     assert "download" not in run.stderr
@@ -107,7 +107,7 @@ def test_offline_without_the_encoder_says_what_it_needs(tmp_path, monkeypatch, t
     add_to_hub_cache(cache, repo, tiny_models[repo])
     photo = _photos(tmp_path / "photos")[0]
     args = ["predict", str(photo), "--model", "nicolas-dufour/PLONK_OSV_5M", "--no-progress"]
-    run = subprocess.run(GLOBEFLOW + args, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(GLOBEFLOW + args, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     notices = [line for line in run.stderr.splitlines() if line.startswith("globeflow:")]
     assert len(notices) == 1, run.stderr

@@ -36,9 +36,13 @@ def default_precision(device: str | torch.device) -> str:
     bfloat16 instructions (benchmarks/encoders_paper.py: about 2x fp32 at cosine >= 0.999),
     ``"fp32"`` on CPUs without them, where bfloat16 maths is emulated and slow."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return "bf16"
+    if device.type != "cpu":
+        return "bf16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        native = False
+    return "bf16" if native else "fp32"
 
 
 def _need_transformers() -> Any:
