@@ -118,6 +118,8 @@ def test_paper_encoder_default_precision_follows_the_cpu(tiny_dirs) -> None:
         get_encoder("dinov2-vitl14-reg", path=tiny_dirs["dinov2"], precision="fp8")
     with pytest.raises(ValueError, match="alpha must be one of"):
         get_encoder("streetclip", path=tiny_dirs["clip"], alpha="black")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        get_encoder("streetclip", path=tiny_dirs["clip"], attention="flash")
 
 
 def test_paper_encoder_rejects_a_checkpoint_of_another_architecture(tiny_dirs) -> None:

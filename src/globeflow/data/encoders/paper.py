@@ -107,14 +107,22 @@ class _TransformersVisionEncoder(Encoder):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        loader: Any,
+        path: str | os.PathLike[str],
         device: str | torch.device,
         precision: str | None,
+        attention: str,
+        **from_pretrained_kwargs: Any,
     ) -> None:
         self.device = torch.device(device)
         self.precision = precision or default_precision(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.attention = attention
+        kwargs = {"attn_implementation": attention, **from_pretrained_kwargs}
+        model = load_pretrained(loader, path, **kwargs)
         weights = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.model = model.to(device=self.device, dtype=weights).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
@@ -149,11 +157,7 @@ class Dinov2Encoder(_TransformersVisionEncoder):
         **from_pretrained_kwargs: Any,
     ) -> None:
         tf = _need_transformers()
-        model = load_pretrained(
-            tf.AutoModel, path, attn_implementation=attention, **from_pretrained_kwargs
-        )
-        super().__init__(model, device, precision)
-        self.attention = attention
+        super().__init__(tf.AutoModel, path, device, precision, attention, **from_pretrained_kwargs)
         self.image_size = int(image_size)
         self.name = "dinov2-vitl14-reg"
 
@@ -186,11 +190,8 @@ class StreetCLIPEncoder(_TransformersVisionEncoder):
         if alpha not in ALPHA_RULES:
             raise ValueError(f"alpha must be one of {ALPHA_RULES}, got {alpha!r}")
         tf = _need_transformers()
-        model = load_pretrained(
-            tf.CLIPVisionModel, path, attn_implementation=attention, **from_pretrained_kwargs
-        )
-        super().__init__(model, device, precision)
-        self.attention = attention
+        loader = tf.CLIPVisionModel
+        super().__init__(loader, path, device, precision, attention, **from_pretrained_kwargs)
         self.alpha = alpha
         self.image_size = int(image_size or self.model.config.image_size)
         self.name = "streetclip"
