@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,2")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best counts")
     ap.add_argument("--encoders", default="dinov2-vitl14-reg,streetclip")
-    ap.add_argument("--predict-photos", type=int, default=2, help="0 skips the predict timing")
+    ap.add_argument("--predict-photos", type=int, default=1, help="0 skips the predict timing")
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
