@@ -64,4 +64,4 @@ class GuidedField:
         """Unguided output (B, N, 3) and J @ tangents (K, B, N, 3) at level node."""
         if self.null is not None:
             raise ValueError("densities are defined for the unguided model (guidance 0)")
-        return self.network.forward_with_jvp(x, tangents, self.cond.at(node))
+        return self.network.forward_with_jvp(x, tangents, self.cond.at(node), self.precision)

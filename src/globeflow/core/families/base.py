@@ -13,7 +13,14 @@ from torch import nn
 from globeflow.core.guidance import GuidedField
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import Schedule, SigmoidSchedule, time_grid
-from globeflow.core.solvers import EUCLIDEAN, TABLEAUS, Geometry, integrate, stage_levels
+from globeflow.core.solvers import (
+    EUCLIDEAN,
+    SPHERE,
+    TABLEAUS,
+    Geometry,
+    integrate,
+    stage_levels,
+)
 from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
 
 
@@ -83,7 +90,7 @@ class GeoModel(nn.Module):
         Gaussians for the R^3 families. ``guidance`` is the classifier-free guidance scale w.
         ``solver`` and ``precision`` (``"fp32"``/``"bf16"``): see :meth:`DenoisingModel.sample_raw`.
         """
-        emb = self._check_emb(emb)
+        emb = self.prepare_embeddings(emb)
         x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver, precision)
         return unit_to_latlon(x)
 
@@ -95,30 +102,54 @@ class GeoModel(nn.Module):
         A density per steradian on S^2 (``density_space == "sphere"``), or for the R^3 families
         the paper's density in R^3 evaluated at the points.
         """
-        emb = self._check_emb(emb)
+        emb = self.prepare_embeddings(emb)
         if latlon.dim() == 2:
             latlon = latlon[:, None, :]
         x = latlon_to_unit(latlon.to(emb.dtype))
         return self.log_prob_unit(x, emb, steps=steps)
 
     @torch.no_grad()
-    def localizability(
+    def sample_with_log_density(
         self,
         emb: torch.Tensor,
-        num_samples: int = 1024,
+        num_samples: int,
         steps: int = 32,
         generator: torch.Generator | None = None,
         likelihood_steps: int | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
+
+        Generic version: sample, then evaluate :meth:`log_prob_unit` at the samples.
+        """
+        x = self.sample_unit(emb, num_samples, steps, 0.0, None, generator)
+        return x, self.log_prob_unit(x, emb, steps=likelihood_steps)
+
+    @torch.no_grad()
+    def localizability(
+        self,
+        emb: torch.Tensor,
+        num_samples: int = 128,
+        steps: int = 32,
+        generator: torch.Generator | None = None,
+        return_stderr: bool = False,
+        **estimator: object,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Negative entropy E_p[log2 p(y|c)] in bits (B,), by Monte Carlo over model samples.
 
-        Sampled without guidance, so that the samples follow the density being scored.
+        Sampled without guidance, so that the samples follow the density being scored. With
+        ``return_stderr`` also the Monte Carlo standard error (B,) in bits. Extra keyword
+        arguments go to :meth:`sample_with_log_density` (estimator options).
         """
-        emb = self._check_emb(emb)
-        x = self.sample_unit(emb, num_samples, steps, 0.0, None, generator)
-        return self.log_prob_unit(x, emb, steps=likelihood_steps).mean(-1) / math.log(2.0)
+        emb = self.prepare_embeddings(emb)
+        _, log_p = self.sample_with_log_density(emb, num_samples, steps, generator, **estimator)
+        bits = log_p / math.log(2.0)
+        mean = bits.mean(-1)
+        if not return_stderr:
+            return mean
+        stderr = bits.std(-1) / math.sqrt(bits.shape[-1]) if bits.shape[-1] > 1 else mean * 0
+        return mean, stderr
 
-    def _check_emb(self, emb: torch.Tensor) -> torch.Tensor:
+    def prepare_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         emb = torch.as_tensor(emb)
         if emb.dim() == 1:
             emb = emb[None]
@@ -330,6 +361,39 @@ class DenoisingModel(GeoModel):
         from globeflow.core.likelihood import log_prob_ode
 
         return log_prob_ode(self, x, emb, steps=steps)
+
+    @torch.no_grad()
+    def sample_with_log_density(
+        self,
+        emb: torch.Tensor,
+        num_samples: int,
+        steps: int = 32,
+        generator: torch.Generator | None = None,
+        likelihood_steps: int | None = None,
+        method: str | None = None,
+        solver: str = "midpoint",
+        precision: str = "fp32",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unguided samples (B, N, 3) and log p at each (B, N).
+
+        ``method="path"`` (default on S^2): one pass of ``steps`` ``solver`` steps that carries
+        the log-density along the sampling path (:func:`~globeflow.core.likelihood.
+        sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
+        onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
+        ``precision`` applies to the path method.
+        """
+        from globeflow.core.likelihood import sample_with_log_density
+
+        method = method or ("path" if self.geometry is SPHERE else "ode")
+        if method == "ode":
+            return super().sample_with_log_density(
+                emb, num_samples, steps, generator, likelihood_steps
+            )
+        if method != "path":
+            raise ValueError(f"unknown density method {method!r}; choose path or ode")
+        return sample_with_log_density(
+            self, emb, num_samples, steps, solver, generator, precision=precision
+        )
 
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""
