@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_random_models(Path(tmp), args.quick)
         rows = []
-        for name in args.encoders.split(","):
+        for name in [n for n in args.encoders.split(",") if n]:  # --encoders "": predict only
             rows += bench_encoder(name, paths[name], images, batch_sizes, args.reps)
         predict = None
         if args.predict_photos > 0:
