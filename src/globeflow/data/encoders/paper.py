@@ -33,7 +33,7 @@ ATTENTIONS = ("sdpa", "eager")
 
 def default_precision(device: str | torch.device) -> str:
     """The fastest accurate precision for ``device``: ``"bf16"`` on GPUs and on CPUs with native
-    bfloat16 instructions (benchmarks/encoders_paper.py: about 2x fp32 at cosine >= 0.999),
+    bfloat16 instructions (benchmarks/encoders_paper.py: 1.7-3.5x fp32 at cosine >= 0.9999),
     ``"fp32"`` on CPUs without them, where bfloat16 maths is emulated and slow."""
     device = torch.device(device)
     if device.type != "cpu":
