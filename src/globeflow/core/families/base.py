@@ -24,6 +24,10 @@ from globeflow.core.solvers import (
 from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
 
 
+class NonFiniteOutputError(ValueError):
+    """A model gave NaN or infinite values (corrupt weights, non-finite guidance or input)."""
+
+
 class GeoModel(nn.Module):
     """A conditional distribution p(location | embedding) on the sphere.
 
@@ -92,6 +96,13 @@ class GeoModel(nn.Module):
         """
         emb = self.prepare_embeddings(emb)
         x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver, precision)
+        # Projected to the sphere, NaN would become the north pole and pass for an answer.
+        bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+        if bad.any():
+            raise NonFiniteOutputError(
+                f"the model's samples hold NaN or inf values for {int(bad.sum())} of "
+                f"{len(bad)} inputs (check its weights, the guidance and the embeddings)"
+            )
         return unit_to_latlon(x)
 
     def log_prob(

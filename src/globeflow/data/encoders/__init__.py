@@ -18,6 +18,7 @@ from __future__ import annotations
 from globeflow.data.encoders.base import (
     DEFAULT_ENCODER,
     Encoder,
+    UnknownEncoderError,
     get_encoder,
     list_encoders,
     register_encoder,
@@ -57,6 +58,7 @@ __all__ = [
     "EfficientNetLiteEncoder",
     "Encoder",
     "StreetCLIPEncoder",
+    "UnknownEncoderError",
     "center_crop",
     "center_crop_square",
     "clip_pixels",
