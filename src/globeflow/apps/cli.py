@@ -374,16 +374,22 @@ def serve(
     encoder: str = typer.Option(None),
     encoder_path: str = typer.Option(None),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload."),
+    port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.pipeline import Locator
+    from globeflow.apps.server import check_listen_address, check_server_settings
     from globeflow.apps.server import serve as run_server
 
-    locator = Locator.from_pretrained(
-        model, encoder=encoder, family=family, encoder_path=encoder_path
-    )
+    try:  # settings and address first: a busy port should not wait for the model to load
+        check_server_settings(max_upload_mb)
+        check_listen_address(host, port)
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
