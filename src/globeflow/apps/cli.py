@@ -291,13 +291,14 @@ def predict(
         geojson_out.parent.mkdir(parents=True, exist_ok=True)
         geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
     if map_dir:
+        from tqdm.auto import tqdm
+
         from globeflow.answers.decode import sample_density_grid
         from globeflow.answers.maps import render_map
 
         map_dir.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if not r.get("ok"):
-                continue
+        located = [r for r in results if r.get("ok")]
+        for r in tqdm(located, desc="drawing maps", unit="map", disable=not progress):
             import torch
 
             samples = torch.tensor(r["samples"])
