@@ -296,3 +296,16 @@ def test_request_with_only_bad_files_names_each(client: TestClient) -> None:
 def test_settings_that_cannot_work_are_refused(setting: str, value: float) -> None:
     with pytest.raises(ValueError, match=setting):
         create_app(FakeLocator(), **{setting: value})
+
+
+def test_worker_gives_freed_memory_back_after_each_batch(monkeypatch) -> None:
+    import globeflow.apps.server as server
+
+    calls: list[int] = []
+    locator = FakeLocator()
+    monkeypatch.setattr(server, "release_free_heap", lambda: calls.append(len(locator.calls)))
+    with TestClient(create_app(locator)) as client:
+        for name in ("a.jpg", "b.jpg"):
+            r = client.post("/v1/locate", files={"file": (name, _jpeg(), "image/jpeg")})
+            assert r.status_code == 200
+    assert calls[:2] == [1, 2]  # once after each model call

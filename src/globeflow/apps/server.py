@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from globeflow.apps.heap import release_free_heap
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = [
@@ -164,6 +165,8 @@ class BatchWorker:
                 groups.setdefault(job.params, []).append(job)
             for params, group in groups.items():
                 self._run_group(params, group)
+            jobs = groups = first = job = None  # drop the batch's images, then trim the heap
+            release_free_heap()
             if stop:
                 return
 
