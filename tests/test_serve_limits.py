@@ -6,7 +6,6 @@ from __future__ import annotations
 import select
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,17 +15,12 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_locator import FakeLocator  # noqa: E402
+from _live_server import free_port, start_live_server  # noqa: E402
 
 from globeflow.apps.cli import app as cli  # noqa: E402
-from globeflow.apps.server import build_server, create_app  # noqa: E402
+from globeflow.apps.server import create_app  # noqa: E402
 
 HEAD_S, BODY_S = 1.0, 1.5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,23 +30,13 @@ def server_at():
     running = []
 
     def start(max_connections: int = 64) -> int:
-        port = _free_port()
-        server = build_server(
+        port, server, thread = start_live_server(
             create_app(FakeLocator()),
-            "127.0.0.1",
-            port,
-            log_level="warning",
             head_timeout_s=HEAD_S,
             body_timeout_s=BODY_S,
             max_connections=max_connections,
         )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
         running.append((server, thread))
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
         return port
 
     yield start
@@ -149,7 +133,7 @@ def _serve(*args: str):
 
 
 def test_serve_without_config_json_is_a_clear_error(tmp_path) -> None:
-    result = _serve("--model", str(tmp_path), "--port", str(_free_port()))
+    result = _serve("--model", str(tmp_path), "--port", str(free_port()))
     assert result.exit_code == 2, result.output
     assert "config.json" in result.output and str(tmp_path) in result.output
     assert "Traceback" not in result.output
