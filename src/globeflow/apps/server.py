@@ -463,8 +463,9 @@ def check_listen_address(host: str, port: int) -> None:
     """
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is out of range (1-65535)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        _, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise ValueError(f"{host}: cannot listen on this host ({exc.strerror})") from None
     with socket.socket(family, kind, proto) as sock:
