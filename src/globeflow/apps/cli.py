@@ -214,14 +214,27 @@ def predict(
     family: str = typer.Option(None, help="Family of a PLONK checkpoint (rfm, flow, diffusion)."),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
-    num_samples: int = typer.Option(512, min=16, help="Samples per photo."),
+    num_samples: int = typer.Option(
+        None, min=16, help="Samples per photo (default: 512, see docs/defaults.md)."
+    ),
     guidance: float = typer.Option(
         None,
         min=-1.0,
         help="Classifier-free guidance scale (default: the model's recommended "
         "value, else 2 as in the paper; negative values lean on the unconditional prior).",
     ),
-    steps: int = typer.Option(32, min=1, help="Sampler steps."),
+    steps: int = typer.Option(
+        None, min=1, help="Solver steps (default: 8 midpoint steps = 16 network evaluations)."
+    ),
+    solver: str = typer.Option(
+        None, help="midpoint or heun (second order), euler (the paper's sampler), ddim."
+    ),
+    precision: str = typer.Option(
+        None, help="bf16 (default: faster, same answers within noise) or fp32."
+    ),
+    localizability_samples: int = typer.Option(
+        None, min=0, help="Samples for the localizability estimate (0: skip it; default 128)."
+    ),
     top_k: int = typer.Option(5, min=1, help="Regions to report."),
     region_radius_km: float = typer.Option(500.0, help="Radius of a reported region."),
     json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
@@ -261,6 +274,9 @@ def predict(
         num_samples=num_samples,
         guidance=guidance,
         steps=steps,
+        solver=solver,
+        precision=precision,
+        localizability_samples=localizability_samples,
         top_k=top_k,
         region_radius_km=region_radius_km,
         seed=seed,

@@ -76,6 +76,22 @@ def exp_map(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return project_to_sphere(torch.cos(norm) * x + sinc * v)
 
 
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate points x (..., 3) by rotation vectors (..., 3): about the axis rotation / |rotation|
+    by |rotation| radians (Rodrigues' formula). For a tangent v at unit x, rotate(x, x cross v)
+    equals exp_map(x, v); a rotation vector is also valid at points other than the one it was
+    computed at, which is what the Lie-group ODE solvers of :mod:`globeflow.core.solvers` use."""
+    angle = rotation.norm(dim=-1, keepdim=True)
+    safe = angle.clamp_min(1e-12)
+    # sin(a)/a and (1 - cos(a))/a^2 with their series near 0.
+    small = angle < 1e-4
+    sinc = torch.where(small, 1.0 - angle**2 / 6.0, torch.sin(safe) / safe)
+    cosc = torch.where(small, 0.5 - angle**2 / 24.0, (1.0 - torch.cos(safe)) / safe**2)
+    cross = torch.linalg.cross(rotation, x, dim=-1)
+    along = (rotation * x).sum(-1, keepdim=True) * rotation
+    return project_to_sphere(x + sinc * cross + cosc * (along - angle**2 * x))
+
+
 def log_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Logarithmic map at x of y, both (..., 3) unit vectors: the tangent vector at x pointing to y
     with length the geodesic distance (radians). Undefined (returns an arbitrary finite vector of
