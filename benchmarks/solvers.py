@@ -1,13 +1,17 @@
 """Solvers and precision on trained models: how close to a 512-step reference, and how fast.
 
 For each trained model every setting starts from the same noise as the reference (midpoint
-solver, 512 steps, float32), so the paired distance measures the solver's error directly:
+solver, 512 steps, float32), so the paired distance measures the solver's error directly
+(Euler is the authors' sampler on their time grid; midpoint and Heun run on the Runge-Kutta
+grid of ``DenoisingModel.sampling_levels``):
 
 - ``paired km``: mean great-circle distance between a setting's samples and the reference's;
 - ``SW km``: sliced Wasserstein distance between the two sample sets (distributional);
 - ``best-guess km``: median distance between the best guesses (bundled model only);
 - ``ms``: wall-clock milliseconds per image (bundled) or per 1,000 samples (MP-16), median of
-  ``--reps`` runs.
+  ``--reps`` runs;
+- ``vs fp32 ...``: a bf16 setting against the same setting in fp32 (same noise), the cost of the
+  lower precision alone.
 
 Models: the bundled model on its validation photos with its recommended guidance (needs
 ../shared/data/im2gps3k-train), and an unconditional RFM trained on the MP-16 locations
@@ -34,6 +38,7 @@ SETTINGS = [
     ("euler", 32, "fp32"),
     ("euler", 16, "fp32"),
     ("midpoint", 4, "fp32"),
+    ("midpoint", 6, "fp32"),
     ("midpoint", 8, "fp32"),
     ("heun", 8, "fp32"),
     ("midpoint", 16, "fp32"),
@@ -58,9 +63,10 @@ def compare(model, emb, noise, guidance, reps, per, with_guess) -> list[dict]:
 
     ref = run(*REFERENCE)
     ref_guess = best_guess(ref) if with_guess else None
-    rows = []
+    rows, outputs = [], {}
     for solver, steps, precision in SETTINGS:
         out = run(solver, steps, precision)
+        outputs[solver, steps, precision] = out
         seconds, _ = median_time(lambda: run(solver, steps, precision), reps)  # noqa: B023
         row = {
             "solver": solver,
@@ -73,6 +79,14 @@ def compare(model, emb, noise, guidance, reps, per, with_guess) -> list[dict]:
         }
         if with_guess:
             row["best-guess km"] = float(haversine_km(best_guess(out), ref_guess).median())
+        fp32 = outputs.get((solver, steps, "fp32"))
+        if precision != "fp32" and fp32 is not None:  # bf16 against fp32, same noise
+            row["vs fp32 paired km"] = float(haversine_km(out, fp32).mean())
+            row["vs fp32 SW km"] = float(sliced_wasserstein_km(out, fp32).mean())
+            if with_guess:
+                row["vs fp32 guess km"] = float(
+                    haversine_km(best_guess(out), best_guess(fp32)).median()
+                )
         rows.append(row)
     return rows
 
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     report = {"machine": machine(), "reference": REFERENCE, "models": {}}
     columns = ["solver", "steps", "NFE", "precision", "paired km", "SW km", "best-guess km", "ms"]
+    columns += ["vs fp32 paired km", "vs fp32 SW km", "vs fp32 guess km"]
 
     locator = Locator.from_pretrained()
     emb, _ = validation_embeddings(locator, limit=args.images)
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         emb0 = torch.zeros(1, 0)
         rows = compare(model, emb0, noise, 0.0, args.reps, args.mp16_samples / 1000, False)
         print(f"\nunconditional MP-16 RFM, {args.mp16_samples} samples (ms per 1,000 samples)")
-        print_table(rows, [c for c in columns if c != "best-guess km"])
+        print_table(rows, [c for c in columns if "guess" not in c])
         report["models"]["mp16"] = {"samples": args.mp16_samples, "rows": rows}
     else:
         print("skipping the MP-16 model: ../shared/data/mp16-locations-100k not found")

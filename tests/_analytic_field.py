@@ -43,7 +43,7 @@ class NorthPull(nn.Module):
     def forward_conditioned(self, y, cond, precision="fp32"):
         return self._out(y)
 
-    def forward_with_jvp(self, y, tangents, cond):
+    def forward_with_jvp(self, y, tangents, cond, precision="fp32"):
         # d/dy [a (e_z - z y)] . u = -a (u_z y + z u)
         jvps = -self.strength * (tangents[..., 2:3] * y + y[..., 2:3] * tangents)
         return self._out(y), jvps

@@ -142,10 +142,10 @@ def test_serve_without_config_json_is_a_clear_error(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--port", "99999"], "port 99999 is out of range"),
-        (["--port", "0"], "port 0 is out of range"),
-        (["--max-upload-mb", "-1"], "max_upload_mb must be a positive number"),
-        (["--max-upload-mb", "nan"], "max_upload_mb must be a positive number"),
+        (["--port", "99999"], "--port 99999: must be an integer in [1, 65535]"),
+        (["--port", "0"], "--port 0: must be an integer in [1, 65535]"),
+        (["--max-upload-mb", "-1"], "--max-upload-mb -1.0: must be a finite number > 0"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb nan: must be a finite number > 0"),
         (["--host", "no-such-host.invalid"], "no-such-host.invalid: cannot listen"),
     ],
 )

@@ -30,12 +30,13 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from globeflow.apps.heap import release_free_heap
+from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = [
     "build_server",
     "check_listen_address",
-    "check_server_settings",
+    "SERVE_LIMITS",
     "create_app",
     "serve",
     "MIN_SAMPLES",
@@ -46,11 +47,10 @@ __all__ = [
 
 log = logging.getLogger("globeflow.apps.server")
 
-MIN_SAMPLES, MAX_SAMPLES = 16, 4096
-MAX_GUIDANCE = 10.0
-MIN_GUIDANCE = -1.0
-"""Guidance in (-1, 0) interpolates towards the unconditional branch (a flatter answer)."""
-MAX_STEPS = 256
+# The limits shared with the command line (globeflow.apps.settings).
+MIN_SAMPLES, MAX_SAMPLES = LOCATE_LIMITS["num_samples"].low, LOCATE_LIMITS["num_samples"].high
+MIN_GUIDANCE, MAX_GUIDANCE = LOCATE_LIMITS["guidance"].low, LOCATE_LIMITS["guidance"].high
+MAX_STEPS = LOCATE_LIMITS["steps"].high
 _CHUNK = 1 << 20
 
 
@@ -257,15 +257,13 @@ def _all_rejected(rejected: list[_Rejected]) -> JSONResponse:
     )
 
 
-def check_server_settings(max_upload_mb: float, max_batch: int = 8, max_files: int = 32) -> None:
-    """``ValueError`` naming the first setting that cannot work (each must be positive)."""
-    for option, value in (
-        ("max_upload_mb", max_upload_mb),
-        ("max_batch", max_batch),
-        ("max_files", max_files),
-    ):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{option} must be a positive number, got {value!r}")
+SERVE_LIMITS: dict[str, Rule] = {
+    "max_upload_mb": Range(0.0, math.inf, low_open=True),
+    "max_batch": Range(1, math.inf, integer=True),
+    "max_files": Range(1, math.inf, integer=True),
+    "port": Range(1, 65535, integer=True),
+}
+"""Settings of the server itself (``globeflow serve``, :func:`create_app`)."""
 
 
 def create_app(
@@ -285,7 +283,10 @@ def create_app(
         max_batch: most images per model call, across concurrent requests.
         max_files: most files in one request.
     """
-    check_server_settings(max_upload_mb, max_batch, max_files)
+    check_settings(
+        {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_files": max_files},
+        SERVE_LIMITS,
+    )
     limit = int(max_upload_mb * 2**20)
     worker = BatchWorker(locator, max_batch=max_batch)
 
@@ -407,6 +408,10 @@ def create_app(
             float(_first(form_guidance, guidance, getattr(locator, "default_guidance", 2.0))),
             _first(form_steps, steps),
         )
+        try:  # the model's recommended guidance is checked here too
+            check_settings(dict(zip(("num_samples", "guidance", "steps"), params, strict=True)))
+        except SettingError as exc:
+            raise HTTPException(422, str(exc)) from None
         # A bad file is answered in its own result; the good ones of the request still run.
         prepared: list[_Job | _Rejected] = []
         for i, upload in enumerate(uploads):
@@ -461,8 +466,7 @@ def check_listen_address(host: str, port: int) -> None:
 
     Checked before the model is loaded so that a busy port fails in a second, not after it.
     """
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range (1-65535)")
+    check_settings({"port": port}, SERVE_LIMITS)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
         _, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
@@ -530,7 +534,7 @@ def serve(
     for ``Locator.from_pretrained`` (``None``: the bundled model). Bad settings, an address the
     server cannot listen on and unloadable models raise ``ValueError`` before serving starts.
     """
-    check_server_settings(max_upload_mb, max_batch)
+    check_settings({"max_upload_mb": max_upload_mb, "max_batch": max_batch}, SERVE_LIMITS)
     check_listen_address(host, port)
     if hasattr(model, "locate_images"):
         locator = model

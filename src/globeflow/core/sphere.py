@@ -37,11 +37,15 @@ def unit_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
 
 
 def project_to_sphere(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Radial projection of (..., 3) vectors onto S^2 (the zero vector maps to the north pole)."""
+    """Radial projection of (..., 3) vectors onto S^2 (the zero vector maps to the north pole;
+    vectors holding NaN or inf, or so large that their norm overflows, give NaN, so that callers
+    can tell them from an answer)."""
     norm = x.norm(dim=-1, keepdim=True)
+    # An overflowed norm would scale finite vectors to zero, and zero means the north pole.
+    norm = norm.masked_fill(norm.isinf(), math.nan)
     north = torch.zeros_like(x)
     north[..., 2] = 1.0
-    return torch.where(norm > eps, x / norm.clamp_min(eps), north)
+    return torch.where(norm <= eps, north, x / norm.clamp_min(eps))
 
 
 def project_to_tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

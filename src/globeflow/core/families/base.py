@@ -24,6 +24,10 @@ from globeflow.core.solvers import (
 from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
 
 
+class NonFiniteOutputError(ValueError):
+    """A model gave NaN or infinite values (corrupt weights, non-finite guidance or input)."""
+
+
 class GeoModel(nn.Module):
     """A conditional distribution p(location | embedding) on the sphere.
 
@@ -92,6 +96,13 @@ class GeoModel(nn.Module):
         """
         emb = self.prepare_embeddings(emb)
         x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver, precision)
+        # Projected to the sphere, NaN would become the north pole and pass for an answer.
+        bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+        if bad.any():
+            raise NonFiniteOutputError(
+                f"the model's samples hold NaN or inf values for {int(bad.sum())} of "
+                f"{len(bad)} inputs (check its weights, the guidance and the embeddings)"
+            )
         return unit_to_latlon(x)
 
     def log_prob(
@@ -300,10 +311,24 @@ class DenoisingModel(GeoModel):
             )
         return solver
 
-    def sampling_levels(self, steps: int, like: torch.Tensor) -> torch.Tensor:
-        """Signal levels of the sampler's time grid, noise (0) to data (1): (steps + 1,)."""
+    def sampling_levels(
+        self, steps: int, like: torch.Tensor, published: bool = False
+    ) -> torch.Tensor:
+        """Signal levels of the sampler's time grid, noise to data: (steps + 1,).
+
+        ``published``: the authors' grid, uniform in t through the schedule (dense at both ends).
+        Otherwise the grid of the Runge-Kutta solvers, gamma_k = 1 - (1 - k / steps)^2 (from the
+        schedule's noise level to 1): step sizes shrink linearly towards the data end, where a
+        trained model's flow concentrates mass. On trained models it brings the midpoint solver
+        at 8 steps closer to a 512-step reference than 32 published Euler steps
+        (benchmarks/solvers.py).
+        """
         ts = time_grid(steps, dtype=torch.float64).to(like.device)
-        return self.schedule.signal_level(ts).to(like.dtype)
+        if published:
+            return self.schedule.signal_level(ts).to(like.dtype)
+        start = self.schedule.signal_level(ts[:1])
+        fraction = 1.0 - (1.0 - torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)) ** 2
+        return (start + (1.0 - start) * fraction.to(like.device)).to(like.dtype)
 
     @torch.no_grad()
     def sample_raw(
@@ -325,13 +350,14 @@ class DenoisingModel(GeoModel):
         """
         x = self._prepare_noise(emb, num_samples, noise, generator)
         solver = self.check_solver(solver)
-        gammas = self.sampling_levels(steps, emb)
         if solver not in TABLEAUS or solver == self.published_solver:
+            gammas = self.sampling_levels(steps, emb, published=True)
             field = GuidedField(self.network, emb, gammas[:-1], guidance, precision)
             for i in range(steps):
                 x = self.sampler_step(x, field.output(x, i), gammas[i], gammas[i + 1])
             return x
         tableau = TABLEAUS[solver]
+        gammas = self.sampling_levels(steps, emb)
         levels = stage_levels(gammas, tableau)
         field = GuidedField(self.network, emb, levels, guidance, precision)
 
