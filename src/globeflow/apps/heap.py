@@ -5,7 +5,8 @@ samples of up to ``max_batch`` photos) in its worker thread, and decodes uploads
 threads. glibc keeps memory freed by these threads in per-thread arenas, and once a large block
 has been freed it serves later blocks of up to 32 MiB from those arenas instead of fresh
 mappings; the freed memory then stays resident. ``malloc_trim(0)`` returns the free pages of
-every arena to the system.
+every arena to the system. ``GLOBEFLOW_MALLOC_TRIM=0`` switches this off (the soak benchmark's
+baseline, ``benchmarks/server_soak.py``).
 """
 
 from __future__ import annotations
