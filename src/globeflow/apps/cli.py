@@ -416,7 +416,7 @@ def predict(
     )
     _write_predict_outputs(results, json_out, csv_out, geojson_out)
     if map_dir:
-        _write_maps(results, labels, map_file_names(labels), map_dir)
+        _write_maps(results, labels, map_file_names(labels), map_dir, progress)
     failed = sum(not r.get("ok") for r in results)
     if failed == len(results):
         _fail(f"none of the {failed} photos could be read (see the table)", code=1)
@@ -461,17 +461,20 @@ def _write_predict_outputs(
         geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
 
 
-def _write_maps(results: list[dict], labels: list[str], names: list[str], map_dir: Path) -> None:
+def _write_maps(
+    results: list[dict], labels: list[str], names: list[str], map_dir: Path, progress: bool
+) -> None:
     """A PNG per located photo, named after its label (``a/photo.jpg`` -> a__photo.jpg.png)."""
     import torch
+    from tqdm.auto import tqdm
 
     from globeflow.answers.decode import sample_density_grid
     from globeflow.answers.maps import render_map
 
     map_dir.mkdir(parents=True, exist_ok=True)
-    for r, label, name in zip(results, labels, names, strict=True):
-        if not r.get("ok"):
-            continue
+    rows = zip(results, labels, names, strict=True)
+    located = [(r, label, name) for r, label, name in rows if r.get("ok")]
+    for r, label, name in tqdm(located, desc="drawing maps", unit="map", disable=not progress):
         samples = torch.tensor(r["samples"])
         render_map(
             map_dir / name,
@@ -567,16 +570,22 @@ def serve(
     encoder: str = typer.Option(None),
     encoder_path: str = typer.Option(None),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload."),
+    port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.pipeline import Locator
+    from globeflow.apps.server import SERVE_LIMITS, check_listen_address
     from globeflow.apps.server import serve as run_server
 
-    locator = Locator.from_pretrained(
-        model, encoder=encoder, family=family, encoder_path=encoder_path
-    )
+    _check_options(SERVE_LIMITS, port=port, max_upload_mb=max_upload_mb)
+    try:  # the address before the model: a busy port should not wait for the model to load
+        check_listen_address(host, port)
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 

@@ -72,8 +72,10 @@ class Locator:
         family: str | None = None,
         encoder_path: str | None = None,
         device: str = "cpu",
+        encoder_options: dict | None = None,
     ) -> Locator:
-        """Load a model (default: the bundled one) and the encoder its metadata names."""
+        """Load a model (default: the bundled one) and the encoder its metadata names;
+        ``encoder_options`` go to the encoder (e.g. ``device``, ``precision`` for DINOv2)."""
         from globeflow.data.encoders import get_encoder
 
         path = Path(model) if model is not None else default_model_path()
@@ -87,7 +89,7 @@ class Locator:
                 "PLONK_OSV_5M)"
             )
         kwargs = {"path": encoder_path} if encoder_path else {}
-        enc = get_encoder(encoder_name, **kwargs)
+        enc = get_encoder(encoder_name, **kwargs, **(encoder_options or {}))
         return cls(geo, enc, model_name=str(model) if model is not None else "globeflow-default")
 
     @torch.no_grad()
