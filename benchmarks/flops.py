@@ -23,12 +23,12 @@ Usage: ``python benchmarks/flops.py [--threads 2] [--out out/bench/flops.json]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
+from _common import write_json
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -246,10 +246,7 @@ def main() -> None:
             line += f", CPU {e['cpu_seconds_per_image']:.1f} s/image"
         print(line)
     print(f"JPEG decode + 336 px preprocessing: {decode:.0f} images/s on one thread")
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

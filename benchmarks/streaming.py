@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import write_json
+
 BIN = Path(sys.executable).parent
 
 
@@ -233,10 +235,7 @@ def main() -> None:
         "threads_per_process": args.threads,
     }
     print_table(result)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.out)
 
 
 def print_table(result: dict) -> None:

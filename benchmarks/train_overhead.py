@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a119c43"
@@ -174,10 +174,7 @@ def main() -> None:
         print(f"| {k} | {result['steps_per_s'][k]:.2f} |")
     print(f"speed ratio current/baseline: {result['current_over_baseline_speed']:.3f} overall, "
           f"{result['current_over_baseline_per_step_speed']:.3f} per step")  # fmt: skip
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
