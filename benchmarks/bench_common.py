@@ -3,10 +3,12 @@ FLOP counts of a workload (for "ceiling" ratios: how fast a workload could be at
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,3 +82,13 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def emit(report: dict, print_table, out: Path | None, hide: tuple[str, ...] = ()) -> None:
+    """Print the report as JSON (without the ``hide`` keys) and as a table; write the whole
+    report to ``out`` as JSON when given."""
+    print(json.dumps({k: v for k, v in report.items() if k not in hide}, indent=1))
+    print_table(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")

@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
 
-    from bench_common import loadavg, uptime
+    from bench_common import emit, loadavg, uptime
 
     if args.quick:
         args.reps, args.workloads = 1, ["bundled"]
@@ -233,11 +233,7 @@ def main(argv=None) -> int:
     report["raw"] = cells
     report["loadavg_end"] = loadavg()
     report["uptime_end"] = uptime()
-    print(json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=1))
-    print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    emit(report, print_table, args.out, hide=("raw",))
     return 0
 
 

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import count_flops, gemm_rates, loadavg, timed, uptime  # noqa: E402
+from bench_common import count_flops, emit, gemm_rates, loadavg, timed, uptime  # noqa: E402
 from reference_code import ReferenceCode, find_source, loglik_points  # noqa: E402
 
 from globeflow.core.checkpoints import load_model, save_plonk_network  # noqa: E402
@@ -417,11 +417,7 @@ def main(argv=None) -> int:
             report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, rates, args)
     report["machine"]["loadavg_end"] = loadavg()
     report["machine"]["uptime_end"] = uptime()
-    print(json.dumps(report, indent=1))
-    print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    emit(report, print_table, args.out)
     return 0
 
 
