@@ -49,7 +49,13 @@ BUSY_LOOPS = {
         "while True:\n    a = np.tanh(a @ a)\n"
     ),
 }
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
 
 
 # ---- the worker (a fresh process per measurement) ---------------------------------------------
@@ -65,6 +71,8 @@ def _worker(spec: dict) -> dict:
         os.environ["OMP_NUM_THREADS"] = count
         if wait == "passive":
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        elif wait.startswith("spin"):  # N-spinK: spin K rounds, then sleep (GNU OpenMP)
+            os.environ["GOMP_SPINCOUNT"] = wait[4:]
 
     import torch
 
@@ -188,6 +196,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--busy", default="python", choices=list(BUSY_LOOPS))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        help="e.g. 1 2 2-passive 2-spin10000 policy (default: every count, spinning and passive)",
+    )
     ap.add_argument("--quick", action="store_true", help="bundled model, 128 samples, 1 rep")
     ap.add_argument("--timeout", type=float, default=600.0, help="per measurement (s)")
     ap.add_argument("--out", type=Path)
@@ -201,7 +214,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.reps, args.workloads = 1, ["bundled"]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    names = variants(cpus)
+    names = args.variants or variants(cpus)
+    if "policy" not in names:
+        names.append("policy")
     report = {
         "cpus": cpus,
         "busy": args.busy,

@@ -28,6 +28,10 @@ Usage::
     python benchmarks/vs_reference.py [--threads 2] [--reps 3] [--quick] [--out FILE.json]
         [--sampling-config 'NAME={"solver": "heun", "steps": 16}'] [--loglik-config NAME=JSON]
 
+Both sides share this process's thread settings (the authors' subprocess inherits them): run
+with ``OMP_WAIT_POLICY=PASSIVE`` on a machine that other jobs share, where spinning threads make
+every 2-thread number several times slower and far noisier.
+
 Without the authors' code (or its packages: ``pip install -e .[bench]``) only ours is timed and
 the ratios are skipped, with a message.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -388,6 +393,7 @@ def main(argv=None) -> int:
     report = {
         "machine": {
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)"),
             "torch": torch.__version__,
             "platform": platform.platform(),
             "loadavg_start": loadavg(),
