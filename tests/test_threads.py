@@ -23,23 +23,20 @@ def restore_threads():
 
 
 @pytest.mark.parametrize(
-    "usable, busy, expected",
+    "affinity, cpu_max, expected",
     [
-        (2, 0.0, 2),  # idle 2-core machine: both cores
-        (2, 0.4, 2),  # a light job: our thread on its core still runs >= 60% of the time
-        (2, 0.6, 1),  # past half a core, a second thread would wait for the slower one
-        (2, 1.0, 1),  # one CPU-bound process beside us: the other core only
-        (2, 1.9, 1),
-        (2, 7.0, 1),  # never fewer than one thread
-        (1, 0.0, 1),
-        (16, 0.0, 16),
-        (16, 3.2, 13),  # 12.8 free cores: the thirteenth is 80% free
-        (16, 3.6, 12),  # 12.4 free: the thirteenth only 40%
-        (2, None, 2),  # load unknown (no /proc/stat): torch's own default, one per core
+        (2, None, 2),  # no cgroup limit: every core we may run on
+        (2, "max 100000", 2),
+        (16, "200000 100000", 2),  # a 2-CPU quota on a 16-core host: torch would start 16
+        (16, "150000 100000", 2),  # 1.5 CPUs: the second thread still gets half a core
+        (2, "50000 100000", 1),  # half a CPU: never fewer than one thread
+        (1, "400000 100000", 1),  # the quota cannot add cores the affinity does not give
+        (4, "garbage", 4),
+        (4, "100000 0", 4),
     ],
 )
-def test_choose_threads(usable, busy, expected):
-    assert policy.choose_threads(usable, busy) == expected
+def test_cpus_allowed(affinity, cpu_max, expected):
+    assert policy.cpus_allowed(affinity, cpu_max) == expected
 
 
 def test_thread_request_zero_is_automatic_and_negative_is_an_error():
@@ -50,60 +47,16 @@ def test_thread_request_zero_is_automatic_and_negative_is_an_error():
         policy.parse_thread_request(-3)
 
 
-STAT_BEFORE = """cpu  300 0 100 800 20 0 0 0 0 0
-cpu0 200 0 50 350 10 0 0 0 0 0
-cpu1 100 0 50 450 10 0 0 0 0 0
-intr 12345 0 0
-ctxt 999
-procs_running 3
-"""
-STAT_AFTER = """cpu  400 0 110 890 20 0 0 0 0 0
-cpu0 290 0 55 355 10 0 0 0 0 0
-cpu1 110 0 55 535 10 0 0 0 0 0
-intr 12399 0 0
-procs_running 2
-"""
-
-
-def test_cpu_ticks_reads_busy_and_total_per_core_set():
-    # busy = user + nice + system + irq + softirq + steal; idle = idle + iowait
-    assert policy.cpu_ticks(STAT_BEFORE) == (400, 1220)
-    assert policy.cpu_ticks(STAT_BEFORE, {0}) == (250, 610)
-    assert policy.cpu_ticks(STAT_BEFORE, {1}) == (150, 610)
-
-
-def test_busy_cpus_between_leaves_out_our_own_cpu_time():
-    before, after = policy.cpu_ticks(STAT_BEFORE), policy.cpu_ticks(STAT_AFTER)
-    # core 0 busy 95 of 100 ticks, core 1 busy 15 of 100: 1.1 cores busy in all
-    assert policy.busy_cpus_between(before, after, 2, own_cpu_s=0.0, wall_s=1.0) == pytest.approx(
-        1.1
-    )
-    # of which we used 0.5 s per second ourselves
-    assert policy.busy_cpus_between(before, after, 2, own_cpu_s=0.5, wall_s=1.0) == pytest.approx(
-        0.6
-    )
-    assert policy.busy_cpus_between(before, after, 2, own_cpu_s=5.0, wall_s=1.0) == 0.0
-    assert policy.busy_cpus_between(before, before, 2, own_cpu_s=0.0, wall_s=1.0) == 0.0
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
-def test_measure_busy_cpus_on_this_machine_is_a_core_count():
-    busy = policy.measure_busy_cpus(window_s=0.05)
-    assert busy is not None and 0.0 <= busy <= len(os.sched_getaffinity(0))
-
-
-def test_usable_cpus_respects_a_cgroup_quota(monkeypatch, tmp_path):
+def test_usable_cpus_reads_this_process_affinity_and_quota(monkeypatch, tmp_path):
     cpu_max = tmp_path / "cpu.max"
     monkeypatch.setattr(policy, "CGROUP_CPU_MAX", cpu_max)
     affinity = len(os.sched_getaffinity(0))
-    cpu_max.write_text("max 100000\n")
-    assert policy.usable_cpus() == affinity
-    cpu_max.write_text("50000 100000\n")  # half a core: still one thread
+    assert policy.usable_cpus() == affinity  # no such file: no quota
+    cpu_max.write_text("50000 100000\n")
     assert policy.usable_cpus() == 1
 
 
-def test_explicit_count_and_environment_win_over_the_policy(monkeypatch, restore_threads):
-    monkeypatch.setattr(policy, "measure_busy_cpus", lambda: pytest.fail("must not measure"))
+def test_explicit_count_and_environment_win_over_the_policy(restore_threads):
     choice = policy.apply_thread_policy(3, environ={"OMP_NUM_THREADS": "1"})
     assert (choice.threads, choice.source) == (3, "--threads")
     assert torch.get_num_threads() == 3
@@ -113,13 +66,12 @@ def test_explicit_count_and_environment_win_over_the_policy(monkeypatch, restore
     assert torch.get_num_threads() == 1  # left to torch, which read the variable at start
 
 
-@pytest.mark.parametrize("busy, expected", [(0.0, 2), (1.0, 1)])
-def test_automatic_choice_sets_torch_threads(monkeypatch, restore_threads, busy, expected):
+def test_automatic_choice_is_one_thread_per_usable_core(monkeypatch, restore_threads):
     monkeypatch.setattr(policy, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(policy, "measure_busy_cpus", lambda: busy)
+    torch.set_num_threads(1)
     choice = policy.apply_thread_policy(None, environ={})
-    assert (choice.threads, choice.source, choice.busy_cpus) == (expected, "automatic", busy)
-    assert torch.get_num_threads() == expected
+    assert (choice.threads, choice.source) == (2, "automatic")
+    assert torch.get_num_threads() == 2
 
 
 def _fresh_python(code: str) -> list[str]:
@@ -163,13 +115,12 @@ def test_cli_negative_threads_is_a_one_line_error(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("argv, expected", [(["--threads", "0"], 1), (["--threads", "2"], 2)])
+@pytest.mark.parametrize("argv, expected", [(["--threads", "0"], 2), (["--threads", "1"], 1)])
 def test_cli_threads_zero_is_automatic_and_n_is_n(
     monkeypatch, restore_threads, tmp_path, argv, expected
 ):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(policy, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(policy, "measure_busy_cpus", lambda: 1.0)  # one core taken elsewhere
     torch.set_num_threads(3)
     result = CliRunner().invoke(app, [*argv, "predict", str(tmp_path / "missing.jpg")])
     assert result.exit_code == 2 and "no such file" in result.output  # the command still ran

@@ -35,8 +35,9 @@ class Family(str, Enum):
 def _configure(
     threads: int = typer.Option(
         None,
-        help="CPU threads for torch. Default (or 0): automatic, one per core that other "
-        "processes leave idle, waiting passively; OMP_NUM_THREADS also overrides it.",
+        help="CPU threads for torch. Default (or 0): automatic, one per usable core, waiting "
+        "passively (never spinning, which is several times slower on a shared CPU); "
+        "OMP_NUM_THREADS also overrides it.",
     ),
 ) -> None:
     from globeflow.apps.threads import ThreadRequestError, apply_thread_policy
