@@ -9,8 +9,10 @@ take effect exactly as they do for the command line:
   sampling 256 x 32 steps, guidance 2.
 
 Variants: ``N``: N threads with OpenMP's default wait (spinning; what ``torch.set_num_threads``
-gave before the policy); ``N-passive``: N threads, ``OMP_WAIT_POLICY=PASSIVE``; ``policy``: what
-``globeflow`` does without ``--threads`` (``apply_thread_policy`` before torch is imported).
+gave before the policy); ``N-passive``: N threads, ``OMP_WAIT_POLICY=PASSIVE``; ``N-spinK``: N
+threads that spin K rounds before sleeping (``GOMP_SPINCOUNT=K``; only with ``--variants``);
+``policy``: what ``globeflow`` does without ``--threads`` (``apply_thread_policy`` before torch
+is imported).
 
 Scenarios: ``idle`` (nothing started by us; the load average says what else ran) and ``busy``:
 one CPU-bound process started before the variant's subprocess and stopped after it (``--busy
