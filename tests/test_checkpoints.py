@@ -78,3 +78,76 @@ def test_weights_are_never_unpickled(tmp_path):
     with pytest.raises(Exception) as info:
         gf.load_model(tmp_path / "m")
     assert "pickle" not in type(info.value).__name__.lower()
+
+
+def _corrupt(tmp_path, name, weights=None, config=None):
+    """A saved model directory whose weights bytes or config dict were replaced."""
+    directory = tmp_path / name
+    gf.save_model(_rfm(), directory, metadata={"encoder": "x"})
+    if weights is not None:
+        (directory / "model.safetensors").write_bytes(weights(directory))
+    if config is not None:
+        cfg = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config(cfg)))
+    return directory
+
+
+def _pickled(directory):
+    torch.save({"x": torch.zeros(1)}, directory / "model.safetensors")
+    return (directory / "model.safetensors").read_bytes()
+
+
+def _set(cfg, section, key, value):
+    cfg[section][key] = value
+    return cfg
+
+
+CORRUPTIONS = {
+    "truncated": (
+        lambda d: (d / "model.safetensors").read_bytes()[:300],
+        None,
+        "truncated or not a safetensors file",
+    ),
+    "pickled": (_pickled, None, "pickled torch file"),
+    "empty": (lambda d: b"", None, "empty"),
+    "sizes": (None, lambda c: _set(c, "network", "dim", 64), "do not match config.json"),
+    "depth": (None, lambda c: _set(c, "network", "depth", 3), "do not match config.json"),
+    "unknown-key": (None, lambda c: _set(c, "network", "bogus", 1), "config.json"),
+    "not-a-dict": (None, lambda c: [1, 2], "not a JSON object"),
+    "no-family": (None, lambda c: {k: v for k, v in c.items() if k != "family"}, "family"),
+    "guidance-nan": (
+        None,
+        lambda c: _set(c, "metadata", "recommended_guidance", float("nan")),
+        "recommended_guidance",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_model_directories_give_one_line_checkpoint_errors(tmp_path, case):
+    weights, config, reason = CORRUPTIONS[case]
+    directory = _corrupt(tmp_path, case, weights, config)
+    with pytest.raises(CheckpointError) as info:
+        gf.load_model(directory)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert str(directory) in message and reason in message, message
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    model = _rfm()
+    with torch.no_grad():
+        model.network.final_linear.weight[0, 0] = float("nan")
+    gf.save_model(model, tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"network\.final_linear\.weight.*NaN or infinite"):
+        gf.load_model(tmp_path / "m")
+
+
+def test_save_of_a_loaded_model_keeps_its_metadata(tmp_path):
+    meta = {"encoder": "efficientnet-lite0", "recommended_guidance": -0.5, "step": 7}
+    gf.save_model(_rfm(), tmp_path / "a", metadata=meta)
+    gf.save_model(gf.load_model(tmp_path / "a"), tmp_path / "b")
+    assert gf.load_model(tmp_path / "b").metadata == meta
+    # An explicit argument still wins over what the model carries.
+    gf.save_model(gf.load_model(tmp_path / "a"), tmp_path / "c", metadata={"encoder": "y"})
+    assert gf.load_model(tmp_path / "c").metadata == {"encoder": "y"}

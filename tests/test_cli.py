@@ -90,7 +90,7 @@ def test_predict_writes_every_output_and_reports_bad_files(tmp_path, tiny_model_
         "region",
         "exif_gps",
     }
-    assert (out / "maps" / "a.png").stat().st_size > 10_000
+    assert (out / "maps" / "a.jpg.png").stat().st_size > 10_000
     assert "could not be read" in result.output
 
 

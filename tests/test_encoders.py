@@ -42,6 +42,14 @@ def test_registry() -> None:
         get_encoder("no-such-encoder")
 
 
+def test_unknown_encoder_is_a_plain_value_error() -> None:
+    # Callers that turn ValueError into a one-line message (the CLI) must see it, unquoted.
+    with pytest.raises(ValueError) as info:
+        get_encoder("banana")
+    assert str(info.value).startswith("unknown encoder 'banana'; available: ")
+    assert DEFAULT_ENCODER in str(info.value)
+
+
 def test_default_encoder_shape_finite_deterministic(default_encoder) -> None:
     enc = default_encoder
     assert enc.name == DEFAULT_ENCODER

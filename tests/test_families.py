@@ -5,6 +5,7 @@ import torch
 
 import globeflow as gf
 from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
+from globeflow.core.guidance import GuidedField
 from globeflow.core.network import Denoiser
 from globeflow.core.sphere import sample_uniform_sphere
 
@@ -41,18 +42,18 @@ def test_guidance_zero_equals_unguided_field(cls):
     model = _model(cls)
     emb = torch.randn(2, 4)
     x = torch.randn(2, 5, 3)
-    cond, null = model.conditionings(emb, torch.tensor(0.4), guidance=0.0)
-    assert null is None
-    plain = model.network.forward_conditioned(x, cond)
-    assert torch.equal(model.guided_output(x, cond, None, 0.0), plain)
-    # With w > 0 the field is (1 + w) v_c - w v_null, v_null from the all-zeros embedding.
-    cond, null = model.conditionings(emb, torch.tensor(0.4), guidance=1.5)
+    gamma = torch.tensor([0.4])
+    plain = model.network.forward_conditioned(x, model.network.condition(emb, gamma))
+    unguided = GuidedField(model.network, emb, gamma, 0.0).output(x, 0)
+    assert torch.allclose(unguided, plain, atol=1e-6)
+    # With w != 0 the field is (1 + w) v_c - w v_null, v_null from the all-zeros embedding, and
+    # the stacked (one batch) evaluation equals the two separate ones.
     v_null = model.network.forward_conditioned(
-        x, model.network.condition(torch.zeros_like(emb), torch.tensor(0.4))
+        x, model.network.condition(torch.zeros_like(emb), gamma)
     )
-    assert torch.allclose(
-        model.guided_output(x, cond, null, 1.5), 2.5 * plain - 1.5 * v_null, atol=1e-6
-    )
+    for w in (1.5, -0.5):
+        guided = GuidedField(model.network, emb, gamma, w).output(x, 0)
+        assert torch.allclose(guided, (1 + w) * plain - w * v_null, atol=1e-6)
     g = torch.Generator().manual_seed(3)
     a = model.sample(emb, 8, 4, guidance=0.0, generator=g)
     g = torch.Generator().manual_seed(3)
@@ -66,8 +67,12 @@ def test_samples_are_valid_coordinates(cls):
     out = model.sample(torch.randn(3, 4), num_samples=16, steps=6, guidance=2.0)
     assert out.shape == (3, 16, 2)
     assert out[..., 0].abs().max() <= 90 and out[..., 1].abs().max() <= 180
-    heun = model.sample(torch.randn(3, 4), num_samples=4, steps=6, solver="heun")
-    assert torch.isfinite(heun).all()
+    for solver in model.solvers:
+        for precision in ("fp32", "bf16"):
+            other = model.sample(
+                torch.randn(3, 4), 4, steps=6, guidance=1.0, solver=solver, precision=precision
+            )
+            assert torch.isfinite(other).all() and other.shape == (3, 4, 2)
     with pytest.raises(ValueError, match="unknown solver"):
         model.sample(torch.randn(1, 4), 2, 2, solver="rk45")
 

@@ -176,3 +176,23 @@ def test_admin_accuracy():
     assert out["region_acc"] == pytest.approx(50.0)  # same region name in another country misses
     assert out["city_acc"] == pytest.approx(100.0 * 2 / 3)
     assert out["city_n"] == 3
+
+
+def test_sliced_wasserstein_km():
+    from globeflow.core.sphere import sample_uniform_sphere, unit_to_latlon
+
+    g = torch.Generator().manual_seed(0)
+    a = unit_to_latlon(sample_uniform_sphere((2000,), generator=g, dtype=torch.float64))
+    b = unit_to_latlon(sample_uniform_sphere((2000,), generator=g, dtype=torch.float64))
+    # Same set in another order: exactly 0. Two uniform draws: small (sampling noise only).
+    assert float(M.sliced_wasserstein_km(a, a[torch.randperm(2000, generator=g)])) == 0.0
+    noise = float(M.sliced_wasserstein_km(a, b))
+    assert 0 < noise < 200
+    # A set moved 1 degree north: about 111 km times the mean |d projection / d lat| (< 1).
+    shifted = a.clone()
+    shifted[:, 0] = (a[:, 0] + 1.0).clamp(max=90)
+    moved = float(M.sliced_wasserstein_km(a, shifted))
+    assert 20 < moved <= 111.3
+    # Bounded by the mean paired distance (a W1 property).
+    paired = float(M.haversine_km_np(a.numpy(), shifted.numpy()).mean())
+    assert moved <= paired + 1e-6

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from naive import naive_field_and_divergence, naive_log_prob, naive_sample  # noqa: E402
 
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
-from globeflow.core.likelihood import _field_and_divergence, log_prob_adaptive  # noqa: E402
+from globeflow.core.guidance import GuidedField  # noqa: E402
+from globeflow.core.likelihood import field_and_divergence, log_prob_adaptive  # noqa: E402
 from globeflow.core.network import Denoiser  # noqa: E402
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere  # noqa: E402
 
@@ -49,7 +50,8 @@ def test_naive_divergence_equals_library_jvp_divergence():
     x = sample_uniform_sphere((2, 5), generator=gen, dtype=f64)
     for gamma in (0.05, 0.5, 0.97):
         g = torch.tensor(gamma, dtype=f64)
-        field, div = _field_and_divergence(model, x, model.network.condition(emb, g), g)
+        guided = GuidedField(model.network, emb, g.reshape(1))
+        field, div = field_and_divergence(model, x, guided, 0, g)
         v, div_naive = naive_field_and_divergence(
             model.network, x.reshape(-1, 3), g, emb.repeat_interleave(5, dim=0)
         )

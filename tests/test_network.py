@@ -58,3 +58,53 @@ def test_fused_jvp_equals_autodiff():
 def test_dim_must_be_multiple_of_8():
     with pytest.raises(ValueError, match="multiple of 8"):
         Denoiser(dim=60)
+
+
+def test_inference_layers_equal_the_modules():
+    """Without autograd the blocks run on prepacked weights (oneDNN where available): same
+    maths as the nn.Linear modules, to float32 summation-order rounding; likewise the JVPs."""
+    torch.manual_seed(3)
+    net = Denoiser(dim=64, depth=3, cond_dim=8).eval()
+    emb, gamma = torch.randn(2, 8), torch.tensor(0.7)
+    cond = net.condition(emb, gamma)
+    y = torch.nn.functional.normalize(torch.randn(2, 40, 3), dim=-1)
+    tangents = torch.randn(2, 2, 40, 3)
+    with torch.enable_grad():
+        modules = net.forward_conditioned(y, cond).detach()
+    with torch.no_grad():
+        packed = net.forward_conditioned(y, cond)
+        out, jvps = net.forward_with_jvp(y, tangents, cond)
+    torch.testing.assert_close(packed, modules, rtol=1e-5, atol=1e-6)
+    net64 = net.double()
+    cond64 = net64.condition(emb.double(), gamma.double())
+    for k in range(2):
+        ref_out, ref_jvp = jvp(
+            lambda z: net64.forward_conditioned(z, cond64), (y.double(),), (tangents[k].double(),)
+        )
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(jvps[k].double(), ref_jvp, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_path_agrees_with_fp32():
+    """bf16 matrix products with float32 accumulation: outputs and JVPs within bf16 rounding
+    (8 significant bits, ~0.4% per product) of the float32 pass."""
+    torch.manual_seed(2)
+    net = Denoiser(dim=64, depth=3, cond_dim=8).eval()
+    cond = net.condition(torch.randn(2, 8), torch.tensor(0.3))
+    y = torch.nn.functional.normalize(torch.randn(2, 50, 3), dim=-1)
+    tangents = torch.randn(2, 2, 50, 3)
+    with torch.no_grad():
+        ref = net.forward_conditioned(y, cond)
+        low = net.forward_conditioned(y, cond, precision="bf16")
+        ref_out, ref_jvp = net.forward_with_jvp(y, tangents, cond)
+        low_out, low_jvp = net.forward_with_jvp(y, tangents, cond, precision="bf16")
+    assert low.dtype == torch.float32
+    for a, b in ((low, ref), (low_out, ref_out), (low_jvp, ref_jvp)):
+        rel = (a - b).norm() / b.norm()
+        assert 1e-5 < rel < 0.02, rel  # differs (really bf16) but only by rounding
+    # The prepared weights are cached, and refreshed when the weights change.
+    first = net.inference_layers("bf16")
+    assert net.inference_layers("bf16") is first
+    with torch.no_grad():
+        net.blocks[0].mlp[0].weight.mul_(2)
+    assert net.inference_layers("bf16") is not first

@@ -130,9 +130,11 @@ def sample_density_grid(
     kappa = 1.0 / bandwidth**2
     # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
     log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
-    g = latlon_to_unit(grid)
-    logk = kappa * (g @ units.T - 1.0) + log_norm
-    log_density = torch.logsumexp(logk, dim=-1) - math.log(samples.shape[0])
+    # float32 for the (grid x samples) kernel matrix: kappa <= 1 / (one grid cell)^2, so the
+    # rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
+    g = latlon_to_unit(grid).float()
+    logk = torch.addmm(torch.tensor(-kappa), g, units.float().T, alpha=kappa)
+    log_density = torch.logsumexp(logk, dim=-1).double() + log_norm - math.log(samples.shape[0])
     lat = grid[:, 0].reshape(n_lat, n_lon)[:, 0]
     lon = grid[:, 1].reshape(n_lat, n_lon)[0]
     return {

@@ -48,9 +48,73 @@ def _configure(
         _fail(str(exc))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and exit: 2 for bad options, paths or models (nothing was done), 1
+    when the work itself gave nothing usable."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _check_options(limits: dict, **values) -> None:
+    """Fail naming the first option whose value ``limits`` does not allow."""
+    from globeflow.apps.settings import SettingError, check_settings
+
+    try:
+        check_settings(values, limits)
+    except SettingError as exc:
+        _fail(f"--{exc.name.replace('_', '-')} {exc.value}: must be {exc.expected}")
+
+
+def _check_outputs(files: dict | None = None, folders: dict | None = None) -> None:
+    from globeflow.apps.outputs import OutputPathError, check_output_paths
+
+    try:
+        check_output_paths(files, folders)
+    except OutputPathError as exc:
+        _fail(str(exc))
+
+
+def _load_locator(
+    model: str | None, encoder: str | None, family: str | None, encoder_path: str | None
+):
+    """The Locator, or a one-line failure naming the model or the encoder."""
+    from globeflow.apps.pipeline import Locator
+    from globeflow.data.encoders import UnknownEncoderError
+
+    try:
+        return Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+    except UnknownEncoderError as exc:
+        if encoder is not None:
+            _fail(f"--encoder {encoder}: {exc}")
+        _fail(f"{model or 'the bundled model'}: its metadata names an {exc}; pass --encoder")
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+
+
+def _resolved_guidance(guidance: float | None, locator, limits: dict) -> float:
+    """--guidance, else the model's recommendation, checked against the same range."""
+    if guidance is not None:
+        return guidance
+    rule = limits["guidance"]
+    if not rule.allows(locator.default_guidance):
+        _fail(
+            f"{locator.model_name}: recommended_guidance {locator.default_guidance} is not "
+            f"{rule.describe()}; pass --guidance"
+        )
+    return locator.default_guidance
+
+
+def _model_solver(solver: str | None, locator) -> str | None:
+    """--solver, if the loaded model's family has it (each family has its own solvers)."""
+    solvers = getattr(locator.model, "solvers", ())
+    if solver is not None and solver not in solvers:
+        _fail(
+            f"--solver {solver}: a {locator.model.family} model takes "
+            f"{', '.join(solvers) or 'no solver option'}"
+        )
+    return solver
 
 
 @app.command()
@@ -72,10 +136,13 @@ def embed(
     progress: bool = typer.Option(True),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported)."""
-    from globeflow.data.encoders import get_encoder
+    from globeflow.data.encoders import UnknownEncoderError, get_encoder
     from globeflow.jobs.embed import embed_images
 
-    enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
+    try:
+        enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
+    except UnknownEncoderError as exc:
+        _fail(f"--encoder {encoder}: {exc}")
     report = embed_images(
         inputs,
         enc,
@@ -185,24 +252,24 @@ def _without_authors(store: Path, authors_file: Path, run_dir: Path) -> Path:
     return out
 
 
-def _predict_rows(results: list[dict]) -> list[list[str]]:
+def _predict_rows(results: list[dict], labels: list[str]) -> list[list[str]]:
     rows = []
-    for r in results:
+    for r, name in zip(results, labels, strict=True):
         if not r.get("ok"):
-            rows.append([Path(r["image"]).name, "-", "-", "-", "-", f"error: {r['error']}"])
+            rows.append([name, "-", "-", "-", "-", f"error: {r['error']}"])
             continue
         bg = r["best_guess"]
         place = bg["place"]
         label = ", ".join(v for v in (place.get("city"), place.get("country")) if v)
-        top = r["regions"][0]["probability"] if r["regions"] else float("nan")
+        top = f"{r['regions'][0]['probability']:.0%}" if r["regions"] else "-"
         bits = r["localizability_bits"]
         truth = f"{r['error_km']:.0f} km" if r.get("error_km") is not None else ""
         rows.append(
             [
-                Path(r["image"]).name,
+                name,
                 f"{bg['lat']:.3f}, {bg['lon']:.3f}",
                 label,
-                f"{top:.0%}",
+                top,
                 f"{bits:.2f}" if bits is not None else "-",
                 truth,
             ]
@@ -217,16 +284,31 @@ def predict(
     family: str = typer.Option(None, help="Family of a PLONK checkpoint (rfm, flow, diffusion)."),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
-    num_samples: int = typer.Option(512, min=16, help="Samples per photo."),
+    num_samples: int = typer.Option(
+        None, help="Samples per photo, 16 to 4096 (default: 512, see docs/defaults.md)."
+    ),
     guidance: float = typer.Option(
         None,
-        min=-1.0,
-        help="Classifier-free guidance scale (default: the model's recommended "
+        help="Classifier-free guidance scale, -1 to 10 (default: the model's recommended "
         "value, else 2 as in the paper; negative values lean on the unconditional prior).",
     ),
-    steps: int = typer.Option(32, min=1, help="Sampler steps."),
-    top_k: int = typer.Option(5, min=1, help="Regions to report."),
-    region_radius_km: float = typer.Option(500.0, help="Radius of a reported region."),
+    steps: int = typer.Option(
+        None,
+        help="Solver steps, 1 to 256 (default: 8 midpoint steps = 16 network evaluations).",
+    ),
+    solver: str = typer.Option(
+        None, help="midpoint or heun (second order), euler (the paper's sampler), ddim."
+    ),
+    precision: str = typer.Option(
+        None, help="bf16 (default: faster, same answers within noise) or fp32."
+    ),
+    localizability_samples: int = typer.Option(
+        None, help="Samples for the localizability estimate, 0 to 4096 (0: skip; default 128)."
+    ),
+    top_k: int = typer.Option(5, help="Regions to report (1 to 100)."),
+    region_radius_km: float = typer.Option(
+        500.0, help="Radius of a reported region (km, above 0, at most half the circumference)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
     geojson_out: Path = typer.Option(None, "--geojson", help="Write a GeoJSON FeatureCollection."),
@@ -234,12 +316,12 @@ def predict(
     seed: int = typer.Option(0),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Where was each photo taken? Best guess, top regions, localizability, maps."""
-    from rich.console import Console
-    from rich.table import Table
+    """Where was each photo taken? Best guess, top regions, localizability, maps.
 
-    from globeflow.answers.export import results_to_csv, results_to_geojson
-    from globeflow.apps.pipeline import Locator
+    Exits 1 when no photo could be located, 2 on a bad option, path or model."""
+    from globeflow.apps.outputs import map_file_names, photo_labels
+    from globeflow.apps.settings import LOCATE_LIMITS
+    from globeflow.core.families import NonFiniteOutputError
     from globeflow.data.images import IMAGE_EXTENSIONS
 
     paths: list[Path] = []
@@ -252,24 +334,58 @@ def predict(
             _fail(f"{p}: no such file or folder")
     if not paths:
         _fail("no photos found")
-    try:
-        locator = Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-    results = locator.locate_paths(
-        paths,
-        progress=progress,
+    _check_options(
+        LOCATE_LIMITS,
         num_samples=num_samples,
         guidance=guidance,
         steps=steps,
+        solver=solver,
+        precision=precision,
+        localizability_samples=localizability_samples,
         top_k=top_k,
         region_radius_km=region_radius_km,
-        seed=seed,
-        with_density=False,
     )
-    table = Table(title=f"globeflow ({locator.model_name}, {locator.encoder_name})")
+    _check_outputs(
+        files={"--json": json_out, "--csv": csv_out, "--geojson": geojson_out},
+        folders={"--map": map_dir},
+    )
+    labels = photo_labels(paths)
+    locator = _load_locator(model, encoder, family, encoder_path)
+    try:
+        results = locator.locate_paths(
+            paths,
+            progress=progress,
+            num_samples=num_samples,
+            guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
+            steps=steps,
+            solver=_model_solver(solver, locator),
+            precision=precision,
+            localizability_samples=localizability_samples,
+            top_k=top_k,
+            region_radius_km=region_radius_km,
+            seed=seed,
+            with_density=False,
+        )
+    except NonFiniteOutputError as exc:
+        _fail(f"{locator.model_name}: {exc}", code=1)
+    _print_predict_table(
+        results, labels, f"globeflow ({locator.model_name}, {locator.encoder_name})"
+    )
+    _write_predict_outputs(results, json_out, csv_out, geojson_out)
+    if map_dir:
+        _write_maps(results, labels, map_file_names(labels), map_dir)
+    failed = sum(not r.get("ok") for r in results)
+    if failed == len(results):
+        _fail(f"none of the {failed} photos could be read (see the table)", code=1)
+    if failed:
+        typer.echo(f"{failed} of {len(results)} photos could not be read (see the table)", err=True)
+
+
+def _print_predict_table(results: list[dict], labels: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
     for col in (
         "photo",
         "best guess (lat, lon)",
@@ -279,12 +395,19 @@ def predict(
         "error vs EXIF",
     ):
         table.add_column(col)
-    for row in _predict_rows(results):
+    for row in _predict_rows(results, labels):
         table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # pipes and CI logs: do not squeeze the table into 80 columns
         console = Console(width=140)
     console.print(table)
+
+
+def _write_predict_outputs(
+    results: list[dict], json_out: Path | None, csv_out: Path | None, geojson_out: Path | None
+) -> None:
+    from globeflow.answers.export import results_to_csv, results_to_geojson
+
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"results": results}, indent=1))
@@ -293,29 +416,29 @@ def predict(
     if geojson_out:
         geojson_out.parent.mkdir(parents=True, exist_ok=True)
         geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
-    if map_dir:
-        from globeflow.answers.decode import sample_density_grid
-        from globeflow.answers.maps import render_map
 
-        map_dir.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if not r.get("ok"):
-                continue
-            import torch
 
-            samples = torch.tensor(r["samples"])
-            render_map(
-                map_dir / (Path(r["image"]).stem + ".png"),
-                samples,
-                density=sample_density_grid(samples),
-                best_guess=(r["best_guess"]["lat"], r["best_guess"]["lon"]),
-                truth=(r["exif_gps"]["lat"], r["exif_gps"]["lon"]) if r.get("exif_gps") else None,
-                regions=r["regions"],
-                title=Path(r["image"]).name,
-            )
-    failed = sum(not r.get("ok") for r in results)
-    if failed:
-        typer.echo(f"{failed} of {len(results)} photos could not be read (see the table)", err=True)
+def _write_maps(results: list[dict], labels: list[str], names: list[str], map_dir: Path) -> None:
+    """A PNG per located photo, named after its label (``a/photo.jpg`` -> a__photo.jpg.png)."""
+    import torch
+
+    from globeflow.answers.decode import sample_density_grid
+    from globeflow.answers.maps import render_map
+
+    map_dir.mkdir(parents=True, exist_ok=True)
+    for r, label, name in zip(results, labels, names, strict=True):
+        if not r.get("ok"):
+            continue
+        samples = torch.tensor(r["samples"])
+        render_map(
+            map_dir / name,
+            samples,
+            density=sample_density_grid(samples),
+            best_guess=(r["best_guess"]["lat"], r["best_guess"]["lon"]),
+            truth=(r["exif_gps"]["lat"], r["exif_gps"]["lon"]) if r.get("exif_gps") else None,
+            regions=r["regions"],
+            title=label,
+        )
 
 
 @app.command()
@@ -331,40 +454,64 @@ def evaluate(
     encoder_path: str = typer.Option(None),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory."),
     kind: str = typer.Option(None, help="Force the dataset reader (osv5m, latlon-csv, inat, ...)."),
-    num_samples: int = typer.Option(256, min=8, help="Samples per image for the best guess."),
-    guidance: float = typer.Option(2.0, help="Guidance for point prediction."),
-    steps: int = typer.Option(32),
-    hpd_samples: int = typer.Option(128),
-    batch_size: int = typer.Option(64),
+    num_samples: int = typer.Option(256, help="Samples per image for the best guess (16 to 4096)."),
+    guidance: float = typer.Option(
+        None,
+        help="Guidance for point prediction, -1 to 10 (default: the model's recommended value, "
+        "else 2 as in the paper).",
+    ),
+    steps: int = typer.Option(32, help="Sampler and likelihood ODE steps (1 to 256)."),
+    hpd_samples: int = typer.Option(
+        128, help="Unguided samples per image for calibration (0 to 4096; 0: off)."
+    ),
+    batch_size: int = typer.Option(64, help="Images per model call (1 to 4096)."),
     seed: int = typer.Option(0),
     limit: int = typer.Option(None, help="Evaluate only the first N records."),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown)."""
-    from globeflow.apps.pipeline import Locator
+    """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown).
+
+    Exits 1 when no record could be evaluated, 2 on a bad option, path, dataset or model."""
+    from globeflow.apps.settings import EVALUATE_LIMITS
+    from globeflow.core.families import NonFiniteOutputError
     from globeflow.data.datasets import open_dataset
     from globeflow.jobs.evaluation import evaluate as run_evaluation
 
-    try:
-        locator = Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
-        dataset = open_dataset(data, kind=kind)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-    report = run_evaluation(
-        locator.model,
-        dataset,
-        encoder=locator.encoder,
+    _check_options(
+        EVALUATE_LIMITS,
         num_samples=num_samples,
         guidance=guidance,
         steps=steps,
         hpd_samples=hpd_samples,
         batch_size=batch_size,
-        seed=seed,
         limit=limit,
-        progress=progress,
     )
+    _check_outputs(folders={"--output": output})
+    try:
+        dataset = open_dataset(data, kind=kind)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    locator = _load_locator(model, encoder, family, encoder_path)
+    try:
+        report = run_evaluation(
+            locator.model,
+            dataset,
+            encoder=locator.encoder,
+            num_samples=num_samples,
+            guidance=_resolved_guidance(guidance, locator, EVALUATE_LIMITS),
+            steps=steps,
+            hpd_samples=hpd_samples,
+            batch_size=batch_size,
+            seed=seed,
+            limit=limit,
+            progress=progress,
+            model_name=locator.model_name,
+        )
+    except NonFiniteOutputError as exc:
+        _fail(f"{locator.model_name}: {exc}", code=1)
+    if report.summary["n"] == 0:
+        report.write(output)
+        _fail(f"{data}: nothing to evaluate; {report.why_empty()}; report in {output}", code=1)
     report.write(output)
     typer.echo(report.to_markdown())
     typer.echo(f"report written to {output}")

@@ -19,12 +19,25 @@ from PIL import Image
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import GeoModel, effective_area_km2
-from globeflow.core.sphere import haversine_km
+from globeflow.core.solvers import SPHERE, TABLEAUS
+from globeflow.core.sphere import haversine_km, unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
 DEFAULT_GUIDANCE = 2.0
 """The paper's guidance for point prediction; a checkpoint may recommend its own
 (metadata ``recommended_guidance``)."""
+
+# Defaults chosen by measurement (benchmarks/defaults.py, docs/defaults.md): the cheapest setting
+# whose answers are within noise of the expensive one.
+DEFAULT_NUM_SAMPLES = 512
+DEFAULT_STEPS = 8
+"""Solver steps; with the midpoint solver that is 16 network evaluations."""
+DEFAULT_SOLVER = "midpoint"
+DEFAULT_PRECISION = "bf16"
+DEFAULT_LOCALIZABILITY_SAMPLES = 128
+DEFAULT_LOCALIZABILITY_STEPS = 16
+"""Midpoint steps of the one-pass localizability estimate (its bias falls below the Monte Carlo
+error from about 16 steps: benchmarks/localizability.py)."""
 
 
 def default_model_path() -> Path:
@@ -81,72 +94,110 @@ class Locator:
     def locate_embeddings(
         self,
         emb: torch.Tensor,
-        num_samples: int = 512,
+        num_samples: int | None = None,
         guidance: float | None = None,
-        steps: int = 32,
+        steps: int | None = None,
         top_k: int = 5,
         region_radius_km: float = 500.0,
-        localizability_samples: int = 128,
+        localizability_samples: int | None = None,
         with_density: bool = False,
         seed: int = 0,
+        solver: str | None = None,
+        precision: str | None = None,
     ) -> list[dict]:
-        """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure."""
-        from globeflow.answers.geocode import reverse_geocode
+        """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
-        guidance = self.default_guidance if guidance is None else guidance
+        Unset settings take the defaults above (the model's recommended guidance). Samples of
+        all B images are drawn in one batched solve.
+        """
+        settings = {
+            "model": self.model_name,
+            "family": self.model.family,
+            "encoder": self.encoder.name,
+            "num_samples": num_samples or DEFAULT_NUM_SAMPLES,
+            "guidance": self.default_guidance if guidance is None else float(guidance),
+            "steps": steps or DEFAULT_STEPS,
+            "solver": self._solver(solver),
+            "precision": precision or DEFAULT_PRECISION,
+            "seed": seed,
+            "region_radius_km": region_radius_km,
+        }
+        n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
+        n_loc = n_loc if localizability_samples is None else localizability_samples
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        samples = self.model.sample(emb, num_samples, steps, guidance, generator=generator)
+        samples, bits, stderr = self._draw(emb, settings, n_loc, generator)
         guesses = best_guess(samples)
-        loc_bits = torch.full((emb.shape[0],), float("nan"))
-        if localizability_samples > 0:
-            loc_bits = self.model.localizability(
-                emb, num_samples=localizability_samples, steps=steps, generator=generator
-            ).cpu()
-        areas = effective_area_km2(loc_bits)
-        results = []
-        all_regions = [
-            top_regions(samples[i].cpu(), k=top_k, radius_km=region_radius_km)
+        regions = [
+            top_regions(samples[i], k=top_k, radius_km=region_radius_km)
             for i in range(emb.shape[0])
         ]
-        # One batched reverse-geocoding call for every best guess and region centre.
-        points = [guesses[i].tolist() for i in range(emb.shape[0])]
-        points += [[r.lat, r.lon] for regs in all_regions for r in regs]
-        places = reverse_geocode(torch.tensor(points, dtype=torch.float64))
-        region_places = iter(places[emb.shape[0] :])
+        places = _place_names(guesses, regions)
+        results = []
         for i in range(emb.shape[0]):
-            regions = [
-                {**r.to_dict(), "place": next(region_places).to_dict()} for r in all_regions[i]
-            ]
             result = {
                 "best_guess": {
                     "lat": float(guesses[i, 0]),
                     "lon": float(guesses[i, 1]),
-                    "place": places[i].to_dict(),
+                    "place": places[i][0],
                 },
-                "regions": regions,
-                "localizability_bits": _finite_or_none(float(loc_bits[i])),
-                "effective_area_km2": _finite_or_none(float(areas[i])),
+                "regions": [
+                    {**r.to_dict(), "place": place} for r, place in zip(regions[i], places[i][1:])
+                ],
+                "localizability_bits": _finite_or_none(float(bits[i])),
+                "localizability_stderr_bits": _finite_or_none(float(stderr[i])),
+                "effective_area_km2": _finite_or_none(float(effective_area_km2(bits[i]))),
                 "samples": [[round(a, 4), round(b, 4)] for a, b in samples[i].tolist()],
-                "settings": {
-                    "model": self.model_name,
-                    "family": self.model.family,
-                    "encoder": self.encoder.name,
-                    "num_samples": num_samples,
-                    "guidance": guidance,
-                    "steps": steps,
-                    "seed": seed,
-                    "region_radius_km": region_radius_km,
-                },
+                "settings": dict(settings),
             }
             if with_density:
-                result["density"] = sample_density_grid(samples[i].cpu(), n_lat=60, n_lon=120)
+                result["density"] = sample_density_grid(samples[i], n_lat=60, n_lon=120)
             results.append(result)
         return results
+
+    def _solver(self, solver: str | None) -> str | None:
+        """The requested solver, else the default where the model has it (baselines have none)."""
+        if solver is not None:
+            return solver
+        solvers = getattr(self.model, "solvers", ())
+        return DEFAULT_SOLVER if DEFAULT_SOLVER in solvers else None
+
+    def _draw(
+        self, emb: torch.Tensor, settings: dict, n_loc: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error.
+
+        Without guidance the answer samples follow the model's density, so one pass with
+        log-densities gives both; otherwise localizability takes its own unguided samples.
+        """
+        model, n = self.model, settings["num_samples"]
+        path = {"solver": settings["solver"], "precision": settings["precision"]}
+        path_ok = getattr(model, "geometry", None) is SPHERE and settings["solver"] in TABLEAUS
+        nan = torch.full((emb.shape[0],), float("nan"))
+        loc_steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
+        if settings["guidance"] == 0.0 and path_ok and n_loc > 0:
+            # The answer samples follow the density: one pass gives samples and log-densities.
+            emb = model.prepare_embeddings(emb)
+            x, log_p = model.sample_with_log_density(
+                emb, n, loc_steps, generator, method="path", **path
+            )
+            bits = log_p / math.log(2.0)
+            stderr = bits.std(-1) / math.sqrt(n) if n > 1 else nan
+            return unit_to_latlon(x).cpu(), bits.mean(-1).cpu(), stderr.cpu()
+        samples = model.sample(
+            emb, n, settings["steps"], settings["guidance"], generator=generator, **path
+        ).cpu()
+        if n_loc <= 0:
+            return samples, nan, nan
+        extra = {"method": "path", **path} if path_ok else {}
+        bits, stderr = model.localizability(
+            emb, n_loc, loc_steps, generator, return_stderr=True, **extra
+        )
+        return samples, bits.cpu(), stderr.cpu()
 
     def locate_images(
         self,
         images: Sequence[tuple[str, Image.Image]],
-        num_samples: int = 512,
+        num_samples: int | None = None,
         guidance: float | None = None,
         steps: int | None = None,
         exif_gps: Sequence[tuple[float, float] | None] | None = None,
@@ -158,7 +209,7 @@ class Locator:
             return []
         emb = self.encoder.embed([img for _, img in images])
         results = self.locate_embeddings(
-            emb, num_samples, guidance, steps or 32, with_density=with_density, **kwargs
+            emb, num_samples, guidance, steps, with_density=with_density, **kwargs
         )
         gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
         for (name, _), result, truth in zip(images, results, gps, strict=True):
@@ -214,6 +265,18 @@ def _attach_truth(result: dict, truth: tuple[float, float] | None) -> None:
     km = float(haversine_km(guess, torch.tensor([lat, lon], dtype=guess.dtype)))
     result["exif_gps"] = {"lat": lat, "lon": lon}
     result["error_km"] = km
+
+
+def _place_names(guesses: torch.Tensor, regions: list[list]) -> list[list[dict]]:
+    """Place names of each image's best guess followed by its regions' centres, in one batched
+    reverse-geocoding call: [[guess place, region 1 place, ...] per image]."""
+    from globeflow.answers.geocode import reverse_geocode
+
+    points = [guesses[i].tolist() for i in range(len(regions))]
+    points += [[r.lat, r.lon] for regs in regions for r in regs]
+    places = iter(reverse_geocode(torch.tensor(points, dtype=torch.float64)))
+    guess_places = [next(places).to_dict() for _ in regions]
+    return [[g] + [next(places).to_dict() for _ in regs] for g, regs in zip(guess_places, regions)]
 
 
 def _finite_or_none(value: float) -> float | None:

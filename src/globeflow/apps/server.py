@@ -27,17 +27,17 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from globeflow.apps.settings import LOCATE_LIMITS, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = ["create_app", "serve", "MIN_SAMPLES", "MAX_SAMPLES", "MAX_GUIDANCE", "MAX_STEPS"]
 
 log = logging.getLogger("globeflow.apps.server")
 
-MIN_SAMPLES, MAX_SAMPLES = 16, 4096
-MAX_GUIDANCE = 10.0
-MIN_GUIDANCE = -1.0
-"""Guidance in (-1, 0) interpolates towards the unconditional branch (a flatter answer)."""
-MAX_STEPS = 256
+# The limits shared with the command line (globeflow.apps.settings).
+MIN_SAMPLES, MAX_SAMPLES = LOCATE_LIMITS["num_samples"].low, LOCATE_LIMITS["num_samples"].high
+MIN_GUIDANCE, MAX_GUIDANCE = LOCATE_LIMITS["guidance"].low, LOCATE_LIMITS["guidance"].high
+MAX_STEPS = LOCATE_LIMITS["steps"].high
 _CHUNK = 1 << 20
 
 
@@ -343,6 +343,10 @@ def create_app(
             float(_first(form_guidance, guidance, getattr(locator, "default_guidance", 2.0))),
             _first(form_steps, steps),
         )
+        try:  # the model's recommended guidance is checked here too
+            check_settings(dict(zip(("num_samples", "guidance", "steps"), params, strict=True)))
+        except SettingError as exc:
+            raise HTTPException(422, str(exc)) from None
         jobs = []
         for i, upload in enumerate(uploads):
             name = Path(upload.filename or f"upload-{i + 1}").name

@@ -14,10 +14,12 @@ Weights are read with safetensors only; no pickle is ever loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.families import DENOISING_FAMILIES, GeoModel
@@ -126,29 +128,111 @@ def load_model(
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: missing {p.name}")
+    config = _read_config(config_path)
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
-    model = model_from_config(config, family=family, name=str(path_or_hub_id))
-    state = load_file(str(weights_path))
+        model = model_from_config(config, family=family, name=str(path_or_hub_id))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: unusable config ({_one_line(exc)})") from exc
+    state = _read_weights(weights_path)
     # Our checkpoints hold the whole model's state; PLONK's hold the bare network's.
     target = model if config.get("format") == FORMAT else model.network
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_path}: weights do not match the config (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})"
-        )
+    _check_weights_match(target.state_dict(), state, weights_path)
+    target.load_state_dict(state)
     model.metadata = config.get("metadata", {})
     return model.to(device).eval()
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _read_config(config_path: Path) -> dict:
+    """The parsed config.json, checked to be an object with usable metadata."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object ({type(config).__name__})")
+    metadata = config.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{config_path}: metadata is not a JSON object")
+    guidance = metadata.get("recommended_guidance")
+    if guidance is not None and not (
+        isinstance(guidance, (int, float)) and math.isfinite(guidance)
+    ):
+        raise CheckpointError(
+            f"{config_path}: metadata recommended_guidance {guidance!r} is not a finite number"
+        )
+    return config
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, every one finite; clear errors for files that are not."""
+    size = weights_path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{weights_path}: empty file (0 bytes); the weights are missing")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        with open(weights_path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive ("PK") or, in old versions, a bare pickle (0x80).
+        if head == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{weights_path}: a pickled torch file, not safetensors; globeflow never "
+                "unpickles weights (convert a trusted copy with safetensors.torch.save_file)"
+            ) from exc
+        raise CheckpointError(
+            f"{weights_path}: truncated or not a safetensors file ({size} bytes; {exc})"
+        ) from exc
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{weights_path}: tensor {name!r} holds NaN or infinite values; the weights "
+                "are corrupt or come from a diverged run"
+            )
+    return state
+
+
+def _check_weights_match(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_path: Path
+) -> None:
+    """One line naming the first difference between the weights and the config's model."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if not (missing or unexpected or resized):
+        return
+    if resized:
+        k = resized[0]
+        first = (
+            f"{k!r} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} "
+            "by the config"
+        )
+    elif missing:
+        first = f"{missing[0]!r} is missing from the file"
+    else:
+        first = f"the file has {unexpected[0]!r}, which the config's model lacks"
+    counts = f"{len(resized)} resized, {len(missing)} missing, {len(unexpected)} unexpected"
+    raise CheckpointError(
+        f"{weights_path}: weights do not match {CONFIG_NAME}: {first} ({counts} tensors)"
+    )
+
+
 def save_model(model: GeoModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (globeflow format) into directory."""
+    """Write ``config.json`` and ``model.safetensors`` (globeflow format) into directory.
+
+    ``metadata`` defaults to the model's own (set by :func:`load_model`), so a loaded model
+    saved again keeps its encoder name and recommended guidance."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, **model.config_dict()}
+    # A loaded model carries its metadata (encoder, recommended guidance): keep it by default.
+    metadata = getattr(model, "metadata", None) if metadata is None else metadata
     if metadata:
         config["metadata"] = metadata
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -12,21 +12,29 @@ the Riemannian one, computed exactly from two Jacobian-vector products along a t
 projection itself). In R^3 the trace of the 3x3 Jacobian is exact from three JVPs. The base
 density is the uniform 1/(4 pi) on S^2, or the standard normal in R^3.
 
-The default solver is fixed-step RK4 on a uniform grid in t (cheap, batched, and its condition
-path is computed once per (image, stage time) and shared by all points of that image); an
-adaptive solve (torchdiffeq dopri5) is available as a reference.
+The default solver is fixed-step RK4 on a grid in t (cheap, batched, and its condition path is
+computed once per (image, stage time) and shared by all points of that image); an adaptive solve
+(torchdiffeq dopri5) is available as a reference.
+
+For the model's *own samples* the density comes almost for free: :func:`sample_with_log_density`
+integrates the divergence along the sampling path itself (noise to data), with the sampler's
+Runge-Kutta tableau, so one pass gives samples and their log-densities. That is the localizability
+estimator (a Monte Carlo mean over samples, no second ODE per sample).
 """
 
 from __future__ import annotations
 
 import torch
 
-from globeflow.core.network import Conditioning
+from globeflow.core.guidance import GuidedField
+from globeflow.core.solvers import SPHERE, TABLEAUS, integrate, stage_levels
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
-DEFAULT_LIKELIHOOD_STEPS = 32
-"""With "gamma" spacing: max |delta log p| 0.016 nats against dopri5 at 1e-7 on the YFCC-size
-random network (benchmarks/speed.py), whose time input oscillates fast."""
+DEFAULT_LIKELIHOOD_STEPS = 48
+"""With "gamma" spacing, on the YFCC-size random network against dopri5 at 1e-7 (32 points):
+max |delta log p| 0.006 nats at 48 steps (0.003 at 64), while 16-32 steps give 0.02-0.04: that
+network's time input oscillates faster than the steps, so the error does not fall steadily until
+the steps are fine enough. In bf16 the floor is ~0.013 nats."""
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
 # in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
 # gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
@@ -35,8 +43,11 @@ DIFFUSION_GAMMA_END = 1e-5
 scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
 
 
-def _field_and_divergence(model, x: torch.Tensor, cond: Conditioning, gamma: torch.Tensor):
-    """Velocity d x / d gamma (B, N, 3) and its divergence (B, N) at x (B, N, 3)."""
+def field_and_divergence(
+    model, x: torch.Tensor, field: GuidedField, node: int, gamma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity d x / d gamma (B, N, 3) and its divergence (B, N) at x (B, N, 3), at the signal
+    level ``gamma = field.gammas[node]`` of an unguided :class:`GuidedField`."""
     on_sphere = model.density_space == "sphere"
     if on_sphere:
         e1, e2 = tangent_basis(x)
@@ -44,23 +55,20 @@ def _field_and_divergence(model, x: torch.Tensor, cond: Conditioning, gamma: tor
     else:
         eye = torch.eye(3, dtype=x.dtype, device=x.device)
         tangents = eye[:, None, None, :].expand(3, *x.shape)
-    outs, jvps = model.network.forward_with_jvp(x, tangents, cond)
+    outs, jvps = field.output_and_jvp(x, tangents, node)
     # sum_i t_i . J t_i
     trace = (tangents * jvps).sum(-1).sum(0)
 
     if on_sphere:
-        field = outs - (x * outs).sum(-1, keepdim=True) * x
-        div = trace - 2.0 * (x * outs).sum(-1)
-        return field, div
+        radial = (x * outs).sum(-1)
+        return outs - radial[..., None] * x, trace - 2.0 * radial
     # R^3 families: convert the network output into d x / d gamma (linear in the output).
-    field = model.velocity_from_output(x, outs, gamma)
+    velocity = model.velocity_from_output(x, outs, gamma)
     if model.family == "diffusion":
         # v = (x - s1 eps)/(2g) - eps/(2 s1): div v = 3/(2g) - (s1/(2g) + 1/(2 s1)) tr(J_eps)
         s1 = (1 - gamma).clamp_min(1e-12).sqrt()
-        div = 3.0 / (2 * gamma) - (s1 / (2 * gamma) + 1 / (2 * s1)) * trace
-    else:
-        div = trace
-    return field, div
+        return velocity, 3.0 / (2 * gamma) - (s1 / (2 * gamma) + 1 / (2 * s1)) * trace
+    return velocity, trace
 
 
 def _t_end(model) -> float:
@@ -84,25 +92,71 @@ def log_prob_ode(
     x: torch.Tensor,
     emb: torch.Tensor,
     steps: int | None = None,
-    guidance: float = 0.0,
     chunk_size: int = 8192,
     spacing: str | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """log p(x | emb) with fixed-step RK4: x (B, M, 3) (unit vectors), emb (B, D) -> (B, M).
 
     ``steps`` RK4 steps (4 network evaluations with 2 or 3 JVPs each) from data to noise.
-    Points are processed in chunks of about ``chunk_size`` to bound memory.
+    Points are processed in chunks of about ``chunk_size`` to bound memory. ``precision="bf16"``
+    runs the network's matrix products in bfloat16 (for maps; the default float32 is what the
+    accuracy figures above refer to).
     """
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
     spacing = spacing or ("mixed-log" if model.family == "diffusion" else "gamma")
     b, m, _ = x.shape
     per_chunk = max(1, chunk_size // max(b, 1))
-    parts = []
+    ts = integration_grid(model.schedule, steps, _t_end(model), spacing)
+    # Stage times of RK4: start, middle and end of every step -> one batched condition path.
+    stage_t = torch.stack([ts[:-1], (ts[:-1] + ts[1:]) / 2, ts[1:]], -1).reshape(-1)
+    gammas = model.schedule.signal_level(stage_t).to(emb.dtype)
+    rates = model.schedule.signal_level_derivative(stage_t).to(emb.dtype)
     with torch.no_grad():
-        conds = _stage_conditionings(model, emb, steps, guidance, spacing)
+        field = GuidedField(model.network, emb, gammas, precision=precision)
+        parts = []
         for start in range(0, m, per_chunk):
-            parts.append(_rk4_chunk(model, x[:, start : start + per_chunk], conds, steps))
+            chunk = x[:, start : start + per_chunk].detach()
+            parts.append(_rk4_log_prob(model, chunk, field, ts, rates))
     return torch.cat(parts, dim=1)
+
+
+def sample_with_log_density(
+    model,
+    emb: torch.Tensor,
+    num_samples: int,
+    steps: int = 16,
+    solver: str = "midpoint",
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unguided samples of a sphere model and log p at each, in one pass.
+
+    emb (B, D) -> (samples (B, N, 3) unit vectors, log p (B, N) natural log per steradian). The
+    sampler integrates noise -> data with ``steps`` steps of ``solver`` and carries
+    d log p / d gamma = -div v with the same tableau, so log p is exact up to the solver's
+    discretisation (second order for midpoint/Heun), with no randomness beyond the samples.
+    ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
+    """
+    if model.geometry is not SPHERE:
+        raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
+    if solver not in TABLEAUS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {sorted(TABLEAUS)}")
+    tableau = TABLEAUS[solver]
+    x0 = model._prepare_noise(emb, num_samples, noise, generator)
+    gammas = model.sampling_levels(steps, emb)
+    levels = stage_levels(gammas, tableau)
+    field = GuidedField(model.network, emb, levels, precision=precision)
+
+    def velocity(z: torch.Tensor, node: int, with_divergence: bool):
+        if with_divergence:
+            return field_and_divergence(model, z, field, node, levels[node])
+        return model.velocity_from_output(z, field.output(z, node), levels[node]), None
+
+    with torch.no_grad():
+        x, delta = integrate(velocity, x0, gammas, tableau, SPHERE, with_log_density=True)
+    return x, model.base_log_prob(x0) + delta
 
 
 def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):
@@ -138,49 +192,23 @@ def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "m
     return ts
 
 
-def _stage_conditionings(model, emb, steps, guidance, spacing="mixed"):
-    """Condition paths at every RK4 stage time, computed once and shared by all points."""
-    t_end = _t_end(model)
-    ts = integration_grid(model.schedule, steps, t_end, spacing)
-    out = []
-    for i in range(steps):
-        t0, t1 = ts[i], ts[i + 1]
-        stage = []
-        for t in (t0, (t0 + t1) / 2, t1):
-            gamma = model.schedule.signal_level(t).to(emb.dtype)
-            dgamma = model.schedule.signal_level_derivative(t).to(emb.dtype)
-            cond, null = model.conditionings(emb, gamma, guidance)
-            if null is not None:
-                cond = _guided_conditioning(cond, null, guidance)
-            stage.append((cond, gamma, dgamma))
-        out.append((float(t1 - t0), stage))
-    return out
-
-
-def _guided_conditioning(cond, null, guidance):
-    raise NotImplementedError(
-        "log-likelihoods are defined for the unguided model (guidance 0), as in the paper"
-    )
-
-
-def _rk4_chunk(model, x, conds, steps) -> torch.Tensor:
-    x = x.detach()
+def _rk4_log_prob(model, x, field: GuidedField, ts: torch.Tensor, rates: torch.Tensor):
+    """RK4 from data (t = 0) to noise along ts; stage s of step i uses node 3 i + s."""
     delta = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     retract = project_to_sphere if model.density_space == "sphere" else (lambda z: z)
 
-    def f(z, stage):
-        cond, gamma, dgamma = stage
-        v, div = _field_and_divergence(model, z, cond, gamma)
-        return dgamma * v, dgamma * div
+    def f(z, node):
+        v, div = field_and_divergence(model, z, field, node, field.gammas[node])
+        return rates[node] * v, rates[node] * div
 
-    with torch.no_grad():
-        for h, (s0, smid, s1) in conds:
-            k1, d1 = f(x, s0)
-            k2, d2 = f(retract(x + 0.5 * h * k1), smid)
-            k3, d3 = f(retract(x + 0.5 * h * k2), smid)
-            k4, d4 = f(retract(x + h * k3), s1)
-            x = retract(x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4))
-            delta = delta + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+    for i in range(len(ts) - 1):
+        h = float(ts[i + 1] - ts[i])
+        k1, d1 = f(x, 3 * i)
+        k2, d2 = f(retract(x + 0.5 * h * k1), 3 * i + 1)
+        k3, d3 = f(retract(x + 0.5 * h * k2), 3 * i + 1)
+        k4, d4 = f(retract(x + h * k3), 3 * i + 2)
+        x = retract(x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4))
+        delta = delta + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
     return model.base_log_prob(x) + delta
 
 
@@ -201,10 +229,10 @@ def log_prob_adaptive(
 
     def rhs(t, state):
         z = state[..., :3].reshape(b, m, 3)
-        gamma = model.schedule.signal_level(t).to(x.dtype)
+        gamma = model.schedule.signal_level(t).to(x.dtype).reshape(1)
         dgamma = model.schedule.signal_level_derivative(t).to(x.dtype)
-        cond = model.network.condition(emb, gamma)
-        v, div = _field_and_divergence(model, z, cond, gamma)
+        field = GuidedField(model.network, emb, gamma)
+        v, div = field_and_divergence(model, z, field, 0, gamma[0])
         return torch.cat([dgamma * v, (dgamma * div)[..., None]], -1)
 
     state0 = torch.cat([x, torch.zeros(b, m, 1, dtype=x.dtype, device=x.device)], -1)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globeflow.core.packed_linear import PackedLinear, linear, pack
+
 LAYER_NORM_EPS = 1e-5
 TIME_SCALE = 1000.0
 """The published networks embed gamma * 1000."""
@@ -63,15 +65,31 @@ class AdaLNBlock(nn.Module):
         """(..., dim) condition -> (..., 3 dim) packed (g, m, s)."""
         return self.ada_map(cond)
 
-    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        layers: tuple[PackedLinear, PackedLinear] | None = None,
+    ) -> torch.Tensor:
+        """x (..., dim) residual stream; modulation (..., 3 dim) packed (g, m, s).
+
+        ``layers``: the MLP's two linear layers prepared for inference
+        (:meth:`Denoiser.inference_layers`), possibly in bfloat16; the residual stream,
+        LayerNorm and modulation stay in the stream's dtype.
+        """
         g, m, s = modulation.chunk(3, dim=-1)
         h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-        out = self.mlp(torch.addcmul(m, h, 1 + g))
+        a = torch.addcmul(m, h, 1 + g)
+        if layers is None:
+            out = self.mlp(a)
+        else:
+            lin1, lin2 = layers
+            z = linear(a.to(lin1.weight.dtype), lin1, gelu=True)
+            out = linear(z, lin2).to(x.dtype)
         if torch.is_grad_enabled():
             return x + out * s
         # Inference: reuse the MLP's output buffer instead of allocating two more (B, N, dim)
-        # tensors per block (fresh large CPU allocations page-fault on first touch). Same
-        # operations in the same order, so bit-identical results.
+        # tensors per block (fresh large CPU allocations page-fault on first touch).
         return out.mul_(s).add_(x)
 
 
@@ -90,23 +108,40 @@ def _layer_norm_jvp(x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, to
     return y, dy
 
 
+def _without_bias(layer: PackedLinear) -> PackedLinear:
+    return PackedLinear(layer.weight, None, layer.packed, layer.out_features)
+
+
 @dataclass
 class Conditioning:
     """The cached condition path for a batch of (embedding, gamma) pairs.
 
-    ``blocks[i]`` is the packed (g, m, s) modulation of block i, shape (B, 1, 3 dim); ``final`` the
-    packed (g, m) of the output layer, (B, 1, 2 dim). The singleton axis broadcasts over samples.
+    ``blocks[i]`` is the packed (g, m, s) modulation of block i, shape (*lead, B, 1, 3 dim);
+    ``final`` the packed (g, m) of the output layer, (*lead, B, 1, 2 dim). The singleton axis
+    broadcasts over samples; the optional leading axes index signal levels (see
+    :meth:`Denoiser.condition_grid` and :meth:`at`).
     """
 
     blocks: list[torch.Tensor]
     final: torch.Tensor
 
     @staticmethod
-    def cat(items: list[Conditioning]) -> Conditioning:
-        """Concatenate along the batch axis."""
+    def cat(items: list[Conditioning], dim: int = 0) -> Conditioning:
+        """Concatenate along an axis (default: the first, the batch axis of an ungridded one)."""
         return Conditioning(
-            blocks=[torch.cat(parts, 0) for parts in zip(*(c.blocks for c in items))],
-            final=torch.cat([c.final for c in items], 0),
+            blocks=[torch.cat(parts, dim) for parts in zip(*(c.blocks for c in items))],
+            final=torch.cat([c.final for c in items], dim),
+        )
+
+    def at(self, index: int) -> Conditioning:
+        """The conditioning at one signal level of a grid (drops the leading axis)."""
+        return Conditioning(blocks=[b[index] for b in self.blocks], final=self.final[index])
+
+    def expand_batch(self, batch: int) -> Conditioning:
+        """Broadcast a batch-1 conditioning (*lead, 1, 1, C) to ``batch`` rows (views)."""
+        return Conditioning(
+            blocks=[b.expand(*b.shape[:-3], batch, *b.shape[-2:]) for b in self.blocks],
+            final=self.final.expand(*self.final.shape[:-3], batch, *self.final.shape[-2:]),
         )
 
 
@@ -143,41 +178,84 @@ class Denoiser(nn.Module):
         """Condition path for embeddings (B, cond_dim) at signal levels gamma (B,) or scalar."""
         gamma = torch.as_tensor(gamma, dtype=emb.dtype, device=emb.device).expand(emb.shape[0])
         cond = self.cond_mapper(emb) + self.time_embedder(gamma)
-        blocks = [block.modulation(cond)[:, None, :] for block in self.blocks]
-        return Conditioning(blocks=blocks, final=self.final_adaln(cond)[:, None, :])
+        return self._modulations(cond[:, None, :])
 
-    def forward_conditioned(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3)."""
+    def condition_grid(self, emb: torch.Tensor, gammas: torch.Tensor) -> Conditioning:
+        """Condition paths of embeddings (B, cond_dim) at every signal level of gammas (S,), in
+        one batched pass: a Conditioning with leading axis S (select one with ``.at(i)``)."""
+        gammas = torch.as_tensor(gammas, dtype=emb.dtype, device=emb.device).reshape(-1)
+        cond = self.cond_mapper(emb)[None] + self.time_embedder(gammas)[:, None]
+        return self._modulations(cond[:, :, None, :])
+
+    def _modulations(self, cond: torch.Tensor) -> Conditioning:
+        blocks = [block.modulation(cond) for block in self.blocks]
+        return Conditioning(blocks=blocks, final=self.final_adaln(cond))
+
+    def inference_layers(self, precision: str = "fp32") -> list[tuple[PackedLinear, PackedLinear]]:
+        """Every block's two MLP layers prepared for inference, [(lin1, lin2)]: cast to bf16
+        for ``precision="bf16"`` (else the parameters' dtype) and prepacked where oneDNN runs.
+
+        Cached: rebuilt only when a parameter changed (training steps and ``load_state_dict``
+        bump the parameters' version counters) or moved.
+        """
+        params = [p for block in self.blocks for p in block.mlp.parameters()]
+        dtype = torch.bfloat16 if precision == "bf16" else params[0].dtype
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        if cache.get(precision, (None,))[0] != key:
+            layers = [(pack(b.mlp[0], dtype), pack(b.mlp[3], dtype)) for b in self.blocks]
+            cache[precision] = (key, layers)
+        return cache[precision][1]
+
+    def forward_conditioned(
+        self, y: torch.Tensor, cond: Conditioning, precision: str = "fp32"
+    ) -> torch.Tensor:
+        """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3).
+
+        Without autograd the blocks run on :meth:`inference_layers`; ``precision="bf16"`` runs
+        their matrix products in bfloat16 (float32 accumulation, residual stream, LayerNorm and
+        output layer).
+        """
+        layers = [None] * len(self.blocks)
+        if not torch.is_grad_enabled():
+            layers = self.inference_layers(precision)
         x = self.initial_mapper(y)
-        for block, modulation in zip(self.blocks, cond.blocks):
-            x = block(x, modulation)
+        for block, modulation, lin in zip(self.blocks, cond.blocks, layers):
+            x = block(x, modulation, lin)
         g, m = cond.final.chunk(2, dim=-1)
         h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
         return self.final_linear(torch.addcmul(m, h, 1 + g))
 
     def forward_with_jvp(
-        self, y: torch.Tensor, tangents: torch.Tensor, cond: Conditioning
+        self,
+        y: torch.Tensor,
+        tangents: torch.Tensor,
+        cond: Conditioning,
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and Jacobian-vector products in one pass (hand-written forward mode).
 
         y (B, N, 3) points, tangents (K, B, N, 3) input directions -> (output (B, N, 3),
         J @ tangents (K, B, N, 3)). The primal and its K tangents go through every linear layer as
-        one stacked matrix product, which is what makes exact divergences cheap.
+        one stacked matrix product, which is what makes exact divergences cheap. ``precision``
+        as in :meth:`forward_conditioned` (bf16 only inside the blocks' matrix products).
         """
+        layers = self.inference_layers(precision)
         w_in = self.initial_mapper.weight
         x = self.initial_mapper(y)
         dx = tangents @ w_in.T
-        for block, modulation in zip(self.blocks, cond.blocks):
+        for (lin1, lin2), modulation in zip(layers, cond.blocks):
             g, m, s = modulation.chunk(3, dim=-1)
             h, dh = _layer_norm_jvp(x, dx)
             h, dh = torch.addcmul(m, h, 1 + g), dh * (1 + g)
-            lin1, lin2 = block.mlp[0], block.mlp[3]
-            z = torch.cat([h[None], dh]) @ lin1.weight.T
-            z0 = z[0] + lin1.bias
+            # The primal and its tangents as one stacked matrix product per layer; the GELU
+            # is applied by hand because its derivative needs the pre-activation.
+            z = linear(torch.cat([h[None], dh]).to(lin1.weight.dtype), _without_bias(lin1))
+            z0 = (z[0] + lin1.bias).to(x.dtype)
             phi = torch.exp(-0.5 * z0**2) * _INV_SQRT_2PI
             cdf = 0.5 * (1.0 + torch.erf(z0 * _INV_SQRT_2))
             a = torch.cat([(z0 * cdf)[None], z[1:] * (cdf + z0 * phi)])
-            o = a @ lin2.weight.T
+            o = linear(a.to(lin2.weight.dtype), _without_bias(lin2)).to(x.dtype)
             x = torch.addcmul(x, o[0] + lin2.bias, s)
             dx = dx + o[1:] * s
         g, m = cond.final.chunk(2, dim=-1)

@@ -37,11 +37,15 @@ def unit_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
 
 
 def project_to_sphere(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Radial projection of (..., 3) vectors onto S^2 (the zero vector maps to the north pole)."""
+    """Radial projection of (..., 3) vectors onto S^2 (the zero vector maps to the north pole;
+    vectors holding NaN or inf, or so large that their norm overflows, give NaN, so that callers
+    can tell them from an answer)."""
     norm = x.norm(dim=-1, keepdim=True)
+    # An overflowed norm would scale finite vectors to zero, and zero means the north pole.
+    norm = norm.masked_fill(norm.isinf(), math.nan)
     north = torch.zeros_like(x)
     north[..., 2] = 1.0
-    return torch.where(norm > eps, x / norm.clamp_min(eps), north)
+    return torch.where(norm <= eps, north, x / norm.clamp_min(eps))
 
 
 def project_to_tangent(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,22 @@ def exp_map(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     safe = norm.clamp_min(1e-12)
     sinc = torch.where(norm > 1e-6, torch.sin(safe) / safe, 1.0 - norm**2 / 6.0)
     return project_to_sphere(torch.cos(norm) * x + sinc * v)
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate points x (..., 3) by rotation vectors (..., 3): about the axis rotation / |rotation|
+    by |rotation| radians (Rodrigues' formula). For a tangent v at unit x, rotate(x, x cross v)
+    equals exp_map(x, v); a rotation vector is also valid at points other than the one it was
+    computed at, which is what the Lie-group ODE solvers of :mod:`globeflow.core.solvers` use."""
+    angle = rotation.norm(dim=-1, keepdim=True)
+    safe = angle.clamp_min(1e-12)
+    # sin(a)/a and (1 - cos(a))/a^2 with their series near 0.
+    small = angle < 1e-4
+    sinc = torch.where(small, 1.0 - angle**2 / 6.0, torch.sin(safe) / safe)
+    cosc = torch.where(small, 0.5 - angle**2 / 24.0, (1.0 - torch.cos(safe)) / safe**2)
+    cross = torch.linalg.cross(rotation, x, dim=-1)
+    along = (rotation * x).sum(-1, keepdim=True) * rotation
+    return project_to_sphere(x + sinc * cross + cosc * (along - angle**2 * x))
 
 
 def log_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

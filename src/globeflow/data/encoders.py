@@ -134,6 +134,13 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
+class UnknownEncoderError(ValueError, KeyError):
+    """No encoder is registered under the requested name (a KeyError for older callers)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def register_encoder(
     name: str, factory: Callable[..., Encoder], description: str = "", **defaults: Any
 ) -> None:
@@ -151,7 +158,9 @@ def get_encoder(name: str | None = None, **kwargs: Any) -> Encoder:
     the registered defaults (e.g. ``path=`` a local directory for the hub encoders)."""
     name = name or DEFAULT_ENCODER
     if name not in _REGISTRY:
-        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownEncoderError(
+            f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
     entry = _REGISTRY[name]
     enc = entry.factory(**{**entry.defaults, **kwargs})
     enc.name = name

@@ -112,9 +112,25 @@ class EvaluationReport:
         if self.settings:
             lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in self.settings.items()]
+        if self.skipped:
+            lines += ["", f"Left out by the dataset reader: {_skipped_text(self.skipped)}."]
         if self.errors:
             lines += ["", f"{len(self.errors)} image(s) could not be evaluated (see summary.json)."]
         return "\n".join(lines) + "\n"
+
+    def why_empty(self) -> str:
+        """Why no record was evaluated, in one line: records skipped by reason, and failures."""
+        parts = [_skipped_text(self.skipped)] if self.skipped else []
+        if self.errors:
+            first = self.errors[0]
+            parts.append(
+                f"{len(self.errors)} could not be read, first {first['path']}: {first['error']}"
+            )
+        return "; ".join(parts) or "the dataset holds no records"
+
+
+def _skipped_text(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} skipped ({reason})" for reason, n in skipped.items())
 
 
 _METRIC_LABELS = {
@@ -333,7 +349,7 @@ def _batches(
                 kept.append(r)
             except Exception as exc:  # noqa: BLE001 - a bad image is reported, not fatal
                 errors.append(
-                    {"id": r.id, "path": str(r.path), "error": f"{type(exc).__name__}: {exc}"}
+                    {"id": r.id, "path": r.path or "", "error": f"{type(exc).__name__}: {exc}"}
                 )
         if not kept:
             return None
@@ -401,6 +417,7 @@ def evaluate(
     thresholds_km: Sequence[float] = M.DEFAULT_THRESHOLDS_KM,
     prdc_k: int = 3,
     progress: bool = True,
+    model_name: str | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` on a dataset and compute every metric of the paper.
 
@@ -427,6 +444,7 @@ def evaluate(
         thresholds_km: accuracy thresholds in km.
         prdc_k: neighbourhood size of precision / recall / density / coverage.
         progress: show a progress bar on stderr.
+        model_name: how the report names the model (its path or hub id; default: its class).
 
     Returns:
         An :class:`EvaluationReport`; call ``.write(out_dir)`` for the files.
@@ -554,8 +572,8 @@ def evaluate(
     )
     summary["n_errors"] = len(errors)
     settings = {
-        "model": type(model).__name__,
-        "encoder": type(encoder).__name__ if encoder is not None else None,
+        "model": model_name or type(model).__name__,
+        "encoder": None if encoder is None else getattr(encoder, "name", type(encoder).__name__),
         "dataset": str(dataset.path) if dataset is not None else None,
         "dataset_kind": dataset.kind if dataset is not None else None,
         "num_samples": num_samples,

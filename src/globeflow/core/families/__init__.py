@@ -1,6 +1,11 @@
 """Generative families behind one interface (:class:`GeoModel`)."""
 
-from globeflow.core.families.base import DenoisingModel, GeoModel, effective_area_km2
+from globeflow.core.families.base import (
+    DenoisingModel,
+    GeoModel,
+    NonFiniteOutputError,
+    effective_area_km2,
+)
 from globeflow.core.families.diffusion import Diffusion
 from globeflow.core.families.flow import FlowMatching
 from globeflow.core.families.riemannian_flow import RiemannianFlowMatching
@@ -18,5 +23,6 @@ __all__ = [
     "FlowMatching",
     "Diffusion",
     "DENOISING_FAMILIES",
+    "NonFiniteOutputError",
     "effective_area_km2",
 ]

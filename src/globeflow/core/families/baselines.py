@@ -165,7 +165,15 @@ class UniformSphere(GeoModel):
         return torch.tensor(-LOG_UNIFORM_DENSITY, dtype=x0.dtype, device=x0.device)
 
     def sample_unit(
-        self, emb, num_samples=64, steps=32, guidance=0.0, noise=None, generator=None, solver=None
+        self,
+        emb,
+        num_samples=64,
+        steps=32,
+        guidance=0.0,
+        noise=None,
+        generator=None,
+        solver=None,
+        precision="fp32",
     ):
         g = torch.randn(
             emb.shape[0], num_samples, 3, generator=generator, dtype=emb.dtype, device=emb.device
@@ -183,7 +191,8 @@ class UniformSphere(GeoModel):
 class VonMisesFisherMixture(GeoModel):
     """p(x | c) = sum_k pi_k(c) vMF(x; mu_k(c), kappa_k(c)), parameters from an MLP of c.
 
-    ``steps``, ``guidance``, ``solver`` and ``noise`` of the GeoModel API are accepted and ignored.
+    ``steps``, ``guidance``, ``solver``, ``precision`` and ``noise`` of the GeoModel API are
+    accepted and ignored.
     """
 
     family = "vmf-mixture"
@@ -232,7 +241,15 @@ class VonMisesFisherMixture(GeoModel):
         return -self.log_prob_unit(x0[:, None, :], emb).mean()
 
     def sample_unit(
-        self, emb, num_samples=64, steps=32, guidance=0.0, noise=None, generator=None, solver=None
+        self,
+        emb,
+        num_samples=64,
+        steps=32,
+        guidance=0.0,
+        noise=None,
+        generator=None,
+        solver=None,
+        precision="fp32",
     ):
         with torch.no_grad():
             log_w, mu, kappa = self.parameters_for(emb)
@@ -307,7 +324,15 @@ class VonMisesFisher(GeoModel):
         return -self.log_prob_unit(x0[:, None, :], emb).mean()
 
     def sample_unit(
-        self, emb, num_samples=64, steps=32, guidance=0.0, noise=None, generator=None, solver=None
+        self,
+        emb,
+        num_samples=64,
+        steps=32,
+        guidance=0.0,
+        noise=None,
+        generator=None,
+        solver=None,
+        precision="fp32",
     ):
         with torch.no_grad():
             mu, kappa = self.parameters_for(emb)

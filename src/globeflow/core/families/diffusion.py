@@ -19,8 +19,10 @@ class Diffusion(DenoisingModel):
 
     family = "diffusion"
     density_space = "euclidean"
+    published_solver = "ddim"
     default_solver = "ddim"
-    solvers = ("ddim", "euler", "heun")
+    # No stage at gamma = 1, where the eps-parameterised velocity is singular.
+    solvers = ("ddim", "midpoint")
 
     def noising_path(self, x0, eps, gamma):
         g = gamma[:, None]

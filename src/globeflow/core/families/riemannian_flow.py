@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from globeflow.core.families.base import DenoisingModel
+from globeflow.core.solvers import SPHERE
 from globeflow.core.sphere import (
     LOG_UNIFORM_DENSITY,
     angle_between,
@@ -43,7 +44,7 @@ class RiemannianFlowMatching(DenoisingModel):
 
     family = "rfm"
     density_space = "sphere"
-    retract = staticmethod(project_to_sphere)
+    geometry = SPHERE
 
     def training_noise(self, x0, generator):
         return sample_uniform_sphere(

@@ -1,0 +1,195 @@
+"""End to end, as users run it: cold ``globeflow`` processes at default settings.
+
+- ``embed`` (encoder only) and ``predict`` (encoder + model + answers) on the same photos,
+  photos/s each and the ratio (target: predict >= 50% of embed);
+- ``serve`` at concurrency 8 (one photo per request, ``--requests`` in all): requests/s and p50
+  latency (target: >= 4x the 0.53 req/s of globeflow before this work);
+- ``globeflow --help`` wall time (target < 0.5 s);
+- with ``--baseline-ref REF`` the same commands of an older globeflow (a git ref of this
+  repository, checked out to a temporary worktree and run from its source tree with this
+  environment) in the same run, interleaved, for in-run ratios.
+- ``--busy`` adds a scenario with one CPU-bound process running beside (as on a shared 2-core
+  machine).
+
+Photos: the bundled model's validation photos from ../shared/data (``--photos`` of them),
+else the example photos repeated.
+
+    python benchmarks/throughput.py --baseline-ref 17e6921 --busy --out out/bench/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, busy_process, machine, print_table, validation_photos, write_json
+
+
+def photo_folder(n: int, root: Path) -> Path:
+    """A folder of n photos (copied)."""
+    folder = root / "photos"
+    folder.mkdir()
+    sources = [p for p, _, _ in validation_photos()] or sorted((REPO / "examples").glob("*.jpg"))
+    for i in range(n):
+        src = sources[i % len(sources)]
+        shutil.copy(src, folder / f"{i:04d}_{src.name}")
+    return folder
+
+
+class Globeflow:
+    """Runs a globeflow checkout's command line (this one, or an older source tree)."""
+
+    def __init__(self, name: str, src: Path | None = None):
+        self.name, self.src = name, src
+        self.env = dict(os.environ)
+        if src is not None:
+            self.env["PYTHONPATH"] = str(src)
+
+    @property
+    def module(self) -> str:
+        old_layout = self.src is not None and (self.src / "globeflow" / "cli.py").exists()
+        return "globeflow.cli" if old_layout else "globeflow.apps.cli"
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", self.module, *args]
+
+    def run(self, *args: str) -> float:
+        start = time.perf_counter()
+        subprocess.run(self.command(*args), env=self.env, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def server(gf: Globeflow):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        gf.command("serve", "--port", str(port)),
+        env=gf.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def serve_load(url: str, photos: list[Path], concurrency: int) -> dict:
+    import httpx
+
+    def one(path: Path) -> float:
+        start = time.perf_counter()
+        with httpx.Client(timeout=600) as client:
+            r = client.post(f"{url}/v1/locate", files={"file": (path.name, path.read_bytes())})
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    one(photos[0])  # warm-up
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, photos))
+    wall = time.perf_counter() - start
+    return {"req_per_s": len(photos) / wall, "p50_s": statistics.median(latencies)}
+
+
+def measure(gf: Globeflow, folder: Path, work: Path, requests: int, concurrency: int) -> dict:
+    photos = sorted(folder.iterdir())
+    n = len(photos)
+    store = work / f"{gf.name}-emb.parquet"
+    shutil.rmtree(store, ignore_errors=True)
+    embed_s = gf.run("embed", str(folder), "-o", str(store), "--no-progress")
+    predict_s = gf.run(
+        "predict", str(folder), "--json", str(work / f"{gf.name}.json"), "--no-progress"
+    )
+    help_s = statistics.median(gf.run("--help") for _ in range(5))
+    with server(gf) as url:
+        served = serve_load(url, photos[:requests], concurrency)
+    return {
+        "embed_photos_per_s": n / embed_s,
+        "predict_photos_per_s": n / predict_s,
+        "predict_over_embed": embed_s / predict_s,
+        "serve_req_per_s": served["req_per_s"],
+        "serve_p50_s": served["p50_s"],
+        "help_s": help_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--photos", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--baseline-ref", default=None, help="git ref of an older globeflow")
+    ap.add_argument("--busy", action="store_true", help="also measure beside a busy process")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    report = {"machine": machine(), "settings": vars(args), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = photo_folder(args.photos, work)
+        versions = [Globeflow("current")]
+        if args.baseline_ref:
+            tree = work / "baseline"
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(REPO),
+                    "worktree",
+                    "add",
+                    "--detach",
+                    str(tree),
+                    args.baseline_ref,
+                ],
+                check=True,
+                capture_output=True,
+            )
+            versions.append(Globeflow(f"baseline {args.baseline_ref}", tree / "src"))
+        scenarios = ["idle"] + (["busy"] if args.busy else [])
+        try:
+            for scenario in scenarios:
+                ctx = busy_process() if scenario == "busy" else contextlib.nullcontext()
+                with ctx:
+                    for gf in versions:
+                        row = measure(gf, folder, work, args.requests, args.concurrency)
+                        row.update(version=gf.name, scenario=scenario, load=os.getloadavg()[0])
+                        report["runs"].append(row)
+                        print(row, flush=True)
+        finally:
+            if args.baseline_ref:
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                    capture_output=True,
+                )
+    columns = ["scenario", "version", "embed_photos_per_s", "predict_photos_per_s"]
+    columns += ["predict_over_embed", "serve_req_per_s", "serve_p50_s", "help_s", "load"]
+    print_table(report["runs"], columns)
+    report["machine_after"] = machine()
+    write_json(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

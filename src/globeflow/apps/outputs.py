@@ -1,0 +1,110 @@
+"""Where the command line writes: output paths checked before any work, one name per photo.
+
+Photo labels are paths relative to the folder all inputs share (``a/photo.jpg``), so that rows of
+the table and map files of same-named photos in different folders stay apart and lead back to
+their input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["OutputPathError", "check_output_paths", "photo_labels", "map_file_names"]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written as asked (the message names option and path)."""
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path(path.absolute().anchor)
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """The folders above ``path`` exist or can be created, and the nearest one is writable."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: {ancestor} is not writable")
+
+
+def _check_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {path}: the file is not writable")
+    _check_creatable(path, option)
+
+
+def _check_folder(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a file, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{option} {path}: the folder is not writable")
+        return
+    _check_creatable(path, option)
+
+
+def check_output_paths(
+    files: Mapping[str, Path | None] | None = None,
+    folders: Mapping[str, Path | None] | None = None,
+) -> None:
+    """Raise :class:`OutputPathError` unless every given output can be written.
+
+    ``files`` and ``folders`` map an option name (``"--json"``) to its path (``None``: not
+    asked for). Two options may not name the same path.
+    """
+    seen: dict[Path, str] = {}
+    for kind, paths in (("file", files or {}), ("folder", folders or {})):
+        for option, path in paths.items():
+            if path is None:
+                continue
+            (_check_file if kind == "file" else _check_folder)(path, option)
+            key = path.absolute()
+            if key in seen:
+                raise OutputPathError(f"{seen[key]} and {option} both write to {path}")
+            seen[key] = option
+
+
+def photo_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One unique label per photo: its path relative to the folder all photos share, with
+    ``" (2)"``, ``" (3)"`` ... after repeats of the same path."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    if not absolute:
+        return []
+    try:
+        root = Path(os.path.commonpath([p.parent for p in absolute]))
+    except ValueError:  # no shared folder (different drives): keep the full paths
+        root = None
+    labels, counts = [], {}
+    for p in absolute:
+        label = (p.relative_to(root) if root else p).as_posix()
+        counts[label] = counts.get(label, 0) + 1
+        labels.append(label if counts[label] == 1 else f"{label} ({counts[label]})")
+    return labels
+
+
+_UNSAFE = re.compile(r"[^\w.\- ()]")
+
+
+def map_file_names(labels: Sequence[str]) -> list[str]:
+    """A PNG file name per label (``a/photo.jpg`` -> ``a__photo.jpg.png``), unique even on
+    case-insensitive file systems."""
+    names, taken = [], set()
+    for label in labels:
+        stem = _UNSAFE.sub("_", label.replace("/", "__"))
+        name, n = f"{stem}.png", 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name.lower())
+        names.append(name)
+    return names
