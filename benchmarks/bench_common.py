@@ -43,43 +43,77 @@ def uptime() -> str:
         return ""
 
 
-def matmul_gflops(
-    dtype: torch.dtype, rows: int = 4096, inner: int = 512, cols: int = 2048, seconds: float = 0.5
-) -> float:
-    """Measured rate of (rows, inner) @ (inner, cols) products in GFLOP/s (2 FLOPs per
-    multiply-add), median over ~``seconds`` of repetitions, with the current thread count.
+GEMM_SHAPE = (4096, 512, 2048)
+"""(rows, inner, cols) of the rate measurement: the first linear layer of a dim-512 AdaLN block
+on 4096 rows, the products that dominate sampling and likelihoods of the published-size
+network."""
 
-    The default shape is the first linear layer of a dim-512 AdaLN block on 4096 rows: the
-    products that dominate sampling and likelihoods of the published-size network.
-    """
+
+def _linear_runner(dtype: torch.dtype, kernel: str):
+    """A no-argument function running one (rows, inner) x (inner, cols) product, or None when
+    the kernel is not available here. "matmul": torch.matmul (MKL on CPU); "onednn": oneDNN on
+    a weight packed once (globeflow.core.packed_linear, what the network uses at inference)."""
+    rows, inner, cols = GEMM_SHAPE
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, inner, generator=g).to(dtype)
-    b = torch.randn(inner, cols, generator=g).to(dtype)
-    out = torch.empty(rows, cols, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up (lazy initialisation of the GEMM kernels)
+    x = torch.randn(rows, inner, generator=g).to(dtype)
+    layer = torch.nn.Linear(inner, cols, bias=False)
+    if kernel == "matmul":
+        w_t = layer.weight.detach().to(dtype).T.contiguous()
+        out = torch.empty(rows, cols, dtype=dtype)
+        return lambda: torch.matmul(x, w_t, out=out)
+    try:
+        from globeflow.core.packed_linear import linear, pack
+    except ImportError:
+        return None
+    packed = pack(layer, dtype)
+    return (lambda: linear(x, packed)) if packed.packed else None
+
+
+def linear_gflops(dtype: torch.dtype, kernel: str = "matmul", seconds: float = 0.5) -> float | None:
+    """Measured rate of the :data:`GEMM_SHAPE` product in GFLOP/s (2 FLOPs per multiply-add),
+    median over ~``seconds`` of repetitions with the current thread count; None when the
+    kernel is unavailable."""
+    run = _linear_runner(dtype, kernel)
+    if run is None:
+        return None
+    run()  # warm-up (lazy initialisation of the kernels)
+    rows, inner, cols = GEMM_SHAPE
     rates = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(rates) < 3:
         start = time.perf_counter()
-        torch.matmul(a, b, out=out)
+        run()
         rates.append(2.0 * rows * inner * cols / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
-def gemm_rates(seconds: float = 0.5) -> dict[str, float]:
-    """Matrix-product rate of this machine now, float32 and bfloat16 (GFLOP/s)."""
-    return {
-        "float32": matmul_gflops(torch.float32, seconds=seconds),
-        "bfloat16": matmul_gflops(torch.bfloat16, seconds=seconds),
-    }
+def gemm_rates(seconds: float = 0.5) -> dict[str, dict[str, float | None]]:
+    """Matrix-product rates of this machine now (GFLOP/s), float32 and bfloat16, per kernel and
+    the best of them ("peak")."""
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        kernels = {k: linear_gflops(dtype, k, seconds) for k in ("matmul", "onednn")}
+        out[name] = {**kernels, "peak": max(v for v in kernels.values() if v is not None)}
+    return out
+
+
+def _linear_pointwise_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return 2 * rows * x_shape[-1] * out_shape[-1]
 
 
 def count_flops(fn) -> int:
-    """FLOPs of the matrix products (mm, addmm, bmm, ...) that fn() runs, counted by torch's
-    FlopCounterMode; elementwise work is not counted, so this is a lower bound on the work."""
+    """FLOPs of the matrix products (mm, addmm, bmm, ..., oneDNN packed linears) that fn() runs,
+    counted by torch's FlopCounterMode; elementwise work is not counted, so this is a lower bound
+    on the work."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    extra = {}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        extra[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         fn()
     return int(counter.get_total_flops())
 
