@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.2
 """The policy may be at most this much slower than the best fixed variant (issue 8, item 6)."""
 WORKLOADS = {
-    "bundled": {"samples": 512, "steps": 32, "runs": 3},
-    "yfcc": {"samples": 256, "steps": 32, "guidance": 2.0, "runs": 1},
+    "bundled": {"samples": 512, "steps": 32, "runs": 7},
+    "yfcc": {"samples": 256, "steps": 32, "guidance": 2.0, "runs": 3},
 }
 BUSY_LOOPS = {
     "python": "while True:\n    pass\n",
@@ -103,7 +103,7 @@ def _worker(spec: dict) -> dict:
         "median_seconds": statistics.median(seconds),
         "threads": torch.get_num_threads(),
         "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "busy_cpus_seen": None if choice is None else choice.busy_cpus,
+        "threads_source": None if choice is None else choice.source,
         "samples": n,
         "guidance": guidance,
     }
@@ -158,7 +158,6 @@ def summarize(cells: dict) -> dict:
             "median_seconds": statistics.median(r["median_seconds"] for r in results),
             "per_rep_seconds": [r["median_seconds"] for r in results],
             "threads": [r["threads"] for r in results],
-            "busy_cpus_seen": [r["busy_cpus_seen"] for r in results],
         }
     fixed = {k: v["median_seconds"] for k, v in out.items() if k != "policy"}
     best = min(fixed, key=fixed.get)
@@ -235,7 +234,7 @@ def main(argv=None) -> int:
                 for name in names:
                     spec = {"workload": workload, "variant": name}
                     if args.quick:
-                        spec.update(samples=128, runs=2)
+                        spec.update(samples=128, runs=3)
                     with busy_process(kind):
                         result = run_worker(spec, args.timeout)
                     cells.setdefault(f"{workload}/{scenario}", {}).setdefault(name, [])
