@@ -122,16 +122,22 @@ def summarize(times: list[float], flops: int | None, rate_gflops: float | None) 
     return out
 
 
-def interleaved(runs: dict, reps: int, label: str, first_only: dict | None = None) -> dict:
-    """Time every run ``reps`` times, interleaved (load changes hit every method alike).
+def interleaved(
+    runs: dict, reps: int, label: str, first_only: dict | None = None
+) -> tuple[dict, dict]:
+    """Time every run ``reps`` times, interleaved (load changes hit every method alike), with
+    the machine's matrix-product rate measured before each repetition: this shared machine's
+    speed drifts by up to 2x within minutes, so a rate measured once is no ceiling.
 
     ``first_only[name] = k``: run ``name`` only in the first k repetitions (slow baselines).
-    Returns {name: ([seconds], last result)}.
+    Returns ({name: ([seconds], last result)}, {dtype: median peak GFLOP/s, "per_rep": [...]}).
     """
     first_only = first_only or {}
     times: dict[str, list[float]] = {k: [] for k in runs}
     results = {}
+    probes = []
     for rep in range(reps):
+        probes.append(gemm_rates(seconds=0.3))
         for name, fn in runs.items():
             if rep >= first_only.get(name, reps):
                 continue
@@ -140,11 +146,12 @@ def interleaved(runs: dict, reps: int, label: str, first_only: dict | None = Non
                 dt = results[name]["seconds"]  # a subprocess that timed itself
             times[name].append(dt)
             print(f"  {label} {name:24s} {dt:9.2f} s   load {loadavg()}", flush=True)
-    return {k: (times[k], results.get(k)) for k in runs}
+    rates = {dtype: statistics.median(p[dtype]["peak"] for p in probes) for dtype in probes[0]}
+    return {k: (times[k], results.get(k)) for k in runs}, {**rates, "per_rep": probes}
 
 
 # ---- sampling -----------------------------------------------------------------------------------
-def bench_sampling(model, emb, ref, ref_net, configs, rates, args) -> dict:
+def bench_sampling(model, emb, ref, ref_net, configs, args) -> dict:
     n, steps, w = args.samples, args.steps, args.guidance
     noise = sample_uniform_sphere((1, n), generator=torch.Generator().manual_seed(args.seed))
     runs = {}
@@ -157,8 +164,15 @@ def bench_sampling(model, emb, ref, ref_net, configs, rates, args) -> dict:
     if ref is not None:
         ref.sample(ref_net, emb, noise[0], 2, w)
 
-    timing = interleaved(runs, args.reps, "sampling")
-    report = {"samples": n, "steps": steps, "guidance": w, "repetitions": args.reps, "runs": {}}
+    timing, rates = interleaved(runs, args.reps, "sampling")
+    report = {
+        "samples": n,
+        "steps": steps,
+        "guidance": w,
+        "repetitions": args.reps,
+        "gemm_gflops": rates,
+        "runs": {},
+    }
     for name, (times, _) in timing.items():
         precision = "float32" if name == "authors" else precision_of(configs[name])
         flops = count_flops(runs[name])
@@ -188,7 +202,7 @@ def bench_sampling(model, emb, ref, ref_net, configs, rates, args) -> dict:
 
 
 # ---- log-likelihood -----------------------------------------------------------------------------
-def bench_loglik(model, emb, ref, net_dir, configs, rates, args) -> dict:
+def bench_loglik(model, emb, ref, net_dir, configs, args) -> dict:
     sizes = args.loglik_points
     points = {m: loglik_points(m) for m in sizes}
     allx = torch.cat([points[m] for m in sizes])[None]
@@ -214,8 +228,8 @@ def bench_loglik(model, emb, ref, net_dir, configs, rates, args) -> dict:
             runs[name] = partial(model.log_prob, latlon, emb, **kwargs)
             runs[name]()  # warm-up
         reps = max(args.reps, args.ref_loglik_reps)
-        timing = interleaved(runs, reps, f"log p M={m}", {"authors": args.ref_loglik_reps})
-        entry = {"runs": {}}
+        timing, rates = interleaved(runs, reps, f"log p M={m}", {"authors": args.ref_loglik_reps})
+        entry = {"gemm_gflops": rates, "runs": {}}
         for name, (times, result) in timing.items():
             if name == "authors":
                 lp = torch.tensor(result["log_prob"])
@@ -269,10 +283,12 @@ def print_table(report: dict) -> None:
     m = report["machine"]
     gemm = ", ".join(
         f"{dtype} " + " / ".join(f"{k} {_fmt(v, '.0f')}" for k, v in r.items())
-        for dtype, r in m["gemm_gflops"].items()
+        for dtype, r in m["gemm_gflops_at_start"].items()
     )
     print(f"\nthreads {m['threads']} ({m['omp_wait_policy']} wait), load {m['loadavg_start']}")
-    print(f" -> {m['loadavg_end']}; GEMM GFLOP/s: {gemm}")
+    print(f" -> {m['loadavg_end']}; GEMM GFLOP/s at start: {gemm}")
+    for key, rates in _workload_rates(report):
+        print(f"GEMM peak GFLOP/s during {key} (median of repetitions): {_rates_text(rates)}")
     print(
         "\n| workload | ours | authors s | ours s | ratio | ceiling ratio | ours % of peak "
         "| accuracy | target |"
@@ -317,6 +333,17 @@ def print_table(report: dict) -> None:
                     f"| exact log p, {m} points | authors vs our tight solve | | | | | "
                     f"| max {e['max']:.3f} nats (ambient trace) | |"
                 )
+
+
+def _workload_rates(report: dict):
+    if "sampling" in report:
+        yield "sampling", report["sampling"]["gemm_gflops"]
+    for m, entry in report.get("loglik", {}).get("by_points", {}).items():
+        yield f"log p M={m}", entry["gemm_gflops"]
+
+
+def _rates_text(rates: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in rates.items() if k != "per_rep")
 
 
 def _target(r: dict) -> str:
@@ -410,9 +437,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
     }
     print("measuring matrix-product rates", flush=True)
-    gemm = gemm_rates()
-    report["machine"]["gemm_gflops"] = gemm
-    rates = {dtype: r["peak"] for dtype, r in gemm.items()}
+    report["machine"]["gemm_gflops_at_start"] = gemm_rates()
     print(json.dumps(report, indent=1), flush=True)
     with tempfile.TemporaryDirectory(prefix="gf-vs-ref-") as tmp:
         net_dir = Path(tmp)
@@ -423,11 +448,11 @@ def main(argv=None) -> int:
         if not args.skip_sampling:
             print("sampling", flush=True)
             configs = _named_configs(SAMPLING_CONFIGS, args.sampling_config)
-            report["sampling"] = bench_sampling(model, emb, ref, ref_net, configs, rates, args)
+            report["sampling"] = bench_sampling(model, emb, ref, ref_net, configs, args)
         if not args.skip_loglik:
             print("exact log-likelihood", flush=True)
             configs = _named_configs(LOGLIK_CONFIGS, args.loglik_config)
-            report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, rates, args)
+            report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, args)
     report["machine"]["loadavg_end"] = loadavg()
     report["machine"]["uptime_end"] = uptime()
     emit(report, print_table, args.out)
