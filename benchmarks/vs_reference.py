@@ -305,6 +305,7 @@ def print_table(report: dict) -> None:
                 f"| sampling {s['samples']}x{s['steps']}, w={s['guidance']} | {name} "
                 f"({r['precision']}) | {_fmt(t_ref)} | {r['median_seconds']:.2f} "
                 f"| {_fmt(r.get('ratio'), '.2f', 'x')} "
+                f"(paired {_fmt(r.get('ratio_paired_median'), '.2f', 'x')}) "
                 f"| {_fmt(r.get('ceiling_ratio'), '.2f', 'x')} "
                 f"| {_fmt(100 * r.get('fraction_of_peak', 0), '.0f', '%')} "
                 f"| vs authors: median {_fmt(acc and acc['median'], '.3f')} km, "

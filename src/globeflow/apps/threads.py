@@ -7,12 +7,14 @@ forward + JVP pass of a small network took 135 ms with 2 threads against 17 ms w
 is what hurts, not the second thread. Measured with ``benchmarks/threads.py`` (docs/benchmarks.md),
 idle and beside a CPU-bound process, on the bundled model and the published-size network:
 
-* 2 spinning threads were 3-8x slower than the best setting whenever anything else ran;
-* 2 passive threads (sleep at once) were the best setting, or within noise of it, everywhere;
-  beside other processes they beat 1 thread by up to 2.4x (two threads get two shares of the
-  CPU and the idle-pull of the scheduler evens out the barrier);
-* choosing 1 thread when cores looked busy (/proc/stat) lost up to 2.4x for that reason, so
-  the load is not an input of the policy.
+* with anything else running, 2 spinning threads were 1.6-8x slower than the best setting
+  (single runs up to 37x);
+* 2 passive threads (they sleep at once) were the best setting or within 6% of it, except for
+  the small bundled model on a nearly idle machine, where spinning is 1.5-1.9x faster (its
+  parallel regions last about as long as a wake-up); no fixed setting is within 1.2x of the
+  best both idle and busy for that model, and passive waiting bounds the loss;
+* choosing 1 thread when cores looked busy (/proc/stat) lost 1.4-1.8x beside other processes
+  (two threads get two shares of the CPU), so the load is not an input of the policy.
 
 So the default is one thread per usable core (the CPU affinity, capped by a cgroup CPU quota,
 which torch itself ignores) with ``OMP_WAIT_POLICY=PASSIVE``. ``--threads N`` (N >= 1) and
