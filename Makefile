@@ -7,6 +7,11 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 # torch first, pinned: a bare or newer torch requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Index for torch alone. Empty: pip's configured index (where that already serves CPU wheels).
+# On CPU machines against the public index use PyTorch's CPU-only wheels:
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX = $(if $(strip $(TORCH_INDEX_URL)),--index-url $(strip $(TORCH_INDEX_URL)))
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: setup demo test test-fast lint bench browser clean
@@ -14,7 +19,7 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check --upgrade pip
-	$(PIP) install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PIP) install -q --disable-pip-version-check $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install -q --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 

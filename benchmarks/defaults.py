@@ -31,8 +31,14 @@ from globeflow.apps.pipeline import Locator
 from globeflow.core.sphere import haversine_km
 from globeflow.jobs.metrics import distance_metrics
 
-SAMPLES = (128, 256, 512, 1024)
-SOLVERS = (("euler", 16), ("euler", 32), ("midpoint", 4), ("midpoint", 8), ("midpoint", 16))
+SAMPLES = (256, 512, 1024)
+SOLVERS = (
+    ("euler", 32),
+    ("midpoint", 8),
+    ("lagged-midpoint", 4),
+    ("lagged-midpoint", 8),
+    ("lagged-midpoint", 16),
+)
 PRECISIONS = ("fp32", "bf16")
 
 

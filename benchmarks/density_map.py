@@ -1,14 +1,15 @@
 """A 1-degree global map (64,800 points) of the exact log-density of a paper-size network.
 
 Network: the published YFCC layout (36M parameters, random weights as in the authors' script).
-The map is :func:`globeflow.answers.density_map.model_log_density_map` at its defaults (RK4
-steps, bf16, coarse-to-fine refinement with a tolerance in nats). Reported:
+The map is :func:`globeflow.answers.density_map.model_log_density_map` at its defaults (16
+midpoint steps of the likelihood ODE, bf16, coarse-to-fine refinement with a tolerance in
+nats). Reported:
 
 - seconds for the whole map, and how many of the 64,800 nodes were solved exactly;
 - the baseline: the measured cost per exact point (same solver, same batch size) times 64,800,
   i.e. solving every node as the authors' ``compute_likelihood_grid`` does (with our solver);
 - accuracy: at ``--check`` random nodes, the map against exact values from the same solver
-  (interpolation error) and against a tight float32 solve (RK4, 64 steps; total error).
+  (interpolation error) and against a tight float32 solve (midpoint, 128 steps; total error).
 
     python benchmarks/density_map.py --out out/bench/density_map.json
 """
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--resolution", type=float, default=1.0)
     ap.add_argument("--tolerance", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--check", type=int, default=256, help="random nodes checked exactly")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     same = log_prob_ode(model, x, emb, steps=args.steps, precision=args.precision)[0].double()
     per_point = (time.perf_counter() - t0) / len(nodes)
-    tight = log_prob_ode(model, x[:, :32], emb, steps=64)[0].double()
+    tight = log_prob_ode(model, x[:, :32], emb, steps=128)[0].double()
     mapped = values.reshape(-1)[nodes]
     interpolated = ~exact.reshape(-1)[nodes]
 

@@ -3,8 +3,8 @@
 Localizability is E_p[log2 p(y | photo)], a Monte Carlo mean over the model's own samples.
 
 - ``ode`` (globeflow before this work): N samples with 32 Euler steps, then each sample's
-  log-density by the likelihood ODE (RK4, 32 steps, 2 JVPs per evaluation);
-- ``path``: one pass that samples with the midpoint solver and carries the log-density along
+  log-density by the likelihood ODE (here the current default solver at 32 steps);
+- ``path``: one pass that samples with a second-order solver and carries the log-density along
   the sampling path (:func:`globeflow.core.likelihood.sample_with_log_density`).
 
 For each estimator on the bundled model's validation photos: ms per photo at N samples, the
@@ -28,12 +28,14 @@ from _common import machine, print_table, validation_embeddings, write_json
 
 from globeflow.apps.pipeline import Locator
 
+LAGGED = {"method": "path", "solver": "lagged-midpoint"}
 ESTIMATORS = [
-    ("ode", {"method": "ode", "steps": 32, "likelihood_steps": 32}),
-    ("path midpoint 8 fp32", {"method": "path", "steps": 8}),
-    ("path midpoint 16 fp32", {"method": "path", "steps": 16}),
-    ("path midpoint 32 fp32", {"method": "path", "steps": 32}),
-    ("path midpoint 16 bf16", {"method": "path", "steps": 16, "precision": "bf16"}),
+    ("ode (before)", {"method": "ode", "steps": 32, "likelihood_steps": 32}),
+    ("path midpoint 16 fp32", {"method": "path", "solver": "midpoint", "steps": 16}),
+    ("path lagged-midpoint 8 fp32", {**LAGGED, "steps": 8}),
+    ("path lagged-midpoint 16 fp32", {**LAGGED, "steps": 16}),
+    ("path lagged-midpoint 32 fp32", {**LAGGED, "steps": 32}),
+    ("path lagged-midpoint 16 bf16 (default)", {**LAGGED, "steps": 16, "precision": "bf16"}),
 ]
 
 

@@ -2,8 +2,8 @@
 
 For each trained model every setting starts from the same noise as the reference (midpoint
 solver, 512 steps, float32), so the paired distance measures the solver's error directly
-(Euler is the authors' sampler on their time grid; midpoint and Heun run on the Runge-Kutta
-grid of ``DenoisingModel.sampling_levels``):
+(Euler is the authors' sampler on their time grid; midpoint, Heun and the lagged midpoint run on
+the grid of ``DenoisingModel.sampling_levels``):
 
 - ``paired km``: mean great-circle distance between a setting's samples and the reference's;
 - ``SW km``: sliced Wasserstein distance between the two sample sets (distributional);
@@ -30,6 +30,7 @@ from _common import machine, median_time, mp16_rfm, print_table, validation_embe
 
 from globeflow.answers.decode import best_guess
 from globeflow.apps.pipeline import Locator
+from globeflow.core.solvers import SOLVERS
 from globeflow.core.sphere import haversine_km, sample_uniform_sphere
 from globeflow.jobs.metrics import sliced_wasserstein_km
 
@@ -42,15 +43,18 @@ SETTINGS = [
     ("midpoint", 8, "fp32"),
     ("heun", 8, "fp32"),
     ("midpoint", 16, "fp32"),
+    ("lagged-midpoint", 8, "fp32"),
+    ("lagged-midpoint", 16, "fp32"),
     ("euler", 32, "bf16"),
     ("midpoint", 8, "bf16"),
-    ("midpoint", 16, "bf16"),
+    ("lagged-midpoint", 8, "bf16"),
+    ("lagged-midpoint", 16, "bf16"),
 ]
 REFERENCE = ("midpoint", 512, "fp32")
 
 
 def network_evaluations(solver: str, steps: int) -> int:
-    return steps * (1 if solver in ("euler", "ddim") else 2)
+    return SOLVERS[solver].evaluations(steps) if solver in SOLVERS else steps
 
 
 def compare(model, emb, noise, guidance, reps, per, with_guess) -> list[dict]:

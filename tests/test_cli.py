@@ -142,3 +142,13 @@ def test_evaluate_on_an_im2gps_style_csv(tmp_path, tiny_model_dir):
         else:
             assert summary[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
     assert (out / "summary.md").exists() and (out / "reliability.png").exists()
+
+
+def test_predict_shows_progress_while_drawing_maps(tmp_path, tiny_model_dir):
+    for i, color in enumerate([(200, 30, 30), (20, 90, 200), (40, 160, 60)]):
+        _photo(tmp_path / f"p{i}.jpg", color)
+    args = ["predict", str(tmp_path), "--model", str(tiny_model_dir), "--num-samples", "16"]
+    args += ["--steps", "2", "--map", str(tmp_path / "maps")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "drawing maps" in result.output and "3/3" in result.output

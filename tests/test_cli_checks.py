@@ -84,7 +84,10 @@ PREDICT_BAD = [
     (["--region-radius-km", "nan"], "--region-radius-km nan: must be"),
     (["--steps", "0"], "--steps 0: must be an integer in [1, 256]"),
     (["--top-k", "0"], "--top-k 0: must be an integer in [1, 100]"),
-    (["--solver", "rk45"], "--solver rk45: must be one of ddim, euler, heun, midpoint"),
+    (
+        ["--solver", "rk45"],
+        "--solver rk45: must be one of ddim, euler, heun, lagged-midpoint, midpoint",
+    ),
     (["--precision", "fp16"], "--precision fp16: must be one of fp32, bf16"),
     (["--localizability-samples", "-1"], "--localizability-samples -1: must be an integer in"),
 ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -69,7 +72,7 @@ def test_folder_with_good_and_corrupt(tmp_path: Path) -> None:
     expected = torch.tensor(_colour(11), dtype=torch.float32) / 255.0
     assert torch.allclose(t.embeddings[row].view(3, 4).mean(1), expected, atol=1e-5)
     assert t.encoder_name == "mean-colour" and torch.isnan(t.latlon).all()
-    with open(out.parent / "errors.csv", newline="") as fh:
+    with open(out / "_errors.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["path"].endswith("broken.jpg")
 
@@ -155,3 +158,72 @@ def test_collect_inputs_dedup_and_missing(tmp_path: Path) -> None:
     assert errors and errors[0][1] == "input not found"
     flat = collect_inputs([tmp_path], recursive=False)
     assert flat == []
+
+
+def test_two_stores_in_one_folder_keep_their_own_error_lists(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _make_photos(photos, 2)
+    (photos / "bad-a.png").write_bytes(b"garbage")
+    other = tmp_path / "other"
+    _make_photos(other, 1)
+    (other / "bad-b.png").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    a = embed_images([photos], MeanColourEncoder(), out / "a.parquet", progress=False)
+    b = embed_images(
+        [other, tmp_path / "missing"], MeanColourEncoder(), out / "b.parquet", progress=False
+    )
+    assert a.failed == 1 and b.failed == 2  # "input not found" counts as a failure
+    lists = {}
+    for name in ("a", "b"):
+        with open(out / f"{name}.parquet" / "_errors.csv", newline="") as fh:
+            lists[name] = sorted(Path(r["path"]).name for r in csv.DictReader(fh))
+    assert lists == {"a": ["bad-a.png"], "b": ["bad-b.png", "missing"]}
+    assert len(read_embeddings(out / "a.parquet")) == 2  # the error list is not a part
+
+
+def test_a_kill_before_the_first_part_keeps_rows_older_than_the_save_interval(
+    tmp_path: Path,
+) -> None:
+    """kill -9 (no cleanup runs) with the default 4,096-row parts, 4 photos per batch and a slow
+    encoder (12.5 s per batch on a simulated clock): rows are committed once they have waited
+    60 s, so the kill loses at most that much work."""
+    photos = tmp_path / "photos"
+    _make_photos(photos, 40)
+    out = tmp_path / "emb.parquet"
+    code = (
+        "import itertools, os, signal, sys, time\n"
+        "sys.path.insert(0, sys.argv[3])\n"
+        "from globeflow.jobs.embed import embed_images\n"
+        "from test_embed import MeanColourEncoder\n"
+        "clock = itertools.count(0.0, 12.5)\n"
+        "time.monotonic = lambda: next(clock)\n"
+        "class Dying(MeanColourEncoder):\n"
+        "    def forward_batch(self, x):\n"
+        "        if self.calls == 6:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return super().forward_batch(x)\n"
+        "embed_images([sys.argv[1]], Dying(), sys.argv[2], batch_size=4, progress=False)\n"
+    )
+    args = [sys.executable, "-c", code, str(photos), str(out), str(Path(__file__).parent)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    kept = read_embeddings(out)
+    assert len(kept) == 20  # 6 batches embedded; the first 5 committed at the 60 s mark
+    rep = embed_images([photos], MeanColourEncoder(), out, batch_size=4, progress=False)
+    assert rep.skipped_existing == 20 and rep.embedded == 20
+
+
+def test_decode_workers_give_the_store_of_inline_decoding(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _make_photos(photos, 9)
+    (photos / "bad.png").write_bytes(b"garbage")
+    reports = {}
+    for workers in (0, 3):
+        out = tmp_path / f"w{workers}.parquet"
+        reports[workers] = embed_images(
+            [photos], MeanColourEncoder(), out, batch_size=4, progress=False,
+            decode_workers=workers,
+        )  # fmt: skip
+    assert reports[0].errors == reports[3].errors and reports[3].embedded == 9
+    a, b = read_embeddings(tmp_path / "w0.parquet"), read_embeddings(tmp_path / "w3.parquet")
+    assert a.ids == b.ids and torch.equal(a.embeddings, b.embeddings)

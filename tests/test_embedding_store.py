@@ -88,3 +88,16 @@ def test_streaming_batches_cover_everything(tmp_path: Path) -> None:
 def test_missing_store_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_embeddings(tmp_path / "nothing.parquet")
+
+
+def test_a_store_holds_one_embedding_dtype(tmp_path: Path) -> None:
+    store = tmp_path / "h.parquet"
+    with EmbeddingWriter(store, "toy", 4, dtype="float16") as w:
+        w.add(["a"], torch.full((1, 4), 1 / 3))
+    with EmbeddingWriter(store, "toy", 4) as w:  # resumes in the store's own dtype
+        assert w.dtype == "float16"
+        w.add(["b"], torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="holds float16 embeddings"):
+        EmbeddingWriter(store, "toy", 4, dtype="float32")
+    t = read_embeddings(store)
+    assert t.ids == ["a", "b"] and t.embeddings[0, 0] == torch.tensor(1 / 3).half().float()

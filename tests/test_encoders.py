@@ -1,4 +1,5 @@
-"""Tests for globeflow.data.encoders: offline default encoder and the hub encoder code paths."""
+"""Tests for globeflow.data.encoders: the offline default encoder and the paper encoders' code
+paths on tiny random models (exact parity with the authors' vectors: test_encoder_parity.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from globeflow.data.encoders import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DEFAULT_ENCODER,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    get_encoder,
-    list_encoders,
-)
+from globeflow.data.encoders import DEFAULT_ENCODER, get_encoder, list_encoders
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -93,83 +86,51 @@ def _transformers():
     )
 
 
-def test_dinov2_encoder_tiny_offline(tmp_path: Path) -> None:
-    tf = _transformers()
-    from globeflow.data.encoders import Dinov2Encoder
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    _transformers()
+    from _tiny_hub import tiny_clip, tiny_dinov2
 
-    torch.manual_seed(0)
-    cfg = tf.Dinov2WithRegistersConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-        num_register_tokens=4,
-    )
-    tf.Dinov2WithRegistersModel(cfg).save_pretrained(tmp_path / "dino")
-    enc = get_encoder("dinov2-vitl14-reg", path=tmp_path / "dino", image_size=56)
-    assert isinstance(enc, Dinov2Encoder) and enc.dim == 32
-    imgs = _images(2, seed=1)
-    emb = enc.embed(imgs)
-    assert emb.shape == (2, 32) and emb.dtype == torch.float32
-
-    # reference: centre square crop, bicubic resize, ImageNet normalisation, CLS token
-    def prep(im: Image.Image) -> torch.Tensor:
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        arr = np.asarray(im.resize((56, 56), Image.BICUBIC), dtype=np.float32) / 255.0
-        arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-        return torch.from_numpy(arr).permute(2, 0, 1)
-
-    model = tf.AutoModel.from_pretrained(tmp_path / "dino").eval()
-    with torch.no_grad():
-        want = model(pixel_values=torch.stack([prep(i) for i in imgs])).last_hidden_state[:, 0]
-    assert torch.allclose(emb, want, atol=1e-5)
+    root = tmp_path_factory.mktemp("tiny_encoders")
+    return {"dinov2": tiny_dinov2(root / "dino"), "clip": tiny_clip(root / "clip")}
 
 
-def test_streetclip_encoder_tiny_offline(tmp_path: Path) -> None:
-    tf = _transformers()
-    from globeflow.data.encoders import StreetCLIPEncoder
-
-    torch.manual_seed(0)
-    vcfg = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=42,
-        patch_size=14,
-        projection_dim=16,
-    )
-    tcfg = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=100,
-        max_position_embeddings=16,
-        projection_dim=16,
-    )
-    full = tf.CLIPModel(tf.CLIPConfig(text_config=tcfg, vision_config=vcfg, projection_dim=16))
-    full.save_pretrained(tmp_path / "clip")  # full CLIP checkpoint, like geolocal/StreetCLIP
-    enc = get_encoder("streetclip", path=tmp_path / "clip")
-    assert isinstance(enc, StreetCLIPEncoder) and enc.dim == 32 and enc.image_size == 42
+@pytest.mark.parametrize("name, key", [("dinov2-vitl14-reg", "dinov2"), ("streetclip", "clip")])
+def test_paper_encoder_precisions_and_attention(tiny_dirs, name: str, key: str) -> None:
+    """fp32 + SDPA equals fp32 + eager; the bf16 modes stay close to fp32 but are not fp32."""
     imgs = _images(3, seed=2)
-    emb = enc.embed(imgs, batch_size=2)
-    assert emb.shape == (3, 32)
+    ref = get_encoder(name, path=tiny_dirs[key], precision="fp32", attention="eager")
+    want = ref.embed(imgs, batch_size=2)
+    assert want.shape == (3, 32) and want.dtype == torch.float32 and ref.dim == 32
+    sdpa = get_encoder(name, path=tiny_dirs[key], precision="fp32", attention="sdpa")
+    assert torch.allclose(sdpa.embed(imgs), want, atol=1e-5)
+    for precision in ("bf16", "bf16-autocast"):
+        enc = get_encoder(name, path=tiny_dirs[key], precision=precision)
+        got = enc.embed(imgs)
+        assert got.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(got, want)
+        # bf16 keeps 8 mantissa bits: relative error per value ~2^-9, far from cosine 0.99
+        assert cos.min() > 0.99, (precision, cos)
+        assert (got - want).abs().max() > 0  # it really ran in bfloat16
+    # one image alone gives the same embedding as inside a batch
+    assert torch.allclose(ref.embed(imgs[1:2]), want[1:2], atol=1e-5)
 
-    def prep(im: Image.Image) -> torch.Tensor:
-        w, h = im.size
-        s = 42 / min(w, h)
-        im = im.resize((max(42, round(w * s)), max(42, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = round((w - 42) / 2), round((h - 42) / 2)
-        arr = np.asarray(im.crop((left, top, left + 42, top + 42)), dtype=np.float32) / 255.0
-        arr = (arr - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-        return torch.from_numpy(arr).permute(2, 0, 1)
 
-    with torch.no_grad():
-        out = full.vision_model(pixel_values=torch.stack([prep(i) for i in imgs]))
-    assert torch.allclose(emb, out.last_hidden_state[:, 0], atol=1e-5)
+def test_paper_encoder_default_precision_follows_the_cpu(tiny_dirs) -> None:
+    from globeflow.data.encoders import default_precision
+
+    enc = get_encoder("dinov2-vitl14-reg", path=tiny_dirs["dinov2"])
+    assert enc.precision == default_precision("cpu") in ("bf16", "fp32")
+    assert default_precision("cuda") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        get_encoder("dinov2-vitl14-reg", path=tiny_dirs["dinov2"], precision="fp8")
+    with pytest.raises(ValueError, match="alpha must be one of"):
+        get_encoder("streetclip", path=tiny_dirs["clip"], alpha="black")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        get_encoder("streetclip", path=tiny_dirs["clip"], attention="flash")
+
+
+def test_paper_encoder_rejects_a_checkpoint_of_another_architecture(tiny_dirs) -> None:
+    """Loading DINOv2 weights into the CLIP tower would leave it random: it must fail loudly."""
+    with pytest.raises(ValueError, match="not a checkpoint of CLIPVisionModel"):
+        get_encoder("streetclip", path=tiny_dirs["dinov2"])

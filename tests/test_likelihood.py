@@ -44,7 +44,7 @@ def test_random_rfm_density_integrates_to_one(seed):
     grid, weights = latlon_grid(60, 120)
     x = latlon_to_unit(grid).float()[None].expand(2, -1, -1)
     emb = torch.randn(2, 4)
-    density = log_prob_ode(model, x, emb, steps=16).double().exp()
+    density = log_prob_ode(model, x, emb).double().exp()
     mass = (density * weights).sum(-1)
     assert torch.allclose(mass, torch.ones(2, dtype=f64), atol=0.02), mass
     assert density.min() < 0.9 / (4 * math.pi) or density.max() > 1.1 / (4 * math.pi)
@@ -147,3 +147,15 @@ def test_localizability_estimator_is_unbiased_on_a_known_density():
     assert abs(float(bits) - exact_bits) < 4 * float(stderr) + discretisation / math.log(2)
     # Not trivially satisfied: the uniform answer is far outside that band.
     assert abs(-math.log2(4 * math.pi) - exact_bits) > 20 * float(stderr)
+
+
+def test_likelihood_solver_is_second_order_on_a_known_flow():
+    """log p at given points (data to noise) against the closed form of the north-pull flow."""
+    model = north_pull_model(1.5)
+    emb = torch.zeros(1, 2, dtype=f64)
+    x = sample_uniform_sphere((1, 200), generator=torch.Generator().manual_seed(4), dtype=f64)
+    x = x[:, x[0, :, 2] < 0.95]  # away from the pole, where the density is steepest
+    exact = exact_log_density(x[..., 2], 1.5)
+    errors = [float((log_prob_ode(model, x, emb, steps=s) - exact).abs().max()) for s in (16, 32)]
+    assert errors[1] < 2e-3
+    assert abs(math.log2(errors[0] / errors[1]) - 2) < 0.3, errors

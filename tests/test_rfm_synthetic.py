@@ -109,7 +109,7 @@ def test_held_out_nll_is_close_to_the_truth(trained_model):
         x = _sample_truth(torch.full((m,), c), g)
         emb = torch.nn.functional.one_hot(torch.tensor([c]), 3).float()
         with torch.no_grad():
-            lp_model = trained_model.log_prob_unit(x[None].float(), emb, steps=12)[0].double()
+            lp_model = trained_model.log_prob_unit(x[None].float(), emb)[0].double()
         lp_true = _true_log_prob(x, c)
         diffs.append(lp_true - lp_model)
         model_nll.append(-lp_model)

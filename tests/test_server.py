@@ -231,3 +231,81 @@ def test_huge_request_rejected_before_parsing() -> None:
         r = client.post("/v1/locate", files={"file": ("huge.jpg", big, "image/jpeg")})
         assert r.status_code == 413 and "request too large" in r.json()["detail"]
         assert client.get("/v1/health").status_code == 200
+
+
+def test_mixed_good_and_bad_files_keep_every_good_result(
+    client: TestClient, locator: FakeLocator
+) -> None:
+    too_big = _jpeg() + b"\0" * (2 * 2**20)  # the client's limit is 1 MB per file
+    r = client.post(
+        "/v1/locate",
+        params={"num_samples": 32},
+        files=[
+            ("file", ("a.jpg", _jpeg(), "image/jpeg")),
+            ("file", ("notes.jpg", b"just some text\n" * 20, "image/jpeg")),
+            ("file", ("big.jpg", too_big, "image/jpeg")),
+            ("file", ("b.png", _png(), "image/png")),
+        ],
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == ["a.jpg", "notes.jpg", "big.jpg", "b.png"]
+    assert [x["ok"] for x in results] == [True, False, False, True]
+    assert results[1]["error"].startswith("notes.jpg: ") and "image" in results[1]["error"]
+    assert results[2]["error"].startswith("big.jpg: ") and "too large" in results[2]["error"]
+    assert all(len(x["samples"]) == 32 for x in (results[0], results[3]))
+    assert sum(locator.calls) == 2  # only the good files reached the model
+
+
+def test_mixed_batch_as_geojson_names_the_bad_file(client: TestClient) -> None:
+    r = client.post(
+        "/v1/locate",
+        params={"format": "geojson"},
+        files=[
+            ("file", ("good.jpg", _jpeg(), "image/jpeg")),
+            ("file", ("empty.jpg", b"", "image/jpeg")),
+        ],
+    )
+    assert r.status_code == 200, r.text
+    fc = r.json()
+    assert {f["properties"]["image"] for f in fc["features"]} == {"good.jpg"}
+    (error,) = fc["errors"]
+    assert error["image"] == "empty.jpg" and "empty" in error["error"]
+
+
+def test_request_with_only_bad_files_names_each(client: TestClient) -> None:
+    data = _jpeg((400, 300))
+    r = client.post(
+        "/v1/locate",
+        files=[
+            ("file", ("cut.jpg", data[: len(data) // 2], "image/jpeg")),
+            ("file", ("notes.jpg", b"hello " * 50, "image/jpeg")),
+        ],
+    )
+    assert r.status_code == 422
+    body = r.json()
+    assert "cut.jpg" in body["detail"] and "notes.jpg" in body["detail"]
+    assert [x["ok"] for x in body["results"]] == [False, False]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("max_upload_mb", -1.0), ("max_upload_mb", 0.0), ("max_upload_mb", float("nan"))]
+    + [("max_batch", 0), ("max_files", -2)],
+)
+def test_settings_that_cannot_work_are_refused(setting: str, value: float) -> None:
+    with pytest.raises(ValueError, match=setting):
+        create_app(FakeLocator(), **{setting: value})
+
+
+def test_worker_gives_freed_memory_back_after_each_batch(monkeypatch) -> None:
+    import globeflow.apps.server as server
+
+    calls: list[int] = []
+    locator = FakeLocator()
+    monkeypatch.setattr(server, "release_free_heap", lambda: calls.append(len(locator.calls)))
+    with TestClient(create_app(locator)) as client:
+        for name in ("a.jpg", "b.jpg"):
+            r = client.post("/v1/locate", files={"file": (name, _jpeg(), "image/jpeg")})
+            assert r.status_code == 200
+    assert calls[:2] == [1, 2]  # once after each model call

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _analytic_field import exact_height
 
-from globeflow.core.solvers import EUCLIDEAN, SPHERE, TABLEAUS, integrate, stage_levels
+from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, TABLEAUS, integrate, stage_levels
 from globeflow.core.sphere import exp_map, project_to_tangent, rotate, sample_uniform_sphere
 
 f64 = torch.float64
@@ -22,10 +22,10 @@ def north_pull(x, node, with_divergence):
     return velocity, (-2 * STRENGTH * x[..., 2]) if with_divergence else None
 
 
-def _errors(tableau, steps):
+def _errors(solver, steps):
     x0 = sample_uniform_sphere((1, 64), generator=torch.Generator().manual_seed(0), dtype=f64)
     gammas = torch.linspace(0, 1, steps + 1, dtype=f64)
-    x, delta = integrate(north_pull, x0, gammas, tableau, SPHERE, with_log_density=True)
+    x, delta = solver.integrate(north_pull, x0, gammas, SPHERE, with_log_density=True)
     z = exact_height(x0[..., 2], STRENGTH)
     # Same longitude, exact height.
     r = torch.sqrt(1 - z**2) / torch.sqrt(1 - x0[..., 2] ** 2)
@@ -36,23 +36,25 @@ def _errors(tableau, steps):
     return float(position), float((delta - exact_delta).abs().max()), x
 
 
-@pytest.mark.parametrize("name", sorted(TABLEAUS))
+@pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_convergence_order_on_the_sphere(name):
-    tableau = TABLEAUS[name]
-    coarse_pos, coarse_lp, _ = _errors(tableau, 16)
-    fine_pos, fine_lp, x = _errors(tableau, 32)
+    solver = SOLVERS[name]
+    coarse_pos, coarse_lp, _ = _errors(solver, 16)
+    fine_pos, fine_lp, x = _errors(solver, 32)
     assert torch.allclose(x.norm(dim=-1), torch.ones(1, 64, dtype=f64), atol=1e-12)
     # Halving the step divides the global error by 2^order (within a margin for the
     # pre-asymptotic regime).
     for coarse, fine in ((coarse_pos, fine_pos), (coarse_lp, fine_lp)):
         observed = math.log2(coarse / fine)
-        assert abs(observed - tableau.order) < 0.25, (name, observed)
+        assert abs(observed - solver.order) < 0.25, (name, observed)
 
 
 def test_second_order_at_half_the_evaluations_beats_euler():
-    euler, _, _ = _errors(TABLEAUS["euler"], 32)
-    midpoint, _, _ = _errors(TABLEAUS["midpoint"], 16)
-    assert midpoint < euler / 10
+    euler, _, _ = _errors(SOLVERS["euler"], 32)
+    midpoint, _, _ = _errors(SOLVERS["midpoint"], 16)
+    lagged, _, _ = _errors(SOLVERS["lagged-midpoint"], 31)  # 32 evaluations, like Euler's
+    assert SOLVERS["lagged-midpoint"].evaluations(31) == SOLVERS["euler"].evaluations(32) == 32
+    assert midpoint < euler / 10 and lagged < euler / 10
 
 
 def test_euclidean_geometry_is_the_classical_method():

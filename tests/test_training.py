@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _interrupt import interrupted_at_step
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.checkpoints import load_model
@@ -174,8 +175,8 @@ def test_prior_mixing_fraction():
     assert config.prior_rows == 16
     assert TrainConfig(family="vmf", **{"prior_fraction": 0.25}).prior_rows == 0
     d = synthetic()
-    x0 = training._to_unit(d["latlon"])
-    prior = training._to_unit(d["prior"])
+    x0 = training.to_unit(d["latlon"])
+    prior = training.to_unit(d["prior"])
     order = BatchOrder(len(x0), config.batch_size - config.prior_rows, seed=0)
     bx, be = assemble_batch(
         x0, d["emb"], order.indices(3), prior, config.prior_rows, torch.Generator().manual_seed(1)
@@ -280,19 +281,8 @@ def test_resume_after_an_exception_is_exact_with_lamb(tmp_path: Path, monkeypatc
     config = run_config(optimizer="lamb", max_steps=24, val_every=8, checkpoint_every=6)
     reference = run(tmp_path / "ref", config)
 
-    calls = {"n": 0}
-    real = training.update_ema
-
-    def crash_at_17(*args):
-        calls["n"] += 1
-        if calls["n"] == 17:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(training, "update_ema", crash_at_17)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 17):
         run(tmp_path / "run", config)
-    monkeypatch.setattr(training, "update_ema", real)
     assert json.loads((tmp_path / "run/checkpoint/state.json").read_text())["step"] == 12
     result = run(tmp_path / "run", config)
     assert result.steps == 24
@@ -344,3 +334,119 @@ def test_train_from_embeddings(tmp_path: Path, monkeypatch):
     assert "dropped 7 of 320 rows" in (tmp_path / "out" / "train_log.txt").read_text()
     with pytest.raises(TypeError, match="unknown training option"):
         training.train_from_embeddings("store", "flow", tmp_path / "x", no_such_option=1)
+
+
+# ---- bad inputs and stale inputs (the CLI) ---------------------------------------------------
+TINY = ["--dim", "16", "--depth", "1", "--batch-size", "32", "--max-steps", "4"]
+TINY += ["--warmup-steps", "1", "--val-every", "2", "--checkpoint-every", "2", "--no-progress"]
+
+
+def write_store(path: Path, n: int = 120, dim: int = 8, **edits) -> Path:
+    from globeflow.data.embedding_store import EmbeddingWriter
+
+    d = synthetic(n=n, dim=dim)
+    emb, latlon = d["emb"].clone(), d["latlon"].clone()
+    if "nan_embedding_rows" in edits:
+        emb[edits["nan_embedding_rows"]] = float("nan")
+    if edits.get("no_coordinates"):
+        latlon[:] = float("nan")
+    authors = edits.get("authors", [f"author{i % 12}" for i in range(len(emb))])
+    with EmbeddingWriter(path, "synthetic-encoder", dim, chunk_size=50) as w:
+        w.add([f"img{i}" for i in range(len(emb))], emb, latlon=latlon, authors=authors)
+    return path
+
+
+def cli_train(*args: str):
+    from typer.testing import CliRunner
+
+    from globeflow.apps.cli import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def assert_clean_error(result, *phrases: str) -> None:
+    """Exit status 2 and one line `error: ...` naming the problem; no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_bad_train_inputs_are_one_line_errors(tmp_path: Path):
+    good = write_store(tmp_path / "good.parquet")
+    mixed = write_store(tmp_path / "mixed.parquet")
+    other = write_store(tmp_path / "other.parquet", dim=4)
+    (other / "part-00000.parquet").rename(mixed / "part-00009.parquet")
+    nan = write_store(tmp_path / "nan.parquet", nan_embedding_rows=[3, 7])
+    nowhere = write_store(tmp_path / "nowhere.parquet", no_coordinates=True)
+    out = ["-o", str(tmp_path / "run")]
+    cases = [
+        ([str(mixed)], ["mixed embeddings", "part-00009.parquet", "dim 4"]),
+        ([str(tmp_path / "missing.parquet")], ["missing.parquet", "no such embedding store"]),
+        ([str(nan)], ["nan.parquet", "2 row(s) have non-finite embeddings", "img3"]),
+        ([str(nowhere)], ["nowhere.parquet", "none of its 96 rows has coordinates"]),
+        ([str(good), "--val-split", "1.5"], ["--val-split", "(0, 1)", "1.5"]),
+        ([str(good), "--val-split", "banana"], ["--val-split 'banana'"]),
+        ([str(good), "--lr", "nan"], ["lr must be a number", "nan"]),
+        ([str(good), "--batch-size", "0"], ["batch_size must be", "got 0"]),
+        ([str(good), "--optimizer", "sgd"], ["optimizer must be", "sgd"]),
+        ([str(good), "--device", "banana"], ["--device 'banana'"]),
+        ([str(good), "--prior-locations", str(tmp_path / "no.csv")], ["no.csv", "no such"]),
+    ]
+    for args, phrases in cases:
+        result = cli_train(*out, *TINY, "--embeddings", *args)  # later options win
+        assert_clean_error(result, *phrases)
+        assert not (tmp_path / "run" / "final").exists(), args  # refused before any work
+    # another config into an existing run directory
+    assert cli_train("--embeddings", str(good), *out, *TINY).exit_code == 0
+    result = cli_train("--embeddings", str(good), *out, *TINY, "--lr", "0.01")
+    assert_clean_error(result, "different config", "lr", "--restart")
+
+
+def test_stale_inputs_are_refused_or_rebuilt(tmp_path: Path):
+    store = write_store(tmp_path / "store.parquet")
+    run = tmp_path / "run"
+    assert cli_train("--embeddings", str(store), "-o", str(run), *TINY).exit_code == 0
+    # a finished run asked to train on different data does not report the old model as done
+    changed = write_store(tmp_path / "changed.parquet", n=140)
+    result = cli_train("--embeddings", str(changed), "-o", str(run), *TINY)
+    assert_clean_error(result, "different data", "--restart")
+    # nor does a run resumed (more steps) with a different store carry on
+    result = cli_train("--embeddings", str(changed), "-o", str(run), *TINY, "--max-steps", "6")
+    assert_clean_error(result, "different data")
+    restarted = cli_train("--embeddings", str(changed), "-o", str(run), *TINY, "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    data = load_model(run / "final").metadata["data"]
+    assert data["train"]["rows"] + data["val"]["rows"] == 112  # the new store's rows
+
+    # --exclude-authors: a second run with another list rebuilds the filtered copy
+    leave_out = tmp_path / "authors.txt"
+    leave_out.write_text("author1\n")
+    ex = tmp_path / "ex"
+    args = ["--embeddings", str(store), "-o", str(ex), "--exclude-authors", str(leave_out)]
+    assert cli_train(*args, *TINY).exit_code == 0
+    first = read_embeddings_rows(ex / "train-embeddings.parquet")
+    leave_out.write_text("author1\nauthor2\nauthor3\n")
+    result = cli_train(*args, *TINY)
+    assert_clean_error(result, "different data")  # the filtered data changed under the run
+    second = read_embeddings_rows(ex / "train-embeddings.parquet")
+    assert first == 88 and second == 72  # 8 rows per author; rebuilt, not reused
+    assert "rebuilding" in (ex / "train_log.txt").read_text()
+
+
+def read_embeddings_rows(store: Path) -> int:
+    from globeflow.data.embedding_store import read_embeddings
+
+    return len(read_embeddings(store))
+
+
+def test_nonfinite_rows_exact_also_when_the_total_overflows():
+    from globeflow.jobs.train_data import nonfinite_rows
+
+    x = torch.zeros(6, 3)
+    assert nonfinite_rows(x).tolist() == []
+    x[1, 2], x[4, 0] = float("nan"), float("-inf")
+    assert nonfinite_rows(x).tolist() == [1, 4]
+    big = torch.full((4, 2), 3e38)  # finite values whose float32 total overflows
+    assert nonfinite_rows(big).tolist() == []

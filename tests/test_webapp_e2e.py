@@ -11,10 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import sys
-import threading
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -65,22 +62,11 @@ def browser():
 
 
 def _start_server(locator):
-    import uvicorn
+    from _live_server import start_live_server
 
     from globeflow.apps.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(locator), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline:
-            pytest.fail("uvicorn did not start within 20 s")
-        time.sleep(0.05)
+    port, server, thread = start_live_server(create_app(locator))
     return f"http://127.0.0.1:{port}", server, thread
 
 

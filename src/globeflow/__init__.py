@@ -35,6 +35,8 @@ _PUBLIC = {
     "latlon_to_unit": "globeflow.core.sphere",
     "unit_to_latlon": "globeflow.core.sphere",
     "Locator": "globeflow.apps.pipeline",
+    "PlonkPipeline": "globeflow.apps.plonk_compat",
+    "PLONKPipeline": "globeflow.apps.plonk_compat",
 }
 
 __all__ = sorted(_PUBLIC)

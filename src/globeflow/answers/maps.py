@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COASTLINES_ASSET", "coastlines_path", "load_coastlines", "load_borders", "render_map"]
+__all__ = [
+    "COASTLINES_ASSET",
+    "coastlines_path",
+    "draw_map",
+    "load_borders",
+    "load_coastlines",
+    "render_map",
+]
 
 COASTLINES_ASSET = "world_coastlines.json"
 
@@ -48,8 +55,22 @@ def _place_label(place: dict | None) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def render_map(
-    path: str | os.PathLike[str],
+_DENSITY_RGB = (0.85, 0.15, 0.1)
+_SAMPLE_COLOR = "#1f4e9c"
+_REGION_MARKER_PT2 = 40.0
+_STAR_PT2 = 160.0
+_CROSS_PT2 = 90.0
+
+
+def render_map(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> str:
+    """Write the PNG world map of :func:`draw_map` (same arguments after ``path``) and return
+    its path."""
+    fig = draw_map(*args, **kwargs)
+    fig.savefig(path, dpi=fig.dpi, facecolor="white")
+    return str(path)
+
+
+def draw_map(
     samples_latlon: Any = None,
     density: dict | None = None,
     best_guess: tuple[float, float] | None = None,
@@ -58,113 +79,220 @@ def render_map(
     title: str | None = None,
     width_px: int = 1600,
     dpi: int = 160,
-) -> str:
-    """Write a PNG world map and return its path.
+):
+    """A world map (matplotlib ``Figure`` with an Agg canvas, equirectangular).
 
     Args:
-        path: output PNG file.
         samples_latlon: (N, 2) ``[lat, lon]`` degrees (array, tensor or nested list), drawn as dots.
         density: ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` grid, drawn as a
             translucent heatmap (normalised to its own maximum).
         best_guess: ``(lat, lon)``, drawn as a star.
         truth: ``(lat, lon)``, drawn as a cross (e.g. EXIF GPS).
-        regions: dicts with ``lat``, ``lon``, ``probability`` (and optional ``place``), labelled.
+        regions: dicts with ``lat``, ``lon``, ``probability`` (and optional ``place``), circled
+            and labelled; labels avoid each other, the markers and the legend.
         title: text above the map.
         width_px, dpi: output size; the height follows the 2:1 aspect of the projection.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, thread-safe enough
-    from matplotlib.patches import Rectangle
 
     width_in = width_px / dpi
     fig = Figure(figsize=(width_in, width_in / 2 + (0.25 if title else 0.0)), dpi=dpi)
+    FigureCanvasAgg(fig)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 if not title else (width_in / 2) / fig.get_figheight()))
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
-    ax.set_aspect("equal")
-    ax.set_axis_off()
-    ax.add_patch(Rectangle((-180, -90), 360, 180, color="#eaf2f8", zorder=0))
-    for lon in range(-150, 181, 30):
-        ax.plot([lon, lon], [-90, 90], color="#d4e0ea", lw=0.4, zorder=1)
-    for lat in range(-60, 61, 30):
-        ax.plot([-180, 180], [lat, lat], color="#d4e0ea", lw=0.4, zorder=1)
-
+    _draw_background(ax)
     if density is not None:
-        lat = np.asarray(density["lat"], dtype=np.float64)
-        lon = np.asarray(density["lon"], dtype=np.float64)
-        logd = np.asarray(density["log_density"], dtype=np.float64)
-        rel = np.exp(logd - np.nanmax(logd))
-        rgba = np.zeros(rel.shape + (4,))
-        rgba[..., 0], rgba[..., 1], rgba[..., 2] = 0.85, 0.15, 0.1
-        # sqrt keeps the tails visible without swamping the mode.
-        rgba[..., 3] = 0.75 * np.sqrt(np.clip(rel, 0.0, 1.0))
-        dlat = abs(lat[1] - lat[0]) / 2 if len(lat) > 1 else 0.5
-        dlon = abs(lon[1] - lon[0]) / 2 if len(lon) > 1 else 0.5
-        origin = "lower" if len(lat) < 2 or lat[1] > lat[0] else "upper"
-        ax.imshow(
-            rgba,
-            extent=(lon.min() - dlon, lon.max() + dlon, lat.min() - dlat, lat.max() + dlat),
-            origin=origin,
-            interpolation="bilinear",
-            zorder=2,
-            aspect="auto",
-        )
-
-    for line in load_coastlines():
-        ax.plot(line[:, 0], line[:, 1], color="#3b4a59", lw=0.5, zorder=3)
-    for line in load_borders():
-        ax.plot(line[:, 0], line[:, 1], color="#8a99a8", lw=0.3, zorder=3)
-
-    if samples_latlon is not None:
-        pts = np.asarray(
-            samples_latlon.detach().cpu() if hasattr(samples_latlon, "detach") else samples_latlon,
-            dtype=np.float64,
-        ).reshape(-1, 2)
-        if len(pts):
-            ax.scatter(pts[:, 1], pts[:, 0], s=2.0, color="#1f4e9c", alpha=0.5, lw=0, zorder=4)
-
-    for i, region in enumerate(regions or []):
-        rlat, rlon = float(region["lat"]), float(region["lon"])
-        ax.scatter([rlon], [rlat], s=40, facecolor="none", edgecolor="#111", lw=0.8, zorder=5)
-        label = f"{i + 1}. {_place_label(region.get('place'))} {100 * region['probability']:.0f}%"
-        ax.annotate(
-            label.replace("  ", " ").strip(),
-            (rlon, rlat),
-            xytext=(5, 4 + 9 * (i % 2)),
-            textcoords="offset points",
-            fontsize=6,
-            zorder=6,
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+        _draw_density(ax, density)
+    _draw_outlines(ax)
+    pts = _as_latlon(samples_latlon)
+    if len(pts):
+        ax.scatter(pts[:, 1], pts[:, 0], s=2.0, color=_SAMPLE_COLOR, alpha=0.5, lw=0, zorder=4)
+    regions = list(regions or [])
+    for region in regions:
+        ax.scatter(
+            [float(region["lon"])],
+            [float(region["lat"])],
+            s=_REGION_MARKER_PT2,
+            facecolor="none",
+            edgecolor="#111",
+            lw=0.8,
+            zorder=5,
         )
     if best_guess is not None:
         ax.scatter(
             [best_guess[1]],
             [best_guess[0]],
             marker="*",
-            s=160,
+            s=_STAR_PT2,
             color="#f5b700",
             edgecolor="#222",
             lw=0.7,
             zorder=7,
-            label="best guess",
         )
     if truth is not None:
         ax.scatter(
             [truth[1]],
             [truth[0]],
             marker="X",
-            s=90,
+            s=_CROSS_PT2,
             color="#17a34a",
             edgecolor="white",
             lw=0.7,
             zorder=8,
-            label="true location",
         )
-    if best_guess is not None or truth is not None:
-        ax.legend(loc="lower left", fontsize=6, framealpha=0.8)
+    legend = _draw_legend(ax, len(pts), density is not None, bool(regions), best_guess, truth)
+    _draw_region_labels(ax, regions, best_guess, truth, legend)
     if title:
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    return str(path)
+    return fig
+
+
+def _as_latlon(samples_latlon: Any) -> np.ndarray:
+    if samples_latlon is None:
+        return np.zeros((0, 2))
+    if hasattr(samples_latlon, "detach"):
+        samples_latlon = samples_latlon.detach().cpu()
+    return np.asarray(samples_latlon, dtype=np.float64).reshape(-1, 2)
+
+
+def _draw_background(ax) -> None:
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.add_patch(Rectangle((-180, -90), 360, 180, color="#eaf2f8", zorder=0))
+    grid = [[(lon, -90), (lon, 90)] for lon in range(-150, 181, 30)]
+    grid += [[(-180, lat), (180, lat)] for lat in range(-60, 61, 30)]
+    ax.add_collection(LineCollection(grid, colors="#d4e0ea", linewidths=0.4, zorder=1))
+
+
+def _draw_density(ax, density: dict) -> None:
+    lat = np.asarray(density["lat"], dtype=np.float64)
+    lon = np.asarray(density["lon"], dtype=np.float64)
+    logd = np.asarray(density["log_density"], dtype=np.float64)
+    rel = np.exp(logd - np.nanmax(logd))
+    rgba = np.zeros(rel.shape + (4,))
+    rgba[..., :3] = _DENSITY_RGB
+    # sqrt keeps the tails visible without swamping the mode.
+    rgba[..., 3] = 0.75 * np.sqrt(np.clip(rel, 0.0, 1.0))
+    dlat = abs(lat[1] - lat[0]) / 2 if len(lat) > 1 else 0.5
+    dlon = abs(lon[1] - lon[0]) / 2 if len(lon) > 1 else 0.5
+    origin = "lower" if len(lat) < 2 or lat[1] > lat[0] else "upper"
+    ax.imshow(
+        rgba,
+        extent=(lon.min() - dlon, lon.max() + dlon, lat.min() - dlat, lat.max() + dlat),
+        origin=origin,
+        interpolation="bilinear",
+        zorder=2,
+        aspect="auto",
+    )
+
+
+@lru_cache(maxsize=1)
+def _outline_segments() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return load_coastlines(), load_borders()
+
+
+def _draw_outlines(ax) -> None:
+    # One collection per kind: hundreds of separate lines made every map take ~0.5 s longer.
+    from matplotlib.collections import LineCollection
+
+    coast, borders = _outline_segments()
+    ax.add_collection(LineCollection(coast, colors="#3b4a59", linewidths=0.5, zorder=3))
+    ax.add_collection(LineCollection(borders, colors="#8a99a8", linewidths=0.3, zorder=3))
+
+
+def _draw_legend(ax, n_samples: int, has_density: bool, has_regions: bool, best_guess, truth):
+    """A legend for whatever the map shows (``None`` when it shows nothing to explain)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    if has_density:
+        handles.append(
+            Patch(color=(*_DENSITY_RGB, 0.55), label="probability density (darker: more likely)")
+        )
+    marker = {"ls": "", "xdata": [], "ydata": []}
+    if n_samples:
+        handles.append(
+            Line2D(**marker, marker="o", ms=2.5, color=_SAMPLE_COLOR, label=f"{n_samples} samples")
+        )
+    if has_regions:
+        handles.append(
+            Line2D(**marker, marker="o", ms=5, mfc="none", mec="#111", label="top regions")
+        )
+    if best_guess is not None:
+        handles.append(
+            Line2D(**marker, marker="*", ms=10, color="#f5b700", mec="#222", label="best guess")
+        )
+    if truth is not None:
+        handles.append(
+            Line2D(**marker, marker="X", ms=8, color="#17a34a", mec="white", label="true location")
+        )
+    if not handles:
+        return None
+    return ax.legend(handles=handles, loc="lower left", fontsize=6, framealpha=0.85)
+
+
+def _marker_box(ax, lat: float, lon: float, area_pt2: float) -> tuple:
+    """Display-pixel box of a scatter marker of ``area_pt2`` (points^2) at (lat, lon)."""
+    x, y = ax.transData.transform((lon, lat))
+    half = np.sqrt(area_pt2) / 2 * ax.figure.dpi / 72
+    return (x - half, y - half, x + half, y + half)
+
+
+def _draw_region_labels(ax, regions: list[dict], best_guess, truth, legend) -> None:
+    """Label each region (rank, place, probability) where it covers no other label, marker
+    or the legend; a thin line joins a label pushed away from its circle."""
+    from globeflow.answers.label_placement import place_labels
+
+    if not regions:
+        return
+    renderer = ax.figure.canvas.get_renderer()
+    obstacles = [_marker_box(ax, r["lat"], r["lon"], _REGION_MARKER_PT2) for r in regions]
+    if best_guess is not None:
+        obstacles.append(_marker_box(ax, best_guess[0], best_guess[1], _STAR_PT2))
+    if truth is not None:
+        obstacles.append(_marker_box(ax, truth[0], truth[1], _CROSS_PT2))
+    if legend is not None:
+        obstacles.append(tuple(legend.get_window_extent(renderer).extents))
+    texts, anchors, sizes = [], [], []
+    fontsize = 6
+    pad_px = 0.15 * fontsize * ax.figure.dpi / 72 + 1.0  # the label's rounded box, + 1 px
+    for i, region in enumerate(regions):
+        label = f"{i + 1}. {_place_label(region.get('place'))} {100 * region['probability']:.0f}%"
+        text = ax.text(
+            0,
+            0,
+            label.replace("  ", " ").strip(),
+            fontsize=fontsize,
+            zorder=6,
+            ha="left",
+            va="bottom",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+        )
+        extent = text.get_window_extent(renderer)
+        texts.append(text)
+        anchors.append(tuple(ax.transData.transform((region["lon"], region["lat"]))))
+        sizes.append((extent.width + 2 * pad_px, extent.height + 2 * pad_px))
+    bounds = tuple(ax.get_window_extent(renderer).extents)
+    gap = np.sqrt(_REGION_MARKER_PT2) / 2 * ax.figure.dpi / 72 + 2.0
+    to_data = ax.transData.inverted()
+    for text, anchor, box in zip(
+        texts, anchors, place_labels(anchors, sizes, obstacles, bounds, gap=gap)
+    ):
+        text.set_position(to_data.transform((box[0] + pad_px, box[1] + pad_px)))
+        nearest = (min(max(anchor[0], box[0]), box[2]), min(max(anchor[1], box[1]), box[3]))
+        if np.hypot(nearest[0] - anchor[0], nearest[1] - anchor[1]) > 2 * gap:
+            ax.plot(
+                *zip(to_data.transform(anchor), to_data.transform(nearest)),
+                color="#111",
+                lw=0.6,
+                zorder=5,
+            )

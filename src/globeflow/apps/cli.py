@@ -133,26 +133,63 @@ def embed(
     chunk_size: int = typer.Option(4096, min=1, help="Rows per parquet part (resume unit)."),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exif_gps: bool = typer.Option(True, help="Read coordinates from EXIF GPS when none given."),
+    save_every_s: float = typer.Option(
+        60.0, min=0.0, help="Commit embedded rows at least this often (seconds), for resume."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (hub encoders)."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast forward passes)."),
+    dtype: str = typer.Option(
+        None, help="Stored embeddings: float32 or float16 (half the size); default: the store's."
+    ),
+    decode_workers: int = typer.Option(
+        0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
+    ),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported)."""
+    """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported).
+
+    Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
+    globeflow embed ...
+    """
+    import os
+
     from globeflow.data.encoders import UnknownEncoderError, get_encoder
+    from globeflow.jobs.distributed import resolve_device
     from globeflow.jobs.embed import embed_images
 
+    options = {"path": encoder_path} if encoder_path else {}
     try:
-        enc = get_encoder(encoder, **({"path": encoder_path} if encoder_path else {}))
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.type != "cpu":
+            options["device"] = dev
+        enc = get_encoder(encoder, **options)
     except UnknownEncoderError as exc:
         _fail(f"--encoder {encoder}: {exc}")
-    report = embed_images(
-        inputs,
-        enc,
-        output,
-        batch_size=batch_size,
-        progress=progress,
-        recursive=recursive,
-        chunk_size=chunk_size,
-        exif_gps=exif_gps,
-    )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    except TypeError:
+        if "device" not in options:
+            raise
+        _fail(f"encoder {encoder or 'default'} runs on the CPU only; use --device cpu")
+    try:
+        report = embed_images(
+            inputs,
+            enc,
+            output,
+            batch_size=batch_size,
+            progress=progress,
+            recursive=recursive,
+            chunk_size=chunk_size,
+            exif_gps=exif_gps,
+            max_unsaved_seconds=save_every_s,
+            precision=precision,
+            dtype=dtype,
+            decode_workers=decode_workers,
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if not _is_main_process():
+        return
     typer.echo(
         f"embedded {report.embedded} new, {report.skipped_existing} already done, "
         f"{report.failed} failed ({report.with_location} with coordinates) -> {output}"
@@ -160,7 +197,7 @@ def embed(
     for path, reason in report.errors[:20]:
         typer.echo(f"  skipped {path}: {reason}", err=True)
     if len(report.errors) > 20:
-        typer.echo(f"  ... {len(report.errors) - 20} more in errors.csv", err=True)
+        typer.echo(f"  ... {len(report.errors) - 20} more in {report.errors_path}", err=True)
     if report.embedded + report.skipped_existing == 0:
         raise typer.Exit(1)
 
@@ -195,61 +232,70 @@ def train(
     exclude_authors: Path = typer.Option(
         None, help="Text file of author ids to leave out (e.g. held-out demo photos)."
     ),
+    stream: bool = typer.Option(
+        False,
+        help="Stream the store row group by row group through a shuffle buffer instead of "
+        "loading it (stores larger than memory).",
+    ),
+    shuffle_buffer_rows: int = typer.Option(65536, help="Rows in the streaming shuffle buffer."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast forward passes)."),
+    compile_network: bool = typer.Option(
+        False, "--compile/--no-compile", help="Compile the network with torch.compile."
+    ),
+    resume: bool = typer.Option(
+        True, "--resume/--restart", help="Resume a run found in --output, or start it afresh."
+    ),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Train a model on precomputed embeddings; killed runs resume exactly where they stopped."""
-    from globeflow.jobs.training import train_from_embeddings
+    """Train a model on precomputed embeddings; killed runs resume exactly where they stopped.
 
-    if exclude_authors is not None:
-        embeddings = _without_authors(embeddings, exclude_authors, output)
-    result = train_from_embeddings(
-        embeddings,
-        family.value,
-        output,
-        val_split=val_split,
-        val_fraction=val_fraction,
-        prior_locations=prior_locations,
-        prior_fraction=prior_fraction,
-        dim=dim,
-        depth=depth,
-        dropout=dropout,
-        weight_decay=weight_decay,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        warmup_steps=warmup_steps,
-        ema_decay=ema_decay,
-        cond_drop_prob=cond_drop_prob,
-        val_every=val_every,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        progress=progress,
-    )
-    typer.echo(f"done: {result}")
+    Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
+    globeflow train ...
+    """
+    from globeflow.jobs.training import Runtime, train_from_embeddings
 
-
-def _without_authors(store: Path, authors_file: Path, run_dir: Path) -> Path:
-    """Copy of an embedding store without the listed authors' rows (kept in the run dir)."""
-    from globeflow.data.embedding_store import EmbeddingWriter, read_embeddings
-
-    drop = {a.strip() for a in authors_file.read_text().splitlines() if a.strip()}
-    table = read_embeddings(store)
-    keep = [i for i, a in enumerate(table.authors) if a not in drop]
-    out = run_dir / "train-embeddings.parquet"
-    if out.exists():
-        return out
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with EmbeddingWriter(out, table.encoder_name, table.embeddings.shape[1]) as writer:
-        writer.add(
-            [table.ids[i] for i in keep],
-            table.embeddings[keep],
-            paths=[table.paths[i] for i in keep],
-            latlon=table.latlon[keep],
-            authors=[table.authors[i] for i in keep],
+    try:
+        result = train_from_embeddings(
+            embeddings,
+            family.value,
+            output,
+            val_split=val_split,
+            val_fraction=val_fraction,
+            prior_locations=prior_locations,
+            prior_fraction=prior_fraction,
+            progress=progress,
+            resume=resume,
+            exclude_authors=exclude_authors,
+            stream=stream,
+            shuffle_buffer_rows=shuffle_buffer_rows,
+            runtime=Runtime(device=device, precision=precision, compile=compile_network),
+            dim=dim,
+            depth=depth,
+            dropout=dropout,
+            weight_decay=weight_decay,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            warmup_steps=warmup_steps,
+            ema_decay=ema_decay,
+            cond_drop_prob=cond_drop_prob,
+            val_every=val_every,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
         )
-    typer.echo(f"left out {len(table.ids) - len(keep)} rows by {len(drop)} authors")
-    return out
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if _is_main_process():
+        typer.echo(f"done: {result}")
+
+
+def _is_main_process() -> bool:
+    """False on the ranks > 0 of a torchrun job (they stay quiet)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _predict_rows(results: list[dict], labels: list[str]) -> list[list[str]]:
@@ -373,7 +419,7 @@ def predict(
     )
     _write_predict_outputs(results, json_out, csv_out, geojson_out)
     if map_dir:
-        _write_maps(results, labels, map_file_names(labels), map_dir)
+        _write_maps(results, labels, map_file_names(labels), map_dir, progress)
     failed = sum(not r.get("ok") for r in results)
     if failed == len(results):
         _fail(f"none of the {failed} photos could be read (see the table)", code=1)
@@ -418,17 +464,20 @@ def _write_predict_outputs(
         geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
 
 
-def _write_maps(results: list[dict], labels: list[str], names: list[str], map_dir: Path) -> None:
+def _write_maps(
+    results: list[dict], labels: list[str], names: list[str], map_dir: Path, progress: bool
+) -> None:
     """A PNG per located photo, named after its label (``a/photo.jpg`` -> a__photo.jpg.png)."""
     import torch
+    from tqdm.auto import tqdm
 
     from globeflow.answers.decode import sample_density_grid
     from globeflow.answers.maps import render_map
 
     map_dir.mkdir(parents=True, exist_ok=True)
-    for r, label, name in zip(results, labels, names, strict=True):
-        if not r.get("ok"):
-            continue
+    rows = zip(results, labels, names, strict=True)
+    located = [(r, label, name) for r, label, name in rows if r.get("ok")]
+    for r, label, name in tqdm(located, desc="drawing maps", unit="map", disable=not progress):
         samples = torch.tensor(r["samples"])
         render_map(
             map_dir / name,
@@ -524,16 +573,22 @@ def serve(
     encoder: str = typer.Option(None),
     encoder_path: str = typer.Option(None),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload."),
+    port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.pipeline import Locator
+    from globeflow.apps.server import SERVE_LIMITS, check_listen_address
     from globeflow.apps.server import serve as run_server
 
-    locator = Locator.from_pretrained(
-        model, encoder=encoder, family=family, encoder_path=encoder_path
-    )
+    _check_options(SERVE_LIMITS, port=port, max_upload_mb=max_upload_mb)
+    try:  # the address before the model: a busy port should not wait for the model to load
+        check_listen_address(host, port)
+        locator = Locator.from_pretrained(
+            model, encoder=encoder, family=family, encoder_path=encoder_path
+        )
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 

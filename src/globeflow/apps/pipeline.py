@@ -19,7 +19,7 @@ from PIL import Image
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import GeoModel, effective_area_km2
-from globeflow.core.solvers import SPHERE, TABLEAUS
+from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import haversine_km, unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
@@ -36,8 +36,9 @@ DEFAULT_SOLVER = "midpoint"
 DEFAULT_PRECISION = "bf16"
 DEFAULT_LOCALIZABILITY_SAMPLES = 128
 DEFAULT_LOCALIZABILITY_STEPS = 16
-"""Midpoint steps of the one-pass localizability estimate (its bias falls below the Monte Carlo
-error from about 16 steps: benchmarks/localizability.py)."""
+LOCALIZABILITY_SOLVER = "lagged-midpoint"
+"""Solver and steps of the one-pass localizability estimate: its bias falls below a quarter of
+the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
 
 
 def default_model_path() -> Path:
@@ -72,8 +73,10 @@ class Locator:
         family: str | None = None,
         encoder_path: str | None = None,
         device: str = "cpu",
+        encoder_options: dict | None = None,
     ) -> Locator:
-        """Load a model (default: the bundled one) and the encoder its metadata names."""
+        """Load a model (default: the bundled one) and the encoder its metadata names;
+        ``encoder_options`` go to the encoder (e.g. ``device``, ``precision`` for DINOv2)."""
         from globeflow.data.encoders import get_encoder
 
         path = Path(model) if model is not None else default_model_path()
@@ -87,7 +90,7 @@ class Locator:
                 "PLONK_OSV_5M)"
             )
         kwargs = {"path": encoder_path} if encoder_path else {}
-        enc = get_encoder(encoder_name, **kwargs)
+        enc = get_encoder(encoder_name, **kwargs, **(encoder_options or {}))
         return cls(geo, enc, model_name=str(model) if model is not None else "globeflow-default")
 
     @torch.no_grad()
@@ -170,27 +173,30 @@ class Locator:
         log-densities gives both; otherwise localizability takes its own unguided samples.
         """
         model, n = self.model, settings["num_samples"]
-        path = {"solver": settings["solver"], "precision": settings["precision"]}
-        path_ok = getattr(model, "geometry", None) is SPHERE and settings["solver"] in TABLEAUS
+        solver, precision = settings["solver"], settings["precision"]
+        on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
-        loc_steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
-        if settings["guidance"] == 0.0 and path_ok and n_loc > 0:
+        if settings["guidance"] == 0.0 and on_sphere and solver in SOLVERS and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
             emb = model.prepare_embeddings(emb)
+            steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
             x, log_p = model.sample_with_log_density(
-                emb, n, loc_steps, generator, method="path", **path
+                emb, n, steps, generator, method="path", solver=solver, precision=precision
             )
             bits = log_p / math.log(2.0)
             stderr = bits.std(-1) / math.sqrt(n) if n > 1 else nan
             return unit_to_latlon(x).cpu(), bits.mean(-1).cpu(), stderr.cpu()
         samples = model.sample(
-            emb, n, settings["steps"], settings["guidance"], generator=generator, **path
-        ).cpu()
+            emb, n, settings["steps"], settings["guidance"], generator=generator, solver=solver,
+            precision=precision,
+        ).cpu()  # fmt: skip
         if n_loc <= 0:
             return samples, nan, nan
-        extra = {"method": "path", **path} if path_ok else {}
+        density = {}
+        if on_sphere:
+            density = {"method": "path", "solver": LOCALIZABILITY_SOLVER, "precision": precision}
         bits, stderr = model.localizability(
-            emb, n_loc, loc_steps, generator, return_stderr=True, **extra
+            emb, n_loc, DEFAULT_LOCALIZABILITY_STEPS, generator, return_stderr=True, **density
         )
         return samples, bits.cpu(), stderr.cpu()
 

@@ -11,7 +11,9 @@ import asyncio
 import concurrent.futures
 import io
 import logging
+import math
 import queue
+import socket
 import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -27,10 +29,21 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from globeflow.apps.settings import LOCATE_LIMITS, SettingError, check_settings
+from globeflow.apps.heap import release_free_heap
+from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
-__all__ = ["create_app", "serve", "MIN_SAMPLES", "MAX_SAMPLES", "MAX_GUIDANCE", "MAX_STEPS"]
+__all__ = [
+    "build_server",
+    "check_listen_address",
+    "SERVE_LIMITS",
+    "create_app",
+    "serve",
+    "MIN_SAMPLES",
+    "MAX_SAMPLES",
+    "MAX_GUIDANCE",
+    "MAX_STEPS",
+]
 
 log = logging.getLogger("globeflow.apps.server")
 
@@ -152,6 +165,8 @@ class BatchWorker:
                 groups.setdefault(job.params, []).append(job)
             for params, group in groups.items():
                 self._run_group(params, group)
+            jobs = groups = first = job = None  # drop the batch's images, then trim the heap
+            release_free_heap()
             if stop:
                 return
 
@@ -193,8 +208,20 @@ def _first(*values: Any) -> Any:
     return None
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    """The upload's bytes, or 413 as soon as it exceeds ``limit``."""
+class _Rejected(Exception):
+    """One uploaded file that cannot be located; the other files of the request go on."""
+
+    def __init__(self, name: str, message: str, status: int) -> None:
+        super().__init__(message if name in message else f"{name}: {message}")
+        self.name = name
+        self.status = status  # 413: too large, 422: not a usable image
+
+    def to_result(self) -> dict:
+        return {"image": self.name, "ok": False, "error": str(self)}
+
+
+async def _read_limited(upload: UploadFile, name: str, limit: int) -> bytes:
+    """The upload's bytes; :class:`_Rejected` (413) as soon as it exceeds ``limit``."""
     buf = bytearray()
     while True:
         chunk = await upload.read(_CHUNK)
@@ -202,11 +229,41 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
             return bytes(buf)
         buf += chunk
         if len(buf) > limit:
-            raise HTTPException(
+            raise _Rejected(
+                name,
+                f"file too large (more than {limit / 2**20:.3g} MB); the limit is "
+                f"{limit / 2**20:.3g} MB per file",
                 413,
-                f"{upload.filename or 'upload'}: file too large (more than "
-                f"{limit / 2**20:.3g} MB); the limit is {limit / 2**20:.3g} MB per file",
             )
+
+
+async def _prepare_job(upload: UploadFile, name: str, limit: int, params: tuple) -> _Job:
+    """Read, size-check and decode one upload; :class:`_Rejected` naming the file otherwise."""
+    data = await _read_limited(upload, name, limit)
+    try:
+        image = await run_in_threadpool(_load_image, data, name)
+    except ValueError as exc:
+        raise _Rejected(name, str(exc), 422) from None
+    gps = await run_in_threadpool(_exif_gps, data)
+    return _Job(name=name, image=image, gps=gps, params=params)
+
+
+def _all_rejected(rejected: list[_Rejected]) -> JSONResponse:
+    """The answer when no file of a request could be used: 413 if all were too large, else 422."""
+    status = 413 if all(r.status == 413 for r in rejected) else 422
+    return JSONResponse(
+        {"detail": "; ".join(map(str, rejected)), "results": [r.to_result() for r in rejected]},
+        status_code=status,
+    )
+
+
+SERVE_LIMITS: dict[str, Rule] = {
+    "max_upload_mb": Range(0.0, math.inf, low_open=True),
+    "max_batch": Range(1, math.inf, integer=True),
+    "max_files": Range(1, math.inf, integer=True),
+    "port": Range(1, 65535, integer=True),
+}
+"""Settings of the server itself (``globeflow serve``, :func:`create_app`)."""
 
 
 def create_app(
@@ -226,6 +283,10 @@ def create_app(
         max_batch: most images per model call, across concurrent requests.
         max_files: most files in one request.
     """
+    check_settings(
+        {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_files": max_files},
+        SERVE_LIMITS,
+    )
     limit = int(max_upload_mb * 2**20)
     worker = BatchWorker(locator, max_batch=max_batch)
 
@@ -327,9 +388,13 @@ def create_app(
         ),
         form_steps: int | None = Form(None, alias="steps", ge=1, le=MAX_STEPS),
     ) -> JSONResponse:
-        """Locate photos. Returns ``{"results": [...]}`` (see docs/ARCHITECTURE.md) or, with
-        ``format=geojson``, a FeatureCollection of best guesses, regions and EXIF locations.
+        """Locate photos. Returns ``{"results": [...]}`` in upload order (see
+        docs/ARCHITECTURE.md) or, with ``format=geojson``, a FeatureCollection of best guesses,
+        regions and EXIF locations.
 
+        A file that cannot be used (not an image, truncated, too large) gets
+        ``{"image", "ok": false, "error"}`` in its place and the other files are still located;
+        when no file is usable the answer is 422 (413 if all were too large), naming each file.
         Settings come from the query string or form fields (form wins)."""
         uploads = [u for u in (file or []) + (files or []) if u is not None]
         if not uploads:
@@ -347,28 +412,33 @@ def create_app(
             check_settings(dict(zip(("num_samples", "guidance", "steps"), params, strict=True)))
         except SettingError as exc:
             raise HTTPException(422, str(exc)) from None
-        jobs = []
+        # A bad file is answered in its own result; the good ones of the request still run.
+        prepared: list[_Job | _Rejected] = []
         for i, upload in enumerate(uploads):
             name = Path(upload.filename or f"upload-{i + 1}").name
-            data = await _read_limited(upload, limit)
             try:
-                image = await run_in_threadpool(_load_image, data, name)
-            except ValueError as exc:
-                msg = str(exc)
-                raise HTTPException(422, msg if name in msg else f"{name}: {msg}") from None
-            gps = await run_in_threadpool(_exif_gps, data)
-            jobs.append(_Job(name=name, image=image, gps=gps, params=params))
+                prepared.append(await _prepare_job(upload, name, limit, params))
+            except _Rejected as rejected:
+                prepared.append(rejected)
+        jobs = [p for p in prepared if isinstance(p, _Job)]
+        if not jobs:
+            return _all_rejected(prepared)
         futures = worker.submit(jobs)
         try:
-            results = [await asyncio.wrap_future(f) for f in futures]
+            answers = iter([await asyncio.wrap_future(f) for f in futures])
         except Exception as exc:  # noqa: BLE001 - inference errors become a readable 500
             for f in futures:
                 f.cancel()
             raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        results = [next(answers) if isinstance(p, _Job) else p.to_result() for p in prepared]
         if format == "geojson":
             from globeflow.answers.export import results_to_geojson
 
-            return JSONResponse(results_to_geojson(results))
+            collection = results_to_geojson(results)
+            failed = [r for r in results if not r["ok"]]
+            if failed:  # a foreign member: the files that have no features, and why
+                collection["errors"] = [{"image": r["image"], "error": r["error"]} for r in failed]
+            return JSONResponse(collection)
         return JSONResponse({"results": results})
 
     return app
@@ -381,6 +451,68 @@ def _version() -> str:
         return version("globeflow")
     except Exception:  # noqa: BLE001 - running from a source tree
         return "0"
+
+
+HEAD_TIMEOUT_S = 10.0
+"""Seconds a client has to send a request's head (line and headers) once the server waits."""
+BODY_TIMEOUT_S = 120.0
+"""Seconds a client has to send a request's body after its head (e.g. 32 photos of 20 MB)."""
+MAX_CONNECTIONS = 64
+"""Open connections (and requests in progress) beyond which requests are answered 503."""
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """``ValueError`` naming ``host:port`` when the server could not listen there.
+
+    Checked before the model is loaded so that a busy port fails in a second, not after it.
+    """
+    check_settings({"port": port}, SERVE_LIMITS)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    try:
+        _, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"{host}: cannot listen on this host ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def build_server(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    head_timeout_s: float = HEAD_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+):
+    """An ``uvicorn.Server`` for ``app`` that cuts slow clients and caps open connections.
+
+    Request heads must arrive within ``head_timeout_s`` and bodies within ``body_timeout_s``
+    (408 and close otherwise, see :mod:`globeflow.apps.http_deadlines`); beyond
+    ``max_connections`` open connections, requests get 503. Idle keep-alive connections close
+    after 5 s.
+    """
+    import uvicorn
+
+    from globeflow.apps.http_deadlines import deadline_protocol
+
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=deadline_protocol(head_timeout_s, body_timeout_s),
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+    )
+    return uvicorn.Server(config)
 
 
 def serve(
@@ -399,10 +531,11 @@ def serve(
     """Run the web app with uvicorn (blocking).
 
     ``model`` is a ready locator (anything with ``locate_images``) or a model directory / hub id
-    for ``Locator.from_pretrained`` (``None``: the bundled model).
+    for ``Locator.from_pretrained`` (``None``: the bundled model). Bad settings, an address the
+    server cannot listen on and unloadable models raise ``ValueError`` before serving starts.
     """
-    import uvicorn
-
+    check_settings({"max_upload_mb": max_upload_mb, "max_batch": max_batch}, SERVE_LIMITS)
+    check_listen_address(host, port)
     if hasattr(model, "locate_images"):
         locator = model
     else:
@@ -413,4 +546,4 @@ def serve(
         )
     app = create_app(locator, max_upload_mb=max_upload_mb, max_batch=max_batch)
     print(f"globeflow: open http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    build_server(app, host, port, log_level=log_level).run()

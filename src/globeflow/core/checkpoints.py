@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.hub_downloads import known_repo, snapshot
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
 
@@ -98,19 +99,17 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
 
 
 def _download_from_hub(repo_id: str) -> Path:
-    """Fetch config.json + model.safetensors of a Hugging Face hub repo (needs internet)."""
+    """config.json + model.safetensors of a Hugging Face hub repo: from the local hub cache
+    (also with ``HF_HUB_OFFLINE=1``), else downloaded once after telling the user what."""
     try:
-        from huggingface_hub import snapshot_download
+        return snapshot(repo_id, (CONFIG_NAME, WEIGHTS_NAME))
     except ImportError as exc:
         raise CheckpointError(
             f"{repo_id!r} looks like a hub id; loading from the hub needs "
-            "`pip install huggingface_hub` and internet access"
+            "`pip install 'globeflow[hub]'` (huggingface_hub) and, the first time, internet access"
         ) from exc
-    try:
-        local = snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
-    except Exception as exc:  # network errors vary by version; report them plainly
-        raise CheckpointError(f"could not download {repo_id!r} from the hub: {exc}") from exc
-    return Path(local)
+    except Exception as exc:  # network and offline errors vary by version; report them plainly
+        raise CheckpointError(f"could not get {repo_id!r} from the hub: {_one_line(exc)}") from exc
 
 
 def load_model(
@@ -140,8 +139,17 @@ def load_model(
     target = model if config.get("format") == FORMAT else model.network
     _check_weights_match(target.state_dict(), state, weights_path)
     target.load_state_dict(state)
-    model.metadata = config.get("metadata", {})
+    if config.get("format") == FORMAT:
+        model.metadata = config.get("metadata", {})
+    else:
+        model.metadata = _published_metadata(str(path_or_hub_id))
     return model.to(device).eval()
+
+
+def _published_metadata(name: str) -> dict:
+    """PLONK configs do not say which encoder made their embeddings; the known repos do."""
+    repo = known_repo(name)
+    return {"encoder": repo.encoder} if repo is not None and repo.encoder else {}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -97,15 +97,19 @@ _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def _layer_norm_jvp(x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine-free LayerNorm of x (..., C) and its JVP along dx (K, ..., C)."""
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
-    inv_std = torch.rsqrt((xc**2).mean(-1, keepdim=True) + LAYER_NORM_EPS)
-    y = xc * inv_std
-    dxc = dx - dx.mean(-1, keepdim=True)
-    dy = (dxc - y * (y * dxc).mean(-1, keepdim=True)) * inv_std
-    return y, dy
+def _modulated_layer_norm_jvp(
+    stack: torch.Tensor, g: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """(1 + g) LN(x) + m and its JVPs for a stack (K + 1, ..., C) of the primal x and its K
+    tangents; returns a new stack of the same shape."""
+    h = stack - stack.mean(-1, keepdim=True)  # centred primal and tangents
+    rstd = torch.rsqrt(h[0].square().mean(-1, keepdim=True) + LAYER_NORM_EPS)
+    h *= rstd
+    # d LN = rstd (dx_c - LN(x) mean(LN(x) dx_c)), with the tangents already centred and scaled.
+    h[1:] -= h[0] * (h[1:] * h[0]).mean(-1, keepdim=True)
+    h *= 1 + g
+    h[0] += m
+    return h
 
 
 def _without_bias(layer: PackedLinear) -> PackedLinear:
@@ -220,10 +224,12 @@ class Denoiser(nn.Module):
         if not torch.is_grad_enabled():
             layers = self.inference_layers(precision)
         x = self.initial_mapper(y)
+        stream = torch.bfloat16 if precision == "bf16" and layers[0] is not None else x.dtype
+        x = x.to(stream)
         for block, modulation, lin in zip(self.blocks, cond.blocks, layers):
-            x = block(x, modulation, lin)
+            x = block(x, modulation.to(stream), lin)
         g, m = cond.final.chunk(2, dim=-1)
-        h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS).to(y.dtype)
         return self.final_linear(torch.addcmul(m, h, 1 + g))
 
     def forward_with_jvp(
@@ -236,32 +242,32 @@ class Denoiser(nn.Module):
         """Output and Jacobian-vector products in one pass (hand-written forward mode).
 
         y (B, N, 3) points, tangents (K, B, N, 3) input directions -> (output (B, N, 3),
-        J @ tangents (K, B, N, 3)). The primal and its K tangents go through every linear layer as
-        one stacked matrix product, which is what makes exact divergences cheap. ``precision``
-        as in :meth:`forward_conditioned` (bf16 only inside the blocks' matrix products).
+        J @ tangents (K, B, N, 3)). The primal and its K tangents travel as one stacked tensor
+        (K + 1, B, N, dim): one matrix product per layer for all of them, elementwise work in
+        place. ``precision="bf16"`` keeps the stack in bfloat16 inside the blocks (as
+        :meth:`forward_conditioned`).
         """
         layers = self.inference_layers(precision)
-        w_in = self.initial_mapper.weight
-        x = self.initial_mapper(y)
-        dx = tangents @ w_in.T
+        stream = torch.bfloat16 if precision == "bf16" and layers[0][0].packed else y.dtype
+        stack = torch.cat([y[None], tangents]) @ self.initial_mapper.weight.T
+        stack[0] += self.initial_mapper.bias
+        stack = stack.to(stream)
         for (lin1, lin2), modulation in zip(layers, cond.blocks):
-            g, m, s = modulation.chunk(3, dim=-1)
-            h, dh = _layer_norm_jvp(x, dx)
-            h, dh = torch.addcmul(m, h, 1 + g), dh * (1 + g)
-            # The primal and its tangents as one stacked matrix product per layer; the GELU
-            # is applied by hand because its derivative needs the pre-activation.
-            z = linear(torch.cat([h[None], dh]).to(lin1.weight.dtype), _without_bias(lin1))
-            z0 = (z[0] + lin1.bias).to(x.dtype)
-            phi = torch.exp(-0.5 * z0**2) * _INV_SQRT_2PI
-            cdf = 0.5 * (1.0 + torch.erf(z0 * _INV_SQRT_2))
-            a = torch.cat([(z0 * cdf)[None], z[1:] * (cdf + z0 * phi)])
-            o = linear(a.to(lin2.weight.dtype), _without_bias(lin2)).to(x.dtype)
-            x = torch.addcmul(x, o[0] + lin2.bias, s)
-            dx = dx + o[1:] * s
+            g, m, s = modulation.to(stream).chunk(3, dim=-1)
+            h = _modulated_layer_norm_jvp(stack, g, m)
+            z = linear(h.to(lin1.weight.dtype), _without_bias(lin1))
+            z0 = (z[0] + lin1.bias).to(torch.promote_types(z.dtype, torch.float32))
+            cdf = torch.special.ndtr(z0)
+            # GELU(z) = z Phi(z); its derivative Phi(z) + z phi(z) scales the tangents.
+            slope = torch.exp(-0.5 * z0 * z0).mul_(_INV_SQRT_2PI).mul_(z0).add_(cdf)
+            z[1:] *= slope.to(z.dtype)
+            z[0] = z0.mul_(cdf).to(z.dtype)
+            out = linear(z.to(lin2.weight.dtype), _without_bias(lin2)).to(stream)
+            out[0] += lin2.bias.to(stream)
+            stack.addcmul_(out, s)
         g, m = cond.final.chunk(2, dim=-1)
-        h, dh = _layer_norm_jvp(x, dx)
-        h, dh = torch.addcmul(m, h, 1 + g), dh * (1 + g)
-        out = torch.cat([h[None], dh]) @ self.final_linear.weight.T
+        h = _modulated_layer_norm_jvp(stack.to(y.dtype), g, m)
+        out = h @ self.final_linear.weight.T
         return out[0] + self.final_linear.bias, out[1:]
 
     def forward(self, y: torch.Tensor, gamma: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,23 @@
 """Columnar embedding files: a directory ``NAME.parquet/`` of parquet parts.
 
-Each part (``part-00000.parquet``, ...) has columns ``id`` (string, unique per image), ``path``
-(string), ``lat``/``lon`` (float64 degrees, NaN when unknown), ``author`` (string, may be empty)
-and ``embedding`` (fixed_size_list<float32>[dim]); file-level metadata records the encoder name
-and dim. Parts are written to a temporary name and renamed, so an interrupted job never leaves a
+Each part has columns ``id`` (string, unique per image), ``path`` (string), ``lat``/``lon``
+(float64 degrees, NaN when unknown), ``author`` (string, may be empty) and ``embedding``
+(fixed_size_list<float32 or float16>[dim]); file-level metadata records the encoder name and dim.
+Parts are written to a temporary name and renamed, so an interrupted job never leaves a
 half-written part, and a rerun can skip the ids already stored (:meth:`EmbeddingWriter.done_ids`).
+
+Part names sort in the order their rows were written: ``part-00000.parquet``, ... for one writer;
+``part-NNNNN-RRR-KKKKK.parquet`` (session, rank, chunk) when several processes write one store
+at once (``globeflow embed`` under ``torchrun``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +27,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["EmbeddingTable", "EmbeddingWriter", "iter_embedding_batches", "read_embeddings"]
+__all__ = [
+    "EmbeddingTable",
+    "EmbeddingWriter",
+    "iter_embedding_batches",
+    "read_embeddings",
+    "store_fingerprint",
+    "store_parts",
+]
 
-_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_PART_RE = re.compile(r"^part-(\d{5,})(-\d{3,}-\d{5,})?\.parquet$")
 _META_ENCODER = b"globeflow.encoder"
 _META_DIM = b"globeflow.dim"
+_EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
-def _schema(dim: int, encoder_name: str) -> pa.Schema:
+def _schema(dim: int, encoder_name: str, dtype: str = "float32") -> pa.Schema:
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
@@ -36,16 +50,31 @@ def _schema(dim: int, encoder_name: str) -> pa.Schema:
             pa.field("lat", pa.float64()),
             pa.field("lon", pa.float64()),
             pa.field("author", pa.string()),
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("embedding", pa.list_(_EMBEDDING_TYPES[dtype], dim)),
         ],
         metadata={_META_ENCODER: encoder_name.encode(), _META_DIM: str(dim).encode()},
     )
 
 
-def _parts(path: Path) -> list[Path]:
+def store_parts(path: str | os.PathLike[str]) -> list[Path]:
+    """The committed parts of a store, in the order their rows were written."""
+    path = Path(path)
     if not path.is_dir():
         return []
     return sorted(p for p in path.iterdir() if _PART_RE.match(p.name))
+
+
+def store_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A short hash that changes when the store's content does: each part's name, size and
+    parquet footer (row counts, per-column-chunk sizes and statistics). Reads footers only, so
+    it costs milliseconds even for stores of millions of rows."""
+    h = hashlib.sha256()
+    for part in store_parts(path):
+        meta = pq.ParquetFile(part).metadata
+        h.update(f"{part.name}:{part.stat().st_size}:{meta.num_rows}:".encode())
+        for rg in range(meta.num_row_groups):
+            h.update(str(meta.row_group(rg).to_dict()).encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -71,8 +100,16 @@ class EmbeddingTable:
 class EmbeddingWriter:
     """Append embeddings to ``path`` (a ``NAME.parquet/`` directory), one part per flush.
 
-    Rows are buffered and written as a new part every ``chunk_size`` rows and on
-    :meth:`close`. An existing store must have the same encoder name and dim.
+    Rows are buffered and written as a new part every ``chunk_size`` rows, whenever the oldest
+    unsaved row has waited ``max_unsaved_seconds`` (so that a kill loses a bounded amount of
+    work whatever the chunk size), and on :meth:`close`. An existing store must have the same
+    encoder name and dim.
+
+    Several processes may write one store at once: each passes its ``rank`` (parts are then
+    named ``part-SESSION-RANK-CHUNK``), all construct their writers before any of them adds
+    rows, and only rank 0 removes the temporary files of killed writers (``clean_stale``).
+    ``dtype``: "float32" or "float16" for the embedding column (default: the store's own, else
+    float32); a store holds one dtype.
     """
 
     def __init__(
@@ -82,37 +119,57 @@ class EmbeddingWriter:
         dim: int,
         chunk_size: int = 4096,
         row_group_size: int = 1024,
+        max_unsaved_seconds: float = 60.0,
+        rank: int | None = None,
+        clean_stale: bool = True,
+        dtype: str | None = None,
     ) -> None:
+        if dtype is not None and dtype not in _EMBEDDING_TYPES:
+            raise ValueError(f"dtype must be one of {sorted(_EMBEDDING_TYPES)}, got {dtype!r}")
         self.path = Path(path)
         self.encoder_name = encoder_name
         self.dim = int(dim)
         self.chunk_size = int(chunk_size)
         self.row_group_size = int(row_group_size)
-        self.schema = _schema(self.dim, encoder_name)
+        self.max_unsaved_seconds = float(max_unsaved_seconds)
+        self.rank = rank
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob(".tmp-*"):  # leftovers of a killed writer
-            stale.unlink(missing_ok=True)
-        existing = _parts(self.path)
+        if clean_stale:
+            for stale in self.path.glob(".tmp-*"):  # leftovers of a killed writer
+                stale.unlink(missing_ok=True)
+        existing = store_parts(self.path)
+        stored = _part_dtype(existing[0]) if existing else None
+        if dtype is not None and stored is not None and stored != dtype:
+            raise ValueError(f"{self.path} holds {stored} embeddings; cannot append {dtype} ones")
+        self.dtype = dtype or stored or "float32"
+        self.schema = _schema(self.dim, encoder_name, self.dtype)
         if existing:
-            meta = pq.read_schema(existing[0]).metadata or {}
-            enc = meta.get(_META_ENCODER, b"").decode()
-            d = int(meta.get(_META_DIM, b"0"))
+            enc, d = _part_meta(existing[0])
             if enc != encoder_name or d != self.dim:
                 raise ValueError(
                     f"{self.path} holds embeddings of encoder {enc!r} (dim {d}); "
                     f"cannot append {encoder_name!r} (dim {self.dim})"
                 )
-        self._next = 1 + max((int(_PART_RE.match(p.name).group(1)) for p in existing), default=-1)
+        self._session = 1 + max(
+            (int(_PART_RE.match(p.name).group(1)) for p in existing), default=-1
+        )
+        self._chunk = 0
         self._buf: dict[str, list] = {k: [] for k in ("id", "path", "lat", "lon", "author")}
         self._emb: list[np.ndarray] = []
         self._done: set[str] | None = None
+        self._oldest_unsaved: float | None = None
         self.rows_written = 0
+
+    def _part_name(self) -> str:
+        if self.rank is None:
+            return f"part-{self._session + self._chunk:05d}.parquet"
+        return f"part-{self._session:05d}-{self.rank:03d}-{self._chunk:05d}.parquet"
 
     def done_ids(self) -> set[str]:
         """Ids already stored in committed parts (and buffered in this writer)."""
         if self._done is None:
             self._done = set()
-            for part in _parts(self.path):
+            for part in store_parts(self.path):
                 self._done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
         return self._done | set(self._buf["id"])
 
@@ -152,16 +209,25 @@ class EmbeddingWriter:
             self._buf["lon"].append(lon)
             self._buf["author"].append((authors[i] or "") if authors is not None else "")
         self._emb.append(emb[start:])
-        if len(self._buf["id"]) >= self.chunk_size:
+        if self._buf["id"] and self._oldest_unsaved is None:
+            self._oldest_unsaved = time.monotonic()
+        full = len(self._buf["id"]) >= self.chunk_size
+        if full or self._unsaved_seconds() >= self.max_unsaved_seconds:
             self.flush()
+
+    def _unsaved_seconds(self) -> float:
+        """How long the oldest buffered row has waited to be written (0 when none)."""
+        if self._oldest_unsaved is None:
+            return 0.0
+        return time.monotonic() - self._oldest_unsaved
 
     def flush(self) -> Path | None:
         """Write buffered rows as one new part (atomic rename). Returns the part path."""
         n = len(self._buf["id"])
         if n == 0:
             return None
-        emb = np.concatenate(self._emb)
-        flat = pa.array(emb.reshape(-1), type=pa.float32())
+        emb = np.concatenate(self._emb).astype(self.dtype, copy=False)
+        flat = pa.array(emb.reshape(-1), type=_EMBEDDING_TYPES[self.dtype])
         table = pa.Table.from_arrays(
             [
                 pa.array(self._buf["id"], pa.string()),
@@ -173,18 +239,21 @@ class EmbeddingWriter:
             ],
             schema=self.schema,
         )
-        final = self.path / f"part-{self._next:05d}.parquet"
+        final = self.path / self._part_name()
         tmp = self.path / f".tmp-{final.name}"
-        pq.write_table(table, tmp, row_group_size=self.row_group_size)
+        # No dictionary encoding for embeddings: float16 values (65,536 of them) would all fit
+        # in one dictionary, and decoding dictionary indices reads ~5x slower than plain values.
+        pq.write_table(table, tmp, row_group_size=self.row_group_size, use_dictionary=["author"])
         with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         if self._done is not None:
             self._done.update(self._buf["id"])
-        self._next += 1
+        self._chunk += 1
         self.rows_written += n
         self._buf = {k: [] for k in self._buf}
         self._emb = []
+        self._oldest_unsaved = None
         return final
 
     def close(self) -> None:
@@ -198,11 +267,31 @@ class EmbeddingWriter:
         self.close()
 
 
-def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
-    if not parts:
-        raise FileNotFoundError(f"no embedding parts (part-*.parquet) in {path}")
-    meta = pq.read_schema(parts[0]).metadata or {}
+def _part_dtype(part: Path) -> str:
+    value_type = pq.read_schema(part).field("embedding").type.value_type
+    return next(name for name, t in _EMBEDDING_TYPES.items() if t == value_type)
+
+
+def _part_meta(part: Path) -> tuple[str, int]:
+    meta = pq.read_schema(part).metadata or {}
     return meta.get(_META_ENCODER, b"").decode(), int(meta.get(_META_DIM, b"0"))
+
+
+def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
+    """(encoder name, dim) shared by every part; a clear error when the parts disagree."""
+    if not parts:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such embedding store")
+        raise FileNotFoundError(f"{path}: no embedding parts (part-*.parquet) in this folder")
+    encoder, dim = _part_meta(parts[0])
+    for part in parts[1:]:
+        other = _part_meta(part)
+        if other != (encoder, dim):
+            raise ValueError(
+                f"{path}: mixed embeddings: {parts[0].name} has {encoder!r} (dim {dim}) but "
+                f"{part.name} has {other[0]!r} (dim {other[1]}); a store holds one encoder"
+            )
+    return encoder, dim
 
 
 def _table_to_columns(table: pa.Table, dim: int) -> tuple:
@@ -225,7 +314,7 @@ def _table_to_columns(table: pa.Table, dim: int) -> tuple:
 def read_embeddings(path: str | os.PathLike[str]) -> EmbeddingTable:
     """Load a whole store into memory (parts in order)."""
     p = Path(path)
-    parts = _parts(p)
+    parts = store_parts(p)
     encoder, dim = _store_meta(parts, p)
     tables = [pq.read_table(part) for part in parts]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -239,7 +328,7 @@ def iter_embedding_batches(
     """Stream a store as :class:`EmbeddingTable` batches of at most ``batch_size`` rows,
     reading one row group at a time (memory ~ batch_size * dim * 4 bytes)."""
     p = Path(path)
-    parts = _parts(p)
+    parts = store_parts(p)
     encoder, dim = _store_meta(parts, p)
     for part in parts:
         pf = pq.ParquetFile(part)

@@ -3,8 +3,14 @@
 Inputs may be image files, folders (recursive), text files listing one path per line, or CSV
 files with an image column (``image``/``path``/``filename``/``IMG_ID``, any case) and optional
 ``lat``/``lon`` (also ``latitude``/``longitude``, any case) and ``author`` columns. Missing
-coordinates are read from EXIF GPS. Already stored ids are skipped (resume). Unreadable files
-are counted and listed in ``errors.csv`` beside the output; they never stop the job.
+coordinates are read from EXIF GPS. Already stored ids are skipped (resume); rows are committed
+every ``chunk_size`` rows and at least every ``max_unsaved_seconds``, so a kill loses little.
+Unreadable files are counted and listed in ``_errors.csv`` inside the store; they never stop
+the job.
+
+Under ``torchrun`` the processes split the remaining photos into contiguous runs of whole
+batches (the same batches one process would form), each writes its own parts, and rank 0 writes
+the merged error list: the store then reads back row for row as one process would write it.
 """
 
 from __future__ import annotations
@@ -13,15 +19,29 @@ import csv
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from globeflow.data.embedding_store import EmbeddingWriter
 from globeflow.data.encoders import Encoder
 from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
+from globeflow.jobs.distributed import (
+    Placement,
+    autocast,
+    join_process_group,
+    leave_process_group,
+    rank_slice,
+)
 
-__all__ = ["EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
+__all__ = ["ERRORS_NAME", "EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
+
+ERRORS_NAME = "_errors.csv"
+"""The error list, inside the store (``_``: parquet dataset readers skip it)."""
 
 _IMAGE_COLS = ("image", "path", "filename", "file", "img_id", "image_path")
 _LAT_COLS = ("lat", "latitude")
@@ -52,10 +72,31 @@ class EmbedReport:
     from_exif: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    input_errors: int = 0
+    """How many of ``errors`` (the first ones) come from listing the inputs."""
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def errors_path(self) -> Path:
+        return self.output / ERRORS_NAME
+
+    def merged(self, others: Sequence[EmbedReport]) -> EmbedReport:
+        """This rank's report plus the photo work of the other ranks' reports (the input
+        listing, its errors and the already-stored count are the same on every rank)."""
+        out = EmbedReport(self.output, self.total, skipped_existing=self.skipped_existing)
+        out.input_errors = out.failed = self.input_errors
+        out.errors = list(self.errors[: self.input_errors])
+        for r in (self, *others):
+            out.embedded += r.embedded
+            out.failed += r.failed - r.input_errors
+            out.with_location += r.with_location
+            out.from_exif += r.from_exif
+            out.seconds = max(out.seconds, r.seconds)
+            out.errors += r.errors[r.input_errors :]
+        return out
 
 
 def _find_col(header: Sequence[str], names: Sequence[str]) -> str | None:
@@ -167,6 +208,11 @@ def embed_images(
     recursive: bool = True,
     chunk_size: int = 4096,
     exif_gps: bool = True,
+    max_unsaved_seconds: float = 60.0,
+    precision: str = "fp32",
+    place: Placement | None = None,
+    dtype: str | None = None,
+    decode_workers: int = 0,
 ) -> EmbedReport:
     """Embed every photo in ``inputs`` with ``encoder`` into the store ``output``.
 
@@ -176,75 +222,163 @@ def embed_images(
             stored.
         output: ``NAME.parquet`` directory; created or resumed (existing ids are skipped).
         batch_size: images per encoder forward pass.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0).
         recursive: descend into sub-folders of folder inputs.
-        chunk_size: rows per parquet part; a part is committed atomically, so an interrupted
-            run loses at most the current chunk.
+        chunk_size: rows per parquet part.
         exif_gps: read coordinates from EXIF when the input gives none.
+        max_unsaved_seconds: commit buffered rows once the oldest has waited this long, so an
+            interrupted run loses at most this much work (or ``chunk_size`` rows).
+        precision: "fp32", or "bf16" autocast for the encoder's forward pass.
+        place: this process's place in a ``torchrun`` job (default: read from the
+            environment; one process without it).
+        dtype: "float32" or "float16" (half the size on disk and in streaming buffers) for the
+            stored embeddings (default: the store's own, else float32).
+        decode_workers: threads that decode photos ahead of the encoder (0: inline). A GPU
+            encoder outruns one decoding thread (see docs/scaling.md).
 
     Returns:
-        :class:`EmbedReport`; its ``errors`` are also written to ``errors.csv`` beside
-        ``output``. lat/lon of photos without any known location are stored as NaN.
+        :class:`EmbedReport` (merged over the processes, complete on rank 0); its ``errors``
+        are also written to ``_errors.csv`` inside ``output``. lat/lon of photos without any
+        known location are stored as NaN.
     """
-    out = Path(output)
+    own = place is None
+    place = place or join_process_group("cpu")  # gloo: only barriers and small objects
+    try:
+        return _embed_placed(
+            inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
+            exif_gps, max_unsaved_seconds, precision, place, dtype, decode_workers,
+        )  # fmt: skip
+    finally:
+        if own:
+            leave_process_group(place)
+
+
+def _embed_placed(
+    inputs, encoder, out, batch_size, progress, recursive, chunk_size, exif_gps,
+    max_unsaved_seconds, precision, place, dtype, decode_workers,
+) -> EmbedReport:  # fmt: skip
+    """:func:`embed_images` on this process of the job."""
+    autocast(torch.device("cpu"), precision)  # a clear error for an unknown precision, first
     report = EmbedReport(output=out)
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)
     report.total = len(items)
-    writer = EmbeddingWriter(out, encoder.name, encoder.dim, chunk_size=chunk_size)
+    report.failed = report.input_errors = len(report.errors)
+    writer = EmbeddingWriter(
+        out,
+        encoder.name,
+        encoder.dim,
+        chunk_size=chunk_size,
+        max_unsaved_seconds=max_unsaved_seconds,
+        rank=place.rank if place.distributed else None,
+        clean_stale=place.is_main,
+        dtype=dtype,
+    )
     done = writer.done_ids()
+    place.barrier()  # every process has listed the stored parts before any writes a new one
     todo = [it for it in items if it.id not in done]
     report.skipped_existing = len(items) - len(todo)
+    share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
+    mine = todo[share.start * batch_size : share.stop * batch_size]
 
     bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
+    if progress and place.is_main:
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), unit="img", desc=f"embed ({encoder.name})")
-        except ImportError:  # pragma: no cover - tqdm is a core dependency
-            bar = None
+        bar = tqdm(total=len(mine), unit="img", desc=f"embed ({encoder.name})")
+    device = getattr(encoder, "device", torch.device("cpu"))
+    finished = False
+    batches = (mine[i : i + batch_size] for i in range(0, len(mine), batch_size))
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            good, images, coords = [], [], []
-            for it in batch:
-                try:
-                    img = load_image(it.path)
-                except ImageLoadError as exc:
-                    report.errors.append((str(it.path), exc.reason))
-                    report.failed += 1
-                    continue
-                latlon = it.latlon
-                if latlon is None and exif_gps:
-                    latlon = read_exif_gps(it.path)
-                    report.from_exif += latlon is not None
-                good.append(it)
-                images.append(img)
-                coords.append(latlon)
-            if images:
-                try:
-                    emb = encoder.embed(images, batch_size=len(images))
-                except Exception as exc:  # noqa: BLE001 - report the batch, keep going
-                    for it in good:
-                        report.errors.append((str(it.path), f"encoder failed: {exc}"))
-                    report.failed += len(good)
-                else:
-                    writer.add(
-                        [it.id for it in good],
-                        emb,
-                        paths=[str(it.path) for it in good],
-                        latlon=coords,
-                        authors=[it.author for it in good],
-                    )
-                    report.embedded += len(good)
-                    report.with_location += sum(c is not None for c in coords)
+        for loaded in _loaded_batches(batches, exif_gps, decode_workers):
+            with autocast(torch.device(device), precision):
+                _embed_batch(loaded, encoder, writer, report)
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(loaded))
+        finished = True
     finally:
         writer.close()
         if bar is not None:
             bar.close()
         report.seconds = time.perf_counter() - t0
-        _write_errors(out.parent / "errors.csv", report.errors)
+        if not finished and place.is_main:  # interrupted: keep what this process knows
+            _write_errors(report.errors_path, report.errors)
+    if place.distributed:
+        reports = place.gather(report)
+        report = reports[0].merged(reports[1:])
+    if place.is_main:
+        _write_errors(report.errors_path, report.errors)
     return report
+
+
+@dataclass
+class _Loaded:
+    """One photo after loading: the image (None when unreadable), its coordinates, the reason
+    it failed, and whether the coordinates came from EXIF."""
+
+    item: ImageItem
+    image: object | None
+    latlon: tuple[float, float] | None
+    error: str | None
+    from_exif: bool
+
+
+def _load_one(item: ImageItem, exif_gps: bool) -> _Loaded:
+    try:
+        img = load_image(item.path)
+    except ImageLoadError as exc:
+        return _Loaded(item, None, None, exc.reason, False)
+    latlon, from_exif = item.latlon, False
+    if latlon is None and exif_gps:
+        latlon = read_exif_gps(item.path)
+        from_exif = latlon is not None
+    return _Loaded(item, img, latlon, None, from_exif)
+
+
+def _loaded_batches(
+    batches: Iterable[list[ImageItem]], exif_gps: bool, workers: int
+) -> Iterator[list[_Loaded]]:
+    """Each batch's photos loaded, in order: inline, or decoded by ``workers`` threads up to two
+    batches ahead of the encoder (PIL releases the GIL while it decodes)."""
+    if workers <= 0:
+        for batch in batches:
+            yield [_load_one(it, exif_gps) for it in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[list[Future]] = deque()
+        for batch in batches:
+            pending.append([pool.submit(_load_one, it, exif_gps) for it in batch])
+            if len(pending) > 2:
+                yield [f.result() for f in pending.popleft()]
+        while pending:
+            yield [f.result() for f in pending.popleft()]
+
+
+def _embed_batch(
+    loaded: list[_Loaded], encoder: Encoder, writer: EmbeddingWriter, report: EmbedReport
+) -> None:
+    """Embed and buffer one loaded batch; unreadable photos and encoder failures are reported."""
+    good = [x for x in loaded if x.image is not None]
+    for x in loaded:
+        if x.image is None:
+            report.errors.append((str(x.item.path), x.error))
+            report.failed += 1
+    report.from_exif += sum(x.from_exif for x in good)
+    if not good:
+        return
+    try:
+        emb = encoder.embed([x.image for x in good], batch_size=len(good))
+    except Exception as exc:  # noqa: BLE001 - report the batch, keep going
+        for x in good:
+            report.errors.append((str(x.item.path), f"encoder failed: {exc}"))
+        report.failed += len(good)
+        return
+    writer.add(
+        [x.item.id for x in good],
+        emb,
+        paths=[str(x.item.path) for x in good],
+        latlon=[x.latlon for x in good],
+        authors=[x.item.author for x in good],
+    )
+    report.embedded += len(good)
+    report.with_location += sum(x.latlon is not None for x in good)

@@ -1,23 +1,27 @@
-"""The ``train`` job: optimiser, learning-rate schedule, EMA, validation and exact resume.
+"""The ``train`` job: optimiser, learning-rate schedule, EMA, validation and exact resume, in one
+process or many (``torchrun``, DistributedDataParallel).
 
-Training runs on precomputed embeddings held in memory. One step is: pick a batch (rows of an
-endless stream of per-epoch permutations, optionally topped up with unlabelled prior locations
-under the null condition), compute the family's loss, clip, step AdamW or LAMB, update the EMA.
+One step is: take a batch (:mod:`globeflow.jobs.train_data`: rows in memory or streamed from the
+store, optionally topped up with unlabelled prior locations under the null condition), compute
+the family's loss (each process its share of the batch; DDP averages the gradients), clip, step
+AdamW or LAMB, update the EMA (rank 0).
 
-Every ``checkpoint_every`` steps the whole training state (weights, EMA, optimiser moments,
-RNG states, step counter and validation bookkeeping) is written atomically to
-``out_dir/checkpoint/`` as safetensors + JSON, so a run killed at any point and started again
-reaches bitwise the same final weights as an uninterrupted run.
+Every ``checkpoint_every`` steps rank 0 writes the whole training state (weights, EMA, optimiser
+moments, step counter, validation bookkeeping, data fingerprint) atomically to
+``out_dir/checkpoint/``. Random draws are pure functions of (seed, step), so a run killed at any
+point and started again reaches bitwise the same final weights as an uninterrupted run; with a
+different number of processes it continues from the same step and state.
 
-Outputs in ``out_dir``: ``best/`` (EMA model with the best validation GeoScore), ``final/`` (EMA
-model at the last step), ``metrics.jsonl`` (one line per validation), ``train_log.txt``.
+Outputs in ``out_dir`` (rank 0): ``best/`` (EMA model with the best validation GeoScore),
+``final/`` (EMA model at the last step), ``metrics.jsonl`` (one line per validation),
+``train_log.txt``.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -25,25 +29,72 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.checkpoints import save_model
-from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.families import DENOISING_FAMILIES, DenoisingModel, GeoModel
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
-from globeflow.core.sphere import haversine_km, latlon_to_unit
+from globeflow.core.sphere import haversine_km
+from globeflow.data.embedding_stream import derived_seed
+from globeflow.jobs.distributed import (
+    PRECISIONS,
+    Placement,
+    Prefetcher,
+    autocast,
+    join_process_group,
+    leave_process_group,
+)
+from globeflow.jobs.train_checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rewrite_metrics,
+    save_checkpoint,
+)
+from globeflow.jobs.train_data import (
+    Batch,
+    BatchOrder,
+    InMemoryRows,
+    StreamedRows,
+    ValidationRows,
+    assemble_batch,
+    nonfinite_rows,
+    read_prior_locations,
+    split_rows,
+    tensor_fingerprint,
+    to_unit,
+)
+
+__all__ = [
+    "FAMILIES",
+    "BatchOrder",
+    "Lamb",
+    "Runtime",
+    "TrainConfig",
+    "TrainResult",
+    "assemble_batch",
+    "build_model",
+    "ema_decay_at",
+    "learning_rate",
+    "make_optimizer",
+    "read_prior_locations",
+    "split_rows",
+    "train",
+    "train_from_embeddings",
+    "update_ema",
+    "validate",
+]
 
 FAMILIES = ("rfm", "flow", "diffusion", "vmf", "vmf-mixture", "uniform")
 GEOSCORE_SCALE_KM = 1492.7
 
 CHECKPOINT_DIR = "checkpoint"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 METRICS_NAME = "metrics.jsonl"
 LOG_NAME = "train_log.txt"
 
@@ -99,13 +150,20 @@ class TrainConfig:
             raise ValueError(f"unknown family {self.family!r}; choose from {FAMILIES}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
-        if not 0.0 <= self.prior_fraction < 1.0:
-            raise ValueError(f"prior_fraction must be in [0, 1), got {self.prior_fraction}")
-        if self.batch_size < 1 or self.max_steps < 0:
-            raise ValueError("batch_size must be >= 1 and max_steps >= 0")
-        for name in ("val_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        _check_range(self, "prior_fraction", 0.0, 1.0, high_open=True)
+        _check_range(self, "lr", 0.0, math.inf, low_open=True)
+        for name in ("weight_decay", "eps", "grad_clip", "min_lr_ratio"):
+            _check_range(self, name, 0.0, math.inf)
+        for name in ("dropout", "cond_drop_prob", "ema_decay"):
+            _check_range(self, name, 0.0, 1.0, high_open=True)
+        for name in ("batch_size", "dim", "depth", "expansion", "hidden", "num_components"):
+            _check_range(self, name, 1, math.inf)
+        for name in ("val_every", "checkpoint_every", "log_every", "val_geo_rows"):
+            _check_range(self, name, 1, math.inf)
+        for name in ("max_steps", "warmup_steps", "val_loss_rows"):
+            _check_range(self, name, 0, math.inf)
+        if self.family in DENOISING_FAMILIES and self.dim % 8:
+            raise ValueError(f"dim must be a multiple of 8, got {self.dim}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.prior_latlon is not None:
             self.prior_latlon = torch.as_tensor(self.prior_latlon, dtype=torch.float64)
@@ -128,6 +186,47 @@ class TrainConfig:
         out["prior_points"] = 0 if prior is None else int(len(prior))
         out["betas"] = list(self.betas)
         return out
+
+
+def _check_range(
+    config: object,
+    name: str,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """A clear error naming the option when ``config.name`` is not a number in the range."""
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        top = "inf" if high == math.inf else f"{high:g}"
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {top}{hi}, got {value!r}")
+
+
+@dataclass
+class Runtime:
+    """How a run executes. None of it changes what is learned beyond float rounding, so it may
+    change between a kill and its resume.
+
+    ``device``: auto (``cuda:LOCAL_RANK`` when CUDA is available, else the CPU), cpu, cuda or
+    cuda:N. ``precision``: fp32, or bf16 autocast for the forward passes (training and
+    validation; weights, gradients and optimiser state stay float32). ``compile``: compile the
+    denoising network with ``torch.compile``. ``prefetch``: batches prepared ahead in a
+    background thread (None: when streaming or on CUDA, where it overlaps reading with compute).
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    prefetch: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -240,87 +339,52 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(b)
 
 
+class StepLoss(nn.Module):
+    """The family's loss on this process's rows of a batch, as the ``forward`` that
+    DistributedDataParallel wraps (so that its gradient hooks see every step)."""
+
+    def __init__(self, model: GeoModel):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator, rows: slice | None
+    ) -> torch.Tensor:
+        if rows is None:
+            return self.model.loss(x0, emb, generator=generator)
+        if isinstance(self.model, DenoisingModel):
+            return self.model.loss(x0, emb, generator=generator, rows=rows)
+        return self.model.loss(x0[rows], emb[rows], generator=generator)  # no random draws
+
+
 def train_step(
-    model: GeoModel,
+    step_loss: nn.Module,
     optimizer: torch.optim.Optimizer,
-    x0: torch.Tensor,
-    emb: torch.Tensor,
-    generator: torch.Generator,
+    batch: Batch,
     lr: float,
     config: TrainConfig,
-) -> tuple[float, float | None]:
-    """One optimiser update at learning rate lr -> (loss, gradient norm before clipping)."""
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimiser update at learning rate lr -> (this process's weighted loss, gradient norm
+    before clipping), both as tensors on the device (reading them waits for the device)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model.loss(x0, emb, generator=generator)
-    if not torch.isfinite(loss):
+    device = batch.x0.device
+    generator = torch.Generator(device=device).manual_seed(batch.seed)
+    with autocast(device, precision):
+        loss = step_loss(batch.x0, batch.emb, generator, batch.rows)
+    if batch.weight != 1.0:
+        loss = loss * batch.weight
+    if device.type == "cpu" and not torch.isfinite(loss):  # on CUDA: checked when logged
         raise FloatingPointError(f"non-finite training loss {float(loss)}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = None
     if config.grad_clip > 0:
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        params = [p for p in step_loss.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
-    return float(loss.detach()), grad_norm
-
-
-# ---- data -------------------------------------------------------------------------------------
-class BatchOrder:
-    """Which training rows make up each batch.
-
-    The rows form an endless stream of per-epoch permutations (epoch e shuffled with a generator
-    seeded by (seed, e)); batch s is the slice [s * n, (s + 1) * n) of that stream. The data
-    order is therefore a pure function of the step, which is what makes resume exact.
-    """
-
-    def __init__(self, num_rows: int, rows_per_batch: int, seed: int):
-        if num_rows < 1:
-            raise ValueError("no training rows")
-        self.num_rows, self.rows_per_batch, self.seed = num_rows, rows_per_batch, seed
-        self._cached: tuple[int, torch.Tensor] | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.num_rows, generator=g))
-        return self._cached[1]
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, offset within the epoch) where batch ``step`` starts."""
-        return divmod(step * self.rows_per_batch, self.num_rows)
-
-    def indices(self, step: int) -> torch.Tensor:
-        start, stop = step * self.rows_per_batch, (step + 1) * self.rows_per_batch
-        pieces = []
-        while start < stop:
-            epoch, offset = divmod(start, self.num_rows)
-            take = min(stop - start, self.num_rows - offset)
-            pieces.append(self.permutation(epoch)[offset : offset + take])
-            start += take
-        return torch.cat(pieces)
-
-
-def assemble_batch(
-    x0: torch.Tensor,
-    emb: torch.Tensor,
-    rows: torch.Tensor,
-    prior_x0: torch.Tensor | None,
-    prior_rows: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training rows ``rows`` plus ``prior_rows`` prior locations drawn with replacement under
-    the null (all-zero) embedding: -> (x0 (B, 3), emb (B, D))."""
-    bx, be = x0[rows], emb[rows]
-    if prior_rows == 0 or prior_x0 is None:
-        return bx, be
-    pick = torch.randint(len(prior_x0), (prior_rows,), generator=generator)
-    null = torch.zeros(prior_rows, emb.shape[1], dtype=emb.dtype)
-    return torch.cat([bx, prior_x0[pick]]), torch.cat([be, null])
-
-
-def _to_unit(latlon: torch.Tensor) -> torch.Tensor:
-    return latlon_to_unit(torch.as_tensor(latlon, dtype=torch.float64)).to(torch.float32)
+    return loss.detach(), grad_norm
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -359,42 +423,41 @@ def build_model(config: TrainConfig, cond_dim: int) -> GeoModel:
 # ---- validation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(
-    model: GeoModel,
-    val_x0: torch.Tensor,
-    val_emb: torch.Tensor,
-    val_latlon: torch.Tensor,
-    config: TrainConfig,
+    model: GeoModel, val: ValidationRows, config: TrainConfig, precision: str = "fp32"
 ) -> dict:
-    """Mean loss on a fixed subset of the validation set (fixed noise, no condition dropout) and
-    the GeoScore / median km of the best guess from a few guided samples on a fixed subset."""
+    """Mean loss on the first ``val_loss_rows`` validation rows (fixed noise, no condition
+    dropout) and the GeoScore / median km of the best guess from a few guided samples on the
+    first ``val_geo_rows`` rows."""
     was_training = model.training
     model.eval()
     drop = getattr(model, "cond_drop_prob", None)
     if drop is not None:
         model.cond_drop_prob = 0.0
+    device = val.x0.device
     try:
-        fixed = torch.randperm(len(val_x0), generator=torch.Generator().manual_seed(config.seed))
-        rows = fixed[: config.val_loss_rows]
-        g = torch.Generator().manual_seed(config.seed + 1)
+        n = min(config.val_loss_rows, len(val.x0))
+        g = torch.Generator(device=device).manual_seed(config.seed + 1)
         total, count = 0.0, 0
-        for i in range(0, len(rows), config.batch_size):
-            r = rows[i : i + config.batch_size]
-            total += float(model.loss(val_x0[r], val_emb[r], generator=g)) * len(r)
-            count += len(r)
-        rows = fixed[: config.val_geo_rows]
-        g = torch.Generator().manual_seed(config.seed + 2)
+        with autocast(device, precision):
+            for i in range(0, n, config.batch_size):
+                r = slice(i, min(n, i + config.batch_size))
+                total += float(model.loss(val.x0[r], val.emb[r], generator=g)) * (r.stop - i)
+                count += r.stop - i
+        n = min(config.val_geo_rows, len(val.x0))
+        g = torch.Generator(device=device).manual_seed(config.seed + 2)
         km = []
-        for i in range(0, len(rows), 256):
-            r = rows[i : i + 256]
+        for i in range(0, n, 256):
+            r = slice(i, min(n, i + 256))
             samples = model.sample(
-                val_emb[r],
+                val.emb[r],
                 num_samples=config.val_num_samples,
                 steps=config.val_sample_steps,
                 guidance=config.val_guidance,
                 generator=g,
+                precision=precision,
             )
-            km.append(haversine_km(best_guess(samples).double(), val_latlon[r].double()))
-        km = torch.cat(km)
+            km.append(haversine_km(best_guess(samples).double(), val.latlon[r].double()))
+        km = torch.cat(km).cpu()
     finally:
         if drop is not None:
             model.cond_drop_prob = drop
@@ -406,304 +469,318 @@ def validate(
     }
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, write: Callable[[Path], None]) -> None:
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def save_checkpoint(
-    directory: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    generator: torch.Generator,
-    state: dict,
-) -> None:
-    """Write the full training state to ``directory`` atomically.
-
-    Written to a temporary sibling first; the old checkpoint is moved aside and removed only
-    after the new one is in place, so a kill at any moment leaves one complete checkpoint.
-    """
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    optim_json = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        for idx, slots in sd["state"].items():
-            for name, value in slots.items():
-                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
-        optim_json = {
-            "param_groups": sd["param_groups"],
-            "slots": {str(i): sorted(s) for i, s in sd["state"].items()},
-        }
-    tensors["rng.batch"] = generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-    tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_synced(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    payload = json.dumps({**state, "optimizer": optim_json}, indent=1)
-    _write_synced(tmp / STATE_JSON, lambda p: p.write_text(payload + "\n"))
-    _fsync_dir(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(directory: Path) -> Path | None:
-    """The complete checkpoint in ``directory`` (or its ``.old`` sibling after a kill mid-swap)."""
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / STATE_JSON).is_file() and (candidate / STATE_TENSORS).is_file():
-            return candidate
-    return None
-
-
-def load_checkpoint(
-    directory: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    generator: torch.Generator,
-) -> dict:
-    """Restore everything :func:`save_checkpoint` wrote; returns the JSON state, plus the global
-    torch RNG state under ``"torch_rng"`` (the caller decides where to install it)."""
-    state = json.loads((directory / STATE_JSON).read_text())
-    tensors = load_file(str(directory / STATE_TENSORS))
-
-    def section(prefix: str) -> dict:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    model.load_state_dict(section("model."))
-    ema.load_state_dict(section("ema."))
-    optim_json = state.pop("optimizer")
-    if optimizer is not None:
-        slots = {
-            int(i): {name: tensors[f"optim.{i}.{name}"] for name in names}
-            for i, names in optim_json["slots"].items()
-        }
-        groups = optim_json["param_groups"]
-        for group in groups:
-            group["betas"] = tuple(group["betas"])
-        optimizer.load_state_dict({"state": slots, "param_groups": groups})
-    generator.set_state(tensors["rng.batch"])
-    state["torch_rng"] = tensors["rng.torch"]
-    return state
-
-
 # ---- the job ------------------------------------------------------------------------------------
-def _data_stats(latlon: torch.Tensor, emb: torch.Tensor) -> dict:
-    return {
-        "rows": int(len(latlon)),
-        "embedding_dim": int(emb.shape[1]),
-        "embedding_mean_norm": float(emb.norm(dim=1).mean()) if len(emb) else 0.0,
-        "lat_range": [float(latlon[:, 0].min()), float(latlon[:, 0].max())] if len(latlon) else [],
-        "lon_range": [float(latlon[:, 1].min()), float(latlon[:, 1].max())] if len(latlon) else [],
-    }
-
-
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _RESUME_MUTABLE}
 
 
-def _rewrite_metrics(path: Path, up_to_step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= up_to_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line torn by the kill
-    path.write_text("".join(k + "\n" for k in keep))
+def _append_log(out: Path, message: str) -> None:
+    with open(out / LOG_NAME, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
-def train(
-    config: TrainConfig,
-    train_emb: torch.Tensor,
-    train_latlon: torch.Tensor,
-    val_emb: torch.Tensor | None,
-    val_latlon: torch.Tensor | None,
-    out_dir: str | os.PathLike,
-    progress: bool = True,
-    resume: bool = True,
-    encoder: str | None = None,
-    metadata: dict | None = None,
-) -> TrainResult:
-    """Train ``config.family`` on embeddings (N, D) with coordinates (N, 2) in degrees.
+class _LossTally:
+    """The training loss since the last validation and since the last log line.
 
-    With ``resume`` and a checkpoint in ``out_dir``, training continues exactly where it
-    stopped (the config must match, except max_steps and the bookkeeping intervals). Without a
-    validation set (``val_emb`` None or empty) no ``best/`` model is kept.
+    Each step adds this process's weighted loss to a tensor on the device (no wait for the
+    device); :meth:`sync`, called by every process at the same steps, sums it over the
+    processes, checks it is finite and moves it into the running means.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_emb = torch.as_tensor(train_emb, dtype=torch.float32)
-    train_latlon = torch.as_tensor(train_latlon, dtype=torch.float64)
-    if train_emb.dim() != 2 or train_latlon.shape != (len(train_emb), 2):
-        raise ValueError("train_emb must be (N, D) and train_latlon (N, 2)")
-    if not torch.isfinite(train_latlon).all():
-        raise ValueError("train_latlon holds non-finite coordinates; drop those rows first")
-    has_val = val_emb is not None and val_latlon is not None and len(val_emb) > 0
-    if has_val:
-        val_emb = torch.as_tensor(val_emb, dtype=torch.float32)
-        val_latlon = torch.as_tensor(val_latlon, dtype=torch.float64)
-        val_x0 = _to_unit(val_latlon)
-    train_x0 = _to_unit(train_latlon)
-    prior_x0 = _to_unit(config.prior_latlon) if config.prior_rows else None
-    cond_dim = train_emb.shape[1]
 
-    model = build_model(config, cond_dim)
-    model.train()
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    order = BatchOrder(len(train_x0), config.batch_size - config.prior_rows, config.seed)
+    def __init__(self, place: Placement, loss_sum: float = 0.0, loss_count: int = 0):
+        self.place = place
+        self.loss_sum, self.loss_count = loss_sum, loss_count
+        self._window_sum, self._window_count = 0.0, 0
+        self._pending: torch.Tensor | None = None
+        self._pending_steps = 0
 
-    log_file = open(out / LOG_NAME, "a", buffering=1)  # noqa: SIM115 - closed in finally
+    def add(self, weighted_loss: torch.Tensor) -> None:
+        value = weighted_loss.double()
+        self._pending = value if self._pending is None else self._pending + value
+        self._pending_steps += 1
 
-    def log(message: str) -> None:
-        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    def sync(self, step: int) -> None:
+        if self._pending is None:
+            return
+        total = float(self.place.sum(self._pending)) / self.place.world_size
+        if not math.isfinite(total):
+            raise FloatingPointError(f"non-finite training loss in the steps up to {step}")
+        self.loss_sum += total
+        self.loss_count += self._pending_steps
+        self._window_sum += total
+        self._window_count += self._pending_steps
+        self._pending, self._pending_steps = None, 0
 
-    config_json = json.loads(json.dumps(config.to_dict()))
-    base_meta = {
-        "encoder": encoder,
-        "training": config_json,
-        "data": {
-            "train": _data_stats(train_latlon, train_emb),
-            "val": _data_stats(val_latlon, val_emb) if has_val else None,
-            "prior_points": config_json["prior_points"],
-        },
-        **(metadata or {}),
-    }
-    step, best, best_metrics, last_metrics = 0, -math.inf, None, None
-    # The global RNG only feeds network dropout; seeded here so that fresh runs are reproducible.
-    torch_rng = torch.Generator().manual_seed(config.seed + 3).get_state()
-    loss_sum, loss_count = 0.0, 0
-    ckpt_dir = out / CHECKPOINT_DIR
-    found = find_checkpoint(ckpt_dir) if resume else None
-    if found is not None:
-        saved = json.loads((found / STATE_JSON).read_text())["config"]
-        if _comparable(saved) != _comparable(config_json):
-            diff = sorted(
-                k
-                for k in set(saved) | set(config_json)
-                if k not in _RESUME_MUTABLE and saved.get(k) != config_json.get(k)
-            )
-            raise ValueError(
-                f"{out}: checkpoint was written with a different config ({', '.join(diff)}); "
-                "use another output directory or resume=False"
-            )
-        state = load_checkpoint(found, model, ema, optimizer, generator)
-        step, best = state["step"], state["best_geoscore"]
-        best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        torch_rng = state["torch_rng"]
-        _rewrite_metrics(out / METRICS_NAME, step)
-        log(f"resumed from {found} at step {step}")
-        if saved["max_steps"] != config.max_steps:
-            log(f"max_steps {saved['max_steps']} -> {config.max_steps}: the cosine decay changes")
-    else:
-        # A fresh start must not mix with the outputs of an earlier (or never checkpointed) run.
-        (out / METRICS_NAME).unlink(missing_ok=True)
-        for name in (CHECKPOINT_DIR, "best", "final"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        log(f"start {config.family}: {json.dumps(config_json)}")
-        log(f"data: {json.dumps(base_meta['data'])}")
-    if optimizer is None:
-        step = config.max_steps  # nothing to learn (uniform baseline)
+    def window_mean(self) -> float | None:
+        """Mean loss since the previous call (synced steps only)."""
+        mean = self._window_sum / self._window_count if self._window_count else None
+        self._window_sum, self._window_count = 0.0, 0
+        return mean
 
-    def run_validation() -> None:
-        nonlocal best, best_metrics, last_metrics, loss_sum, loss_count
-        metrics = {
-            "step": step,
-            "train_loss": loss_sum / loss_count if loss_count else None,
-            "lr": learning_rate(max(step - 1, 0), config),
-        }
-        if has_val:
-            metrics.update(validate(ema, val_x0, val_emb, val_latlon, config))
-        loss_sum, loss_count = 0.0, 0
-        last_metrics = metrics
-        with open(out / METRICS_NAME, "a") as f:
-            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
-        log("validation " + json.dumps(metrics))
-        if has_val and metrics["val_geoscore"] > best:
-            best, best_metrics = metrics["val_geoscore"], metrics
-            save_model(ema, out / "best", {**base_meta, "validation": metrics, "step": step})
+    def validation_mean(self) -> float | None:
+        """Mean loss since the previous call (synced steps only)."""
+        mean = self.loss_sum / self.loss_count if self.loss_count else None
+        self.loss_sum, self.loss_count = 0.0, 0
+        return mean
 
-    def checkpoint() -> None:
-        state = {
-            "step": step,
-            "epoch_position": list(order.position(step)),
-            "batch_seed": config.seed,
-            "best_geoscore": best,
-            "best_metrics": best_metrics,
-            "last_metrics": last_metrics,
-            "loss_sum": loss_sum,
-            "loss_count": loss_count,
-            "config": config_json,
-        }
-        save_checkpoint(ckpt_dir, model, ema, optimizer, generator, state)
 
-    bar = _progress_bar(config.max_steps, step, progress)
-    shown_loss = None
-    # fork_rng: the caller's global RNG state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(torch_rng)
-        try:
-            while step < config.max_steps:
-                lr = learning_rate(step, config)
-                x0, emb = assemble_batch(
-                    train_x0, train_emb, order.indices(step), prior_x0, config.prior_rows, generator
+def _data_fingerprint(
+    data: InMemoryRows | StreamedRows, val: ValidationRows | None, config: TrainConfig
+) -> str:
+    """What the run learns from: training rows, validation rows and prior locations."""
+    parts = (
+        data.fingerprint(),
+        val.fingerprint if val else "-",
+        tensor_fingerprint(config.prior_latlon),
+    )
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+
+def _in_background(fn: Callable, *args) -> Future:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="globeflow")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _resume_problem(
+    found: Path, config_json: dict, fingerprint: str, out: Path
+) -> tuple[dict | None, str | None]:
+    """(saved state, None) when the checkpoint can be resumed with this config and data, else
+    (None, the reason)."""
+    saved_state = json.loads((found / "state.json").read_text())
+    saved = saved_state["config"]
+    if _comparable(saved) != _comparable(config_json):
+        diff = sorted(
+            k
+            for k in set(saved) | set(config_json)
+            if k not in _RESUME_MUTABLE and saved.get(k) != config_json.get(k)
+        )
+        return None, (
+            f"{out}: checkpoint was written with a different config ({', '.join(diff)}); "
+            "use another output directory or start afresh (--restart, resume=False)"
+        )
+    old = saved_state.get("data_fingerprint")
+    if old is not None and old != fingerprint:
+        return None, (
+            f"{out}: checkpoint was trained on different data (fingerprint {old}, now "
+            f"{fingerprint}): the embedding store, the validation split or the prior locations "
+            "changed; use another output directory or start afresh (--restart, resume=False)"
+        )
+    return saved_state, None
+
+
+class _Run:
+    """One training run as seen by one process: model, optimiser, step and bookkeeping; rank 0
+    also holds the EMA and writes every output."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: InMemoryRows | StreamedRows,
+        val: ValidationRows | None,
+        out: Path,
+        place: Placement,
+        runtime: Runtime,
+        meta: dict,
+    ) -> None:
+        self.config, self.data, self.out, self.place, self.runtime = (
+            config, data, out, place, runtime,
+        )  # fmt: skip
+        self.main = place.is_main
+        self.model = build_model(config, data.dim).to(place.device)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if self.main else None
+        self.optimizer = make_optimizer(self.model, config)
+        self.config_json = json.loads(json.dumps(config.to_dict()))
+        # Hashing in-memory rows takes ~2 s per GB: done in a thread (hashlib releases the
+        # GIL) while training starts; only a checkpoint or a resume needs the result.
+        self._fingerprint = _in_background(_data_fingerprint, data, val, config)
+        self.val = val.to(place.device) if self.main and val is not None else None
+        self.has_val = val is not None
+        self.meta = {**meta, "training": self.config_json}
+        if self.main:
+            self.meta["data"] = {
+                "train": data.stats(),
+                "val": val.stats if val is not None else None,
+                "prior_points": self.config_json["prior_points"],
+            }
+        self.step, self.best, self.best_metrics, self.last_metrics = 0, -math.inf, None, None
+        self.tally = _LossTally(place)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint.result()
+
+    def say(self, message: str) -> None:
+        if self.main:
+            _append_log(self.out, message)
+
+    def start(self, resume: bool) -> None:
+        """Resume from the checkpoint in the run directory (same config and data, or a clear
+        error on every process), or start afresh, removing an earlier run's outputs."""
+        out, place = self.out, self.place
+        found = place.broadcast(
+            find_checkpoint(out / CHECKPOINT_DIR) if self.main and resume else None
+        )
+        if found is None:
+            if self.main:
+                (out / METRICS_NAME).unlink(missing_ok=True)
+                for name in (CHECKPOINT_DIR, "best", "final"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+            self.say(f"start {self.config.family}: {json.dumps(self.config_json)}")
+            self.say(f"data: {json.dumps(self.meta.get('data'))}")
+        else:
+            saved, problem = (None, None)
+            if self.main:
+                saved, problem = _resume_problem(found, self.config_json, self.fingerprint, out)
+            problem = place.broadcast(problem)
+            if problem:
+                raise ValueError(problem)
+            state = load_checkpoint(found, self.model, self.ema, self.optimizer)
+            self.step, self.best = state["step"], state["best_geoscore"]
+            self.best_metrics, self.last_metrics = state["best_metrics"], state["last_metrics"]
+            self.tally = _LossTally(place, state["loss_sum"], state["loss_count"])
+            if self.main:
+                rewrite_metrics(out / METRICS_NAME, self.step)
+                self.say(
+                    f"resumed from {found} at step {self.step} with {place.world_size} process(es)"
                 )
-                value, grad_norm = train_step(model, optimizer, x0, emb, generator, lr, config)
-                update_ema(ema, model, ema_decay_at(step, config.ema_decay))
-                step += 1
-                loss_sum, loss_count = loss_sum + value, loss_count + 1
-                shown_loss = value if shown_loss is None else 0.95 * shown_loss + 0.05 * value
+                before = saved["config"]["max_steps"]
+                if before != self.config.max_steps:
+                    self.say(
+                        f"max_steps {before} -> {self.config.max_steps}: the cosine decay changes"
+                    )
+        if self.optimizer is None:
+            self.step = self.config.max_steps  # nothing to learn (uniform baseline)
 
-                if step % config.log_every == 0:
-                    log(f"step {step} loss {value:.5f} lr {lr:.3e} grad_norm {grad_norm}")
-                if step % config.val_every == 0 or step == config.max_steps:
-                    run_validation()
-                if step % config.checkpoint_every == 0 or step == config.max_steps:
-                    checkpoint()
-                bar.update(1)
-                if step % 10 == 0 or step == config.max_steps:
-                    postfix = {"loss": f"{shown_loss:.4f}", "lr": f"{lr:.2e}"}
-                    if last_metrics and last_metrics.get("val_geoscore") is not None:
-                        postfix["val_geoscore"] = f"{last_metrics['val_geoscore']:.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-            if last_metrics is None or last_metrics["step"] != step:
-                run_validation()  # a run with nothing to train, or resumed after its last step
-            final_dir = save_model(
-                ema, out / "final", {**base_meta, "validation": last_metrics, "step": step}
-            )
-            log(f"done at step {step}; final model in {final_dir}")
-        finally:
-            bar.close()
-            log_file.close()
-    best_dir = out / "best" if has_val and (out / "best").is_dir() else None
-    return TrainResult(out, final_dir, best_dir, step, last_metrics or {}, best_metrics)
+    def validation(self) -> None:
+        """Rank 0: metrics line, log line and, when the GeoScore improves, the ``best`` model."""
+        metrics = {
+            "step": self.step,
+            "train_loss": self.tally.validation_mean(),
+            "lr": learning_rate(max(self.step - 1, 0), self.config),
+        }
+        if self.val is not None:
+            metrics.update(validate(self.ema, self.val, self.config, self.runtime.precision))
+        self.last_metrics = metrics
+        with open(self.out / METRICS_NAME, "a") as f:
+            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        self.say("validation " + json.dumps(metrics))
+        if self.val is not None and metrics["val_geoscore"] > self.best:
+            self.best, self.best_metrics = metrics["val_geoscore"], metrics
+            self.save(self.out / "best", metrics)
+
+    def checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "world_size": self.place.world_size,
+            "best_geoscore": self.best,
+            "best_metrics": self.best_metrics,
+            "last_metrics": self.last_metrics,
+            "loss_sum": self.tally.loss_sum,
+            "loss_count": self.tally.loss_count,
+            "config": self.config_json,
+            "data_fingerprint": self.fingerprint,
+        }
+        save_checkpoint(self.out / CHECKPOINT_DIR, self.model, self.ema, self.optimizer, state)
+
+    def save(self, directory: Path, metrics: dict | None) -> Path:
+        return save_model(
+            self.ema, directory, {**self.meta, "validation": metrics, "step": self.step}
+        )
+
+    def train(self, progress: bool) -> TrainResult:
+        """Steps up to ``max_steps``, then the final model; every process returns the result."""
+        config, place = self.config, self.place
+        trainer = _trainer(self.model, place, self.runtime, self.optimizer is not None)
+        more = self.step < config.max_steps
+        batches = _batch_feed(self.data, self.step, place, self.runtime) if more else iter(())
+        bar = _progress_bar(config.max_steps, self.step, progress and self.main)
+        rng_devices = [place.device] if place.device.type == "cuda" else []
+        # fork_rng: the caller's global RNG state is left as it was.
+        with torch.random.fork_rng(devices=rng_devices):
+            try:
+                while self.step < config.max_steps:
+                    self.one_step(trainer, next(batches), bar)
+                final_dir = self.out / "final"
+                if self.main:
+                    if self.last_metrics is None or self.last_metrics["step"] != self.step:
+                        self.validation()  # nothing to train, or resumed after the last step
+                    self.save(final_dir, self.last_metrics)
+                    self.say(f"done at step {self.step}; final model in {final_dir}")
+            finally:
+                if isinstance(batches, Prefetcher):
+                    batches.close()
+                bar.close()
+        place.barrier()  # the other processes return once rank 0 has written the final model
+        best = self.out / "best"
+        best_dir = best if self.has_val and best.is_dir() else None
+        metrics = self.last_metrics or {}
+        return TrainResult(self.out, final_dir, best_dir, self.step, metrics, self.best_metrics)
+
+    def one_step(self, trainer: nn.Module, batch: Batch, bar) -> None:
+        """One optimiser update, the EMA, and the bookkeeping due after it."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        if config.dropout > 0:  # the global RNG feeds dropout only
+            torch.manual_seed(derived_seed(config.seed, "dropout", self.step, self.place.rank))
+        weighted, grad_norm = train_step(
+            trainer, self.optimizer, batch, lr, config, self.runtime.precision
+        )
+        if self.ema is not None:
+            update_ema(self.ema, self.model, ema_decay_at(self.step, config.ema_decay))
+        self.step += 1
+        self.tally.add(weighted)
+        at_log = self.step % config.log_every == 0
+        at_val = self.step % config.val_every == 0 or self.step == config.max_steps
+        at_ckpt = self.step % config.checkpoint_every == 0 or self.step == config.max_steps
+        if at_log or at_val or at_ckpt:
+            self.tally.sync(self.step)  # every process, at the same steps
+        if not self.main:
+            return
+        if at_log:
+            norm = None if grad_norm is None else float(grad_norm)
+            shown = self.tally.window_mean()
+            self.say(f"step {self.step} loss {shown:.5f} lr {lr:.3e} grad_norm {norm}")
+            bar.set_postfix({"loss": f"{shown:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
+        if at_val:
+            self.validation()
+        if at_ckpt:
+            self.checkpoint()
+        bar.update(1)
+
+
+def _trainer(model: GeoModel, place: Placement, runtime: Runtime, trainable: bool) -> nn.Module:
+    """The module each step calls: the loss (compiled network if asked), under DDP when several
+    processes train."""
+    if runtime.compile and isinstance(model, DenoisingModel):
+        model.network.compile()  # in place: parameter names (and checkpoints) are unchanged
+    step_loss = StepLoss(model)
+    if not (place.distributed and trainable):
+        return step_loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [place.device.index] if place.device.type == "cuda" else None
+    return DistributedDataParallel(step_loss, device_ids=ids)
+
+
+def _batch_feed(data, start_step: int, place: Placement, runtime: Runtime):
+    """Batches from ``start_step`` on, on the device: prepared in a background thread when
+    streaming or on CUDA (unless ``runtime.prefetch`` says otherwise), else inline."""
+    batches = data.batches(start_step, place)
+    prefetch = runtime.prefetch
+    if prefetch is None:
+        prefetch = isinstance(data, StreamedRows) or place.device.type == "cuda"
+    if prefetch:
+        return Prefetcher(batches, place.device)
+    if place.device.type == "cpu":
+        return batches
+    return (
+        dataclasses.replace(b, x0=b.x0.to(place.device), emb=b.emb.to(place.device))
+        for b in batches
+    )
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -720,60 +797,179 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     )
 
 
+def train(
+    config: TrainConfig,
+    train_emb: torch.Tensor,
+    train_latlon: torch.Tensor,
+    val_emb: torch.Tensor | None,
+    val_latlon: torch.Tensor | None,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    resume: bool = True,
+    encoder: str | None = None,
+    metadata: dict | None = None,
+    runtime: Runtime | None = None,
+) -> TrainResult:
+    """Train ``config.family`` on embeddings (N, D) with coordinates (N, 2) in degrees.
+
+    With ``resume`` and a checkpoint in ``out_dir``, training continues exactly where it
+    stopped (the config and data must match, except max_steps and the bookkeeping intervals).
+    Without a validation set (``val_emb`` None or empty) no ``best/`` model is kept. Under
+    ``torchrun`` every process calls this with the same arguments.
+    """
+    runtime = runtime or Runtime()
+    place = join_process_group(runtime.device)
+    try:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
+        data = InMemoryRows(
+            train_emb, train_latlon, config.batch_size, prior_x0, config.prior_rows, config.seed
+        )
+        val = None
+        if val_emb is not None and val_latlon is not None and len(val_emb) > 0:
+            val = ValidationRows.select(val_emb, val_latlon, _validation_rows(config), config.seed)
+        run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
+        run.start(resume)
+        return run.train(progress)
+    finally:
+        leave_process_group(place)
+
+
+def _validation_rows(config: TrainConfig) -> int:
+    return max(config.val_loss_rows, config.val_geo_rows)
+
+
 # ---- from an embedding store ------------------------------------------------------------------
-def split_rows(
-    authors: list[str] | None, num_rows: int, fraction: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, val rows). Grouped by author when authors are known (no author on both
-    sides, so the validation score is not inflated by near-duplicate photos of one
-    photographer); rows without an author are their own group. Else a plain random split."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
-    g = torch.Generator().manual_seed(seed)
-    named = authors is not None and len({a for a in authors if a}) >= 2
-    if not named:
-        perm = torch.randperm(num_rows, generator=g)
-        n_val = max(1, int(round(fraction * num_rows))) if num_rows > 1 else 0
-        return perm[n_val:].sort().values, perm[:n_val].sort().values
-    keys = [a if a else f"\0row{i}" for i, a in enumerate(authors)]
-    groups = sorted(set(keys))
-    perm = torch.randperm(len(groups), generator=g).tolist()
-    n_val = max(1, int(round(fraction * len(groups))))
-    val_groups = {groups[i] for i in perm[:n_val]}
-    is_val = torch.tensor([k in val_groups for k in keys], dtype=torch.bool)
-    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
-
-
-def read_prior_locations(path: str | os.PathLike) -> torch.Tensor:
-    """(M, 2) degrees from a CSV with LAT/LON (or lat/lon, latitude/longitude) columns;
-    rows with missing or out-of-range coordinates are skipped."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        names = {n.strip().lower(): n for n in reader.fieldnames or []}
-        lat_col = next((names[n] for n in ("lat", "latitude") if n in names), None)
-        lon_col = next((names[n] for n in ("lon", "lng", "long", "longitude") if n in names), None)
-        if lat_col is None or lon_col is None:
-            raise ValueError(f"{path}: need LAT and LON columns, found {reader.fieldnames}")
-        rows = []
-        for row in reader:
-            try:
-                lat, lon = float(row[lat_col]), float(row[lon_col])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180:
-                rows.append((lat, lon))
-    if not rows:
-        raise ValueError(f"{path}: no valid coordinates")
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 def _located(table, name: str, say: Callable[[str], None]):
+    """Rows with coordinates: (embeddings, lat/lon, authors); clear errors for unusable data."""
     keep = torch.isfinite(table.latlon).all(dim=1)
     dropped = int((~keep).sum())
+    if dropped == len(keep):
+        raise ValueError(f"{name}: none of its {len(keep)} rows has coordinates (lat/lon)")
     if dropped:
         say(f"{name}: dropped {dropped} of {len(keep)} rows without coordinates")
     idx = keep.nonzero().flatten()
-    return table.embeddings[idx], table.latlon[idx], [table.authors[i] for i in idx.tolist()]
+    emb = table.embeddings[idx]
+    bad = nonfinite_rows(emb)
+    if len(bad):
+        first = table.ids[int(idx[bad[0]])]
+        raise ValueError(
+            f"{name}: {len(bad)} row(s) have non-finite embeddings (first: {first!r}); "
+            "re-embed those photos or drop them"
+        )
+    return emb, table.latlon[idx], [table.authors[i] for i in idx.tolist()]
+
+
+def _parse_val_split(val_split: str | float, val_fraction: float) -> tuple[str, float | None]:
+    """('author', fraction), ('fraction', fraction) or ('store', None); a clear error else."""
+    if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction!r}")
+    split = str(val_split)
+    if split == "author":
+        return "author", float(val_fraction)
+    try:
+        fraction = float(split)
+    except ValueError:
+        if not Path(split).exists():
+            raise ValueError(
+                f"--val-split {split!r}: not 'author', a fraction in (0, 1), or an existing "
+                "embedding store"
+            ) from None
+        return "store", None
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-split must be a fraction in (0, 1), got {split}")
+    return "fraction", fraction
+
+
+def _in_memory_inputs(store: Path, split: tuple, config: TrainConfig, say):
+    """(training rows, validation rows, encoder name, description), the store in memory."""
+    from globeflow.data.embedding_store import read_embeddings, store_fingerprint
+
+    kind, fraction, val_store = split
+    table = read_embeddings(store)
+    emb, latlon, authors = _located(table, str(store), say)
+    # The training rows are a function of the store, the split and the seed (in the config):
+    # fingerprinting those costs milliseconds, hashing the rows seconds per GB.
+    source = f"{store_fingerprint(store)}:{kind}:{fraction}"
+    if kind == "store":
+        val_table = read_embeddings(val_store)
+        if val_table.dim != table.dim:
+            raise ValueError(f"{val_store}: embedding dim {val_table.dim} != {table.dim}")
+        if val_table.encoder_name != table.encoder_name:
+            say(f"warning: validation encoder {val_table.encoder_name} != {table.encoder_name}")
+        val_emb, val_latlon, _ = _located(val_table, str(val_store), say)
+        how = f"validation store {val_store}"
+    else:
+        grouped = kind == "author" and len({a for a in authors if a}) >= 2
+        tr, va = split_rows(authors if grouped else None, len(emb), fraction, config.seed)
+        emb, latlon, val_emb, val_latlon = emb[tr], latlon[tr], emb[va], latlon[va]
+        how = f"{'author-grouped' if grouped else 'random'} split, fraction {fraction}"
+    if len(emb) == 0:
+        raise ValueError(f"{store}: no training rows left after the validation split")
+    prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
+    data = InMemoryRows(
+        emb, latlon, config.batch_size, prior_x0, config.prior_rows, config.seed, source
+    )
+    val = None
+    if len(val_emb):
+        val = ValidationRows.select(val_emb, val_latlon, _validation_rows(config), config.seed)
+    return data, val, table.encoder_name, how
+
+
+def _streamed_inputs(store: Path, split: tuple, config: TrainConfig, buffer_rows: int, say):
+    """(training rows streamed from the store, validation rows in memory, encoder name,
+    description)."""
+    from globeflow.data.embedding_store import read_embeddings, store_fingerprint
+    from globeflow.data.embedding_stream import hold_out, list_row_groups
+    from globeflow.jobs.train_data import read_group_rows
+
+    kind, fraction, val_store = split
+    groups, encoder, dim = list_row_groups(store)
+    needed = _validation_rows(config)
+    if kind == "store":
+        val_table = read_embeddings(val_store)
+        if val_table.dim != dim:
+            raise ValueError(f"{val_store}: embedding dim {val_table.dim} != {dim}")
+        val_emb, val_latlon, _ = _located(val_table, str(val_store), say)
+        how = f"validation store {val_store}"
+    else:
+        total = sum(g.rows for g in groups)
+        groups, held = hold_out(groups, min(needed, math.ceil(fraction * total)), config.seed)
+        val_emb, val_latlon = read_group_rows(held, dim)
+        how = (
+            f"{len(held)} held-out row groups ({len(val_emb)} rows with coordinates; a "
+            "streamed store is split by row group, not by author)"
+        )
+    prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
+    data = StreamedRows(
+        groups,
+        dim,
+        config.batch_size,
+        prior_x0,
+        config.prior_rows,
+        config.seed,
+        buffer_rows,
+        store_fingerprint(store),
+    )
+    val = None
+    if len(val_emb):
+        val = ValidationRows.select(val_emb, val_latlon, needed, config.seed)
+    return data, val, encoder, how
+
+
+def _on_main(place: Placement, work: Callable[[], object]):
+    """Run ``work`` on rank 0 and hand its result (or its error) to every process."""
+    outcome = None
+    if place.is_main:
+        try:
+            outcome = ("ok", work())
+        except (ValueError, OSError) as exc:
+            outcome = ("error", str(exc))
+    outcome = place.broadcast(outcome)
+    if outcome[0] == "error":
+        raise ValueError(outcome[1])
+    return outcome[1]
 
 
 def train_from_embeddings(
@@ -786,79 +982,70 @@ def train_from_embeddings(
     prior_fraction: float = 0.25,
     progress: bool = True,
     resume: bool = True,
+    exclude_authors: str | os.PathLike | None = None,
+    stream: bool = False,
+    shuffle_buffer_rows: int = 65536,
+    runtime: Runtime | None = None,
     **overrides,
 ) -> TrainResult:
-    """The ``globeflow train`` job: read an embedding store, split it, train.
+    """The ``globeflow train`` job: read an embedding store, split it, train (under ``torchrun``
+    on every process).
 
     ``val_split``: "author" (author-grouped split of ``val_fraction`` of the authors, or a random
     split when the store has no authors), a fraction (random split), or the path of a second
     embedding store used as the validation set. ``prior_locations``: CSV of extra unlabelled
     locations mixed into each batch (``prior_fraction``) under the null condition.
-    ``overrides``: any :class:`TrainConfig` field.
+    ``exclude_authors``: text file of authors whose rows are left out (a filtered copy of the
+    store is kept in the run directory and rebuilt when its inputs change). ``stream``: read the
+    store row group by row group through a shuffle buffer of ``shuffle_buffer_rows`` rows instead
+    of loading it (stores larger than memory; validation is then a set of held-out row groups
+    unless ``val_split`` names a store). ``overrides``: any :class:`TrainConfig` field.
     """
-    from globeflow.data.embedding_store import read_embeddings
-
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"family", "prior_latlon"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def say(message: str) -> None:
-        print(message, file=sys.stderr)
-        with open(out / LOG_NAME, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-    table = read_embeddings(embeddings_path)
-    emb, latlon, authors = _located(table, str(embeddings_path), say)
-    seed = overrides.get("seed", 0)
-    split = str(val_split)
-    if split != "author" and not _is_float(split):
-        val_table = read_embeddings(split)
-        if val_table.dim != table.dim:
-            raise ValueError(f"{split}: embedding dim {val_table.dim} != {table.dim}")
-        if val_table.encoder_name != table.encoder_name:
-            say(f"warning: validation encoder {val_table.encoder_name} != {table.encoder_name}")
-        val_emb, val_latlon, _ = _located(val_table, split, say)
-        train_emb, train_latlon = emb, latlon
-        how = f"validation store {split}"
-    else:
-        fraction = val_fraction if split == "author" else float(split)
-        grouped = split == "author" and len({a for a in authors if a}) >= 2
-        tr, va = split_rows(authors if grouped else None, len(emb), fraction, seed)
-        train_emb, train_latlon = emb[tr], latlon[tr]
-        val_emb, val_latlon = emb[va], latlon[va]
-        how = f"{'author-grouped' if grouped else 'random'} split, fraction {fraction}"
-    say(f"train {len(train_emb)} rows, validation {len(val_emb)} rows ({how})")
-
-    prior = None
-    if prior_locations is not None:
-        prior = read_prior_locations(prior_locations)
-        say(f"prior: {len(prior)} locations from {prior_locations}, fraction {prior_fraction}")
-    config = TrainConfig(
-        family=family,
-        prior_latlon=prior,
-        prior_fraction=prior_fraction if prior is not None else 0.0,
-        **overrides,
-    )
-    return train(
-        config,
-        train_emb,
-        train_latlon,
-        val_emb,
-        val_latlon,
-        out,
-        progress=progress,
-        resume=resume,
-        encoder=table.encoder_name,
-        metadata={"embeddings": str(embeddings_path), "validation_split": how},
-    )
-
-
-def _is_float(text: str) -> bool:
+    split = (*_parse_val_split(val_split, val_fraction), Path(str(val_split)))
+    if shuffle_buffer_rows < 1:
+        raise ValueError(f"--shuffle-buffer-rows must be >= 1, got {shuffle_buffer_rows}")
+    runtime = runtime or Runtime()
+    place = join_process_group(runtime.device)
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def say(message: str) -> None:
+            if place.is_main:
+                print(message, file=sys.stderr)
+                _append_log(out, message)
+
+        prior = None
+        if prior_locations is not None:
+            prior = read_prior_locations(prior_locations)
+            say(f"prior: {len(prior)} locations from {prior_locations}, fraction {prior_fraction}")
+        config = TrainConfig(
+            family=family,
+            prior_latlon=prior,
+            prior_fraction=prior_fraction if prior is not None else 0.0,
+            **overrides,
+        )
+        store = Path(embeddings_path)
+        if exclude_authors is not None:
+            from globeflow.jobs.train_data import exclude_authors as without_authors
+
+            copy_path = out / "train-embeddings.parquet"
+            store = _on_main(place, lambda: without_authors(store, exclude_authors, copy_path, say))
+        if stream:
+            data, val, encoder, how = _streamed_inputs(
+                store, split, config, shuffle_buffer_rows, say
+            )
+        else:
+            data, val, encoder, how = _in_memory_inputs(store, split, config, say)
+        rows = data.stats()["rows"] if place.is_main else 0
+        say(f"train {rows} rows, validation {len(val.x0) if val else 0} rows used ({how})")
+        meta = {"encoder": encoder, "embeddings": str(embeddings_path), "validation_split": how}
+        run = _Run(config, data, val, out, place, runtime, meta)
+        run.start(resume)
+        return run.train(progress)
+    finally:
+        leave_process_group(place)

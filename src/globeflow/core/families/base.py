@@ -13,14 +13,7 @@ from torch import nn
 from globeflow.core.guidance import GuidedField
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import Schedule, SigmoidSchedule, time_grid
-from globeflow.core.solvers import (
-    EUCLIDEAN,
-    SPHERE,
-    TABLEAUS,
-    Geometry,
-    integrate,
-    stage_levels,
-)
+from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
 
 
@@ -226,15 +219,24 @@ class DenoisingModel(GeoModel):
 
     # ---- training ---------------------------------------------------------------------------
     def loss(
-        self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x0: torch.Tensor,
+        emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """Mean squared error between the network output at a random point of the noising path
-        and the family's regression target; x0 (B, 3) unit vectors, emb (B, D)."""
+        and the family's regression target; x0 (B, 3) unit vectors, emb (B, D).
+
+        ``rows``: the mean over these rows only, with the random draws made for the whole
+        batch, so that a batch split across processes gets the draws it gets in one process."""
         t = self.sample_training_time(x0.shape[0], generator, x0.device)
         gamma = self.schedule.signal_level(t).to(x0.dtype)
         eps = self.training_noise(x0, generator)
         x_t, target = self.noising_path(x0, eps, gamma)
         emb = drop_condition(emb, self.cond_drop_prob, generator)
+        if rows is not None:
+            x_t, gamma, emb, target = x_t[rows], gamma[rows], emb[rows], target[rows]
         out = self.network(x_t, gamma, emb)
         return ((out - target) ** 2).sum(-1).mean()
 
@@ -344,27 +346,28 @@ class DenoisingModel(GeoModel):
     ) -> torch.Tensor:
         """Run the sampler and return its final state before :meth:`finalize`, (B, N, 3).
 
-        ``solver``: the published step (``"euler"``; ``"ddim"`` for diffusion) or a
-        Runge-Kutta method of :mod:`globeflow.core.solvers` (``"midpoint"``, ``"heun"``: two
-        network evaluations per step, second order). ``precision``: ``"fp32"`` or ``"bf16"``.
+        ``solver``: the published step (``"euler"``; ``"ddim"`` for diffusion) or a solver of
+        :mod:`globeflow.core.solvers`: ``"midpoint"``, ``"heun"`` (second order, two network
+        evaluations per step) or ``"lagged-midpoint"`` (second order, one evaluation per step).
+        ``precision``: ``"fp32"`` or ``"bf16"``.
         """
         x = self._prepare_noise(emb, num_samples, noise, generator)
         solver = self.check_solver(solver)
-        if solver not in TABLEAUS or solver == self.published_solver:
+        if solver not in SOLVERS or solver == self.published_solver:
             gammas = self.sampling_levels(steps, emb, published=True)
             field = GuidedField(self.network, emb, gammas[:-1], guidance, precision)
             for i in range(steps):
                 x = self.sampler_step(x, field.output(x, i), gammas[i], gammas[i + 1])
             return x
-        tableau = TABLEAUS[solver]
+        method = SOLVERS[solver]
         gammas = self.sampling_levels(steps, emb)
-        levels = stage_levels(gammas, tableau)
+        levels = method.levels(gammas)
         field = GuidedField(self.network, emb, levels, guidance, precision)
 
         def velocity(z: torch.Tensor, node: int, _with_divergence: bool):
             return self.velocity_from_output(z, field.output(z, node), levels[node]), None
 
-        x, _ = integrate(velocity, x, gammas, tableau, self.geometry)
+        x, _ = method.integrate(velocity, x, gammas, self.geometry)
         return x
 
     def sample_unit(
@@ -424,4 +427,4 @@ class DenoisingModel(GeoModel):
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""
     default_solver: str = "euler"
-    solvers: tuple[str, ...] = ("euler", "midpoint", "heun")
+    solvers: tuple[str, ...] = ("euler", "midpoint", "heun", "lagged-midpoint")

@@ -21,8 +21,9 @@ class Diffusion(DenoisingModel):
     density_space = "euclidean"
     published_solver = "ddim"
     default_solver = "ddim"
-    # No stage at gamma = 1, where the eps-parameterised velocity is singular.
-    solvers = ("ddim", "midpoint")
+    # Only the published DDIM step: the eps-parameterised probability-flow velocity is singular
+    # at the noise end (gamma = 0), where every ODE solver starts.
+    solvers = ("ddim",)
 
     def noising_path(self, x0, eps, gamma):
         g = gamma[:, None]

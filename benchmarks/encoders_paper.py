@@ -1,0 +1,244 @@
+"""Speed of the paper's encoders at full size, and of `predict` end to end, without downloading.
+
+Builds DINOv2-L/14 with registers (336 px) and CLIP ViT-L/14-336 (StreetCLIP's vision tower)
+from their configs with random weights, saves them, and loads them through globeflow's encoders,
+so every mode is measured on the code users run. For each encoder, precision (fp32, bf16 under
+autocast, bf16 weights) x attention kernel (eager, SDPA) x batch size: images/s (preprocessing
+included; best of interleaved repetitions), the ratio to the fp32 + eager baseline measured in
+the same run, and the minimum cosine of the embeddings to that baseline's. Then seconds/photo
+for `predict` at its default settings (512 samples, 32 steps, localizability) with the YFCC-size
+network (dim 512, depth 12, cond_dim 1024, random weights) and the DINOv2 encoder at its default
+precision, through Locator.
+
+    python benchmarks/encoders_paper.py [--images 2] [--batch-sizes 1,2] [--reps 2] [--out x.json]
+    python benchmarks/encoders_paper.py --quick      # tiny models, a smoke run of ~1 minute
+
+Random weights stand in for the real ones: speeds are those of the real architectures, while the
+cosines only estimate the bf16 error on real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MODES = [  # (precision, attention); the first is the baseline
+    ("fp32", "eager"),
+    ("fp32", "sdpa"),
+    ("bf16-autocast", "sdpa"),
+    ("bf16", "sdpa"),
+    ("bf16", "eager"),
+]
+
+
+def dinov2_config(quick: bool):
+    import transformers as tf
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+    if not quick:  # facebook/dinov2-with-registers-large
+        size = dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+        )
+    return tf.Dinov2WithRegistersConfig(
+        **size,
+        patch_size=14,
+        image_size=518,
+        num_register_tokens=4,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+    )
+
+
+def clip_vision_config(quick: bool):
+    import transformers as tf
+
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+    if not quick:  # openai/clip-vit-large-patch14-336 = geolocal/StreetCLIP's vision tower
+        size = dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+        )
+    return tf.CLIPVisionConfig(
+        **size, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5
+    )
+
+
+def build_random_models(root: Path, quick: bool) -> dict[str, Path]:
+    """Random-weight checkpoints of both encoders under ``root`` (seeded)."""
+    import transformers as tf
+
+    paths = {"dinov2-vitl14-reg": root / "dinov2", "streetclip": root / "clip"}
+    torch.manual_seed(0)
+    tf.Dinov2WithRegistersModel(dinov2_config(quick)).save_pretrained(paths["dinov2-vitl14-reg"])
+    torch.manual_seed(1)
+    tf.CLIPVisionModel(clip_vision_config(quick)).save_pretrained(paths["streetclip"])
+    return paths
+
+
+def synthetic_photos(n: int, seed: int = 0) -> list[Image.Image]:
+    """Photo-sized images with structure (gradients, blocks, noise), sizes varying."""
+    rng = np.random.default_rng(seed)
+    sizes = [(640, 480), (480, 640), (800, 533), (512, 512)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 200
+        blocks = (np.floor(xx / 37) + np.floor(yy / 53)) % 2 * 40
+        noise = rng.normal(0, 12, (h, w, 3))
+        arr = np.clip(base + blocks[..., None] + noise, 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+def time_embed(encoder, images, batch_size: int) -> tuple[float, torch.Tensor]:
+    """Seconds to embed ``images`` and the embeddings."""
+    start = time.perf_counter()
+    emb = encoder.embed(images, batch_size=batch_size)
+    return time.perf_counter() - start, emb
+
+
+def bench_encoder(name: str, path: Path, images, batch_sizes: list[int], reps: int) -> list[dict]:
+    """Every mode x batch size, repetitions interleaved (so load changes on a shared machine
+    hit all modes alike); the best repetition counts."""
+    from globeflow.data.encoders import get_encoder
+
+    encoders = {}
+    for precision, attention in MODES:
+        enc = get_encoder(name, path=path, precision=precision, attention=attention)
+        enc.embed(images[:1])  # warm-up: kernel selection, first-call allocations
+        encoders[precision, attention] = enc
+    best: dict[tuple, float] = {}
+    embeddings: dict[tuple, torch.Tensor] = {}
+    for _ in range(reps):
+        for mode, enc in encoders.items():
+            for bs in batch_sizes:
+                seconds, emb = time_embed(enc, images, bs)
+                best[mode, bs] = min(seconds, best.get((mode, bs), float("inf")))
+                embeddings[mode] = emb
+    reference = embeddings[MODES[0]]
+    rows = []
+    for (precision, attention), bs in best:
+        emb = embeddings[precision, attention]
+        rate = len(images) / best[(precision, attention), bs]
+        cos = torch.nn.functional.cosine_similarity(emb, reference, dim=-1)
+        rows.append(
+            {
+                "encoder": name,
+                "precision": precision,
+                "attention": attention,
+                "batch_size": bs,
+                "images_per_s": rate,
+                "ratio_to_fp32_eager": best[MODES[0], bs] / best[(precision, attention), bs],
+                "min_cosine_to_fp32": float(cos.min()),
+                "max_abs_diff_to_fp32": float((emb - reference).abs().max()),
+            }
+        )
+        print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"| {r['encoder']} | {r['precision']} | {r['attention']} | {r['batch_size']} | "
+        f"{r['images_per_s']:.3f} | {r['ratio_to_fp32_eager']:.2f}x | "
+        f"{r['min_cosine_to_fp32']:.6f} |",
+        flush=True,
+    )
+
+
+def bench_predict(dinov2_path: Path, photos: int, quick: bool, tmp: Path) -> dict:
+    """`predict` at its default settings through Locator: seconds per photo, and the share
+    spent in the encoder."""
+    from globeflow.apps.pipeline import Locator
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+    from globeflow.data.encoders import get_encoder
+
+    encoder = get_encoder("dinov2-vitl14-reg", path=dinov2_path)
+    torch.manual_seed(3)
+    size = dict(dim=64, depth=2) if quick else dict(dim=512, depth=12)  # PLONK_YFCC: 36M params
+    model = RiemannianFlowMatching(Denoiser(**size, cond_dim=encoder.dim))
+    locator = Locator(model, encoder, model_name="random YFCC-size network")
+    paths = []
+    for i, img in enumerate(synthetic_photos(photos, seed=7)):
+        paths.append(tmp / f"photo_{i}.jpg")
+        img.save(paths[-1], quality=90)
+    kwargs = dict(num_samples=32, steps=4) if quick else {}
+    start = time.perf_counter()
+    results = locator.locate_paths(paths, progress=False, with_density=False, **kwargs)
+    seconds = time.perf_counter() - start
+    assert all(r["ok"] for r in results)
+    start = time.perf_counter()
+    encoder.embed([Image.open(p).convert("RGB") for p in paths])
+    encoder_seconds = time.perf_counter() - start
+    settings = results[0]["settings"]
+    return {
+        "photos": photos,
+        "seconds_per_photo": seconds / photos,
+        "encoder_seconds_per_photo": encoder_seconds / photos,
+        "encoder_precision": encoder.precision,
+        "num_samples": settings["num_samples"],
+        "steps": settings["steps"],
+        "guidance": settings["guidance"],
+        "network_parameters": sum(p.numel() for p in model.network.parameters()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2, help="images per measurement")
+    ap.add_argument("--batch-sizes", default="1,2")
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best counts")
+    ap.add_argument("--encoders", default="dinov2-vitl14-reg,streetclip")
+    ap.add_argument("--predict-photos", type=int, default=1, help="0 skips the predict timing")
+    ap.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    images = synthetic_photos(2 if args.quick else args.images)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "machine": platform.machine(),
+        "load_average_start": os.getloadavg(),
+        "images": len(images),
+        "reps": args.reps,
+        "quick": args.quick,
+    }
+    print(json.dumps(meta), flush=True)
+    print("| encoder | precision | attention | batch | images/s | vs fp32+eager | min cosine |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_random_models(Path(tmp), args.quick)
+        rows = []
+        for name in [n for n in args.encoders.split(",") if n]:  # --encoders "": predict only
+            rows += bench_encoder(name, paths[name], images, batch_sizes, args.reps)
+        predict = None
+        if args.predict_photos > 0:
+            predict = bench_predict(
+                paths["dinov2-vitl14-reg"], args.predict_photos, args.quick, Path(tmp)
+            )
+            print(f"predict end to end: {json.dumps(predict)}", flush=True)
+    meta["load_average_end"] = os.getloadavg()
+    result = {"meta": meta, "encoders": rows, "predict": predict}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

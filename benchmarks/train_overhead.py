@@ -1,0 +1,181 @@
+"""Does the multi-process machinery slow the single-process path? ``train()`` of this checkout
+against ``train()`` of an earlier commit (``--baseline-ref``, default: the commit before the
+torchrun work), on the same in-memory data, in one process, in the same run.
+
+The baseline's ``src/globeflow/jobs/training.py`` is read with ``git show`` and imported as a
+separate module (it uses the same, unchanged core modules). Each repetition runs both, in
+alternating order, for 5 and for ``--steps`` steps of a network (default: the default config,
+dim 256, depth 6, batch 512; cond_dim 1024, AdamW, EMA) with no validation set and one
+checkpoint at the end. A tiny network (``--net-dim 32 --net-depth 1 --batch-size 64``) makes the
+per-step bookkeeping visible in microseconds. ``--from-store`` times the ``globeflow train``
+job (``train_from_embeddings``) on a store of the same rows instead: read, split, train. The
+difference of the two wall times gives the time per step; the rest is start-up and the end
+(checkpoint, final model). Reported: the ratio of median times per step, and of median wall
+times of the long run (everything ``train()`` does).
+
+Usage: ``python benchmarks/train_overhead.py [--steps 60] [--reps 3] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_REF = "a119c43"
+
+
+def load_baseline(ref: str):
+    source = subprocess.run(
+        ["git", "show", f"{ref}:src/globeflow/jobs/training.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_training.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_training", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def data(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(rows, dim, generator=g)
+    latlon = torch.stack(
+        [torch.rand(rows, generator=g) * 180 - 90, torch.rand(rows, generator=g) * 360 - 180], 1
+    ).double()
+    return emb, latlon
+
+
+def write_store(path: Path, emb: torch.Tensor, latlon: torch.Tensor) -> Path:
+    from globeflow.data.embedding_store import EmbeddingWriter
+
+    with EmbeddingWriter(path, "synthetic", emb.shape[1], chunk_size=65536) as writer:
+        writer.add([f"r{i}" for i in range(len(emb))], emb, latlon=latlon)
+    return path
+
+
+def timed_run(module, emb, latlon, steps: int, net: dict, store: Path | None = None) -> float:
+    """Seconds of one run: ``train()`` on the tensors, or (``store``) the ``globeflow train``
+    job on a store (read, 5% random validation split, one small validation at the end)."""
+    options = dict(
+        max_steps=steps,
+        val_every=10**6,
+        checkpoint_every=10**6,
+        log_every=10**6,
+        warmup_steps=10,
+        **net,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        if store is None:
+            module.train(
+                module.TrainConfig(**options), emb, latlon, None, None, out, progress=False
+            )
+        else:
+            module.train_from_embeddings(
+                store, "rfm", out, val_split="0.05", progress=False, val_loss_rows=256,
+                val_geo_rows=16, val_num_samples=8, val_sample_steps=4, **options,
+            )  # fmt: skip
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline-ref", default=BASELINE_REF)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=50_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--net-dim", type=int, default=256)
+    p.add_argument("--net-depth", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument(
+        "--from-store", action="store_true", help="time the train job on a store (the CLI path)"
+    )
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from globeflow.jobs import training as current
+
+    baseline = load_baseline(args.baseline_ref)
+    emb, latlon = data(args.rows, 1024)
+    net = {"dim": args.net_dim, "depth": args.net_depth, "batch_size": args.batch_size}
+    store = (
+        write_store(Path(tempfile.mkdtemp()) / "s.parquet", emb, latlon)
+        if args.from_store
+        else None
+    )
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    timed_run(current, emb, latlon, 3, net, store)  # warm-up (allocator, first-call costs)
+    timed_run(baseline, emb, latlon, 3, net, store)
+    short = 5
+    times: dict[str, list[float]] = {"baseline": [], "current": []}
+    per_step: dict[str, list[float]] = {"baseline": [], "current": []}
+    fixed: dict[str, list[float]] = {"baseline": [], "current": []}
+    for rep in range(args.reps):
+        order = [("baseline", baseline), ("current", current)]
+        for name, module in order if rep % 2 == 0 else order[::-1]:
+            t_short = timed_run(module, emb, latlon, short, net, store)
+            t_long = timed_run(module, emb, latlon, args.steps, net, store)
+            step_s = (t_long - t_short) / (args.steps - short)
+            times[name].append(t_long)
+            per_step[name].append(step_s)
+            fixed[name].append(t_short - short * step_s)
+            print(
+                f"rep {rep} {name}: {args.steps / t_long:.2f} steps/s overall, "
+                f"{1 / step_s:.2f} steps/s per step, start-up and end {fixed[name][-1]:.2f} s",
+                flush=True,
+            )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_step = {k: statistics.median(v) for k, v in per_step.items()}
+    result = {
+        "baseline_ref": args.baseline_ref,
+        "steps": args.steps,
+        "rows": args.rows,
+        "threads": args.threads,
+        "network": net,
+        "from_store": args.from_store,
+        "seconds": times,
+        "seconds_per_step": per_step,
+        "fixed_seconds": fixed,
+        "steps_per_s": {k: args.steps / v for k, v in med.items()},
+        "current_over_baseline_speed": med["baseline"] / med["current"],
+        "current_over_baseline_per_step_speed": med_step["baseline"] / med_step["current"],
+        "per_rep_ratio": [b / c for b, c in zip(times["baseline"], times["current"])],
+        "per_rep_per_step_ratio": [
+            b / c for b, c in zip(per_step["baseline"], per_step["current"])
+        ],
+        "median_per_rep_per_step_ratio": statistics.median(
+            b / c for b, c in zip(per_step["baseline"], per_step["current"])
+        ),
+        "per_step_overhead_us": 1e6 * (med_step["current"] - med_step["baseline"]),
+        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    print("| code | steps/s (median) |\n|---|---|")
+    for k in ("baseline", "current"):
+        print(f"| {k} | {result['steps_per_s'][k]:.2f} |")
+    print(f"speed ratio current/baseline: {result['current_over_baseline_speed']:.3f} overall, "
+          f"{result['current_over_baseline_per_step_speed']:.3f} per step")  # fmt: skip
+    write_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
