@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import loadavg, timed  # noqa: E402
+from _common import loadavg, timed  # noqa: E402
 from naive import naive_log_prob, naive_sample  # noqa: E402
 
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402

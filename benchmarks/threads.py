@@ -15,8 +15,8 @@ threads that spin K rounds before sleeping (``GOMP_SPINCOUNT=K``; only with ``--
 is imported).
 
 Scenarios: ``idle`` (nothing started by us; the load average says what else ran) and ``busy``:
-one CPU-bound process started before the variant's subprocess and stopped after it (``--busy
-python``: a pure Python loop; ``--busy matmul``: a numpy matrix-product loop on one BLAS thread).
+one CPU-bound process (a pure Python loop) started before the variant's subprocess and stopped
+after it.
 
 Repetitions interleave every variant; each cell is the median over repetitions of the median of
 ``--runs`` timed runs after a warm-up.
@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +42,6 @@ TARGET = 1.2
 WORKLOADS = {
     "bundled": {"samples": 512, "steps": 32, "runs": 7},
     "yfcc": {"samples": 256, "steps": 32, "guidance": 2.0, "runs": 3},
-}
-BUSY_LOOPS = {
-    "python": "while True:\n    pass\n",
-    "matmul": (
-        "import numpy as np\n"
-        "a = np.random.default_rng(0).standard_normal((256, 256))\n"
-        "while True:\n    a = np.tanh(a @ a)\n"
-    ),
 }
 THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -77,10 +69,9 @@ def _worker(spec: dict) -> dict:
             os.environ["GOMP_SPINCOUNT"] = wait[4:]
 
     import torch
+    from _common import yfcc_size_model
 
     from globeflow.core.checkpoints import load_model
-    from globeflow.core.families import RiemannianFlowMatching
-    from globeflow.core.network import Denoiser
 
     work = WORKLOADS[spec["workload"]]
     torch.manual_seed(0)
@@ -88,7 +79,7 @@ def _worker(spec: dict) -> dict:
         model = load_model(REPO / "src" / "globeflow" / "default_model")
         guidance = model.metadata.get("recommended_guidance", 2.0)
     else:
-        model = RiemannianFlowMatching(Denoiser(dim=512, depth=12, cond_dim=1024)).eval()
+        model = yfcc_size_model()[0]
         guidance = work["guidance"]
     emb = torch.nn.functional.normalize(torch.randn(1, model.cond_dim), dim=-1)
     n = spec.get("samples") or work["samples"]
@@ -121,27 +112,6 @@ def run_worker(spec: dict, timeout: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@contextmanager
-def busy_process(kind: str | None):
-    """A CPU-bound process (one core) for the duration of the block; nothing for None."""
-    if kind is None:
-        yield None
-        return
-    env = {
-        **os.environ,
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOPS[kind]], env=env)
-    try:
-        time.sleep(1.0)  # let it show up in /proc/stat before anything measures the load
-        yield proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
@@ -196,7 +166,6 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--busy", default="python", choices=list(BUSY_LOOPS))
     ap.add_argument(
         "--variants",
         nargs="+",
@@ -210,7 +179,7 @@ def main(argv=None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
 
-    from bench_common import emit, loadavg, uptime
+    from _common import busy_process, loadavg, uptime, write_json
 
     if args.quick:
         args.reps, args.workloads = 1, ["bundled"]
@@ -220,7 +189,7 @@ def main(argv=None) -> int:
         names.append("policy")
     report = {
         "cpus": cpus,
-        "busy": args.busy,
+        "busy": "one pure-Python loop",
         "variants": names,
         "workloads": {w: WORKLOADS[w] for w in args.workloads},
         "reps": args.reps,
@@ -229,13 +198,13 @@ def main(argv=None) -> int:
     }
     cells: dict[str, dict[str, list]] = {}
     for rep in range(args.reps):
-        for scenario, kind in (("idle", None), ("busy", args.busy)):
+        for scenario in ("idle", "busy"):
             for workload in args.workloads:
                 for name in names:
                     spec = {"workload": workload, "variant": name}
                     if args.quick:
                         spec.update(samples=128, runs=3)
-                    with busy_process(kind):
+                    with busy_process() if scenario == "busy" else nullcontext():
                         result = run_worker(spec, args.timeout)
                     cells.setdefault(f"{workload}/{scenario}", {}).setdefault(name, [])
                     cells[f"{workload}/{scenario}"][name].append(result)
@@ -246,10 +215,10 @@ def main(argv=None) -> int:
                         flush=True,
                     )
     report["results"] = {key: summarize(cell) for key, cell in cells.items()}
-    report["raw"] = cells
     report["loadavg_end"] = loadavg()
     report["uptime_end"] = uptime()
-    emit(report, print_table, args.out, hide=("raw",))
+    write_json(report, args.out)
+    print_table(report)
     return 0
 
 

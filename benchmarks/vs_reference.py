@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import count_flops, emit, gemm_rates, loadavg, timed, uptime  # noqa: E402
+from _common import count_flops, gemm_rates, loadavg, timed, uptime, write_json  # noqa: E402
 from reference_code import ReferenceCode, find_source, loglik_points  # noqa: E402
 
 from globeflow.core.checkpoints import load_model, save_plonk_network  # noqa: E402
@@ -456,7 +456,8 @@ def main(argv=None) -> int:
             report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, args)
     report["machine"]["loadavg_end"] = loadavg()
     report["machine"]["uptime_end"] = uptime()
-    emit(report, print_table, args.out)
+    write_json(report, args.out)
+    print_table(report)
     return 0
 
 
