@@ -54,6 +54,9 @@ lint: setup
 
 ## Benchmarks (not part of the tests): speed ratios, density on MP-16, encoders, methods.
 bench: setup
+	$(PIP) install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) benchmarks/vs_reference.py --out out/bench/vs_reference.json
+	$(PY) benchmarks/threads.py --out out/bench/threads.json
 	$(PY) benchmarks/speed.py --out out/bench/speed.json
 	$(PY) benchmarks/density_mp16.py --out out/bench/density_mp16.json
 

@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import loadavg, timed  # noqa: E402
 from naive import naive_log_prob, naive_sample  # noqa: E402
 
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
@@ -48,27 +48,6 @@ from globeflow.core.sphere import sample_uniform_sphere  # noqa: E402
 TARGET_SAMPLING = 1.5
 TARGET_DENSITY = 50.0
 TARGET_ERROR_NATS = 0.02
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    """(result, seconds) of fn()."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return []
 
 
 # ---- the proposed forward pass (mirror of benchmarks/proposed_sampling.patch) ---------------

@@ -15,6 +15,8 @@ PLONK_COMPAT = SHARED / "compat" / "plonk"
 # The test models are tiny: one intra-op thread is as fast, and it cannot be starved by
 # oversubscription when other jobs share the two cores (two threads were >10x slower then).
 torch.set_num_threads(1)
+# ... and the command line's automatic thread policy leaves it so (it defers to this variable).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

@@ -35,14 +35,17 @@ class Family(str, Enum):
 def _configure(
     threads: int = typer.Option(
         None,
-        help="CPU threads for torch (default: torch's choice; 1 is fastest for small "
-        "models on a busy machine).",
+        help="CPU threads for torch. Default (or 0): automatic, one per usable core, waiting "
+        "passively (never spinning, which is several times slower on a shared CPU); "
+        "OMP_NUM_THREADS also overrides it.",
     ),
 ) -> None:
-    if threads:
-        import torch
+    from globeflow.apps.threads import ThreadRequestError, apply_thread_policy
 
-        torch.set_num_threads(threads)
+    try:
+        apply_thread_policy(threads)
+    except ThreadRequestError as exc:
+        _fail(str(exc))
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -1,0 +1,127 @@
+"""The PLONK authors' code (``../shared/reference``, MIT), found and driven for side-by-side runs.
+
+Nothing of it is copied here: its package is imported from ``PLONK_REF_SRC`` (the folder that
+holds ``plonk/`` and the reference scripts) and its scripts are run as subprocesses of the same
+Python. See ``../shared/reference/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_VAR = "PLONK_REF_SRC"
+DEFAULT_SRC = REPO.parent / "shared" / "reference" / "plonk"
+SCHEDULE_ARGS = (-7, 3, 1.0)
+"""The authors' sigmoid scheduler (start, end, tau) used by their scripts; equals globeflow's
+default ``SigmoidSchedule``."""
+NEEDS = "einops geoopt torchdiffeq scipy (`.venv/bin/pip install -e .[bench]`)"
+
+
+def find_source(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]:
+    """(folder holding ``plonk/``, "") or (None, why it is not usable)."""
+    src = Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_SRC).expanduser().resolve()
+    if not (src / "plonk" / "models").is_dir():
+        return None, (
+            f"the authors' code is not at {src} (set {ENV_VAR} to the folder holding plonk/); "
+            "comparisons with it are skipped"
+        )
+    return src, ""
+
+
+@dataclass
+class ReferenceCode:
+    """The authors' network, scheduler, sampler and scripts, imported from ``src``."""
+
+    src: Path
+
+    def __post_init__(self):
+        if str(self.src) not in sys.path:
+            sys.path.insert(0, str(self.src))
+        try:
+            from plonk.models.networks.mlp import GeoAdaLNMLP
+            from plonk.models.samplers.riemannian_flow_sampler import riemannian_flow_sampler
+            from plonk.models.schedulers import SigmoidScheduler
+        except ImportError as exc:
+            raise ImportError(f"the authors' code needs {NEEDS}: {exc}") from exc
+        self.network_class = GeoAdaLNMLP
+        self.scheduler = SigmoidScheduler(*SCHEDULE_ARGS)
+        self._sampler = riemannian_flow_sampler
+
+    def env(self, threads: int) -> dict[str, str]:
+        return {**os.environ, ENV_VAR: str(self.src), "THREADS": str(threads)}
+
+    def write_yfcc_size_network(self, out: Path) -> None:
+        """Their ``make_yfcc_size.py``: random published-size network + one embedding in ``out``."""
+        subprocess.run(
+            [sys.executable, str(self.src / "make_yfcc_size.py"), str(out)],
+            check=True,
+            env=self.env(1),
+        )
+
+    def load_network(self, directory: Path) -> torch.nn.Module:
+        """Their network class with the weights of a published-format directory, in eval mode."""
+        from safetensors.torch import load_file
+
+        config = json.loads((directory / "config.json").read_text())
+        net = self.network_class(**config).eval()
+        net.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return net
+
+    @torch.no_grad()
+    def sample(self, net, emb: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float):
+        """Their Riemannian flow sampler from the unit vectors ``noise`` (N, 3) for one
+        embedding (1, D) with guidance ``guidance`` -> (N, 3)."""
+        n = noise.shape[0]
+        batch = {"y": noise.clone(), "emb": emb.expand(n, -1).contiguous()}
+        with warnings.catch_warnings():  # their torch.cuda.amp.autocast warns on CPU
+            warnings.simplefilter("ignore")
+            return self._sampler(
+                lambda b: net(b),
+                batch,
+                conditioning_keys="emb",
+                scheduler=self.scheduler,
+                num_steps=steps,
+                cfg_rate=guidance,
+            )
+
+    def log_likelihood(self, net_dir: Path, points: int, threads: int) -> dict:
+        """Their exact log-likelihood script (``loglik_ref.py``: pipe.py's dopri5 at
+        atol = rtol = 1e-6 with a vmap(jacrev) trace) on ``points`` points of one image.
+
+        Returns the seconds the script measured around its solve, the whole subprocess's wall
+        time and its log-densities (natural log).
+        """
+        import time
+
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(self.src / "loglik_ref.py"), str(net_dir), str(points)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=self.env(threads),
+        )
+        wall = time.perf_counter() - start
+        fields = proc.stdout.split()
+        return {
+            "seconds": float(fields[0]),
+            "wall_seconds": wall,
+            "log_prob": [float(v) for v in fields[1:]],
+        }
+
+
+def loglik_points(points: int) -> torch.Tensor:
+    """The points ``loglik_ref.py`` scores: normalised standard normals from a generator seeded
+    with 0, (points, 3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(points, 3, generator=g)
+    return x / x.norm(dim=-1, keepdim=True)

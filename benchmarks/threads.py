@@ -1,0 +1,226 @@
+"""Thread count against speed, idle and beside a CPU-bound process: does the default thread
+policy (``globeflow.apps.threads``) stay within 1.2x of the best fixed thread count?
+
+Workloads, each timed in a fresh subprocess so that the thread count and the OpenMP wait policy
+take effect exactly as they do for the command line:
+
+* ``bundled``: the bundled model, sampling 512 x 32 steps at its recommended guidance;
+* ``yfcc``: a random network of the published YFCC size (dim 512, depth 12, cond_dim 1024),
+  sampling 256 x 32 steps, guidance 2.
+
+Variants: ``N``: N threads with OpenMP's default wait (spinning; what ``torch.set_num_threads``
+gave before the policy); ``N-passive``: N threads, ``OMP_WAIT_POLICY=PASSIVE``; ``N-spinK``: N
+threads that spin K rounds before sleeping (``GOMP_SPINCOUNT=K``; only with ``--variants``);
+``policy``: what ``globeflow`` does without ``--threads`` (``apply_thread_policy`` before torch
+is imported).
+
+Scenarios: ``idle`` (nothing started by us; the load average says what else ran) and ``busy``:
+one CPU-bound process (a pure Python loop) started before the variant's subprocess and stopped
+after it.
+
+Repetitions interleave every variant; each cell is the median over repetitions of the median of
+``--runs`` timed runs after a warm-up.
+
+Usage: ``python benchmarks/threads.py [--reps 3] [--quick] [--out FILE.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1.2
+"""The policy may be at most this much slower than the best fixed variant (issue 8, item 6)."""
+WORKLOADS = {
+    "bundled": {"samples": 512, "steps": 32, "runs": 7},
+    "yfcc": {"samples": 256, "steps": 32, "guidance": 2.0, "runs": 3},
+}
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+
+# ---- the worker (a fresh process per measurement) ---------------------------------------------
+def _worker(spec: dict) -> dict:
+    """Set threads as the variant says, *then* import torch, and time the workload."""
+    choice = None
+    if spec["variant"] == "policy":
+        from globeflow.apps.threads import apply_thread_policy
+
+        choice = apply_thread_policy(None)
+    else:
+        count, _, wait = spec["variant"].partition("-")
+        os.environ["OMP_NUM_THREADS"] = count
+        if wait == "passive":
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        elif wait.startswith("spin"):  # N-spinK: spin K rounds, then sleep (GNU OpenMP)
+            os.environ["GOMP_SPINCOUNT"] = wait[4:]
+
+    import torch
+    from _common import yfcc_size_model
+
+    from globeflow.core.checkpoints import load_model
+
+    work = WORKLOADS[spec["workload"]]
+    torch.manual_seed(0)
+    if spec["workload"] == "bundled":
+        model = load_model(REPO / "src" / "globeflow" / "default_model")
+        guidance = model.metadata.get("recommended_guidance", 2.0)
+    else:
+        model = yfcc_size_model()[0]
+        guidance = work["guidance"]
+    emb = torch.nn.functional.normalize(torch.randn(1, model.cond_dim), dim=-1)
+    n = spec.get("samples") or work["samples"]
+    model.sample(emb, n, 2, guidance=guidance)  # warm-up
+    seconds = []
+    for _ in range(spec.get("runs") or work["runs"]):
+        start = time.perf_counter()
+        model.sample(emb, n, work["steps"], guidance=guidance)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "seconds": seconds,
+        "median_seconds": statistics.median(seconds),
+        "threads": torch.get_num_threads(),
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "threads_source": None if choice is None else choice.source,
+        "samples": n,
+        "guidance": guidance,
+    }
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def variants(cpus: int) -> list[str]:
+    counts = list(range(1, cpus + 1)) if cpus <= 4 else sorted({1, cpus // 2, cpus})
+    return [str(k) for k in counts] + [f"{k}-passive" for k in counts if k > 1] + ["policy"]
+
+
+def summarize(cells: dict) -> dict:
+    """{variant: [per-rep results]} -> medians, the best fixed variant and the policy's ratio."""
+    out = {}
+    for name, results in cells.items():
+        out[name] = {
+            "median_seconds": statistics.median(r["median_seconds"] for r in results),
+            "per_rep_seconds": [r["median_seconds"] for r in results],
+            "threads": [r["threads"] for r in results],
+        }
+    fixed = {k: v["median_seconds"] for k, v in out.items() if k != "policy"}
+    best = min(fixed, key=fixed.get)
+    ratio = out["policy"]["median_seconds"] / fixed[best]
+    return {
+        "variants": out,
+        "best_fixed": best,
+        "policy_over_best": ratio,
+        "target": TARGET,
+        "target_met": ratio <= TARGET,
+    }
+
+
+def print_table(report: dict) -> None:
+    print(f"\nload {report['loadavg_start']} -> {report['loadavg_end']}, busy = {report['busy']}")
+    print("\n| workload | scenario | " + " | ".join(report["variants"]) + " | policy / best |")
+    print("|---|---|" + "---|" * (len(report["variants"]) + 1))
+    for key, cell in report["results"].items():
+        workload, scenario = key.split("/")
+        row = []
+        for name in report["variants"]:
+            v = cell["variants"][name]
+            threads = "" if name != "policy" else f" ({'/'.join(map(str, v['threads']))} thr)"
+            row.append(f"{v['median_seconds']:.2f} s{threads}")
+        mark = "met" if cell["target_met"] else "NOT met"
+        print(
+            f"| {workload} | {scenario} | "
+            + " | ".join(row)
+            + f" | {cell['policy_over_best']:.2f}x"
+            f" (best {cell['best_fixed']}; <= {TARGET}x {mark}) |"
+        )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        help="e.g. 1 2 2-passive 2-spin10000 policy (default: every count, spinning and passive)",
+    )
+    ap.add_argument("--quick", action="store_true", help="bundled model, 128 samples, 1 rep")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per measurement (s)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+
+    from _common import busy_process, loadavg, uptime, write_json
+
+    if args.quick:
+        args.reps, args.workloads = 1, ["bundled"]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    names = args.variants or variants(cpus)
+    if "policy" not in names:
+        names.append("policy")
+    report = {
+        "cpus": cpus,
+        "busy": "one pure-Python loop",
+        "variants": names,
+        "workloads": {w: WORKLOADS[w] for w in args.workloads},
+        "reps": args.reps,
+        "loadavg_start": loadavg(),
+        "uptime_start": uptime(),
+    }
+    cells: dict[str, dict[str, list]] = {}
+    for rep in range(args.reps):
+        for scenario in ("idle", "busy"):
+            for workload in args.workloads:
+                for name in names:
+                    spec = {"workload": workload, "variant": name}
+                    if args.quick:
+                        spec.update(samples=128, runs=3)
+                    with busy_process() if scenario == "busy" else nullcontext():
+                        result = run_worker(spec, args.timeout)
+                    cells.setdefault(f"{workload}/{scenario}", {}).setdefault(name, [])
+                    cells[f"{workload}/{scenario}"][name].append(result)
+                    print(
+                        f"rep {rep} {scenario:4s} {workload:7s} {name:10s} "
+                        f"{result['median_seconds']:8.2f} s  threads {result['threads']}"
+                        f"  load {loadavg()}",
+                        flush=True,
+                    )
+    report["results"] = {key: summarize(cell) for key, cell in cells.items()}
+    report["loadavg_end"] = loadavg()
+    report["uptime_end"] = uptime()
+    write_json(report, args.out)
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
