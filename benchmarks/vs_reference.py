@@ -70,8 +70,8 @@ from globeflow.core.sphere import (  # noqa: E402
 SAMPLING_CONFIGS: dict[str, dict] = {
     "euler": {"solver": "euler"},
     "euler-bf16": {"solver": "euler", "precision": "bf16"},
-    "midpoint-16": {"solver": "midpoint", "steps": 16},
-    "midpoint-16-bf16": {"solver": "midpoint", "steps": 16, "precision": "bf16"},
+    "lagged-midpoint-16": {"solver": "lagged-midpoint", "steps": 16},
+    "lagged-midpoint-16-bf16": {"solver": "lagged-midpoint", "steps": 16, "precision": "bf16"},
 }
 """Our sampling variants: keyword arguments of ``model.sample`` on top of the workload's
 (num_samples, steps, guidance, noise). One line per variant."""

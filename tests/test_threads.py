@@ -125,3 +125,39 @@ def test_cli_threads_zero_is_automatic_and_n_is_n(
     result = CliRunner().invoke(app, [*argv, "predict", str(tmp_path / "missing.jpg")])
     assert result.exit_code == 2 and "no such file" in result.output  # the command still ran
     assert torch.get_num_threads() == expected
+
+
+def test_narrow_network_answers_on_one_thread_only_under_the_automatic_policy(
+    monkeypatch, restore_threads
+):
+    monkeypatch.setattr(policy, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(policy, "_automatic", False)
+    policy.apply_thread_policy(None, environ={})
+    narrow, published = policy.SMALL_NETWORK_WIDTH // 2, 512
+    assert policy.threads_for_network(narrow, 2) == 1
+    assert policy.threads_for_network(published, 2) == 2
+    with policy.network_threads(narrow):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # restored after the block
+
+    policy.apply_thread_policy(2, environ={})  # the user's count is never changed
+    assert policy.threads_for_network(narrow, 2) == 2
+    policy.apply_thread_policy(None, environ={"OMP_NUM_THREADS": "2"})
+    assert policy.threads_for_network(narrow, 2) == 2
+
+
+def test_pipeline_answers_a_narrow_model_on_one_thread(monkeypatch, restore_threads):
+    from globeflow.apps.pipeline import Locator
+
+    seen = []
+    locator = Locator.from_pretrained()
+    draw = locator._draw
+    monkeypatch.setattr(
+        locator, "_draw", lambda *a: (seen.append(torch.get_num_threads()), draw(*a))[1]
+    )
+    monkeypatch.setattr(policy, "_automatic", True)
+    torch.set_num_threads(2)
+    emb = torch.nn.functional.normalize(torch.randn(1, locator.model.cond_dim), dim=-1)
+    locator.locate_embeddings(emb, 16, steps=2, localizability_samples=8)
+    assert locator.model.network.config["dim"] < policy.SMALL_NETWORK_WIDTH
+    assert seen == [1] and torch.get_num_threads() == 2

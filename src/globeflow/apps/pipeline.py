@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
+from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import GeoModel, effective_area_km2
 from globeflow.core.solvers import SOLVERS, SPHERE
@@ -128,12 +129,13 @@ class Locator:
         n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
         n_loc = n_loc if localizability_samples is None else localizability_samples
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        samples, bits, stderr = self._draw(emb, settings, n_loc, generator)
-        guesses = best_guess(samples)
-        regions = [
-            top_regions(samples[i], k=top_k, radius_km=region_radius_km)
-            for i in range(emb.shape[0])
-        ]
+        with network_threads(self.model.network.config["dim"]):
+            samples, bits, stderr = self._draw(emb, settings, n_loc, generator)
+            guesses = best_guess(samples)
+            regions = [
+                top_regions(samples[i], k=top_k, radius_km=region_radius_km)
+                for i in range(emb.shape[0])
+            ]
         places = _place_names(guesses, regions)
         results = []
         for i in range(emb.shape[0]):

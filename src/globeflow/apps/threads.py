@@ -16,11 +16,17 @@ idle and beside a CPU-bound process, on the bundled model and the published-size
 * choosing 1 thread when cores looked busy (/proc/stat) lost 1.4-1.8x beside other processes
   (two threads get two shares of the CPU), so the load is not an input of the policy.
 
+* a narrow network (the bundled one: width 128) answers a photo fastest on one thread, idle or
+  busy: its parallel regions (and the best guess's and regions' small operations) last about as
+  long as waking a sleeping thread, so passive waiting made ``predict``'s per-photo work up to
+  3x slower than one thread, and spinning is what a shared CPU punishes.
+
 So the default is one thread per usable core (the CPU affinity, capped by a cgroup CPU quota,
-which torch itself ignores) with ``OMP_WAIT_POLICY=PASSIVE``. ``--threads N`` (N >= 1) and
-``OMP_NUM_THREADS`` win over the thread count; ``--threads 0`` means "automatic", as does
-leaving the option out. The wait policy applies whenever torch is not imported yet and the user
-has not set ``OMP_WAIT_POLICY``.
+which torch itself ignores) with ``OMP_WAIT_POLICY=PASSIVE``, and one thread while a network
+narrower than :data:`SMALL_NETWORK_WIDTH` answers (:func:`network_threads`). ``--threads N``
+(N >= 1) and ``OMP_NUM_THREADS`` win over the thread count; ``--threads 0`` means "automatic",
+as does leaving the option out. The wait policy applies whenever torch is not imported yet and
+the user has not set ``OMP_WAIT_POLICY``.
 """
 
 from __future__ import annotations
@@ -28,11 +34,19 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 WAIT_POLICY = "PASSIVE"
+SMALL_NETWORK_WIDTH = 256
+"""Networks narrower than this run on one thread under the automatic policy (module docstring);
+the published networks (width 512) keep one thread per core."""
+
+_automatic = False
+"""Whether the last :func:`apply_thread_policy` chose the thread count itself."""
 
 
 class ThreadRequestError(ValueError):
@@ -109,9 +123,33 @@ def apply_thread_policy(
         environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
         if choice.threads is not None:
             environ["OMP_NUM_THREADS"] = str(choice.threads)
+    global _automatic
+    _automatic = choice.source == "automatic"
     if choice.threads is not None and ("torch" in sys.modules or choice.source == "--threads"):
         # torch caps the variable at the core count; an explicit count is honoured exactly.
         import torch
 
         torch.set_num_threads(choice.threads)
     return choice
+
+
+def threads_for_network(width: int, current: int) -> int:
+    """Intra-op threads for answering with a network of this width, given ``current`` ones:
+    one for a narrow network when the policy chose the count automatically, else ``current``."""
+    return 1 if _automatic and width < SMALL_NETWORK_WIDTH else current
+
+
+@contextmanager
+def network_threads(width: int) -> Iterator[None]:
+    """Run the block with :func:`threads_for_network` threads, restoring the count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = threads_for_network(width, before)
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
