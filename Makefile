@@ -57,7 +57,11 @@ bench: setup
 	$(PIP) install -q --disable-pip-version-check -e ".[bench]"
 	$(PY) benchmarks/vs_reference.py --out out/bench/vs_reference.json
 	$(PY) benchmarks/threads.py --out out/bench/threads.json
-	$(PY) benchmarks/speed.py --out out/bench/speed.json
+	$(PY) benchmarks/solvers.py --out out/bench/solvers.json
+	$(PY) benchmarks/localizability.py --out out/bench/localizability.json
+	$(PY) benchmarks/density_map.py --out out/bench/density_map.json
+	$(PY) benchmarks/defaults.py --out out/bench/defaults.json
+	$(PY) benchmarks/throughput.py --busy --out out/bench/throughput.json
 	$(PY) benchmarks/density_mp16.py --out out/bench/density_mp16.json
 
 clean:

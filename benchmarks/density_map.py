@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--check", type=int, default=256, help="random nodes checked exactly")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: one per core; run with OMP_WAIT_POLICY=PASSIVE as the CLI does)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:

@@ -161,3 +161,17 @@ def test_pipeline_answers_a_narrow_model_on_one_thread(monkeypatch, restore_thre
     locator.locate_embeddings(emb, 16, steps=2, localizability_samples=8)
     assert locator.model.network.config["dim"] < policy.SMALL_NETWORK_WIDTH
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_baseline_models_without_a_network_answer_under_the_policy(monkeypatch, restore_threads):
+    from globeflow.apps.pipeline import Locator
+    from globeflow.core.families.baselines import UniformSphere
+
+    monkeypatch.setattr(policy, "_automatic", True)
+    torch.set_num_threads(2)
+    encoder = Locator.from_pretrained().encoder
+    locator = Locator(UniformSphere(cond_dim=encoder.dim), encoder)
+    assert policy.threads_for_network(None, 2) == 2
+    emb = torch.randn(2, encoder.dim)
+    results = locator.locate_embeddings(emb, 16, localizability_samples=4)
+    assert len(results) == 2 and torch.get_num_threads() == 2

@@ -129,7 +129,7 @@ class Locator:
         n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
         n_loc = n_loc if localizability_samples is None else localizability_samples
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        with network_threads(self.model.network.config["dim"]):
+        with network_threads(_network_width(self.model)):
             samples, bits, stderr = self._draw(emb, settings, n_loc, generator)
             guesses = best_guess(samples)
             regions = [
@@ -258,6 +258,12 @@ class Locator:
             bar.update(len(chunk))
         bar.close()
         return results
+
+
+def _network_width(model: GeoModel) -> int | None:
+    """Width of the model's denoising network; None for the baselines, which have none."""
+    network = getattr(model, "network", None)
+    return getattr(network, "config", {}).get("dim")
 
 
 def _failed(name: str, error: str) -> dict:

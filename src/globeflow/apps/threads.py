@@ -133,14 +133,16 @@ def apply_thread_policy(
     return choice
 
 
-def threads_for_network(width: int, current: int) -> int:
+def threads_for_network(width: int | None, current: int) -> int:
     """Intra-op threads for answering with a network of this width, given ``current`` ones:
-    one for a narrow network when the policy chose the count automatically, else ``current``."""
-    return 1 if _automatic and width < SMALL_NETWORK_WIDTH else current
+    one for a narrow network when the policy chose the count automatically, else ``current``
+    (also for ``width`` None: no network, as in the baselines)."""
+    narrow = width is not None and width < SMALL_NETWORK_WIDTH
+    return 1 if _automatic and narrow else current
 
 
 @contextmanager
-def network_threads(width: int) -> Iterator[None]:
+def network_threads(width: int | None) -> Iterator[None]:
     """Run the block with :func:`threads_for_network` threads, restoring the count after."""
     import torch
 

@@ -228,7 +228,7 @@ def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "m
     """Times 0 = t_0 < ... < t_steps = t_end for the fixed-step solver, (steps + 1,) float64.
 
     "t": uniform in t. "gamma": uniform in the signal level (equal increments of the network's
-    time input; default of the flow families, best in benchmarks/speed.py). "mixed": uniform in
+    time input; default of the flow families, best in an earlier benchmark). "mixed": uniform in
     t + 1 - gamma(t), which also shortens steps where the density sharpens (t near 0).
     "mixed-log" (default for diffusion): adds log(gamma) / log(gamma_end), since the diffusion
     probability-flow ODE behaves like dx/dgamma = x / (2 gamma) near the noise end and is smooth
