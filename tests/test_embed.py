@@ -98,6 +98,30 @@ def test_csv_input_with_coordinates_and_images_subfolder(tmp_path: Path) -> None
     assert dict(zip(t.ids, t.authors)) == {"p000.png": "ann", "p001.png": "bob", "p002.png": ""}
 
 
+def test_rows_already_stored_count_in_with_location(tmp_path: Path) -> None:
+    """A rerun reports the coordinates of every input in the store, not only of the new rows
+    (it said "0 with coordinates" when every row had them)."""
+    data = tmp_path / "data"
+    _make_photos(data, 3)
+    rows = {"p000.png": ("48.85", "2.35"), "p001.png": ("-33.9", "151.2"), "p002.png": ("", "")}
+
+    def listing(names: list[str]) -> Path:
+        path = data / f"{len(names)}.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["IMG_ID", "LAT", "LON"])
+            w.writerows([name, *rows[name]] for name in names)
+        return path
+
+    out, enc = tmp_path / "emb.parquet", MeanColourEncoder()
+    first = embed_images([listing(["p000.png", "p002.png"])], enc, out, progress=False)
+    assert (first.embedded, first.with_location) == (2, 1)
+    again = embed_images([listing(["p000.png", "p002.png"])], enc, out, progress=False)
+    assert (again.embedded, again.skipped_existing, again.with_location) == (0, 2, 1)
+    more = embed_images([listing(list(rows))], enc, out, progress=False)
+    assert (more.embedded, more.skipped_existing, more.with_location) == (1, 2, 2)
+
+
 def test_exif_gps_used_when_no_coordinates(tmp_path: Path) -> None:
     exif = Image.Exif()
     gps = exif.get_ifd(0x8825)

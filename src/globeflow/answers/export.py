@@ -21,6 +21,8 @@ CSV_FIELDS = [
     "exif_lat",
     "exif_lon",
     "error_km",
+    "top_region",
+    "localizability_vs_uniform_bits",
 ]
 
 
@@ -44,6 +46,8 @@ def result_to_row(result: dict) -> dict:
         localizability_bits=result.get("localizability_bits"),
         effective_area_km2=result.get("effective_area_km2"),
         error_km=result.get("error_km") if result.get("error_km") is not None else "",
+        top_region=result["regions"][0].get("label", "") if result["regions"] else "",
+        localizability_vs_uniform_bits=result.get("localizability_vs_uniform_bits"),
     )
     if result.get("exif_gps"):
         row.update(exif_lat=result["exif_gps"]["lat"], exif_lon=result["exif_gps"]["lon"])

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Place", "reverse_geocode", "place_label", "country_name"]
+__all__ = ["Place", "reverse_geocode", "place_label", "region_label", "country_name"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,30 @@ def place_label(place: Place | dict[str, str] | None) -> str:
         if value and value not in parts:
             parts.append(value)
     return ", ".join(parts)
+
+
+COUNTRY_SCALE_KM = 250.0
+"""Regions at least this wide (radius, km; about 200,000 km2, a mid-sized country) are named by
+their country."""
+ADMIN1_SCALE_KM = 25.0
+"""Regions at least this wide (radius, km; about 2,000 km2) and below country scale are named by
+their first-level division (state, province) and country; smaller ones also by the town."""
+
+
+def region_label(place: Place | dict[str, str] | None, radius_km: float) -> str:
+    """The name of a region of ``radius_km`` around a place, at the scale of that radius.
+
+    The nearest populated place to a region's centre is often a village that says little about
+    a region hundreds of km wide: such a region is named by its country, a smaller one by
+    "Region, Country", and one of town size by :func:`place_label`.
+    """
+    if place is None:
+        return ""
+    d = place.to_dict() if isinstance(place, Place) else place
+    if radius_km >= COUNTRY_SCALE_KM:
+        keys = ("country",)
+    elif radius_km >= ADMIN1_SCALE_KM:
+        keys = ("region", "country")
+    else:
+        return place_label(d)
+    return place_label({key: d.get(key, "") for key in keys}) or place_label(d)

@@ -7,13 +7,52 @@ that ``globeflow --help`` is instant.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 
 import typer
 
+PIPED_COLUMNS = 140
+"""Width of help and tables written to a pipe or a log, where rich would take 80 columns."""
+
+_FAMILY_HELP = "Family of a PLONK checkpoint (rfm, flow, diffusion); default: its config or name."
+_ENCODER_PATH_HELP = "Hub id or local directory for hub encoders."
+_SEED_HELP = "Random seed (same seed, same answers)."
+_PROGRESS_HELP = "Show progress bars on stderr."
+
+
+def _piped_columns() -> int | None:
+    """PIPED_COLUMNS when stdout is not a terminal and COLUMNS does not set a width, else None
+    (rich measures the terminal)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return None
+    return PIPED_COLUMNS
+
+
+class _FlagsWithoutType:
+    """Help lists switches (``--progress/--no-progress``, ``--help``) without the ``<bool>``
+    type typer gives them: they take no value."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsWithoutType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_FlagsWithoutType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     help="globeflow: where on Earth was this photo taken? A probability distribution over the "
     "globe from a frozen image encoder and a flow-matching model on the sphere (PLONK).",
     no_args_is_help=True,
@@ -117,7 +156,7 @@ def _model_solver(solver: str | None, locator) -> str | None:
     return solver
 
 
-@app.command()
+@app.command(cls=_Command)
 def embed(
     inputs: list[Path] = typer.Argument(
         ...,
@@ -128,8 +167,8 @@ def embed(
         ..., "--output", "-o", help="Embedding store to write/extend (NAME.parquet directory)."
     ),
     encoder: str = typer.Option(None, help="Encoder name (default: the offline default)."),
-    encoder_path: str = typer.Option(None, help="Hub id or local directory for hub encoders."),
-    batch_size: int = typer.Option(32, min=1),
+    encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
+    batch_size: int = typer.Option(32, min=1, help="Photos per encoder call."),
     chunk_size: int = typer.Option(4096, min=1, help="Rows per parquet part (resume unit)."),
     recursive: bool = typer.Option(True, help="Descend into sub-folders."),
     exif_gps: bool = typer.Option(True, help="Read coordinates from EXIF GPS when none given."),
@@ -144,7 +183,7 @@ def embed(
     decode_workers: int = typer.Option(
         0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
     ),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Embed photos with a frozen encoder into a columnar file (resumable; bad files reported).
 
@@ -202,7 +241,7 @@ def embed(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     embeddings: Path = typer.Option(..., help="Embedding store from `globeflow embed`."),
     family: Family = typer.Option(Family.rfm, help="Generative family or baseline."),
@@ -215,20 +254,22 @@ def train(
         None, help="CSV of extra unlabelled locations (LAT,LON) for the null-condition branch."
     ),
     prior_fraction: float = typer.Option(0.25, help="Share of each batch from the prior."),
-    dim: int = typer.Option(256),
-    depth: int = typer.Option(6),
+    dim: int = typer.Option(256, help="Width of the denoising network (a multiple of 8)."),
+    depth: int = typer.Option(6, help="Residual blocks in the denoising network."),
     dropout: float = typer.Option(0.0, help="Dropout inside the MLP blocks."),
-    weight_decay: float = typer.Option(0.05),
-    max_steps: int = typer.Option(20000),
-    batch_size: int = typer.Option(512),
-    lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(0.05, help="Decoupled weight decay of the optimizer."),
+    max_steps: int = typer.Option(20000, help="Optimizer steps in all."),
+    batch_size: int = typer.Option(512, help="Rows per optimizer step (over all processes)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (after warmup; cosine decay)."),
     optimizer: str = typer.Option("adamw", help="adamw or lamb"),
-    warmup_steps: int = typer.Option(500),
-    ema_decay: float = typer.Option(0.999),
-    cond_drop_prob: float = typer.Option(0.1),
-    val_every: int = typer.Option(1000),
-    checkpoint_every: int = typer.Option(500),
-    seed: int = typer.Option(0),
+    warmup_steps: int = typer.Option(500, help="Steps of linear learning-rate warmup."),
+    ema_decay: float = typer.Option(0.999, help="Decay of the weight average that is saved."),
+    cond_drop_prob: float = typer.Option(
+        0.1, help="Share of rows trained unconditioned (for classifier-free guidance)."
+    ),
+    val_every: int = typer.Option(1000, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(500, help="Save a resumable checkpoint every N steps."),
+    seed: int = typer.Option(0, help=_SEED_HELP),
     exclude_authors: Path = typer.Option(
         None, help="Text file of author ids to leave out (e.g. held-out demo photos)."
     ),
@@ -246,7 +287,7 @@ def train(
     resume: bool = typer.Option(
         True, "--resume/--restart", help="Resume a run found in --output, or start it afresh."
     ),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Train a model on precomputed embeddings; killed runs resume exactly where they stopped.
 
@@ -298,38 +339,42 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _area_km2(km2: float) -> str:
+    """An area to two significant figures: 510M km², 4.1M km², 38k km², 120 km²."""
+    scale, unit = next(((s, u) for s, u in ((1e6, "M"), (1e3, "k")) if km2 >= s), (1.0, ""))
+    return f"{float(f'{km2 / scale:.2g}'):g}{unit} km²"
+
+
 def _predict_rows(results: list[dict], labels: list[str]) -> list[list[str]]:
+    """A table row per located photo (the photos that could not be read are listed apart)."""
     rows = []
     for r, name in zip(results, labels, strict=True):
         if not r.get("ok"):
-            rows.append([name, "-", "-", "-", "-", f"error: {r['error']}"])
             continue
         bg = r["best_guess"]
-        place = bg["place"]
-        label = ", ".join(v for v in (place.get("city"), place.get("country")) if v)
-        top = f"{r['regions'][0]['probability']:.0%}" if r["regions"] else "-"
-        bits = r["localizability_bits"]
-        truth = f"{r['error_km']:.0f} km" if r.get("error_km") is not None else ""
+        place = ", ".join(v for v in (bg["place"].get("city"), bg["place"].get("country")) if v)
+        top = r["regions"][0] if r["regions"] else None
+        bits, area = r.get("localizability_vs_uniform_bits"), r.get("effective_area_km2")
         rows.append(
             [
                 name,
                 f"{bg['lat']:.3f}, {bg['lon']:.3f}",
-                label,
-                top,
-                f"{bits:.2f}" if bits is not None else "-",
-                truth,
+                place,
+                f"{top['label']} ({top['probability']:.0%})" if top else "-",
+                f"{bits:.1f} ({_area_km2(area)})" if bits is not None else "-",
+                f"{r['error_km']:.0f}" if r.get("error_km") is not None else "-",
             ]
         )
     return rows
 
 
-@app.command()
+@app.command(cls=_Command)
 def predict(
     photos: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
     model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
-    family: str = typer.Option(None, help="Family of a PLONK checkpoint (rfm, flow, diffusion)."),
+    family: str = typer.Option(None, help=_FAMILY_HELP),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
-    encoder_path: str = typer.Option(None, help="Hub id or directory for hub encoders."),
+    encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
     num_samples: int = typer.Option(
         None, help="Samples per photo, 16 to 4096 (default: 512, see docs/defaults.md)."
     ),
@@ -359,8 +404,8 @@ def predict(
     csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
     geojson_out: Path = typer.Option(None, "--geojson", help="Write a GeoJSON FeatureCollection."),
     map_dir: Path = typer.Option(None, "--map", help="Write a PNG world map per photo here."),
-    seed: int = typer.Option(0),
-    progress: bool = typer.Option(True),
+    seed: int = typer.Option(0, help=_SEED_HELP),
+    progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Where was each photo taken? Best guess, top regions, localizability, maps.
 
@@ -414,39 +459,53 @@ def predict(
         )
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
-    _print_predict_table(
-        results, labels, f"globeflow ({locator.model_name}, {locator.encoder_name})"
-    )
+    located = any(r.get("ok") for r in results)
+    if located:
+        title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
+        _print_predict_table(results, labels, title, region_radius_km)
     _write_predict_outputs(results, json_out, csv_out, geojson_out)
     if map_dir:
         _write_maps(results, labels, map_file_names(labels), map_dir, progress)
-    failed = sum(not r.get("ok") for r in results)
-    if failed == len(results):
-        _fail(f"none of the {failed} photos could be read (see the table)", code=1)
-    if failed:
-        typer.echo(f"{failed} of {len(results)} photos could not be read (see the table)", err=True)
+    failed = _report_unreadable(results)
+    if not located:
+        _fail(f"none of the {failed} photos could be read (listed above)", code=1)
 
 
-def _print_predict_table(results: list[dict], labels: list[str], title: str) -> None:
+def _print_predict_table(
+    results: list[dict], labels: list[str], title: str, region_radius_km: float
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in (
-        "photo",
-        "best guess (lat, lon)",
-        "place",
-        "top region",
-        "localizability (bits)",
-        "error vs EXIF",
-    ):
-        table.add_column(col)
+    from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS
+
+    table = Table(
+        title=title,
+        caption="localizability: bits above a uniform guess over the globe (0: no clue; each "
+        "bit halves the area), and the area the answer spreads over; -: not estimated, or a "
+        f"density in R³ (see the JSON). Uniform is {UNIFORM_LOCALIZABILITY_BITS:.2f} bits on "
+        "the scale of localizability_bits.",
+        caption_justify="left",
+    )
+    table.add_column("photo", overflow="fold")
+    table.add_column("best guess\n(lat, lon)", no_wrap=True)
+    table.add_column("place")
+    table.add_column(f"top region\n(radius {region_radius_km:g} km)")
+    table.add_column("localizability\n(bits vs uniform)", no_wrap=True)
+    table.add_column("error vs EXIF\n(km)", no_wrap=True)
     for row in _predict_rows(results, labels):
         table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # pipes and CI logs: do not squeeze the table into 80 columns
-        console = Console(width=140)
-    console.print(table)
+    Console(width=_piped_columns()).print(table)
+
+
+def _report_unreadable(results: list[dict]) -> int:
+    """List the photos that could not be read on stderr, one line each; returns their count."""
+    failed = [r for r in results if not r.get("ok")]
+    if failed:
+        typer.echo(f"{len(failed)} of {len(results)} photos could not be read:", err=True)
+    for r in failed:
+        typer.echo(f"  {r['error']}", err=True)
+    return len(failed)
 
 
 def _write_predict_outputs(
@@ -490,7 +549,7 @@ def _write_maps(
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     data: Path = typer.Argument(
         ...,
@@ -498,9 +557,9 @@ def evaluate(
         "image folder with EXIF GPS, WebDataset tars, or embeddings.",
     ),
     model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
-    family: str = typer.Option(None),
+    family: str = typer.Option(None, help=_FAMILY_HELP),
     encoder: str = typer.Option(None, help="Encoder for image datasets (default: the model's)."),
-    encoder_path: str = typer.Option(None),
+    encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory."),
     kind: str = typer.Option(None, help="Force the dataset reader (osv5m, latlon-csv, inat, ...)."),
     num_samples: int = typer.Option(256, help="Samples per image for the best guess (16 to 4096)."),
@@ -514,9 +573,9 @@ def evaluate(
         128, help="Unguided samples per image for calibration (0 to 4096; 0: off)."
     ),
     batch_size: int = typer.Option(64, help="Images per model call (1 to 4096)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help=_SEED_HELP),
     limit: int = typer.Option(None, help="Evaluate only the first N records."),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown).
 
@@ -566,13 +625,15 @@ def evaluate(
     typer.echo(f"report written to {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
-    family: str = typer.Option(None),
-    encoder: str = typer.Option(None),
-    encoder_path: str = typer.Option(None),
-    host: str = typer.Option("127.0.0.1"),
+    family: str = typer.Option(None, help=_FAMILY_HELP),
+    encoder: str = typer.Option(None, help="Override the encoder named by the model."),
+    encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."
+    ),
     port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
@@ -593,6 +654,9 @@ def serve(
 
 
 def main() -> None:  # pragma: no cover
+    columns = _piped_columns()
+    if columns is not None:  # typer reads it when it first draws help or a usage error
+        os.environ.setdefault("TERMINAL_WIDTH", str(columns))
     sys.exit(app())
 
 

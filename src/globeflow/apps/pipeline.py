@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
+from globeflow.answers.geocode import region_label
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
-from globeflow.core.families import GeoModel, effective_area_km2
+from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import haversine_km, unit_to_latlon
 
@@ -137,6 +138,9 @@ class Locator:
                 for i in range(emb.shape[0])
             ]
         places = _place_names(guesses, regions)
+        # Only densities per steradian compare with the uniform one (not the R^3 families').
+        on_sphere = getattr(self.model, "density_space", "sphere") == "sphere"
+        uniform = UNIFORM_LOCALIZABILITY_BITS if on_sphere else math.nan
         results = []
         for i in range(emb.shape[0]):
             result = {
@@ -146,9 +150,11 @@ class Locator:
                     "place": places[i][0],
                 },
                 "regions": [
-                    {**r.to_dict(), "place": place} for r, place in zip(regions[i], places[i][1:])
+                    {**r.to_dict(), "place": place, "label": region_label(place, r.radius_km)}
+                    for r, place in zip(regions[i], places[i][1:])
                 ],
                 "localizability_bits": _finite_or_none(float(bits[i])),
+                "localizability_vs_uniform_bits": _finite_or_none(float(bits[i]) - uniform),
                 "localizability_stderr_bits": _finite_or_none(float(stderr[i])),
                 "effective_area_km2": _finite_or_none(float(effective_area_km2(bits[i]))),
                 "samples": [[round(a, 4), round(b, 4)] for a, b in samples[i].tolist()],

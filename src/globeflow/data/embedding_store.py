@@ -31,6 +31,7 @@ __all__ = [
     "EmbeddingTable",
     "EmbeddingWriter",
     "iter_embedding_batches",
+    "located_ids",
     "read_embeddings",
     "store_fingerprint",
     "store_parts",
@@ -75,6 +76,18 @@ def store_fingerprint(path: str | os.PathLike[str]) -> str:
         for rg in range(meta.num_row_groups):
             h.update(str(meta.row_group(rg).to_dict()).encode())
     return h.hexdigest()[:16]
+
+
+def located_ids(path: str | os.PathLike[str]) -> set[str]:
+    """Ids of the stored rows with coordinates (finite lat and lon); reads only those columns."""
+    located: set[str] = set()
+    for part in store_parts(path):
+        table = pq.read_table(part, columns=["id", "lat", "lon"])
+        lat = table.column("lat").to_numpy(zero_copy_only=False)
+        lon = table.column("lon").to_numpy(zero_copy_only=False)
+        ids = table.column("id").to_pylist()
+        located.update(ids[i] for i in np.flatnonzero(np.isfinite(lat) & np.isfinite(lon)))
+    return located
 
 
 @dataclass

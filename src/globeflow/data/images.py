@@ -8,10 +8,13 @@ HEIC/HEIF when the optional ``pillow_heif`` package is installed.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -36,6 +39,11 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 _GPS_IFD = 0x8825
+
+# PIL logs some refusals of damaged files at ERROR level before raising; with no logging set up
+# (the command line) Python would print them to stderr, naming no file, beside our one-line
+# error. A library's NullHandler leaves them to whoever configures logging.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 try:  # optional: HEIC/HEIF (iPhone photos)
     import pillow_heif
@@ -98,21 +106,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open_checked(
-    fp: str | os.PathLike[str] | IO[bytes], name: str, max_pixels: int | None
-) -> Image.Image:
-    """Open, bomb-check, fully decode, orient and convert one image."""
+@contextlib.contextmanager
+def _pil_quiet() -> Iterator[None]:
+    """Silence PIL's warnings about damaged metadata ("Corrupt EXIF data", "Truncated File Read")
+    while one file is decoded: they name no file, and the decode either succeeds or raises,
+    which the caller reports. Only PIL's own UserWarnings and its bomb warning (our limit
+    replaces it) are filtered, so a thread race on the global filter list can at worst leave
+    these same narrow filters installed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode_failure(name: str, exc: BaseException, what: str) -> ImageLoadError:
+    """The one-line error for a decoder that raised ``exc``; ``what`` says what failed."""
+    if isinstance(exc, MemoryError):
+        return ImageLoadError(name, "too large to decode (out of memory)")
+    msg = " ".join(str(exc).split()) or type(exc).__name__  # libheif's end in a newline
+    if "truncated" in msg.lower():
+        return ImageLoadError(name, f"truncated or incomplete image data ({msg})")
+    return ImageLoadError(name, f"{what} ({msg})")
+
+
+def _open_unchecked(fp: str | os.PathLike[str] | IO[bytes], name: str) -> Image.Image:
+    """``Image.open`` without PIL's own pixel limit (the caller applies ours)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            # PIL warns (rather than raising) between MAX_IMAGE_PIXELS and 2x that; we apply our
-            # own limit below, so silence PIL's and disable its check for this open.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                img = Image.open(fp)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        return Image.open(fp)
     except FileNotFoundError:
         raise ImageLoadError(name, "file not found") from None
     except IsADirectoryError:
@@ -123,38 +145,43 @@ def _open_checked(
         raise ImageLoadError(
             name, "not a recognised image format (corrupt or not an image)"
         ) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        if "truncated" in str(exc).lower():
-            raise ImageLoadError(name, f"truncated or incomplete image data ({exc})") from None
-        raise ImageLoadError(name, f"cannot open image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - parsers of untrusted bytes raise anything
+        raise _decode_failure(name, exc, "cannot open image") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ImageLoadError(name, f"invalid image size {w}x{h}")
-    if max_pixels is not None and w * h > max_pixels:
-        img.close()
-        raise ImageLoadError(
-            name,
-            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            "(possible decompression bomb)",
-        )
-    try:
-        img.load()  # force the full decode now so truncation surfaces here, not later
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        msg = str(exc)
-        if "truncated" in msg.lower():
-            raise ImageLoadError(name, f"truncated or incomplete image data ({msg})") from None
-        raise ImageLoadError(name, f"corrupt image data ({msg})") from None
-    try:
-        oriented = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - malformed EXIF must not make a good photo unusable
-        oriented = img
-    if oriented is None:  # pragma: no cover - only with in_place=True
-        oriented = img
-    try:
-        return _to_rgb(oriented)
-    except (OSError, ValueError) as exc:
-        raise ImageLoadError(name, f"cannot convert mode {oriented.mode} to RGB ({exc})") from None
+
+def _open_checked(
+    fp: str | os.PathLike[str] | IO[bytes], name: str, max_pixels: int | None
+) -> Image.Image:
+    """Open, bomb-check, fully decode, orient and convert one image."""
+    with _pil_quiet():
+        img = _open_unchecked(fp, name)
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ImageLoadError(name, f"invalid image size {w}x{h}")
+        if max_pixels is not None and w * h > max_pixels:
+            img.close()
+            raise ImageLoadError(
+                name,
+                f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                "(possible decompression bomb)",
+            )
+        try:
+            img.load()  # the full decode now, so that damage surfaces here and not later
+        except Exception as exc:  # noqa: BLE001 - e.g. libheif's RuntimeError, struct.error
+            raise _decode_failure(name, exc, "corrupt image data") from None
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - malformed EXIF must not make a good photo unusable
+            oriented = img
+        if oriented is None:  # pragma: no cover - only with in_place=True
+            oriented = img
+        try:
+            return _to_rgb(oriented)
+        except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad image
+            what = f"cannot convert mode {oriented.mode} to RGB"
+            raise _decode_failure(name, exc, what) from None
 
 
 def load_image(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from globeflow.data.embedding_store import EmbeddingWriter
+from globeflow.data.embedding_store import EmbeddingWriter, located_ids
 from globeflow.data.encoders import Encoder
 from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
 from globeflow.jobs.distributed import (
@@ -69,6 +69,7 @@ class EmbedReport:
     skipped_existing: int = 0
     failed: int = 0
     with_location: int = 0
+    """Inputs stored with coordinates: embedded now or already in the store."""
     from_exif: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -278,6 +279,9 @@ def _embed_placed(
     place.barrier()  # every process has listed the stored parts before any writes a new one
     todo = [it for it in items if it.id not in done]
     report.skipped_existing = len(items) - len(todo)
+    if report.skipped_existing and place.is_main:  # once: the ranks' reports are summed
+        stored = located_ids(out)
+        report.with_location = sum(it.id in stored for it in items if it.id in done)
     share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
     mine = todo[share.start * batch_size : share.stop * batch_size]
 

@@ -1,6 +1,7 @@
 """Generative families behind one interface (:class:`GeoModel`)."""
 
 from globeflow.core.families.base import (
+    UNIFORM_LOCALIZABILITY_BITS,
     DenoisingModel,
     GeoModel,
     NonFiniteOutputError,
@@ -25,4 +26,5 @@ __all__ = [
     "DENOISING_FAMILIES",
     "NonFiniteOutputError",
     "effective_area_km2",
+    "UNIFORM_LOCALIZABILITY_BITS",
 ]

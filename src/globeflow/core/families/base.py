@@ -175,6 +175,13 @@ def effective_area_km2(localizability_bits: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-localizability_bits) * KM2_PER_SR
 
 
+UNIFORM_LOCALIZABILITY_BITS = -math.log2(4.0 * math.pi)
+"""Localizability of the uniform density over the globe, 1 / (4 pi) per steradian: -3.65 bits.
+Every density on the sphere scores at least this much in expectation (the difference is its
+KL divergence from uniform), so localizability minus this is >= 0 bits up to Monte Carlo error;
+each bit above it halves the effective area, 2^-bits x 4 pi x R^2 = 5.1e8 km^2 x 2^-bits."""
+
+
 def drop_condition(
     emb: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
