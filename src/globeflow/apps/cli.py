@@ -385,10 +385,12 @@ def predict(
     ),
     steps: int = typer.Option(
         None,
-        help="Solver steps, 1 to 256 (default: 8 midpoint steps = 16 network evaluations).",
+        help="Solver steps, 1 to 256 (default: 8 lagged-midpoint steps = 9 network evaluations).",
     ),
     solver: str = typer.Option(
-        None, help="midpoint or heun (second order), euler (the paper's sampler), ddim."
+        None,
+        help="lagged-midpoint (default: second order, one network evaluation per step), "
+        "midpoint or heun (second order, two), euler (the paper's sampler), ddim (diffusion).",
     ),
     precision: str = typer.Option(
         None, help="bf16 (default: faster, same answers within noise) or fp32."

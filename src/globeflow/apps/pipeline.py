@@ -33,8 +33,8 @@ DEFAULT_GUIDANCE = 2.0
 # whose answers are within noise of the expensive one.
 DEFAULT_NUM_SAMPLES = 512
 DEFAULT_STEPS = 8
-"""Solver steps; with the midpoint solver that is 16 network evaluations."""
-DEFAULT_SOLVER = "midpoint"
+"""Solver steps: 9 network evaluations with the lagged midpoint solver (docs/defaults.md)."""
+DEFAULT_SOLVER = "lagged-midpoint"
 DEFAULT_PRECISION = "bf16"
 DEFAULT_LOCALIZABILITY_SAMPLES = 128
 DEFAULT_LOCALIZABILITY_STEPS = 16
