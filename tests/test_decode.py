@@ -9,7 +9,7 @@ from globeflow.answers.decode import (
     sample_density_grid,
     top_regions,
 )
-from globeflow.core.sphere import latlon_grid
+from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_grid
 
 
 def _cluster(lat, lon, n, spread_deg, seed):
@@ -66,3 +66,30 @@ def test_sample_density_grid_integrates_to_one():
     density = torch.tensor(grid["log_density"], dtype=torch.float64).exp().reshape(-1)
     assert abs((density * weights).sum().item() - 1.0) < 0.02
     assert len(grid["lat"]) == 90 and len(grid["lon"]) == 180
+
+
+def test_pairwise_km_in_float32_is_accurate_at_every_distance():
+    # 1 m, 1 km, 1000 km apart, and antipodes: the chord formula keeps float32 within metres,
+    # where arccos of a float32 dot product is 2 km off near zero distance.
+    deg_per_km = 180 / (math.pi * EARTH_RADIUS_KM)
+    f64 = torch.float64
+    a = torch.tensor([[10.0, 20.0], [10.0, 20.0], [10.0, 20.0], [45.0, 0.0]], dtype=f64)
+    b = torch.tensor([[10.0 + 1e-3 * deg_per_km, 20.0], [10.0 + deg_per_km, 20.0],
+                      [10.0 + 1000 * deg_per_km, 20.0], [-45.0, 180.0]], dtype=f64)  # fmt: skip
+    km64 = pairwise_km(a, b).diagonal()
+    km32 = pairwise_km(a, b, torch.float32).diagonal()
+    assert km32.dtype == torch.float32
+    expected = torch.tensor([1e-3, 1.0, 1000.0, math.pi * EARTH_RADIUS_KM], dtype=f64)
+    assert torch.allclose(km64, expected, rtol=1e-9, atol=1e-9)
+    assert (km32.double() - km64).abs().max() < 0.01  # 10 m
+
+
+def test_best_guess_in_float32_picks_a_float64_optimum():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[48.0, 2.0], [35.0, 139.0], [-33.0, 151.0], [40.0, -74.0]])
+    samples = centres[:, None] + torch.randn(4, 1024, 2, generator=g) * torch.tensor([2.0, 3.0])
+    guess = best_guess(samples)
+    scores = expected_geoscore(samples, samples)  # float64, every sample as a candidate
+    picked = expected_geoscore(guess[:, None], samples)[:, 0]
+    # float32 distances move each expected score by < 1e-3 points: the pick is an optimum
+    assert (scores.max(-1).values - picked).max() < 1e-2

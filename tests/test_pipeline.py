@@ -62,3 +62,27 @@ def test_unguided_answers_carry_their_own_density():
     samples = torch.tensor(res["samples"], dtype=torch.float32)[None]
     exact = loc.model.log_prob(samples, emb, steps=64).mean() / math.log(2)
     assert abs(res["localizability_bits"] - float(exact)) < 0.05
+
+
+def test_photo_chunks_cover_every_photo_within_the_row_budget():
+    budget = pipeline.ROWS_PER_SOLVE
+    for photos, samples in [(1, 4 * budget), (5, budget // 2), (7, budget // 3), (3, 1)]:
+        chunks = pipeline.photo_chunks(photos, samples)
+        covered = [i for c in chunks for i in range(photos)[c]]
+        assert covered == list(range(photos))
+        sizes = [len(range(photos)[c]) for c in chunks]
+        assert all(s * samples <= budget or s == 1 for s in sizes)
+
+
+def test_photos_are_solved_in_chunks_and_all_answered(monkeypatch):
+    loc = _locator()
+    calls = []
+    sample = loc.model.sample
+    monkeypatch.setattr(
+        loc.model, "sample", lambda emb, *a, **k: (calls.append(len(emb)), sample(emb, *a, **k))[1]
+    )
+    monkeypatch.setattr(pipeline, "ROWS_PER_SOLVE", 64)
+    res = loc.locate_embeddings(torch.randn(5, 6), 32, steps=2, localizability_samples=8)
+    assert calls == [2, 2, 1]  # 64 samples per solve: two photos of 32
+    assert len(res) == 5 and all(len(r["samples"]) == 32 for r in res)
+    assert all(math.isfinite(r["localizability_bits"]) for r in res)

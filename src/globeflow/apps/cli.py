@@ -376,7 +376,7 @@ def predict(
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
     num_samples: int = typer.Option(
-        None, help="Samples per photo, 16 to 4096 (default: 512, see docs/defaults.md)."
+        None, help="Samples per photo, 16 to 4096 (default: 1024, see docs/defaults.md)."
     ),
     guidance: float = typer.Option(
         None,

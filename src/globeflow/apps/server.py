@@ -30,6 +30,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from globeflow.apps.heap import release_free_heap
+from globeflow.apps.pipeline import DEFAULT_NUM_SAMPLES
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
@@ -404,7 +405,7 @@ def create_app(
                 400, f"too many files ({len(uploads)}); at most {max_files} per request"
             )
         params = (
-            int(_first(form_num_samples, num_samples, 512)),
+            int(_first(form_num_samples, num_samples, DEFAULT_NUM_SAMPLES)),
             float(_first(form_guidance, guidance, getattr(locator, "default_guidance", 2.0))),
             _first(form_steps, steps),
         )
