@@ -190,26 +190,21 @@ def embed(
     Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
     globeflow embed ...
     """
-    import os
-
-    from globeflow.data.encoders import UnknownEncoderError, get_encoder
+    from globeflow.data.encoders import UnknownEncoderError, encoder_options, get_encoder
     from globeflow.jobs.distributed import resolve_device
     from globeflow.jobs.embed import embed_images
 
     options = {"path": encoder_path} if encoder_path else {}
     try:
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        if dev.type != "cpu":
+        # "auto" means the best device the encoder can use: the offline ones run on the CPU.
+        if device != "auto" or "device" in encoder_options(encoder):
             options["device"] = dev
         enc = get_encoder(encoder, **options)
     except UnknownEncoderError as exc:
         _fail(f"--encoder {encoder}: {exc}")
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    except TypeError:
-        if "device" not in options:
-            raise
-        _fail(f"encoder {encoder or 'default'} runs on the CPU only; use --device cpu")
     try:
         report = embed_images(
             inputs,
@@ -334,8 +329,6 @@ def train(
 
 def _is_main_process() -> bool:
     """False on the ranks > 0 of a torchrun job (they stay quiet)."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
