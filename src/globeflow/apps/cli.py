@@ -633,18 +633,15 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
-    from globeflow.apps.pipeline import Locator
     from globeflow.apps.server import SERVE_LIMITS, check_listen_address
     from globeflow.apps.server import serve as run_server
 
     _check_options(SERVE_LIMITS, port=port, max_upload_mb=max_upload_mb)
     try:  # the address before the model: a busy port should not wait for the model to load
         check_listen_address(host, port)
-        locator = Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    locator = _load_locator(model, encoder, family, encoder_path)
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
