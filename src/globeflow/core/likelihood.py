@@ -190,6 +190,7 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     return solve
 
 
+@torch.no_grad()
 def sample_with_log_density(
     model,
     emb: torch.Tensor,

@@ -14,7 +14,7 @@ from globeflow.core.guidance import GuidedField
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import Schedule, SigmoidSchedule, time_grid
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
-from globeflow.core.sphere import KM2_PER_SR, latlon_to_unit, unit_to_latlon
+from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
 
 
 class NonFiniteOutputError(ValueError):
@@ -175,7 +175,7 @@ def effective_area_km2(localizability_bits: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-localizability_bits) * KM2_PER_SR
 
 
-UNIFORM_LOCALIZABILITY_BITS = -math.log2(4.0 * math.pi)
+UNIFORM_LOCALIZABILITY_BITS = LOG_UNIFORM_DENSITY / math.log(2.0)
 """Localizability of the uniform density over the globe, 1 / (4 pi) per steradian: -3.65 bits.
 Every density on the sphere scores at least this much in expectation (the difference is its
 KL divergence from uniform), so localizability minus this is >= 0 bits up to Monte Carlo error;
