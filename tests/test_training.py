@@ -450,3 +450,24 @@ def test_nonfinite_rows_exact_also_when_the_total_overflows():
     assert nonfinite_rows(x).tolist() == [1, 4]
     big = torch.full((4, 2), 3e38)  # finite values whose float32 total overflows
     assert nonfinite_rows(big).tolist() == []
+
+
+def test_exclude_authors_keeps_the_store_dtype(tmp_path: Path) -> None:
+    from globeflow.data.embedding_store import EmbeddingWriter, read_embeddings, store_dtype
+    from globeflow.jobs.train_data import exclude_authors
+
+    store = tmp_path / "half.parquet"
+    with EmbeddingWriter(store, "toy", 4, dtype="float16") as w:
+        w.add(
+            ["a", "b", "c"],
+            torch.full((3, 4), 1 / 3),
+            latlon=torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+            authors=["ann", "bob", "ann"],
+        )
+    leave_out = tmp_path / "authors.txt"
+    leave_out.write_text("ann\n")
+    copy = exclude_authors(store, leave_out, tmp_path / "copy.parquet", say=lambda _: None)
+    assert store_dtype(copy) == "float16"
+    kept = read_embeddings(copy)
+    assert kept.ids == ["b"] and kept.authors == ["bob"]
+    assert kept.embeddings[0, 0] == torch.tensor(1 / 3).half().float()
