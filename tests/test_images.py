@@ -127,6 +127,19 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
     assert load_image(path, max_pixels=None).size == (200, 100)
 
 
+def test_pil_pixel_limit_is_left_alone_and_reported(tmp_path: Path, monkeypatch) -> None:
+    # PIL's limit is process-global (shared with decoding threads): it stays in force, and its
+    # refusal (beyond twice the limit) becomes our one-line "too large" error.
+    path = _save(Image.new("RGB", (200, 100)), tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    with pytest.raises(ImageLoadError, match="big.png.*too large"):
+        load_image(path, max_pixels=None)
+    assert Image.MAX_IMAGE_PIXELS == 5_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)  # over it, under twice it: loads
+    assert load_image(path, max_pixels=None).size == (200, 100)
+    assert Image.MAX_IMAGE_PIXELS == 15_000
+
+
 def test_load_image_bytes_matches_file(tmp_path: Path) -> None:
     path = _save(Image.new("RGB", (7, 5), (1, 2, 3)), tmp_path / "x.webp", lossless=True)
     a = np.asarray(load_image(path))

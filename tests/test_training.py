@@ -450,3 +450,39 @@ def test_nonfinite_rows_exact_also_when_the_total_overflows():
     assert nonfinite_rows(x).tolist() == [1, 4]
     big = torch.full((4, 2), 3e38)  # finite values whose float32 total overflows
     assert nonfinite_rows(big).tolist() == []
+
+
+def test_exclude_authors_keeps_the_store_dtype(tmp_path: Path) -> None:
+    from globeflow.data.embedding_store import EmbeddingWriter, read_embeddings, store_dtype
+    from globeflow.jobs.train_data import exclude_authors
+
+    store = tmp_path / "half.parquet"
+    with EmbeddingWriter(store, "toy", 4, dtype="float16") as w:
+        w.add(
+            ["a", "b", "c"],
+            torch.full((3, 4), 1 / 3),
+            latlon=torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+            authors=["ann", "bob", "ann"],
+        )
+    leave_out = tmp_path / "authors.txt"
+    leave_out.write_text("ann\n")
+    copy = exclude_authors(store, leave_out, tmp_path / "copy.parquet", say=lambda _: None)
+    assert store_dtype(copy) == "float16"
+    kept = read_embeddings(copy)
+    assert kept.ids == ["b"] and kept.authors == ["bob"]
+    assert kept.embeddings[0, 0] == torch.tensor(1 / 3).half().float()
+
+
+def test_located_rows_share_the_table_when_none_is_dropped() -> None:
+    from globeflow.data.embedding_store import EmbeddingTable
+
+    emb = torch.randn(4, 3)
+    latlon = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=torch.float64)
+    table = EmbeddingTable(["a", "b", "c", "d"], [""] * 4, latlon, ["x"] * 4, emb, "toy")
+    said: list[str] = []
+    kept, kept_latlon, _ = training._located(table, "store", said.append)
+    assert kept.data_ptr() == emb.data_ptr() and said == []  # no copy of the embeddings
+    latlon[1] = float("nan")
+    kept, kept_latlon, authors = training._located(table, "store", said.append)
+    assert torch.equal(kept, emb[[0, 2, 3]]) and len(authors) == 3
+    assert said == ["store: dropped 1 of 4 rows without coordinates"]

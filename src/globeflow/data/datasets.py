@@ -49,6 +49,9 @@ __all__ = [
     "exif_gps",
     "load_record_image",
     "detect_kind",
+    "LAT_COLUMNS",
+    "LON_COLUMNS",
+    "pick_column",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".heic", ".heif")
@@ -142,11 +145,13 @@ def _str(value: Any) -> str | None:
 # ---- column detection ----------------------------------------------------------------------
 
 _ID_COLUMNS = ("img_id", "image", "id", "image_id", "file_name", "filename", "path", "key")
-_LAT_COLUMNS = ("lat", "latitude")
-_LON_COLUMNS = ("lon", "lng", "long", "longitude")
+LAT_COLUMNS = ("lat", "latitude")
+LON_COLUMNS = ("lon", "lng", "long", "longitude")
 
 
-def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+def pick_column(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+    """The first of ``candidates`` (lower case) among ``columns``, matched ignoring case and
+    surrounding spaces, spelled as in ``columns``; None when none is there."""
     lower = {c.strip().lower(): c for c in columns}
     for cand in candidates:
         if cand in lower:
@@ -155,9 +160,9 @@ def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
 
 
 def _require(columns: Sequence[str], source: Path) -> tuple[str, str, str]:
-    id_col = _pick(columns, _ID_COLUMNS)
-    lat_col = _pick(columns, _LAT_COLUMNS)
-    lon_col = _pick(columns, _LON_COLUMNS)
+    id_col = pick_column(columns, _ID_COLUMNS)
+    lat_col = pick_column(columns, LAT_COLUMNS)
+    lon_col = pick_column(columns, LON_COLUMNS)
     missing = [
         name
         for name, col in (
@@ -260,14 +265,16 @@ def read_osv5m(path: str | Path, images_dir: str | Path | None = None) -> Datase
     """
     meta = _find_metadata(Path(path), ("test", "train"))
     cols = _columns(meta)
-    missing = [c for c in ("id", "latitude", "longitude") if _pick(cols, (c,)) is None]
+    missing = [c for c in ("id", "latitude", "longitude") if pick_column(cols, (c,)) is None]
     if missing:
         raise ValueError(f"{meta}: OSV-5M metadata needs columns {missing}; found {cols}")
     index = _ImageIndex(Path(images_dir) if images_dir else _default_image_root(meta))
-    names = {k: _pick(cols, (k,)) for k in ("id", "latitude", "longitude", "country", "region")}
-    names["subregion"] = _pick(cols, ("sub-region", "sub_region", "subregion"))
-    names["city"] = _pick(cols, ("city",))
-    names["author"] = _pick(cols, ("author", "sequence", "creator_username", "user"))
+    names = {
+        k: pick_column(cols, (k,)) for k in ("id", "latitude", "longitude", "country", "region")
+    }
+    names["subregion"] = pick_column(cols, ("sub-region", "sub_region", "subregion"))
+    names["city"] = pick_column(cols, ("city",))
+    names["author"] = pick_column(cols, ("author", "sequence", "creator_username", "user"))
 
     def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
         for row in _iter_table(meta):
@@ -304,12 +311,12 @@ def read_latlon_csv(path: str | Path, images_dir: str | Path | None = None) -> D
         raise FileNotFoundError(f"{meta}: no such file")
     cols = _columns(meta)
     id_col, lat_col, lon_col = _require(cols, meta)
-    author_col = _pick(cols, ("author", "user", "owner", "user_id", "author_id"))
+    author_col = pick_column(cols, ("author", "user", "owner", "user_id", "author_id"))
     label_cols = {
-        "country": _pick(cols, ("country",)),
-        "region": _pick(cols, ("region",)),
-        "subregion": _pick(cols, ("sub-region", "subregion", "sub_region")),
-        "city": _pick(cols, ("city",)),
+        "country": pick_column(cols, ("country",)),
+        "region": pick_column(cols, ("region",)),
+        "subregion": pick_column(cols, ("sub-region", "subregion", "sub_region")),
+        "city": pick_column(cols, ("city",)),
     }
     index = _ImageIndex(Path(images_dir) if images_dir else _default_image_root(meta))
 
@@ -478,7 +485,7 @@ def read_webdataset(path: str | Path) -> Dataset:
 
 
 def _embedding_column(cols: Sequence[str]) -> str | None:
-    return _pick(cols, ("embedding", "embeddings", "emb"))
+    return pick_column(cols, ("embedding", "embeddings", "emb"))
 
 
 def read_embeddings(path: str | Path, batch_size: int = 65536) -> Dataset:

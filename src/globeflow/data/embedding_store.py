@@ -33,6 +33,7 @@ __all__ = [
     "iter_embedding_batches",
     "located_ids",
     "read_embeddings",
+    "store_dtype",
     "store_fingerprint",
     "store_parts",
 ]
@@ -285,6 +286,15 @@ def _part_dtype(part: Path) -> str:
     return next(name for name, t in _EMBEDDING_TYPES.items() if t == value_type)
 
 
+def store_dtype(path: str | os.PathLike[str]) -> str:
+    """The embedding column's dtype ("float32" or "float16") of a store (a store holds one)."""
+    p = Path(path)
+    parts = store_parts(p)
+    if not parts:
+        raise FileNotFoundError(f"{p}: no embedding parts (part-*.parquet) in this folder")
+    return _part_dtype(parts[0])
+
+
 def _part_meta(part: Path) -> tuple[str, int]:
     meta = pq.read_schema(part).metadata or {}
     return meta.get(_META_ENCODER, b"").decode(), int(meta.get(_META_DIM, b"0"))
@@ -309,8 +319,9 @@ def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
 
 def _table_to_columns(table: pa.Table, dim: int) -> tuple:
     emb_col = table.column("embedding").combine_chunks()
-    values = emb_col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    emb = torch.from_numpy(values.reshape(len(table), dim).copy())
+    values = emb_col.values.to_numpy(zero_copy_only=False)
+    # one writable float32 copy (arrow's buffer is read-only), converting float16 on the way
+    emb = torch.from_numpy(np.array(values, dtype=np.float32).reshape(len(table), dim))
     lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)
     lon = table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64)
     latlon = (

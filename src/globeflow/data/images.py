@@ -123,6 +123,8 @@ def _decode_failure(name: str, exc: BaseException, what: str) -> ImageLoadError:
     """The one-line error for a decoder that raised ``exc``; ``what`` says what failed."""
     if isinstance(exc, MemoryError):
         return ImageLoadError(name, "too large to decode (out of memory)")
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own limit, left as the app set it
+        return ImageLoadError(name, f"image too large ({exc}; PIL.Image.MAX_IMAGE_PIXELS)")
     msg = " ".join(str(exc).split()) or type(exc).__name__  # libheif's end in a newline
     if "truncated" in msg.lower():
         return ImageLoadError(name, f"truncated or incomplete image data ({msg})")
@@ -130,9 +132,10 @@ def _decode_failure(name: str, exc: BaseException, what: str) -> ImageLoadError:
 
 
 def _open_unchecked(fp: str | os.PathLike[str] | IO[bytes], name: str) -> Image.Image:
-    """``Image.open`` without PIL's own pixel limit (the caller applies ours)."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    """``Image.open`` before our pixel limit (the caller applies it). PIL's own limit
+    (``Image.MAX_IMAGE_PIXELS``, refused beyond twice it) stays in force: it is process-global
+    state shared with other decoding threads, so it is left as the application set it; its
+    refusal becomes our "too large" error."""
     try:
         return Image.open(fp)
     except FileNotFoundError:
@@ -147,8 +150,6 @@ def _open_unchecked(fp: str | os.PathLike[str] | IO[bytes], name: str) -> Image.
         ) from None
     except Exception as exc:  # noqa: BLE001 - parsers of untrusted bytes raise anything
         raise _decode_failure(name, exc, "cannot open image") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _open_checked(
@@ -192,7 +193,7 @@ def load_image(
     Args:
         path: image file (JPEG, PNG, WebP, TIFF, GIF, BMP, HEIC with ``pillow_heif``, ...).
         max_pixels: refuse images with more than this many pixels (width * height); ``None``
-            disables the guard.
+            leaves only PIL's own guard (images over twice ``PIL.Image.MAX_IMAGE_PIXELS``).
 
     Returns:
         ``PIL.Image.Image`` in mode ``"RGB"``, fully decoded (the file is closed).

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from globeflow.core.guidance import PRECISIONS, check_precision
+
 __all__ = [
     "PRECISIONS",
     "Placement",
@@ -29,9 +31,8 @@ __all__ = [
     "leave_process_group",
     "rank_slice",
     "resolve_device",
+    "to_device",
 ]
-
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +141,7 @@ def rank_slice(n: int, rank: int, world_size: int) -> slice:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` for ``precision == "bf16"``; nothing for fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
+    if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -195,7 +194,7 @@ class Prefetcher:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
-        return _map_tensors(item, lambda t: t.to(self._device, non_blocking=True))
+        return to_device(item, self._device)
 
     def close(self) -> None:
         self._stop.set()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from globeflow.core.guidance import check_precision
+from globeflow.data.datasets import LAT_COLUMNS, LON_COLUMNS, pick_column
 from globeflow.data.embedding_store import EmbeddingWriter, located_ids
 from globeflow.data.encoders import Encoder
 from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
@@ -44,8 +46,6 @@ ERRORS_NAME = "_errors.csv"
 """The error list, inside the store (``_``: parquet dataset readers skip it)."""
 
 _IMAGE_COLS = ("image", "path", "filename", "file", "img_id", "image_path")
-_LAT_COLS = ("lat", "latitude")
-_LON_COLS = ("lon", "lng", "long", "longitude")
 _AUTHOR_COLS = ("author", "user", "owner")
 
 
@@ -100,14 +100,6 @@ class EmbedReport:
         return out
 
 
-def _find_col(header: Sequence[str], names: Sequence[str]) -> str | None:
-    lower = {h.strip().lower(): h for h in header}
-    for n in names:
-        if n in lower:
-            return lower[n]
-    return None
-
-
 def _float_or_nan(v: str | None) -> float:
     try:
         return float(v) if v not in (None, "") else math.nan
@@ -119,12 +111,12 @@ def _read_csv(csv_path: Path, errors: list[tuple[str, str]]) -> list[ImageItem]:
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
-        img_col = _find_col(header, _IMAGE_COLS)
+        img_col = pick_column(header, _IMAGE_COLS)
         if img_col is None:
             errors.append((str(csv_path), f"CSV has no image column (one of {_IMAGE_COLS})"))
             return []
-        lat_col, lon_col = _find_col(header, _LAT_COLS), _find_col(header, _LON_COLS)
-        author_col = _find_col(header, _AUTHOR_COLS)
+        lat_col, lon_col = pick_column(header, LAT_COLUMNS), pick_column(header, LON_COLUMNS)
+        author_col = pick_column(header, _AUTHOR_COLS)
         base, images_dir = csv_path.parent, csv_path.parent / "images"
         items = []
         for row in reader:
@@ -259,7 +251,7 @@ def _embed_placed(
     max_unsaved_seconds, precision, place, dtype, decode_workers,
 ) -> EmbedReport:  # fmt: skip
     """:func:`embed_images` on this process of the job."""
-    autocast(torch.device("cpu"), precision)  # a clear error for an unknown precision, first
+    check_precision(precision)  # a clear error for an unknown precision, first
     report = EmbedReport(output=out)
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)

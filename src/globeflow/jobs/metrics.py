@@ -35,6 +35,7 @@ __all__ = [
     "reliability_curve",
     "plot_reliability",
     "admin_accuracy",
+    "sliced_wasserstein_km",
 ]
 
 GEOSCORE_SCALE_KM = 1492.7
@@ -120,7 +121,7 @@ def distance_metrics_from_km(
         return out
     out["mean_km"] = float(d.mean())
     out["median_km"] = float(np.median(d))
-    out["geoscore"] = float((5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)).mean())
+    out["geoscore"] = float(geoscore(d).mean())
     for t in thresholds_km:
         out[threshold_key(t)] = float(100.0 * (d <= t).mean())
     return out
@@ -135,14 +136,6 @@ def nll_bits_per_dim(log_prob_nats: ArrayLike) -> float:
 
 
 # ---- precision / recall / density / coverage ------------------------------------------------
-
-
-def _unit64(latlon: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.radians(latlon))
-    cos_lat = torch.cos(t[:, 0])
-    return torch.stack(
-        [cos_lat * torch.cos(t[:, 1]), cos_lat * torch.sin(t[:, 1]), torch.sin(t[:, 0])], 1
-    )
 
 
 def _chunk_rows(n_cols: int, max_elements: int) -> int:
@@ -192,7 +185,7 @@ def prdc(
     # Great-circle distance is monotone decreasing in the cosine of the angle, so balls and
     # neighbours are computed on dot products (one matmul per chunk). float64 resolves distances
     # down to about a metre on Earth, far below any geolocation scale.
-    xr, xf = _unit64(real_np), _unit64(fake_np)
+    xr, xf = latlon_to_unit(torch.tensor(real_np)), latlon_to_unit(torch.tensor(fake_np))
     c_real = _knn_cos(xr, k, max_elements)
     c_fake = _knn_cos(xf, k, max_elements)
 

@@ -27,9 +27,17 @@ from itertools import count
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from globeflow.core.sphere import latlon_to_unit
+from globeflow.data.datasets import LAT_COLUMNS, LON_COLUMNS, pick_column
+from globeflow.data.embedding_store import (
+    EmbeddingWriter,
+    iter_embedding_batches,
+    store_dtype,
+    store_fingerprint,
+)
 from globeflow.data.embedding_stream import (
     RowGroup,
     RowStream,
@@ -251,8 +259,6 @@ class StreamedRows:
     def stats(self) -> dict:
         """Row count and coordinate ranges, from one pass over the lat/lon columns."""
         if self._stats is None:
-            import pyarrow.parquet as pq
-
             rows, lo, hi = 0, np.full(2, np.inf), np.full(2, -np.inf)
             for g in self.groups:
                 t = pq.ParquetFile(g.part).read_row_group(g.index, columns=["lat", "lon"])
@@ -377,11 +383,10 @@ def read_prior_locations(path: str | os.PathLike) -> torch.Tensor:
     rows with missing or out-of-range coordinates are skipped."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such prior-locations file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        names = {n.strip().lower(): n for n in reader.fieldnames or []}
-        lat_col = next((names[n] for n in ("lat", "latitude") if n in names), None)
-        lon_col = next((names[n] for n in ("lon", "lng", "long", "longitude") if n in names), None)
+        columns = reader.fieldnames or []
+        lat_col, lon_col = pick_column(columns, LAT_COLUMNS), pick_column(columns, LON_COLUMNS)
         if lat_col is None or lon_col is None:
             raise ValueError(f"{path}: need LAT and LON columns, found {reader.fieldnames}")
         rows = []
@@ -404,14 +409,9 @@ def exclude_authors(
     say: Callable[[str], None] = print,
 ) -> Path:
     """A copy of ``store`` at ``out`` without the rows of the authors listed in
-    ``authors_file`` (one per line). Streamed part by part (bounded memory). The copy records
-    a fingerprint of its inputs and is reused only while they are unchanged."""
-    from globeflow.data.embedding_store import (
-        EmbeddingWriter,
-        iter_embedding_batches,
-        store_fingerprint,
-    )
-
+    ``authors_file`` (one per line), in the store's own embedding dtype. Streamed part by part
+    (bounded memory). The copy records a fingerprint of its inputs and is reused only while
+    they are unchanged."""
     authors_path = Path(authors_file)
     if not authors_path.is_file():
         raise FileNotFoundError(f"{authors_path}: no such authors file")
@@ -430,10 +430,13 @@ def exclude_authors(
         shutil.rmtree(out)
     kept = dropped = 0
     writer = None
+    dropped_authors = set(drop)
     for batch in iter_embedding_batches(store):
         if writer is None:
-            writer = EmbeddingWriter(out, batch.encoder_name, batch.dim, chunk_size=65536)
-        keep = [i for i, a in enumerate(batch.authors) if a not in set(drop)]
+            writer = EmbeddingWriter(
+                out, batch.encoder_name, batch.dim, chunk_size=65536, dtype=store_dtype(store)
+            )
+        keep = [i for i, a in enumerate(batch.authors) if a not in dropped_authors]
         dropped += len(batch) - len(keep)
         kept += len(keep)
         writer.add(

@@ -39,18 +39,21 @@ from torch import nn
 from globeflow.answers.decode import best_guess
 from globeflow.core.checkpoints import save_model
 from globeflow.core.families import DENOISING_FAMILIES, DenoisingModel, GeoModel
+from globeflow.core.guidance import check_precision
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
 from globeflow.core.sphere import haversine_km
-from globeflow.data.embedding_stream import derived_seed
+from globeflow.data import embedding_store
+from globeflow.data.embedding_stream import derived_seed, hold_out, list_row_groups
 from globeflow.jobs.distributed import (
-    PRECISIONS,
     Placement,
     Prefetcher,
     autocast,
     join_process_group,
     leave_process_group,
+    to_device,
 )
+from globeflow.jobs.metrics import geoscore
 from globeflow.jobs.train_checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -65,11 +68,13 @@ from globeflow.jobs.train_data import (
     ValidationRows,
     assemble_batch,
     nonfinite_rows,
+    read_group_rows,
     read_prior_locations,
     split_rows,
     tensor_fingerprint,
     to_unit,
 )
+from globeflow.jobs.train_data import exclude_authors as without_authors
 
 __all__ = [
     "FAMILIES",
@@ -92,7 +97,6 @@ __all__ = [
 ]
 
 FAMILIES = ("rfm", "flow", "diffusion", "vmf", "vmf-mixture", "uniform")
-GEOSCORE_SCALE_KM = 1492.7
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_NAME = "metrics.jsonl"
@@ -225,8 +229,7 @@ class Runtime:
     prefetch: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -381,8 +384,7 @@ def train_step(
     loss.backward()
     grad_norm = None
     if config.grad_clip > 0:
-        params = [p for p in step_loss.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(step_loss.parameters(), config.grad_clip)
     optimizer.step()
     return loss.detach(), grad_norm
 
@@ -464,7 +466,7 @@ def validate(
         model.train(was_training)
     return {
         "val_loss": total / max(count, 1),
-        "val_geoscore": float((5000.0 * torch.exp(-km / GEOSCORE_SCALE_KM)).mean()),
+        "val_geoscore": float(geoscore(km).mean()),
         "val_median_km": float(km.median()),
     }
 
@@ -551,12 +553,9 @@ def _resume_problem(
     (None, the reason)."""
     saved_state = json.loads((found / "state.json").read_text())
     saved = saved_state["config"]
-    if _comparable(saved) != _comparable(config_json):
-        diff = sorted(
-            k
-            for k in set(saved) | set(config_json)
-            if k not in _RESUME_MUTABLE and saved.get(k) != config_json.get(k)
-        )
+    before, now = _comparable(saved), _comparable(config_json)
+    if before != now:
+        diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         return None, (
             f"{out}: checkpoint was written with a different config ({', '.join(diff)}); "
             "use another output directory or start afresh (--restart, resume=False)"
@@ -777,10 +776,7 @@ def _batch_feed(data, start_step: int, place: Placement, runtime: Runtime):
         return Prefetcher(batches, place.device)
     if place.device.type == "cpu":
         return batches
-    return (
-        dataclasses.replace(b, x0=b.x0.to(place.device), emb=b.emb.to(place.device))
-        for b in batches
-    )
+    return (to_device(b, place.device) for b in batches)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -849,16 +845,22 @@ def _located(table, name: str, say: Callable[[str], None]):
         raise ValueError(f"{name}: none of its {len(keep)} rows has coordinates (lat/lon)")
     if dropped:
         say(f"{name}: dropped {dropped} of {len(keep)} rows without coordinates")
-    idx = keep.nonzero().flatten()
-    emb = table.embeddings[idx]
+        idx = keep.nonzero().flatten()
+        emb, latlon, authors = (
+            table.embeddings[idx],
+            table.latlon[idx],
+            [table.authors[i] for i in idx.tolist()],
+        )
+    else:  # the table's own rows: no copy of the embeddings
+        idx, emb, latlon, authors = None, table.embeddings, table.latlon, table.authors
     bad = nonfinite_rows(emb)
     if len(bad):
-        first = table.ids[int(idx[bad[0]])]
+        first = table.ids[int(bad[0]) if idx is None else int(idx[bad[0]])]
         raise ValueError(
             f"{name}: {len(bad)} row(s) have non-finite embeddings (first: {first!r}); "
             "re-embed those photos or drop them"
         )
-    return emb, table.latlon[idx], [table.authors[i] for i in idx.tolist()]
+    return emb, latlon, authors
 
 
 def _parse_val_split(val_split: str | float, val_fraction: float) -> tuple[str, float | None]:
@@ -884,26 +886,27 @@ def _parse_val_split(val_split: str | float, val_fraction: float) -> tuple[str, 
 
 def _in_memory_inputs(store: Path, split: tuple, config: TrainConfig, say):
     """(training rows, validation rows, encoder name, description), the store in memory."""
-    from globeflow.data.embedding_store import read_embeddings, store_fingerprint
-
     kind, fraction, val_store = split
-    table = read_embeddings(store)
+    table = embedding_store.read_embeddings(store)
     emb, latlon, authors = _located(table, str(store), say)
+    encoder, dim = table.encoder_name, table.dim
+    del table  # its embeddings live on in ``emb`` only where no row was dropped
     # The training rows are a function of the store, the split and the seed (in the config):
     # fingerprinting those costs milliseconds, hashing the rows seconds per GB.
-    source = f"{store_fingerprint(store)}:{kind}:{fraction}"
+    source = f"{embedding_store.store_fingerprint(store)}:{kind}:{fraction}"
     if kind == "store":
-        val_table = read_embeddings(val_store)
-        if val_table.dim != table.dim:
-            raise ValueError(f"{val_store}: embedding dim {val_table.dim} != {table.dim}")
-        if val_table.encoder_name != table.encoder_name:
-            say(f"warning: validation encoder {val_table.encoder_name} != {table.encoder_name}")
+        val_table = embedding_store.read_embeddings(val_store)
+        if val_table.dim != dim:
+            raise ValueError(f"{val_store}: embedding dim {val_table.dim} != {dim}")
+        if val_table.encoder_name != encoder:
+            say(f"warning: validation encoder {val_table.encoder_name} != {encoder}")
         val_emb, val_latlon, _ = _located(val_table, str(val_store), say)
         how = f"validation store {val_store}"
     else:
         grouped = kind == "author" and len({a for a in authors if a}) >= 2
         tr, va = split_rows(authors if grouped else None, len(emb), fraction, config.seed)
-        emb, latlon, val_emb, val_latlon = emb[tr], latlon[tr], emb[va], latlon[va]
+        val_emb, val_latlon = emb[va], latlon[va]
+        emb, latlon = emb[tr], latlon[tr]
         how = f"{'author-grouped' if grouped else 'random'} split, fraction {fraction}"
     if len(emb) == 0:
         raise ValueError(f"{store}: no training rows left after the validation split")
@@ -914,21 +917,17 @@ def _in_memory_inputs(store: Path, split: tuple, config: TrainConfig, say):
     val = None
     if len(val_emb):
         val = ValidationRows.select(val_emb, val_latlon, _validation_rows(config), config.seed)
-    return data, val, table.encoder_name, how
+    return data, val, encoder, how
 
 
 def _streamed_inputs(store: Path, split: tuple, config: TrainConfig, buffer_rows: int, say):
     """(training rows streamed from the store, validation rows in memory, encoder name,
     description)."""
-    from globeflow.data.embedding_store import read_embeddings, store_fingerprint
-    from globeflow.data.embedding_stream import hold_out, list_row_groups
-    from globeflow.jobs.train_data import read_group_rows
-
     kind, fraction, val_store = split
     groups, encoder, dim = list_row_groups(store)
     needed = _validation_rows(config)
     if kind == "store":
-        val_table = read_embeddings(val_store)
+        val_table = embedding_store.read_embeddings(val_store)
         if val_table.dim != dim:
             raise ValueError(f"{val_store}: embedding dim {val_table.dim} != {dim}")
         val_emb, val_latlon, _ = _located(val_table, str(val_store), say)
@@ -950,7 +949,7 @@ def _streamed_inputs(store: Path, split: tuple, config: TrainConfig, buffer_rows
         config.prior_rows,
         config.seed,
         buffer_rows,
-        store_fingerprint(store),
+        embedding_store.store_fingerprint(store),
     )
     val = None
     if len(val_emb):
@@ -1031,8 +1030,6 @@ def train_from_embeddings(
         )
         store = Path(embeddings_path)
         if exclude_authors is not None:
-            from globeflow.jobs.train_data import exclude_authors as without_authors
-
             copy_path = out / "train-embeddings.parquet"
             store = _on_main(place, lambda: without_authors(store, exclude_authors, copy_path, say))
         if stream:
