@@ -299,10 +299,7 @@ def reliability_curve(
 
 def plot_reliability(curve: ReliabilityCurve, path: str | Path, title: str = "") -> Path:
     """Write a reliability diagram (observed vs nominal HPD coverage) as a PNG; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: its own canvas, the user's backend kept
 
     fig = Figure(figsize=(4.5, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
