@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,43 @@ def loadavg() -> list[float]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return []
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    cmd: list[str], port: int, env: dict[str, str], log: Path, timeout_s: float = 300.0
+) -> subprocess.Popen:
+    """Start ``cmd`` (a ``globeflow serve`` command line listening on loopback ``port``) with
+    environment ``env``, its stderr in ``log``; returned once /v1/health answers 200. Raises
+    RuntimeError (with the log's tail) when the server exits first or is not up in ``timeout_s``.
+    """
+    import httpx
+
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),  # a pipe nobody reads would block the server when full
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"server did not start within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
 
 
 def uptime() -> str:
