@@ -35,22 +35,10 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "load_average": loadavg(),
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-
-
-def gemm_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured matrix-multiply rate (GFLOP/s) for square matrices of ``size`` in ``dtype``."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def sync(device: torch.device) -> None:

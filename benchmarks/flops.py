@@ -23,12 +23,11 @@ Usage: ``python benchmarks/flops.py [--threads 2] [--out out/bench/flops.json]``
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import torch
-from _common import write_json
+from _common import loadavg, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -213,7 +212,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    load_start = loadavg()
     net = network_counts(args.net_dim, args.net_depth, args.batch_size)
     net["cpu_train_steps_per_s"] = measure_train_steps(
         args.net_dim, args.net_depth, args.batch_size, args.train_steps
@@ -230,7 +229,7 @@ def main() -> None:
         "encoders": encoders,
         "decode_preprocess_images_per_s_one_thread": decode,
         "threads": args.threads,
-        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
+        "loadavg": {"start": load_start, "end": loadavg()},
         "torch": torch.__version__,
     }
     print(f"network: {net['parameters'] / 1e6:.1f}M parameters")

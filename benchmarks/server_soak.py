@@ -28,11 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from _common import REPO, free_port, start_server
-
-
-def loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
+from _common import REPO, free_port, loadavg, start_server
 
 
 def rss_mb(pid: int) -> float:

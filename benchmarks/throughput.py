@@ -35,6 +35,7 @@ from _common import (
     REPO,
     busy_process,
     free_port,
+    loadavg,
     machine,
     print_table,
     start_server,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 with ctx:
                     for gf in versions:
                         row = measure(gf, folder, work, args.requests, args.concurrency)
-                        row.update(version=gf.name, scenario=scenario, load=os.getloadavg()[0])
+                        row.update(version=gf.name, scenario=scenario, load=loadavg()[0])
                         report["runs"].append(row)
                         print(row, flush=True)
         finally:
