@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import loadavg, write_json
+from _common import count_flops, loadavg, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.network import Denoiser
@@ -48,13 +47,6 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def flops_of(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def network_counts(dim: int, depth: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = RiemannianFlowMatching(Denoiser(dim=dim, depth=depth, cond_dim=1024))
@@ -62,8 +54,8 @@ def network_counts(dim: int, depth: int, batch: int) -> dict:
     x0 = torch.nn.functional.normalize(torch.randn(batch, 3), dim=-1)
     emb = torch.randn(batch, 1024)
     g = torch.Generator().manual_seed(0)
-    forward = flops_of(lambda: model.loss(x0, emb, generator=g))
-    step = flops_of(lambda: model.loss(x0, emb, generator=g).backward())
+    forward = count_flops(lambda: model.loss(x0, emb, generator=g))
+    step = count_flops(lambda: model.loss(x0, emb, generator=g).backward())
     ops = {}
     for name, opt in (
         ("adamw", torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)),  # CUDA default
@@ -142,7 +134,7 @@ def vit_counts() -> dict:
             model = cls(cfg)
             x = torch.zeros(1, 3, 336, 336)
         out[name] = {
-            "flops_per_image": flops_of(lambda m=model, x=x: m(pixel_values=x)),
+            "flops_per_image": count_flops(lambda m=model, x=x: m(pixel_values=x)),
             "parameters": sum(p.numel() for p in model.parameters()),
         }
     return out
@@ -170,7 +162,7 @@ def lite_counts_and_speed(batch: int, reps: int) -> dict:
         enc = get_encoder(name)
         x = torch.randn(batch, 3, enc.image_size, enc.image_size)
         with torch.inference_mode():
-            flops = flops_of(lambda e=enc, x=x[:1]: e.forward_batch(x))
+            flops = count_flops(lambda e=enc, x=x[:1]: e.forward_batch(x))
             enc.forward_batch(x)
             start = time.perf_counter()
             for _ in range(reps):
