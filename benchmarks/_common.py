@@ -260,6 +260,22 @@ def validation_embeddings(locator, limit: int | None = None) -> tuple[torch.Tens
     return emb, truth
 
 
+def bundled_validation(limit: int | None = None):
+    """(locator, embeddings (V, D), truth (V, 2) degrees): the bundled model and up to ``limit``
+    of its validation photos (:func:`validation_embeddings`); None, saying so, when the data is
+    absent."""
+    from globeflow.apps.pipeline import Locator
+
+    locator = Locator.from_pretrained()
+    emb, truth = validation_embeddings(locator, limit=limit)
+    if not len(emb):
+        print(
+            f"skipping the bundled model's validation photos: {IM2GPS / 'locations.csv'} not found"
+        )
+        return None
+    return locator, emb, truth
+
+
 def mp16_rfm(budget_s: float = 300.0):
     """An unconditional RFM trained on the MP-16 locations (benchmarks/density_mp16.py recipe,
     ``budget_s`` seconds), cached in out/bench/cache. None when the data is absent."""
