@@ -26,7 +26,15 @@ import argparse
 import sys
 
 import torch
-from _common import bundled_validation, machine, median_time, mp16_rfm, print_table, write_json
+from _common import (
+    MP16,
+    bundled_validation,
+    machine,
+    median_time,
+    mp16_rfm,
+    print_table,
+    write_json,
+)
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.solvers import SOLVERS
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows, [c for c in columns if "guess" not in c])
         report["models"]["mp16"] = {"samples": args.mp16_samples, "rows": rows}
     else:
-        print("skipping the MP-16 model: ../shared/data/mp16-locations-100k not found")
+        print(f"skipping the MP-16 model: {MP16} not found")
     report["machine_after"] = machine()
     write_json(report, args.out)
     return 0
