@@ -151,3 +151,14 @@ def test_save_of_a_loaded_model_keeps_its_metadata(tmp_path):
     # An explicit argument still wins over what the model carries.
     gf.save_model(gf.load_model(tmp_path / "a"), tmp_path / "c", metadata={"encoder": "y"})
     assert gf.load_model(tmp_path / "c").metadata == {"encoder": "y"}
+
+
+@pytest.mark.parametrize(
+    ("text", "hub"),
+    [("nicolas-dufour/PLONK_YFCC", True), ("./runs/x", False), ("/abs/model", False),
+     ("~/model", False), ("runs/a/b", False), ("model", False)],
+)  # fmt: skip
+def test_hub_ids_are_told_from_local_paths_in_one_place(text, hub):
+    from globeflow.core.hub_downloads import looks_like_hub_id
+
+    assert looks_like_hub_id(text) is hub

@@ -251,3 +251,27 @@ def test_decode_workers_give_the_store_of_inline_decoding(tmp_path: Path) -> Non
     assert reports[0].errors == reports[3].errors and reports[3].embedded == 9
     a, b = read_embeddings(tmp_path / "w0.parquet"), read_embeddings(tmp_path / "w3.parquet")
     assert a.ids == b.ids and torch.equal(a.embeddings, b.embeddings)
+
+
+def test_cli_embed_auto_device_keeps_a_cpu_only_encoder_on_the_cpu(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from globeflow.apps.cli import app
+    from globeflow.jobs import distributed
+
+    # A machine with a GPU: "auto" resolves to CUDA, which the offline encoder cannot use.
+    monkeypatch.setattr(distributed, "resolve_device", lambda *a: torch.device("cuda"))
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(photo)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["embed", str(photo), "-o", str(tmp_path / "a.parquet")])
+    assert ok.exit_code == 0, ok.output
+    explicit = runner.invoke(
+        app, ["embed", str(photo), "-o", str(tmp_path / "b.parquet"), "--device", "cuda"]
+    )
+    assert explicit.exit_code == 2 and "runs on the CPU only" in explicit.output
+    path = runner.invoke(
+        app, ["embed", str(photo), "-o", str(tmp_path / "c.parquet"), "--encoder-path", "x"]
+    )
+    assert path.exit_code == 2 and "takes no path option" in path.output
+    assert "Traceback" not in explicit.output + path.output

@@ -43,6 +43,17 @@ def test_unknown_encoder_is_a_plain_value_error() -> None:
     assert DEFAULT_ENCODER in str(info.value)
 
 
+def test_options_an_encoder_does_not_take_are_named_errors() -> None:
+    from globeflow.data.encoders import encoder_options
+
+    assert "device" not in encoder_options() and "device" in encoder_options("dinov2-vitl14-reg")
+    assert get_encoder(device="cpu").name == DEFAULT_ENCODER  # the CPU is where it runs anyway
+    with pytest.raises(ValueError, match="runs on the CPU only: it takes no device option"):
+        get_encoder(device="cuda")
+    with pytest.raises(ValueError, match="takes no path option"):
+        get_encoder(path="some/dir")
+
+
 def test_default_encoder_shape_finite_deterministic(default_encoder) -> None:
     enc = default_encoder
     assert enc.name == DEFAULT_ENCODER

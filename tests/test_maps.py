@@ -144,3 +144,16 @@ def test_place_labels_separates_labels_on_one_anchor() -> None:
         assert all(overlap_area(a, b) == 0 for b in boxes[:i])
     # the first label takes the first free spot: right of the anchor, centred on it
     assert boxes[0][0] > 110 and boxes[0][1] == pytest.approx(94.0)
+
+
+def test_map_names_regions_as_the_table_does() -> None:
+    regions = [
+        {"lat": 35.7, "lon": 139.7, "probability": 0.5, "radius_km": 500.0, "label": "Japan",
+         "place": {"city": "Shinjuku", "region": "Tokyo", "country": "Japan"}},
+        {"lat": 37.5, "lon": 127.0, "probability": 0.3, "radius_km": 500.0,
+         "place": {"city": "Seoul", "region": "Seoul", "country": "South Korea"}},
+    ]  # fmt: skip
+    fig = draw_map(np.zeros((0, 2)), regions=regions)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    # the pipeline's label where there is one, else the same rule (a 500 km region: its country)
+    assert texts == ["1. Japan 50%", "2. South Korea 30%"]

@@ -139,6 +139,13 @@ def test_serve_without_config_json_is_a_clear_error(tmp_path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_serve_names_an_unknown_encoder_as_predict_does() -> None:
+    result = _serve("--encoder", "banana", "--port", str(free_port()))
+    assert result.exit_code == 2, result.output
+    assert "--encoder banana: unknown encoder 'banana'" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

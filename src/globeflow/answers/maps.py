@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from globeflow.answers.geocode import region_label
+
 __all__ = [
     "COASTLINES_ASSET",
     "coastlines_path",
@@ -46,13 +48,6 @@ def load_coastlines() -> list[np.ndarray]:
 def load_borders() -> list[np.ndarray]:
     """Land borders between countries, each an (K, 2) float array of ``[lon, lat]`` degrees."""
     return [np.asarray(line, dtype=np.float64) for line in _load_asset().get("borders", [])]
-
-
-def _place_label(place: dict | None) -> str:
-    if not place:
-        return ""
-    parts = [place.get("city") or "", place.get("country") or place.get("country_code") or ""]
-    return ", ".join(p for p in parts if p)
 
 
 _DENSITY_RGB = (0.85, 0.15, 0.1)
@@ -93,9 +88,6 @@ def draw_map(
         title: text above the map.
         width_px, dpi: output size; the height follows the 2:1 aspect of the projection.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, thread-safe enough
 
@@ -266,7 +258,9 @@ def _draw_region_labels(ax, regions: list[dict], best_guess, truth, legend) -> N
     fontsize = 6
     pad_px = 0.15 * fontsize * ax.figure.dpi / 72 + 1.0  # the label's rounded box, + 1 px
     for i, region in enumerate(regions):
-        label = f"{i + 1}. {_place_label(region.get('place'))} {100 * region['probability']:.0f}%"
+        radius_km = region.get("radius_km", 0.0)
+        name = region.get("label") or region_label(region.get("place"), radius_km)
+        label = f"{i + 1}. {name} {100 * region['probability']:.0f}%"
         text = ax.text(
             0,
             0,

@@ -190,26 +190,21 @@ def embed(
     Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
     globeflow embed ...
     """
-    import os
-
-    from globeflow.data.encoders import UnknownEncoderError, get_encoder
+    from globeflow.data.encoders import UnknownEncoderError, encoder_options, get_encoder
     from globeflow.jobs.distributed import resolve_device
     from globeflow.jobs.embed import embed_images
 
     options = {"path": encoder_path} if encoder_path else {}
     try:
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        if dev.type != "cpu":
+        # "auto" means the best device the encoder can use: the offline ones run on the CPU.
+        if device != "auto" or "device" in encoder_options(encoder):
             options["device"] = dev
         enc = get_encoder(encoder, **options)
     except UnknownEncoderError as exc:
         _fail(f"--encoder {encoder}: {exc}")
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    except TypeError:
-        if "device" not in options:
-            raise
-        _fail(f"encoder {encoder or 'default'} runs on the CPU only; use --device cpu")
     try:
         report = embed_images(
             inputs,
@@ -334,8 +329,6 @@ def train(
 
 def _is_main_process() -> bool:
     """False on the ranks > 0 of a torchrun job (they stay quiet)."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -640,18 +633,15 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
-    from globeflow.apps.pipeline import Locator
     from globeflow.apps.server import SERVE_LIMITS, check_listen_address
     from globeflow.apps.server import serve as run_server
 
     _check_options(SERVE_LIMITS, port=port, max_upload_mb=max_upload_mb)
     try:  # the address before the model: a busy port should not wait for the model to load
         check_listen_address(host, port)
-        locator = Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    locator = _load_locator(model, encoder, family, encoder_path)
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 

@@ -81,7 +81,9 @@ class Locator:
         encoder_options: dict | None = None,
     ) -> Locator:
         """Load a model (default: the bundled one) and the encoder its metadata names;
-        ``encoder_options`` go to the encoder (e.g. ``device``, ``precision`` for DINOv2)."""
+        ``encoder_options`` go to the encoder where it takes them (e.g. ``device``,
+        ``precision`` for DINOv2; the offline encoders take neither and run on the CPU)."""
+        from globeflow.data.encoders import encoder_options as options_of
         from globeflow.data.encoders import get_encoder
 
         path = Path(model) if model is not None else default_model_path()
@@ -95,7 +97,9 @@ class Locator:
                 "PLONK_OSV_5M)"
             )
         kwargs = {"path": encoder_path} if encoder_path else {}
-        enc = get_encoder(encoder_name, **kwargs, **(encoder_options or {}))
+        taken = options_of(encoder_name)
+        kwargs.update({k: v for k, v in (encoder_options or {}).items() if k in taken})
+        enc = get_encoder(encoder_name, **kwargs)
         return cls(geo, enc, model_name=str(model) if model is not None else "globeflow-default")
 
     @torch.no_grad()

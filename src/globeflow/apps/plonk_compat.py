@@ -49,7 +49,7 @@ class PlonkPipeline:
             family=family,
             encoder_path=encoder_path,
             device=str(device),
-            encoder_options=options if _is_paper_encoder(encoder, model_path) else None,
+            encoder_options=options,
         )
         self.device = torch.device(device)
 
@@ -103,13 +103,3 @@ class PlonkPipeline:
 
 #: The authors' README spells it ``PlonkPipeline``; the issue tracker ``PLONKPipeline``.
 PLONKPipeline = PlonkPipeline
-
-
-def _is_paper_encoder(encoder: str | None, model_path: str | os.PathLike[str]) -> bool:
-    """Device and precision options apply to the paper encoders only (the offline ones take
-    neither)."""
-    from globeflow.core.hub_downloads import known_repo
-
-    if encoder is not None:
-        return encoder in ("dinov2-vitl14-reg", "streetclip")
-    return known_repo(str(model_path)) is not None

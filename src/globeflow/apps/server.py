@@ -30,7 +30,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from globeflow.apps.heap import release_free_heap
-from globeflow.apps.pipeline import DEFAULT_NUM_SAMPLES
+from globeflow.apps.pipeline import DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, Locator
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
@@ -351,7 +351,7 @@ def create_app(
             "status": "ok",
             "model": str(getattr(locator, "model_name", "unknown")),
             "encoder": str(getattr(locator, "encoder_name", "unknown")),
-            "default_guidance": float(getattr(locator, "default_guidance", 2.0)),
+            "default_guidance": float(getattr(locator, "default_guidance", DEFAULT_GUIDANCE)),
             "max_upload_mb": max_upload_mb,
             "max_batch": max_batch,
             "max_files": max_files,
@@ -404,9 +404,10 @@ def create_app(
             raise HTTPException(
                 400, f"too many files ({len(uploads)}); at most {max_files} per request"
             )
+        locator_guidance = getattr(locator, "default_guidance", DEFAULT_GUIDANCE)
         params = (
             int(_first(form_num_samples, num_samples, DEFAULT_NUM_SAMPLES)),
-            float(_first(form_guidance, guidance, getattr(locator, "default_guidance", 2.0))),
+            float(_first(form_guidance, guidance, locator_guidance)),
             _first(form_steps, steps),
         )
         try:  # the model's recommended guidance is checked here too
@@ -540,8 +541,6 @@ def serve(
     if hasattr(model, "locate_images"):
         locator = model
     else:
-        from globeflow.apps.pipeline import Locator
-
         locator = Locator.from_pretrained(
             model, encoder=encoder, family=family, encoder_path=encoder_path, device=device
         )

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.families import DENOISING_FAMILIES, GeoModel
-from globeflow.core.hub_downloads import known_repo, snapshot
+from globeflow.core.hub_downloads import known_repo, looks_like_hub_id, snapshot
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
 
@@ -93,7 +93,7 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
             f"{path}: expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     text = str(path_or_hub_id)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if looks_like_hub_id(text):
         return _download_from_hub(text)
     raise CheckpointError(f"{path}: no such model directory (nor a hub id of the form owner/name)")
 

@@ -29,8 +29,8 @@ class HubRepo:
     """For PLONK checkpoints: the registered encoder their embeddings came from."""
 
 
-_DINOV2_HUB = "facebook/dinov2-with-registers-large"
-_STREETCLIP_HUB = "geolocal/StreetCLIP"
+DINOV2_HUB_ID = "facebook/dinov2-with-registers-large"
+STREETCLIP_HUB_ID = "geolocal/StreetCLIP"
 _PLONK_FILES = ("config.json", "model.safetensors")
 
 
@@ -52,16 +52,21 @@ KNOWN_REPOS: dict[str, HubRepo] = {
     repo.repo_id.lower(): repo
     for repo in [
         *_plonk_repos(),
-        HubRepo(_DINOV2_HUB, "1.2 GB", "Apache-2.0", ("config.json", "model.safetensors")),
+        HubRepo(DINOV2_HUB_ID, "1.2 GB", "Apache-2.0", ("config.json", "model.safetensors")),
         # The weights may come from the repo's safetensors conversion branch, so the config
         # alone marks a repo that was fetched before.
         HubRepo(
-            _STREETCLIP_HUB, "1.7 GB", "CC-BY-NC-4.0 (non-commercial use only)", ("config.json",)
+            STREETCLIP_HUB_ID, "1.7 GB", "CC-BY-NC-4.0 (non-commercial use only)", ("config.json",)
         ),
     ]
 }
 
 _announced: set[str] = set()
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a hub id ("owner/name"), not of a local path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def known_repo(name: str) -> HubRepo | None:

@@ -149,6 +149,11 @@ class Conditioning:
         )
 
 
+def _stream_dtype(precision: str, default: torch.dtype) -> torch.dtype:
+    """dtype of the residual stream of the inference blocks at ``precision``."""
+    return torch.bfloat16 if precision == "bf16" else default
+
+
 class Denoiser(nn.Module):
     """AdaLN-MLP denoiser; constructor arguments are the published ``config.json`` keys."""
 
@@ -216,15 +221,16 @@ class Denoiser(nn.Module):
     ) -> torch.Tensor:
         """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3).
 
-        Without autograd the blocks run on :meth:`inference_layers`; ``precision="bf16"`` runs
-        their matrix products in bfloat16 (float32 accumulation, residual stream, LayerNorm and
-        output layer).
+        Without autograd the blocks run on :meth:`inference_layers`; ``precision="bf16"`` then
+        keeps the residual stream, LayerNorm and matrix products of the blocks in bfloat16
+        (float32 accumulation); the input and output layers stay float32. With autograd
+        (training) the precision is ignored.
         """
         layers = [None] * len(self.blocks)
         if not torch.is_grad_enabled():
             layers = self.inference_layers(precision)
         x = self.initial_mapper(y)
-        stream = torch.bfloat16 if precision == "bf16" and layers[0] is not None else x.dtype
+        stream = _stream_dtype(precision, x.dtype) if layers[0] is not None else x.dtype
         x = x.to(stream)
         for block, modulation, lin in zip(self.blocks, cond.blocks, layers):
             x = block(x, modulation.to(stream), lin)
@@ -248,7 +254,7 @@ class Denoiser(nn.Module):
         :meth:`forward_conditioned`).
         """
         layers = self.inference_layers(precision)
-        stream = torch.bfloat16 if precision == "bf16" and layers[0][0].packed else y.dtype
+        stream = _stream_dtype(precision, y.dtype)
         stack = torch.cat([y[None], tangents]) @ self.initial_mapper.weight.T
         stack[0] += self.initial_mapper.bias
         stack = stack.to(stream)

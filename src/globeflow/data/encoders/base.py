@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,15 +73,38 @@ def list_encoders() -> dict[str, str]:
     return {k: v.description for k, v in _REGISTRY.items()}
 
 
-def get_encoder(name: str | None = None, **kwargs: Any) -> Encoder:
-    """Build a registered encoder (``None`` -> :data:`DEFAULT_ENCODER`); kwargs override
-    the registered defaults (e.g. ``path=`` a local directory for the hub encoders)."""
+def _entry(name: str | None) -> tuple[str, _Entry]:
     name = name or DEFAULT_ENCODER
     if name not in _REGISTRY:
         raise UnknownEncoderError(
             f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}"
         )
-    entry = _REGISTRY[name]
+    return name, _REGISTRY[name]
+
+
+def encoder_options(name: str | None = None) -> frozenset[str]:
+    """Keyword options the named encoder takes (``None`` -> :data:`DEFAULT_ENCODER`)."""
+    _, entry = _entry(name)
+    return frozenset(inspect.signature(entry.factory).parameters)
+
+
+def get_encoder(name: str | None = None, **kwargs: Any) -> Encoder:
+    """Build a registered encoder (``None`` -> :data:`DEFAULT_ENCODER`); kwargs override
+    the registered defaults (e.g. ``path=`` a local directory for the hub encoders).
+
+    An option the encoder does not take is a ValueError naming it (the offline encoders run on
+    the CPU and load their weights from the package: no ``device`` other than the CPU, no
+    ``path``)."""
+    name, entry = _entry(name)
+    if str(kwargs.get("device", "cpu")) == "cpu" and "device" not in encoder_options(name):
+        kwargs.pop("device", None)
+    unknown = sorted(set(kwargs) - encoder_options(name))
+    if unknown:
+        where = "runs on the CPU only" if "device" in unknown else "is built in"
+        raise ValueError(
+            f"encoder {name!r} {where}: it takes no {', '.join(unknown)} option "
+            f"(it takes: {', '.join(sorted(encoder_options(name))) or 'none'})"
+        )
     enc = entry.factory(**{**entry.defaults, **kwargs})
     enc.name = name
     return enc

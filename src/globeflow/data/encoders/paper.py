@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from globeflow.core.hub_downloads import (
+    DINOV2_HUB_ID,
+    STREETCLIP_HUB_ID,
+    announce_download,
+    looks_like_hub_id,
+)
 from globeflow.data.encoders.base import Encoder
 from globeflow.data.encoders.preprocessing import ALPHA_RULES, clip_pixels, dinov2_pixels
-
-DINOV2_HUB_ID = "facebook/dinov2-with-registers-large"
-STREETCLIP_HUB_ID = "geolocal/StreetCLIP"
 
 #: ``"fp32"``: float32 weights and maths (bit-for-bit the authors' pipeline);
 #: ``"bf16-autocast"``: float32 weights, matrix products in bfloat16 under ``torch.autocast``;
@@ -66,9 +69,7 @@ def load_pretrained(loader: Any, path: str | os.PathLike[str], **kwargs: Any) ->
     """
     text = str(path)
     downloading = False
-    if not Path(text).expanduser().exists() and text.count("/") == 1:
-        from globeflow.core.hub_downloads import announce_download
-
+    if not Path(text).expanduser().exists() and looks_like_hub_id(text):
         downloading = announce_download(text)
     try:
         with _quiet_transformers(progress=downloading):
