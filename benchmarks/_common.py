@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,22 +35,10 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "load_average": loadavg(),
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-
-
-def gemm_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured matrix-multiply rate (GFLOP/s) for square matrices of ``size`` in ``dtype``."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def sync(device: torch.device) -> None:
@@ -72,6 +61,43 @@ def loadavg() -> list[float]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return []
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    cmd: list[str], port: int, env: dict[str, str], log: Path, timeout_s: float = 300.0
+) -> subprocess.Popen:
+    """Start ``cmd`` (a ``globeflow serve`` command line listening on loopback ``port``) with
+    environment ``env``, its stderr in ``log``; returned once /v1/health answers 200. Raises
+    RuntimeError (with the log's tail) when the server exits first or is not up in ``timeout_s``.
+    """
+    import httpx
+
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),  # a pipe nobody reads would block the server when full
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"server did not start within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
 
 
 def uptime() -> str:
@@ -232,6 +258,22 @@ def validation_embeddings(locator, limit: int | None = None) -> tuple[torch.Tens
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"emb": emb, "truth": truth}, cache)
     return emb, truth
+
+
+def bundled_validation(limit: int | None = None):
+    """(locator, embeddings (V, D), truth (V, 2) degrees): the bundled model and up to ``limit``
+    of its validation photos (:func:`validation_embeddings`); None, saying so, when the data is
+    absent."""
+    from globeflow.apps.pipeline import Locator
+
+    locator = Locator.from_pretrained()
+    emb, truth = validation_embeddings(locator, limit=limit)
+    if not len(emb):
+        print(
+            f"skipping the bundled model's validation photos: {IM2GPS / 'locations.csv'} not found"
+        )
+        return None
+    return locator, emb, truth
 
 
 def mp16_rfm(budget_s: float = 300.0):

@@ -25,9 +25,8 @@ import sys
 import time
 
 import torch
-from _common import machine, print_table, validation_embeddings, write_json
+from _common import bundled_validation, machine, print_table, write_json
 
-from globeflow.apps.pipeline import Locator
 from globeflow.core.sphere import haversine_km
 from globeflow.jobs.metrics import distance_metrics
 
@@ -73,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    locator = Locator.from_pretrained()
-    emb, truth = validation_embeddings(locator, limit=args.photos)
-    if not len(emb):
-        print("skipping: ../shared/data/im2gps3k-train not found")
+    bundled = bundled_validation(args.photos)
+    if bundled is None:
         return 0
+    locator, emb, truth = bundled
     n, solver, steps, precision = args.expensive.split(",")
     expensive = (int(n), solver, int(steps), precision)
     ref, ref_s = guesses_and_time(locator, emb, expensive, 0, 1)

@@ -23,14 +23,12 @@ Usage: ``python benchmarks/flops.py [--threads 2] [--out out/bench/flops.json]``
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import torch
-from _common import write_json
+from _common import count_flops, loadavg, write_json
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.network import Denoiser
@@ -49,13 +47,6 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def flops_of(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def network_counts(dim: int, depth: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = RiemannianFlowMatching(Denoiser(dim=dim, depth=depth, cond_dim=1024))
@@ -63,8 +54,8 @@ def network_counts(dim: int, depth: int, batch: int) -> dict:
     x0 = torch.nn.functional.normalize(torch.randn(batch, 3), dim=-1)
     emb = torch.randn(batch, 1024)
     g = torch.Generator().manual_seed(0)
-    forward = flops_of(lambda: model.loss(x0, emb, generator=g))
-    step = flops_of(lambda: model.loss(x0, emb, generator=g).backward())
+    forward = count_flops(lambda: model.loss(x0, emb, generator=g))
+    step = count_flops(lambda: model.loss(x0, emb, generator=g).backward())
     ops = {}
     for name, opt in (
         ("adamw", torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)),  # CUDA default
@@ -143,7 +134,7 @@ def vit_counts() -> dict:
             model = cls(cfg)
             x = torch.zeros(1, 3, 336, 336)
         out[name] = {
-            "flops_per_image": flops_of(lambda m=model, x=x: m(pixel_values=x)),
+            "flops_per_image": count_flops(lambda m=model, x=x: m(pixel_values=x)),
             "parameters": sum(p.numel() for p in model.parameters()),
         }
     return out
@@ -171,7 +162,7 @@ def lite_counts_and_speed(batch: int, reps: int) -> dict:
         enc = get_encoder(name)
         x = torch.randn(batch, 3, enc.image_size, enc.image_size)
         with torch.inference_mode():
-            flops = flops_of(lambda e=enc, x=x[:1]: e.forward_batch(x))
+            flops = count_flops(lambda e=enc, x=x[:1]: e.forward_batch(x))
             enc.forward_batch(x)
             start = time.perf_counter()
             for _ in range(reps):
@@ -213,7 +204,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    load_start = loadavg()
     net = network_counts(args.net_dim, args.net_depth, args.batch_size)
     net["cpu_train_steps_per_s"] = measure_train_steps(
         args.net_dim, args.net_depth, args.batch_size, args.train_steps
@@ -230,7 +221,7 @@ def main() -> None:
         "encoders": encoders,
         "decode_preprocess_images_per_s_one_thread": decode,
         "threads": args.threads,
-        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
+        "loadavg": {"start": load_start, "end": loadavg()},
         "torch": torch.__version__,
     }
     print(f"network: {net['parameters'] / 1e6:.1f}M parameters")

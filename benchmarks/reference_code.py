@@ -11,15 +11,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import SHARED
 
-REPO = Path(__file__).resolve().parents[1]
 ENV_VAR = "PLONK_REF_SRC"
-DEFAULT_SRC = REPO.parent / "shared" / "reference" / "plonk"
+DEFAULT_SRC = SHARED / "reference" / "plonk"
 SCHEDULE_ARGS = (-7, 3, 1.0)
 """The authors' sigmoid scheduler (start, end, tau) used by their scripts; equals globeflow's
 default ``SigmoidSchedule``."""
@@ -85,7 +86,7 @@ class ReferenceCode:
         with warnings.catch_warnings():  # their torch.cuda.amp.autocast warns on CPU
             warnings.simplefilter("ignore")
             return self._sampler(
-                lambda b: net(b),
+                net,
                 batch,
                 conditioning_keys="emb",
                 scheduler=self.scheduler,
@@ -100,8 +101,6 @@ class ReferenceCode:
         Returns the seconds the script measured around its solve, the whole subprocess's wall
         time and its log-densities (natural log).
         """
-        import time
-
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, str(self.src / "loglik_ref.py"), str(net_dir), str(points)],

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
+from _common import REPO, free_port, loadavg, start_server
 
 
 def rss_mb(pid: int) -> float:
@@ -45,46 +39,16 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    port: int, threads: int | None, env: dict[str, str], log: Path
-) -> subprocess.Popen:
-    """``globeflow serve`` on loopback ``port``, returned once /v1/health answers."""
-    cmd = [sys.executable, "-m", "globeflow.apps.cli"]
-    cmd += ["--threads", str(threads), "serve"] if threads else ["serve"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),  # a pipe nobody reads would block the server when full
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start within 300 s")
-
-
 def soak(args: argparse.Namespace, name: str, env: dict[str, str]) -> dict:
     """Run one server with ``env`` through the request loop; RSS trace and summary."""
     photos = sorted((REPO / "examples").glob("*.jpg"))
     payloads = [(p.name, p.read_bytes()) for p in photos]
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"globeflow-soak-{name}-{port}.log"
-    proc = start_server(port, args.threads, env, log)
+    cmd = [sys.executable, "-m", "globeflow.apps.cli"]
+    cmd += ["--threads", str(args.threads), "serve"] if args.threads else ["serve"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    proc = start_server(cmd, port, {**os.environ, **env}, log)
     url = f"http://127.0.0.1:{port}/v1/locate"
     params = {"num_samples": args.num_samples, "steps": args.steps}
     trace = [{"requests": 0, "rss_mb": round(rss_mb(proc.pid), 1), "busy_s": 0.0}]

@@ -26,10 +26,17 @@ import argparse
 import sys
 
 import torch
-from _common import machine, median_time, mp16_rfm, print_table, validation_embeddings, write_json
+from _common import (
+    MP16,
+    bundled_validation,
+    machine,
+    median_time,
+    mp16_rfm,
+    print_table,
+    write_json,
+)
 
 from globeflow.answers.decode import best_guess
-from globeflow.apps.pipeline import Locator
 from globeflow.core.solvers import SOLVERS
 from globeflow.core.sphere import haversine_km, sample_uniform_sphere
 from globeflow.jobs.metrics import sliced_wasserstein_km
@@ -110,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["solver", "steps", "NFE", "precision", "paired km", "SW km", "best-guess km", "ms"]
     columns += ["vs fp32 paired km", "vs fp32 SW km", "vs fp32 guess km"]
 
-    locator = Locator.from_pretrained()
-    emb, _ = validation_embeddings(locator, limit=args.images)
-    if len(emb):
+    bundled = bundled_validation(args.images)
+    if bundled is not None:
+        locator, emb, _ = bundled
         g = torch.Generator().manual_seed(0)
         noise = sample_uniform_sphere((len(emb), args.num_samples), generator=g)
         w = locator.default_guidance
@@ -121,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
               f"guidance {w:g} (ms per photo)")  # fmt: skip
         print_table(rows, columns)
         report["models"]["bundled"] = {"images": len(emb), "guidance": w, "rows": rows}
-    else:
-        print("skipping the bundled model: ../shared/data/im2gps3k-train not found")
 
     model = mp16_rfm(args.mp16_budget_s)
     if model is not None:
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows, [c for c in columns if "guess" not in c])
         report["models"]["mp16"] = {"samples": args.mp16_samples, "rows": rows}
     else:
-        print("skipping the MP-16 model: ../shared/data/mp16-locations-100k not found")
+        print(f"skipping the MP-16 model: {MP16} not found")
     report["machine_after"] = machine()
     write_json(report, args.out)
     return 0

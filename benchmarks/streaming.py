@@ -36,20 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import write_json
+from _common import loadavg, write_json
 
 BIN = Path(sys.executable).parent
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
 
 
 # ---- the synthetic store ------------------------------------------------------------------------

@@ -33,11 +33,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.2
 """The policy may be at most this much slower than the best fixed variant (issue 8, item 6)."""
 WORKLOADS = {
@@ -70,7 +68,7 @@ def _worker(spec: dict) -> dict:
             os.environ["GOMP_SPINCOUNT"] = wait[4:]
 
     import torch
-    from _common import yfcc_size_model
+    from _common import median_time, yfcc_size_model
 
     work = WORKLOADS[spec["workload"]]
     torch.manual_seed(0)
@@ -98,12 +96,7 @@ def _worker(spec: dict) -> dict:
 
         threads_in_effect = torch.get_num_threads()
 
-    answer()  # warm-up
-    seconds = []
-    for _ in range(spec.get("runs") or work["runs"]):
-        start = time.perf_counter()
-        answer()
-        seconds.append(time.perf_counter() - start)
+    _, seconds = median_time(answer, spec.get("runs") or work["runs"])
     return {
         "seconds": seconds,
         "median_seconds": statistics.median(seconds),
@@ -197,7 +190,9 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.reps, args.workloads = 1, ["bundled"]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from globeflow.apps.threads import usable_cpus
+
+    cpus = usable_cpus()
     names = args.variants or variants(cpus)
     if "policy" not in names:
         names.append("policy")

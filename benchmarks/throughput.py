@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, busy_process, machine, print_table, validation_photos, write_json
+from _common import (
+    REPO,
+    busy_process,
+    free_port,
+    loadavg,
+    machine,
+    print_table,
+    start_server,
+    validation_photos,
+    write_json,
+)
 
 
 def photo_folder(n: int, root: Path) -> Path:
@@ -70,27 +79,13 @@ class Globeflow:
 
 
 @contextlib.contextmanager
-def server(gf: Globeflow):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        gf.command("serve", "--port", str(port)),
-        env=gf.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
+def server(gf: Globeflow, work: Path):
+    """The URL of ``globeflow serve`` from ``gf`` on a free loopback port, stopped on exit."""
+    port = free_port()
+    log = work / f"{gf.name.replace(' ', '-')}-serve.log"
+    proc = start_server(gf.command("serve", "--port", str(port)), port, gf.env, log)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(30)
@@ -124,7 +119,7 @@ def measure(gf: Globeflow, folder: Path, work: Path, requests: int, concurrency:
         "predict", str(folder), "--json", str(work / f"{gf.name}.json"), "--no-progress"
     )
     help_s = statistics.median(gf.run("--help") for _ in range(5))
-    with server(gf) as url:
+    with server(gf, work) as url:
         served = serve_load(url, photos[:requests], concurrency)
     return {
         "embed_photos_per_s": n / embed_s,
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 with ctx:
                     for gf in versions:
                         row = measure(gf, folder, work, args.requests, args.concurrency)
-                        row.update(version=gf.name, scenario=scenario, load=os.getloadavg()[0])
+                        row.update(version=gf.name, scenario=scenario, load=loadavg()[0])
                         report["runs"].append(row)
                         print(row, flush=True)
         finally:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_json
+from _common import loadavg, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a119c43"
@@ -121,7 +120,7 @@ def main() -> None:
         if args.from_store
         else None
     )
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    load_start = loadavg()
     timed_run(current, emb, latlon, 3, net, store)  # warm-up (allocator, first-call costs)
     timed_run(baseline, emb, latlon, 3, net, store)
     short = 5
@@ -165,7 +164,7 @@ def main() -> None:
             b / c for b, c in zip(per_step["baseline"], per_step["current"])
         ),
         "per_step_overhead_us": 1e6 * (med_step["current"] - med_step["baseline"]),
-        "loadavg": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
+        "loadavg": {"start": load_start, "end": loadavg()},
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }

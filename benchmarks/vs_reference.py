@@ -43,23 +43,19 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
+from _common import count_flops, gemm_rates, loadavg, timed, uptime, write_json
+from reference_code import ReferenceCode, find_source, loglik_points
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import count_flops, gemm_rates, loadavg, timed, uptime, write_json  # noqa: E402
-from reference_code import ReferenceCode, find_source, loglik_points  # noqa: E402
-
-from globeflow.core.checkpoints import load_model, save_plonk_network  # noqa: E402
-from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
-from globeflow.core.likelihood import log_prob_adaptive  # noqa: E402
-from globeflow.core.network import Denoiser  # noqa: E402
-from globeflow.core.sphere import (  # noqa: E402
+from globeflow.core.checkpoints import load_model, save_plonk_network
+from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.likelihood import log_prob_adaptive
+from globeflow.core.network import Denoiser
+from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     angle_between,
     latlon_to_unit,
@@ -85,7 +81,6 @@ YFCC_SIZE = dict(input_dim=3, dim=512, depth=12, expansion=4, cond_dim=1024)
 QUICK_SIZE = dict(input_dim=3, dim=64, depth=2, expansion=4, cond_dim=64)
 TARGETS = {"sampling_fp32": 1.5, "sampling_bf16": 3.0, "loglik_64": 100.0, "loglik_nats": 0.02}
 """Issue 8's targets: ratios (authors / ours seconds) and the error bound of ours."""
-BF16_NAMES = ("bf16", "bfloat16")
 
 
 # ---- the network --------------------------------------------------------------------------------
@@ -109,8 +104,8 @@ def write_network(out: Path, size: dict, ref: ReferenceCode | None, seed: int) -
 
 
 def precision_of(kwargs: dict) -> str:
-    """ "bfloat16" when a configuration asks for it, else "float32" (which GEMM rate bounds it)."""
-    return "bfloat16" if str(kwargs.get("precision", "")).lower() in BF16_NAMES else "float32"
+    """The dtype whose GEMM rate bounds a configuration: "bfloat16" for bf16, else "float32"."""
+    return "bfloat16" if kwargs.get("precision") == "bf16" else "float32"
 
 
 def summarize(times: list[float], flops: int | None, rate_gflops: float | None) -> dict:
