@@ -1,5 +1,10 @@
 """Where the command line writes: output paths checked before any work, one name per photo.
 
+An output is refused before any work when its folder cannot take new files (tried, not only
+asked of the permission bits: root may write anywhere by them, but not into /proc), when it is
+one of the inputs (``predict photo.jpg --json photo.jpg`` would replace the photo), or when it
+lies inside an embedding store that is read.
+
 Photo labels are paths relative to the folder all inputs share (``a/photo.jpg``), so that rows of
 the table and map files of same-named photos in different folders stay apart and lead back to
 their input.
@@ -9,10 +14,20 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["OutputPathError", "check_output_paths", "photo_labels", "map_file_names"]
+from globeflow.data.embedding_store import store_parts
+from globeflow.data.file_names import printable_path
+
+__all__ = [
+    "OutputPathError",
+    "check_output_paths",
+    "photo_labels",
+    "map_file_names",
+    "with_map_names",
+]
 
 
 class OutputPathError(ValueError):
@@ -33,6 +48,14 @@ def _check_creatable(path: Path, option: str) -> None:
         raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputPathError(f"{option} {path}: {ancestor} is not writable")
+    try:  # the permission bits do not tell for root, nor for /proc, /sys, read-only mounts
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".globeflow-probe-")
+    except OSError as exc:
+        raise OutputPathError(
+            f"{option} {path}: cannot create files in {ancestor} ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_file(path: Path, option: str) -> None:
@@ -53,20 +76,48 @@ def _check_folder(path: Path, option: str) -> None:
     _check_creatable(path, option)
 
 
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:  # hard links, bind mounts
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_not_read(path: Path, option: str, reads: Sequence[Path]) -> None:
+    """``path`` is none of ``reads`` and not inside an embedding store among them."""
+    for read in reads:
+        if _same(path, read):
+            raise OutputPathError(
+                f"{option} {printable_path(path)}: is also an input; writing it would replace "
+                "what is read"
+            )
+        if read.is_dir() and store_parts(read) and read.resolve() in path.resolve().parents:
+            raise OutputPathError(
+                f"{option} {printable_path(path)}: inside the embedding store "
+                f"{printable_path(read)} that is read; write elsewhere"
+            )
+
+
 def check_output_paths(
     files: Mapping[str, Path | None] | None = None,
     folders: Mapping[str, Path | None] | None = None,
+    reads: Sequence[str | os.PathLike] = (),
 ) -> None:
     """Raise :class:`OutputPathError` unless every given output can be written.
 
     ``files`` and ``folders`` map an option name (``"--json"``) to its path (``None``: not
-    asked for). Two options may not name the same path.
+    asked for). Two options may not name the same path, nor one of ``reads`` (the inputs:
+    files, folders, embedding stores), nor a path inside an embedding store among ``reads``.
     """
     seen: dict[Path, str] = {}
+    inputs = [Path(p) for p in reads]
     for kind, paths in (("file", files or {}), ("folder", folders or {})):
         for option, path in paths.items():
             if path is None:
                 continue
+            _check_not_read(path, option, inputs)
             (_check_file if kind == "file" else _check_folder)(path, option)
             key = path.absolute()
             if key in seen:
@@ -85,8 +136,8 @@ def photo_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     except ValueError:  # no shared folder (different drives): keep the full paths
         root = None
     labels, counts = [], {}
-    for p in absolute:
-        label = (p.relative_to(root) if root else p).as_posix()
+    for p in absolute:  # names that are not UTF-8: \xNN (globeflow.data.file_names)
+        label = printable_path((p.relative_to(root) if root else p).as_posix())
         counts[label] = counts.get(label, 0) + 1
         labels.append(label if counts[label] == 1 else f"{label} ({counts[label]})")
     return labels
@@ -108,3 +159,11 @@ def map_file_names(labels: Sequence[str]) -> list[str]:
         taken.add(name.lower())
         names.append(name)
     return names
+
+
+def with_map_names(results: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    """The results, each located one with ``"map"``: its map file's name in the map folder
+    (same-named photos in different folders get different files)."""
+    return [
+        {**r, "map": name} if r.get("ok") else r for r, name in zip(results, names, strict=True)
+    ]
