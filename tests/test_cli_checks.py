@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _photos import make_unreadable
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -378,7 +379,7 @@ def test_predict_names_the_folder_without_photos(tmp_path, no_model_loading):
     _one_line_error(result, 2, f"no photos found in {tmp_path / 'emptydir'}", ".jpg")
 
 
-def _finishes(call, seconds: float = 300.0):
+def _finishes(call, seconds: float = 120.0):
     """``call()`` in a thread; fails the test if it is still running after ``seconds``."""
     import threading
 
@@ -401,14 +402,7 @@ def test_predict_goes_on_past_a_named_pipe_and_an_unreadable_folder(
     locked = tmp_path / "locked"
     locked.mkdir()
     Image.new("RGB", (64, 48), (1, 2, 3)).save(locked / "hidden.jpg")
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", str(locked))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    make_unreadable(monkeypatch, str(locked))
     out = tmp_path / "r.csv"
     args = ["--model", tiny_model, "--num-samples", "16", "--steps", "2", "--no-progress"]
     result = _finishes(lambda: _run("predict", tmp_path, *args, "--csv", out))

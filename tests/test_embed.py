@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _photos import make_unreadable
 from PIL import Image, TiffImagePlugin
 
 from globeflow.data.embedding_store import read_embeddings
@@ -309,14 +310,7 @@ def test_a_named_pipe_and_an_unreadable_folder_are_reported(tmp_path: Path, monk
     os.mkfifo(photos / "pipe.jpg")
     locked = photos / "locked"
     _make_photos(locked, 1)
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", str(locked))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    make_unreadable(monkeypatch, str(locked))
     report = embed_images([photos], MeanColourEncoder(), tmp_path / "e.parquet", progress=False)
     assert report.embedded == 2
     reasons = dict(report.errors)

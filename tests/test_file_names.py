@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _photos import make_unreadable
 
 from globeflow.data.file_names import (
     find_photos,
@@ -44,14 +45,7 @@ def test_a_folder_that_cannot_be_read_is_reported(tmp_path, monkeypatch):
     made to fail as it does for a user without read permission (os.walk's scandir)."""
     _tree(tmp_path)
     locked = str(tmp_path / "sub" / "locked")
-    scandir = os.scandir
-
-    def refuse(path="."):
-        if os.fspath(path) == locked:
-            raise PermissionError(13, "Permission denied", locked)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    make_unreadable(monkeypatch, locked)
     files, problems = list_image_files(tmp_path, IMAGE_EXTENSIONS)
     assert files == [tmp_path / "b.jpg", tmp_path / "sub" / "a.PNG"]
     assert problems == [(locked, "cannot read folder (Permission denied); its photos are left out")]

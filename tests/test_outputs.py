@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,11 @@ def test_labels_of_names_that_are_not_utf8_are_escaped(tmp_path):
 
     labels = photo_labels([tmp_path / os.fsdecode(b"caf\xe9.jpg"), tmp_path / "b.jpg"])
     assert labels == ["caf\\xe9.jpg", "b.jpg"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_folder_that_takes_no_new_file_is_refused_even_for_root():
+    with pytest.raises(OutputPathError, match="--map /proc: cannot create files in /proc"):
+        check_output_paths(folders={"--map": Path("/proc")})
+    with pytest.raises(OutputPathError, match="cannot create files in /proc"):
+        check_output_paths({"--json": Path("/proc/new-folder/r.json")})

@@ -48,11 +48,17 @@ def _check_creatable(path: Path, option: str) -> None:
         raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputPathError(f"{option} {path}: {ancestor} is not writable")
-    try:  # the permission bits do not tell for root, nor for /proc, /sys, read-only mounts
-        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".globeflow-probe-")
+    _try_creating_in(ancestor, path, option)
+
+
+def _try_creating_in(folder: Path, path: Path, option: str) -> None:
+    """Create and remove a file in ``folder``: the permission bits do not tell for root, nor
+    for /proc, /sys or a read-only mount."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".globeflow-probe-")
     except OSError as exc:
         raise OutputPathError(
-            f"{option} {path}: cannot create files in {ancestor} ({exc.strerror or exc})"
+            f"{option} {path}: cannot create files in {folder} ({exc.strerror or exc})"
         ) from None
     os.close(fd)
     os.unlink(probe)
@@ -72,6 +78,7 @@ def _check_folder(path: Path, option: str) -> None:
     if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
             raise OutputPathError(f"{option} {path}: the folder is not writable")
+        _try_creating_in(path, path, option)
         return
     _check_creatable(path, option)
 

@@ -34,6 +34,7 @@ from globeflow.data.coordinates import (
     NO_COORDINATES,
     CoordinateError,
     counts_text,
+    invalid_latlon_counts,
     parse_latlon,
     valid_latlon_mask,
 )
@@ -263,12 +264,16 @@ class StreamedRows:
         return self._dim
 
     def stats(self) -> dict:
-        """Row count and coordinate ranges, from one pass over the lat/lon columns."""
+        """Row count, coordinate ranges and the rows left out by reason (``dropped``), from one
+        pass over the lat/lon columns."""
         if self._stats is None:
             rows, lo, hi = 0, np.full(2, np.inf), np.full(2, -np.inf)
+            dropped: dict[str, int] = {}
             for g in self.groups:
                 t = pq.ParquetFile(g.part).read_row_group(g.index, columns=["lat", "lon"])
                 ll = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in ("lat", "lon")])
+                for kind, n in invalid_latlon_counts(ll.T).items():
+                    dropped[kind] = dropped.get(kind, 0) + n
                 ll = ll[:, valid_latlon_mask(ll.T)]
                 rows += ll.shape[1]
                 if ll.shape[1]:
@@ -283,6 +288,7 @@ class StreamedRows:
                 "lon_range": [float(lo[1]), float(hi[1])],
                 "row_groups": len(self.groups),
                 "streamed": True,
+                "dropped": dropped,
             }
         return self._stats
 

@@ -1042,6 +1042,8 @@ def train_from_embeddings(
         else:
             data, val, encoder, how = _in_memory_inputs(store, split, config, say)
         rows = data.stats()["rows"] if place.is_main else 0
+        if place.is_main and data.stats().get("dropped"):  # streamed: read past, not dropped
+            say(f"{store}: rows left out: {counts_text(data.stats()['dropped'])}")
         say(f"train {rows} rows, validation {len(val.x0) if val else 0} rows used ({how})")
         meta = {"encoder": encoder, "embeddings": str(embeddings_path), "validation_split": how}
         run = _Run(config, data, val, out, place, runtime, meta)
