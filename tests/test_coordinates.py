@@ -64,3 +64,13 @@ def test_the_mask_and_the_counts_agree_with_the_parser():
         "latitude without longitude": 1,
     }
     assert counts_text({"a": 1, "b": 3}) == "3 b, 1 a"
+    values = [np.nan, np.inf, -np.inf, 0.0, 90.0, 90.5, -200.0, 180.0, 400.0]
+    grid = np.array([(a, b) for a in values for b in values])
+    by_parser: dict[str, int] = {}
+    for lat, lon in grid[~valid_latlon_mask(grid)]:
+        try:
+            kind = "no coordinates" if parse_latlon(lat, lon) is None else "valid"
+        except CoordinateError as exc:
+            kind = exc.kind
+        by_parser[kind] = by_parser.get(kind, 0) + 1
+    assert invalid_latlon_counts(grid) == by_parser

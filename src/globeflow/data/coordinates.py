@@ -88,15 +88,38 @@ def valid_latlon_mask(latlon: np.ndarray) -> np.ndarray:
 
 def invalid_latlon_counts(latlon: np.ndarray) -> dict[str, int]:
     """Rows of ``latlon`` (N, 2) degrees that :func:`valid_latlon_mask` rejects, counted by the
-    reason :func:`parse_latlon` gives (NaN stands for a missing value, as stores write it)."""
-    counts: dict[str, int] = {}
+    reason :func:`parse_latlon` gives (NaN stands for a missing value, as stores write it);
+    vectorised, for stores of millions of rows."""
     latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
-    for i in np.flatnonzero(~valid_latlon_mask(latlon)):
-        try:  # the rows the mask rejects are either missing (None here) or raise
-            kind = NO_COORDINATES if parse_latlon(*latlon[i].tolist()) is None else "?"
-        except CoordinateError as exc:
-            kind = exc.kind
-        counts[kind] = counts.get(kind, 0) + 1
+    lat, lon = latlon[:, 0], latlon[:, 1]
+    lat_nan, lon_nan = np.isnan(lat), np.isnan(lon)
+    with np.errstate(invalid="ignore"):
+        # the parser's order: missing values, then the latitude, then the longitude
+        conditions = [
+            lat_nan & lon_nan,
+            lon_nan,
+            lat_nan,
+            ~np.isfinite(lat),
+            np.abs(lat) > _RANGES["latitude"],
+            ~np.isfinite(lon),
+            np.abs(lon) > _RANGES["longitude"],
+        ]
+    kinds = [
+        NO_COORDINATES,
+        "latitude without longitude",
+        "longitude without latitude",
+        "coordinates not finite",
+        "latitude outside [-90, 90]",
+        "coordinates not finite",
+        "longitude outside [-180, 180]",
+    ]
+    counts: dict[str, int] = {}
+    taken = np.zeros(len(latlon), dtype=bool)
+    for condition, kind in zip(conditions, kinds, strict=True):
+        hit = condition & ~taken
+        if hit.any():
+            counts[kind] = counts.get(kind, 0) + int(hit.sum())
+        taken |= hit
     return counts
 
 
