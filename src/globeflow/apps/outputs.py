@@ -83,27 +83,38 @@ def _check_folder(path: Path, option: str) -> None:
     _check_creatable(path, option)
 
 
-def _same(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:  # hard links, bind mounts
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
     except OSError:
-        return False
+        return None
+    return (st.st_dev, st.st_ino)
 
 
-def _check_not_read(path: Path, option: str, reads: Sequence[Path]) -> None:
-    """``path`` is none of ``reads`` and not inside an embedding store among them."""
-    for read in reads:
-        if _same(path, read):
+class _Inputs:
+    """What is read, indexed once (a folder of 100,000 photos is 100,000 inputs): resolved
+    paths, file identities (hard links, bind mounts) and the embedding stores among them."""
+
+    def __init__(self, reads: Sequence[str | os.PathLike]) -> None:
+        paths = [Path(p) for p in reads]
+        self.resolved = {p.resolve() for p in paths}
+        self.identities = {i for i in map(_identity, paths) if i is not None}
+        self.stores = {p.resolve(): p for p in paths if p.is_dir() and store_parts(p)}
+
+    def check(self, path: Path, option: str) -> None:
+        """``path`` is no input and lies in no embedding store that is read."""
+        resolved = path.resolve()
+        identity = _identity(path)
+        if resolved in self.resolved or (identity is not None and identity in self.identities):
             raise OutputPathError(
                 f"{option} {printable_path(path)}: is also an input; writing it would replace "
                 "what is read"
             )
-        if read.is_dir() and store_parts(read) and read.resolve() in path.resolve().parents:
+        store = next((self.stores[p] for p in resolved.parents if p in self.stores), None)
+        if store is not None:
             raise OutputPathError(
                 f"{option} {printable_path(path)}: inside the embedding store "
-                f"{printable_path(read)} that is read; write elsewhere"
+                f"{printable_path(store)} that is read; write elsewhere"
             )
 
 
@@ -119,12 +130,12 @@ def check_output_paths(
     files, folders, embedding stores), nor a path inside an embedding store among ``reads``.
     """
     seen: dict[Path, str] = {}
-    inputs = [Path(p) for p in reads]
+    inputs = _Inputs(reads)
     for kind, paths in (("file", files or {}), ("folder", folders or {})):
         for option, path in paths.items():
             if path is None:
                 continue
-            _check_not_read(path, option, inputs)
+            inputs.check(path, option)
             (_check_file if kind == "file" else _check_folder)(path, option)
             key = path.absolute()
             if key in seen:
