@@ -24,3 +24,19 @@ def gps_exif(lat: float, lon: float) -> Image.Exif:
     gps[3] = "E" if lon >= 0 else "W"
     gps[4] = dms(lon)
     return exif
+
+
+def make_unreadable(monkeypatch, folder) -> None:
+    """Listing ``folder`` fails as it does for a user without read permission on it. Tests run
+    as root, whom permission bits do not stop, so the failure is made where ``os.walk`` lists a
+    folder (``os.scandir``), the code path a PermissionError takes for a user."""
+    import os
+
+    scandir, locked = os.scandir, os.fspath(folder)
+
+    def refuse(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)

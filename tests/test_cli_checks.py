@@ -6,10 +6,13 @@ nothing usable (every photo failed, nothing to evaluate, non-finite model output
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from _photos import make_unreadable
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -323,3 +326,121 @@ def test_evaluate_keeps_every_good_record_of_a_mixed_batch(tmp_path, tiny_model)
     assert "no image file found" in errors["missing.jpg"]["error"]
     predicted = (out / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(line.split(",")[0] for line in predicted) == ["0.jpg", "1.jpg", "2.jpg"]
+
+
+# ---- issue 18: hardening, round 2 ----------------------------------------------------------------
+
+
+def test_an_output_that_is_an_input_is_refused_before_work(tmp_path, photo, no_model_loading):
+    """``predict paris.jpg --json paris.jpg`` used to replace the photo with the JSON."""
+    before = photo.read_bytes()
+    _one_line_error(_run("predict", photo, "--json", photo), 2, f"--json {photo}", "also an input")
+    result = _run("predict", tmp_path, "--csv", photo)  # found in the folder
+    _one_line_error(result, 2, f"--csv {photo}", "also an input")
+    result = _run("predict", tmp_path, "--map", tmp_path)
+    _one_line_error(result, 2, f"--map {tmp_path}", "also an input")
+    assert photo.read_bytes() == before
+    line = _one_line_error(_run("embed", photo, "-o", photo), 2, f"--output {photo}")
+    assert "Errno" not in line
+    line = _one_line_error(_run("embed", tmp_path, "-o", photo), 2, "is a file, not a folder")
+    assert "Errno" not in line
+    store = tmp_path / "emb.parquet"
+    from globeflow.data.embedding_store import EmbeddingWriter
+
+    with EmbeddingWriter(store, "fake", 2) as writer:
+        writer.add(["a"], torch.zeros(1, 2), latlon=torch.tensor([[1.0, 2.0]]))
+    result = _run("evaluate", store, "-o", store / "report")
+    _one_line_error(result, 2, "--output", "inside the embedding store", str(store))
+    _one_line_error(_run("evaluate", store, "-o", store), 2, "also an input")
+    assert sorted(p.name for p in store.iterdir()) == ["part-00000.parquet"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_where_no_file_can_be_created_is_refused_before_work(photo, no_model_loading):
+    """root passes every permission check, yet /proc takes no new file: tried, not assumed."""
+    result = _run("predict", photo, "--json", "/proc/globeflow-x.json")
+    _one_line_error(result, 2, "--json /proc/globeflow-x.json", "cannot create files in /proc")
+
+
+def test_fp16_is_refused_with_one_message_everywhere(tmp_path, photo, no_model_loading):
+    expected = "error: --precision fp16: must be one of fp32, bf16"
+    for args in (
+        ("predict", photo),
+        ("embed", photo, "-o", tmp_path / "e.parquet"),
+        ("train", "--embeddings", tmp_path / "e.parquet", "-o", tmp_path / "run"),
+    ):
+        assert _one_line_error(_run(*args, "--precision", "fp16"), 2) == expected, args
+    assert not (tmp_path / "e.parquet").exists() and not (tmp_path / "run").exists()
+
+
+def test_predict_names_the_folder_without_photos(tmp_path, no_model_loading):
+    (tmp_path / "emptydir").mkdir()
+    result = _run("predict", tmp_path / "emptydir")
+    _one_line_error(result, 2, f"no photos found in {tmp_path / 'emptydir'}", ".jpg")
+
+
+def _finishes(call, seconds: float = 120.0):
+    """``call()`` in a thread; fails the test if it is still running after ``seconds``."""
+    import threading
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("value", call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "blocked"
+    return out["value"]
+
+
+def test_predict_goes_on_past_a_named_pipe_and_an_unreadable_folder(
+    tmp_path, photo, tiny_model, monkeypatch
+):
+    """The pipe blocked predict forever; the folder was left out without a word. Tests run as
+    root, whom permission bits do not stop: its listing is made to fail as for a user."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(locked / "hidden.jpg")
+    make_unreadable(monkeypatch, str(locked))
+    out = tmp_path / "r.csv"
+    args = ["--model", tiny_model, "--num-samples", "16", "--steps", "2", "--no-progress"]
+    result = _finishes(lambda: _run("predict", tmp_path, *args, "--csv", out))
+    assert result.exit_code == 0, result.output
+    assert f"skipped {locked}: cannot read folder (Permission denied)" in result.output
+    assert "pipe.jpg: is a named pipe, not an image file" in result.output
+    rows = {r["image"]: r for r in csv.DictReader(out.open())}
+    assert rows[str(photo)]["ok"] == "True" and rows[str(tmp_path / "pipe.jpg")]["ok"] == "False"
+
+
+def test_names_that_are_not_utf8_reach_every_predict_output(tmp_path, tiny_model):
+    """One rule everywhere: each undecodable byte as \\xNN; the map of each photo named in the
+    CSV, JSON and GeoJSON, also for same-named photos in different folders."""
+    import os
+
+    photos = tmp_path / "photos"
+    for sub in ("a", "b"):
+        (photos / sub).mkdir(parents=True)
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(photos / sub / "photo.jpg")
+    Image.new("RGB", (64, 48), (30, 30, 200)).save(photos / os.fsdecode(b"caf\xe9.jpg"))
+    (photos / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"not a photo")
+    out = {ext: tmp_path / f"r.{ext}" for ext in ("csv", "json", "geojson")}
+    result = _run("predict", photos, "--model", tiny_model, "--num-samples", "16", "--steps",
+                  "2", "--csv", out["csv"], "--json", out["json"], "--geojson", out["geojson"],
+                  "--map", tmp_path / "maps", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    escaped = str(photos / "caf\\xe9.jpg")
+    rows = {r["image"]: r for r in csv.DictReader(out["csv"].open(encoding="utf-8"))}
+    assert rows[escaped]["map"] == "caf_xe9.jpg.png"
+    assert rows[str(photos / "a" / "photo.jpg")]["map"] == "a__photo.jpg.png"
+    assert rows[str(photos / "b" / "photo.jpg")]["map"] == "b__photo.jpg.png"
+    assert "bad\\xff.jpg" in rows[str(photos / "bad\\xff.jpg")]["error"]
+    results = json.loads(out["json"].read_text(encoding="utf-8"))["results"]
+    assert {r["image"]: r.get("map") for r in results}[escaped] == "caf_xe9.jpg.png"
+    features = json.loads(out["geojson"].read_text(encoding="utf-8"))["features"]
+    assert any(f["properties"]["image"] == escaped for f in features)
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "a__photo.jpg.png",
+        "b__photo.jpg.png",
+        "caf_xe9.jpg.png",
+    ]

@@ -132,7 +132,8 @@ def test_im2gps_style_csv(tmp_path, id_col, lat_col, lon_col):
     assert [(r.id, r.author) for r in recs] == [("a_1.jpg", "alice"), ("b_2.jpg", "bob")]
     assert recs[0].path == str(tmp_path / "images" / "a_1.jpg")
     assert recs[1].path is None  # listed but no image on disk
-    assert ds.skipped == {"no coordinates": 1}
+    assert ds.skipped == {"coordinates not finite": 1}  # "nan" written out: a reason, counted
+    assert ds.skipped.rows == [("c_3.jpg", "latitude 'nan' is not finite")]
     assert recs[0].labels() is None
 
 
@@ -259,3 +260,58 @@ def test_author_split_keeps_authors_apart():
     assert 0.15 <= len(val) / 300 <= 0.35
     assert author_split(recs, 0.2, seed=0) == (train, val)  # deterministic
     assert author_split(recs, 0.2, seed=1) != (train, val)
+
+
+def test_every_reader_validates_coordinates_and_says_why(tmp_path):
+    """lat 200 / lon 400, 'abc', 'inf', one coordinate alone: counted by reason and listed row
+    by row, in a CSV, an iNat JSON and an embedding store alike."""
+    from globeflow.data.embedding_store import EmbeddingWriter
+
+    values = [("10", "20"), ("200", "0"), ("0", "400"), ("abc", "1"), ("inf", "1"), ("5", "")]
+    expected = {
+        "latitude outside [-90, 90]": 1,
+        "longitude outside [-180, 180]": 1,
+        "coordinates not numbers": 1,
+        "coordinates not finite": 1,
+        "latitude without longitude": 1,
+    }
+    rows = [{"image": f"r{i}.jpg", "lat": a, "lon": b} for i, (a, b) in enumerate(values)]
+    ds = open_dataset(_write_csv(tmp_path / "t.csv", rows))
+    assert [r.id for r in ds] == ["r0.jpg"] and ds.skipped == expected
+    assert ds.size == 6
+    assert ds.skipped.rows[:2] == [
+        ("r1.jpg", "latitude 200 outside [-90, 90]"),
+        ("r2.jpg", "longitude 400 outside [-180, 180]"),
+    ]
+    images = [
+        {"id": i, "file_name": f"{i}.jpg", "latitude": a or None, "longitude": b or None}
+        for i, (a, b) in enumerate(values)
+    ]
+    (tmp_path / "inat.json").write_text(json.dumps({"images": images}))
+    ds = open_dataset(tmp_path / "inat.json")
+    assert [r.id for r in ds] == ["0"] and ds.skipped == expected and ds.size == 6
+
+    store = tmp_path / "emb.parquet"
+    latlon = torch.tensor([[10.0, 20.0], [200.0, 0.0], [0.0, 400.0], [np.nan, np.nan]])
+    with EmbeddingWriter(store, "fake", 2) as writer:
+        writer.add(["a", "b", "c", "d"], torch.zeros(4, 2), latlon=latlon)
+    ds = open_dataset(store)
+    assert [r.id for r in ds] == ["a"] and ds.size == 4
+    assert ds.skipped == {
+        "latitude outside [-90, 90]": 1,
+        "longitude outside [-180, 180]": 1,
+        "no coordinates": 1,
+    }
+
+
+def test_exif_folder_with_a_name_that_is_not_utf8(tmp_path):
+    import os
+
+    name = os.fsdecode(b"caf\xe9.jpg")
+    _jpeg(tmp_path / name, exif=_gps_exif(48.8566, 2.3522))
+    _jpeg(tmp_path / "plain.jpg")
+    ds = open_dataset(tmp_path)
+    recs = list(ds)
+    assert [r.id for r in recs] == ["caf\\xe9.jpg"]  # the id is text; the path still opens
+    assert load_record_image(recs[0]).size == (8, 6)
+    assert ds.skipped.rows == [("plain.jpg", "no EXIF GPS")] and ds.size == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _photos import make_unreadable
 from PIL import Image, TiffImagePlugin
 
 from globeflow.data.embedding_store import read_embeddings
@@ -275,3 +276,73 @@ def test_cli_embed_auto_device_keeps_a_cpu_only_encoder_on_the_cpu(tmp_path, mon
     )
     assert path.exit_code == 2 and "takes no path option" in path.output
     assert "Traceback" not in explicit.output + path.output
+
+
+def test_names_that_are_not_utf8_are_stored_escaped_and_resume(tmp_path: Path) -> None:
+    """An archive holding ``caf\\xe9.jpg`` (Latin-1) embeds every photo and its reruns skip them
+    all: the store's id is the escaped name, the same on every run."""
+    import os
+
+    photos = tmp_path / "photos"
+    _make_photos(photos, 2)
+    latin1 = photos / os.fsdecode(b"caf\xe9.png")
+    Image.new("RGB", (20, 12), _colour(7)).save(latin1)
+    (photos / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
+    store = tmp_path / "emb.parquet"
+    report = embed_images([photos], MeanColourEncoder(), store, progress=False)
+    assert (report.embedded, report.failed) == (3, 1)
+    table = read_embeddings(store)
+    assert "caf\\xe9.png" in table.ids
+    assert str(photos / "caf\\xe9.png") in table.paths
+    with open(report.errors_path, encoding="utf-8") as fh:
+        assert "bad\\xff.png" in fh.read()
+    again = embed_images([photos], MeanColourEncoder(), store, progress=False)
+    assert (again.embedded, again.skipped_existing, again.failed) == (0, 3, 1)
+
+
+def test_a_named_pipe_and_an_unreadable_folder_are_reported(tmp_path: Path, monkeypatch) -> None:
+    """The pipe would block a reader forever; the folder is made unreadable by making its
+    listing fail (tests run as root, whom permission bits do not stop)."""
+    import os
+
+    photos = tmp_path / "photos"
+    _make_photos(photos, 2)
+    os.mkfifo(photos / "pipe.jpg")
+    locked = photos / "locked"
+    _make_photos(locked, 1)
+    make_unreadable(monkeypatch, str(locked))
+    report = embed_images([photos], MeanColourEncoder(), tmp_path / "e.parquet", progress=False)
+    assert report.embedded == 2
+    reasons = dict(report.errors)
+    assert reasons[str(locked)].startswith("cannot read folder (Permission denied)")
+    assert reasons[str(photos / "pipe.jpg")] == "is a named pipe, not an image file"
+
+
+def test_csv_coordinates_are_validated_row_by_row(tmp_path: Path) -> None:
+    """Rows with unusable coordinates are reported with the reason and not embedded (a rerun
+    after the CSV is fixed embeds them); rows without any take EXIF or none."""
+    photos = _make_photos(tmp_path, 6)
+    rows = [("40.0", "10.0"), ("200", "10"), ("10", "400"), ("abc", "1"), ("", ""), ("5", "")]
+    with open(tmp_path / "list.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "lat", "lon"])
+        w.writerows([(p.name, lat, lon) for p, (lat, lon) in zip(photos, rows, strict=True)])
+    report = embed_images([tmp_path / "list.csv"], MeanColourEncoder(), tmp_path / "e.parquet")
+    assert (report.embedded, report.with_location) == (2, 1)
+    assert [reason for _, reason in report.errors] == [
+        "latitude 200 outside [-90, 90]",
+        "longitude 400 outside [-180, 180]",
+        "latitude 'abc' is not a number",
+        "latitude given without longitude",
+    ]
+    assert report.errors[0][0].endswith("list.csv line 3 (p001.png)")
+    table = read_embeddings(tmp_path / "e.parquet")
+    assert table.ids == ["p000.png", "p004.png"]
+    assert table.latlon[0].tolist() == [40.0, 10.0]
+
+
+def test_a_latitude_column_without_a_longitude_column_is_refused(tmp_path: Path) -> None:
+    _make_photos(tmp_path, 1)
+    (tmp_path / "list.csv").write_text("image,latitude\np000.png,48.8\n")
+    with pytest.raises(ValueError, match=r"list\.csv: a latitude column 'latitude' but no lon"):
+        embed_images([tmp_path / "list.csv"], MeanColourEncoder(), tmp_path / "e.parquet")

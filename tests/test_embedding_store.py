@@ -101,3 +101,16 @@ def test_a_store_holds_one_embedding_dtype(tmp_path: Path) -> None:
         EmbeddingWriter(store, "toy", 4, dtype="float32")
     t = read_embeddings(store)
     assert t.ids == ["a", "b"] and t.embeddings[0, 0] == torch.tensor(1 / 3).half().float()
+
+
+def test_a_csv_given_as_a_store_says_what_makes_one(tmp_path):
+    from globeflow.data.embedding_store import read_embeddings as read_store
+
+    table = tmp_path / "photos.csv"
+    table.write_text("image,lat,lon\na.jpg,1,2\n")
+    with pytest.raises(FileNotFoundError) as info:
+        read_store(table)
+    assert str(info.value) == (
+        f"{table}: a CSV file, not an embedding store (a folder of part-*.parquet); "
+        f"`globeflow embed {table} -o NAME.parquet` makes one from photos it lists"
+    )

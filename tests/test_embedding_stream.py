@@ -188,3 +188,28 @@ def test_streamed_training_refuses_a_changed_store(tmp_path):
         w.add(["extra"], np.zeros((1, 6), np.float32), latlon=[(1.0, 2.0)])
     with pytest.raises(ValueError, match="different data"):
         streamed(store, tmp_path / "run", max_steps=8)
+
+
+def test_rows_with_unusable_coordinates_are_left_out_and_said(tmp_path, capsys):
+    """A store written before coordinates were checked may hold lat 200 / lon 400: streamed
+    training reads past them like rows without coordinates, and says how many and why."""
+    n, dim = 64, 6
+    emb = torch.randn(n, dim, generator=torch.Generator().manual_seed(1))
+    emb[:, 0] = torch.arange(n, dtype=torch.float32)
+    latlon = torch.stack([torch.linspace(-60, 60, n), torch.linspace(-170, 170, n)], 1).double()
+    latlon[3, 0], latlon[9, 1], latlon[20] = 200.0, 400.0, float("nan")
+    store = tmp_path / "s.parquet"
+    with EmbeddingWriter(store, "toy", dim, chunk_size=64, row_group_size=16) as w:
+        w.add([f"r{i}" for i in range(n)], emb, latlon=latlon)
+    groups, _, _ = list_row_groups(store)
+    assert 3 not in row_numbers(read_located_rows(groups[0], dim))
+    clean = write_store(tmp_path / "val.parquet", n=40)  # every training group is counted
+    training.train_from_embeddings(
+        store, "rfm", tmp_path / "run", val_split=str(clean), stream=True, progress=False,
+        shuffle_buffer_rows=50, **{**RUN, "max_steps": 2, "val_every": 2},
+    )  # fmt: skip
+    said = capsys.readouterr().err
+    assert (
+        f"{store}: rows left out: 1 latitude outside [-90, 90], 1 longitude outside "
+        "[-180, 180], 1 no coordinates"
+    ) in said

@@ -148,3 +148,52 @@ def test_end_to_end_uniform_model_on_embeddings(tmp_path):
 def test_missing_encoder_is_a_clear_error(im2gps_csv):
     with pytest.raises(ValueError, match="encoder"):
         evaluate(OffsetModel(), im2gps_csv, progress=False)
+
+
+def test_progress_counts_photos_out_of_the_dataset_and_skipped_rows_are_listed(
+    im2gps_csv, tmp_path, capsys
+):
+    with open(im2gps_csv, "a", newline="") as f:
+        csv.writer(f).writerow(["far.jpg", 200.0, 0.0, "y"])  # 8 rows: 6 good, 1 broken, 1 bad
+    report = evaluate(OffsetModel(), im2gps_csv, encoder=FakeEncoder(), num_samples=8,
+                      hpd_samples=0, batch_size=4)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "8/8" in err and "photo" in err and "batch" not in err
+    written = json.loads(report.write(tmp_path / "out")["summary_json"].read_text())
+    assert written["skipped"] == {"latitude outside [-90, 90]": 1}
+    assert written["skipped_rows"] == [
+        {"id": "far.jpg", "reason": "latitude 200 outside [-90, 90]"}
+    ]
+    evaluate(OffsetModel(), im2gps_csv, encoder=FakeEncoder(), num_samples=8, hpd_samples=0,
+             batch_size=4, limit=3)  # fmt: skip
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_accuracy_rows_of_the_markdown_say_percent(im2gps_csv):
+    report = evaluate(OffsetModel(), im2gps_csv, encoder=FakeEncoder(), num_samples=8,
+                      hpd_samples=0, progress=False)  # fmt: skip
+    text = report.to_markdown()
+    assert "| acc@1km (%) | 16.67 |" in text and "| acc@2500km (%) | 83.33 |" in text
+
+
+def test_file_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
+    import os
+
+    from globeflow.data.datasets import GeoRecord
+
+    good = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    Image.new("RGB", (16, 12), (0, 50, 50)).save(good, "JPEG", quality=100)
+    broken = tmp_path / os.fsdecode(b"bad\xff.jpg")
+    broken.write_bytes(b"not a jpeg")
+    records = [
+        GeoRecord(id=os.fsdecode(b"caf\xe9"), lat=48.8566, lon=2.3522, path=str(good)),
+        GeoRecord(id="broken", lat=0.0, lon=0.0, path=str(broken)),
+    ]
+    report = evaluate(OffsetModel(), records, encoder=FakeEncoder(), num_samples=8,
+                      hpd_samples=0, progress=False)  # fmt: skip
+    paths = report.write(tmp_path / "out")
+    text = paths["predictions"].read_text(encoding="utf-8")
+    assert "caf\\xe9" in text and str(tmp_path / "caf\\xe9.jpg") in text
+    errors = json.loads(paths["summary_json"].read_text())["errors"]
+    assert errors[0]["path"] == str(tmp_path / "bad\\xff.jpg")
+    assert "bad\\xff.jpg" in errors[0]["error"]

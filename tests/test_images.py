@@ -199,3 +199,50 @@ def test_heic_round_trip(tmp_path: Path) -> None:
     out = load_image(path)
     assert out.size == (16, 12) and out.mode == "RGB"
     assert abs(int(np.asarray(out)[6, 8, 1]) - 200) < 12
+
+
+def _without_blocking(call, fifo: Path):
+    """``call()`` in a thread; a call still waiting on ``fifo`` after 10 s is released (a
+    writer opens and closes the pipe) and fails the test instead of hanging it."""
+    import os
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail("reading a named pipe blocked")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_named_pipe_is_refused_without_waiting(tmp_path: Path) -> None:
+    import os
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    with pytest.raises(ImageLoadError, match=r"pipe\.jpg: is a named pipe, not an image file"):
+        _without_blocking(lambda: load_image(pipe), pipe)
+    assert _without_blocking(lambda: read_exif_gps(pipe), pipe) is None
+
+
+def test_a_file_name_that_is_not_utf8_is_escaped_in_the_message(tmp_path: Path) -> None:
+    import os
+
+    bad = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError) as info:
+        load_image(bad)
+    assert "caf\\xe9.jpg: not a recognised image format" in str(info.value)
+    str(info.value).encode("utf-8")

@@ -86,3 +86,14 @@ def test_photos_are_solved_in_chunks_and_all_answered(monkeypatch):
     assert calls == [2, 2, 1]  # 64 samples per solve: two photos of 32
     assert len(res) == 5 and all(len(r["samples"]) == 32 for r in res)
     assert all(math.isfinite(r["localizability_bits"]) for r in res)
+
+
+def test_locate_paths_shows_no_progress_bar_unless_asked(tmp_path, monkeypatch, capsys):
+    """A library stays quiet on stderr; the command line passes progress=True."""
+    loc = _locator()
+    monkeypatch.setattr(loc, "locate_images", lambda images, **kwargs: [])
+    missing = [tmp_path / "missing.jpg"]
+    assert loc.locate_paths(missing)[0]["ok"] is False
+    assert capsys.readouterr().err == ""
+    loc.locate_paths(missing, progress=True)
+    assert "locating" in capsys.readouterr().err

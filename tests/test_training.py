@@ -380,12 +380,19 @@ def test_bad_train_inputs_are_one_line_errors(tmp_path: Path):
     (other / "part-00000.parquet").rename(mixed / "part-00009.parquet")
     nan = write_store(tmp_path / "nan.parquet", nan_embedding_rows=[3, 7])
     nowhere = write_store(tmp_path / "nowhere.parquet", no_coordinates=True)
+    table = tmp_path / "photos.csv"
+    table.write_text("image,lat,lon\na.jpg,1,2\n")
     out = ["-o", str(tmp_path / "run")]
     cases = [
         ([str(mixed)], ["mixed embeddings", "part-00009.parquet", "dim 4"]),
         ([str(tmp_path / "missing.parquet")], ["missing.parquet", "no such embedding store"]),
         ([str(nan)], ["nan.parquet", "2 row(s) have non-finite embeddings", "img3"]),
-        ([str(nowhere)], ["nowhere.parquet", "none of its 96 rows has coordinates"]),
+        ([str(nowhere)], ["nowhere.parquet", "none of its 96 rows has usable coordinates"]),
+        ([str(table)], ["photos.csv: a CSV file, not an embedding store", "`globeflow embed"]),
+        ([str(good), "--prior-fraction", "1.5"], ["--prior-fraction 1.5", "--prior-locations"]),
+        ([str(good), "--warmup-steps", "9"], ["--warmup-steps 9", "at most --max-steps (4)"]),
+        ([str(good), "--precision", "fp16"], ["--precision fp16: must be one of fp32, bf16"]),
+        ([str(good), "-o", str(good)], ["--output", "good.parquet: is also an input"]),
         ([str(good), "--val-split", "1.5"], ["--val-split", "(0, 1)", "1.5"]),
         ([str(good), "--val-split", "banana"], ["--val-split 'banana'"]),
         ([str(good), "--lr", "nan"], ["lr must be a number", "nan"]),
@@ -485,4 +492,12 @@ def test_located_rows_share_the_table_when_none_is_dropped() -> None:
     latlon[1] = float("nan")
     kept, kept_latlon, authors = training._located(table, "store", said.append)
     assert torch.equal(kept, emb[[0, 2, 3]]) and len(authors) == 3
-    assert said == ["store: dropped 1 of 4 rows without coordinates"]
+    assert said == ["store: dropped 1 of 4 rows (1 no coordinates)"]
+    latlon[2, 0], latlon[3, 1] = 200.0, 400.0  # stored by an older embed: never trained on
+    said.clear()
+    kept, kept_latlon, _ = training._located(table, "store", said.append)
+    assert torch.equal(kept, emb[[0]]) and torch.equal(kept_latlon, latlon[[0]])
+    assert said == [
+        "store: dropped 3 of 4 rows (1 no coordinates, 1 latitude outside [-90, 90], "
+        "1 longitude outside [-180, 180])"
+    ]

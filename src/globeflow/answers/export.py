@@ -1,9 +1,17 @@
-"""Writing located results (the dicts of :mod:`globeflow.apps.pipeline`) as CSV and GeoJSON."""
+"""Writing located results (the dicts of :mod:`globeflow.apps.pipeline`) as CSV, GeoJSON and JSON.
+
+File names that are not UTF-8 are written by the one rule of :mod:`globeflow.data.file_names`
+(each undecodable byte as ``\\xNN``) in every format, so that a row of the CSV, a feature of the
+GeoJSON and an entry of the JSON name a photo the same way.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+
+from globeflow.data.file_names import printable_tree
 
 CSV_FIELDS = [
     "image",
@@ -23,14 +31,19 @@ CSV_FIELDS = [
     "error_km",
     "top_region",
     "localizability_vs_uniform_bits",
+    "map",
 ]
 
 
 def result_to_row(result: dict) -> dict:
     """One flat CSV row for a result."""
     row = {k: "" for k in CSV_FIELDS}
+    result = printable_tree(result)
     row.update(
-        image=result.get("image", ""), ok=result.get("ok", False), error=result.get("error") or ""
+        image=result.get("image", ""),
+        ok=result.get("ok", False),
+        error=result.get("error") or "",
+        map=result.get("map", ""),
     )
     if not result.get("ok"):
         return row
@@ -57,7 +70,7 @@ def result_to_row(result: dict) -> dict:
 def results_to_csv(results: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in results:
@@ -77,7 +90,7 @@ def _point(lat: float, lon: float, properties: dict) -> dict:
 def results_to_geojson(results: list[dict]) -> dict:
     """A FeatureCollection: per photo its best guess, its regions and its EXIF location."""
     features = []
-    for r in results:
+    for r in printable_tree(results):
         if not r.get("ok"):
             continue
         bg = r["best_guess"]
@@ -87,6 +100,7 @@ def results_to_geojson(results: list[dict]) -> dict:
                 bg["lon"],
                 {
                     "image": r["image"],
+                    **({"map": r["map"]} if "map" in r else {}),
                     "kind": "best_guess",
                     **bg.get("place", {}),
                     "localizability_bits": r.get("localizability_bits"),
@@ -122,3 +136,8 @@ def results_to_geojson(results: list[dict]) -> dict:
                 )
             )
     return {"type": "FeatureCollection", "features": features}
+
+
+def results_to_json(results: list[dict]) -> str:
+    """``{"results": [...]}`` as indented JSON text."""
+    return json.dumps({"results": printable_tree(results)}, indent=1)

@@ -104,11 +104,11 @@ def _check_options(limits: dict, **values) -> None:
         _fail(f"--{exc.name.replace('_', '-')} {exc.value}: must be {exc.expected}")
 
 
-def _check_outputs(files: dict | None = None, folders: dict | None = None) -> None:
+def _check_outputs(files: dict | None = None, folders: dict | None = None, reads=()) -> None:
     from globeflow.apps.outputs import OutputPathError, check_output_paths
 
     try:
-        check_output_paths(files, folders)
+        check_output_paths(files, folders, reads)
     except OutputPathError as exc:
         _fail(str(exc))
 
@@ -194,6 +194,7 @@ def embed(
     from globeflow.jobs.distributed import resolve_device
     from globeflow.jobs.embed import embed_images
 
+    _check_outputs(folders={"--output": output}, reads=inputs)
     options = {"path": encoder_path} if encoder_path else {}
     try:
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -248,7 +249,9 @@ def train(
     prior_locations: Path = typer.Option(
         None, help="CSV of extra unlabelled locations (LAT,LON) for the null-condition branch."
     ),
-    prior_fraction: float = typer.Option(0.25, help="Share of each batch from the prior."),
+    prior_fraction: float = typer.Option(
+        None, help="Share of each batch from --prior-locations (default 0.25)."
+    ),
     dim: int = typer.Option(256, help="Width of the denoising network (a multiple of 8)."),
     depth: int = typer.Option(6, help="Residual blocks in the denoising network."),
     dropout: float = typer.Option(0.0, help="Dropout inside the MLP blocks."),
@@ -289,8 +292,16 @@ def train(
     Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
     globeflow train ...
     """
+    from globeflow.apps.settings import check_train_options
     from globeflow.jobs.training import Runtime, train_from_embeddings
 
+    try:
+        prior_fraction = check_train_options(
+            max_steps, warmup_steps, prior_fraction, prior_locations
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    _check_outputs(folders={"--output": output}, reads=[embeddings])
     try:
         result = train_from_embeddings(
             embeddings,
@@ -405,21 +416,18 @@ def predict(
     """Where was each photo taken? Best guess, top regions, localizability, maps.
 
     Exits 1 when no photo could be located, 2 on a bad option, path or model."""
-    from globeflow.apps.outputs import map_file_names, photo_labels
+    from globeflow.apps.outputs import map_file_names, photo_labels, with_map_names
     from globeflow.apps.settings import LOCATE_LIMITS
     from globeflow.core.families import NonFiniteOutputError
+    from globeflow.data.file_names import find_photos
     from globeflow.data.images import IMAGE_EXTENSIONS
 
-    paths: list[Path] = []
-    for p in photos:
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            paths.append(p)
-        else:
-            _fail(f"{p}: no such file or folder")
-    if not paths:
-        _fail("no photos found")
+    try:
+        paths, unreadable = find_photos(photos, IMAGE_EXTENSIONS)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    for folder, reason in unreadable:
+        typer.echo(f"skipped {folder}: {reason}", err=True)
     _check_options(
         LOCATE_LIMITS,
         num_samples=num_samples,
@@ -434,6 +442,7 @@ def predict(
     _check_outputs(
         files={"--json": json_out, "--csv": csv_out, "--geojson": geojson_out},
         folders={"--map": map_dir},
+        reads=[*photos, *paths],
     )
     labels = photo_labels(paths)
     locator = _load_locator(model, encoder, family, encoder_path)
@@ -458,9 +467,12 @@ def predict(
     if located:
         title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
         _print_predict_table(results, labels, title, region_radius_km)
+    names = map_file_names(labels)
+    if map_dir:
+        results = with_map_names(results, names)
     _write_predict_outputs(results, json_out, csv_out, geojson_out)
     if map_dir:
-        _write_maps(results, labels, map_file_names(labels), map_dir, progress)
+        _write_maps(results, labels, names, map_dir, progress)
     failed = _report_unreadable(results)
     if not located:
         _fail(f"none of the {failed} photos could be read (listed above)", code=1)
@@ -506,16 +518,16 @@ def _report_unreadable(results: list[dict]) -> int:
 def _write_predict_outputs(
     results: list[dict], json_out: Path | None, csv_out: Path | None, geojson_out: Path | None
 ) -> None:
-    from globeflow.answers.export import results_to_csv, results_to_geojson
+    from globeflow.answers.export import results_to_csv, results_to_geojson, results_to_json
 
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"results": results}, indent=1))
+        json_out.write_text(results_to_json(results), encoding="utf-8")
     if csv_out:
         results_to_csv(results, csv_out)
     if geojson_out:
         geojson_out.parent.mkdir(parents=True, exist_ok=True)
-        geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1))
+        geojson_out.write_text(json.dumps(results_to_geojson(results), indent=1), encoding="utf-8")
 
 
 def _write_maps(
@@ -589,7 +601,7 @@ def evaluate(
         batch_size=batch_size,
         limit=limit,
     )
-    _check_outputs(folders={"--output": output})
+    _check_outputs(folders={"--output": output}, reads=[data])
     try:
         dataset = open_dataset(data, kind=kind)
     except (ValueError, OSError) as exc:

@@ -246,11 +246,12 @@ class Locator:
         self,
         paths: Sequence[str | os.PathLike],
         batch_size: int = 16,
-        progress: bool = True,
+        progress: bool = False,
         **kwargs,
     ) -> list[dict]:
         """Answers for image files; unreadable files give ``{"ok": False, "error": ...}`` entries
-        and never stop the batch."""
+        and never stop the batch. ``progress``: a progress bar on stderr (the command line's;
+        a library stays quiet by default)."""
         from tqdm.auto import tqdm
 
         from globeflow.data.images import ImageLoadError, load_image, read_exif_gps

@@ -111,3 +111,29 @@ def check_settings(values: Mapping[str, Any], limits: Mapping[str, Rule] = LOCAT
         rule = limits[name]
         if value is not None and not rule.allows(value):
             raise SettingError(name, value, rule.describe())
+
+
+DEFAULT_PRIOR_FRACTION = 0.25
+"""Share of each training batch drawn from ``--prior-locations`` when none is given."""
+
+
+def check_train_options(
+    max_steps: int, warmup_steps: int, prior_fraction: float | None, prior_locations: Any
+) -> float:
+    """Training options that contradict each other, refused in one line (``ValueError``);
+    returns the prior fraction to use. ``prior_fraction`` None: the default."""
+    if warmup_steps > max_steps:
+        raise ValueError(
+            f"--warmup-steps {warmup_steps}: must be at most --max-steps ({max_steps}); the "
+            "learning rate would never reach --lr"
+        )
+    if prior_fraction is None:
+        return DEFAULT_PRIOR_FRACTION
+    if prior_locations is None:
+        raise ValueError(
+            f"--prior-fraction {prior_fraction:g}: needs --prior-locations (the locations "
+            "the fraction of each batch is drawn from)"
+        )
+    if not (math.isfinite(prior_fraction) and 0.0 <= prior_fraction < 1.0):
+        raise ValueError(f"--prior-fraction {prior_fraction:g}: must be a number in [0, 1)")
+    return prior_fraction

@@ -17,9 +17,10 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def check_precision(precision: str) -> str:
-    """Validate a precision name ("fp32" or "bf16")."""
+    """Validate a precision name ("fp32" or "bf16"). The message is the one every command
+    gives (``predict`` checks with the same names through its settings table)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        raise ValueError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
     return precision
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from globeflow.data.coordinates import NO_COORDINATES, CoordinateError, parse_latlon
+from globeflow.data.file_names import list_image_files, printable_path
 from globeflow.data.images import load_image, load_image_bytes, read_exif_gps
 
 __all__ = [
@@ -52,6 +54,8 @@ __all__ = [
     "LAT_COLUMNS",
     "LON_COLUMNS",
     "pick_column",
+    "coordinate_columns",
+    "Skipped",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".heic", ".heif")
@@ -94,45 +98,71 @@ class GeoRecord:
         return d if any(d.values()) else None
 
 
+class Skipped(dict):
+    """Records left out, counted by reason (``{"no coordinates": 3}``); ``rows`` holds the
+    first :attr:`MAX_ROWS` of them as (record id or file, reason in detail)."""
+
+    MAX_ROWS = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, str]] = []
+
+
 class Dataset:
     """A re-iterable stream of :class:`GeoRecord`.
 
     ``skipped`` counts records left out during the latest iteration, by reason (for example
-    ``"no coordinates"``); it is complete once iteration has finished.
+    ``"no coordinates"``, ``"latitude outside [-90, 90]"``), and lists the first of them row by
+    row (:class:`Skipped`); it is complete once iteration has finished. ``size`` is the number
+    of entries (rows, images, photos) the source holds, records and skipped ones together, when
+    known without reading it through (None for tar shards).
     """
 
     def __init__(
-        self, kind: str, path: Path, factory: Callable[[dict[str, int]], Iterator[GeoRecord]]
+        self,
+        kind: str,
+        path: Path,
+        factory: Callable[[Skipped], Iterator[GeoRecord]],
+        size: Callable[[], int | None] | None = None,
     ) -> None:
         self.kind = kind
         self.path = path
         self._factory = factory
-        self.skipped: dict[str, int] = {}
+        self._size = size
+        self.skipped: Skipped = Skipped()
 
     def __iter__(self) -> Iterator[GeoRecord]:
-        self.skipped = {}
+        self.skipped = Skipped()
         return self._factory(self.skipped)
+
+    @property
+    def size(self) -> int | None:
+        return self._size() if self._size is not None else None
 
     def __repr__(self) -> str:
         return f"Dataset(kind={self.kind!r}, path={str(self.path)!r})"
 
 
-def _skip(counter: dict[str, int], reason: str) -> None:
+def _skip(counter: dict[str, int], reason: str, row: str | None = None, detail: str = "") -> None:
     counter[reason] = counter.get(reason, 0) + 1
+    rows = getattr(counter, "rows", None)
+    if row is not None and rows is not None and len(rows) < Skipped.MAX_ROWS:
+        rows.append((printable_path(row), detail or reason))
 
 
-def _float(value: Any) -> float | None:
-    if value is None:
-        return None
+def _coordinates(
+    lat: Any, lon: Any, skipped: dict[str, int], row: str
+) -> tuple[float, float] | None:
+    """(lat, lon) of a record, or None after counting it in ``skipped`` with the reason."""
     try:
-        x = float(value)
-    except (TypeError, ValueError):
+        got = parse_latlon(lat, lon)
+    except CoordinateError as exc:
+        _skip(skipped, exc.kind, row, str(exc))
         return None
-    return x if math.isfinite(x) else None
-
-
-def _valid(lat: float | None, lon: float | None) -> bool:
-    return lat is not None and lon is not None and -90 <= lat <= 90 and -180 <= lon <= 360
+    if got is None:
+        _skip(skipped, NO_COORDINATES, row)
+    return got
 
 
 def _str(value: Any) -> str | None:
@@ -157,6 +187,25 @@ def pick_column(columns: Sequence[str], candidates: Sequence[str]) -> str | None
         if cand in lower:
             return lower[cand]
     return None
+
+
+def coordinate_columns(
+    columns: Sequence[str], source: str | os.PathLike
+) -> tuple[str, str] | tuple[None, None]:
+    """The (latitude, longitude) columns of a table, or (None, None) when it has neither;
+    a ``ValueError`` naming ``source`` when it has one without the other."""
+    lat_col, lon_col = pick_column(columns, LAT_COLUMNS), pick_column(columns, LON_COLUMNS)
+    if (lat_col is None) != (lon_col is None):
+        have, lack = (
+            (f"a latitude column {lat_col!r}", "longitude column (lon, lng, long, longitude)")
+            if lon_col is None
+            else (f"a longitude column {lon_col!r}", "latitude column (lat, latitude)")
+        )
+        raise ValueError(
+            f"{printable_path(source)}: {have} but no {lack}; give both, or neither "
+            "(coordinates from EXIF)"
+        )
+    return lat_col, lon_col  # type: ignore[return-value]
 
 
 def _require(columns: Sequence[str], source: Path) -> tuple[str, str, str]:
@@ -208,6 +257,21 @@ def _iter_table(path: Path) -> Iterator[dict[str, Any]]:
     else:
         with open(path, newline="", encoding="utf-8-sig") as f:
             yield from csv.DictReader(f)
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _table_rows(path: Path) -> int:
+    """Rows of a metadata table (parquet: from its footer; CSV: one pass, no parsing of
+    values)."""
+    if path.suffix.lower() == ".parquet":
+        return _parquet_rows(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
 def _columns(path: Path) -> list[str]:
@@ -278,15 +342,14 @@ def read_osv5m(path: str | Path, images_dir: str | Path | None = None) -> Datase
 
     def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
         for row in _iter_table(meta):
-            lat, lon = _float(row[names["latitude"]]), _float(row[names["longitude"]])
-            if not _valid(lat, lon):
-                _skip(skipped, "no coordinates")
-                continue
             rid = str(row[names["id"]])
+            latlon = _coordinates(row[names["latitude"]], row[names["longitude"]], skipped, rid)
+            if latlon is None:
+                continue
             yield GeoRecord(
                 id=rid,
-                lat=lat,  # type: ignore[arg-type]
-                lon=lon,  # type: ignore[arg-type]
+                lat=latlon[0],
+                lon=latlon[1],
                 path=index.find(rid),
                 country=_str(row.get(names["country"])) if names["country"] else None,
                 region=_str(row.get(names["region"])) if names["region"] else None,
@@ -295,7 +358,7 @@ def read_osv5m(path: str | Path, images_dir: str | Path | None = None) -> Datase
                 author=_str(row.get(names["author"])) if names["author"] else None,
             )
 
-    return Dataset("osv5m", meta, gen)
+    return Dataset("osv5m", meta, gen, lambda: _table_rows(meta))
 
 
 def read_latlon_csv(path: str | Path, images_dir: str | Path | None = None) -> Dataset:
@@ -322,22 +385,21 @@ def read_latlon_csv(path: str | Path, images_dir: str | Path | None = None) -> D
 
     def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
         for row in _iter_table(meta):
-            lat, lon = _float(row[lat_col]), _float(row[lon_col])
-            if not _valid(lat, lon):
-                _skip(skipped, "no coordinates")
-                continue
             rid = str(row[id_col])
+            latlon = _coordinates(row[lat_col], row[lon_col], skipped, rid)
+            if latlon is None:
+                continue
             labels = {k: (_str(row.get(c)) if c else None) for k, c in label_cols.items()}
             yield GeoRecord(
                 id=rid,
-                lat=lat,  # type: ignore[arg-type]
-                lon=lon,  # type: ignore[arg-type]
+                lat=latlon[0],
+                lon=latlon[1],
                 path=index.find(rid),
                 author=_str(row.get(author_col)) if author_col else None,
                 **labels,
             )
 
-    return Dataset("latlon_csv", meta, gen)
+    return Dataset("latlon_csv", meta, gen, lambda: _table_rows(meta))
 
 
 def read_inat(path: str | Path, images_dir: str | Path | None = None) -> Dataset:
@@ -357,20 +419,20 @@ def read_inat(path: str | Path, images_dir: str | Path | None = None) -> Dataset
 
     def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
         for entry in images:
-            lat, lon = _float(entry.get("latitude")), _float(entry.get("longitude"))
-            if not _valid(lat, lon):
-                _skip(skipped, "no coordinates")
-                continue
             name = entry.get("file_name")
+            rid = str(entry.get("id", name))
+            latlon = _coordinates(entry.get("latitude"), entry.get("longitude"), skipped, rid)
+            if latlon is None:
+                continue
             yield GeoRecord(
-                id=str(entry.get("id", name)),
-                lat=lat,  # type: ignore[arg-type]
-                lon=lon,  # type: ignore[arg-type]
+                id=rid,
+                lat=latlon[0],
+                lon=latlon[1],
                 path=str(root / name) if name else None,
                 author=_str(entry.get("rights_holder")),
             )
 
-    return Dataset("inat", meta, gen)
+    return Dataset("inat", meta, gen, lambda: len(images))
 
 
 def _rational(x: Any) -> float:
@@ -381,14 +443,7 @@ def _rational(x: Any) -> float:
 
 def exif_gps(image_path: str | Path) -> tuple[float, float] | None:
     """(lat, lon) degrees from a photo's EXIF GPS tags, or None when absent or unreadable."""
-    got = read_exif_gps(image_path)
-    return got if got is not None and _valid(*got) else None
-
-
-def _image_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    return read_exif_gps(image_path)  # in range, or None
 
 
 def read_exif_folder(path: str | Path) -> Dataset:
@@ -398,14 +453,20 @@ def read_exif_folder(path: str | Path) -> Dataset:
         raise NotADirectoryError(f"{root}: not a folder")
 
     def gen(skipped: dict[str, int]) -> Iterator[GeoRecord]:
-        for p in _image_files(root):
+        files, problems = list_image_files(root, IMAGE_EXTENSIONS)
+        for where, why in problems:
+            _skip(skipped, "folder not readable", where, why)
+        for p in files:
+            rid = printable_path(p.relative_to(root))
             got = exif_gps(p)
             if got is None:
-                _skip(skipped, "no EXIF GPS")
+                _skip(skipped, "no EXIF GPS", rid)
                 continue
-            yield GeoRecord(id=str(p.relative_to(root)), lat=got[0], lon=got[1], path=str(p))
+            yield GeoRecord(id=rid, lat=got[0], lon=got[1], path=str(p))
 
-    return Dataset("exif_folder", root, gen)
+    return Dataset(
+        "exif_folder", root, gen, lambda: len(list_image_files(root, IMAGE_EXTENSIONS)[0])
+    )
 
 
 def _tar_shards(path: Path) -> list[Path]:
@@ -432,15 +493,15 @@ def read_webdataset(path: str | Path) -> Dataset:
         if meta is None or image_name is None:
             _skip(skipped, "incomplete sample")
             return None
-        lat = _float(meta.get("lat", meta.get("latitude")))
-        lon = _float(meta.get("lon", meta.get("longitude")))
-        if not _valid(lat, lon):
-            _skip(skipped, "no coordinates")
+        rid = str(meta.get("id", key))
+        lat, lon = meta.get("lat", meta.get("latitude")), meta.get("lon", meta.get("longitude"))
+        latlon = _coordinates(lat, lon, skipped, rid)
+        if latlon is None:
             return None
         return GeoRecord(
-            id=str(meta.get("id", key)),
-            lat=lat,  # type: ignore[arg-type]
-            lon=lon,  # type: ignore[arg-type]
+            id=rid,
+            lat=latlon[0],
+            lon=latlon[1],
             path=f"{shard}::{key}.{image_name}",
             country=_str(meta.get("country")),
             region=_str(meta.get("region")),
@@ -500,20 +561,24 @@ def read_embeddings(path: str | Path, batch_size: int = 65536) -> Dataset:
             latlon = batch.latlon.numpy()
             embs = batch.embeddings.numpy()
             for i, rid in enumerate(batch.ids):
-                lat, lon = float(latlon[i, 0]), float(latlon[i, 1])
-                if not _valid(lat, lon):
-                    _skip(skipped, "no coordinates")
+                got = _coordinates(float(latlon[i, 0]), float(latlon[i, 1]), skipped, str(rid))
+                if got is None:
                     continue
                 yield GeoRecord(
                     id=str(rid),
-                    lat=lat,
-                    lon=lon,
+                    lat=got[0],
+                    lon=got[1],
                     path=batch.paths[i] or None,
                     author=_str(batch.authors[i]),
                     embedding=embs[i],
                 )
 
-    return Dataset("embeddings", root, gen)
+    def size() -> int:
+        from globeflow.data.embedding_store import store_parts
+
+        return sum(_parquet_rows(part) for part in store_parts(root))
+
+    return Dataset("embeddings", root, gen, size)
 
 
 # ---- auto-detection ------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from globeflow.data.coordinates import valid_latlon_mask
+
 __all__ = [
     "EmbeddingTable",
     "EmbeddingWriter",
@@ -80,14 +82,15 @@ def store_fingerprint(path: str | os.PathLike[str]) -> str:
 
 
 def located_ids(path: str | os.PathLike[str]) -> set[str]:
-    """Ids of the stored rows with coordinates (finite lat and lon); reads only those columns."""
+    """Ids of the stored rows with usable coordinates (finite, in range); reads only those
+    columns."""
     located: set[str] = set()
     for part in store_parts(path):
         table = pq.read_table(part, columns=["id", "lat", "lon"])
         lat = table.column("lat").to_numpy(zero_copy_only=False)
         lon = table.column("lon").to_numpy(zero_copy_only=False)
         ids = table.column("id").to_pylist()
-        located.update(ids[i] for i in np.flatnonzero(np.isfinite(lat) & np.isfinite(lon)))
+        located.update(ids[i] for i in np.flatnonzero(valid_latlon_mask(np.stack([lat, lon], 1))))
     return located
 
 
@@ -291,7 +294,7 @@ def store_dtype(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     parts = store_parts(p)
     if not parts:
-        raise FileNotFoundError(f"{p}: no embedding parts (part-*.parquet) in this folder")
+        raise FileNotFoundError(_not_a_store(p))
     return _part_dtype(parts[0])
 
 
@@ -300,12 +303,25 @@ def _part_meta(part: Path) -> tuple[str, int]:
     return meta.get(_META_ENCODER, b"").decode(), int(meta.get(_META_DIM, b"0"))
 
 
+def _not_a_store(path: Path) -> str:
+    """Why ``path`` is no embedding store, and what makes one."""
+    if not path.exists():
+        return f"{path}: no such embedding store"
+    if path.is_file():
+        kind = {".csv": "a CSV file", ".parquet": "a parquet file"}.get(
+            path.suffix.lower(), "a file"
+        )
+        return (
+            f"{path}: {kind}, not an embedding store (a folder of part-*.parquet); "
+            f"`globeflow embed {path} -o NAME.parquet` makes one from photos it lists"
+        )
+    return f"{path}: no embedding parts (part-*.parquet) in this folder"
+
+
 def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
     """(encoder name, dim) shared by every part; a clear error when the parts disagree."""
     if not parts:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such embedding store")
-        raise FileNotFoundError(f"{path}: no embedding parts (part-*.parquet) in this folder")
+        raise FileNotFoundError(_not_a_store(path))
     encoder, dim = _part_meta(parts[0])
     for part in parts[1:]:
         other = _part_meta(part)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from globeflow.data.coordinates import valid_latlon_mask
 from globeflow.data.embedding_store import _store_meta, store_parts
 
 __all__ = [
@@ -105,7 +106,7 @@ def read_located_rows(group: RowGroup, dim: int) -> tuple[torch.Tensor, torch.Te
     lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)
     lon = table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64)
     latlon = np.stack([lat, lon], axis=1)
-    keep = np.isfinite(latlon).all(axis=1)
+    keep = valid_latlon_mask(latlon)
     if not keep.all():
         emb, latlon = emb[keep], latlon[keep]
     if not np.isfinite(emb).all():

@@ -13,12 +13,15 @@ import io
 import logging
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from globeflow.data.file_names import printable_path
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -65,7 +68,7 @@ class ImageLoadError(ValueError):
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{printable_path(self.path)}: {reason}")
 
     def __reduce__(self):  # keep picklable across worker processes
         return (type(self), (self.path, self.reason))
@@ -204,6 +207,9 @@ def load_image(
     p = Path(path)
     if p.suffix.lower() in (".heic", ".heif") and not _HEIF:
         raise ImageLoadError(p, "HEIC/HEIF support needs the optional package pillow-heif")
+    not_regular = _not_a_regular_file(p)
+    if not_regular:  # opening a named pipe would wait for a writer forever
+        raise ImageLoadError(p, not_regular)
     try:
         with open(p, "rb") as fh:
             data = fh.read()
@@ -214,6 +220,27 @@ def load_image(
     except OSError as exc:
         raise ImageLoadError(p, f"cannot read file ({exc.strerror or exc})") from None
     return load_image_bytes(data, str(p), max_pixels=max_pixels)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "is a directory, not an image file"),
+    (stat.S_ISFIFO, "is a named pipe, not an image file"),
+    (stat.S_ISSOCK, "is a socket, not an image file"),
+    (stat.S_ISCHR, "is a character device, not an image file"),
+    (stat.S_ISBLK, "is a block device, not an image file"),
+)
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` (links followed) is not a file to read, or None when it is one or when
+    ``stat`` fails (opening it then says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((why for test, why in _FILE_KINDS if test(mode)), "is not a regular file")
 
 
 def load_image_bytes(
@@ -268,6 +295,8 @@ def read_exif_gps(
     try:
         if isinstance(path_or_image, Image.Image):
             exif = path_or_image.getexif()
+        elif _not_a_regular_file(Path(path_or_image)):
+            return None
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from globeflow.core.guidance import check_precision
-from globeflow.data.datasets import LAT_COLUMNS, LON_COLUMNS, pick_column
+from globeflow.data.coordinates import CoordinateError, parse_latlon
+from globeflow.data.datasets import coordinate_columns, pick_column
 from globeflow.data.embedding_store import EmbeddingWriter, located_ids
 from globeflow.data.encoders import Encoder
+from globeflow.data.file_names import list_image_files, printable_path
 from globeflow.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, read_exif_gps
 from globeflow.jobs.distributed import (
     Placement,
@@ -100,13 +102,6 @@ class EmbedReport:
         return out
 
 
-def _float_or_nan(v: str | None) -> float:
-    try:
-        return float(v) if v not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
 def _read_csv(csv_path: Path, errors: list[tuple[str, str]]) -> list[ImageItem]:
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -115,11 +110,11 @@ def _read_csv(csv_path: Path, errors: list[tuple[str, str]]) -> list[ImageItem]:
         if img_col is None:
             errors.append((str(csv_path), f"CSV has no image column (one of {_IMAGE_COLS})"))
             return []
-        lat_col, lon_col = pick_column(header, LAT_COLUMNS), pick_column(header, LON_COLUMNS)
+        lat_col, lon_col = coordinate_columns(header, csv_path)
         author_col = pick_column(header, _AUTHOR_COLS)
         base, images_dir = csv_path.parent, csv_path.parent / "images"
         items = []
-        for row in reader:
+        for line, row in enumerate(reader, 2):
             name = (row.get(img_col) or "").strip()
             if not name:
                 continue
@@ -128,20 +123,20 @@ def _read_csv(csv_path: Path, errors: list[tuple[str, str]]) -> list[ImageItem]:
                 p = base / name
                 if not p.exists() and (images_dir / name).exists():
                     p = images_dir / name
-            latlon = None
-            if lat_col and lon_col:
-                lat, lon = _float_or_nan(row.get(lat_col)), _float_or_nan(row.get(lon_col))
-                if math.isfinite(lat) and math.isfinite(lon):
-                    latlon = (lat, lon)
+            try:
+                latlon = parse_latlon(row.get(lat_col), row.get(lon_col)) if lat_col else None
+            except CoordinateError as exc:  # not embedded: a rerun after the fix picks it up
+                errors.append((f"{printable_path(csv_path)} line {line} ({name})", str(exc)))
+                continue
             author = (row.get(author_col) or "").strip() if author_col else ""
             items.append(ImageItem(id=name, path=p, latlon=latlon, author=author))
         return items
 
 
-def _scan_folder(folder: Path, recursive: bool) -> list[ImageItem]:
-    it = folder.rglob("*") if recursive else folder.glob("*")
-    files = sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [ImageItem(id=p.relative_to(folder).as_posix(), path=p) for p in files]
+def _scan_folder(folder: Path, recursive: bool, errors: list[tuple[str, str]]) -> list[ImageItem]:
+    files, problems = list_image_files(folder, IMAGE_EXTENSIONS, recursive)
+    errors += problems
+    return [ImageItem(id=printable_path(p.relative_to(folder).as_posix()), path=p) for p in files]
 
 
 def collect_inputs(
@@ -152,7 +147,9 @@ def collect_inputs(
     """Expand inputs into unique :class:`ImageItem`s (first occurrence of an id wins).
 
     Ids: path relative to the folder for folder inputs, the CSV's own image value for CSV
-    rows, and the path as given for files and list entries.
+    rows, and the path as given for files and list entries; file names that are not UTF-8 are
+    escaped (:mod:`globeflow.data.file_names`), the same way on every run. Sub-folders that
+    cannot be read and CSV rows with unusable coordinates go to ``errors``.
     """
     errors = errors if errors is not None else []
     items: list[ImageItem] = []
@@ -160,20 +157,21 @@ def collect_inputs(
         p = Path(raw)
         suffix = p.suffix.lower()
         if p.is_dir():
-            items += _scan_folder(p, recursive)
+            items += _scan_folder(p, recursive, errors)
         elif not p.exists():
-            errors.append((str(p), "input not found"))
+            errors.append((printable_path(p), "input not found"))
         elif suffix == ".csv":
             items += _read_csv(p, errors)
         elif suffix in (".txt", ".lst", ".list"):
-            for line in p.read_text(encoding="utf-8").splitlines():
+            # undecodable bytes stay file names that open (surrogate escapes)
+            for line in p.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     q = Path(line)
                     q = q if q.is_absolute() else p.parent / q
-                    items.append(ImageItem(id=line, path=q))
+                    items.append(ImageItem(id=printable_path(line), path=q))
         else:
-            items.append(ImageItem(id=str(raw), path=p))
+            items.append(ImageItem(id=printable_path(raw), path=p))
     seen: set[str] = set()
     unique = []
     for item in items:
@@ -188,7 +186,7 @@ def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "reason"])
-        w.writerows(errors)
+        w.writerows((printable_path(where), printable_path(why)) for where, why in errors)
     os.replace(tmp, path)
 
 
@@ -357,7 +355,7 @@ def _embed_batch(
     good = [x for x in loaded if x.image is not None]
     for x in loaded:
         if x.image is None:
-            report.errors.append((str(x.item.path), x.error))
+            report.errors.append((printable_path(x.item.path), x.error))
             report.failed += 1
     report.from_exif += sum(x.from_exif for x in good)
     if not good:
@@ -366,13 +364,13 @@ def _embed_batch(
         emb = encoder.embed([x.image for x in good], batch_size=len(good))
     except Exception as exc:  # noqa: BLE001 - report the batch, keep going
         for x in good:
-            report.errors.append((str(x.item.path), f"encoder failed: {exc}"))
+            report.errors.append((printable_path(x.item.path), f"encoder failed: {exc}"))
         report.failed += len(good)
         return
     writer.add(
         [x.item.id for x in good],
         emb,
-        paths=[str(x.item.path) for x in good],
+        paths=[printable_path(x.item.path) for x in good],
         latlon=[x.latlon for x in good],
         authors=[x.item.author for x in good],
     )

@@ -24,6 +24,7 @@ import torch
 
 from globeflow.answers.decode import best_guess
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
+from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
 
 __all__ = [
@@ -80,8 +81,11 @@ class EvaluationReport:
         out = _json_clean(dict(self.summary))
         out["settings"] = _json_clean(self.settings)
         out["reliability"] = _json_clean(self.reliability.to_dict())
-        out["errors"] = list(self.errors)
+        out["errors"] = printable_tree(list(self.errors))
         out["skipped"] = dict(self.skipped)
+        out["skipped_rows"] = [
+            {"id": row, "reason": why} for row, why in getattr(self.skipped, "rows", [])
+        ]
         return out
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
@@ -97,8 +101,8 @@ class EvaluationReport:
         with open(paths["predictions"], "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(PREDICTION_COLUMNS))
             w.writeheader()
-            for row in self.rows:
-                w.writerow({k: _csv_value(row.get(k)) for k in PREDICTION_COLUMNS})
+            for row in self.rows:  # file names that are not UTF-8: \xNN (data.file_names)
+                w.writerow({k: _csv_value(printable_tree(row.get(k))) for k in PREDICTION_COLUMNS})
         paths["summary_json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         paths["summary_md"].write_text(self.to_markdown())
         M.plot_reliability(self.reliability, paths["reliability"])
@@ -108,12 +112,16 @@ class EvaluationReport:
         """The summary as a markdown table."""
         lines = ["# Evaluation summary", "", "| metric | value |", "|---|---|"]
         for key, value in self.summary.items():
-            lines.append(f"| {_METRIC_LABELS.get(key, key)} | {_fmt(value)} |")
+            lines.append(f"| {_metric_label(key)} | {_fmt(value)} |")
         if self.settings:
             lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in self.settings.items()]
         if self.skipped:
-            lines += ["", f"Left out by the dataset reader: {_skipped_text(self.skipped)}."]
+            lines += [
+                "",
+                f"Left out by the dataset reader: {_skipped_text(self.skipped)} (row by row in "
+                "summary.json, skipped_rows).",
+            ]
         if self.errors:
             lines += ["", f"{len(self.errors)} image(s) could not be evaluated (see summary.json)."]
         return "\n".join(lines) + "\n"
@@ -124,7 +132,9 @@ class EvaluationReport:
         if self.errors:
             first = self.errors[0]
             parts.append(
-                f"{len(self.errors)} could not be read, first {first['path']}: {first['error']}"
+                printable(
+                    f"{len(self.errors)} could not be read, first {first['path']}: {first['error']}"
+                )
             )
         return "; ".join(parts) or "the dataset holds no records"
 
@@ -146,6 +156,12 @@ _METRIC_LABELS = {
     "hpd50_coverage": "truth in 50% HPD region",
     "hpd90_coverage": "truth in 90% HPD region",
 }
+
+
+def _metric_label(key: str) -> str:
+    if key.startswith("acc@"):  # accuracy within a distance, in percent
+        return f"{key} (%)"
+    return _METRIC_LABELS.get(key, key)
 
 
 def _fmt(v: Any) -> str:
@@ -454,6 +470,7 @@ def evaluate(
     started = time.time()
     device = _model_device(model)
     records, dataset = _records(records_or_embeddings)
+    listed = records
     if limit is not None:
         records = _take(records, limit)
     errors: list[dict[str, str]] = []
@@ -473,13 +490,7 @@ def evaluate(
     batches: Iterable[tuple[list[GeoRecord], torch.Tensor]] = _batches(
         records, batch_size, encoder, errors
     )
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="evaluate", unit="batch")
-        except ImportError:
-            pass
+    bar = _PhotoProgress(progress, listed, dataset, limit)
     for batch, emb in batches:
         emb = _to_tensor(emb, device)
         b = emb.shape[0]
@@ -517,6 +528,8 @@ def evaluate(
         cols["loc"].append(torch.as_tensor(loc).double().reshape(b).cpu().numpy())
         cols["mass"].append(mass.numpy())
         cols["sample"].append(sample0.numpy())
+        bar.show(len(recs) + len(errors))
+    bar.show(len(recs) + len(errors), done=True)
 
     def cat(key: str, width: int | None = None) -> np.ndarray:
         if cols[key]:
@@ -593,8 +606,37 @@ def evaluate(
         reliability=M.reliability_curve_from_mass(mass_all),
         settings=settings,
         errors=errors,
-        skipped=dict(dataset.skipped) if dataset is not None else {},
+        skipped=dataset.skipped if dataset is not None else {},
     )
+
+
+class _PhotoProgress:
+    """A progress bar in photos on stderr: photos taken from the dataset (evaluated or failed,
+    and without ``limit`` also those its reader left out), out of the dataset's size when
+    known (``limit`` caps it)."""
+
+    def __init__(
+        self, enabled: bool, records: Any, dataset: Dataset | None, limit: int | None
+    ) -> None:
+        self.bar, self.dataset, self.limit = None, dataset, limit
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        size = dataset.size if dataset is not None else getattr(records, "__len__", None)
+        size = size() if callable(size) else size
+        total = min(size, limit) if size is not None and limit is not None else size or limit
+        self.bar = tqdm(total=total, desc="evaluate", unit="photo")
+
+    def show(self, taken: int, done: bool = False) -> None:
+        """Move the bar to ``taken`` photos (plus those the reader skipped so far)."""
+        if self.bar is None:
+            return
+        if self.dataset is not None and self.limit is None:
+            taken += sum(self.dataset.skipped.values())
+        self.bar.update(taken - self.bar.n)
+        if done:
+            self.bar.close()
 
 
 def _take(records: Iterable[GeoRecord], limit: int) -> Iterator[GeoRecord]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -31,6 +30,14 @@ import pyarrow.parquet as pq
 import torch
 
 from globeflow.core.sphere import latlon_to_unit
+from globeflow.data.coordinates import (
+    NO_COORDINATES,
+    CoordinateError,
+    counts_text,
+    invalid_latlon_counts,
+    parse_latlon,
+    valid_latlon_mask,
+)
 from globeflow.data.datasets import LAT_COLUMNS, LON_COLUMNS, pick_column
 from globeflow.data.embedding_store import (
     EmbeddingWriter,
@@ -257,13 +264,17 @@ class StreamedRows:
         return self._dim
 
     def stats(self) -> dict:
-        """Row count and coordinate ranges, from one pass over the lat/lon columns."""
+        """Row count, coordinate ranges and the rows left out by reason (``dropped``), from one
+        pass over the lat/lon columns."""
         if self._stats is None:
             rows, lo, hi = 0, np.full(2, np.inf), np.full(2, -np.inf)
+            dropped: dict[str, int] = {}
             for g in self.groups:
                 t = pq.ParquetFile(g.part).read_row_group(g.index, columns=["lat", "lon"])
                 ll = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in ("lat", "lon")])
-                ll = ll[:, np.isfinite(ll).all(axis=0)]
+                for kind, n in invalid_latlon_counts(ll.T).items():
+                    dropped[kind] = dropped.get(kind, 0) + n
+                ll = ll[:, valid_latlon_mask(ll.T)]
                 rows += ll.shape[1]
                 if ll.shape[1]:
                     lo, hi = np.minimum(lo, ll.min(axis=1)), np.maximum(hi, ll.max(axis=1))
@@ -277,6 +288,7 @@ class StreamedRows:
                 "lon_range": [float(lo[1]), float(hi[1])],
                 "row_groups": len(self.groups),
                 "streamed": True,
+                "dropped": dropped,
             }
         return self._stats
 
@@ -380,7 +392,8 @@ def split_rows(
 
 def read_prior_locations(path: str | os.PathLike) -> torch.Tensor:
     """(M, 2) degrees from a CSV with LAT/LON (or lat/lon, latitude/longitude) columns;
-    rows with missing or out-of-range coordinates are skipped."""
+    rows with missing or unusable coordinates (:func:`~globeflow.data.coordinates.parse_latlon`)
+    are skipped."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such prior-locations file")
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -389,16 +402,19 @@ def read_prior_locations(path: str | os.PathLike) -> torch.Tensor:
         lat_col, lon_col = pick_column(columns, LAT_COLUMNS), pick_column(columns, LON_COLUMNS)
         if lat_col is None or lon_col is None:
             raise ValueError(f"{path}: need LAT and LON columns, found {reader.fieldnames}")
-        rows = []
+        rows, skipped = [], {}
         for row in reader:
             try:
-                lat, lon = float(row[lat_col]), float(row[lon_col])
-            except (TypeError, ValueError):
+                latlon = parse_latlon(row[lat_col], row[lon_col])
+            except CoordinateError as exc:
+                skipped[exc.kind] = skipped.get(exc.kind, 0) + 1
                 continue
-            if math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180:
-                rows.append((lat, lon))
+            if latlon is None:
+                skipped[NO_COORDINATES] = skipped.get(NO_COORDINATES, 0) + 1
+            else:
+                rows.append(latlon)
     if not rows:
-        raise ValueError(f"{path}: no valid coordinates")
+        raise ValueError(f"{path}: no valid coordinates ({counts_text(skipped) or 'no rows'})")
     return torch.tensor(rows, dtype=torch.float64)
 
 

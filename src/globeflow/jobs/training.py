@@ -44,6 +44,7 @@ from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
 from globeflow.core.sphere import haversine_km
 from globeflow.data import embedding_store
+from globeflow.data.coordinates import counts_text, invalid_latlon_counts, valid_latlon_mask
 from globeflow.data.embedding_stream import derived_seed, hold_out, list_row_groups
 from globeflow.jobs.distributed import (
     Placement,
@@ -838,13 +839,15 @@ def _validation_rows(config: TrainConfig) -> int:
 
 # ---- from an embedding store ------------------------------------------------------------------
 def _located(table, name: str, say: Callable[[str], None]):
-    """Rows with coordinates: (embeddings, lat/lon, authors); clear errors for unusable data."""
-    keep = torch.isfinite(table.latlon).all(dim=1)
+    """Rows with usable coordinates: (embeddings, lat/lon, authors); the others are dropped
+    with their reasons said; clear errors for unusable data."""
+    keep = torch.from_numpy(valid_latlon_mask(table.latlon.numpy()))
     dropped = int((~keep).sum())
+    reasons = counts_text(invalid_latlon_counts(table.latlon.numpy())) if dropped else ""
     if dropped == len(keep):
-        raise ValueError(f"{name}: none of its {len(keep)} rows has coordinates (lat/lon)")
+        raise ValueError(f"{name}: none of its {len(keep)} rows has usable coordinates ({reasons})")
     if dropped:
-        say(f"{name}: dropped {dropped} of {len(keep)} rows without coordinates")
+        say(f"{name}: dropped {dropped} of {len(keep)} rows ({reasons})")
         idx = keep.nonzero().flatten()
         emb, latlon, authors = (
             table.embeddings[idx],
@@ -1039,6 +1042,8 @@ def train_from_embeddings(
         else:
             data, val, encoder, how = _in_memory_inputs(store, split, config, say)
         rows = data.stats()["rows"] if place.is_main else 0
+        if place.is_main and data.stats().get("dropped"):  # streamed: read past, not dropped
+            say(f"{store}: rows left out: {counts_text(data.stats()['dropped'])}")
         say(f"train {rows} rows, validation {len(val.x0) if val else 0} rows used ({how})")
         meta = {"encoder": encoder, "embeddings": str(embeddings_path), "validation_split": how}
         run = _Run(config, data, val, out, place, runtime, meta)
