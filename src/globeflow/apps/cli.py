@@ -289,7 +289,7 @@ def train(
     Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
     globeflow train ...
     """
-    from globeflow.jobs.training import Runtime, train_from_embeddings
+    from globeflow.jobs.training import Runtime, TrainingStopped, train_from_embeddings
 
     try:
         result = train_from_embeddings(
@@ -321,6 +321,10 @@ def train(
             checkpoint_every=checkpoint_every,
             seed=seed,
         )
+    except TrainingStopped as exc:  # SIGTERM / Ctrl-C: checkpointed, resumable
+        if _is_main_process():
+            typer.echo(f"globeflow train: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     if _is_main_process():
