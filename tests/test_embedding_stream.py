@@ -188,3 +188,26 @@ def test_streamed_training_refuses_a_changed_store(tmp_path):
         w.add(["extra"], np.zeros((1, 6), np.float32), latlon=[(1.0, 2.0)])
     with pytest.raises(ValueError, match="different data"):
         streamed(store, tmp_path / "run", max_steps=8)
+
+
+def test_a_store_of_one_row_group_holds_out_rows_inside_it(tmp_path):
+    store = tmp_path / "one.parquet"
+    emb = torch.randn(150, 6, generator=torch.Generator().manual_seed(1))
+    emb[:, 0] = torch.arange(150, dtype=torch.float32)
+    latlon = torch.stack([torch.linspace(-60, 60, 150), torch.linspace(-170, 170, 150)], 1)
+    with EmbeddingWriter(store, "toy", 6, chunk_size=200, row_group_size=200) as w:
+        w.add([f"r{i}" for i in range(150)], emb, latlon=latlon.double())
+    groups, _, _ = list_row_groups(store)
+    kept, held = hold_out(groups, 30, seed=0)
+    assert len(groups) == 1 and hold_out(groups, 30, seed=0) == (kept, held)
+    held_rows = set(row_numbers(read_located_rows(held[0], 6)))
+    kept_rows = set(row_numbers(read_located_rows(kept[0], 6)))
+    assert len(held_rows) == 30 and held_rows.isdisjoint(kept_rows)
+    assert held_rows | kept_rows == set(range(150))
+
+    result = streamed(store, tmp_path / "run", max_steps=4, val_every=2)
+    meta = json.loads((result.final_dir / "config.json").read_text())["metadata"]
+    assert "held out inside the store's only row group" in meta["validation_split"]
+    assert (meta["data"]["train"]["rows"], meta["data"]["val"]["rows"]) == (120, 30)
+    assert result.best_dir is not None
+    assert f"final model {result.final_dir} (val_loss=" in str(result)

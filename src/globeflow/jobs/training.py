@@ -252,7 +252,9 @@ class TrainResult:
             keys = ("val_loss", "val_geoscore", "val_median_km")
             return ", ".join(f"{k}={m[k]:.4g}" for k in keys if (m or {}).get(k) is not None)
 
-        text = f"{self.steps} steps; final model {self.final_dir} ({fmt(self.final_metrics)})"
+        metrics = fmt(self.final_metrics)
+        text = f"{self.steps} steps; final model {self.final_dir}"
+        text += f" ({metrics})" if metrics else " (not validated)"
         if self.best_dir is not None and self.best_metrics:
             step = self.best_metrics["step"]
             text += f"; best {self.best_dir} (step {step}: {fmt(self.best_metrics)})"
@@ -985,10 +987,16 @@ def _streamed_inputs(store: Path, split: tuple, config: TrainConfig, buffer_rows
         total = sum(g.rows for g in groups)
         groups, held = hold_out(groups, min(needed, math.ceil(fraction * total)), config.seed)
         val_emb, val_latlon = read_group_rows(held, dim)
-        how = (
-            f"{len(held)} held-out row groups ({len(val_emb)} rows with coordinates; a "
-            "streamed store is split by row group, not by author)"
-        )
+        if any(g.only is not None for g in held):
+            how = (
+                f"{len(val_emb)} rows with coordinates held out inside the store's only row "
+                "group (too few row groups to hold whole ones out; not split by author)"
+            )
+        else:
+            how = (
+                f"{len(held)} held-out row groups ({len(val_emb)} rows with coordinates; a "
+                "streamed store is split by row group, not by author)"
+            )
     prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
     data = StreamedRows(
         groups,
@@ -1084,6 +1092,8 @@ def train_from_embeddings(
             )
         else:
             data, val, encoder, how = _in_memory_inputs(store, split, config, say)
+        if val is None:  # never train without a validation the user did not ask to skip
+            raise ValueError(f"{store}: no validation rows with coordinates ({how})")
         rows = data.stats()["rows"] if place.is_main else 0
         say(f"train {rows} rows, validation {len(val.x0) if val else 0} rows used ({how})")
         meta = {"encoder": encoder, "embeddings": str(embeddings_path), "validation_split": how}
