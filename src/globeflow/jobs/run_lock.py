@@ -1,5 +1,8 @@
 """One job per run directory, and no worker outliving its launcher.
 
+:func:`locked_run_directory` is how a job enters its run directory: process group joined,
+directory made and locked, launcher watched.
+
 :func:`run_lock` holds an exclusive ``flock`` on ``<run>/.lock`` for the whole run. The kernel
 drops the lock when the holding process ends, however it ends (``kill -9`` included), so a lock
 file left by a dead process is stale by construction and is simply taken over. The file names
@@ -25,7 +28,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "RunDirectoryBusy", "exit_with_launcher", "run_lock"]
+from globeflow.jobs.distributed import Placement, join_process_group, leave_process_group
+
+__all__ = [
+    "LOCK_NAME",
+    "RunDirectoryBusy",
+    "exit_with_launcher",
+    "locked_run_directory",
+    "run_lock",
+]
 
 LOCK_NAME = ".lock"
 ORPHAN_GRACE_S = 60.0
@@ -58,8 +69,11 @@ def _launcher_pid() -> int | None:
 
 @contextlib.contextmanager
 def _flock(directory: Path) -> Iterator[None]:
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): run unlocked
+        yield
+        return
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -95,6 +109,24 @@ def run_lock(directory: Path, is_main: bool = True, share: Callable | None = Non
         if problem:
             raise RunDirectoryBusy(problem)
         yield
+
+
+@contextlib.contextmanager
+def locked_run_directory(
+    out_dir: str | os.PathLike[str], device: str | None = "auto"
+) -> Iterator[tuple[Path, Placement]]:
+    """(run directory, placement) for a job's block: the process group joined (and left after
+    it), the directory made and locked against a second job, torchrun workers bound to their
+    launcher's life."""
+    place = join_process_group(device)
+    try:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        exit_with_launcher()
+        with run_lock(out, place.is_main, place.broadcast):
+            yield out, place
+    finally:
+        leave_process_group(place)
 
 
 def exit_with_launcher(grace_s: float = ORPHAN_GRACE_S, poll_s: float = 0.5) -> bool:

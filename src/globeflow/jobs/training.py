@@ -12,6 +12,10 @@ moments, step counter, validation bookkeeping, data fingerprint) atomically to
 point and started again reaches bitwise the same final weights as an uninterrupted run; with a
 different number of processes it continues from the same step and state.
 
+One job at a time uses a run directory (:mod:`globeflow.jobs.run_lock`). SIGTERM or SIGINT
+during the steps saves a checkpoint at the next step boundary and raises
+:class:`TrainingStopped` (:mod:`globeflow.jobs.stop_signals`).
+
 Outputs in ``out_dir`` (rank 0): ``best/`` (EMA model with the best validation GeoScore),
 ``final/`` (EMA model at the last step), ``metrics.jsonl`` (one line per validation),
 ``train_log.txt``.
@@ -19,7 +23,6 @@ Outputs in ``out_dir`` (rank 0): ``best/`` (EMA model with the best validation G
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -29,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +53,10 @@ from globeflow.jobs.distributed import (
     Placement,
     Prefetcher,
     autocast,
-    join_process_group,
-    leave_process_group,
     to_device,
 )
 from globeflow.jobs.metrics import geoscore
-from globeflow.jobs.run_lock import exit_with_launcher, run_lock
+from globeflow.jobs.run_lock import locked_run_directory
 from globeflow.jobs.stop_signals import StopAgreement, StopRequests, TrainingStopped
 from globeflow.jobs.train_checkpoint import (
     find_checkpoint,
@@ -854,7 +855,7 @@ def train(
     ``torchrun`` every process calls this with the same arguments.
     """
     runtime = runtime or Runtime()
-    with _run_directory(out_dir, runtime) as (out, place):
+    with locked_run_directory(out_dir, runtime.device) as (out, place):
         prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
         data = InMemoryRows(
             train_emb, train_latlon, config.batch_size, prior_x0, config.prior_rows, config.seed
@@ -865,22 +866,6 @@ def train(
         run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
         run.start(resume)
         return run.train(progress)
-
-
-@contextlib.contextmanager
-def _run_directory(out_dir: str | os.PathLike, runtime: Runtime) -> Iterator[tuple]:
-    """(run directory, placement) for the block: the process group joined, the directory made
-    and locked against a second job (rank 0 holds the lock), torchrun workers bound to their
-    launcher's life."""
-    place = join_process_group(runtime.device)
-    try:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        exit_with_launcher()
-        with run_lock(out, place.is_main, place.broadcast):
-            yield out, place
-    finally:
-        leave_process_group(place)
 
 
 def _validation_rows(config: TrainConfig) -> int:
@@ -1065,7 +1050,7 @@ def train_from_embeddings(
     if shuffle_buffer_rows < 1:
         raise ValueError(f"--shuffle-buffer-rows must be >= 1, got {shuffle_buffer_rows}")
     runtime = runtime or Runtime()
-    with _run_directory(out_dir, runtime) as (out, place):
+    with locked_run_directory(out_dir, runtime.device) as (out, place):
 
         def say(message: str) -> None:
             if place.is_main:
