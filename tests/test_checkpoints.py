@@ -162,3 +162,24 @@ def test_hub_ids_are_told_from_local_paths_in_one_place(text, hub):
     from globeflow.core.hub_downloads import looks_like_hub_id
 
     assert looks_like_hub_id(text) is hub
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_model_and_checkpoint_files_get_the_umask_mode_like_every_other_file(tmp_path, umask):
+    import copy
+    import os
+
+    from globeflow.jobs.train_checkpoint import save_checkpoint
+
+    model = _rfm()
+    before = os.umask(umask)
+    try:
+        gf.save_model(model, tmp_path / "m")
+        save_plonk_network(model, tmp_path / "plonk")
+        save_checkpoint(tmp_path / "ckpt", model, copy.deepcopy(model), None, {"step": 1})
+    finally:
+        os.umask(before)
+    want = 0o666 & ~umask
+    for path in ("m/model.safetensors", "m/config.json", "plonk/model.safetensors"):
+        assert (tmp_path / path).stat().st_mode & 0o777 == want, path
+    assert (tmp_path / "ckpt/state.safetensors").stat().st_mode & 0o777 == want

@@ -213,3 +213,26 @@ def test_rows_with_unusable_coordinates_are_left_out_and_said(tmp_path, capsys):
         f"{store}: rows left out: 1 latitude outside [-90, 90], 1 longitude outside "
         "[-180, 180], 1 no coordinates"
     ) in said
+
+
+def test_a_store_of_one_row_group_holds_out_rows_inside_it(tmp_path):
+    store = tmp_path / "one.parquet"
+    emb = torch.randn(150, 6, generator=torch.Generator().manual_seed(1))
+    emb[:, 0] = torch.arange(150, dtype=torch.float32)
+    latlon = torch.stack([torch.linspace(-60, 60, 150), torch.linspace(-170, 170, 150)], 1)
+    with EmbeddingWriter(store, "toy", 6, chunk_size=200, row_group_size=200) as w:
+        w.add([f"r{i}" for i in range(150)], emb, latlon=latlon.double())
+    groups, _, _ = list_row_groups(store)
+    kept, held = hold_out(groups, 30, seed=0)
+    assert len(groups) == 1 and hold_out(groups, 30, seed=0) == (kept, held)
+    held_rows = set(row_numbers(read_located_rows(held[0], 6)))
+    kept_rows = set(row_numbers(read_located_rows(kept[0], 6)))
+    assert len(held_rows) == 30 and held_rows.isdisjoint(kept_rows)
+    assert held_rows | kept_rows == set(range(150))
+
+    result = streamed(store, tmp_path / "run", max_steps=4, val_every=2)
+    meta = json.loads((result.final_dir / "config.json").read_text())["metadata"]
+    assert "held out inside the store's only row group" in meta["validation_split"]
+    assert (meta["data"]["train"]["rows"], meta["data"]["val"]["rows"]) == (120, 30)
+    assert result.best_dir is not None
+    assert f"final model {result.final_dir} (val_loss=" in str(result)

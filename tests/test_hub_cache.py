@@ -148,3 +148,36 @@ def test_known_repos_name_their_encoder() -> None:
     assert hub_downloads.known_repo("Nicolas-Dufour/plonk_osv_5m").encoder == "streetclip"
     assert hub_downloads.known_repo("/models/PLONK_iNaturalist").encoder == "dinov2-vitl14-reg"
     assert hub_downloads.known_repo("someone/else") is None
+
+
+def test_a_silent_hub_endpoint_fails_in_one_line_naming_it(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    from huggingface_hub import constants
+
+    from globeflow.core.checkpoints import CheckpointError, load_model
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_downloads, "_announced", set())
+    monkeypatch.setenv(hub_downloads.HUB_TIMEOUT_ENV, "0.5")
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            load_model("nicolas-dufour/PLONK_YFCC")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    silent.close()
+    assert outcome, "the download still waits for an endpoint that never answers"
+    assert isinstance(outcome[0], CheckpointError)
+    message = str(outcome[0])
+    assert f"{endpoint} did not answer within 0.5 s" in message and "\n" not in message

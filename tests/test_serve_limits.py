@@ -6,6 +6,7 @@ from __future__ import annotations
 import select
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +172,67 @@ def test_serve_on_a_busy_port_says_so() -> None:
         result = _serve("--model", "/nonexistent/model", "--port", str(port))
     assert result.exit_code == 2, result.output
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def test_a_chunked_upload_is_refused_as_soon_as_it_passes_the_limit() -> None:
+    port, server, thread = start_live_server(
+        create_app(FakeLocator(), max_upload_mb=1, max_files=2)
+    )
+    sock = _connect(port, b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n")
+    sock.sendall(b"Content-Type: multipart/form-data; boundary=B\r\n\r\n")
+    sock.sendall(
+        _chunk(b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n')
+    )
+    sent, block = 0, b"\xff" * 2**20
+    try:
+        while sent < 2**28 and not select.select([sock], [], [], 0)[0]:  # until it answers
+            sock.sendall(_chunk(block))
+            sent += len(block)
+    except OSError:
+        pass  # the server stopped reading and closed
+    reply = sock.recv(4096)
+    sock.close()
+    server.should_exit = True
+    thread.join(10)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"request too large" in reply
+    assert sent <= 16 * 2**20  # the limit is 3 MB (2 files of 1 MB and 1 MB of form)
+
+
+def test_a_request_whose_client_has_gone_is_not_computed() -> None:
+    class Recording(FakeLocator):
+        names: list[str] = []
+
+        def locate_images(self, images, **kw):
+            self.names.extend(name for name, _ in images)
+            return super().locate_images(images, **kw)
+
+    locator = Recording(delay_s=0.5)
+    app = create_app(locator, max_batch=1)
+    port, server, thread = start_live_server(app)
+    url = f"http://127.0.0.1:{port}/v1/locate"
+    photo = (Path(__file__).parent.parent / "examples").glob("*.jpg")
+    data = next(photo).read_bytes()
+    with httpx.Client(timeout=20) as client:
+        first = threading.Thread(
+            target=client.post, args=(url,), kwargs={"files": {"file": ("a.jpg", data)}}
+        )
+        first.start()
+        while not locator.names:  # the worker is busy with a.jpg
+            time.sleep(0.01)
+        body = httpx.Request("POST", url, files={"file": ("gone.jpg", data)})
+        head = f"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body.read())}\r\n"
+        head += f"Content-Type: {body.headers['content-type']}\r\n\r\n"
+        gone = _connect(port, head.encode() + body.content)
+        while app.state.worker.pending == 0:  # gone.jpg is queued behind a.jpg
+            time.sleep(0.01)
+        gone.close()
+        first.join()
+        assert client.post(url, files={"file": ("c.jpg", data)}).status_code == 200
+    server.should_exit = True
+    thread.join(10)
+    assert locator.names == ["a.jpg", "c.jpg"]

@@ -309,3 +309,13 @@ def test_worker_gives_freed_memory_back_after_each_batch(monkeypatch) -> None:
             r = client.post("/v1/locate", files={"file": (name, _jpeg(), "image/jpeg")})
             assert r.status_code == 200
     assert calls[:2] == [1, 2]  # once after each model call
+
+
+def test_thousands_of_files_get_our_limit_and_head_requests_answer(client: TestClient) -> None:
+    files = [("file", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(5000)]
+    r = client.post("/v1/locate", files=files)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "too many files (more than 32); at most 32 per request"
+    for path in ("/", "/v1/health"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", path

@@ -501,3 +501,67 @@ def test_located_rows_share_the_table_when_none_is_dropped() -> None:
         "store: dropped 3 of 4 rows (1 no coordinates, 1 latitude outside [-90, 90], "
         "1 longitude outside [-180, 180])"
     ]
+
+
+SLOW_CLI = (
+    "import sys, time, torch\n"
+    "torch.set_num_threads(1)\n"
+    "from globeflow.core.families import RiemannianFlowMatching as M\n"
+    "from globeflow.apps.cli import main\n"
+    "loss = M.loss\n"
+    # Slow each step down so that the signal lands in the middle of the run.
+    "M.loss = lambda self, *a, **k: (time.sleep(0.05), loss(self, *a, **k))[1]\n"
+    "sys.argv = ['globeflow', 'train', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(tmp_path: Path):
+    store = write_store(tmp_path / "store.parquet")
+    args = ["--embeddings", str(store), "--dim", "16", "--depth", "1", "--batch-size", "32"]
+    args += ["--max-steps", "30", "--warmup-steps", "1", "--val-every", "10", "--no-progress"]
+    args += ["--checkpoint-every", "1000"]  # no regular checkpoint before the end
+    assert cli_train(*args, "-o", str(tmp_path / "ref")).exit_code == 0
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *args, "-o", str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text():
+            break  # step 10 is validated
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert 10 <= step < 30 and not (out / "final").exists()
+    assert f"SIGTERM received: stopped at step {step} with a checkpoint in" in stderr
+
+    resumed = cli_train(*args, "-o", str(out))
+    assert resumed.exit_code == 0, resumed.output
+    got = load_file(str(out / "final" / "model.safetensors"))
+    want = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert metric_lines(out) == metric_lines(tmp_path / "ref")
+
+
+def test_stop_requests_record_signals_and_a_second_ctrl_c_stops_at_once():
+    from globeflow.jobs.stop_signals import StopRequests, TrainingStopped
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequests() as requests:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert requests.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert TrainingStopped(signal.SIGINT, 3, Path("c")).exit_code == 130

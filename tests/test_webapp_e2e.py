@@ -215,7 +215,9 @@ def test_bad_file_shows_readable_error(browser, server_url, tmp_path) -> None:
     err = page.locator("[data-testid=result-card] [data-testid=error]").first
     err.wait_for(state="visible", timeout=20_000)
     text = err.inner_text()
-    assert "422" in text and "holiday.jpg" in text
+    assert text.startswith("holiday.jpg: ") and "422" not in text, text  # the reason, in words
+    thumb = page.locator("[data-testid=result-card] [data-testid=thumbnail]").first
+    thumb.wait_for(state="hidden", timeout=5_000)  # no broken-image icon
     # the page keeps working: a good photo after the bad one is located
     page.set_input_files("[data-testid=file-input]", str(_photo(tmp_path / "ok.jpg")))
     page.locator("[data-testid=result-card]").first.locator(

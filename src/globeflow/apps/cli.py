@@ -293,7 +293,7 @@ def train(
     globeflow train ...
     """
     from globeflow.apps.settings import check_train_options
-    from globeflow.jobs.training import Runtime, train_from_embeddings
+    from globeflow.jobs.training import Runtime, TrainingStopped, train_from_embeddings
 
     try:
         prior_fraction = check_train_options(
@@ -332,6 +332,10 @@ def train(
             checkpoint_every=checkpoint_every,
             seed=seed,
         )
+    except TrainingStopped as exc:  # SIGTERM / Ctrl-C: checkpointed, resumable
+        if _is_main_process():
+            typer.echo(f"globeflow train: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     if _is_main_process():

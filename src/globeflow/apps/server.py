@@ -7,7 +7,6 @@ never runs model code. Uploads are processed in memory and checked by decoding t
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import io
 import logging
@@ -28,9 +27,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from globeflow.apps.heap import release_free_heap
 from globeflow.apps.pipeline import DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, Locator
+from globeflow.apps.request_guards import (
+    BodyLimit,
+    ClientGone,
+    too_many_files,
+    unless_disconnected,
+)
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
@@ -309,23 +315,20 @@ def create_app(
     if static.is_dir():
         app.mount("/static", StaticFiles(directory=static), name="static")
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    @app.exception_handler(StarletteHTTPException)  # also the multipart parser's errors
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = too_many_files(exc.detail, max_files) or exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        # Refuse absurd bodies before the multipart parser spools them to disk.
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit * max_files + 2**20:
-            return JSONResponse(
-                {
-                    "detail": f"request too large ({int(length) / 2**20:.1f} MB); at most "
-                    f"{max_files} files of {max_upload_mb:g} MB each"
-                },
-                status_code=413,
-            )
-        return await call_next(request)
+    # Refuse absurd bodies before the multipart parser spools them to disk.
+    app.add_middleware(
+        BodyLimit,
+        limit=limit * max_files + 2**20,
+        message=lambda mb: (
+            f"request too large ({mb:.1f} MB or more); at most {max_files} "
+            f"files of {max_upload_mb:g} MB each"
+        ),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -337,13 +340,14 @@ def create_app(
         safe = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors]
         return JSONResponse({"detail": text, "errors": safe}, status_code=422)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         page = static / "index.html"
         if not page.is_file():
             raise HTTPException(404, "the web page is not installed (globeflow/static missing)")
         return FileResponse(page, media_type="text/html")
 
+    @app.head("/v1/health", include_in_schema=False)
     @app.get("/v1/health", tags=["meta"])
     async def health() -> dict:
         """Liveness and what is loaded."""
@@ -425,12 +429,11 @@ def create_app(
         jobs = [p for p in prepared if isinstance(p, _Job)]
         if not jobs:
             return _all_rejected(prepared)
-        futures = worker.submit(jobs)
-        try:
-            answers = iter([await asyncio.wrap_future(f) for f in futures])
+        try:  # a request whose client has gone is dropped from the queue, not computed
+            answers = iter(await unless_disconnected(request, lambda: worker.submit(jobs)))
+        except ClientGone:
+            return JSONResponse({"detail": "client closed the request"}, status_code=499)
         except Exception as exc:  # noqa: BLE001 - inference errors become a readable 500
-            for f in futures:
-                f.cancel()
             raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
         results = [next(answers) if isinstance(p, _Job) else p.to_result() for p in prepared]
         if format == "geojson":

@@ -231,6 +231,27 @@ def _check_weights_match(
     )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (changing it, even
+    for an instant, would race other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``safetensors.torch.save_file`` with the file mode every other output gets (0666 less
+    the umask, e.g. 0644); safetensors itself leaves its files readable by the owner only."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_model(model: GeoModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (globeflow format) into directory.
 
@@ -245,7 +266,7 @@ def save_model(model: GeoModel, directory: str | os.PathLike, metadata: dict | N
         config["metadata"] = metadata
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp))
+    save_tensors(state, tmp)
     os.replace(tmp, directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -256,9 +277,8 @@ def save_plonk_network(model: GeoModel, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     net = model.network
-    save_file(
-        {k: v.contiguous().cpu() for k, v in net.state_dict().items()},
-        str(directory / WEIGHTS_NAME),
+    save_tensors(
+        {k: v.contiguous().cpu() for k, v in net.state_dict().items()}, directory / WEIGHTS_NAME
     )
     (directory / CONFIG_NAME).write_text(json.dumps(net.config, indent=1) + "\n")
     return directory

@@ -5,10 +5,17 @@ Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and read from there afterwar
 ``HF_HUB_OFFLINE=1``. Before a repo is fetched for the first time the user is told, on stderr,
 what it is, roughly how large it is and under which licence it comes (StreetCLIP is
 non-commercial), once per process.
+
+Every request to the hub gives up when the endpoint does not connect or sends nothing for
+``GLOBEFLOW_HUB_TIMEOUT`` seconds (default: huggingface_hub's ``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s):
+some versions of huggingface_hub send their API calls with no timeout at all, so an endpoint
+that accepts the connection and never answers would hang the job forever. Such a stall is
+reported in one line naming the endpoint (:class:`HubTimeoutError`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +69,82 @@ KNOWN_REPOS: dict[str, HubRepo] = {
 }
 
 _announced: set[str] = set()
+
+HUB_TIMEOUT_ENV = "GLOBEFLOW_HUB_TIMEOUT"
+
+
+class HubTimeoutError(TimeoutError):
+    """The hub endpoint did not connect or answer in time."""
+
+
+def hub_timeout_s() -> float:
+    """Seconds a hub request may wait to connect or for its next bytes (see module doc)."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"{HUB_TIMEOUT_ENV}={text!r}: not a positive number of seconds")
+        return value
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def _fill_timeouts(request) -> None:  # noqa: ANN001 - an httpx request
+    """Request hook: a bound on every wait the caller left unbounded (``None``)."""
+    limits = dict(request.extensions.get("timeout") or {})
+    bound = hub_timeout_s()
+    for key in ("connect", "read", "write", "pool"):
+        if limits.get(key) is None:
+            limits[key] = bound
+    request.extensions["timeout"] = limits
+
+
+def bound_hub_waits() -> None:
+    """Give every request of huggingface_hub's shared HTTP client a timeout (httpx-based
+    versions; older, requests-based ones pass their own timeouts and are left alone)."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    hooks = getattr(session, "event_hooks", None)
+    if isinstance(hooks, dict) and _fill_timeouts not in hooks.get("request", []):
+        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _fill_timeouts]}
+
+
+def _timeout_cause(exc: BaseException) -> BaseException | None:
+    """The first timeout (httpx's, requests' or the OS's) in the chain of ``exc``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def hub_timeout(exc: BaseException, repo_id: str) -> HubTimeoutError | None:
+    """A one-line :class:`HubTimeoutError` naming the endpoint when ``exc`` (or an exception it
+    came from) is a connect or read timeout; None otherwise."""
+    cause = _timeout_cause(exc)
+    if cause is None:
+        return None
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    try:
+        url = cause.request.url  # type: ignore[attr-defined]
+        endpoint = f"{url.scheme}://{url.netloc.decode()}"
+    except (AttributeError, RuntimeError):
+        pass
+    return HubTimeoutError(
+        f"{endpoint} did not answer within {hub_timeout_s():g} s (connect or read timeout) "
+        f"while fetching {repo_id}; check the network or HF_ENDPOINT, or set {HUB_TIMEOUT_ENV} "
+        "to wait longer"
+    )
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -131,6 +214,7 @@ def announce_download(
         import huggingface_hub  # noqa: F401 - without it nothing can be downloaded anyway
     except ImportError:
         return False
+    bound_hub_waits()
     if key in _announced:
         return False
     repo = known_repo(repo_id)
@@ -139,7 +223,25 @@ def announce_download(
         return False
     _announced.add(key)
     print(download_notice(repo_id, cache_dir), file=stream or sys.stderr, flush=True)
+    _check_endpoint_answers(repo_id)
     return True
+
+
+def _check_endpoint_answers(repo_id: str) -> None:
+    """One request with the timeout before a download: huggingface_hub retries a stalled
+    request with backoff, file after file (minutes for a silent endpoint), so a stall is
+    reported here at once. Any answer, even an error status, means the endpoint is alive; other
+    failures (no route, refused) are left to the download to report."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(f"{constants.ENDPOINT}/api/models/{repo_id}", timeout=hub_timeout_s())
+    except Exception as exc:
+        stalled = hub_timeout(exc, repo_id)
+        if stalled is not None:
+            raise stalled from exc
 
 
 def snapshot(repo_id: str, files: tuple[str, ...], cache_dir: str | Path | None = None) -> Path:
@@ -149,4 +251,10 @@ def snapshot(repo_id: str, files: tuple[str, ...], cache_dir: str | Path | None 
     from huggingface_hub import snapshot_download
 
     announce_download(repo_id, files, cache_dir)
-    return Path(snapshot_download(repo_id, allow_patterns=list(files), cache_dir=cache_dir))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(files), cache_dir=cache_dir))
+    except Exception as exc:
+        stalled = hub_timeout(exc, repo_id)
+        if stalled is None:
+            raise
+        raise stalled from exc

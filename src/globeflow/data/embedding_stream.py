@@ -14,6 +14,7 @@ Rows without coordinates are skipped; a non-finite embedding is an error naming 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "epoch_share",
     "hold_out",
     "list_row_groups",
+    "read_group_table",
     "read_located_rows",
     "shuffled_rows",
 ]
@@ -41,11 +43,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RowGroup:
-    """One parquet row group of a store: the unit of streaming reads."""
+    """One parquet row group of a store (or some of its rows): the unit of streaming reads."""
 
     part: Path
     index: int
     rows: int
+    only: tuple[int, ...] | None = None
+    """The rows of the group that belong here (positions in the group), None: all of them."""
+
+
+def read_group_table(group: RowGroup, columns: list[str]):
+    """The pyarrow table of ``columns`` of the group's rows."""
+    table = pq.ParquetFile(group.part).read_row_group(group.index, columns=columns)
+    return table if group.only is None else table.take(list(group.only))
 
 
 def list_row_groups(store: str | os.PathLike[str]) -> tuple[list[RowGroup], str, int]:
@@ -75,7 +85,12 @@ def hold_out(
     groups: list[RowGroup], max_rows: int, seed: int
 ) -> tuple[list[RowGroup], list[RowGroup]]:
     """(kept, held out): whole row groups chosen at random (``seed``) until they hold at least
-    ``max_rows`` rows (or all but one group). A split that needs no pass over the data."""
+    ``max_rows`` rows (or all but one group). A split that needs no pass over the data.
+
+    A store of one row group has no group to spare: then ``max_rows`` rows chosen at random
+    inside it are held out (every group keeps at least one row for training)."""
+    if len(groups) == 1 and max_rows > 0:
+        return _hold_out_rows(groups, max_rows, seed)
     order = torch.randperm(len(groups), generator=_generator(seed, "hold-out")).tolist()
     held, rows = set(), 0
     for i in order[: max(0, len(groups) - 1)]:
@@ -85,6 +100,23 @@ def hold_out(
         rows += groups[i].rows
     kept = [g for i, g in enumerate(groups) if i not in held]
     return kept, [g for i, g in enumerate(groups) if i in held]
+
+
+def _hold_out_rows(
+    groups: list[RowGroup], max_rows: int, seed: int
+) -> tuple[list[RowGroup], list[RowGroup]]:
+    """(kept, held out) views of the groups: rows drawn inside each group (``seed``, the part's
+    name and the group's index), in proportion to the groups' sizes."""
+    total = sum(g.rows for g in groups)
+    kept, held = [], []
+    for g in groups:
+        k = min(g.rows - 1, math.ceil(max_rows * g.rows / max(total, 1)))
+        order = torch.randperm(g.rows, generator=_generator(seed, "hold-out", g.part.name, g.index))
+        rest = tuple(sorted(order[k:].tolist()))
+        kept.append(RowGroup(g.part, g.index, len(rest), rest))
+        if k > 0:
+            held.append(RowGroup(g.part, g.index, k, tuple(sorted(order[:k].tolist()))))
+    return kept, held
 
 
 def epoch_share(
@@ -98,9 +130,7 @@ def epoch_share(
 def read_located_rows(group: RowGroup, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of one row group that have coordinates: (embeddings (n, dim) in the store's
     dtype, lat/lon (n, 2) float64 degrees)."""
-    table = pq.ParquetFile(group.part).read_row_group(
-        group.index, columns=["lat", "lon", "embedding"]
-    )
+    table = read_group_table(group, ["lat", "lon", "embedding"])
     values = table.column("embedding").combine_chunks().values
     emb = values.to_numpy(zero_copy_only=False).reshape(len(table), dim)
     lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from globeflow.core.checkpoints import save_tensors
 
 __all__ = ["find_checkpoint", "load_checkpoint", "rewrite_metrics", "save_checkpoint"]
 
@@ -66,7 +68,7 @@ def save_checkpoint(
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_synced(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    _write_synced(tmp / STATE_TENSORS, lambda p: save_tensors(tensors, p))
     payload = json.dumps({**state, "optimizer": optim_json}, indent=1)
     _write_synced(tmp / STATE_JSON, lambda p: p.write_text(payload + "\n"))
     _fsync_dir(tmp)

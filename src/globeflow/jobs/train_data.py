@@ -26,7 +26,6 @@ from itertools import count
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from globeflow.core.sphere import latlon_to_unit
@@ -49,6 +48,7 @@ from globeflow.data.embedding_stream import (
     RowGroup,
     RowStream,
     derived_seed,
+    read_group_table,
     read_located_rows,
     shuffled_rows,
 )
@@ -270,7 +270,7 @@ class StreamedRows:
             rows, lo, hi = 0, np.full(2, np.inf), np.full(2, -np.inf)
             dropped: dict[str, int] = {}
             for g in self.groups:
-                t = pq.ParquetFile(g.part).read_row_group(g.index, columns=["lat", "lon"])
+                t = read_group_table(g, ["lat", "lon"])
                 ll = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in ("lat", "lon")])
                 for kind, n in invalid_latlon_counts(ll.T).items():
                     dropped[kind] = dropped.get(kind, 0) + n
@@ -293,7 +293,10 @@ class StreamedRows:
         return self._stats
 
     def fingerprint(self) -> str:
-        units = [(g.part.name, g.index) for g in self.groups]
+        # A group split into training and validation rows also carries its training row count.
+        units = [
+            (g.part.name, g.index) + (() if g.only is None else (g.rows,)) for g in self.groups
+        ]
         return hashlib.sha256(f"{self._store_fingerprint}:{units}".encode()).hexdigest()[:16]
 
     def batches(self, start_step: int, place: Placement) -> Iterator[Batch]:

@@ -12,6 +12,10 @@ moments, step counter, validation bookkeeping, data fingerprint) atomically to
 point and started again reaches bitwise the same final weights as an uninterrupted run; with a
 different number of processes it continues from the same step and state.
 
+One job at a time uses a run directory (:mod:`globeflow.jobs.run_lock`). SIGTERM or SIGINT
+during the steps saves a checkpoint at the next step boundary and raises
+:class:`TrainingStopped` (:mod:`globeflow.jobs.stop_signals`).
+
 Outputs in ``out_dir`` (rank 0): ``best/`` (EMA model with the best validation GeoScore),
 ``final/`` (EMA model at the last step), ``metrics.jsonl`` (one line per validation),
 ``train_log.txt``.
@@ -50,11 +54,11 @@ from globeflow.jobs.distributed import (
     Placement,
     Prefetcher,
     autocast,
-    join_process_group,
-    leave_process_group,
     to_device,
 )
 from globeflow.jobs.metrics import geoscore
+from globeflow.jobs.run_lock import locked_run_directory
+from globeflow.jobs.stop_signals import StopAgreement, StopRequests, TrainingStopped
 from globeflow.jobs.train_checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -84,6 +88,7 @@ __all__ = [
     "Runtime",
     "TrainConfig",
     "TrainResult",
+    "TrainingStopped",
     "assemble_batch",
     "build_model",
     "ema_decay_at",
@@ -249,7 +254,9 @@ class TrainResult:
             keys = ("val_loss", "val_geoscore", "val_median_km")
             return ", ".join(f"{k}={m[k]:.4g}" for k in keys if (m or {}).get(k) is not None)
 
-        text = f"{self.steps} steps; final model {self.final_dir} ({fmt(self.final_metrics)})"
+        metrics = fmt(self.final_metrics)
+        text = f"{self.steps} steps; final model {self.final_dir}"
+        text += f" ({metrics})" if metrics else " (not validated)"
         if self.best_dir is not None and self.best_metrics:
             step = self.best_metrics["step"]
             text += f"; best {self.best_dir} (step {step}: {fmt(self.best_metrics)})"
@@ -490,12 +497,28 @@ class _LossTally:
     processes, checks it is finite and moves it into the running means.
     """
 
-    def __init__(self, place: Placement, loss_sum: float = 0.0, loss_count: int = 0):
+    def __init__(self, place: Placement, saved: dict | None = None):
+        saved = saved or {}
         self.place = place
-        self.loss_sum, self.loss_count = loss_sum, loss_count
+        self.loss_sum, self.loss_count = saved.get("loss_sum", 0.0), saved.get("loss_count", 0)
         self._window_sum, self._window_count = 0.0, 0
         self._pending: torch.Tensor | None = None
-        self._pending_steps = 0
+        self._pending_steps = saved.get("pending_loss_steps", 0)
+        if self._pending_steps and place.is_main:  # a stop between two syncs: see unsynced()
+            pending = torch.tensor(saved["pending_loss_mean"], dtype=torch.float64)
+            self._pending = (pending * place.world_size).to(place.device)
+        elif self._pending_steps:
+            self._pending = torch.zeros((), dtype=torch.float64, device=place.device)
+
+    def unsynced(self) -> dict:
+        """The steps added since the last sync, for a checkpoint between syncs (every process
+        calls it): their mean over the processes, restored on rank 0 when resuming, so that a
+        one-process run continues with bitwise the same sums."""
+        pending = self._pending
+        if pending is None:
+            pending = torch.zeros((), dtype=torch.float64, device=self.place.device)
+        mean = float(self.place.sum(pending)) / self.place.world_size
+        return {"pending_loss_mean": mean, "pending_loss_steps": self._pending_steps}
 
     def add(self, weighted_loss: torch.Tensor) -> None:
         value = weighted_loss.double()
@@ -641,7 +664,7 @@ class _Run:
             state = load_checkpoint(found, self.model, self.ema, self.optimizer)
             self.step, self.best = state["step"], state["best_geoscore"]
             self.best_metrics, self.last_metrics = state["best_metrics"], state["last_metrics"]
-            self.tally = _LossTally(place, state["loss_sum"], state["loss_count"])
+            self.tally = _LossTally(place, state)
             if self.main:
                 rewrite_metrics(out / METRICS_NAME, self.step)
                 self.say(
@@ -672,8 +695,9 @@ class _Run:
             self.best, self.best_metrics = metrics["val_geoscore"], metrics
             self.save(self.out / "best", metrics)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, **extra) -> None:
         state = {
+            **extra,
             "step": self.step,
             "world_size": self.place.world_size,
             "best_geoscore": self.best,
@@ -700,10 +724,16 @@ class _Run:
         bar = _progress_bar(config.max_steps, self.step, progress and self.main)
         rng_devices = [place.device] if place.device.type == "cuda" else []
         # fork_rng: the caller's global RNG state is left as it was.
-        with torch.random.fork_rng(devices=rng_devices):
+        with torch.random.fork_rng(devices=rng_devices), StopRequests() as requests:
+            stops = StopAgreement(requests, place.distributed)
             try:
                 while self.step < config.max_steps:
                     self.one_step(trainer, next(batches), bar)
+                    signum = stops.check()
+                    if signum and self.step < config.max_steps:
+                        stops.close()
+                        self.stop(signum)
+                stops.close()
                 final_dir = self.out / "final"
                 if self.main:
                     if self.last_metrics is None or self.last_metrics["step"] != self.step:
@@ -719,6 +749,17 @@ class _Run:
         best_dir = best if self.has_val and best.is_dir() else None
         metrics = self.last_metrics or {}
         return TrainResult(self.out, final_dir, best_dir, self.step, metrics, self.best_metrics)
+
+    def stop(self, signum: int) -> None:
+        """Every process, on a stop signal at a step boundary: checkpoint, then raise
+        :class:`TrainingStopped`."""
+        unsynced = self.tally.unsynced()
+        if self.main:
+            if self.step % self.config.checkpoint_every:
+                self.checkpoint(**unsynced)
+            self.say(f"stopped by signal {signum} at step {self.step}")
+        self.place.barrier()  # no process leaves before the checkpoint is written
+        raise TrainingStopped(signum, self.step, self.out / CHECKPOINT_DIR)
 
     def one_step(self, trainer: nn.Module, batch: Batch, bar) -> None:
         """One optimiser update, the EMA, and the bookkeeping due after it."""
@@ -815,10 +856,7 @@ def train(
     ``torchrun`` every process calls this with the same arguments.
     """
     runtime = runtime or Runtime()
-    place = join_process_group(runtime.device)
-    try:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    with locked_run_directory(out_dir, runtime.device) as (out, place):
         prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
         data = InMemoryRows(
             train_emb, train_latlon, config.batch_size, prior_x0, config.prior_rows, config.seed
@@ -829,8 +867,6 @@ def train(
         run = _Run(config, data, val, out, place, runtime, {"encoder": encoder, **(metadata or {})})
         run.start(resume)
         return run.train(progress)
-    finally:
-        leave_process_group(place)
 
 
 def _validation_rows(config: TrainConfig) -> int:
@@ -939,10 +975,16 @@ def _streamed_inputs(store: Path, split: tuple, config: TrainConfig, buffer_rows
         total = sum(g.rows for g in groups)
         groups, held = hold_out(groups, min(needed, math.ceil(fraction * total)), config.seed)
         val_emb, val_latlon = read_group_rows(held, dim)
-        how = (
-            f"{len(held)} held-out row groups ({len(val_emb)} rows with coordinates; a "
-            "streamed store is split by row group, not by author)"
-        )
+        if any(g.only is not None for g in held):
+            how = (
+                f"{len(val_emb)} rows with coordinates held out inside the store's only row "
+                "group (too few row groups to hold whole ones out; not split by author)"
+            )
+        else:
+            how = (
+                f"{len(held)} held-out row groups ({len(val_emb)} rows with coordinates; a "
+                "streamed store is split by row group, not by author)"
+            )
     prior_x0 = to_unit(config.prior_latlon) if config.prior_rows else None
     data = StreamedRows(
         groups,
@@ -1011,10 +1053,7 @@ def train_from_embeddings(
     if shuffle_buffer_rows < 1:
         raise ValueError(f"--shuffle-buffer-rows must be >= 1, got {shuffle_buffer_rows}")
     runtime = runtime or Runtime()
-    place = join_process_group(runtime.device)
-    try:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    with locked_run_directory(out_dir, runtime.device) as (out, place):
 
         def say(message: str) -> None:
             if place.is_main:
@@ -1041,6 +1080,8 @@ def train_from_embeddings(
             )
         else:
             data, val, encoder, how = _in_memory_inputs(store, split, config, say)
+        if val is None:  # never train without a validation the user did not ask to skip
+            raise ValueError(f"{store}: no validation rows with coordinates ({how})")
         rows = data.stats()["rows"] if place.is_main else 0
         if place.is_main and data.stats().get("dropped"):  # streamed: read past, not dropped
             say(f"{store}: rows left out: {counts_text(data.stats()['dropped'])}")
@@ -1049,5 +1090,3 @@ def train_from_embeddings(
         run = _Run(config, data, val, out, place, runtime, meta)
         run.start(resume)
         return run.train(progress)
-    finally:
-        leave_process_group(place)

@@ -327,7 +327,11 @@
     const thumb = $(".thumb", node);
     thumb.src = URL.createObjectURL(file);
     thumb.alt = `Thumbnail of ${file.name}`;
-    thumb.addEventListener("error", () => { thumb.removeAttribute("src"); });
+    thumb.addEventListener("error", () => {  // not an image the browser can show: no broken icon
+      URL.revokeObjectURL(thumb.src);
+      thumb.removeAttribute("src");
+      thumb.hidden = true;
+    });
     $(".file-name", node).textContent = file.name;
     els.results.prepend(node);
     return node;
@@ -455,6 +459,15 @@
 
   // ---------------------------------------------------------------- requests
 
+  // The reason a request failed, in words: the file's own error when the server names one.
+  function failureText(resp, data) {
+    const own = data && data.results && data.results[0] && data.results[0].error;
+    if (own) return own;
+    const detail = data && data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)) : "";
+    if (resp.status >= 500) return `The server failed (${resp.status}${detail ? `: ${detail}` : ""}).`;
+    return detail || `The server refused the request (${resp.status} ${resp.statusText}).`;
+  }
+
   async function locate(item) {
     showBusy(item);
     if (state.maxUploadMb && item.file.size > state.maxUploadMb * 2 ** 20) {
@@ -475,8 +488,7 @@
     let data = null;
     try { data = await resp.json(); } catch (e) { data = null; }
     if (!resp.ok) {
-      const detail = data && data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)) : resp.statusText;
-      showError(item, `Error ${resp.status}: ${detail}`);
+      showError(item, failureText(resp, data));
       return;
     }
     const result = data && data.results && data.results[0];
