@@ -62,12 +62,22 @@ def best_guess(samples: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
+REGION_CREDIBILITY = 0.9
+"""Share of an adaptive region's samples that lie within its ``radius_km``."""
+PERSISTENCE_SDS = 3.0
+"""Two modes stay apart when the lighter peak rises above their saddle by more than this many
+standard errors of the log-density estimate."""
+CHUNK_ROWS = 1024
+"""Rows of the (rows x N) distance blocks: 8 MB of float64 per 1024 samples."""
+
+
 @dataclass
 class Region:
     """A place that holds a share of the model's samples.
 
-    ``probability`` is the fraction of samples within ``radius_km`` of (lat, lon) that no
-    higher-ranked region claimed; ``spread_km`` the median distance of those samples to the centre.
+    ``probability`` is the share of samples in the region (see :func:`top_regions`);
+    ``radius_km`` the radius around (lat, lon) that holds ``share_within_radius`` of them;
+    ``spread_km`` the median distance of the region's samples to its centre.
     """
 
     lat: float
@@ -75,6 +85,7 @@ class Region:
     probability: float
     radius_km: float
     spread_km: float
+    share_within_radius: float = 1.0
 
     def to_dict(self) -> dict:
         return {
@@ -83,22 +94,171 @@ class Region:
             "probability": self.probability,
             "radius_km": self.radius_km,
             "spread_km": self.spread_km,
+            "share_within_radius": self.share_within_radius,
         }
 
 
 def top_regions(
-    samples: torch.Tensor, k: int = 5, radius_km: float = 500.0, min_probability: float = 0.01
+    samples: torch.Tensor,
+    k: int = 5,
+    radius_km: float | None = None,
+    min_probability: float = 0.01,
+    credibility: float = REGION_CREDIBILITY,
 ) -> list[Region]:
-    """Greedy mode finding on samples (N, 2): repeatedly take the sample with the most unclaimed
-    samples within ``radius_km`` as a region centre and claim those samples.
+    """Up to k regions of samples (N, 2) degrees, most probable first, at the samples' own scale.
 
-    Returns up to k regions, most probable first; the probabilities are disjoint sample shares.
+    Adaptive (``radius_km`` None): the modes of the samples, found by :func:`mode_labels` at the
+    scale of each neighbourhood (0.1 km to thousands of km in one answer). A region's
+    ``probability`` is its mode's share of the samples, its centre the sample at its peak, its
+    ``radius_km`` the distance from the centre within which ``credibility`` of them lie.
+
+    Fixed (``radius_km`` given): greedy discs; repeatedly the sample with the most unclaimed
+    samples within ``radius_km`` becomes a centre and claims them (``probability``: that share).
+
+    Probabilities are disjoint sample shares; regions below ``min_probability`` are left out.
+    """
+    samples = samples.reshape(-1, 2)
+    if radius_km is not None:
+        return _fixed_radius_regions(samples, k, radius_km, min_probability)
+    n = samples.shape[0]
+    labels = mode_labels(samples)
+    modes, counts = labels.unique(return_counts=True)
+    regions: list[Region] = []
+    for i in counts.argsort(descending=True, stable=True)[:k].tolist():
+        if float(counts[i]) / n < min_probability:
+            break
+        members = samples[labels == modes[i]]
+        centre = members[_mode_centre(members)]
+        km = pairwise_km(centre[None], members)[0]
+        regions.append(
+            Region(
+                lat=float(centre[0]),
+                lon=float(centre[1]),
+                probability=float(counts[i]) / n,
+                radius_km=float(km.quantile(credibility)),
+                spread_km=float(km.median()),
+                share_within_radius=credibility,
+            )
+        )
+    return regions
+
+
+def _mode_centre(members: torch.Tensor, keep: float = REGION_CREDIBILITY, rounds: int = 4) -> int:
+    """Index of the member (M, 2) degrees nearest the centre of a mode's samples.
+
+    The densest sample by the k-NN estimate wanders on a flat-topped mode (by up to half its
+    width). The mean of the members nearest the current centre (a share ``keep`` of them,
+    starting from all) does not, and trimming the farthest keeps a tail from pulling it; the
+    nearest member stands for it, so that a centre is always where samples are.
+    """
+    u = latlon_to_unit(members.double())
+    centre = torch.nn.functional.normalize(u.mean(0), dim=0)
+    for _ in range(rounds):
+        chord2 = ((u - centre) ** 2).sum(-1)
+        window = chord2 <= chord2.quantile(keep)
+        centre = torch.nn.functional.normalize(u[window].mean(0), dim=0)
+    return int(((u - centre) ** 2).sum(-1).argmin())
+
+
+def _chord2(u: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Squared chords (float64) between the unit vectors u[rows] and all of u (N, 3): (R, N).
+
+    In float64 the cosine's cancellation leaves ~1e-8 rad (0.1 m): enough at 0.1 km.
+    """
+    return (2.0 - 2.0 * u[rows] @ u.T).clamp_min(0.0)
+
+
+def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.Tensor:
+    """The mode each sample (N, 2) degrees belongs to, as the index of that mode's densest sample
+    (N,) int64.
+
+    The density at each sample is read from the cap reaching its ``neighbours``-th nearest sample
+    (default sqrt(N), 3 to 64), so the scale follows the samples: a 1 km mode and a 1000 km one
+    in the same answer are each seen at their own width. Each sample joins its nearest denser
+    neighbour (quick shift on the k-nearest-neighbour graph); the modes found so are then merged,
+    highest saddle first, where the lighter peak rises above the saddle joining them by less than
+    :data:`PERSISTENCE_SDS` standard errors of the density estimate (1 / sqrt(k) in log): the
+    persistence rule of ToMATo (Chazal et al., 2013), which keeps the noise of the estimate from
+    splitting one mode.
     """
     n = samples.shape[0]
-    u = latlon_to_unit(samples.float())
-    # Within the radius <=> cosine of the angle above the radius's: one float32 product, exact
-    # enough at any radius (the cosine is only ill-conditioned near 0 km).
-    near = u @ u.T >= math.cos(min(radius_km / EARTH_RADIUS_KM, math.pi))
+    if n < 3:
+        return torch.zeros(n, dtype=torch.long)
+    k = min(neighbours or min(64, max(3, round(math.sqrt(n)))), n - 1)
+    u = latlon_to_unit(samples.double())
+    knn_chord2, knn = [], []
+    for i in range(0, n, CHUNK_ROWS):
+        # k + 1 nearest: the sample itself comes first (distance 0), except among duplicates.
+        d2, idx = _chord2(u, slice(i, i + CHUNK_ROWS)).topk(k + 1, largest=False)
+        knn_chord2.append(d2[:, k])
+        knn.append(idx)
+    neighbour_idx = torch.cat(knn)  # (N, k + 1), nearest first
+    # log density up to a constant: -log of the cap area 2 pi (1 - cos r) = pi chord^2.
+    log_density = -torch.cat(knn_chord2).clamp_min(1e-30).log()
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.argsort(-log_density, stable=True)] = torch.arange(n)
+    denser = rank[neighbour_idx] < rank[:, None]
+    first = torch.where(denser.any(-1), denser.float().argmax(-1), -1)
+    parent = torch.where(
+        first >= 0, neighbour_idx.gather(1, first.clamp_min(0)[:, None])[:, 0], torch.arange(n)
+    )
+    labels = _roots(parent)
+    return _merge_modes(labels, neighbour_idx, log_density, PERSISTENCE_SDS / math.sqrt(k))
+
+
+def _roots(parent: torch.Tensor) -> torch.Tensor:
+    """The root of each node of a forest given by ``parent`` (N,), roots their own parent.
+
+    Pointer jumping: log2(depth) rounds."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _merge_modes(
+    labels: torch.Tensor, neighbour_idx: torch.Tensor, log_density: torch.Tensor, persistence: float
+) -> torch.Tensor:
+    """Merge the modes of ``labels`` (N,) along the k-NN edges ``neighbour_idx`` (N, k + 1): the
+    saddle of two modes is the highest edge between them, an edge as high as its lower end."""
+    a = labels[:, None].expand_as(neighbour_idx).reshape(-1)
+    b = labels[neighbour_idx].reshape(-1)
+    height = torch.minimum(log_density[:, None], log_density[neighbour_idx]).reshape(-1)
+    across = a != b
+    if not across.any():
+        return labels
+    n = labels.shape[0]
+    pair = torch.minimum(a, b)[across] * n + torch.maximum(a, b)[across]
+    pairs, where = pair.unique(return_inverse=True)
+    saddle = torch.full((len(pairs),), -math.inf, dtype=height.dtype)
+    saddle = saddle.scatter_reduce(0, where, height[across], "amax")
+    root = {int(m): int(m) for m in labels.unique()}
+
+    def find(m: int) -> int:
+        while root[m] != m:
+            m = root[m]
+        return m
+
+    for i in saddle.argsort(descending=True).tolist():
+        ra, rb = find(int(pairs[i]) // n), find(int(pairs[i]) % n)
+        if ra == rb:
+            continue
+        low, high = (ra, rb) if log_density[ra] < log_density[rb] else (rb, ra)
+        if log_density[low] - saddle[i] < persistence:
+            root[low] = high
+    final = {m: find(m) for m in root}
+    return torch.tensor([final[m] for m in labels.tolist()])
+
+
+def _fixed_radius_regions(
+    samples: torch.Tensor, k: int, radius_km: float, min_probability: float
+) -> list[Region]:
+    n = samples.shape[0]
+    u = latlon_to_unit(samples.double())
+    chord2 = (2.0 * math.sin(min(radius_km / EARTH_RADIUS_KM, math.pi) / 2.0)) ** 2
+    blocks = range(0, n, CHUNK_ROWS)
+    near = torch.cat([_chord2(u, slice(i, i + CHUNK_ROWS)) <= chord2 for i in blocks])
     unclaimed = torch.ones(n, dtype=torch.bool)
     regions: list[Region] = []
     while len(regions) < k and unclaimed.any():
