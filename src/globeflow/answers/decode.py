@@ -282,31 +282,47 @@ def _fixed_radius_regions(
 
 
 def sample_density_grid(
-    samples: torch.Tensor, n_lat: int = 90, n_lon: int = 180, bandwidth_deg: float | None = None
+    samples: torch.Tensor,
+    n_lat: int = 90,
+    n_lon: int = 180,
+    bandwidth_deg: float | None = None,
+    extent: tuple[float, float, float, float] | None = None,
 ) -> dict:
     """Kernel density estimate of samples (N, 2) on a lat/lon grid, per steradian.
 
     A von Mises-Fisher kernel (normalised on S^2) with concentration 1/bandwidth^2 (radians);
     the default bandwidth follows Scott's rule for 2-D data on the angular spread of the samples,
-    floored at one grid cell. Returns ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists.
+    floored at one grid cell. The grid covers the globe, or the window ``extent`` = (lat0, lat1,
+    lon0, lon1) degrees (e.g. :func:`globeflow.answers.zoom.credible_extent`; lon1 may exceed
+    180). Returns ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists.
     """
-    grid, _ = latlon_grid(n_lat, n_lon)
+    if extent is None:
+        grid, _ = latlon_grid(n_lat, n_lon)
+        dtype = torch.float32
+    else:
+        lat0, lat1, lon0, lon1 = extent
+        lat_c = lat0 + (torch.arange(n_lat, dtype=torch.float64) + 0.5) * (lat1 - lat0) / n_lat
+        lon_c = lon0 + (torch.arange(n_lon, dtype=torch.float64) + 0.5) * (lon1 - lon0) / n_lon
+        grid = torch.stack(torch.meshgrid(lat_c, lon_c, indexing="ij"), -1).reshape(-1, 2)
+        # cells of metres: the cosines need float64 (float32 rounding costs kappa * 6e-8 nats)
+        dtype = torch.float64
+    cell = float(grid[n_lon, 0] - grid[0, 0]) if n_lat > 1 else 180.0 / n_lat
     units = latlon_to_unit(samples.double())
     if bandwidth_deg is None:
         centre = units.mean(0)
         resultant = float(centre.norm())
         spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-8))
         bandwidth = spread * samples.shape[0] ** (-1.0 / 6.0)
-        bandwidth = max(bandwidth, math.radians(180.0 / n_lat))
+        bandwidth = max(bandwidth, math.radians(cell))
     else:
         bandwidth = math.radians(bandwidth_deg)
     kappa = 1.0 / bandwidth**2
     # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
     log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
-    # float32 for the (grid x samples) kernel matrix: kappa <= 1 / (one grid cell)^2, so the
-    # rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
-    g = latlon_to_unit(grid).float()
-    logk = torch.addmm(torch.tensor(-kappa), g, units.float().T, alpha=kappa)
+    # float32 for the global (grid x samples) kernel matrix: kappa <= 1 / (one grid cell)^2, so
+    # the rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
+    g = latlon_to_unit(grid).to(dtype)
+    logk = torch.addmm(torch.tensor(-kappa, dtype=dtype), g, units.to(dtype).T, alpha=kappa)
     log_density = torch.logsumexp(logk, dim=-1).double() + log_norm - math.log(samples.shape[0])
     lat = grid[:, 0].reshape(n_lat, n_lon)[:, 0]
     lon = grid[:, 1].reshape(n_lat, n_lon)[0]
