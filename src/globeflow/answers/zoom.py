@@ -7,12 +7,20 @@ result dicts all take their window from :func:`credible_extent`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
-__all__ = ["CREDIBLE_MASS", "MIN_EXTENT_KM", "credible_extent", "osm_url", "osm_zoom"]
+__all__ = [
+    "CREDIBLE_MASS",
+    "MIN_EXTENT_KM",
+    "answer_extent",
+    "credible_extent",
+    "osm_url",
+    "osm_zoom",
+]
 
 CREDIBLE_MASS = 0.95
 """Share of the samples a zoomed map window holds (in latitude and in longitude each)."""
@@ -31,7 +39,7 @@ OSM_VIEW_KM_AT_ZOOM_0 = 2 * math.pi * EARTH_RADIUS_KM * 4.7
 def _shortest_arc(lon: torch.Tensor, mass: float) -> tuple[float, float]:
     """(start, end) degrees of the shortest arc of longitude holding ``mass`` of ``lon`` (N,);
     ``end`` may exceed 180 when the arc crosses the antimeridian."""
-    ordered = lon.double().remainder(360.0).sort().values - 180.0  # in [-180, 180)
+    ordered = (lon.double() + 180.0).remainder(360.0).sort().values - 180.0  # in [-180, 180)
     n = ordered.numel()
     m = max(1, math.ceil(mass * n))
     wrapped = torch.cat([ordered, ordered + 360.0])
@@ -45,6 +53,7 @@ def credible_extent(
     mass: float = CREDIBLE_MASS,
     aspect: float = 2.0,
     min_km: float = MIN_EXTENT_KM,
+    include: Sequence[Sequence[float]] = (),
 ) -> tuple[float, float, float, float] | None:
     """The map window (lat0, lat1, lon0, lon1) degrees that holds an answer, or None for the
     whole world.
@@ -52,8 +61,10 @@ def credible_extent(
     The central ``mass`` of the latitudes and the shortest arc holding ``mass`` of the
     longitudes, padded by :data:`PAD` on each side, at least ``min_km`` tall, widened to
     ``aspect`` (width / height, in km at the window's middle latitude, which is how an
-    equirectangular map drawn with that latitude's aspect shows it). ``lon1`` may exceed 180
-    when the window crosses the antimeridian; ``lat0, lat1`` stay within [-90, 90].
+    equirectangular map drawn with that latitude's aspect shows it), and wide enough to hold
+    the points ``include`` ((lat, lon) degrees, e.g. the best guess and the main regions).
+    ``lon1`` may exceed 180 when the window crosses the antimeridian; ``lat0, lat1`` stay within
+    [-90, 90].
     """
     samples = samples.reshape(-1, 2).double()
     tail = (1.0 - mass) / 2.0
@@ -61,6 +72,10 @@ def credible_extent(
         float(q) for q in samples[:, 0].quantile(torch.tensor([tail, 1.0 - tail]).double())
     )
     lon0, lon1 = _shortest_arc(samples[:, 1], mass)
+    for lat, lon in include:
+        # the point's longitude turned by whole turns to lie nearest the window's middle
+        lon = (lon - (lon0 + lon1) / 2.0 + 180.0) % 360.0 - 180.0 + (lon0 + lon1) / 2.0
+        lat0, lat1, lon0, lon1 = min(lat0, lat), max(lat1, lat), min(lon0, lon), max(lon1, lon)
     lat_pad, lon_pad = PAD * (lat1 - lat0), PAD * (lon1 - lon0)
     lat0, lat1, lon0, lon1 = lat0 - lat_pad, lat1 + lat_pad, lon0 - lon_pad, lon1 + lon_pad
     lat_mid, lon_mid = (lat0 + lat1) / 2.0, (lon0 + lon1) / 2.0
@@ -90,3 +105,28 @@ def osm_url(lat: float, lon: float, radius_km: float) -> str:
         f"https://www.openstreetmap.org/?mlat={lat:.5f}&mlon={lon:.5f}"
         f"#map={zoom}/{lat:.5f}/{lon:.5f}"
     )
+
+
+IN_VIEW_PROBABILITY = 0.05
+"""Regions at least this probable stay inside a zoomed window, as does the best guess."""
+
+
+def answer_extent(
+    samples: torch.Tensor, best_guess: Sequence[float] | None = None, regions: Sequence = ()
+) -> tuple[float, float, float, float] | None:
+    """:func:`credible_extent` of samples (N, 2) degrees that also holds the best guess (lat,
+    lon) and the regions (dicts or :class:`~globeflow.answers.decode.Region`) of at least
+    :data:`IN_VIEW_PROBABILITY`; None for the whole world (or no samples)."""
+    if samples is None or len(samples) == 0:
+        return None
+
+    def get(region, key: str) -> float:
+        return float(region[key] if isinstance(region, dict) else getattr(region, key))
+
+    points = [tuple(best_guess)] if best_guess is not None else []
+    points += [
+        (get(r, "lat"), get(r, "lon"))
+        for r in regions
+        if get(r, "probability") >= IN_VIEW_PROBABILITY
+    ]
+    return credible_extent(torch.as_tensor(samples), include=points)

@@ -560,10 +560,12 @@ def _write_maps(
     located = [(r, label, name) for r, label, name in rows if r.get("ok")]
     for r, label, name in tqdm(located, desc="drawing maps", unit="map", disable=not progress):
         samples = torch.tensor(r["samples"])
+        extent = r.get("map_extent")
         render_map(
             map_dir / name,
             samples,
-            density=sample_density_grid(samples),
+            density=sample_density_grid(samples, extent=extent),
+            extent=extent,
             best_guess=(r["best_guess"]["lat"], r["best_guess"]["lon"]),
             truth=(r["exif_gps"]["lat"], r["exif_gps"]["lon"]) if r.get("exif_gps") else None,
             regions=r["regions"],

@@ -18,7 +18,7 @@ from PIL import Image
 
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
 from globeflow.answers.geocode import region_label
-from globeflow.answers.zoom import credible_extent, osm_url
+from globeflow.answers.zoom import answer_extent, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
@@ -160,7 +160,7 @@ class Locator:
         uniform = UNIFORM_LOCALIZABILITY_BITS if on_sphere else math.nan
         results = []
         for i in range(emb.shape[0]):
-            extent = credible_extent(samples[i])
+            extent = answer_extent(samples[i], guesses[i].tolist(), regions[i])
             result = {
                 **_answer_at_scale(guesses[i], regions[i], places[i], extent),
                 "localizability_bits": _finite_or_none(float(bits[i])),
