@@ -132,7 +132,8 @@
       effective_area_km2: result.effective_area_km2,
     }));
     (result.regions || []).forEach((r, i) => features.push(point(r.lat, r.lon, {
-      kind: "region", rank: i + 1, probability: r.probability, radius_km: r.radius_km, ...(r.place || {}),
+      kind: "region", rank: i + 1, probability: r.probability, radius_km: r.radius_km,
+      share_within_radius: r.share_within_radius, ...(r.place || {}), label: r.label,
     })));
     if (result.exif_gps) {
       features.push(point(result.exif_gps.lat, result.exif_gps.lon, { kind: "exif_gps", error_km: result.error_km }));
