@@ -20,6 +20,7 @@ from test_cli_checks import _save_tiny as save_tiny_model
 from typer.testing import CliRunner
 
 from globeflow.answers.geocode import region_label, reverse_geocode
+from globeflow.answers.zoom import osm_zoom
 from globeflow.apps.cli import PIPED_COLUMNS, app
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families import (
@@ -224,5 +225,12 @@ def test_architecture_result_example_is_arithmetically_consistent():
     assert number("localizability_vs_uniform_bits") == pytest.approx(
         bits - UNIFORM_LOCALIZABILITY_BITS, abs=0.01
     )
-    assert number("radius_km") == number("region_radius_km")
-    assert '"label": "France"' in example  # a 500 km region around Paris
+    # adaptive regions (region_radius_km null): a 620 km region around Paris holding 90% of
+    # its mode is named by its country, and so is the best guess that lies in it
+    assert '"region_radius_km": null' in example and number("share_within_radius") == 0.9
+    assert number("radius_km") == number("scale_km") == 620.0
+    assert region_label({"country": "France", "distance_km": 0.4, "bearing_deg": 35.0}, 620.0) == (
+        "France"
+    )
+    assert example.count('"label": "France"') == 2
+    assert f"#map={osm_zoom(620.0, 48.85)}/48.85000/2.35000" in example
