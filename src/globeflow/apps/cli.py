@@ -517,7 +517,7 @@ def _print_predict_table(
     console.print("OpenStreetMap at the best guess:", soft_wrap=True)
     for r, name in zip(results, labels, strict=True):
         if r.get("ok"):
-            console.print(f"  {name}  {r['osm_url']}", soft_wrap=True, markup=False)
+            console.print(f"  {name}: {r['osm_url']}", soft_wrap=True, markup=False)
 
 
 def _report_unreadable(results: list[dict]) -> int:
