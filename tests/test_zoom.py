@@ -143,3 +143,17 @@ def test_a_sharp_map_shows_its_window_with_a_scale_bar_and_a_world_inset():
     assert not label.overlaps(inset.get_window_extent(renderer))
     world = draw_map(np.random.default_rng(0).uniform([-60, -180], [60, 180], (300, 2)))
     assert len(world.axes) == 1 and world.axes[0].get_xlim() == (-180, 180)
+
+
+def test_names_come_from_the_nearest_town_along_the_surface():
+    # Off Taveuni (Fiji), across the antimeridian from the nearest town, Labasa (lon 179.4):
+    # nearest in (lat, lon) degrees is a town of Wallis and Futuna, 300 km away.
+    (by_degrees,) = reverse_geocode([[-16.48, -179.87]])
+    (by_surface,) = reverse_geocode([[-16.48, -179.87]], great_circle=True)
+    assert by_degrees.country == "Wallis and Futuna" and by_degrees.distance_km > 250
+    assert by_surface.country == "Fiji" and by_surface.distance_km < 100
+    rng = np.random.default_rng(0)
+    points = np.stack([rng.uniform(-80, 80, 300), rng.uniform(-180, 180, 300)], 1)
+    surface = reverse_geocode(points, great_circle=True)
+    degrees = reverse_geocode(points)
+    assert all(s.distance_km <= d.distance_km + 1e-3 for s, d in zip(surface, degrees))

@@ -145,12 +145,19 @@ def _as_array(latlon: object) -> np.ndarray:
     return arr
 
 
-def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> list[Place]:
+def reverse_geocode(
+    latlon: np.ndarray | Sequence[Sequence[float]] | object, great_circle: bool = False
+) -> list[Place]:
     """Nearest GeoNames place for each coordinate.
 
     Args:
         latlon: (N, 2) degrees (lat, lon); numpy array, torch tensor or nested sequence. A single
             (2,) pair is treated as N = 1. Non-finite rows get an empty :class:`Place`.
+        great_circle: nearest along the Earth's surface. By default nearest in (lat, lon)
+            degrees, as ``reverse_geocoder`` and so the reference benchmark code look it up
+            (for accuracy by country / region / city); that lookup misjudges distances near the
+            poles and across the antimeridian (a point off Fiji gets a town 300 km away in
+            Wallis and Futuna), which matters when naming places.
 
     Returns:
         N :class:`Place` objects, in input order.
@@ -167,8 +174,13 @@ def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> 
     pts[:, 0] = np.clip(pts[:, 0], -90.0, 90.0)
     pts[:, 1] = (pts[:, 1] + 180.0) % 360.0 - 180.0
     geocoder = _get_geocoder()
-    with contextlib.redirect_stdout(io.StringIO()):
-        rows = geocoder.query([(float(a), float(b)) for a, b in pts])
+    if great_circle:
+        tree = _unit_vector_tree()
+        _, nearest = tree.query(_unit_vectors(pts))
+        rows = [geocoder.locations[int(j)] for j in np.atleast_1d(nearest)]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rows = geocoder.query([(float(a), float(b)) for a, b in pts])
     for i, point, row in zip(idx, pts, rows, strict=True):
         cc = row.get("cc", "")
         km, bearing = _distance_and_bearing((float(row["lat"]), float(row["lon"])), point)
@@ -182,6 +194,27 @@ def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> 
             bearing_deg=round(bearing, 1),
         )
     return out
+
+
+def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
+    lat, lon = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+
+
+_sphere_tree = None
+
+
+def _unit_vector_tree():  # noqa: ANN202 - third-party type
+    """A KD-tree of the GeoNames places as unit vectors: chord order is great-circle order."""
+    global _sphere_tree
+    if _sphere_tree is None:
+        from scipy.spatial import cKDTree
+
+        places = np.asarray(_get_geocoder().tree.data, dtype=np.float64)
+        with _lock:
+            if _sphere_tree is None:
+                _sphere_tree = cKDTree(_unit_vectors(places))
+    return _sphere_tree
 
 
 def _distance_and_bearing(start: tuple[float, float], end: Sequence[float]) -> tuple[float, float]:

@@ -313,7 +313,7 @@ def _place_names(guesses: torch.Tensor, regions: list[list]) -> list[list[dict]]
 
     points = [guesses[i].tolist() for i in range(len(regions))]
     points += [[r.lat, r.lon] for regs in regions for r in regs]
-    places = iter(reverse_geocode(torch.tensor(points, dtype=torch.float64)))
+    places = iter(reverse_geocode(torch.tensor(points, dtype=torch.float64), great_circle=True))
     guess_places = [next(places).to_dict() for _ in regions]
     return [[g] + [next(places).to_dict() for _ in regs] for g, regs in zip(guess_places, regions)]
 
