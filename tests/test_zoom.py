@@ -157,3 +157,25 @@ def test_names_come_from_the_nearest_town_along_the_surface():
     surface = reverse_geocode(points, great_circle=True)
     degrees = reverse_geocode(points)
     assert all(s.distance_km <= d.distance_km + 1e-3 for s, d in zip(surface, degrees))
+
+
+def test_the_density_of_a_zoomed_map_keeps_a_1_km_mode_beside_a_1000_km_one():
+    from globeflow.answers.decode import sample_density_grid
+
+    sigma_km, n = 1.0, 1024
+    samples = _mixture([(PARIS, sigma_km, 0.5), ((-23.55, -46.63), 1000.0, 0.5)], n, seed=5)
+    half = 6 * sigma_km / KM_PER_DEG
+    extent = (PARIS[0] - half, PARIS[0] + half, PARIS[1] - 1.5 * half, PARIS[1] + 1.5 * half)
+    grid = sample_density_grid(samples, n_lat=48, n_lon=72, extent=extent)
+    density = np.exp(np.asarray(grid["log_density"]))
+    # the peak of a Gaussian of weight 1/2 and sd sigma, per steradian, smoothed by kernels of
+    # about the k-th neighbour distance (k = 32 of ~512: 0.35 sigma), i.e. 0.89 of it
+    sigma_sr = sigma_km / EARTH_RADIUS_KM
+    peak = 0.5 / (2 * math.pi * sigma_sr**2)
+    assert 0.6 * peak < density.max() < 1.1 * peak
+    # and the window holds the mode's mass (0.5, +-4 binomial standard errors, + 0.02 for the
+    # kernels of the few samples that lie outside the window)
+    cell_sr = (
+        np.radians(2 * half / 48) * np.radians(3 * half / 72) * math.cos(math.radians(PARIS[0]))
+    )
+    assert density.sum() * cell_sr == pytest.approx(0.5, abs=4 * math.sqrt(0.25 / n) + 0.02)

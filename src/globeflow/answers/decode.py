@@ -168,6 +168,24 @@ def _chord2(u: torch.Tensor, rows: slice) -> torch.Tensor:
     return (2.0 - 2.0 * u[rows] @ u.T).clamp_min(0.0)
 
 
+def default_neighbours(n: int) -> int:
+    """Neighbours that set the local scale of n samples: sqrt(n), 3 to 64."""
+    return min(64, max(3, round(math.sqrt(n))))
+
+
+def nearest_neighbours(samples: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared chord (unit sphere, float64) to each sample's k-th nearest other sample (N,),
+    and the indices of its k + 1 nearest samples, nearest first (N, k + 1): itself first,
+    except among duplicates. ``samples`` (N, 2) degrees, k < N."""
+    u = latlon_to_unit(samples.double())
+    kth, idx = [], []
+    for i in range(0, samples.shape[0], CHUNK_ROWS):
+        d2, nearest = _chord2(u, slice(i, i + CHUNK_ROWS)).topk(k + 1, largest=False)
+        kth.append(d2[:, k])
+        idx.append(nearest)
+    return torch.cat(kth), torch.cat(idx)
+
+
 def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.Tensor:
     """The mode each sample (N, 2) degrees belongs to, as the index of that mode's densest sample
     (N,) int64.
@@ -184,17 +202,10 @@ def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.T
     n = samples.shape[0]
     if n < 3:
         return torch.zeros(n, dtype=torch.long)
-    k = min(neighbours or min(64, max(3, round(math.sqrt(n)))), n - 1)
-    u = latlon_to_unit(samples.double())
-    knn_chord2, knn = [], []
-    for i in range(0, n, CHUNK_ROWS):
-        # k + 1 nearest: the sample itself comes first (distance 0), except among duplicates.
-        d2, idx = _chord2(u, slice(i, i + CHUNK_ROWS)).topk(k + 1, largest=False)
-        knn_chord2.append(d2[:, k])
-        knn.append(idx)
-    neighbour_idx = torch.cat(knn)  # (N, k + 1), nearest first
+    k = min(neighbours or default_neighbours(n), n - 1)
+    kth_chord2, neighbour_idx = nearest_neighbours(samples, k)
     # log density up to a constant: -log of the cap area 2 pi (1 - cos r) = pi chord^2.
-    log_density = -torch.cat(knn_chord2).clamp_min(1e-30).log()
+    log_density = -kth_chord2.clamp_min(1e-30).log()
     rank = torch.empty(n, dtype=torch.long)
     rank[torch.argsort(-log_density, stable=True)] = torch.arange(n)
     denser = rank[neighbour_idx] < rank[:, None]
@@ -290,11 +301,14 @@ def sample_density_grid(
 ) -> dict:
     """Kernel density estimate of samples (N, 2) on a lat/lon grid, per steradian.
 
-    A von Mises-Fisher kernel (normalised on S^2) with concentration 1/bandwidth^2 (radians);
-    the default bandwidth follows Scott's rule for 2-D data on the angular spread of the samples,
-    floored at one grid cell. The grid covers the globe, or the window ``extent`` = (lat0, lat1,
-    lon0, lon1) degrees (e.g. :func:`globeflow.answers.zoom.credible_extent`; lon1 may exceed
-    180). Returns ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists.
+    Von Mises-Fisher kernels (normalised on S^2) of concentration 1/bandwidth^2 (radians). By
+    default each sample's bandwidth is the distance to its k-th nearest sample (k of
+    :func:`default_neighbours`; an adaptive estimate, Abramson's square-root law, so a 1 km mode
+    stays 1 km wide beside a 1000 km one), floored at one grid cell; ``bandwidth_deg`` fixes
+    one for all. The grid covers the globe, or the window ``extent`` = (lat0, lat1, lon0, lon1)
+    degrees (e.g. :func:`globeflow.answers.zoom.credible_extent`; lon1 may exceed 180). Returns
+    ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists and the median
+    ``bandwidth_deg``.
     """
     if extent is None:
         grid, _ = latlon_grid(n_lat, n_lon)
@@ -306,24 +320,29 @@ def sample_density_grid(
         grid = torch.stack(torch.meshgrid(lat_c, lon_c, indexing="ij"), -1).reshape(-1, 2)
         # cells of metres: the cosines need float64 (float32 rounding costs kappa * 6e-8 nats)
         dtype = torch.float64
-    cell = float(grid[n_lon, 0] - grid[0, 0]) if n_lat > 1 else 180.0 / n_lat
-    units = latlon_to_unit(samples.double())
-    if bandwidth_deg is None:
-        centre = units.mean(0)
-        resultant = float(centre.norm())
-        spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-8))
-        bandwidth = spread * samples.shape[0] ** (-1.0 / 6.0)
-        bandwidth = max(bandwidth, math.radians(cell))
+    cell = math.radians(float(grid[n_lon, 0] - grid[0, 0]) if n_lat > 1 else 180.0 / n_lat)
+    n = samples.shape[0]
+    if bandwidth_deg is not None:
+        bandwidth = torch.full((n,), math.radians(bandwidth_deg), dtype=torch.float64)
+    elif n > 1:
+        kth_chord2, _ = nearest_neighbours(samples, min(default_neighbours(n), n - 1))
+        bandwidth = 2.0 * torch.asin(kth_chord2.sqrt() / 2.0).clamp_min(cell)
     else:
-        bandwidth = math.radians(bandwidth_deg)
+        bandwidth = torch.full((n,), cell, dtype=torch.float64)
     kappa = 1.0 / bandwidth**2
     # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
-    log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
-    # float32 for the global (grid x samples) kernel matrix: kappa <= 1 / (one grid cell)^2, so
-    # the rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
+    log_norm = kappa.log() - math.log(2 * math.pi) - torch.log(-torch.expm1(-2 * kappa))
+    # float32 for the global (grid x samples) kernels: kappa <= 1 / (one grid cell)^2, so the
+    # rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
+    units = latlon_to_unit(samples.double()).to(dtype)
     g = latlon_to_unit(grid).to(dtype)
-    logk = torch.addmm(torch.tensor(-kappa, dtype=dtype), g, units.to(dtype).T, alpha=kappa)
-    log_density = torch.logsumexp(logk, dim=-1).double() + log_norm - math.log(samples.shape[0])
+    kappa, log_norm = kappa.to(dtype), log_norm.to(dtype)
+    log_density = torch.cat(
+        [
+            torch.logsumexp((g[i : i + CHUNK_ROWS] @ units.T - 1.0) * kappa + log_norm, dim=-1)
+            for i in range(0, g.shape[0], CHUNK_ROWS)
+        ]
+    ).double() - math.log(n)
     lat = grid[:, 0].reshape(n_lat, n_lon)[:, 0]
     lon = grid[:, 1].reshape(n_lat, n_lon)[0]
     return {
@@ -331,5 +350,5 @@ def sample_density_grid(
         "lon": lon.tolist(),
         "log_density": log_density.reshape(n_lat, n_lon).float().tolist(),
         "kind": "kde",
-        "bandwidth_deg": math.degrees(bandwidth),
+        "bandwidth_deg": math.degrees(float(bandwidth.median())),
     }
