@@ -104,7 +104,8 @@ def test_a_street_scale_answer_is_shown_at_its_scale(browser, sharp_url, tmp_pat
                     if (d[i + 2] > d[i] + 20 && d[i + 2] > d[i + 1] + 20) blue++; }
                   return {red, blue, n: d.length / 20}; }"""
     )
-    # zoomed in, the density and the samples fill a good part of the map
-    assert stats["red"] > 0.02 * stats["n"] and stats["blue"] > 100, stats
+    # zoomed in, the density and the samples cover many pixels (a world map would show a dot
+    # of a few pixels: 8 km are 0.2 px of a 1280 px world)
+    assert stats["red"] > 100 and stats["blue"] > 100, stats
     assert not errors, errors
     page.close()
