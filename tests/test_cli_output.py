@@ -19,7 +19,7 @@ from PIL import Image
 from test_cli_checks import _save_tiny as save_tiny_model
 from typer.testing import CliRunner
 
-from globeflow.answers.geocode import region_label, reverse_geocode
+from globeflow.answers.geocode import format_km, region_label, reverse_geocode
 from globeflow.answers.zoom import osm_zoom
 from globeflow.apps.cli import PIPED_COLUMNS, app
 from globeflow.apps.pipeline import Locator
@@ -100,6 +100,29 @@ def test_predict_table_columns_carry_what_their_headers_say(tmp_path, tiny_model
         assert bits == pytest.approx(r["localizability_bits"] - UNIFORM_LOCALIZABILITY_BITS)
         assert row[4].startswith(f"{bits:.1f} (") and row[4].endswith("km²)")
         assert row[5] == "-"  # no EXIF GPS: no error, and never an error message
+
+
+def test_by_default_regions_come_at_the_answers_scale_with_an_osm_link(tmp_path, tiny_model):
+    photo = tmp_path / "a.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(photo), "--model", str(tiny_model), "--num-samples", "64", "--steps",
+         "2", "--json", str(out), "--no-progress"],
+        env=WIDE,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["settings"]["region_radius_km"] is None
+    top = r["regions"][0]
+    assert top["share_within_radius"] == 0.9 and 0 < top["radius_km"] < 20_100
+    assert "(probability, 90% radius)" in result.stdout
+    (row,) = _table_rows(result.stdout)
+    assert row[2] == r["best_guess"]["label"]
+    assert row[3] == f"{top['label']} ({top['probability']:.0%}, {format_km(top['radius_km'])})"
+    assert f"a.jpg: {r['osm_url']}" in result.stdout
+    assert r["osm_url"].startswith("https://www.openstreetmap.org/?mlat=")
 
 
 def test_error_column_holds_kilometres(tmp_path, tiny_model):
