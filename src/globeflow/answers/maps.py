@@ -131,6 +131,8 @@ def draw_map(
             lw=0.8,
             zorder=5,
         )
+    if extent is not None:
+        _draw_region_radii(ax, regions)
     if best_guess is not None:
         ax.scatter(
             [best_guess[1]],
@@ -248,6 +250,22 @@ def _draw_outlines(ax, extent: tuple | None = None, scale: float = 1.0) -> None:
                 [b + shift for b in borders], colors="#8a99a8", linewidths=0.3 * scale, zorder=3
             )
         )
+
+
+def _draw_region_radii(ax, regions: list[dict]) -> None:
+    """A dashed circle of each region's ``radius_km`` (an ellipse in degrees: the window is
+    true to scale), on a zoomed map where it shows."""
+    from matplotlib.patches import Ellipse
+
+    for region in regions:
+        radius_km = float(region.get("radius_km") or 0.0)
+        lat = float(region["lat"])
+        height = 2 * radius_km / KM_PER_DEG
+        width = height / max(np.cos(np.radians(lat)), 1e-3)
+        ax.add_patch(
+            Ellipse((float(region["lon"]), lat), width, height, fill=False, ls=(0, (3, 2)),
+                    edgecolor="#111", lw=0.6, alpha=0.7, zorder=5)
+        )  # fmt: skip
 
 
 def _draw_scale_bar(ax, extent: tuple) -> tuple:

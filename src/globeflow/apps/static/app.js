@@ -318,6 +318,17 @@
     (result.regions || []).forEach((reg, i) => {
       const px = x(reg.lon);
       const py = y(reg.lat);
+      // the region's radius as a dashed circle, on a window true to scale where it shows
+      const rPx = ((reg.radius_km || 0) / KM_PER_DEG) * (H / (view.lat1 - view.lat0));
+      if (view !== WORLD && rPx > 8 * s && rPx < 2 * W) {
+        ctx.beginPath();
+        ctx.setLineDash([4 * s, 3 * s]);
+        ctx.arc(px, py, rPx, 0, 2 * Math.PI);
+        ctx.lineWidth = 1 * s;
+        ctx.strokeStyle = "rgba(17, 17, 17, 0.7)";
+        ctx.stroke();
+        ctx.setLineDash([]);
+      }
       ctx.beginPath();
       ctx.arc(px, py, 7 * s, 0, 2 * Math.PI);
       ctx.lineWidth = 1.5 * s;
