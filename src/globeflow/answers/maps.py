@@ -121,40 +121,9 @@ def draw_map(
     _draw_outlines(ax, extent)
     if len(pts):
         ax.scatter(pts[:, 1], pts[:, 0], s=2.0, color=_SAMPLE_COLOR, alpha=0.5, lw=0, zorder=4)
-    for region in regions:
-        ax.scatter(
-            [float(region["lon"])],
-            [float(region["lat"])],
-            s=_REGION_MARKER_PT2,
-            facecolor="none",
-            edgecolor="#111",
-            lw=0.8,
-            zorder=5,
-        )
+    _draw_markers(ax, regions, best_guess, truth)
     if extent is not None:
         _draw_region_radii(ax, regions)
-    if best_guess is not None:
-        ax.scatter(
-            [best_guess[1]],
-            [best_guess[0]],
-            marker="*",
-            s=_STAR_PT2,
-            color="#f5b700",
-            edgecolor="#222",
-            lw=0.7,
-            zorder=7,
-        )
-    if truth is not None:
-        ax.scatter(
-            [truth[1]],
-            [truth[0]],
-            marker="X",
-            s=_CROSS_PT2,
-            color="#17a34a",
-            edgecolor="white",
-            lw=0.7,
-            zorder=8,
-        )
     legend = _draw_legend(ax, len(pts), density is not None, bool(regions), best_guess, truth)
     obstacles = []
     if extent is not None:
@@ -164,6 +133,19 @@ def draw_map(
     if title:
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
     return fig
+
+
+def _draw_markers(ax, regions: list[dict], best_guess, truth) -> None:
+    """Circles at the regions' centres, a star at the best guess, a cross at the truth."""
+    for region in regions:
+        ax.scatter([float(region["lon"])], [float(region["lat"])], s=_REGION_MARKER_PT2,
+                   facecolor="none", edgecolor="#111", lw=0.8, zorder=5)  # fmt: skip
+    if best_guess is not None:
+        ax.scatter([best_guess[1]], [best_guess[0]], marker="*", s=_STAR_PT2, color="#f5b700",
+                   edgecolor="#222", lw=0.7, zorder=7)  # fmt: skip
+    if truth is not None:
+        ax.scatter([truth[1]], [truth[0]], marker="X", s=_CROSS_PT2, color="#17a34a",
+                   edgecolor="white", lw=0.7, zorder=8)  # fmt: skip
 
 
 def _as_latlon(samples_latlon: Any) -> np.ndarray:
