@@ -102,18 +102,24 @@ def test_predict_table_columns_carry_what_their_headers_say(tmp_path, tiny_model
         assert row[5] == "-"  # no EXIF GPS: no error, and never an error message
 
 
-def test_by_default_regions_come_at_the_answers_scale_with_an_osm_link(tmp_path, tiny_model):
-    photo = tmp_path / "a.jpg"
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
-    out = tmp_path / "r.json"
+def _predict_one(photo: Path, model: Path, num_samples: int) -> tuple:
+    """``predict`` of one photo: the CLI's result and the photo's JSON result."""
+    out = photo.with_suffix(".json")
     result = CliRunner().invoke(
         app,
-        ["predict", str(photo), "--model", str(tiny_model), "--num-samples", "64", "--steps",
-         "2", "--json", str(out), "--no-progress"],
+        ["predict", str(photo), "--model", str(model), "--num-samples", str(num_samples),
+         "--steps", "2", "--json", str(out), "--no-progress"],
         env=WIDE,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (r,) = json.loads(out.read_text())["results"]
+    return result, r
+
+
+def test_by_default_regions_come_at_the_answers_scale_with_an_osm_link(tmp_path, tiny_model):
+    photo = tmp_path / "a.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    result, r = _predict_one(photo, tiny_model, 64)
     assert r["settings"]["region_radius_km"] is None
     top = r["regions"][0]
     assert top["share_within_radius"] == 0.9 and 0 < top["radius_km"] < 20_100
@@ -128,17 +134,9 @@ def test_by_default_regions_come_at_the_answers_scale_with_an_osm_link(tmp_path,
 def test_error_column_holds_kilometres(tmp_path, tiny_model):
     photo = tmp_path / "gps.jpg"
     Image.new("RGB", (64, 48), (90, 160, 30)).save(photo, exif=_gps(48.0, 2.0))
-    out = tmp_path / "r.json"
-    result = CliRunner().invoke(
-        app,
-        ["predict", str(photo), "--model", str(tiny_model), "--num-samples", "16", "--steps",
-         "2", "--json", str(out), "--no-progress"],
-        env=WIDE,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    result, r = _predict_one(photo, tiny_model, 16)
     (row,) = _table_rows(result.stdout)
-    km = json.loads(out.read_text())["results"][0]["error_km"]
-    assert row[5] == f"{km:.0f}"
+    assert row[5] == f"{r['error_km']:.0f}"
 
 
 def _gps(lat: float, lon: float) -> Image.Exif:
