@@ -150,6 +150,9 @@ class SharpModel:
     metadata: dict = {}
     device = "cpu"
 
+    def __init__(self, modes=SHARP_MODES) -> None:
+        self.modes = modes
+
     def eval(self):
         return self
 
@@ -159,14 +162,13 @@ class SharpModel:
         draws = [self._mixture(num_samples, generator) for _ in range(emb.shape[0])]
         return torch.stack(draws).float()
 
-    @staticmethod
-    def _mixture(n, generator):
+    def _mixture(self, n, generator):
         import torch
 
-        weights = torch.tensor([w for _, _, w in SHARP_MODES], dtype=torch.float64)
+        weights = torch.tensor([w for _, _, w in self.modes], dtype=torch.float64)
         component = torch.multinomial(weights, n, replacement=True, generator=generator)
         out = torch.empty(n, 2, dtype=torch.float64)
-        for i, ((lat, lon), sd_km, _) in enumerate(SHARP_MODES):
+        for i, ((lat, lon), sd_km, _) in enumerate(self.modes):
             chosen = component == i
             noise = torch.randn(int(chosen.sum()), 2, generator=generator, dtype=torch.float64)
             deg = sd_km / 111.195  # km per degree of latitude (R = 6371 km)
@@ -175,12 +177,11 @@ class SharpModel:
             )
         return out
 
-    @staticmethod
-    def log2_density_bits() -> float:
+    def log2_density_bits(self) -> float:
         """E[log2 p] per steradian of the mixture (its modes do not overlap): minus the
         weighted entropies of the Gaussians, minus the entropy of the weights."""
         bits = 0.0
-        for _, sd_km, w in SHARP_MODES:
+        for _, sd_km, w in self.modes:
             var_sr = (sd_km / 6371.0) ** 2
             bits -= w * math.log2(2 * math.pi * math.e * var_sr) + w * math.log2(1 / w)
         return bits
@@ -201,8 +202,8 @@ class FakeEncoder:
         return torch.zeros(len(images), self.dim)
 
 
-def sharp_locator():
+def sharp_locator(modes=SHARP_MODES):
     """A real :class:`~globeflow.apps.pipeline.Locator` over :class:`SharpModel`."""
     from globeflow.apps.pipeline import Locator
 
-    return Locator(SharpModel(), FakeEncoder(), model_name="sharp-stub")
+    return Locator(SharpModel(modes), FakeEncoder(), model_name="sharp-stub")

@@ -179,3 +179,25 @@ def test_the_density_of_a_zoomed_map_keeps_a_1_km_mode_beside_a_1000_km_one():
         np.radians(2 * half / 48) * np.radians(3 * half / 72) * math.cos(math.radians(PARIS[0]))
     )
     assert density.sum() * cell_sr == pytest.approx(0.5, abs=4 * math.sqrt(0.25 / n) + 0.02)
+
+
+def test_an_answer_in_the_southern_ocean_is_not_named_after_a_town(tmp_path):
+    from _fake_locator import sharp_locator
+    from PIL import Image
+
+    from globeflow.answers.export import CSV_FIELDS, results_to_csv, results_to_geojson
+
+    locator = sharp_locator((((-50.0, 147.0), 20.0, 1.0),))
+    (r,) = locator.locate_images([("sea.jpg", Image.new("RGB", (8, 8)))], num_samples=256)
+    assert r["best_guess"]["label"].startswith("open sea or wilderness, ")
+    assert r["regions"][0]["label"] == r["best_guess"]["label"]  # 20 km wide: same words
+    assert r["best_guess"]["place"]["distance_km"] > 700
+    # the CSV and GeoJSON carry the same names and the link
+    path = results_to_csv([r], tmp_path / "r.csv")
+    header, row = path.read_text().splitlines()
+    assert header.split(",") == CSV_FIELDS and r["osm_url"] in row
+    assert '"open sea or wilderness, ' in row
+    (best, region) = results_to_geojson([r])["features"]
+    assert best["properties"]["label"] == r["best_guess"]["label"]
+    assert best["properties"]["osm_url"] == r["osm_url"]
+    assert region["properties"]["share_within_radius"] == 0.9
