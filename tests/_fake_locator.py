@@ -99,7 +99,8 @@ class FakeLocator:
                     "place": LYON,
                 },
             ],
-            "localizability_bits": -3.2,
+            "localizability_bits": 3.31,
+            "localizability_vs_uniform_bits": 6.96,
             "effective_area_km2": 4.1e6,
             "samples": [[round(a, 4), round(b, 4)] for a, b in samples.tolist()],
             "exif_gps": None,
@@ -128,3 +129,81 @@ class FakeLocator:
                 "log_density": logd.round(3).tolist(),
             }
         return result
+
+
+# ---- a sharp answer through the real pipeline ----------------------------------------------
+
+EIFFEL_TOWER = (48.8584, 2.2945)
+LOUVRE = (48.8606, 2.3376)
+SHARP_MODES = ((EIFFEL_TOWER, 0.1, 0.7), (LOUVRE, 0.3, 0.3))
+"""(centre, per-axis sd in km, weight): a street-scale answer with two sharp modes 3 km apart."""
+
+
+class SharpModel:
+    """Stands in for a generative model whose posterior is :data:`SHARP_MODES` whatever the
+    photo: ``sample`` draws from the mixture, ``localizability`` returns its entropy. Behind a
+    real :class:`globeflow.apps.pipeline.Locator`, everything after sampling (regions, names,
+    map window, OSM link, formatting) is the product's own code."""
+
+    family = "sharp-stub"
+    cond_dim = 4
+    metadata: dict = {}
+    device = "cpu"
+
+    def __init__(self, modes=SHARP_MODES) -> None:
+        self.modes = modes
+
+    def eval(self):
+        return self
+
+    def sample(self, emb, num_samples, steps=None, guidance=None, generator=None, **_):
+        import torch
+
+        draws = [self._mixture(num_samples, generator) for _ in range(emb.shape[0])]
+        return torch.stack(draws).float()
+
+    def _mixture(self, n, generator):
+        import torch
+
+        weights = torch.tensor([w for _, _, w in self.modes], dtype=torch.float64)
+        component = torch.multinomial(weights, n, replacement=True, generator=generator)
+        out = torch.empty(n, 2, dtype=torch.float64)
+        for i, ((lat, lon), sd_km, _) in enumerate(self.modes):
+            chosen = component == i
+            noise = torch.randn(int(chosen.sum()), 2, generator=generator, dtype=torch.float64)
+            deg = sd_km / 111.195  # km per degree of latitude (R = 6371 km)
+            out[chosen] = torch.tensor([lat, lon]) + noise * torch.tensor(
+                [deg, deg / math.cos(math.radians(lat))]
+            )
+        return out
+
+    def log2_density_bits(self) -> float:
+        """E[log2 p] per steradian of the mixture (its modes do not overlap): minus the
+        weighted entropies of the Gaussians, minus the entropy of the weights."""
+        bits = 0.0
+        for _, sd_km, w in self.modes:
+            var_sr = (sd_km / 6371.0) ** 2
+            bits -= w * math.log2(2 * math.pi * math.e * var_sr) + w * math.log2(1 / w)
+        return bits
+
+    def localizability(self, emb, num_samples, steps=None, generator=None, **_):
+        import torch
+
+        bits = torch.full((emb.shape[0],), self.log2_density_bits())
+        return bits, torch.full_like(bits, 0.05)
+
+
+class FakeEncoder:
+    name, dim = "fake-encoder", 4
+
+    def embed(self, images):
+        import torch
+
+        return torch.zeros(len(images), self.dim)
+
+
+def sharp_locator(modes=SHARP_MODES):
+    """A real :class:`~globeflow.apps.pipeline.Locator` over :class:`SharpModel`."""
+    from globeflow.apps.pipeline import Locator
+
+    return Locator(SharpModel(modes), FakeEncoder(), model_name="sharp-stub")

@@ -19,7 +19,8 @@ from PIL import Image
 from test_cli_checks import _save_tiny as save_tiny_model
 from typer.testing import CliRunner
 
-from globeflow.answers.geocode import region_label, reverse_geocode
+from globeflow.answers.geocode import format_km, region_label, reverse_geocode
+from globeflow.answers.zoom import osm_zoom
 from globeflow.apps.cli import PIPED_COLUMNS, app
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families import (
@@ -89,8 +90,11 @@ def test_predict_table_columns_carry_what_their_headers_say(tmp_path, tiny_model
     for name, row in rows.items():
         r = results[name]
         top = r["regions"][0]
-        # an 800 km region is named by its country, with its probability
-        assert top["label"] == top["place"]["country"] != ""
+        # an 800 km region is named at that scale: by its country when it holds the nearest
+        # town, else by the way to that town
+        assert top["radius_km"] == 800.0 and top["label"] == region_label(top["place"], 800.0)
+        if top["place"]["distance_km"] <= 800.0:
+            assert top["label"] == top["place"]["country"] != ""
         assert row[3] == f"{top['label']} ({top['probability']:.0%})"
         bits = r["localizability_vs_uniform_bits"]
         assert bits == pytest.approx(r["localizability_bits"] - UNIFORM_LOCALIZABILITY_BITS)
@@ -98,20 +102,41 @@ def test_predict_table_columns_carry_what_their_headers_say(tmp_path, tiny_model
         assert row[5] == "-"  # no EXIF GPS: no error, and never an error message
 
 
-def test_error_column_holds_kilometres(tmp_path, tiny_model):
-    photo = tmp_path / "gps.jpg"
-    Image.new("RGB", (64, 48), (90, 160, 30)).save(photo, exif=_gps(48.0, 2.0))
-    out = tmp_path / "r.json"
+def _predict_one(photo: Path, model: Path, num_samples: int) -> tuple:
+    """``predict`` of one photo: the CLI's result and the photo's JSON result."""
+    out = photo.with_suffix(".json")
     result = CliRunner().invoke(
         app,
-        ["predict", str(photo), "--model", str(tiny_model), "--num-samples", "16", "--steps",
-         "2", "--json", str(out), "--no-progress"],
+        ["predict", str(photo), "--model", str(model), "--num-samples", str(num_samples),
+         "--steps", "2", "--json", str(out), "--no-progress"],
         env=WIDE,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    (r,) = json.loads(out.read_text())["results"]
+    return result, r
+
+
+def test_by_default_regions_come_at_the_answers_scale_with_an_osm_link(tmp_path, tiny_model):
+    photo = tmp_path / "a.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    result, r = _predict_one(photo, tiny_model, 64)
+    assert r["settings"]["region_radius_km"] is None
+    top = r["regions"][0]
+    assert top["share_within_radius"] == 0.9 and 0 < top["radius_km"] < 20_100
+    assert "(probability, 90% radius)" in result.stdout
     (row,) = _table_rows(result.stdout)
-    km = json.loads(out.read_text())["results"][0]["error_km"]
-    assert row[5] == f"{km:.0f}"
+    assert row[2] == r["best_guess"]["label"]
+    assert row[3] == f"{top['label']} ({top['probability']:.0%}, {format_km(top['radius_km'])})"
+    assert f"a.jpg: {r['osm_url']}" in result.stdout
+    assert r["osm_url"].startswith("https://www.openstreetmap.org/?mlat=")
+
+
+def test_error_column_holds_kilometres(tmp_path, tiny_model):
+    photo = tmp_path / "gps.jpg"
+    Image.new("RGB", (64, 48), (90, 160, 30)).save(photo, exif=_gps(48.0, 2.0))
+    result, r = _predict_one(photo, tiny_model, 16)
+    (row,) = _table_rows(result.stdout)
+    assert row[5] == f"{r['error_km']:.0f}"
 
 
 def _gps(lat: float, lon: float) -> Image.Exif:
@@ -221,5 +246,12 @@ def test_architecture_result_example_is_arithmetically_consistent():
     assert number("localizability_vs_uniform_bits") == pytest.approx(
         bits - UNIFORM_LOCALIZABILITY_BITS, abs=0.01
     )
-    assert number("radius_km") == number("region_radius_km")
-    assert '"label": "France"' in example  # a 500 km region around Paris
+    # adaptive regions (region_radius_km null): a 620 km region around Paris holding 90% of
+    # its mode is named by its country, and so is the best guess that lies in it
+    assert '"region_radius_km": null' in example and number("share_within_radius") == 0.9
+    assert number("radius_km") == number("scale_km") == 620.0
+    assert region_label({"country": "France", "distance_km": 0.4, "bearing_deg": 35.0}, 620.0) == (
+        "France"
+    )
+    assert example.count('"label": "France"') == 2
+    assert f"#map={osm_zoom(620.0, 48.85)}/48.85000/2.35000" in example

@@ -153,7 +153,8 @@ def test_upload_shows_map_regions_and_best_guess(browser, server_url, tmp_path) 
     assert "Paris" in names[0] and "New York City" in names[1] and "Lyon" in names[2]
     probs = card.locator("[data-testid=region-probability]").all_inner_texts()
     assert [p.strip() for p in probs] == ["55%", "30%", "15%"]
-    assert "-3.2 bits" in card.locator("[data-testid=localizability]").inner_text()
+    # the CLI's scale, labelled (the raw localizability_bits of 3.31 is not shown)
+    assert "7.0 bits vs uniform" in card.locator("[data-testid=localizability]").inner_text()
     assert "4.1 million km²" in card.locator("[data-testid=effective-area]").inner_text()
     assert (
         f"{abs(truth[0]):.3f}° {'N' if truth[0] >= 0 else 'S'}"
@@ -256,7 +257,9 @@ def test_real_pipeline_in_the_browser(browser, tmp_path) -> None:
         ]
         assert probs and all(0 < p <= 100 for p in probs) and sum(probs) <= 100.5
         assert probs == sorted(probs, reverse=True)
-        assert "bits" in card.locator("[data-testid=localizability]").inner_text()
+        assert "bits vs uniform" in card.locator("[data-testid=localizability]").inner_text()
+        osm = card.locator("[data-testid=osm-link]").get_attribute("href")
+        assert osm.startswith("https://www.openstreetmap.org/?mlat=")
         lat, _ = read_exif_gps(photo)
         assert f"{abs(lat):.3f}" in card.locator("[data-testid=truth]").inner_text()
         assert re.search(r"\d", card.locator("[data-testid=error-km]").inner_text())

@@ -62,12 +62,22 @@ def best_guess(samples: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
+REGION_CREDIBILITY = 0.9
+"""Share of an adaptive region's samples that lie within its ``radius_km``."""
+PERSISTENCE_SDS = 3.0
+"""Two modes stay apart when the lighter peak rises above their saddle by more than this many
+standard errors of the log-density estimate."""
+CHUNK_ROWS = 1024
+"""Rows of the (rows x N) distance blocks: 16 MB of float32 per 1024 rows of 4096 samples."""
+
+
 @dataclass
 class Region:
     """A place that holds a share of the model's samples.
 
-    ``probability`` is the fraction of samples within ``radius_km`` of (lat, lon) that no
-    higher-ranked region claimed; ``spread_km`` the median distance of those samples to the centre.
+    ``probability`` is the share of samples in the region (see :func:`top_regions`);
+    ``radius_km`` the radius around (lat, lon) that holds ``share_within_radius`` of them;
+    ``spread_km`` the median distance of the region's samples to its centre.
     """
 
     lat: float
@@ -75,6 +85,7 @@ class Region:
     probability: float
     radius_km: float
     spread_km: float
+    share_within_radius: float = 1.0
 
     def to_dict(self) -> dict:
         return {
@@ -83,22 +94,184 @@ class Region:
             "probability": self.probability,
             "radius_km": self.radius_km,
             "spread_km": self.spread_km,
+            "share_within_radius": self.share_within_radius,
         }
 
 
 def top_regions(
-    samples: torch.Tensor, k: int = 5, radius_km: float = 500.0, min_probability: float = 0.01
+    samples: torch.Tensor,
+    k: int = 5,
+    radius_km: float | None = None,
+    min_probability: float = 0.01,
+    credibility: float = REGION_CREDIBILITY,
 ) -> list[Region]:
-    """Greedy mode finding on samples (N, 2): repeatedly take the sample with the most unclaimed
-    samples within ``radius_km`` as a region centre and claim those samples.
+    """Up to k regions of samples (N, 2) degrees, most probable first, at the samples' own scale.
 
-    Returns up to k regions, most probable first; the probabilities are disjoint sample shares.
+    Adaptive (``radius_km`` None): the modes of the samples, found by :func:`mode_labels` at the
+    scale of each neighbourhood (0.1 km to thousands of km in one answer). A region's
+    ``probability`` is its mode's share of the samples, its centre the sample at its peak, its
+    ``radius_km`` the distance from the centre within which ``credibility`` of them lie.
+
+    Fixed (``radius_km`` given): greedy discs; repeatedly the sample with the most unclaimed
+    samples within ``radius_km`` becomes a centre and claims them (``probability``: that share).
+
+    Probabilities are disjoint sample shares; regions below ``min_probability`` are left out.
+    """
+    samples = samples.reshape(-1, 2)
+    if radius_km is not None:
+        return _fixed_radius_regions(samples, k, radius_km, min_probability)
+    n = samples.shape[0]
+    labels = mode_labels(samples)
+    modes, counts = labels.unique(return_counts=True)
+    regions: list[Region] = []
+    for i in counts.argsort(descending=True, stable=True)[:k].tolist():
+        if float(counts[i]) / n < min_probability:
+            break
+        members = samples[labels == modes[i]]
+        centre = members[_mode_centre(members)]
+        km = pairwise_km(centre[None], members)[0]
+        regions.append(
+            Region(
+                lat=float(centre[0]),
+                lon=float(centre[1]),
+                probability=float(counts[i]) / n,
+                radius_km=float(km.quantile(credibility)),
+                spread_km=float(km.median()),
+                share_within_radius=credibility,
+            )
+        )
+    return regions
+
+
+def _mode_centre(members: torch.Tensor, keep: float = REGION_CREDIBILITY, rounds: int = 4) -> int:
+    """Index of the member (M, 2) degrees nearest the centre of a mode's samples.
+
+    The densest sample by the k-NN estimate wanders on a flat-topped mode (by up to half its
+    width). The mean of the members nearest the current centre (a share ``keep`` of them,
+    starting from all) does not, and trimming the farthest keeps a tail from pulling it; the
+    nearest member stands for it, so that a centre is always where samples are.
+    """
+    u = latlon_to_unit(members.double())
+    centre = torch.nn.functional.normalize(u.mean(0), dim=0)
+    for _ in range(rounds):
+        chord2 = ((u - centre) ** 2).sum(-1)
+        window = chord2 <= chord2.quantile(keep)
+        centre = torch.nn.functional.normalize(u[window].mean(0), dim=0)
+    return int(((u - centre) ** 2).sum(-1).argmin())
+
+
+def _chords(u: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Chords (unit sphere) between the unit vectors u[rows] and all of u (N, 3): (R, N).
+
+    From coordinate differences, not from the Gram matrix: 2 - 2 cos cancels (to 2 km in
+    float32), differences keep float32 within ~1e-7 (0.6 m, the resolution of float32 latitudes)
+    at every distance, at half the time of float64 Gram matrices.
+    """
+    return torch.cdist(u[rows], u, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def default_neighbours(n: int) -> int:
+    """Neighbours that set the local scale of n samples: sqrt(n), 3 to 64."""
+    return min(64, max(3, round(math.sqrt(n))))
+
+
+def nearest_neighbours(samples: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared chord (unit sphere) to each sample's k-th nearest other sample (N,) float64,
+    and the indices of its k + 1 nearest samples, nearest first (N, k + 1): itself first,
+    except among duplicates. ``samples`` (N, 2) degrees, k < N."""
+    u = latlon_to_unit(samples.double()).float()
+    kth, idx = [], []
+    for i in range(0, samples.shape[0], CHUNK_ROWS):
+        chord, nearest = _chords(u, slice(i, i + CHUNK_ROWS)).topk(k + 1, largest=False)
+        kth.append(chord[:, k].double() ** 2)
+        idx.append(nearest)
+    return torch.cat(kth), torch.cat(idx)
+
+
+def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.Tensor:
+    """The mode each sample (N, 2) degrees belongs to, as the index of that mode's densest sample
+    (N,) int64.
+
+    The density at each sample is read from the cap reaching its ``neighbours``-th nearest sample
+    (default sqrt(N), 3 to 64), so the scale follows the samples: a 1 km mode and a 1000 km one
+    in the same answer are each seen at their own width. Each sample joins its nearest denser
+    neighbour (quick shift on the k-nearest-neighbour graph); the modes found so are then merged,
+    highest saddle first, where the lighter peak rises above the saddle joining them by less than
+    :data:`PERSISTENCE_SDS` standard errors of the density estimate (1 / sqrt(k) in log): the
+    persistence rule of ToMATo (Chazal et al., 2013), which keeps the noise of the estimate from
+    splitting one mode.
     """
     n = samples.shape[0]
-    u = latlon_to_unit(samples.float())
-    # Within the radius <=> cosine of the angle above the radius's: one float32 product, exact
-    # enough at any radius (the cosine is only ill-conditioned near 0 km).
-    near = u @ u.T >= math.cos(min(radius_km / EARTH_RADIUS_KM, math.pi))
+    if n < 3:
+        return torch.zeros(n, dtype=torch.long)
+    k = min(neighbours or default_neighbours(n), n - 1)
+    kth_chord2, neighbour_idx = nearest_neighbours(samples, k)
+    # log density up to a constant: -log of the cap area 2 pi (1 - cos r) = pi chord^2.
+    log_density = -kth_chord2.clamp_min(1e-30).log()
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.argsort(-log_density, stable=True)] = torch.arange(n)
+    denser = rank[neighbour_idx] < rank[:, None]
+    first = torch.where(denser.any(-1), denser.float().argmax(-1), -1)
+    parent = torch.where(
+        first >= 0, neighbour_idx.gather(1, first.clamp_min(0)[:, None])[:, 0], torch.arange(n)
+    )
+    labels = _roots(parent)
+    return _merge_modes(labels, neighbour_idx, log_density, PERSISTENCE_SDS / math.sqrt(k))
+
+
+def _roots(parent: torch.Tensor) -> torch.Tensor:
+    """The root of each node of a forest given by ``parent`` (N,), roots their own parent.
+
+    Pointer jumping: log2(depth) rounds."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _merge_modes(
+    labels: torch.Tensor, neighbour_idx: torch.Tensor, log_density: torch.Tensor, persistence: float
+) -> torch.Tensor:
+    """Merge the modes of ``labels`` (N,) along the k-NN edges ``neighbour_idx`` (N, k + 1): the
+    saddle of two modes is the highest edge between them, an edge as high as its lower end."""
+    a = labels[:, None].expand_as(neighbour_idx).reshape(-1)
+    b = labels[neighbour_idx].reshape(-1)
+    height = torch.minimum(log_density[:, None], log_density[neighbour_idx]).reshape(-1)
+    across = a != b
+    if not across.any():
+        return labels
+    n = labels.shape[0]
+    pair = torch.minimum(a, b)[across] * n + torch.maximum(a, b)[across]
+    pairs, where = pair.unique(return_inverse=True)
+    saddle = torch.full((len(pairs),), -math.inf, dtype=height.dtype)
+    saddle = saddle.scatter_reduce(0, where, height[across], "amax")
+    root = {int(m): int(m) for m in labels.unique()}
+
+    def find(m: int) -> int:
+        while root[m] != m:
+            m = root[m]
+        return m
+
+    for i in saddle.argsort(descending=True).tolist():
+        ra, rb = find(int(pairs[i]) // n), find(int(pairs[i]) % n)
+        if ra == rb:
+            continue
+        low, high = (ra, rb) if log_density[ra] < log_density[rb] else (rb, ra)
+        if log_density[low] - saddle[i] < persistence:
+            root[low] = high
+    final = {m: find(m) for m in root}
+    return torch.tensor([final[m] for m in labels.tolist()])
+
+
+def _fixed_radius_regions(
+    samples: torch.Tensor, k: int, radius_km: float, min_probability: float
+) -> list[Region]:
+    n = samples.shape[0]
+    u = latlon_to_unit(samples.double()).float()
+    chord = 2.0 * math.sin(min(radius_km / EARTH_RADIUS_KM, math.pi) / 2.0)
+    blocks = range(0, n, CHUNK_ROWS)
+    near = torch.cat([_chords(u, slice(i, i + CHUNK_ROWS)) <= chord for i in blocks])
     unclaimed = torch.ones(n, dtype=torch.bool)
     regions: list[Region] = []
     while len(regions) < k and unclaimed.any():
@@ -122,32 +295,56 @@ def top_regions(
 
 
 def sample_density_grid(
-    samples: torch.Tensor, n_lat: int = 90, n_lon: int = 180, bandwidth_deg: float | None = None
+    samples: torch.Tensor,
+    n_lat: int = 90,
+    n_lon: int = 180,
+    bandwidth_deg: float | None = None,
+    extent: tuple[float, float, float, float] | None = None,
 ) -> dict:
     """Kernel density estimate of samples (N, 2) on a lat/lon grid, per steradian.
 
-    A von Mises-Fisher kernel (normalised on S^2) with concentration 1/bandwidth^2 (radians);
-    the default bandwidth follows Scott's rule for 2-D data on the angular spread of the samples,
-    floored at one grid cell. Returns ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists.
+    Von Mises-Fisher kernels (normalised on S^2) of concentration 1/bandwidth^2 (radians). By
+    default each sample's bandwidth is the distance to its k-th nearest sample (k of
+    :func:`default_neighbours`; an adaptive estimate, Abramson's square-root law, so a 1 km mode
+    stays 1 km wide beside a 1000 km one), floored at one grid cell; ``bandwidth_deg`` fixes
+    one for all. The grid covers the globe, or the window ``extent`` = (lat0, lat1, lon0, lon1)
+    degrees (e.g. :func:`globeflow.answers.zoom.credible_extent`; lon1 may exceed 180). Returns
+    ``{"lat": (H,), "lon": (W,), "log_density": (H, W)}`` lists and the median
+    ``bandwidth_deg``.
     """
-    grid, _ = latlon_grid(n_lat, n_lon)
-    units = latlon_to_unit(samples.double())
-    if bandwidth_deg is None:
-        centre = units.mean(0)
-        resultant = float(centre.norm())
-        spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-8))
-        bandwidth = spread * samples.shape[0] ** (-1.0 / 6.0)
-        bandwidth = max(bandwidth, math.radians(180.0 / n_lat))
+    if extent is None:
+        grid, _ = latlon_grid(n_lat, n_lon)
+        dtype = torch.float32
     else:
-        bandwidth = math.radians(bandwidth_deg)
+        lat0, lat1, lon0, lon1 = extent
+        lat_c = lat0 + (torch.arange(n_lat, dtype=torch.float64) + 0.5) * (lat1 - lat0) / n_lat
+        lon_c = lon0 + (torch.arange(n_lon, dtype=torch.float64) + 0.5) * (lon1 - lon0) / n_lon
+        grid = torch.stack(torch.meshgrid(lat_c, lon_c, indexing="ij"), -1).reshape(-1, 2)
+        # cells of metres: the cosines need float64 (float32 rounding costs kappa * 6e-8 nats)
+        dtype = torch.float64
+    cell = math.radians(float(grid[n_lon, 0] - grid[0, 0]) if n_lat > 1 else 180.0 / n_lat)
+    n = samples.shape[0]
+    if bandwidth_deg is not None:
+        bandwidth = torch.full((n,), math.radians(bandwidth_deg), dtype=torch.float64)
+    elif n > 1:
+        kth_chord2, _ = nearest_neighbours(samples, min(default_neighbours(n), n - 1))
+        bandwidth = 2.0 * torch.asin(kth_chord2.sqrt() / 2.0).clamp_min(cell)
+    else:
+        bandwidth = torch.full((n,), cell, dtype=torch.float64)
     kappa = 1.0 / bandwidth**2
     # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
-    log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
-    # float32 for the (grid x samples) kernel matrix: kappa <= 1 / (one grid cell)^2, so the
+    log_norm = kappa.log() - math.log(2 * math.pi) - torch.log(-torch.expm1(-2 * kappa))
+    # float32 for the global (grid x samples) kernels: kappa <= 1 / (one grid cell)^2, so the
     # rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
-    g = latlon_to_unit(grid).float()
-    logk = torch.addmm(torch.tensor(-kappa), g, units.float().T, alpha=kappa)
-    log_density = torch.logsumexp(logk, dim=-1).double() + log_norm - math.log(samples.shape[0])
+    units = latlon_to_unit(samples.double()).to(dtype)
+    g = latlon_to_unit(grid).to(dtype)
+    kappa, log_norm = kappa.to(dtype), log_norm.to(dtype)
+    log_density = torch.cat(
+        [
+            torch.logsumexp((g[i : i + CHUNK_ROWS] @ units.T - 1.0) * kappa + log_norm, dim=-1)
+            for i in range(0, g.shape[0], CHUNK_ROWS)
+        ]
+    ).double() - math.log(n)
     lat = grid[:, 0].reshape(n_lat, n_lon)[:, 0]
     lon = grid[:, 1].reshape(n_lat, n_lon)[0]
     return {
@@ -155,5 +352,5 @@ def sample_density_grid(
         "lon": lon.tolist(),
         "log_density": log_density.reshape(n_lat, n_lon).float().tolist(),
         "kind": "kde",
-        "bandwidth_deg": math.degrees(bandwidth),
+        "bandwidth_deg": math.degrees(float(bandwidth.median())),
     }

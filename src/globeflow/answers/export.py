@@ -31,6 +31,9 @@ CSV_FIELDS = [
     "error_km",
     "top_region",
     "localizability_vs_uniform_bits",
+    "top_region_radius_km",
+    "place_label",
+    "osm_url",
     "map",
 ]
 
@@ -61,6 +64,9 @@ def result_to_row(result: dict) -> dict:
         error_km=result.get("error_km") if result.get("error_km") is not None else "",
         top_region=result["regions"][0].get("label", "") if result["regions"] else "",
         localizability_vs_uniform_bits=result.get("localizability_vs_uniform_bits"),
+        top_region_radius_km=result["regions"][0]["radius_km"] if result["regions"] else "",
+        place_label=bg.get("label", ""),
+        osm_url=result.get("osm_url", ""),
     )
     if result.get("exif_gps"):
         row.update(exif_lat=result["exif_gps"]["lat"], exif_lon=result["exif_gps"]["lon"])
@@ -103,7 +109,10 @@ def results_to_geojson(results: list[dict]) -> dict:
                     **({"map": r["map"]} if "map" in r else {}),
                     "kind": "best_guess",
                     **bg.get("place", {}),
+                    "label": bg.get("label", ""),
+                    "osm_url": r.get("osm_url", ""),
                     "localizability_bits": r.get("localizability_bits"),
+                    "localizability_vs_uniform_bits": r.get("localizability_vs_uniform_bits"),
                     "effective_area_km2": r.get("effective_area_km2"),
                 },
             )
@@ -119,7 +128,9 @@ def results_to_geojson(results: list[dict]) -> dict:
                         "rank": rank,
                         "probability": reg["probability"],
                         "radius_km": reg["radius_km"],
+                        "share_within_radius": reg.get("share_within_radius", 1.0),
                         **reg.get("place", {}),
+                        "label": reg.get("label", ""),
                     },
                 )
             )

@@ -10,24 +10,39 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Place", "reverse_geocode", "place_label", "region_label", "country_name"]
+__all__ = [
+    "Place",
+    "reverse_geocode",
+    "place_label",
+    "region_label",
+    "country_name",
+    "format_km",
+]
 
 
 @dataclass(frozen=True)
 class Place:
-    """An administrative place: nearest GeoNames populated place and its admin areas."""
+    """An administrative place: nearest GeoNames populated place and its admin areas.
+
+    ``distance_km`` is the great-circle distance from the queried point to the place, and
+    ``bearing_deg`` the direction of the queried point seen from the place (degrees clockwise
+    from north); both None when unknown.
+    """
 
     city: str
     region: str
     subregion: str
     country: str
     country_code: str
+    distance_km: float | None = None
+    bearing_deg: float | None = None
 
     def to_dict(self) -> dict[str, str]:
         """Plain dict with keys city, region, subregion, country, country_code."""
@@ -130,12 +145,19 @@ def _as_array(latlon: object) -> np.ndarray:
     return arr
 
 
-def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> list[Place]:
+def reverse_geocode(
+    latlon: np.ndarray | Sequence[Sequence[float]] | object, great_circle: bool = False
+) -> list[Place]:
     """Nearest GeoNames place for each coordinate.
 
     Args:
         latlon: (N, 2) degrees (lat, lon); numpy array, torch tensor or nested sequence. A single
             (2,) pair is treated as N = 1. Non-finite rows get an empty :class:`Place`.
+        great_circle: nearest along the Earth's surface. By default nearest in (lat, lon)
+            degrees, as ``reverse_geocoder`` and so the reference benchmark code look it up
+            (for accuracy by country / region / city); that lookup misjudges distances near the
+            poles and across the antimeridian (a point off Fiji gets a town 300 km away in
+            Wallis and Futuna), which matters when naming places.
 
     Returns:
         N :class:`Place` objects, in input order.
@@ -152,18 +174,63 @@ def reverse_geocode(latlon: np.ndarray | Sequence[Sequence[float]] | object) -> 
     pts[:, 0] = np.clip(pts[:, 0], -90.0, 90.0)
     pts[:, 1] = (pts[:, 1] + 180.0) % 360.0 - 180.0
     geocoder = _get_geocoder()
-    with contextlib.redirect_stdout(io.StringIO()):
-        rows = geocoder.query([(float(a), float(b)) for a, b in pts])
-    for i, row in zip(idx, rows, strict=True):
+    if great_circle:
+        tree = _unit_vector_tree()
+        _, nearest = tree.query(_unit_vectors(pts))
+        rows = [geocoder.locations[int(j)] for j in np.atleast_1d(nearest)]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rows = geocoder.query([(float(a), float(b)) for a, b in pts])
+    for i, point, row in zip(idx, pts, rows, strict=True):
         cc = row.get("cc", "")
+        km, bearing = _distance_and_bearing((float(row["lat"]), float(row["lon"])), point)
         out[int(i)] = Place(
             city=row.get("name", ""),
             region=row.get("admin1", ""),
             subregion=row.get("admin2", ""),
             country=country_name(cc),
             country_code=cc,
+            distance_km=round(km, 3),
+            bearing_deg=round(bearing, 1),
         )
     return out
+
+
+def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
+    lat, lon = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+
+
+_sphere_tree = None
+
+
+def _unit_vector_tree():  # noqa: ANN202 - third-party type
+    """A KD-tree of the GeoNames places as unit vectors: chord order is great-circle order."""
+    global _sphere_tree
+    if _sphere_tree is None:
+        from scipy.spatial import cKDTree
+
+        places = np.asarray(_get_geocoder().tree.data, dtype=np.float64)
+        with _lock:
+            if _sphere_tree is None:
+                _sphere_tree = cKDTree(_unit_vectors(places))
+    return _sphere_tree
+
+
+def _distance_and_bearing(start: tuple[float, float], end: Sequence[float]) -> tuple[float, float]:
+    """Great-circle km from ``start`` to ``end`` (lat, lon degrees) and the initial bearing
+    there (degrees clockwise from north, in [0, 360))."""
+    from globeflow.core.sphere import EARTH_RADIUS_KM
+
+    la1, lo1, la2, lo2 = map(math.radians, (*start, float(end[0]), float(end[1])))
+    h = (
+        math.sin((la2 - la1) / 2) ** 2
+        + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
+    )
+    km = 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
+    y = math.sin(lo2 - lo1) * math.cos(la2)
+    x = math.cos(la1) * math.sin(la2) - math.sin(la1) * math.cos(la2) * math.cos(lo2 - lo1)
+    return km, math.degrees(math.atan2(y, x)) % 360.0
 
 
 def place_label(place: Place | dict[str, str] | None) -> str:
@@ -179,26 +246,54 @@ def place_label(place: Place | dict[str, str] | None) -> str:
     return ", ".join(parts)
 
 
+CONTINENT_SCALE_KM = 1000.0
+"""Regions at least this wide (radius, km; wider than all but the largest countries) are named
+"around" the country at their centre."""
 COUNTRY_SCALE_KM = 250.0
 """Regions at least this wide (radius, km; about 200,000 km2, a mid-sized country) are named by
 their country."""
 ADMIN1_SCALE_KM = 25.0
 """Regions at least this wide (radius, km; about 2,000 km2) and below country scale are named by
 their first-level division (state, province) and country; smaller ones also by the town."""
+NEAR_KM = 1.0
+"""A town's point within this distance (or within the region's radius) names the region by
+itself; farther, the label says how far and which way from the town the region lies."""
+REMOTE_KM = 100.0
+"""With no town (population >= 1000) within this distance, nor within the region's radius, the
+place is open sea or wilderness, and the label says so before naming the nearest town."""
+_COMPASS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
 
 
-def region_label(place: Place | dict[str, str] | None, radius_km: float) -> str:
-    """The name of a region of ``radius_km`` around a place, at the scale of that radius.
+def format_km(km: float) -> str:
+    """A distance to two significant figures: 350 m, 1.2 km, 12 km, 1,020 km."""
+    if km < 1.0:
+        return f"{float(f'{km * 1000:.2g}'):,.0f} m"
+    return f"{float(f'{km:.2g}'):,g} km" if km < 10 else f"{round(km):,} km"
 
-    The nearest populated place to a region's centre is often a village that says little about
-    a region hundreds of km wide: such a region is named by its country, a smaller one by
-    "Region, Country", and one of town size by :func:`place_label`.
+
+def region_label(place: Place | dict | None, radius_km: float) -> str:
+    """The name of a region of ``radius_km`` around a point, at the scale of that radius.
+
+    ``place`` is the nearest populated place to the point (:func:`reverse_geocode`). A region
+    that holds it is named "around Country" from :data:`CONTINENT_SCALE_KM` on, by its country
+    from :data:`COUNTRY_SCALE_KM`, by "Region, Country" from :data:`ADMIN1_SCALE_KM`, and below
+    that by :func:`place_label` ("Town, Region, Country").
+    A region that does not reach the town says where it lies from there ("2.1 km NE of Yvoir,
+    Namur, Belgium"), and one with no town within :data:`REMOTE_KM` says it is remote ("open sea
+    or wilderness, 1,020 km S of Queenstown, Tasmania, Australia"): the nearest town may be a
+    coast far across the sea.
     """
     if place is None:
         return ""
     d = place.to_dict() if isinstance(place, Place) else place
+    km, bearing = d.get("distance_km"), d.get("bearing_deg")
+    if km is not None and bearing is not None and km > max(radius_km, NEAR_KM):
+        where = f"{format_km(km)} {_COMPASS[round(bearing / 45.0) % 8]} of {place_label(d)}"
+        return f"open sea or wilderness, {where}" if km > max(radius_km, REMOTE_KM) else where
+    if radius_km >= CONTINENT_SCALE_KM and d.get("country"):
+        return f"around {d['country']}"
     if radius_km >= COUNTRY_SCALE_KM:
-        keys = ("country",)
+        keys: tuple[str, ...] = ("country",)
     elif radius_km >= ADMIN1_SCALE_KM:
         keys = ("region", "country")
     else:

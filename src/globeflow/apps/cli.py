@@ -348,27 +348,43 @@ def _is_main_process() -> bool:
 
 
 def _area_km2(km2: float) -> str:
-    """An area to two significant figures: 510M km², 4.1M km², 38k km², 120 km²."""
+    """An area to two significant figures: 510M km², 4.1M km², 38k km², 120 km², 1.5 km²,
+    below 1 km² in m²: 470,000 m², 50 m²."""
+    if km2 < 1.0:
+        return f"{float(f'{km2 * 1e6:.2g}'):,.0f} m²"
     scale, unit = next(((s, u) for s, u in ((1e6, "M"), (1e3, "k")) if km2 >= s), (1.0, ""))
     return f"{float(f'{km2 / scale:.2g}'):g}{unit} km²"
 
 
-def _predict_rows(results: list[dict], labels: list[str]) -> list[list[str]]:
+def _region_cell(region: dict | None, fixed_radius: bool) -> str:
+    """ "Name (probability)" for a fixed radius (the header says it), else "Name (probability,
+    radius)"."""
+    from globeflow.answers.geocode import format_km
+
+    if region is None:
+        return "-"
+    if fixed_radius:
+        return f"{region['label']} ({region['probability']:.0%})"
+    return f"{region['label']} ({region['probability']:.0%}, {format_km(region['radius_km'])})"
+
+
+def _predict_rows(
+    results: list[dict], labels: list[str], fixed_radius: bool = False
+) -> list[list[str]]:
     """A table row per located photo (the photos that could not be read are listed apart)."""
     rows = []
     for r, name in zip(results, labels, strict=True):
         if not r.get("ok"):
             continue
         bg = r["best_guess"]
-        place = ", ".join(v for v in (bg["place"].get("city"), bg["place"].get("country")) if v)
         top = r["regions"][0] if r["regions"] else None
         bits, area = r.get("localizability_vs_uniform_bits"), r.get("effective_area_km2")
         rows.append(
             [
                 name,
-                f"{bg['lat']:.3f}, {bg['lon']:.3f}",
-                place,
-                f"{top['label']} ({top['probability']:.0%})" if top else "-",
+                f"{bg['lat']:.5f}, {bg['lon']:.5f}",
+                bg["label"],
+                _region_cell(top, fixed_radius),
                 f"{bits:.1f} ({_area_km2(area)})" if bits is not None else "-",
                 f"{r['error_km']:.0f}" if r.get("error_km") is not None else "-",
             ]
@@ -408,7 +424,9 @@ def predict(
     ),
     top_k: int = typer.Option(5, help="Regions to report (1 to 100)."),
     region_radius_km: float = typer.Option(
-        500.0, help="Radius of a reported region (km, above 0, at most half the circumference)."
+        None,
+        help="Fixed radius of a reported region (km, above 0, at most half the circumference; "
+        "default: each region at the answer's own scale, with the radius holding 90% of it).",
     ),
     json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
@@ -483,7 +501,7 @@ def predict(
 
 
 def _print_predict_table(
-    results: list[dict], labels: list[str], title: str, region_radius_km: float
+    results: list[dict], labels: list[str], title: str, region_radius_km: float | None
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -501,12 +519,21 @@ def _print_predict_table(
     table.add_column("photo", overflow="fold")
     table.add_column("best guess\n(lat, lon)", no_wrap=True)
     table.add_column("place")
-    table.add_column(f"top region\n(radius {region_radius_km:g} km)")
+    if region_radius_km is None:
+        table.add_column("top region\n(probability, 90% radius)")
+    else:
+        table.add_column(f"top region\n(radius {region_radius_km:g} km)")
     table.add_column("localizability\n(bits vs uniform)", no_wrap=True)
     table.add_column("error vs EXIF\n(km)", no_wrap=True)
-    for row in _predict_rows(results, labels):
+    for row in _predict_rows(results, labels, region_radius_km is not None):
         table.add_row(*row)
-    Console(width=_piped_columns()).print(table)
+    console = Console(width=_piped_columns())
+    console.print(table)
+    # Full links below the table: a terminal or a log keeps them whole and clickable.
+    console.print("OpenStreetMap at the best guess:", soft_wrap=True)
+    for r, name in zip(results, labels, strict=True):
+        if r.get("ok"):
+            console.print(f"  {name}: {r['osm_url']}", soft_wrap=True, markup=False)
 
 
 def _report_unreadable(results: list[dict]) -> int:
@@ -549,10 +576,12 @@ def _write_maps(
     located = [(r, label, name) for r, label, name in rows if r.get("ok")]
     for r, label, name in tqdm(located, desc="drawing maps", unit="map", disable=not progress):
         samples = torch.tensor(r["samples"])
+        extent = r.get("map_extent")
         render_map(
             map_dir / name,
             samples,
-            density=sample_density_grid(samples),
+            density=sample_density_grid(samples, extent=extent),
+            extent=extent,
             best_guess=(r["best_guess"]["lat"], r["best_guess"]["lon"]),
             truth=(r["exif_gps"]["lat"], r["exif_gps"]["lon"]) if r.get("exif_gps") else None,
             regions=r["regions"],

@@ -18,11 +18,12 @@ from PIL import Image
 
 from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
 from globeflow.answers.geocode import region_label
+from globeflow.answers.zoom import answer_extent, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.solvers import SOLVERS, SPHERE
-from globeflow.core.sphere import haversine_km, unit_to_latlon
+from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
 DEFAULT_GUIDANCE = 2.0
@@ -44,6 +45,10 @@ the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
+
+
+HALF_GLOBE_KM = math.pi * EARTH_RADIUS_KM
+"""The scale of an answer with no region: anywhere on the globe."""
 
 
 def default_model_path() -> Path:
@@ -110,7 +115,7 @@ class Locator:
         guidance: float | None = None,
         steps: int | None = None,
         top_k: int = 5,
-        region_radius_km: float = 500.0,
+        region_radius_km: float | None = None,
         localizability_samples: int | None = None,
         with_density: bool = False,
         seed: int = 0,
@@ -120,7 +125,8 @@ class Locator:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         Unset settings take the defaults above (the model's recommended guidance). Samples of
-        all B images are drawn in one batched solve.
+        all B images are drawn in one batched solve. Regions are found at the samples' own scale
+        unless ``region_radius_km`` fixes their radius (``answers.decode.top_regions``).
         """
         settings = {
             "model": self.model_name,
@@ -154,16 +160,9 @@ class Locator:
         uniform = UNIFORM_LOCALIZABILITY_BITS if on_sphere else math.nan
         results = []
         for i in range(emb.shape[0]):
+            extent = answer_extent(samples[i], guesses[i].tolist(), regions[i])
             result = {
-                "best_guess": {
-                    "lat": float(guesses[i, 0]),
-                    "lon": float(guesses[i, 1]),
-                    "place": places[i][0],
-                },
-                "regions": [
-                    {**r.to_dict(), "place": place, "label": region_label(place, r.radius_km)}
-                    for r, place in zip(regions[i], places[i][1:])
-                ],
+                **_answer_at_scale(guesses[i], regions[i], places[i], extent),
                 "localizability_bits": _finite_or_none(float(bits[i])),
                 "localizability_vs_uniform_bits": _finite_or_none(float(bits[i]) - uniform),
                 "localizability_stderr_bits": _finite_or_none(float(stderr[i])),
@@ -172,7 +171,9 @@ class Locator:
                 "settings": dict(settings),
             }
             if with_density:
-                result["density"] = sample_density_grid(samples[i], n_lat=60, n_lon=120)
+                result["density"] = sample_density_grid(
+                    samples[i], n_lat=60, n_lon=120, extent=extent
+                )
             results.append(result)
         return results
 
@@ -313,9 +314,40 @@ def _place_names(guesses: torch.Tensor, regions: list[list]) -> list[list[dict]]
 
     points = [guesses[i].tolist() for i in range(len(regions))]
     points += [[r.lat, r.lon] for regs in regions for r in regs]
-    places = iter(reverse_geocode(torch.tensor(points, dtype=torch.float64)))
+    places = iter(reverse_geocode(torch.tensor(points, dtype=torch.float64), great_circle=True))
     guess_places = [next(places).to_dict() for _ in regions]
     return [[g] + [next(places).to_dict() for _ in regs] for g, regs in zip(guess_places, regions)]
+
+
+def _answer_at_scale(
+    guess: torch.Tensor, regions: list, places: list[dict], extent: tuple | None
+) -> dict:
+    """The best guess and regions of one photo, named at their scale, with the OpenStreetMap
+    link and the map window: ``best_guess``, ``regions``, ``osm_url``, ``map_extent``.
+
+    The best guess's scale is the radius of the first region that holds it (else of the top
+    region): its name and the link's zoom then say no more than the answer knows.
+    """
+    lat, lon = float(guess[0]), float(guess[1])
+    centres = torch.tensor([[r.lat, r.lon] for r in regions], dtype=torch.float64).reshape(-1, 2)
+    km = haversine_km(guess.double(), centres).tolist()
+    holding = [r.radius_km for r, d in zip(regions, km) if d <= r.radius_km]
+    scale_km = holding[0] if holding else (regions[0].radius_km if regions else HALF_GLOBE_KM)
+    return {
+        "best_guess": {
+            "lat": lat,
+            "lon": lon,
+            "place": places[0],
+            "label": region_label(places[0], scale_km),
+            "scale_km": scale_km,
+        },
+        "regions": [
+            {**r.to_dict(), "place": place, "label": region_label(place, r.radius_km)}
+            for r, place in zip(regions, places[1:])
+        ],
+        "osm_url": osm_url(lat, lon, scale_km),
+        "map_extent": list(extent) if extent is not None else None,
+    }
 
 
 def _finite_or_none(value: float) -> float | None:

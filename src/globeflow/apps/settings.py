@@ -80,6 +80,7 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "precision": OneOf(PRECISIONS),
     "localizability_samples": Range(0, 4096, integer=True),
     "top_k": Range(1, 100, integer=True),
+    # None (the default): regions at the answer's own scale; a number fixes their radius.
     "region_radius_km": Range(0.0, MAX_REGION_RADIUS_KM, low_open=True),
 }
 """Settings of one locate call (``globeflow predict``, ``POST /v1/locate``)."""

@@ -56,12 +56,22 @@
     return `${Math.round(km).toLocaleString("en-US")} km`;
   }
 
+  // Two significant figures, digits grouped: 470,000 m², 15 km², 1.5 km².
+  function twoFigures(v) {
+    return Number(v.toPrecision(2)).toLocaleString("en-US", { maximumFractionDigits: 1 });
+  }
+
   function fmtArea(km2) {
     if (km2 == null || !isFinite(km2)) return "–";
     if (km2 >= 1e6) return `${(km2 / 1e6).toFixed(km2 >= 1e7 ? 0 : 1)} million km²`;
     if (km2 >= 1e3) return `${Math.round(km2).toLocaleString("en-US")} km²`;
-    if (km2 >= 1) return `${km2.toFixed(km2 < 10 ? 1 : 0)} km²`;
-    return `${(km2 * 1e6).toFixed(0)} m²`;
+    if (km2 >= 1) return `${twoFigures(km2)} km²`;
+    return `${twoFigures(km2 * 1e6)} m²`;
+  }
+
+  // The CLI's scale: bits above a uniform guess over the globe (localizability_vs_uniform_bits).
+  function fmtBits(bits) {
+    return bits == null || !isFinite(bits) ? "–" : `${bits.toFixed(1)} bits vs uniform`;
   }
 
   function areaHint(km2) {
@@ -115,11 +125,15 @@
     const bg = result.best_guess;
     features.push(point(bg.lat, bg.lon, {
       kind: "best_guess", ...(bg.place || {}),
+      label: bg.label,
+      osm_url: result.osm_url,
       localizability_bits: result.localizability_bits,
+      localizability_vs_uniform_bits: result.localizability_vs_uniform_bits,
       effective_area_km2: result.effective_area_km2,
     }));
     (result.regions || []).forEach((r, i) => features.push(point(r.lat, r.lon, {
-      kind: "region", rank: i + 1, probability: r.probability, radius_km: r.radius_km, ...(r.place || {}),
+      kind: "region", rank: i + 1, probability: r.probability, radius_km: r.radius_km,
+      share_within_radius: r.share_within_radius, ...(r.place || {}), label: r.label,
     })));
     if (result.exif_gps) {
       features.push(point(result.exif_gps.lat, result.exif_gps.lon, { kind: "exif_gps", error_km: result.error_km }));
@@ -144,13 +158,34 @@
   // ---------------------------------------------------------------- map
 
   const WORLD = { lon0: -180, lon1: 180, lat0: -90, lat1: 90 };
+  const KM_PER_DEG = Math.PI * 6371 / 180;
+
+  // The largest 1, 2 or 5 times a power of ten not above v (> 0).
+  function nice(v) {
+    const p = Math.pow(10, Math.floor(Math.log10(v)));
+    return [5, 2, 1].map((m) => m * p).find((x) => x <= v) || p;
+  }
+
+  // A longitude turned by whole turns into [lon0, lon0 + 360): a window crossing 180 draws whole.
+  function into(lon, lon0) {
+    return ((((lon - lon0) % 360) + 360) % 360) + lon0;
+  }
 
   function quantile(sorted, q) {
     return sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))];
   }
 
-  // The window (2:1, like the canvas) that holds most samples, the regions and the truth.
+  // The window the server chose (result.map_extent: 95% of the samples, the best guess and the
+  // main regions, true to scale at its middle latitude), else one fitted here for older results.
   function fitView(result) {
+    const e = result.map_extent;
+    if (Array.isArray(e) && e.length === 4) return { lat0: e[0], lat1: e[1], lon0: e[2], lon1: e[3] };
+    if (e === null) return WORLD;
+    return fitViewLegacy(result);
+  }
+
+  // The window (2:1, like the canvas) that holds most samples, the regions and the truth.
+  function fitViewLegacy(result) {
     const lats = [];
     const lons = [];
     const samples = result.samples || [];
@@ -194,19 +229,24 @@
     canvas.width = W;
     canvas.height = H;
     const ctx = canvas.getContext("2d");
-    const x = (lon) => ((lon - view.lon0) / (view.lon1 - view.lon0)) * W;
+    const xLinear = (lon) => ((lon - view.lon0) / (view.lon1 - view.lon0)) * W;
+    const x = (lon) => xLinear(into(lon, view.lon0));
     const y = (lat) => ((view.lat1 - lat) / (view.lat1 - view.lat0)) * H;
     const s = W / 1000; // stroke and marker scale
     const span = view.lon1 - view.lon0;
-    const step = span > 120 ? 30 : span > 50 ? 10 : 5;
+    const step = span > 120 ? 30 : nice((view.lat1 - view.lat0) / 3);
 
     ctx.fillStyle = "#eaf2f8";
     ctx.fillRect(0, 0, W, H);
     ctx.strokeStyle = "#d3dfea";
     ctx.lineWidth = Math.max(1, 0.6 * s);
     ctx.beginPath();
-    for (let lon = -180 + step; lon < 180; lon += step) { ctx.moveTo(x(lon), 0); ctx.lineTo(x(lon), H); }
-    for (let lat = -90 + step; lat < 90; lat += step) { ctx.moveTo(0, y(lat)); ctx.lineTo(W, y(lat)); }
+    for (let lon = Math.ceil(view.lon0 / step) * step; lon < view.lon1; lon += step) {
+      ctx.moveTo(xLinear(lon), 0); ctx.lineTo(xLinear(lon), H);
+    }
+    for (let lat = Math.ceil(view.lat0 / step) * step; lat < view.lat1; lat += step) {
+      ctx.moveTo(0, y(lat)); ctx.lineTo(W, y(lat));
+    }
     ctx.stroke();
 
     const d = result.density;
@@ -240,7 +280,7 @@
       const lonR = Math.max(...d.lon) + dLon / 2;
       ctx.imageSmoothingEnabled = true;
       ctx.imageSmoothingQuality = "high";
-      ctx.drawImage(off, x(lonL), y(latTop), x(lonR) - x(lonL), y(latBot) - y(latTop));
+      ctx.drawImage(off, xLinear(lonL), y(latTop), xLinear(lonR) - xLinear(lonL), y(latBot) - y(latTop));
     }
 
     const polylines = (lines, color, width) => {
@@ -248,11 +288,14 @@
       ctx.lineWidth = width;
       ctx.lineJoin = "round";
       ctx.beginPath();
-      for (const line of lines) {
-        for (let i = 0; i < line.length; i++) {
-          const px = x(line[i][0]);
-          const py = y(line[i][1]);
-          if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+      // drawn once more a turn east where the window crosses 180
+      for (const turn of view.lon1 > 180 ? [0, 360] : [0]) {
+        for (const line of lines) {
+          for (let i = 0; i < line.length; i++) {
+            const px = xLinear(line[i][0] + turn);
+            const py = y(line[i][1]);
+            if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+          }
         }
       }
       ctx.stroke();
@@ -275,6 +318,17 @@
     (result.regions || []).forEach((reg, i) => {
       const px = x(reg.lon);
       const py = y(reg.lat);
+      // the region's radius as a dashed circle, on a window true to scale where it shows
+      const rPx = ((reg.radius_km || 0) / KM_PER_DEG) * (H / (view.lat1 - view.lat0));
+      if (view !== WORLD && rPx > 8 * s && rPx < 2 * W) {
+        ctx.beginPath();
+        ctx.setLineDash([4 * s, 3 * s]);
+        ctx.arc(px, py, rPx, 0, 2 * Math.PI);
+        ctx.lineWidth = 1 * s;
+        ctx.strokeStyle = "rgba(17, 17, 17, 0.7)";
+        ctx.stroke();
+        ctx.setLineDash([]);
+      }
       ctx.beginPath();
       ctx.arc(px, py, 7 * s, 0, 2 * Math.PI);
       ctx.lineWidth = 1.5 * s;
@@ -291,6 +345,30 @@
     const bg = result.best_guess;
     if (bg) star(ctx, x(bg.lon), y(bg.lat), 11 * s, "#f5b700", "#222", s);
     if (result.exif_gps) cross(ctx, x(result.exif_gps.lon), y(result.exif_gps.lat), 8 * s, s);
+    if (view !== WORLD) scaleBar(ctx, view, W, H, s);
+  }
+
+  // A bar of a round length, about a fifth of the window, in the lower right corner.
+  function scaleBar(ctx, view, W, H, s) {
+    const midLat = (view.lat0 + view.lat1) / 2;
+    const widthKm = (view.lon1 - view.lon0) * KM_PER_DEG * Math.cos((midLat * Math.PI) / 180);
+    const km = nice(widthKm / 5);
+    const len = (km / widthKm) * W;
+    const x1 = W - 16 * s;
+    const yb = H - 14 * s;
+    ctx.lineCap = "butt";
+    ctx.strokeStyle = "#222";
+    ctx.lineWidth = 4 * s;
+    ctx.beginPath(); ctx.moveTo(x1 - len, yb); ctx.lineTo(x1, yb); ctx.stroke();
+    ctx.strokeStyle = "#fff";
+    ctx.lineWidth = 1.5 * s;
+    ctx.beginPath(); ctx.moveTo(x1 - len, yb); ctx.lineTo(x1, yb); ctx.stroke();
+    ctx.font = `600 ${Math.round(11 * s)}px system-ui, sans-serif`;
+    ctx.textAlign = "center";
+    ctx.textBaseline = "bottom";
+    ctx.fillStyle = "#111";
+    ctx.fillText(fmtKm(km), x1 - len / 2, yb - 4 * s);
+    ctx.textAlign = "start";
   }
 
   function star(ctx, cx, cy, R, fill, stroke, s) {
@@ -365,17 +443,30 @@
     c.removeAttribute("aria-busy");
 
     const bg = result.best_guess;
-    const name = placeName(bg.place);
+    const name = bg.label || placeName(bg.place);
     const bgEl = $(".best-guess", c);
     bgEl.textContent = "";
     bgEl.append(badge(bg.place && bg.place.country_code), name);
-    $(".coords", c).textContent = `Best guess: ${fmtCoord(bg.lat, bg.lon)}`;
+    const coords = $(".coords", c);
+    coords.textContent = `Best guess: ${fmtCoord(bg.lat, bg.lon)}`;
+    if (result.osm_url) {
+      const osm = document.createElement("a");
+      osm.href = result.osm_url;
+      osm.target = "_blank";
+      osm.rel = "noopener noreferrer";
+      osm.className = "osm";
+      osm.setAttribute("data-testid", "osm-link");
+      osm.textContent = "Open in OpenStreetMap";
+      coords.append(" · ", osm);
+    }
 
-    const loc = result.localizability_bits;
-    $("[data-testid=localizability]", c).innerHTML = "";
-    $("[data-testid=localizability]", c).append(
-      loc == null ? "–" : `${loc.toFixed(1)} bits`,
-      small("higher = easier to place"),
+    const loc = $("[data-testid=localizability]", c);
+    loc.innerHTML = "";
+    loc.append(
+      fmtBits(result.localizability_vs_uniform_bits),
+      small(result.localizability_vs_uniform_bits == null
+        ? "not on the globe's scale (density in R³)"
+        : "0 = no clue; each bit halves the area"),
     );
     const area = $("[data-testid=effective-area]", c);
     area.innerHTML = "";
@@ -402,10 +493,13 @@
       rank.textContent = String(i + 1);
       const place = document.createElement("td");
       place.setAttribute("data-testid", "region-name");
-      place.append(badge(reg.place && reg.place.country_code), placeName(reg.place));
+      place.append(badge(reg.place && reg.place.country_code), reg.label || placeName(reg.place));
       const sub = document.createElement("span");
       sub.className = "sub";
-      sub.textContent = fmtCoord(reg.lat, reg.lon) + (reg.radius_km ? ` · within ${fmtKm(reg.radius_km)}` : "");
+      sub.setAttribute("data-testid", "region-extent");
+      const share = reg.share_within_radius;
+      const within = share != null && share < 1 ? `${fmtPct(share)} within` : "within";
+      sub.textContent = fmtCoord(reg.lat, reg.lon) + (reg.radius_km ? ` · ${within} ${fmtKm(reg.radius_km)}` : "");
       place.append(sub);
       const prob = document.createElement("td");
       prob.className = "num";
