@@ -170,7 +170,9 @@ class ClosedFormCues(VonMisesFisherMixture):
     def log_prob_unit(self, x, emb, steps=None):
         # The parent's (B, M, K) float64 tensor would not fit for thousands of components.
         parent = super().log_prob_unit
-        return torch.cat([parent(x[:, i : i + 256], emb, steps) for i in range(0, x.shape[1], 256)], 1)
+        return torch.cat(
+            [parent(x[:, i : i + 256], emb, steps) for i in range(0, x.shape[1], 256)], 1
+        )
 
 
 def _padded(m: Mixture, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

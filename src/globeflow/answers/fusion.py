@@ -195,9 +195,14 @@ def disagreement(draw: PosteriorDraw, names: list[str]) -> dict | None:
         "least_consistent_photo": names[worst] if worst is not None else None,
     }
     if draw.log_bayes_factor < DISAGREEMENT_LOG_BAYES_FACTOR:
-        factor = math.exp(-draw.log_bayes_factor)
+        odds_against = -draw.log_bayes_factor
+        factor = (
+            f"{math.exp(odds_against):.3g}"
+            if odds_against < 50
+            else f"10^{odds_against / math.log(10):.0f}"
+        )
         info["message"] = (
-            f"the photos disagree: the model finds one place {factor:.3g} times less likely than "
+            f"the photos disagree: the model finds one place {factor} times less likely than "
             f"unrelated places (least consistent: {info['least_consistent_photo']}); locate them "
             "separately"
         )

@@ -255,6 +255,8 @@ class Locator:
             "agreement_log_odds": dict(zip(names, draw.agreement_log_odds or [], strict=False)),
         }
         label = f"same place: {', '.join(names)}"
+        result.setdefault("ok", True)
+        result.setdefault("error", None)
         result.update(image=label, photos=list(names), skipped=skipped, fusion=fusion)
         result["disagreement"] = conflict
         return result
