@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _fusion_testbed as tb  # noqa: E402
 
-from globeflow.answers.fusion import disagreement, draw_posterior, fused_sample, single_sample
+from globeflow.answers.fusion import draw_posterior, fused_sample, single_sample
 from globeflow.answers.within import RegionError, bbox_region, parse_region
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families.baselines import vmf_mean_resultant
@@ -104,7 +104,7 @@ def test_mass_inside_is_calibrated_over_many_boxes() -> None:
     95% of 40 random cases (at least 33 of 40: 5 binomial sd below 38)."""
     g = torch.Generator().manual_seed(3)
     hits, zs = 0, []
-    for case in range(40):
+    for _ in range(40):
         centre = (
             float(torch.rand((), generator=g)) * 100 - 50,
             float(torch.rand((), generator=g)) * 300 - 150,
@@ -119,7 +119,7 @@ def test_mass_inside_is_calibrated_over_many_boxes() -> None:
             centre[1] + width * 0.2,
         )
         region = bbox_region(*box)
-        sample = single_sample(model, torch.eye(1), 1024, 1, g, region, max_rounds=1)
+        sample = single_sample(model, torch.eye(1), 1024, 1, g, region, budget=1)
         mass = draw_posterior(sample, 256, g, region).mass
         truth = _bbox_mass(member, box)
         z = (mass.probability - truth) / mass.stderr

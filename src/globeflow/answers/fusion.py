@@ -33,7 +33,9 @@ PROPOSALS_PER_ROUND = 2048
 """Proposal points per round (shared out among the photos); each costs n + 1 density
 evaluations."""
 MAX_ROUNDS = 4
-"""Rounds of proposals at most (fusion and the rejection draws of a region)."""
+"""Rounds of fusion proposals at most."""
+REJECTION_BUDGET = 32
+"""A region's rejection sampling draws at most this many times the samples asked for."""
 LIKELIHOOD_STEPS = 16
 """Steps of the likelihood ODE for the fusion densities: on the bundled model the log-densities
 differ from 48 steps by about 0.05 nats, at a third of the cost."""
@@ -74,20 +76,29 @@ def fused_sample(
     per_round: int = PROPOSALS_PER_ROUND,
     target_ess: float = 256.0,
     max_rounds: int = MAX_ROUNDS,
-    likelihood_steps: int | None = LIKELIHOOD_STEPS,
+    likelihood_steps: int = LIKELIHOOD_STEPS,
+    region: Region | None = None,
 ) -> WeightedSample:
-    """Weighted proposals for the fused posterior of photos emb (n, D), n >= 2.
+    """Weighted proposals for the fused posterior of photos emb (n, D), n >= 2, in rounds until
+    ``target_ess`` (counted inside ``region``) or ``max_rounds``.
 
-    Proposals come from the photos' unguided samplers (``steps``, ``solver``, ``precision``);
-    every point gets log p(y | c_i) for each photo and log p(y) under the null condition from
-    one ``model.log_prob`` call over n + 1 rows.
+    Proposals come from the photos' unguided samplers (``solver``, ``precision``, at least
+    ``likelihood_steps`` steps: the weights take the sampler's distribution for the model's
+    density, which holds up to the discretisation of both); every point gets log p(y | c_i) for
+    each photo and log p(y) under the null condition from one ``model.log_prob`` call over
+    n + 1 rows.
     """
     emb = model.prepare_embeddings(emb)
     n = emb.shape[0]
     conditions = torch.cat([emb, torch.zeros_like(emb[:1])])
 
+    steps = max(steps, likelihood_steps)
+
     def draw(k: int) -> torch.Tensor:
         return latlon_to_unit(_unguided_latlon(model, emb, k, steps, generator, solver, precision))
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        return region.contains(unit_to_latlon(x.double()))
 
     def densities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latlon = unit_to_latlon(x.to(emb.dtype))[None].expand(n + 1, -1, -1)
@@ -96,8 +107,9 @@ def fused_sample(
         return log_p[:n], log_p[n]
 
     return importance_sample(
-        draw, densities, n, per_round, target_ess, max_rounds, generator=generator
-    )
+        draw, densities, n, per_round, target_ess, max_rounds, generator=generator,
+        keep=keep if region is not None else None,
+    )  # fmt: skip
 
 
 def single_sample(
@@ -109,29 +121,34 @@ def single_sample(
     region: Region | None,
     solver: str | None = None,
     precision: str = "fp32",
-    max_rounds: int = MAX_ROUNDS,
+    budget: int = REJECTION_BUDGET,
 ) -> WeightedSample:
     """Unguided samples of one photo (1, D) with their log-densities (the path pass on S^2), in
-    rounds of ``num_samples`` until ``num_samples`` fall inside ``region`` (at most
-    ``max_rounds``): exact rejection sampling of the truncated posterior."""
+    rounds until ``num_samples`` fall inside ``region`` or ``budget`` x ``num_samples`` were
+    drawn: exact rejection sampling of the truncated posterior. Each round asks for what the
+    acceptance rate so far predicts is missing."""
     emb = model.prepare_embeddings(emb)
     xs, log_ps = [], []
-    inside = 0
-    for round_ in range(1, max_rounds + 1):
+    inside = drawn = round_ = 0
+    batch = num_samples
+    while batch > 0:
+        round_ += 1
         if getattr(model, "geometry", None) is SPHERE and solver in SOLVERS:
             x, log_p = model.sample_with_log_density(
-                emb, num_samples, max(steps, 16), generator, method="path", solver=solver,
-                precision=precision,
+                emb, batch, max(steps, LIKELIHOOD_STEPS), generator, method="path",
+                solver=solver, precision=precision,
             )  # fmt: skip
         else:
-            x, log_p = model.sample_with_log_density(emb, num_samples, steps, generator)
+            x, log_p = model.sample_with_log_density(emb, batch, steps, generator)
         xs.append(x[0].double())
         log_ps.append(log_p[0].double())
+        drawn += batch
         if region is None:
             break
         inside += int(region.contains(unit_to_latlon(x[0].double())).sum())
-        if inside >= num_samples:
-            break
+        wanted = (num_samples - inside) * drawn / max(inside, 1)
+        batch = min(max(0, math.ceil(1.2 * wanted)) if inside < num_samples else 0,
+                    budget * num_samples - drawn)  # fmt: skip
     log_p = torch.cat(log_ps)
     return WeightedSample(torch.cat(xs), log_p[None], None, log_p, rounds=round_)
 

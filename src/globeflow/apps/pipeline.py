@@ -222,8 +222,13 @@ class Locator:
         each photo's agreement) and ``disagreement`` (None, or why no fused answer is given:
         then ``ok`` is false and ``error`` says so). ``within``: as in :meth:`locate_embeddings`.
         """
-        from globeflow.answers.fusion import PROPOSALS_PER_ROUND, disagreement, draw_posterior
-        from globeflow.answers.fusion import fused_sample, single_sample
+        from globeflow.answers.fusion import (
+            PROPOSALS_PER_ROUND,
+            disagreement,
+            draw_posterior,
+            fused_sample,
+            single_sample,
+        )
 
         emb, names, skipped = self._embed_together(photos, names)
         settings = self._unguided_settings(num_samples, steps, solver, precision, seed)
@@ -239,7 +244,7 @@ class Locator:
             else:
                 sample = fused_sample(
                     self.model, emb, steps, generator, per_round=per_round,
-                    target_ess=min(n, 256), **options,
+                    target_ess=min(n, 256), region=region, **options,
                 )  # fmt: skip
             draw = draw_posterior(sample, n, generator, region)
         conflict = disagreement(draw, list(names))
@@ -407,7 +412,9 @@ class Locator:
         gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
         for (name, _), result, truth in zip(images, results, gps, strict=True):
             _attach_truth(result, truth)
-            result.update({"image": name, "ok": result.get("ok", True), "error": result.get("error")})
+            result.update(
+                {"image": name, "ok": result.get("ok", True), "error": result.get("error")}
+            )
         return results
 
     def locate_paths(

@@ -191,9 +191,11 @@ def importance_sample(
     max_rounds: int = 4,
     defensive: float = 0.02,
     generator: torch.Generator | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> WeightedSample:
     """Proposal points for the fused posterior, drawn in rounds until the ESS reaches
-    ``target_ess`` or ``max_rounds`` rounds are done.
+    ``target_ess`` or ``max_rounds`` rounds are done. ``keep`` (points (M, 3) -> (M,) bool):
+    the ESS counts only the points it keeps (a region's truncation).
 
     Each round draws per_round / n points from every photo's posterior and a share
     ``defensive`` uniformly on the sphere (deterministic-mixture sampling: counts in proportion
@@ -202,6 +204,7 @@ def importance_sample(
     target, the proposal density and every leave-one-out normaliser.
     """
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    kept: list[torch.Tensor] = []
     per_member = max(1, math.ceil(per_round / num_members))
     uniform = max(1, round(defensive * per_round)) if defensive > 0 else 0
     share = uniform / (uniform + per_member * num_members)
@@ -213,13 +216,15 @@ def importance_sample(
             x = torch.cat([x, u.to(x.device)])
         member, null = densities(x)
         parts.append((x, member.double(), null.double()))
+        kept.append(keep(x) if keep is not None else torch.ones(x.shape[0], dtype=torch.bool))
         xs = torch.cat([p[0] for p in parts])
         members = torch.cat([p[1] for p in parts], dim=1)
         nulls = torch.cat([p[2] for p in parts])
         sample = WeightedSample(
             xs, members, nulls, mixture_log_density(members, share), rounds=round_
         )
-        if effective_sample_size(sample.log_weight) >= target_ess:
+        log_w = sample.log_weight.masked_fill(~torch.cat(kept), -math.inf)
+        if effective_sample_size(log_w) >= target_ess:
             break
     assert sample is not None
     return sample
