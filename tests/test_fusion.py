@@ -211,3 +211,35 @@ def test_mass_inside_with_equal_weights_is_binomial() -> None:
     mass = mass_inside(torch.zeros(100), inside)
     assert mass.probability == pytest.approx(0.3)
     assert mass.stderr == pytest.approx(math.sqrt(0.3 * 0.7 / 100))
+
+
+def test_locate_together_with_the_bundled_model(tmp_path) -> None:
+    """The real pipeline: photos in (one unreadable), one fused answer out, restricted to France
+    with the mass the fused posterior puts there."""
+    from PIL import Image, ImageOps
+
+    from globeflow.apps.pipeline import default_model_path
+
+    photo = Path(__file__).resolve().parents[1] / "examples" / "paris.jpg"
+    if not (default_model_path() / "model.safetensors").is_file() or not photo.is_file():
+        pytest.skip("bundled model or examples/paris.jpg missing")
+    locator = Locator.from_pretrained()
+    image = Image.open(photo).convert("RGB")
+    mirrored = tmp_path / "mirrored.jpg"
+    ImageOps.mirror(image).save(mirrored)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo")
+    result = locator.locate_together(
+        [photo, mirrored, broken], num_samples=128, proposals_per_round=256, within="FR"
+    )
+    assert result["photos"] == [str(photo), str(mirrored)]
+    assert [s["image"] for s in result["skipped"]] == [str(broken)]
+    assert result["fusion"]["proposals"] >= 256
+    assert math.isfinite(result["fusion"]["log_bayes_factor_same_place"])
+    mass = result["mass_inside"]
+    assert 0.0 <= mass["probability"] <= 1.0 and mass["region"]["description"] == "France (FR)"
+    if result["ok"]:
+        assert result["best_guess"]["place"]["country_code"] == "FR"
+        assert result["effective_sample_size"] >= 1 and len(result["samples"]) == 128
+    else:
+        assert result["error"]
