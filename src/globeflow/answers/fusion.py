@@ -36,9 +36,10 @@ MAX_ROUNDS = 4
 """Rounds of fusion proposals at most."""
 REJECTION_BUDGET = 32
 """A region's rejection sampling draws at most this many times the samples asked for."""
-LIKELIHOOD_STEPS = 16
-"""Steps of the likelihood ODE for the fusion densities: on the bundled model the log-densities
-differ from 48 steps by about 0.05 nats, at a third of the cost."""
+LIKELIHOOD_STEPS = 24
+"""Steps of the likelihood ODE for the fusion densities (and the least steps of its proposals).
+On the bundled model, against 128 steps, the error of a two-photo log-weight has a standard
+deviation of 0.06 nats at 24 steps (0.05 at 48, 0.21 at 16), at half the cost of 48."""
 MIN_ESS = 30.0
 """Below this effective sample size a fused answer is refused as unreliable."""
 DISAGREEMENT_LOG_BAYES_FACTOR = math.log(1 / 20)
