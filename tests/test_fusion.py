@@ -243,3 +243,16 @@ def test_locate_together_with_the_bundled_model(tmp_path) -> None:
         assert result["effective_sample_size"] >= 1 and len(result["samples"]) == 128
     else:
         assert result["error"]
+
+
+def test_models_without_a_null_density_on_the_sphere_cannot_fuse() -> None:
+    from globeflow.core.families import FlowMatching, RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+
+    g = torch.Generator().manual_seed(0)
+    flow = FlowMatching(Denoiser(dim=8, depth=1, cond_dim=4))
+    with pytest.raises(ValueError, match="R\\^3"):
+        fused_sample(flow, torch.eye(4)[:2], 1, g)
+    no_dropout = RiemannianFlowMatching(Denoiser(dim=8, depth=1, cond_dim=4), cond_drop_prob=0.0)
+    with pytest.raises(ValueError, match="condition dropout"):
+        fused_sample(no_dropout, torch.eye(4)[:2], 1, g)

@@ -63,6 +63,21 @@ class PosteriorDraw:
     agreement_log_odds: list[float] | None = None
 
 
+def check_fusable(model) -> None:
+    """ValueError unless the model's densities are per steradian on S^2 and its null condition
+    was trained (condition dropout above 0): what p(y | c1..cn) needs."""
+    if getattr(model, "density_space", "sphere") != "sphere":
+        raise ValueError(
+            f"a {model.family} model's density lives in R^3, not on the sphere; fusing photos "
+            "needs a model on S^2 (rfm, or a baseline)"
+        )
+    if getattr(model, "cond_drop_prob", None) == 0:
+        raise ValueError(
+            "the model was trained without condition dropout, so it has no unconditional density "
+            "p(y) to fuse photos with"
+        )
+
+
 def _unguided_latlon(model, emb, k, steps, generator, solver, precision) -> torch.Tensor:
     return model.sample(emb, k, steps, 0.0, generator=generator, solver=solver, precision=precision)
 
@@ -89,6 +104,7 @@ def fused_sample(
     each photo and log p(y) under the null condition from one ``model.log_prob`` call over
     n + 1 rows.
     """
+    check_fusable(model)
     emb = model.prepare_embeddings(emb)
     n = emb.shape[0]
     conditions = torch.cat([emb, torch.zeros_like(emb[:1])])

@@ -477,6 +477,8 @@ def predict(
             )  # fmt: skip
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
+    except ValueError as exc:  # a model that cannot fuse photos
+        _fail(f"--same-place: {locator.model_name}: {exc}")
     located = any(r.get("ok") for r in results)
     if located:
         title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
