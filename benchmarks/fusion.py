@@ -29,6 +29,7 @@ import _fusion_testbed as tb  # noqa: E402
 
 from globeflow.answers.decode import best_guess  # noqa: E402
 from globeflow.answers.fusion import draw_posterior, fused_sample  # noqa: E402
+from globeflow.core import fusion as core_fusion  # noqa: E402
 from globeflow.core.sphere import haversine_km, unit_to_latlon  # noqa: E402
 from globeflow.jobs.metrics import sliced_wasserstein_km  # noqa: E402
 
@@ -60,7 +61,16 @@ def accuracy_case(seed: int, num_samples: int, names: tuple[str, ...] = CUES) ->
         return sw, float(haversine_km(best_guess(samples.float()), oracle_guess))
 
     row = {"case": seed, "seconds": seconds, "ESS": draw.effective_sample_size}
+    row["rounds"] = draw.rounds
     row["fused SW km"], row["fused guess km"] = scores(draw.samples)
+    # The same with every round drawn from the photos' posteriors only (no kernel rounds).
+    share, core_fusion.ADAPTIVE_SHARE = core_fusion.ADAPTIVE_SHARE, 0.0
+    try:
+        plain = draw_posterior(fused_sample(model, torch.eye(n), 1, g), num_samples, g)
+    finally:
+        core_fusion.ADAPTIVE_SHARE = share
+    row["members only ESS"] = plain.effective_sample_size
+    row["members only SW km"], row["members only guess km"] = scores(plain.samples)
     row["floor SW km"], row["floor guess km"] = scores(floor)
     singles = model.sample(torch.eye(n), num_samples, generator=g)
     for name, samples in zip(names, singles):
@@ -128,7 +138,7 @@ def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
     for label, names in (("4 cues", CUES), ("3 cues (no city)", CUES[:3])):
         cases = [accuracy_case(seed, num_samples, names) for seed in range(count)]
         all_cases += [{**c, "testbed": label} for c in cases]
-        for name in ("fused", "floor", *names):
+        for name in ("fused", "members only", "floor", *names):
             sw = [c[f"{name} SW km"] for c in cases]
             guess = [c[f"{name} guess km"] for c in cases]
             closer = sum(c["fused SW km"] < c[f"{name} SW km"] for c in cases)
@@ -141,10 +151,15 @@ def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
                     "median guess km": sorted(guess)[len(guess) // 2],
                     "fused closer (cases)": closer,
                 }
+                | (
+                    {"median ESS": sorted(c[ess] for c in cases)[len(cases) // 2]}
+                    if (ess := {"fused": "ESS", "members only": "members only ESS"}.get(name))
+                    else {}
+                )
             )
     print(f"\nTestbeds, {count} cases each, {num_samples} samples: distance to the oracle")
     columns = ["testbed", "answer", "median SW km", "mean SW km", "median guess km"]
-    print_table(summary, [*columns, "fused closer (cases)"])
+    print_table(summary, [*columns, "fused closer (cases)", "median ESS"])
     return summary, all_cases
 
 

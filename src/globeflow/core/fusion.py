@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from globeflow.core.families.baselines import KAPPA_MAX, sample_vmf, vmf_log_normalizer
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere
 
 
@@ -33,16 +34,6 @@ def fused_log_density(member_log_p: torch.Tensor, null_log_p: torch.Tensor) -> t
     """
     n = member_log_p.shape[0]
     return member_log_p.sum(0) - (n - 1) * null_log_p
-
-
-def mixture_log_density(member_log_p: torch.Tensor, defensive: float = 0.0) -> torch.Tensor:
-    """log of (1 - defensive) mean_i p(y | c_i) + defensive / (4 pi): (n, M) -> (M,)."""
-    n = member_log_p.shape[0]
-    log_mix = torch.logsumexp(member_log_p, 0) - math.log(n)
-    if defensive <= 0.0:
-        return log_mix
-    uniform = torch.full_like(log_mix, LOG_UNIFORM_DENSITY + math.log(defensive))
-    return torch.logaddexp(log_mix + math.log1p(-defensive), uniform)
 
 
 def normalised_weights(log_w: torch.Tensor) -> torch.Tensor:
@@ -182,6 +173,55 @@ MemberDensities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """points (M, 3) -> (log p(y | c_i) (n, M), log p(y) (M,)), from one batched evaluation."""
 
 
+ADAPTIVE_SHARE = 0.5
+"""From the second round on, this share of each round's proposals comes from a kernel density
+fitted to the weighted points so far (the rest from the photos' posteriors and the uniform)."""
+KDE_CENTRES = 256
+
+
+def kde_fit(
+    points: torch.Tensor, log_w: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
+    """A vMF kernel density fitted to weighted points (M, 3): (centres (K, 3), kappa).
+
+    K = 256 centres resampled by weight; bandwidth by Scott's rule for 2-D data on the points'
+    angular spread, h = spread ESS^(-1/6), kappa = 1 / h^2 (capped at 1e7, about 2 km).
+    """
+    w = normalised_weights(log_w)
+    centres = points[systematic_resample(log_w, KDE_CENTRES, generator)].double()
+    resultant = float((w[:, None] * points.double()).sum(0).norm())
+    spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-12))
+    bandwidth = spread * max(effective_sample_size(log_w), 1.0) ** (-1.0 / 6.0)
+    return centres, min(1.0 / bandwidth**2, KAPPA_MAX)
+
+
+def kde_log_density(x: torch.Tensor, centres: torch.Tensor, kappa: float) -> torch.Tensor:
+    """log of the mean of vMF(x; centre, kappa) over centres (K, 3), at x (M, 3) -> (M,)."""
+    kappa_t = torch.tensor(kappa, dtype=torch.float64)
+    log_kernel = vmf_log_normalizer(kappa_t) + kappa_t * (x.double() @ centres.T - 1.0)
+    return torch.logsumexp(log_kernel, -1) - math.log(centres.shape[0])
+
+
+def proposal_log_density(
+    member_log_p: torch.Tensor,
+    x: torch.Tensor,
+    counts: tuple[int, int, int],
+    kde: tuple[torch.Tensor, float] | None,
+) -> torch.Tensor:
+    """log density of one round's proposal at its points x (M, 3): the mixture of the photos'
+    posteriors (member_log_p (n, M)), the kernel density and the uniform, weighted by how many
+    points each gave (``counts`` = members, kernel, uniform)."""
+    total = sum(counts)
+    n = member_log_p.shape[0]
+    terms = [torch.logsumexp(member_log_p, 0) - math.log(n) + math.log(counts[0] / total)]
+    if counts[1]:
+        assert kde is not None
+        terms.append(kde_log_density(x, *kde) + math.log(counts[1] / total))
+    if counts[2]:
+        terms.append(torch.full_like(terms[0], LOG_UNIFORM_DENSITY + math.log(counts[2] / total)))
+    return torch.logsumexp(torch.stack(terms), 0)
+
+
 def importance_sample(
     draw: DrawMembers,
     densities: MemberDensities,
@@ -197,34 +237,43 @@ def importance_sample(
     ``target_ess`` or ``max_rounds`` rounds are done. ``keep`` (points (M, 3) -> (M,) bool):
     the ESS counts only the points it keeps (a region's truncation).
 
-    Each round draws per_round / n points from every photo's posterior and a share
+    The first round draws per_round / n points from every photo's posterior and a share
     ``defensive`` uniformly on the sphere (deterministic-mixture sampling: counts in proportion
-    to the mixture's weights, weighted by the mixture density, which keeps Z-hat unbiased). Each
-    point's member and null densities are evaluated once, in one batched call, and shared by the
-    target, the proposal density and every leave-one-out normaliser.
+    to the mixture's weights, weighted by the mixture's density, which keeps each round's Z-hat
+    unbiased). Later rounds draw half their points from a kernel density fitted to the weighted
+    points so far (:func:`kde_fit`; adaptive importance sampling: each round's proposal is fixed
+    given the earlier rounds, so its weights stay valid). Each point's member and null densities
+    are evaluated once, in one batched call, and shared by the target, the proposal density and
+    every leave-one-out normaliser.
     """
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    kept: list[torch.Tensor] = []
-    per_member = max(1, math.ceil(per_round / num_members))
+    xs, members, nulls, log_qs, kept = [], [], [], [], []
     uniform = max(1, round(defensive * per_round)) if defensive > 0 else 0
-    share = uniform / (uniform + per_member * num_members)
-    sample = None
+    sample, kde = None, None
     for round_ in range(1, max_rounds + 1):
-        x = draw(per_member).reshape(-1, 3)
+        from_kde = round(ADAPTIVE_SHARE * per_round) if kde is not None else 0
+        per_member = max(1, math.ceil((per_round - from_kde) / num_members))
+        x = draw(per_member).reshape(-1, 3).double()
+        if from_kde:
+            centres, kappa = kde
+            pick = torch.randint(centres.shape[0], (from_kde,), generator=generator)
+            x = torch.cat([x, sample_vmf(centres[pick], torch.full((from_kde,), kappa), generator)])
         if uniform:
-            u = sample_uniform_sphere((uniform,), generator=generator, dtype=x.dtype)
+            u = sample_uniform_sphere((uniform,), generator=generator, dtype=torch.float64)
             x = torch.cat([x, u.to(x.device)])
         member, null = densities(x)
-        parts.append((x, member.double(), null.double()))
+        counts = (per_member * num_members, from_kde, uniform)
+        xs.append(x)
+        members.append(member.double())
+        nulls.append(null.double())
+        log_qs.append(proposal_log_density(members[-1], x, counts, kde))
         kept.append(keep(x) if keep is not None else torch.ones(x.shape[0], dtype=torch.bool))
-        xs = torch.cat([p[0] for p in parts])
-        members = torch.cat([p[1] for p in parts], dim=1)
-        nulls = torch.cat([p[2] for p in parts])
         sample = WeightedSample(
-            xs, members, nulls, mixture_log_density(members, share), rounds=round_
+            torch.cat(xs), torch.cat(members, 1), torch.cat(nulls), torch.cat(log_qs), round_
         )
         log_w = sample.log_weight.masked_fill(~torch.cat(kept), -math.inf)
-        if effective_sample_size(log_w) >= target_ess:
+        if effective_sample_size(log_w) >= target_ess or round_ == max_rounds:
             break
+        if effective_sample_size(log_w) > 0:
+            kde = kde_fit(sample.points, log_w, generator)
     assert sample is not None
     return sample
