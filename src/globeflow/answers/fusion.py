@@ -222,9 +222,10 @@ def disagreement(draw: PosteriorDraw, names: list[str]) -> dict | None:
         return None
     odds = draw.agreement_log_odds or []
     worst = min(range(len(odds)), key=odds.__getitem__) if odds else None
+    bf, bf_se = draw.log_bayes_factor, draw.log_bayes_factor_stderr or 0.0
     info = {
-        "log_bayes_factor": draw.log_bayes_factor,
-        "log_bayes_factor_stderr": draw.log_bayes_factor_stderr,
+        "log_bayes_factor": bf if math.isfinite(bf) else None,
+        "log_bayes_factor_stderr": bf_se if math.isfinite(bf_se) else None,
         "effective_sample_size": draw.effective_sample_size,
         "least_consistent_photo": names[worst] if worst is not None else None,
     }
@@ -234,6 +235,8 @@ def disagreement(draw: PosteriorDraw, names: list[str]) -> dict | None:
             f"{math.exp(odds_against):.3g}"
             if odds_against < 50
             else f"10^{odds_against / math.log(10):.0f}"
+            if math.isfinite(odds_against)
+            else "infinitely many"
         )
         info["message"] = (
             f"the photos disagree: the model finds one place {factor} times less likely than "

@@ -252,12 +252,14 @@ class Locator:
             draw, settings, region, (top_k, region_radius_km, with_density),
             conflict["message"] if conflict else None,
         )  # fmt: skip
+        odds = [_finite_or_none(v) for v in draw.agreement_log_odds or []]
+        bf, bf_se = draw.log_bayes_factor, draw.log_bayes_factor_stderr
         fusion = {
             "proposals": draw.proposals,
             "rounds": draw.rounds,
-            "log_bayes_factor_same_place": draw.log_bayes_factor,
-            "log_bayes_factor_stderr": draw.log_bayes_factor_stderr,
-            "agreement_log_odds": dict(zip(names, draw.agreement_log_odds or [], strict=False)),
+            "log_bayes_factor_same_place": None if bf is None else _finite_or_none(bf),
+            "log_bayes_factor_stderr": None if bf_se is None else _finite_or_none(bf_se),
+            "agreement_log_odds": dict(zip(names, odds, strict=False)),
         }
         label = f"same place: {', '.join(names)}"
         result.setdefault("ok", True)
