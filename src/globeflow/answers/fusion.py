@@ -29,7 +29,7 @@ from globeflow.core.fusion import (
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
 
-PROPOSALS_PER_ROUND = 2048
+PROPOSALS_PER_ROUND = 1024
 """Proposal points per round (shared out among the photos); each costs n + 1 density
 evaluations."""
 MAX_ROUNDS = 4

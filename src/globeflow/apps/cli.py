@@ -414,7 +414,7 @@ def predict(
         "model's density inside it, with the mass it puts there.",
     ),
     fusion_proposals: int = typer.Option(
-        None, help="Proposal points per round for --same-place, 64 to 65536 (default 2048)."
+        None, help="Proposal points per round for --same-place, 64 to 65536 (default 1024)."
     ),
 ) -> None:
     """Where was each photo taken? Best guess, top regions, localizability, maps.
