@@ -65,3 +65,13 @@ def test_bad_within_is_one_clear_line(tmp_path, tiny_model_dir, within, message)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --within") and message in lines[0]
+
+
+def test_within_with_no_mass_inside_says_so(tmp_path, tiny_model_dir):
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.jpg")
+    args = ["predict", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir), "--no-progress"]
+    args += ["--num-samples", "16", "--steps", "2", "--within", "10,10,10.001,10.001"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "the model puts no mass inside 10,10,10.001,10.001" in result.output
+    assert "every photo's answer was refused" in result.output

@@ -488,6 +488,8 @@ def predict(
         _write_maps(results, labels, map_file_names(labels), map_dir, progress)
     _report_region_and_fusion(results)
     failed = _report_unreadable(results)
+    if not located and not failed:  # every answer refused: nothing inside --within
+        _fail("no answer: every photo's answer was refused (reasons above)", code=1)
     if not located:
         _fail(f"none of the {failed} photos could be read (listed above)", code=1)
 
