@@ -173,7 +173,7 @@ MemberDensities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """points (M, 3) -> (log p(y | c_i) (n, M), log p(y) (M,)), from one batched evaluation."""
 
 
-ADAPTIVE_SHARE = 0.5
+ADAPTIVE_SHARE = 0.8
 """From the second round on, this share of each round's proposals comes from a kernel density
 fitted to the weighted points so far (the rest from the photos' posteriors and the uniform)."""
 KDE_CENTRES = 256
@@ -222,6 +222,19 @@ def proposal_log_density(
     return torch.logsumexp(torch.stack(terms), 0)
 
 
+def _all_rounds_log_density(
+    member_log_p: torch.Tensor, points: torch.Tensor, rounds: list
+) -> torch.Tensor:
+    """log of the mixture of every round's proposal, each weighted by its share of the points
+    (the deterministic-mixture weights of adaptive multiple importance sampling)."""
+    total = sum(sum(counts) for counts, _ in rounds)
+    parts = [
+        proposal_log_density(member_log_p, points, counts, kde) + math.log(sum(counts) / total)
+        for counts, kde in rounds
+    ]
+    return torch.logsumexp(torch.stack(parts), 0)
+
+
 def importance_sample(
     draw: DrawMembers,
     densities: MemberDensities,
@@ -240,13 +253,14 @@ def importance_sample(
     The first round draws per_round / n points from every photo's posterior and a share
     ``defensive`` uniformly on the sphere (deterministic-mixture sampling: counts in proportion
     to the mixture's weights, weighted by the mixture's density, which keeps each round's Z-hat
-    unbiased). Later rounds draw half their points from a kernel density fitted to the weighted
-    points so far (:func:`kde_fit`; adaptive importance sampling: each round's proposal is fixed
-    given the earlier rounds, so its weights stay valid). Each point's member and null densities
-    are evaluated once, in one batched call, and shared by the target, the proposal density and
-    every leave-one-out normaliser.
+    unbiased). Later rounds draw 80% of their points from a kernel density fitted to the weighted
+    points so far (:func:`kde_fit`). Every point is weighted by the mixture of all rounds'
+    proposals (adaptive multiple importance sampling, Cornuet et al. 2012: consistent, and an
+    early point that landed where a later round's kernels concentrate no longer dominates).
+    Each point's member and null densities are evaluated once, in one batched call, and shared
+    by the target, the proposal densities and every leave-one-out normaliser.
     """
-    xs, members, nulls, log_qs, kept = [], [], [], [], []
+    xs, members, nulls, kept, rounds = [], [], [], [], []
     uniform = max(1, round(defensive * per_round)) if defensive > 0 else 0
     sample, kde = None, None
     for round_ in range(1, max_rounds + 1):
@@ -261,15 +275,14 @@ def importance_sample(
             u = sample_uniform_sphere((uniform,), generator=generator, dtype=torch.float64)
             x = torch.cat([x, u.to(x.device)])
         member, null = densities(x)
-        counts = (per_member * num_members, from_kde, uniform)
         xs.append(x)
         members.append(member.double())
         nulls.append(null.double())
-        log_qs.append(proposal_log_density(members[-1], x, counts, kde))
         kept.append(keep(x) if keep is not None else torch.ones(x.shape[0], dtype=torch.bool))
-        sample = WeightedSample(
-            torch.cat(xs), torch.cat(members, 1), torch.cat(nulls), torch.cat(log_qs), round_
-        )
+        rounds.append(((per_member * num_members, from_kde, uniform), kde))
+        points, member_log_p = torch.cat(xs), torch.cat(members, 1)
+        log_q = _all_rounds_log_density(member_log_p, points, rounds)
+        sample = WeightedSample(points, member_log_p, torch.cat(nulls), log_q, round_)
         log_w = sample.log_weight.masked_fill(~torch.cat(kept), -math.inf)
         if effective_sample_size(log_w) >= target_ess or round_ == max_rounds:
             break
