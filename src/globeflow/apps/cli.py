@@ -434,6 +434,21 @@ def predict(
     map_dir: Path = typer.Option(None, "--map", help="Write a PNG world map per photo here."),
     seed: int = typer.Option(0, help=_SEED_HELP),
     progress: bool = typer.Option(True, help=_PROGRESS_HELP),
+    same_place: bool = typer.Option(
+        False,
+        "--same-place",
+        help="The photos all show one place: add one fused answer, the exact product of their "
+        "posteriors (refused, with the reason, when the photos disagree).",
+    ),
+    within: str = typer.Option(
+        None,
+        help="A region you know the photos are in: lat0,lon0,lat1,lon1 (degrees, south-west "
+        "corner first), an ISO country code (FR) or a GeoJSON file. Answers come from the "
+        "model's density inside it, with the mass it puts there.",
+    ),
+    fusion_proposals: int = typer.Option(
+        None, help="Proposal points per round for --same-place, 64 to 65536 (default 1024)."
+    ),
 ) -> None:
     """Where was each photo taken? Best guess, top regions, localizability, maps.
 
@@ -466,6 +481,7 @@ def predict(
         folders={"--map": map_dir},
         reads=[*photos, *paths],
     )
+    region = _parse_within(within, fusion_proposals)
     labels = photo_labels(paths)
     locator = _load_locator(model, encoder, family, encoder_path)
     try:
@@ -482,9 +498,18 @@ def predict(
             region_radius_km=region_radius_km,
             seed=seed,
             with_density=False,
+            within=region,
         )
+        if same_place:
+            results, labels = _add_fused_answer(
+                locator, paths, results, labels, region, fusion_proposals,
+                num_samples=num_samples, steps=steps, solver=_model_solver(solver, locator),
+                precision=precision, top_k=top_k, region_radius_km=region_radius_km, seed=seed,
+            )  # fmt: skip
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
+    except ValueError as exc:  # a model that cannot fuse photos
+        _fail(f"--same-place: {locator.model_name}: {exc}")
     located = any(r.get("ok") for r in results)
     if located:
         title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
@@ -495,9 +520,58 @@ def predict(
     _write_predict_outputs(results, json_out, csv_out, geojson_out)
     if map_dir:
         _write_maps(results, labels, names, map_dir, progress)
+    _report_region_and_fusion(results)
     failed = _report_unreadable(results)
+    if not located and not failed:  # every answer refused: nothing inside --within
+        _fail("no answer: every photo's answer was refused (reasons above)", code=1)
     if not located:
         _fail(f"none of the {failed} photos could be read (listed above)", code=1)
+
+
+def _parse_within(within: str | None, fusion_proposals: int | None):
+    """The --within region (None without it), or a one-line failure; checks --fusion-proposals."""
+    from globeflow.answers.within import RegionError, parse_region
+
+    if fusion_proposals is not None and not 64 <= fusion_proposals <= 65536:
+        _fail(f"--fusion-proposals {fusion_proposals}: must be an integer from 64 to 65536")
+    if within is None:
+        return None
+    try:
+        return parse_region(within)
+    except RegionError as exc:
+        _fail(f"--within {exc}")
+
+
+def _add_fused_answer(locator, paths, results, labels, region, proposals, **settings):
+    """The per-photo results and labels followed by the photos' fused answer (--same-place)."""
+    readable = [(p, label) for p, r, label in zip(paths, results, labels) if r.get("ok")]
+    if len(readable) < 2:
+        typer.echo("--same-place: fewer than 2 readable photos, nothing to fuse", err=True)
+        return results, labels
+    fused = locator.locate_together(
+        [str(p) for p, _ in readable], names=[label for _, label in readable], within=region,
+        proposals_per_round=proposals, **settings,
+    )  # fmt: skip
+    return [*results, fused], [*labels, "same place"]
+
+
+def _report_region_and_fusion(results: list[dict]) -> None:
+    """The mass inside --within per answer, and the fused answer's verdict (--same-place)."""
+    for r in results:
+        mass = r.get("mass_inside")
+        if mass:
+            typer.echo(
+                f"{r['image']}: {mass['probability']:.1%} ± {mass['stderr']:.1%} of the model's "
+                f"mass inside {mass['region']['description']}"
+            )
+        if "fusion" in r:
+            bf = r["fusion"]["log_bayes_factor_same_place"]
+            typer.echo(
+                f"{r['image']}: effective sample size {r['effective_sample_size']:.0f}; log Bayes "
+                f"factor of one place against unrelated places {bf:.2f}"
+            )
+        if r.get("error") and "effective_sample_size" in r:
+            typer.secho(f"{r['image']}: {r['error']}", fg=typer.colors.YELLOW, err=True)
 
 
 def _print_predict_table(
@@ -538,7 +612,7 @@ def _print_predict_table(
 
 def _report_unreadable(results: list[dict]) -> int:
     """List the photos that could not be read on stderr, one line each; returns their count."""
-    failed = [r for r in results if not r.get("ok")]
+    failed = [r for r in results if not r.get("ok") and "effective_sample_size" not in r]
     if failed:
         typer.echo(f"{len(failed)} of {len(results)} photos could not be read:", err=True)
     for r in failed:

@@ -121,12 +121,15 @@ class Locator:
         seed: int = 0,
         solver: str | None = None,
         precision: str | None = None,
+        within: object = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         Unset settings take the defaults above (the model's recommended guidance). Samples of
         all B images are drawn in one batched solve. Regions are found at the samples' own scale
         unless ``region_radius_km`` fixes their radius (``answers.decode.top_regions``).
+        ``within`` (a region, see :func:`globeflow.answers.within.parse_region`): answers from
+        the model's density truncated to it, with the mass inside (``mass_inside``).
         """
         settings = {
             "model": self.model_name,
@@ -143,23 +146,40 @@ class Locator:
         n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
         n_loc = n_loc if localizability_samples is None else localizability_samples
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        if within is not None:
+            decode = (top_k, region_radius_km, with_density)
+            return self._locate_within(emb, within, settings, generator, decode)
         with network_threads(_network_width(self.model)):
             parts = [
                 self._draw(emb[photos], settings, n_loc, generator)
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
             samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
+        return self._decode(samples, bits, stderr, settings, top_k, region_radius_km, with_density)
+
+    def _decode(
+        self,
+        samples: torch.Tensor,
+        bits: torch.Tensor,
+        stderr: torch.Tensor,
+        settings: dict,
+        top_k: int,
+        region_radius_km: float | None,
+        with_density: bool,
+    ) -> list[dict]:
+        """Result dicts from samples (B, N, 2) degrees and localizability bits (B,) +- (B,)."""
+        with network_threads(_network_width(self.model)):
             guesses = best_guess(samples)
             regions = [
                 top_regions(samples[i], k=top_k, radius_km=region_radius_km)
-                for i in range(emb.shape[0])
+                for i in range(samples.shape[0])
             ]
         places = _place_names(guesses, regions)
         # Only densities per steradian compare with the uniform one (not the R^3 families').
         on_sphere = getattr(self.model, "density_space", "sphere") == "sphere"
         uniform = UNIFORM_LOCALIZABILITY_BITS if on_sphere else math.nan
         results = []
-        for i in range(emb.shape[0]):
+        for i in range(samples.shape[0]):
             extent = answer_extent(samples[i], guesses[i].tolist(), regions[i])
             result = {
                 **_answer_at_scale(guesses[i], regions[i], places[i], extent),
@@ -176,6 +196,161 @@ class Locator:
                 )
             results.append(result)
         return results
+
+    # ---- several photos of one place, a region the user knows (answers/fusion.py) ----------
+    @torch.no_grad()
+    def locate_together(
+        self,
+        photos: torch.Tensor | Sequence,
+        names: Sequence[str] | None = None,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        top_k: int = 5,
+        region_radius_km: float | None = None,
+        with_density: bool = False,
+        seed: int = 0,
+        solver: str | None = None,
+        precision: str | None = None,
+        within: object = None,
+        proposals_per_round: int | None = None,
+    ) -> dict:
+        """One answer for photos that all show the same place: p(y | c_1..c_n), proportional to
+        prod_i p(y | c_i) / p(y)^(n-1), by importance resampling (:mod:`globeflow.answers.fusion`).
+
+        ``photos``: embeddings (n, D), image paths, or [(name, PIL image)]; unreadable paths are
+        listed in ``skipped``. The result has the usual structure plus ``photos``,
+        ``effective_sample_size``, ``fusion`` (Bayes factor of one place against unrelated places,
+        each photo's agreement) and ``disagreement`` (None, or why no fused answer is given:
+        then ``ok`` is false and ``error`` says so). ``within``: as in :meth:`locate_embeddings`.
+        """
+        from globeflow.answers.fusion import (
+            PROPOSALS_PER_ROUND,
+            disagreement,
+            draw_posterior,
+            fused_sample,
+            single_sample,
+        )
+
+        emb, names, skipped = self._embed_together(photos, names)
+        settings = self._unguided_settings(num_samples, steps, solver, precision, seed)
+        per_round = proposals_per_round or PROPOSALS_PER_ROUND
+        settings.update(same_place=True, proposals_per_round=per_round)
+        region = _as_region(within)
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        n, steps = settings["num_samples"], settings["steps"]
+        options = {"solver": settings["solver"], "precision": settings["precision"]}
+        with network_threads(_network_width(self.model)):
+            if emb.shape[0] == 1:
+                sample = single_sample(self.model, emb, n, steps, generator, region, **options)
+            else:
+                sample = fused_sample(
+                    self.model, emb, steps, generator, per_round=per_round,
+                    target_ess=min(n, 256), region=region, **options,
+                )  # fmt: skip
+            draw = draw_posterior(sample, n, generator, region)
+        conflict = disagreement(draw, list(names))
+        result = self._posterior_result(
+            draw, settings, region, (top_k, region_radius_km, with_density),
+            conflict["message"] if conflict else None,
+        )  # fmt: skip
+        odds = [_finite_or_none(v) for v in draw.agreement_log_odds or []]
+        bf, bf_se = draw.log_bayes_factor, draw.log_bayes_factor_stderr
+        fusion = {
+            "proposals": draw.proposals,
+            "rounds": draw.rounds,
+            "log_bayes_factor_same_place": None if bf is None else _finite_or_none(bf),
+            "log_bayes_factor_stderr": None if bf_se is None else _finite_or_none(bf_se),
+            "agreement_log_odds": dict(zip(names, odds, strict=False)),
+        }
+        label = f"same place: {', '.join(names)}"
+        result.setdefault("ok", True)
+        result.setdefault("error", None)
+        result.update(image=label, photos=list(names), skipped=skipped, fusion=fusion)
+        result["disagreement"] = conflict
+        return result
+
+    def _embed_together(self, photos, names) -> tuple[torch.Tensor, list[str], list[dict]]:
+        """Embeddings (n, D), names and the unreadable files of ``locate_together``'s input."""
+        from globeflow.data.images import ImageLoadError, load_image
+
+        skipped: list[dict] = []
+        if isinstance(photos, torch.Tensor):
+            emb = photos if photos.dim() == 2 else photos[None]
+            labels = list(names or [f"photo {i + 1}" for i in range(emb.shape[0])])
+        else:
+            loaded = []
+            for item in photos:
+                if isinstance(item, tuple):
+                    loaded.append(item)
+                    continue
+                try:
+                    loaded.append((str(item), load_image(item)))
+                except ImageLoadError as exc:
+                    skipped.append(_failed(str(item), str(exc)))
+            if not loaded:
+                raise ValueError("none of the photos could be read")
+            labels = list(names or [name for name, _ in loaded])
+            emb = self.encoder.embed([img for _, img in loaded])
+        if emb.shape[0] != len(labels):
+            raise ValueError(f"{len(labels)} names for {emb.shape[0]} photos")
+        return emb, labels, skipped
+
+    def _unguided_settings(self, num_samples, steps, solver, precision, seed) -> dict:
+        """The settings block of answers from the model's density (guidance 0)."""
+        return {
+            "model": self.model_name,
+            "family": self.model.family,
+            "encoder": self.encoder.name,
+            "num_samples": num_samples or DEFAULT_NUM_SAMPLES,
+            "guidance": 0.0,
+            "steps": steps or DEFAULT_STEPS,
+            "solver": self._solver(solver),
+            "precision": precision or DEFAULT_PRECISION,
+            "seed": seed,
+        }
+
+    def _locate_within(self, emb, within, settings, generator, decode) -> list[dict]:
+        """``locate_embeddings(within=...)``: each photo's density truncated to the region, by
+        rejection from its unguided samples, with P(region | photo)."""
+        from globeflow.answers.fusion import draw_posterior, single_sample
+
+        region = _as_region(within)
+        settings = {**settings, "guidance": 0.0}
+        options = (settings["solver"], settings["precision"])
+        n = settings["num_samples"]
+        results = []
+        with network_threads(_network_width(self.model)):
+            for i in range(emb.shape[0]):
+                row = emb[i : i + 1]
+                sample = single_sample(
+                    self.model, row, n, settings["steps"], generator, region, *options
+                )
+                draw = draw_posterior(sample, n, generator, region)
+                results.append(self._posterior_result(draw, settings, region, decode, None))
+        return results
+
+    def _posterior_result(self, draw, settings, region, decode, error: str | None) -> dict:
+        """The result dict of a :class:`~globeflow.answers.fusion.PosteriorDraw`: decoded as
+        usual, or ``ok: false`` with ``error`` when refused or when nothing fell in the region."""
+        extra = {"effective_sample_size": draw.effective_sample_size}
+        if region is not None:
+            extra["mass_inside"] = {**draw.mass.to_dict(), "region": region.to_dict()}
+            settings = {**settings, "within": region.description}
+            if draw.samples.shape[0] == 0 and error is None:
+                error = (
+                    f"the model puts no mass inside {region.description} (under "
+                    f"{draw.mass.upper_95:.2g} at 95%)"
+                )
+        if error is not None:
+            return {"ok": False, "error": error, **extra, "settings": settings}
+        bits = torch.tensor([draw.localizability_bits])
+        stderr = torch.tensor([draw.localizability_stderr_bits])
+        top_k, radius_km, with_density = decode
+        settings = {**settings, "region_radius_km": radius_km}
+        samples = draw.samples[None].float()
+        result = self._decode(samples, bits, stderr, settings, top_k, radius_km, with_density)[0]
+        result.update(extra)
+        return result
 
     def _solver(self, solver: str | None) -> str | None:
         """The requested solver, else the default where the model has it (baselines have none)."""
@@ -240,7 +415,9 @@ class Locator:
         gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
         for (name, _), result, truth in zip(images, results, gps, strict=True):
             _attach_truth(result, truth)
-            result.update({"image": name, "ok": True, "error": None})
+            result.update(
+                {"image": name, "ok": result.get("ok", True), "error": result.get("error")}
+            )
         return results
 
     def locate_paths(
@@ -297,7 +474,7 @@ def _failed(name: str, error: str) -> dict:
 
 
 def _attach_truth(result: dict, truth: tuple[float, float] | None) -> None:
-    if truth is None:
+    if truth is None or not result.get("best_guess"):
         result["exif_gps"], result["error_km"] = None, None
         return
     lat, lon = truth
@@ -348,6 +525,15 @@ def _answer_at_scale(
         "osm_url": osm_url(lat, lon, scale_km),
         "map_extent": list(extent) if extent is not None else None,
     }
+
+
+def _as_region(within: object):
+    """A parsed region (``within=`` of the locate methods), or None."""
+    if within is None:
+        return None
+    from globeflow.answers.within import Region, parse_region
+
+    return within if isinstance(within, Region) else parse_region(within)
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -37,6 +37,7 @@ from globeflow.apps.request_guards import (
     too_many_files,
     unless_disconnected,
 )
+from globeflow.apps.server_fusion import WITHIN_HELP, add_fusion_route, parse_web_region
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
@@ -96,7 +97,7 @@ class _Job:
     name: str
     image: Any
     gps: tuple[float, float] | None
-    params: tuple[int, float, int | None]
+    params: tuple[int, float, int | None, Any]
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -177,11 +178,11 @@ class BatchWorker:
             if stop:
                 return
 
-    def _run_group(self, params: tuple[int, float, int | None], group: list[_Job]) -> None:
+    def _run_group(self, params: tuple[int, float, int | None, Any], group: list[_Job]) -> None:
         live = [job for job in group if job.future.set_running_or_notify_cancel()]
         if not live:
             return
-        num_samples, guidance, steps = params
+        num_samples, guidance, steps, region = params
         try:
             results = self.locator.locate_images(
                 [(job.name, job.image) for job in live],
@@ -190,6 +191,7 @@ class BatchWorker:
                 steps=steps,
                 exif_gps=[job.gps for job in live],
                 with_density=True,
+                **({"within": region} if region is not None else {}),
             )
             if len(results) != len(live):
                 raise RuntimeError(f"locator returned {len(results)} results for {len(live)}")
@@ -392,6 +394,7 @@ def create_app(
             None, alias="guidance", ge=MIN_GUIDANCE, le=MAX_GUIDANCE
         ),
         form_steps: int | None = Form(None, alias="steps", ge=1, le=MAX_STEPS),
+        within: str | None = Form(None, description=WITHIN_HELP),
     ) -> JSONResponse:
         """Locate photos. Returns ``{"results": [...]}`` in upload order (see
         docs/ARCHITECTURE.md) or, with ``format=geojson``, a FeatureCollection of best guesses,
@@ -413,9 +416,10 @@ def create_app(
             int(_first(form_num_samples, num_samples, DEFAULT_NUM_SAMPLES)),
             float(_first(form_guidance, guidance, locator_guidance)),
             _first(form_steps, steps),
+            parse_web_region(within),
         )
         try:  # the model's recommended guidance is checked here too
-            check_settings(dict(zip(("num_samples", "guidance", "steps"), params, strict=True)))
+            check_settings(dict(zip(("num_samples", "guidance", "steps"), params[:3])))
         except SettingError as exc:
             raise HTTPException(422, str(exc)) from None
         # A bad file is answered in its own result; the good ones of the request still run.
@@ -446,6 +450,7 @@ def create_app(
             return JSONResponse(collection)
         return JSONResponse({"results": results})
 
+    add_fusion_route(app, locator, limit, max_files)
     return app
 
 

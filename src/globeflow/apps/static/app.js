@@ -14,6 +14,8 @@
     guidance: $("#guidance"),
     guidanceOut: $("#guidance-out"),
     samples: $("#num-samples"),
+    within: $("#within"),
+    samePlace: $("#same-place"),
     rerun: $("#rerun"),
     clear: $("#clear"),
     status: $("#status"),
@@ -22,7 +24,10 @@
     modelInfo: $("#model-info"),
   };
 
-  const state = { items: [], maxUploadMb: null, coastlines: null, running: 0, queue: [] };
+  const state = {
+    items: [], maxUploadMb: null, coastlines: null, running: 0, queue: [], nextId: 0,
+    fused: null, fusedKey: null,
+  };
 
   // ---------------------------------------------------------------- formatting
 
@@ -472,6 +477,15 @@
     area.innerHTML = "";
     area.append(fmtArea(result.effective_area_km2), small(areaHint(result.effective_area_km2)));
 
+    const mass = result.mass_inside;
+    $(".mass-row", c).hidden = !mass;
+    if (mass) {
+      const dd = $("[data-testid=mass-inside]", c);
+      dd.textContent = "";
+      dd.append(`${fmtPct(mass.probability)} ± ${fmtPct(mass.stderr)}`,
+        small(`of the model's probability is in ${mass.region.description}`));
+    }
+
     const hasTruth = !!result.exif_gps;
     c.querySelectorAll(".truth-row").forEach((el) => { el.hidden = !hasTruth; });
     $(".lg-truth-item", c).hidden = !hasTruth;
@@ -517,7 +531,8 @@
 
     const st = result.settings || {};
     $(".settings", c).textContent =
-      `${(result.samples || []).length} samples · guidance ${st.guidance} · ${st.steps} steps · model ${st.model || "?"}`;
+      `${(result.samples || []).length} samples · guidance ${st.guidance} · ${st.steps} steps · model ${st.model || "?"}` +
+      (result.fusion ? ` · effective sample size ${Math.round(result.effective_sample_size)}` : "");
 
     const canvas = $("canvas.map", c);
     canvas.setAttribute("aria-label",
@@ -572,6 +587,7 @@
     body.append("file", item.file, item.file.name);
     body.append("num_samples", els.samples.value);
     body.append("guidance", els.guidance.value);
+    if (els.within.value.trim()) body.append("within", els.within.value.trim());
     let resp;
     try {
       resp = await fetch("/v1/locate", { method: "POST", body });
@@ -591,6 +607,53 @@
       return;
     }
     await showResult(item, result);
+  }
+
+  // One answer for all located photos when "same place" is on (POST /v1/locate-together).
+  async function fuse() {
+    const done = state.items.filter((i) => i.card.dataset.state === "done");
+    const key = done.map((i) => i.id).join(",") + `|${els.samples.value}|${els.within.value.trim()}`;
+    if (!els.samePlace.checked || done.length < 2 || state.fusedKey === key) return;
+    state.fusedKey = key;
+    if (state.fused) state.fused.card.remove();
+    const node = els.template.content.firstElementChild.cloneNode(true);
+    node.classList.add("card-fused");
+    node.setAttribute("data-testid", "fused-card");
+    $(".thumb", node).src = URL.createObjectURL(done[0].file);
+    $(".thumb", node).alt = `Thumbnail of ${done[0].file.name}`;
+    $(".file-name", node).textContent = `Same place: ${done.length} photos`;
+    els.results.prepend(node);
+    const item = { card: node, file: done[0].file, result: null };
+    state.fused = item;
+    showBusy(item);
+    const body = new FormData();
+    for (const i of done) body.append("file", i.file, i.file.name);
+    body.append("num_samples", els.samples.value);
+    if (els.within.value.trim()) body.append("within", els.within.value.trim());
+    let data = null;
+    let resp;
+    try {
+      resp = await fetch("/v1/locate-together", { method: "POST", body });
+      data = await resp.json();
+    } catch (e) {
+      showError(item, `Could not fuse the photos (${e.message}).`);
+      return;
+    }
+    if (!resp.ok) {
+      showError(item, `Error ${resp.status}: ${data && data.detail ? data.detail : resp.statusText}`);
+      return;
+    }
+    if (!data.result.ok) {
+      showError(item, `Not fused: ${data.result.error}`);
+      return;
+    }
+    await showResult(item, data.result);
+  }
+
+  function dropFused() {
+    if (state.fused) state.fused.card.remove();
+    state.fused = null;
+    state.fusedKey = null;
   }
 
   function pump() {
@@ -617,13 +680,14 @@
     else setStatus("");
     els.rerun.disabled = !state.items.length || pending > 0;
     els.clear.disabled = !state.items.length;
+    if (!pending) fuse().catch((e) => state.fused && showError(state.fused, `Unexpected error: ${e.message}`));
   }
 
   function addFiles(fileList) {
     const files = Array.from(fileList || []);
     if (!files.length) return;
     for (const file of files) {
-      const item = { file, card: newCard(file), result: null };
+      const item = { file, card: newCard(file), result: null, id: ++state.nextId };
       state.items.push(item);
       state.queue.push(item);
     }
@@ -667,6 +731,11 @@
       item.card.remove();
     }
     state.items = [];
+    dropFused();
+    updateStatus();
+  });
+  els.samePlace.addEventListener("change", () => {
+    if (!els.samePlace.checked) dropFused();
     updateStatus();
   });
 

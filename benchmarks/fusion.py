@@ -1,0 +1,218 @@
+"""Several photos of one place: accuracy against a known answer, and seconds.
+
+1. Accuracy (testbed with a known answer, tests/_fusion_testbed.py): around each of
+   ``--cases`` random true locations, four "photos" each reveal one cue (country scale, a coast,
+   the latitude band, city scale); every density is a von Mises-Fisher mixture, so the exact
+   fused posterior (the oracle) is known. For the fused answer (globeflow.answers.fusion, as
+   Locator.locate_together runs it) and for each single photo: sliced Wasserstein distance to
+   oracle samples (km) and the distance between best guesses (km). The floor is the same
+   distance between two independent oracle sample sets. Also the estimated log Bayes factor
+   and localizability against their exact values, in standard errors.
+2. Seconds for fusing 2, 5 and 20 photos with the bundled model (crops of examples/paris.jpg as
+   views of one place), with the usual one-photo answer measured in the same run as baseline.
+
+    python benchmarks/fusion.py --out out/bench/fusion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+from _common import REPO, machine, print_table, write_json
+
+sys.path.insert(0, str(REPO / "tests"))
+import _fusion_testbed as tb  # noqa: E402
+
+from globeflow.answers.decode import best_guess  # noqa: E402
+from globeflow.answers.fusion import draw_posterior, fused_sample  # noqa: E402
+from globeflow.core import fusion as core_fusion  # noqa: E402
+from globeflow.core.sphere import haversine_km, unit_to_latlon  # noqa: E402
+from globeflow.jobs.metrics import sliced_wasserstein_km  # noqa: E402
+
+CUES = ("country", "coast", "latitude band", "city")
+
+
+def accuracy_case(seed: int, num_samples: int, names: tuple[str, ...] = CUES) -> dict:
+    """One testbed case with the cues ``names``: distances to the oracle of the fused answer
+    and of each single photo."""
+    g = torch.Generator().manual_seed(seed)
+    truth = (
+        float(torch.rand((), generator=g)) * 120 - 60,
+        float(torch.rand((), generator=g)) * 360 - 180,
+    )
+    prior, cues = tb.scenario(truth, g)
+    members = [cues[name] for name in names]
+    n = len(names)
+    model = tb.ClosedFormCues(prior, members)
+    start = time.perf_counter()
+    draw = draw_posterior(fused_sample(model, torch.eye(n), 1, g), num_samples, g)
+    seconds = time.perf_counter() - start
+    exact = tb.oracle(prior, members)
+    oracle = unit_to_latlon(exact.sample(num_samples, g)).float()
+    floor = unit_to_latlon(exact.sample(num_samples, g)).float()
+    oracle_guess = best_guess(oracle)
+
+    def scores(samples: torch.Tensor) -> tuple[float, float]:
+        sw = float(sliced_wasserstein_km(samples.float(), oracle))
+        return sw, float(haversine_km(best_guess(samples.float()), oracle_guess))
+
+    row = {"case": seed, "seconds": seconds, "ESS": draw.effective_sample_size}
+    row["rounds"] = draw.rounds
+    row["fused SW km"], row["fused guess km"] = scores(draw.samples)
+    # The same with every round drawn from the photos' posteriors only (no kernel rounds).
+    share, core_fusion.ADAPTIVE_SHARE = core_fusion.ADAPTIVE_SHARE, 0.0
+    try:
+        plain = draw_posterior(fused_sample(model, torch.eye(n), 1, g), num_samples, g)
+    finally:
+        core_fusion.ADAPTIVE_SHARE = share
+    row["members only ESS"] = plain.effective_sample_size
+    row["members only SW km"], row["members only guess km"] = scores(plain.samples)
+    row["floor SW km"], row["floor guess km"] = scores(floor)
+    singles = model.sample(torch.eye(n), num_samples, generator=g)
+    for name, samples in zip(names, singles):
+        row[f"{name} SW km"], row[f"{name} guess km"] = scores(samples)
+    exact_bf = tb.log_bayes_factor(prior, members)
+    row["log BF z"] = (draw.log_bayes_factor - exact_bf) / draw.log_bayes_factor_stderr
+    x = exact.sample(4096, g)
+    bits = exact.normalised().log_density(x) / math.log(2.0)
+    se = math.hypot(draw.localizability_stderr_bits, float(bits.std()) / 64.0)
+    row["localizability z"] = (draw.localizability_bits - float(bits.mean())) / se
+    return row
+
+
+def paris_views(locator, count: int) -> torch.Tensor:
+    """Embeddings (count, D) of crops of examples/paris.jpg: views of one place."""
+    from PIL import Image
+
+    image = Image.open(REPO / "examples" / "paris.jpg").convert("RGB")
+    w, h = image.size
+    crops = []
+    for i in range(count):
+        f = 0.6 + 0.4 * ((i * 7) % count) / max(count - 1, 1)
+        x0, y0 = int((w - f * w) * ((i * 3) % 5) / 4), int((h - f * h) * ((i * 2) % 3) / 2)
+        crops.append(image.crop((x0, y0, x0 + int(f * w), y0 + int(f * h))))
+    return locator.encoder.embed(crops)
+
+
+def timing(counts: list[int], num_samples: int) -> list[dict]:
+    """Seconds of Locator.locate_together for each number of photos, and the usual one-photo
+    answer as baseline."""
+    from globeflow.apps.pipeline import Locator
+
+    locator = Locator.from_pretrained()
+    emb = paris_views(locator, max(counts))
+    locator.locate_embeddings(emb[:1], num_samples=64)  # warm-up
+    start = time.perf_counter()
+    locator.locate_embeddings(emb[:1], num_samples=num_samples)
+    single = time.perf_counter() - start
+    rows = [{"photos": 1, "seconds": single, "vs one photo": 1.0, "note": "usual answer"}]
+    for n in counts:
+        start = time.perf_counter()
+        result = locator.locate_together(emb[:n], num_samples=num_samples)
+        seconds = time.perf_counter() - start
+        fusion = result["fusion"]
+        rows.append(
+            {
+                "photos": n,
+                "seconds": seconds,
+                "vs one photo": seconds / single,
+                "rounds": fusion["rounds"],
+                "proposals": fusion["proposals"],
+                "density evaluations": (n + 1) * fusion["proposals"],
+                "ESS": result["effective_sample_size"],
+                "log BF": fusion["log_bayes_factor_same_place"],
+                "note": result["error"] or "",
+            }
+        )
+    return rows
+
+
+def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
+    """Summary rows and per-case rows of both testbeds: all four cues, and without the city one
+    (where the fused answer is much sharper than any single photo)."""
+    summary, all_cases = [], []
+    for label, names in (("4 cues", CUES), ("3 cues (no city)", CUES[:3])):
+        cases = [accuracy_case(seed, num_samples, names) for seed in range(count)]
+        all_cases += [{**c, "testbed": label} for c in cases]
+        for name in ("fused", "members only", "floor", *names):
+            sw = [c[f"{name} SW km"] for c in cases]
+            guess = [c[f"{name} guess km"] for c in cases]
+            closer = sum(c["fused SW km"] < c[f"{name} SW km"] for c in cases)
+            summary.append(
+                {
+                    "testbed": label,
+                    "answer": name,
+                    "median SW km": sorted(sw)[len(sw) // 2],
+                    "mean SW km": sum(sw) / len(sw),
+                    "median guess km": sorted(guess)[len(guess) // 2],
+                    "fused closer (cases)": closer,
+                }
+                | (
+                    {"median ESS": sorted(c[ess] for c in cases)[len(cases) // 2]}
+                    if (ess := {"fused": "ESS", "members only": "members only ESS"}.get(name))
+                    else {}
+                )
+            )
+    print(f"\nTestbeds, {count} cases each, {num_samples} samples: distance to the oracle")
+    columns = ["testbed", "answer", "median SW km", "mean SW km", "median guess km"]
+    print_table(summary, [*columns, "fused closer (cases)", "median ESS"])
+    return summary, all_cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cases", type=int, default=12)
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--photos", default="2,5,20", help="numbers of photos to time")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    summary, cases = accuracy(args.cases, args.samples)
+    z_bf = [c["log BF z"] for c in cases]
+    z_loc = [c["localizability z"] for c in cases]
+    calibration = {
+        "log BF |z| <= 2": sum(abs(z) <= 2 for z in z_bf),
+        "localizability |z| <= 2": sum(abs(z) <= 2 for z in z_loc),
+        "cases": len(cases),
+        "min ESS": min(c["ESS"] for c in cases),
+        "median ESS": sorted(c["ESS"] for c in cases)[len(cases) // 2],
+    }
+    print(f"\n{calibration}")
+    counts = [int(v) for v in args.photos.split(",") if v]
+    speed = timing(counts, args.samples) if counts else []
+    if speed:
+        print(f"\nSeconds with the bundled model ({args.samples} samples, {args.threads} thread)")
+        print_table(
+            speed,
+            [
+                "photos",
+                "seconds",
+                "vs one photo",
+                "rounds",
+                "proposals",
+                "density evaluations",
+                "ESS",
+                "log BF",
+                "note",
+            ],
+        )
+    write_json(
+        {
+            "machine": machine(),
+            "accuracy": summary,
+            "calibration": calibration,
+            "cases": cases,
+            "timing": speed,
+        },
+        args.out,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

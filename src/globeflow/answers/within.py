@@ -1,0 +1,198 @@
+"""What the user already knows: a region R that the answer must lie in.
+
+Three kinds, parsed by :func:`parse_region` from what users type:
+
+- a bounding box ``"lat0,lon0,lat1,lon1"`` (degrees, south-west then north-east corner; a box
+  with lon0 > lon1 crosses the antimeridian);
+- an ISO 3166-1 alpha-2 country code (``"FR"``): a point is inside when the offline reverse
+  geocoder (GeoNames places of >= 1,000 people) names that country as the nearest place's, so
+  borders are as sharp as the spacing of towns and coastal waters count as the country's;
+- a GeoJSON file or object (Polygon, MultiPolygon, Feature, FeatureCollection): even-odd rule,
+  holes included, with straight edges in the lon/lat plane as RFC 7946 defines them. Rings may
+  cross the antimeridian (longitudes are unwrapped along the ring); a ring around a pole is
+  refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from globeflow.answers.geocode import country_name, reverse_geocode
+
+_BBOX = re.compile(r"^\s*-?[\d.]+(\s*,\s*-?[\d.]+){3}\s*$")
+_EDGE_CHUNK = 1024
+
+
+class RegionError(ValueError):
+    """A region the user gave that cannot be used (one line naming it and the problem)."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region of the globe: ``contains(latlon (M, 2) degrees) -> (M,) bool``."""
+
+    kind: str
+    description: str
+    contains: Callable[[torch.Tensor], torch.Tensor]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "description": self.description}
+
+
+def parse_region(spec: str | os.PathLike | dict | Sequence[float]) -> Region:
+    """A :class:`Region` from a bbox string or 4 numbers, a country code, a GeoJSON path or a
+    GeoJSON dict; :class:`RegionError` naming the input otherwise."""
+    if isinstance(spec, dict):
+        return polygon_region(spec, "GeoJSON")
+    if isinstance(spec, (list, tuple)):
+        return bbox_region(*map(float, spec))
+    text = str(spec)
+    if _BBOX.match(text):
+        return bbox_region(*(float(v) for v in text.split(",")))
+    if re.fullmatch(r"[A-Za-z]{2}", text.strip()):
+        return country_region(text.strip())
+    path = Path(text)
+    if path.is_file():
+        try:
+            geojson = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegionError(f"{path}: not a readable GeoJSON file ({exc})") from None
+        return polygon_region(geojson, str(path))
+    raise RegionError(
+        f"{text}: not a region; give lat0,lon0,lat1,lon1 (degrees), an ISO country code such as "
+        "FR, or a GeoJSON file"
+    )
+
+
+def bbox_region(lat0: float, lon0: float, lat1: float, lon1: float) -> Region:
+    """South-west (lat0, lon0) to north-east (lat1, lon1); lon0 > lon1 crosses the antimeridian."""
+    if not (-90.0 <= lat0 < lat1 <= 90.0):
+        raise RegionError(
+            f"bounding box {lat0},{lon0},{lat1},{lon1}: latitudes must satisfy "
+            "-90 <= lat0 < lat1 <= 90 (south-west corner first)"
+        )
+    if not (-180.0 <= lon0 <= 180.0 and -180.0 <= lon1 <= 180.0) or lon0 == lon1:
+        raise RegionError(
+            f"bounding box {lat0},{lon0},{lat1},{lon1}: longitudes must lie in [-180, 180] and "
+            "differ (lon0 > lon1 for a box across the antimeridian)"
+        )
+
+    def contains(latlon: torch.Tensor) -> torch.Tensor:
+        lat, lon = latlon[..., 0], _wrap(latlon[..., 1])
+        in_lon = (lon >= lon0) & (lon <= lon1) if lon0 < lon1 else (lon >= lon0) | (lon <= lon1)
+        return (lat >= lat0) & (lat <= lat1) & in_lon
+
+    return Region("bbox", f"{lat0:g},{lon0:g},{lat1:g},{lon1:g}", contains)
+
+
+def country_region(code: str) -> Region:
+    """Points whose nearest GeoNames populated place lies in the country ``code`` (ISO alpha-2)."""
+    code = code.upper()
+    name = country_name(code)
+    if name == code:
+        raise RegionError(f"{code}: not an ISO 3166-1 alpha-2 country code known to GeoNames")
+
+    def contains(latlon: torch.Tensor) -> torch.Tensor:
+        flat = latlon.reshape(-1, 2).double()
+        places = reverse_geocode(flat)
+        inside = torch.tensor([p.country_code == code for p in places], dtype=torch.bool)
+        return inside.reshape(latlon.shape[:-1])
+
+    return Region("country", f"{name} ({code})", contains)
+
+
+def polygon_region(geojson: dict, source: str) -> Region:
+    """Points inside any polygon of a GeoJSON object (even-odd rule per polygon)."""
+    polygons = _polygons(geojson, source)
+    if not polygons:
+        raise RegionError(f"{source}: no Polygon or MultiPolygon geometry found")
+    rings = [[_unwrapped_ring(ring, source) for ring in polygon] for polygon in polygons]
+
+    def contains(latlon: torch.Tensor) -> torch.Tensor:
+        flat = latlon.reshape(-1, 2).double()
+        inside = torch.zeros(flat.shape[0], dtype=torch.bool)
+        for polygon in rings:
+            inside |= _inside_polygon(flat, polygon)
+        return inside.reshape(latlon.shape[:-1])
+
+    count = len(polygons)
+    return Region("polygon", f"{source} ({count} polygon{'s' if count > 1 else ''})", contains)
+
+
+def _wrap(lon: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(lon + 180.0, 360.0) - 180.0
+
+
+def _polygons(obj: dict, source: str) -> list[list]:
+    """Every polygon (a list of rings of [lon, lat] positions) in a GeoJSON object."""
+    if not isinstance(obj, dict):
+        raise RegionError(f"{source}: expected a GeoJSON object, got {type(obj).__name__}")
+    kind = obj.get("type")
+    if kind == "FeatureCollection":
+        return [p for f in obj.get("features") or [] for p in _polygons(f, source)]
+    if kind == "Feature":
+        return _polygons(obj.get("geometry") or {}, source) if obj.get("geometry") else []
+    if kind == "GeometryCollection":
+        return [p for g in obj.get("geometries") or [] for p in _polygons(g, source)]
+    if kind == "Polygon":
+        return [obj.get("coordinates") or []]
+    if kind == "MultiPolygon":
+        return list(obj.get("coordinates") or [])
+    return []
+
+
+def _unwrapped_ring(ring: list, source: str) -> torch.Tensor:
+    """A ring as (V, 2) [lon, lat] with longitudes unwrapped so that consecutive vertices differ
+    by at most 180 degrees (a ring across the antimeridian becomes contiguous)."""
+    try:
+        xy = torch.tensor([[float(p[0]), float(p[1])] for p in ring], dtype=torch.float64)
+    except (TypeError, ValueError, IndexError):
+        raise RegionError(
+            f"{source}: a polygon ring holds positions that are not [lon, lat]"
+        ) from None
+    if xy.shape[0] < 4:
+        raise RegionError(f"{source}: a polygon ring has fewer than 4 positions")
+    step = torch.diff(xy[:, 0])
+    step = step - 360.0 * torch.round(step / 360.0)
+    xy[1:, 0] = xy[0, 0] + torch.cumsum(step, 0)
+    if abs(float(xy[-1, 0] - xy[0, 0])) > 180.0:
+        raise RegionError(
+            f"{source}: a polygon ring goes round a pole; split it into polygons that do not"
+        )
+    if not torch.equal(xy[0], xy[-1]):  # close an open ring
+        xy = torch.cat([xy, xy[:1]])
+    return xy
+
+
+def _inside_polygon(latlon: torch.Tensor, rings: list[torch.Tensor]) -> torch.Tensor:
+    """Even-odd rule over all rings of one polygon, for points (M, 2); each point is tried at
+    lon and lon +- 360 to meet rings unwrapped beyond [-180, 180]."""
+    inside = torch.zeros(latlon.shape[0], dtype=torch.bool)
+    for shift in (0.0, 360.0, -360.0):
+        crossings = torch.zeros(latlon.shape[0], dtype=torch.long)
+        x, y = _wrap(latlon[:, 1]) + shift, latlon[:, 0]
+        for ring in rings:
+            crossings += _ray_crossings(x, y, ring)
+        inside |= crossings % 2 == 1
+    return inside
+
+
+def _ray_crossings(x: torch.Tensor, y: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """How many edges of ``ring`` (V, 2) a ray from each (x, y) towards +x crosses: (M,)."""
+    total = torch.zeros(x.shape[0], dtype=torch.long)
+    a, b = ring[:-1], ring[1:]
+    for i in range(0, a.shape[0], _EDGE_CHUNK):
+        ax, ay = a[i : i + _EDGE_CHUNK, 0], a[i : i + _EDGE_CHUNK, 1]
+        bx, by = b[i : i + _EDGE_CHUNK, 0], b[i : i + _EDGE_CHUNK, 1]
+        spans = (ay[None] > y[:, None]) != (by[None] > y[:, None])
+        dy = torch.where(by == ay, torch.ones_like(by), by - ay)
+        x_at = ax[None] + (y[:, None] - ay[None]) * (bx - ax)[None] / dy[None]
+        total += (spans & (x[:, None] < x_at)).sum(1)
+    return total

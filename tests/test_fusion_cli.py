@@ -1,0 +1,77 @@
+"""`predict --same-place` and `--within` end to end on a tiny model and synthetic photos."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import globeflow as gf
+from globeflow.apps.cli import app
+from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.network import Denoiser
+from globeflow.data.encoders import get_encoder
+
+ENCODER = "efficientnet-lite0"
+BOX = "-45,-100,75,120"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = RiemannianFlowMatching(Denoiser(dim=32, depth=2, cond_dim=get_encoder(ENCODER).dim))
+    path = tmp_path_factory.mktemp("model")
+    gf.save_model(model, path, metadata={"encoder": ENCODER})
+    return path
+
+
+def test_same_place_and_within_write_the_fused_answer(tmp_path, tiny_model_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a.jpg", (200, 30, 30)), ("b.jpg", (190, 40, 30))):
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    out = tmp_path / "out"
+    args = ["predict", str(photos), "--model", str(tiny_model_dir), "--num-samples", "32"]
+    args += ["--steps", "2", "--localizability-samples", "0", "--no-progress", "--same-place"]
+    args += ["--within", BOX, "--fusion-proposals", "128", "--json", str(out / "r.json")]
+    result = CliRunner().invoke(app, [*args, "--geojson", str(out / "r.geojson")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "r.json").read_text())["results"]
+    assert len(results) == 3
+    fused = results[-1]
+    assert fused["photos"] == ["a.jpg", "b.jpg"] and fused["image"] == "same place: a.jpg, b.jpg"
+    assert fused["fusion"]["proposals"] >= 128 and fused["effective_sample_size"] > 0
+    assert fused["mass_inside"]["region"]["kind"] == "bbox"
+    for r in results:
+        mass = r["mass_inside"]
+        assert 0 < mass["probability"] < 1 and mass["stderr"] > 0
+        lat, lon = torch.tensor(r["samples"]).T
+        assert bool(((lat >= -45) & (lat <= 75) & (lon >= -100) & (lon <= 120)).all())
+    assert f"mass inside {BOX}" in result.output
+    assert "log Bayes factor of one place" in result.output
+    features = json.loads((out / "r.geojson").read_text())["features"]
+    assert any(f["properties"]["image"] == fused["image"] for f in features)
+
+
+@pytest.mark.parametrize(
+    ("within", "message"),
+    [("50,0,40,10", "latitudes must satisfy"), ("atlantis", "not a region"), ("QQ", "QQ")],
+)
+def test_bad_within_is_one_clear_line(tmp_path, tiny_model_dir, within, message):
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.jpg")
+    args = ["predict", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir)]
+    result = CliRunner().invoke(app, [*args, "--within", within])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --within") and message in lines[0]
+
+
+def test_within_with_no_mass_inside_says_so(tmp_path, tiny_model_dir):
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.jpg")
+    args = ["predict", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir), "--no-progress"]
+    args += ["--num-samples", "16", "--steps", "2", "--within", "10,10,10.001,10.001"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "the model puts no mass inside 10,10,10.001,10.001" in result.output
+    assert "every photo's answer was refused" in result.output
