@@ -21,6 +21,7 @@ from globeflow.answers.geocode import region_label
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
+from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import haversine_km, unit_to_latlon
 
@@ -41,6 +42,10 @@ DEFAULT_LOCALIZABILITY_STEPS = 16
 LOCALIZABILITY_SOLVER = "lagged-midpoint"
 """Solver and steps of the one-pass localizability estimate: its bias falls below a quarter of
 the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
+STREAM_BLOCK = 64
+"""Each photo's sample count is rounded up to a multiple of this for the solve (the extra samples
+are dropped), so that every element of its tensors falls in a whole vector of the elementwise
+kernels and its answer is the same in any batch."""
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
@@ -116,11 +121,14 @@ class Locator:
         seed: int = 0,
         solver: str | None = None,
         precision: str | None = None,
+        photo_ids: Sequence[str] | None = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         Unset settings take the defaults above (the model's recommended guidance). Samples of
-        all B images are drawn in one batched solve.
+        all B images are drawn in one batched solve, each image's from its own random stream
+        seeded by (``seed``, its id in ``photo_ids``; default: a hash of its embedding), so an
+        answer does not depend on the other images of the batch.
         """
         settings = {
             "model": self.model_name,
@@ -136,14 +144,15 @@ class Locator:
         }
         n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
         n_loc = n_loc if localizability_samples is None else localizability_samples
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
+        generators = photo_generators(seed, ids, self.model.device)
         with network_threads(_network_width(self.model)):
             parts = [
-                self._draw(emb[photos], settings, n_loc, generator)
+                self._draw(emb[photos], settings, n_loc, generators[photos])
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
             samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
-            guesses = best_guess(samples)
+            guesses = torch.stack([best_guess(s) for s in samples])  # alone: batch-free
             regions = [
                 top_regions(samples[i], k=top_k, radius_km=region_radius_km)
                 for i in range(emb.shape[0])
@@ -184,40 +193,65 @@ class Locator:
         return DEFAULT_SOLVER if DEFAULT_SOLVER in solvers else None
 
     def _draw(
-        self, emb: torch.Tensor, settings: dict, n_loc: int, generator: torch.Generator
+        self, emb: torch.Tensor, settings: dict, n_loc: int, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error.
+        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
+        each photo's drawn from its own generator (``generators``, B of them).
 
         Without guidance the answer samples follow the model's density, so one pass with
         log-densities gives both; otherwise localizability takes its own unguided samples.
         """
+        model = self.model
+        emb = model.prepare_embeddings(emb)
+        if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
+            parts = [
+                self._draw_from(emb[i : i + 1], settings, n_loc, g, lambda count: (None, count))
+                for i, g in enumerate(generators)
+            ]
+            return tuple(torch.cat(part) for part in zip(*parts, strict=True))
+
+        def noise(count: int) -> tuple[torch.Tensor, int]:
+            # The next draws of each photo's stream, `count` rounded up to whole vector blocks:
+            # elementwise kernels treat a tensor's last partial vector apart (other rounding),
+            # and that tail must not move with the other photos of the batch.
+            padded = -(-count // STREAM_BLOCK) * STREAM_BLOCK
+            return torch.cat([model.initial_noise(1, padded, g, emb) for g in generators]), padded
+
+        return self._draw_from(emb, settings, n_loc, None, noise)
+
+    def _draw_from(
+        self, emb: torch.Tensor, settings: dict, n_loc: int, generator, noise
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_draw` from ``generator`` or, where ``noise(count)`` gives initial states (and
+        their padded count), from those: the answer's first, then the localizability's."""
         model, n = self.model, settings["num_samples"]
         solver, precision = settings["solver"], settings["precision"]
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
         if settings["guidance"] == 0.0 and on_sphere and solver in SOLVERS and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
-            emb = model.prepare_embeddings(emb)
             steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
+            x0, padded = noise(n)
             x, log_p = model.sample_with_log_density(
-                emb, n, steps, generator, method="path", solver=solver, precision=precision
-            )
-            bits = log_p / math.log(2.0)
-            stderr = bits.std(-1) / math.sqrt(n) if n > 1 else nan
-            return unit_to_latlon(x).cpu(), bits.mean(-1).cpu(), stderr.cpu()
+                emb, padded, steps, generator, method="path", solver=solver, precision=precision,
+                noise=x0,
+            )  # fmt: skip
+            return (unit_to_latlon(x[:, :n]).cpu(), *_bits_and_stderr(log_p[:, :n]))
+        x0, padded = noise(n)
         samples = model.sample(
-            emb, n, settings["steps"], settings["guidance"], generator=generator, solver=solver,
+            emb, padded, settings["steps"], settings["guidance"], x0, generator, solver=solver,
             precision=precision,
-        ).cpu()  # fmt: skip
+        )[:, :n].cpu()  # fmt: skip
         if n_loc <= 0:
             return samples, nan, nan
         density = {}
         if on_sphere:
             density = {"method": "path", "solver": LOCALIZABILITY_SOLVER, "precision": precision}
-        bits, stderr = model.localizability(
-            emb, n_loc, DEFAULT_LOCALIZABILITY_STEPS, generator, return_stderr=True, **density
+        x0, padded = noise(n_loc)
+        _, log_p = model.sample_with_log_density(
+            emb, padded, DEFAULT_LOCALIZABILITY_STEPS, generator, noise=x0, **density
         )
-        return samples, bits.cpu(), stderr.cpu()
+        return (samples, *_bits_and_stderr(log_p[:, :n_loc]))
 
     def locate_images(
         self,
@@ -229,10 +263,12 @@ class Locator:
         with_density: bool = True,
         **kwargs,
     ) -> list[dict]:
-        """Answers for already-loaded images [(name, PIL image)], in order."""
+        """Answers for already-loaded images [(name, PIL image)], in order. Each image's random
+        stream is seeded by its name (or its id in ``photo_ids``)."""
         if not images:
             return []
         emb = self.encoder.embed([img for _, img in images])
+        kwargs.setdefault("photo_ids", [name for name, _ in images])
         results = self.locate_embeddings(
             emb, num_samples, guidance, steps, with_density=with_density, **kwargs
         )
@@ -282,6 +318,15 @@ def photo_chunks(num_photos: int, num_samples: int) -> list[slice]:
     rows each with guidance), at least one photo per solve."""
     per_solve = max(1, ROWS_PER_SOLVE // max(1, num_samples))
     return [slice(i, i + per_solve) for i in range(0, num_photos, per_solve)]
+
+
+def _bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
+    samples, and its Monte Carlo standard error (NaN for one sample)."""
+    bits = log_p / math.log(2.0)
+    n = bits.shape[-1]
+    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
+    return bits.mean(-1).cpu(), stderr.cpu()
 
 
 def _network_width(model: GeoModel) -> int | None:
