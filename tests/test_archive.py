@@ -4,14 +4,20 @@ bit for bit alone, in any batch, in the server's concurrent batches and on any r
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from globeflow.answers.result_store import SettingsMismatchError, read_results
 from globeflow.apps import pipeline
 from globeflow.apps.pipeline import Locator
 from globeflow.apps.server import create_app
@@ -19,6 +25,8 @@ from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.families.baselines import VonMisesFisher
 from globeflow.core.network import Denoiser
 from globeflow.core.random_streams import photo_seed
+from globeflow.data.embedding_store import EmbeddingWriter, store_parts
+from globeflow.jobs.locate import locate_archive
 
 
 class ColourEncoder:
@@ -122,3 +130,99 @@ def test_server_answer_does_not_depend_on_other_users_traffic():
         assert worker.batches_run - batches_before < 3 * 2  # some photos shared a model call
         assert _answer(answers[0][1]) == _answer(alone)
         assert answers[0][1]["samples"] != answers[0][0]["samples"]
+
+
+# ---- the streaming job: resume, refusal, store input, torchrun ---------------------------------
+
+SETTINGS = dict(num_samples=32, steps=2, localizability_samples=16, seed=5)
+
+
+def write_store(path: Path, n: int, dim: int = 6, encoder: str = ColourEncoder.name) -> Path:
+    g = torch.Generator().manual_seed(1)
+    latlon = torch.stack(
+        [torch.rand(n, generator=g) * 120 - 60, torch.rand(n, generator=g) * 300 - 150], 1
+    )
+    latlon[::4] = float("nan")  # some rows without coordinates
+    with EmbeddingWriter(path, encoder, dim, chunk_size=7, row_group_size=3) as w:
+        w.add(
+            [f"img{i:03d}" for i in range(n)],
+            torch.randn(n, dim, generator=g),
+            latlon=latlon.double(),
+        )
+    return path
+
+
+def test_store_rows_are_answered_once_and_a_rerun_skips_them(tmp_path):
+    store = write_store(tmp_path / "emb.parquet", 23)
+    out = tmp_path / "answers"
+    first = locate_archive(toy_locator(), SETTINGS, embeddings=store, output=out, batch_size=4,
+                           chunk_size=5, progress=False)  # fmt: skip
+    assert (first.located, first.skipped_existing, first.failed) == (23, 0, 0)
+    table = read_results(out)
+    assert table.column("id").to_pylist() == [f"img{i:03d}" for i in range(23)]
+    # a part is committed once it holds 5 rows: after whole batches of 4
+    assert [pq.ParquetFile(p).metadata.num_rows for p in store_parts(out)] == [8, 8, 7]
+    again = locate_archive(toy_locator(), SETTINGS, embeddings=store, output=out, batch_size=4,
+                           progress=False)  # fmt: skip
+    assert (again.located, again.skipped_existing) == (0, 23)
+    assert read_results(out).equals(table)
+    # Truth from the store: error_km where it has coordinates, none where it has not.
+    errors = table.column("error_km").to_pylist()
+    assert errors[0] is None and all(e >= 0 for e in errors[1:4])
+
+
+def test_other_settings_on_existing_answers_are_refused_in_one_line(tmp_path):
+    store = write_store(tmp_path / "emb.parquet", 6)
+    out = tmp_path / "answers"
+    locate_archive(toy_locator(), SETTINGS, embeddings=store, output=out, progress=False)
+    with pytest.raises(SettingsMismatchError, match=r"seed 5 there, 6 now.*--overwrite"):
+        locate_archive(toy_locator(), {**SETTINGS, "seed": 6}, embeddings=store, output=out,
+                       progress=False)  # fmt: skip
+    other_model = toy_locator()
+    with torch.no_grad():
+        next(other_model.model.parameters()).add_(1e-3)
+    with pytest.raises(SettingsMismatchError, match="model_weights"):
+        locate_archive(other_model, SETTINGS, embeddings=store, output=out, progress=False)
+    done = locate_archive(toy_locator(), {**SETTINGS, "seed": 6}, embeddings=store, output=out,
+                          overwrite=True, progress=False)  # fmt: skip
+    assert done.located == 6 and len(read_results(out)) == 6
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+from test_archive import SETTINGS, toy_locator
+from globeflow.jobs.locate import locate_archive
+locator = toy_locator()
+real, calls = locator.locate_embeddings, []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
+    return real(*args, **kwargs)
+locator.locate_embeddings = dying
+locate_archive(locator, SETTINGS, embeddings=sys.argv[1], output=sys.argv[2], batch_size=3,
+               max_unsaved_seconds=float(sys.argv[5]), progress=False)
+"""
+
+
+@pytest.mark.parametrize("save_every_s,kept", [(0.0, 12), (3600.0, 0)])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, save_every_s, kept):
+    """kill -9 in the 5th batch: with commits after every batch the 4 batches before it are
+    kept; with a long save interval (and 1,024-row parts) nothing is, and nothing is broken."""
+    store = write_store(tmp_path / "emb.parquet", 20)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-c", _KILLED_RUN, str(store), str(out), str(Path(__file__).parent),
+            "5", str(save_every_s)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(read_results(out)) == kept
+    resumed = locate_archive(toy_locator(), SETTINGS, embeddings=store, output=out, batch_size=3,
+                             progress=False)  # fmt: skip
+    assert (resumed.skipped_existing, resumed.located) == (kept, 20 - kept)
+    whole = tmp_path / "whole"
+    locate_archive(toy_locator(), SETTINGS, embeddings=store, output=whole, batch_size=7,
+                   progress=False)  # fmt: skip
+    a, b = read_results(out, sort_by_id=True), read_results(whole, sort_by_id=True)
+    assert a.column("id").to_pylist() == [f"img{i:03d}" for i in range(20)]  # none lost or twice
+    assert a.equals(b)

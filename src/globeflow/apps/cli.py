@@ -21,6 +21,10 @@ _FAMILY_HELP = "Family of a PLONK checkpoint (rfm, flow, diffusion); default: it
 _ENCODER_PATH_HELP = "Hub id or local directory for hub encoders."
 _SEED_HELP = "Random seed (same seed, same answers)."
 _PROGRESS_HELP = "Show progress bars on stderr."
+_DEVICE_DEFAULT = "auto"
+_DEVICE_HELP = "auto, cpu, cuda or cuda:N (the network and the hub encoders; auto: a GPU if any)."
+SMALL_RUN_PHOTOS = 1000
+"""Most photos for --json/--csv/--geojson/--map (every answer in memory; --out streams)."""
 
 
 def _piped_columns() -> int | None:
@@ -114,16 +118,24 @@ def _check_outputs(files: dict | None = None, folders: dict | None = None) -> No
 
 
 def _load_locator(
-    model: str | None, encoder: str | None, family: str | None, encoder_path: str | None
+    model: str | None,
+    encoder: str | None,
+    family: str | None,
+    encoder_path: str | None,
+    device: str = _DEVICE_DEFAULT,
 ):
-    """The Locator, or a one-line failure naming the model or the encoder."""
+    """The Locator on ``device`` (its encoder too where it takes a device), or a one-line
+    failure naming the model, the encoder or the device."""
     from globeflow.apps.pipeline import Locator
     from globeflow.data.encoders import UnknownEncoderError
+    from globeflow.jobs.distributed import resolve_device
 
     try:
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         return Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
+            model, encoder=encoder, family=family, encoder_path=encoder_path, device=str(dev),
+            encoder_options={"device": dev},
+        )  # fmt: skip
     except UnknownEncoderError as exc:
         if encoder is not None:
             _fail(f"--encoder {encoder}: {exc}")
@@ -363,7 +375,14 @@ def _predict_rows(results: list[dict], labels: list[str]) -> list[list[str]]:
 
 @app.command(cls=_Command)
 def predict(
-    photos: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
+    photos: list[Path] = typer.Argument(
+        None,
+        help="Photos, folders of photos (recursive), text files of paths, or CSVs with an image "
+        "column (as `globeflow embed` reads them).",
+    ),
+    embeddings: Path = typer.Option(
+        None, help="Locate the rows of an embedding store (`globeflow embed`) instead of photos."
+    ),
     model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
     family: str = typer.Option(None, help=_FAMILY_HELP),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
@@ -395,31 +414,54 @@ def predict(
     region_radius_km: float = typer.Option(
         500.0, help="Radius of a reported region (km, above 0, at most half the circumference)."
     ),
-    json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
-    csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
-    geojson_out: Path = typer.Option(None, "--geojson", help="Write a GeoJSON FeatureCollection."),
-    map_dir: Path = typer.Option(None, "--map", help="Write a PNG world map per photo here."),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Answers folder for runs of any size: parquet parts written as photos are located "
+        "(memory bounded); rerunning the same command resumes.",
+    ),
+    jsonl: bool = typer.Option(False, help="With --out: also a JSON Lines file per part."),
+    keep_samples: int = typer.Option(
+        0, min=0, help="With --out: samples stored per photo (0: none; default 1024 drawn)."
+    ),
+    overwrite: bool = typer.Option(
+        False, help="With --out: replace answers already there (made with other settings)."
+    ),
+    json_out: Path = typer.Option(
+        None, "--json", help=f"Write all results as JSON (at most {SMALL_RUN_PHOTOS} photos)."
+    ),
+    csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo (same limit)."),
+    geojson_out: Path = typer.Option(
+        None, "--geojson", help="Write a GeoJSON FeatureCollection (same limit)."
+    ),
+    map_dir: Path = typer.Option(
+        None, "--map", help="Write a PNG world map per photo here (same limit)."
+    ),
+    batch_size: int = typer.Option(32, min=1, help="Photos per encoder and model call."),
+    save_every_s: float = typer.Option(
+        30.0, min=0.0, help="With --out: commit answers at least this often (seconds)."
+    ),
+    decode_workers: int = typer.Option(
+        0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
+    ),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
     seed: int = typer.Option(0, help=_SEED_HELP),
     progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Where was each photo taken? Best guess, top regions, localizability, maps.
 
-    Exits 1 when no photo could be located, 2 on a bad option, path or model."""
-    from globeflow.apps.outputs import map_file_names, photo_labels
+    Archives: --out DIR streams the answers to parquet parts and resumes when rerun; several
+    processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python globeflow
+    predict ... --out DIR. Exits 1 when no photo could be located, 2 on a bad option, path or
+    model, 130 when interrupted (the answers so far are kept)."""
     from globeflow.apps.settings import LOCATE_LIMITS
-    from globeflow.core.families import NonFiniteOutputError
-    from globeflow.data.images import IMAGE_EXTENSIONS
 
-    paths: list[Path] = []
-    for p in photos:
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            paths.append(p)
-        else:
+    if (photos is None) == (embeddings is None):
+        _fail("give photos or --embeddings STORE (one of them)")
+    for p in photos or [embeddings]:
+        if not p.exists():
             _fail(f"{p}: no such file or folder")
-    if not paths:
-        _fail("no photos found")
     _check_options(
         LOCATE_LIMITS,
         num_samples=num_samples,
@@ -431,39 +473,31 @@ def predict(
         top_k=top_k,
         region_radius_km=region_radius_km,
     )
-    _check_outputs(
-        files={"--json": json_out, "--csv": csv_out, "--geojson": geojson_out},
-        folders={"--map": map_dir},
+    small_outputs = {"--json": json_out, "--csv": csv_out, "--geojson": geojson_out}
+    _check_outputs(files=small_outputs, folders={"--map": map_dir, "--out": out})
+    asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
+    if asked and os.environ.get("WORLD_SIZE", "1") != "1":
+        _fail(f"{asked[0]} needs one process; under torchrun use --out")
+    locator = _load_locator(model, encoder, family, encoder_path, device)
+    settings = dict(
+        num_samples=num_samples,
+        guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
+        steps=steps,
+        solver=_model_solver(solver, locator),
+        precision=precision,
+        localizability_samples=localizability_samples,
+        top_k=top_k,
+        region_radius_km=region_radius_km,
+        seed=seed,
     )
-    labels = photo_labels(paths)
-    locator = _load_locator(model, encoder, family, encoder_path)
-    try:
-        results = locator.locate_paths(
-            paths,
-            progress=progress,
-            num_samples=num_samples,
-            guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
-            steps=steps,
-            solver=_model_solver(solver, locator),
-            precision=precision,
-            localizability_samples=localizability_samples,
-            top_k=top_k,
-            region_radius_km=region_radius_km,
-            seed=seed,
-            with_density=False,
-        )
-    except NonFiniteOutputError as exc:
-        _fail(f"{locator.model_name}: {exc}", code=1)
-    located = any(r.get("ok") for r in results)
-    if located:
-        title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
-        _print_predict_table(results, labels, title, region_radius_km)
-    _write_predict_outputs(results, json_out, csv_out, geojson_out)
-    if map_dir:
-        _write_maps(results, labels, map_file_names(labels), map_dir, progress)
-    failed = _report_unreadable(results)
-    if not located:
-        _fail(f"none of the {failed} photos could be read (listed above)", code=1)
+    from globeflow.apps.predict_run import run_predict
+
+    run_predict(
+        locator, settings, photos=photos, embeddings=embeddings, out=out, jsonl=jsonl,
+        keep_samples=keep_samples, overwrite=overwrite, small_outputs=small_outputs,
+        map_dir=map_dir, batch_size=batch_size, save_every_s=save_every_s,
+        decode_workers=decode_workers, progress=progress,
+    )  # fmt: skip
 
 
 def _print_predict_table(
@@ -491,16 +525,6 @@ def _print_predict_table(
     for row in _predict_rows(results, labels):
         table.add_row(*row)
     Console(width=_piped_columns()).print(table)
-
-
-def _report_unreadable(results: list[dict]) -> int:
-    """List the photos that could not be read on stderr, one line each; returns their count."""
-    failed = [r for r in results if not r.get("ok")]
-    if failed:
-        typer.echo(f"{len(failed)} of {len(results)} photos could not be read:", err=True)
-    for r in failed:
-        typer.echo(f"  {r['error']}", err=True)
-    return len(failed)
 
 
 def _write_predict_outputs(

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
+from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
 from globeflow.answers.geocode import region_label
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.solvers import SOLVERS, SPHERE
-from globeflow.core.sphere import haversine_km, unit_to_latlon
+from globeflow.core.sphere import unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
 DEFAULT_GUIDANCE = 2.0
@@ -274,7 +274,7 @@ class Locator:
         )
         gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
         for (name, _), result, truth in zip(images, results, gps, strict=True):
-            _attach_truth(result, truth)
+            attach_truth(result, truth)
             result.update({"image": name, "ok": True, "error": None})
         return results
 
@@ -337,17 +337,6 @@ def _network_width(model: GeoModel) -> int | None:
 
 def _failed(name: str, error: str) -> dict:
     return {"image": name, "ok": False, "error": error}
-
-
-def _attach_truth(result: dict, truth: tuple[float, float] | None) -> None:
-    if truth is None:
-        result["exif_gps"], result["error_km"] = None, None
-        return
-    lat, lon = truth
-    guess = torch.tensor([result["best_guess"]["lat"], result["best_guess"]["lon"]])
-    km = float(haversine_km(guess, torch.tensor([lat, lon], dtype=guess.dtype)))
-    result["exif_gps"] = {"lat": lat, "lon": lon}
-    result["error_km"] = km
 
 
 def _place_names(guesses: torch.Tensor, regions: list[list]) -> list[list[dict]]:
