@@ -4,6 +4,7 @@ bit for bit alone, in any batch, in the server's concurrent batches and on any r
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -16,16 +17,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner
 
 from globeflow.answers.result_store import SettingsMismatchError, read_results
 from globeflow.apps import pipeline
+from globeflow.apps.cli import app
 from globeflow.apps.pipeline import Locator
 from globeflow.apps.server import create_app
+from globeflow.core.checkpoints import save_model
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.families.baselines import VonMisesFisher
 from globeflow.core.network import Denoiser
 from globeflow.core.random_streams import photo_seed
 from globeflow.data.embedding_store import EmbeddingWriter, store_parts
+from globeflow.data.encoders import get_encoder
 from globeflow.jobs.locate import locate_archive
 
 
@@ -226,3 +231,61 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, save_every_s, 
     a, b = read_results(out, sort_by_id=True), read_results(whole, sort_by_id=True)
     assert a.column("id").to_pylist() == [f"img{i:03d}" for i in range(20)]  # none lost or twice
     assert a.equals(b)
+
+
+# ---- the command line: photos or a store, one process or two --------------------------------
+
+BIN = Path(sys.executable).parent
+CLI_SETTINGS = ["--num-samples", "32", "--steps", "2", "--localizability-samples", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    dim = get_encoder("efficientnet-lite0").dim
+    path = tmp_path_factory.mktemp("model")
+    save_model(RiemannianFlowMatching(Denoiser(dim=32, depth=2, cond_dim=dim)), path,
+               metadata={"encoder": "efficientnet-lite0"})  # fmt: skip
+    return path
+
+
+def _cli(*args) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_store_input_gives_the_answers_of_photo_input(tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 48), (50 * i, 200 - 40 * i, 90)).save(photos / f"{i}.jpg")
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+    store = tmp_path / "emb.parquet"
+    _cli("embed", photos, "-o", store, "--encoder", "efficientnet-lite0", "--no-progress")
+    common = ["--model", tiny_model, *CLI_SETTINGS, "--no-progress"]
+    _cli("predict", photos, "--out", tmp_path / "from_photos", *common)
+    out = _cli("predict", "--embeddings", store, "--out", tmp_path / "from_store", *common)
+    assert "located 5 photos" in out
+    a, b = read_results(tmp_path / "from_photos"), read_results(tmp_path / "from_store")
+    assert a.column("id").to_pylist() == [f"{i}.jpg" for i in range(5)]
+    assert a.equals(b)
+
+
+def test_torchrun_two_processes_write_the_answers_of_one(tmp_path, tiny_model):
+    store = write_store(tmp_path / "emb.parquet", 17, get_encoder("efficientnet-lite0").dim,
+                        "efficientnet-lite0")  # fmt: skip
+    args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
+            "--batch-size", "3", "--no-progress"]  # fmt: skip
+    _cli(*args, "--out", tmp_path / "one")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python",
+           str(BIN / "globeflow"), *map(str, args), "--out", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "located 17 photos" in done.stdout
+    ranks = {p.name.split("-")[2] for p in store_parts(tmp_path / "two")}
+    assert ranks == {"000", "001"}  # each rank wrote its own parts
+    one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
+    assert one.column("id").to_pylist() == [f"img{i:03d}" for i in range(17)]
+    assert two.equals(one)  # the same rows, bit for bit, in the same order
