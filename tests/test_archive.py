@@ -4,6 +4,7 @@ bit for bit alone, in any batch, in the server's concurrent batches and on any r
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ from globeflow.core.network import Denoiser
 from globeflow.core.random_streams import photo_seed
 from globeflow.data.embedding_store import EmbeddingWriter, store_parts
 from globeflow.data.encoders import get_encoder
+from globeflow.jobs import evaluation
+from globeflow.jobs.evaluation import evaluate
+from globeflow.jobs.evaluation_rows import ROW_SCHEMA
 from globeflow.jobs.locate import locate_archive
 
 
@@ -197,6 +201,9 @@ _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[3])
 from test_archive import SETTINGS, toy_locator
+from globeflow.jobs import evaluation
+from globeflow.jobs.evaluation import evaluate
+from globeflow.jobs.evaluation_rows import ROW_SCHEMA
 from globeflow.jobs.locate import locate_archive
 locator = toy_locator()
 real, calls = locator.locate_embeddings, []
@@ -255,6 +262,16 @@ def _cli(*args) -> str:
     return result.output
 
 
+def _torchrun(*args) -> str:
+    """``torchrun --standalone --nproc_per_node 2 --no-python globeflow ARGS``; its stdout."""
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python",
+           str(BIN / "globeflow"), *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_store_input_gives_the_answers_of_photo_input(tmp_path, tiny_model):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -278,14 +295,62 @@ def test_torchrun_two_processes_write_the_answers_of_one(tmp_path, tiny_model):
     args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
             "--batch-size", "3", "--no-progress"]  # fmt: skip
     _cli(*args, "--out", tmp_path / "one")
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python",
-           str(BIN / "globeflow"), *map(str, args), "--out", str(tmp_path / "two")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "located 17 photos" in done.stdout
+    assert "located 17 photos" in _torchrun(*args, "--out", tmp_path / "two")
     ranks = {p.name.split("-")[2] for p in store_parts(tmp_path / "two")}
     assert ranks == {"000", "001"}  # each rank wrote its own parts
     one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
     assert one.column("id").to_pylist() == [f"img{i:03d}" for i in range(17)]
     assert two.equals(one)  # the same rows, bit for bit, in the same order
+
+
+# ---- evaluate: rows streamed, resumed, sharded -------------------------------------------------
+
+
+def _summary(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["settings"].pop("seconds")
+    return summary
+
+
+def test_evaluate_resumed_after_an_interrupt_reports_the_uninterrupted_summary(
+    tmp_path, monkeypatch
+):
+    store = write_store(tmp_path / "emb.parquet", 30)
+    loc = toy_locator()
+    kw = dict(num_samples=32, steps=2, hpd_samples=16, batch_size=4, progress=False)
+    whole = evaluate(loc.model, store, output=tmp_path / "whole", **kw)
+    assert whole.summary["n"] == 22  # rows without coordinates are left out
+    calls = []
+    real = evaluation._batch_rows
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_batch_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(loc.model, store, output=tmp_path / "resumed", **kw)
+    monkeypatch.setattr(evaluation, "_batch_rows", real)
+    assert len(read_results(tmp_path / "resumed" / "rows", schema=ROW_SCHEMA)) == 8
+    resumed = evaluate(loc.model, store, output=tmp_path / "resumed", **kw)
+    assert resumed.table.equals(whole.table)
+    assert resumed.summary == whole.summary
+    with pytest.raises(SettingsMismatchError, match="seed"):
+        evaluate(loc.model, store, output=tmp_path / "resumed", **{**kw, "seed": 1})
+
+
+def test_evaluate_under_torchrun_equals_one_process(tmp_path, tiny_model):
+    dim = get_encoder("efficientnet-lite0").dim
+    store = write_store(tmp_path / "emb.parquet", 26, dim, "efficientnet-lite0")
+    args = ["evaluate", store, "--model", tiny_model, "--num-samples", "32", "--steps", "2",
+            "--hpd-samples", "16", "--batch-size", "3", "--no-progress"]  # fmt: skip
+    _cli(*args, "-o", tmp_path / "one")
+    _torchrun(*args, "-o", tmp_path / "two")
+    ranks = {p.name.split("-")[2] for p in store_parts(tmp_path / "two" / "rows")}
+    assert ranks == {"000", "001"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "predictions.csv").read_text() == (two / "predictions.csv").read_text()
+    assert _summary(one) == _summary(two)
+    assert _summary(one)["n"] == 19

@@ -30,6 +30,7 @@ from globeflow.data.embedding_store import commit_part, part_name, start_parts, 
 __all__ = [
     "SETTINGS_NAME",
     "ResultWriter",
+    "RowWriter",
     "SettingsMismatchError",
     "iter_results",
     "read_results",
@@ -86,32 +87,31 @@ def _json_line(photo_id: str, result: dict, keep_samples: int) -> str:
     return json.dumps({"id": photo_id, **kept}, ensure_ascii=False)
 
 
-class ResultWriter:
-    """Append located results to the directory ``path``, one part per flush.
+class RowWriter:
+    """Append rows (dicts of ``schema``'s columns) to the directory ``path``, one part per flush.
 
-    Rows are buffered and committed every ``chunk_size`` rows, whenever the oldest unsaved row
-    has waited ``max_unsaved_seconds`` (a kill loses at most that much work), and on
-    :meth:`close`. With ``jsonl`` every part also gets ``part-....jsonl`` (the full result
-    dicts), written before the parquet part that commits it. ``rank``/``clean_stale``: as
-    :class:`~globeflow.data.embedding_store.EmbeddingWriter` (several processes, one directory).
+    Rows are buffered and committed once ``chunk_size`` rows wait, whenever the oldest unsaved
+    row has waited ``max_unsaved_seconds`` (a kill loses at most that much work), and on
+    :meth:`close`. ``settings`` are recorded in (or checked against) ``settings.json``.
+    ``rank``/``clean_stale``: as :class:`~globeflow.data.embedding_store.EmbeddingWriter`
+    (several processes, one directory). Lines given to :meth:`add_rows` go to a JSON Lines file
+    per part, written before the parquet part that commits them.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         settings: dict,
+        schema: pa.Schema,
         chunk_size: int = 1024,
         max_unsaved_seconds: float = 30.0,
-        keep_samples: int = 0,
-        jsonl: bool = False,
         rank: int | None = None,
         clean_stale: bool = True,
     ) -> None:
         self.path = Path(path)
+        self.schema = schema
         self.chunk_size = int(chunk_size)
         self.max_unsaved_seconds = float(max_unsaved_seconds)
-        self.keep_samples = int(keep_samples)
-        self.jsonl = jsonl
         self.rank = rank
         check_settings(self.path, settings)
         _, self._session = start_parts(self.path, clean_stale)
@@ -127,18 +127,16 @@ class ResultWriter:
         self.rows_written = 0
 
     def done_ids(self) -> set[str]:
-        """Ids of the photos already answered in committed parts."""
+        """Ids of the rows already in committed parts."""
         done: set[str] = set()
         for part in store_parts(self.path):
             done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
         return done
 
-    def add(self, photo_ids: Sequence[str], results: Sequence[dict]) -> None:
-        """Buffer the results of located photos (``ok`` results; ids in the same order)."""
-        for photo_id, result in zip(photo_ids, results, strict=True):
-            self._rows.append(_row(photo_id, result, self.keep_samples))
-            if self.jsonl:
-                self._lines.append(_json_line(photo_id, result, self.keep_samples))
+    def add_rows(self, rows: Sequence[dict], lines: Sequence[str] = ()) -> None:
+        """Buffer rows (and their JSON lines); commit a part when one is due."""
+        self._rows += rows
+        self._lines += lines
         if self._rows and self._oldest_unsaved is None:
             self._oldest_unsaved = time.monotonic()
         waited = time.monotonic() - (self._oldest_unsaved or time.monotonic())
@@ -150,12 +148,12 @@ class ResultWriter:
         if not self._rows:
             return None
         final = self.path / part_name(self._session, self._chunk, self.rank)
-        if self.jsonl:
+        if self._lines:
             lines = final.with_suffix(".jsonl")
             tmp = lines.with_name(f".tmp-{lines.name}")
             tmp.write_text("\n".join(self._lines) + "\n", encoding="utf-8", errors="replace")
             os.replace(tmp, lines)
-        table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
         table = table.replace_schema_metadata({b"globeflow.settings": self.fingerprint.encode()})
         commit_part(table, final)
         self._chunk += 1
@@ -166,11 +164,28 @@ class ResultWriter:
     def close(self) -> None:
         self.flush()
 
-    def __enter__(self) -> ResultWriter:
+    def __enter__(self) -> RowWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()  # the buffered results are complete answers: keep them for resume
+        self.close()  # the buffered rows are complete: keep them for resume
+
+
+class ResultWriter(RowWriter):
+    """:class:`RowWriter` of located results (the module's columns); ``keep_samples`` samples
+    kept per photo, ``jsonl``: a JSON Lines file per part with the full result dicts."""
+
+    def __init__(self, path, settings: dict, keep_samples: int = 0, jsonl: bool = False, **kw):
+        super().__init__(path, settings, SCHEMA, **kw)
+        self.keep_samples = int(keep_samples)
+        self.jsonl = jsonl
+
+    def add(self, photo_ids: Sequence[str], results: Sequence[dict]) -> None:
+        """Buffer the results of located photos (``ok`` results; ids in the same order)."""
+        pairs = list(zip(photo_ids, results, strict=True))
+        rows = [_row(i, r, self.keep_samples) for i, r in pairs]
+        lines = [_json_line(i, r, self.keep_samples) for i, r in pairs] if self.jsonl else ()
+        self.add_rows(rows, lines)
 
 
 def check_settings(path: Path, settings: dict) -> None:
@@ -213,11 +228,14 @@ def iter_results(path: str | os.PathLike[str], batch_size: int = 4096) -> Iterat
             yield pa.Table.from_batches([batch])
 
 
-def read_results(path: str | os.PathLike[str], sort_by_id: bool = False) -> pa.Table:
-    """All stored rows as one table (small runs, tests); ``sort_by_id``: in id order, which is
-    the same for a resumed, a sharded and an uninterrupted run."""
+def read_results(
+    path: str | os.PathLike[str], sort_by_id: bool = False, schema: pa.Schema = SCHEMA
+) -> pa.Table:
+    """All stored rows as one table (``schema``: the writer's; for an empty folder);
+    ``sort_by_id``: in id order, which is the same for a resumed, a sharded and an
+    uninterrupted run."""
     tables = [pq.read_table(part) for part in store_parts(path)]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.replace_schema_metadata(None)
     return table.sort_by("id") if sort_by_id else table
 

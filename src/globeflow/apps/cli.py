@@ -594,11 +594,19 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Images per model call (1 to 4096)."),
     seed: int = typer.Option(0, help=_SEED_HELP),
     limit: int = typer.Option(None, help="Evaluate only the first N records."),
+    overwrite: bool = typer.Option(
+        False, help="Replace the rows of an evaluation with other settings in --output."
+    ),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
     progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown).
 
-    Exits 1 when no record could be evaluated, 2 on a bad option, path, dataset or model."""
+    Per-image rows are written to OUTPUT/rows as they come; rerunning the same command resumes,
+    and the summary is computed from the stored rows. Several processes (GPUs, nodes): torchrun
+    --standalone --nproc_per_node N --no-python globeflow evaluate ...
+    Exits 1 when no record could be evaluated, 2 on a bad option, path, dataset or model, 130
+    when interrupted (the rows so far are kept)."""
     from globeflow.apps.settings import EVALUATE_LIMITS
     from globeflow.core.families import NonFiniteOutputError
     from globeflow.data.datasets import open_dataset
@@ -618,7 +626,7 @@ def evaluate(
         dataset = open_dataset(data, kind=kind)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    locator = _load_locator(model, encoder, family, encoder_path)
+    locator = _load_locator(model, encoder, family, encoder_path, device)
     try:
         report = run_evaluation(
             locator.model,
@@ -633,9 +641,22 @@ def evaluate(
             limit=limit,
             progress=progress,
             model_name=locator.model_name,
+            output=output,
+            overwrite=overwrite,
         )
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho(
+            f"interrupted; {output}/rows holds the rows so far: rerun the same command to resume",
+            err=True,
+            fg="yellow",
+        )
+        raise typer.Exit(130) from None
+    if not _is_main_process():
+        return
     if report.summary["n"] == 0:
         report.write(output)
         _fail(f"{data}: nothing to evaluate; {report.why_empty()}; report in {output}", code=1)

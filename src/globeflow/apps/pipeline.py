@@ -21,7 +21,7 @@ from globeflow.answers.geocode import region_label
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
-from globeflow.core.random_streams import embedding_ids, photo_generators
+from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
@@ -42,10 +42,6 @@ DEFAULT_LOCALIZABILITY_STEPS = 16
 LOCALIZABILITY_SOLVER = "lagged-midpoint"
 """Solver and steps of the one-pass localizability estimate: its bias falls below a quarter of
 the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
-STREAM_BLOCK = 64
-"""Each photo's sample count is rounded up to a multiple of this for the solve (the extra samples
-are dropped), so that every element of its tensors falls in a whole vector of the elementwise
-kernels and its answer is the same in any batch."""
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
@@ -210,12 +206,8 @@ class Locator:
             ]
             return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
-        def noise(count: int) -> tuple[torch.Tensor, int]:
-            # The next draws of each photo's stream, `count` rounded up to whole vector blocks:
-            # elementwise kernels treat a tensor's last partial vector apart (other rounding),
-            # and that tail must not move with the other photos of the batch.
-            padded = -(-count // STREAM_BLOCK) * STREAM_BLOCK
-            return torch.cat([model.initial_noise(1, padded, g, emb) for g in generators]), padded
+        def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
+            return stream_noise(model, generators, count, emb)
 
         return self._draw_from(emb, settings, n_loc, None, noise)
 

@@ -32,6 +32,7 @@ from globeflow.jobs.distributed import (
     Placement,
     join_process_group,
     leave_process_group,
+    on_main_first,
     rank_slice,
 )
 from globeflow.jobs.embed import ERRORS_NAME, _loaded_batches, _write_errors, collect_inputs
@@ -143,26 +144,18 @@ def locate_archive(
             leave_process_group(place)
 
 
-def _open_writer(output, settings, place, overwrite, **options) -> ResultWriter:
+def _open_writer(output, settings, place, overwrite, locator, **options) -> ResultWriter:
     """The answers' writer on every rank; rank 0 checks the settings (and clears the folder on
-    ``overwrite``) first and the others raise the same error when it refuses."""
-    locator = options.pop("locator")
+    ``overwrite``) first, and the others raise the same error when it refuses."""
     fingerprint = {**settings, "model_weights": model_fingerprint(locator.model)}
     fingerprint.update(encoder=locator.encoder_name, keep_samples=options["keep_samples"])
-    writer, error = None, None
-    if place.is_main:
-        try:
-            if overwrite and Path(output).is_dir():
-                remove_results(Path(output))
-            writer = ResultWriter(output, fingerprint, rank=_rank(place), **options)
-        except (ValueError, OSError) as exc:
-            error = exc
-    error = place.broadcast(error)
-    if error is not None:
-        raise error
-    if writer is None:
-        writer = ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=False, **options)
-    return writer
+
+    def make(main: bool) -> ResultWriter:
+        if main and overwrite and Path(output).is_dir():
+            remove_results(Path(output))
+        return ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=main, **options)
+
+    return on_main_first(place, make)
 
 
 def _rank(place: Placement) -> int | None:
