@@ -354,3 +354,29 @@ def test_evaluate_under_torchrun_equals_one_process(tmp_path, tiny_model):
     assert (one / "predictions.csv").read_text() == (two / "predictions.csv").read_text()
     assert _summary(one) == _summary(two)
     assert _summary(one)["n"] == 19
+
+
+# ---- --device on predict, evaluate and serve (issue 18, item 6) -------------------------------
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "serve"])
+def test_device_option_places_model_and_encoder(tmp_path, monkeypatch, command):
+    photo = tmp_path / "p.jpg"
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(photo)
+    args = {"predict": [photo], "evaluate": [tmp_path, "-o", tmp_path / "r"], "serve": []}
+    seen = {}
+
+    def from_pretrained(*_, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline.Locator, "from_pretrained", from_pretrained)
+    result = CliRunner().invoke(app, [command, *map(str, args[command]), "--device", "cpu"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["device"] == "cpu" and seen["encoder_options"] == {"device": torch.device("cpu")}
+    for bad, message in (("banana", "not a device"), ("meta", "only cpu and cuda")):
+        result = CliRunner().invoke(app, [command, *map(str, args[command]), "--device", bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, [command, *map(str, args[command]), "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output

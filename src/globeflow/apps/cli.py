@@ -676,6 +676,7 @@ def serve(
     ),
     port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.server import SERVE_LIMITS, check_listen_address
@@ -686,7 +687,7 @@ def serve(
         check_listen_address(host, port)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    locator = _load_locator(model, encoder, family, encoder_path)
+    locator = _load_locator(model, encoder, family, encoder_path, device)
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
