@@ -380,3 +380,42 @@ def test_device_option_places_model_and_encoder(tmp_path, monkeypatch, command):
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, [command, *map(str, args[command]), "--device", "cuda"])
         assert result.exit_code == 2 and "CUDA is not available" in result.output
+
+
+def test_ctrl_c_keeps_the_answers_so_far_and_exits_130(tmp_path, tiny_model, monkeypatch):
+    store = write_store(tmp_path / "emb.parquet", 12, get_encoder("efficientnet-lite0").dim,
+                        "efficientnet-lite0")  # fmt: skip
+    real, calls = pipeline.Locator.locate_embeddings, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Locator, "locate_embeddings", interrupted)
+    out = tmp_path / "answers"
+    args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
+            "--batch-size", "3", "--out", out, "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 130
+    assert "interrupted after 6 photos" in result.output and "rerun" in result.output
+    assert len(read_results(out)) == 6  # the buffered answers were committed
+    monkeypatch.setattr(pipeline.Locator, "locate_embeddings", real)
+    assert "located 6 photos" in _cli(*args) and len(read_results(out)) == 12
+
+
+def test_small_run_outputs_are_refused_for_large_runs_before_any_work(tmp_path, monkeypatch):
+    from globeflow.apps import cli
+
+    monkeypatch.setattr(cli, "SMALL_RUN_PHOTOS", 3)
+    store = write_store(tmp_path / "emb.parquet", 5)
+    monkeypatch.setattr(pipeline.Locator, "from_pretrained", None)  # refused before loading
+    result = CliRunner().invoke(
+        app, ["predict", "--embeddings", str(store), "--json", str(tmp_path / "a.json")]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    assert "--json holds every answer in memory: at most 3 photos, here 5; use --out" in (
+        result.output
+    )

@@ -478,6 +478,9 @@ def predict(
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
     if asked and os.environ.get("WORLD_SIZE", "1") != "1":
         _fail(f"{asked[0]} needs one process; under torchrun use --out")
+    from globeflow.apps.predict_run import check_small_run, run_predict
+
+    check_small_run(asked, photos, embeddings)
     locator = _load_locator(model, encoder, family, encoder_path, device)
     settings = dict(
         num_samples=num_samples,
@@ -490,8 +493,6 @@ def predict(
         region_radius_km=region_radius_km,
         seed=seed,
     )
-    from globeflow.apps.predict_run import run_predict
-
     run_predict(
         locator, settings, photos=photos, embeddings=embeddings, out=out, jsonl=jsonl,
         keep_samples=keep_samples, overwrite=overwrite, small_outputs=small_outputs,

@@ -33,6 +33,17 @@ def _count_inputs(photos, embeddings) -> int:
     return len(collect_inputs(photos))
 
 
+def check_small_run(asked: list[str], photos, embeddings) -> None:
+    """Refuse the in-memory outputs (``asked``: their option names) for a large input."""
+    from globeflow.apps import cli
+
+    if asked and (n := _count_inputs(photos, embeddings)) > cli.SMALL_RUN_PHOTOS:
+        cli._fail(
+            f"{asked[0]} holds every answer in memory: at most {cli.SMALL_RUN_PHOTOS} photos, "
+            f"here {n}; use --out DIR (parquet parts, resumable) for larger runs"
+        )
+
+
 def run_predict(
     locator,
     settings: dict,
@@ -56,11 +67,6 @@ def run_predict(
     from globeflow.jobs.locate import locate_archive
 
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
-    if asked and (n := _count_inputs(photos, embeddings)) > cli.SMALL_RUN_PHOTOS:
-        cli._fail(
-            f"{asked[0]} holds every answer in memory: at most {cli.SMALL_RUN_PHOTOS} photos, "
-            f"here {n}; use --out DIR (parquet parts, resumable) for larger runs"
-        )
     kept: list[dict] = []
     overflow = False
 
@@ -116,7 +122,7 @@ def _report(locator, report, kept, small_outputs, map_dir, progress) -> None:
         typer.echo(
             f"located {report.located} photos ({report.photos_per_second:.2f}/s), "
             f"{report.skipped_existing} already answered, {report.failed} could not be read"
-            + (f" -> {report.output}" if report.output else "")
+            + (f" -> {report.output}" if report.output else "; not saved (give --out DIR)")
         )
     if report.located + report.skipped_existing == 0:
         cli._fail(f"none of the {report.failed} photos could be read (listed above)", code=1)
