@@ -9,6 +9,9 @@ Measured:
   parts as they come, without their samples);
 - photos/s for 1 and 2 processes (``torchrun --nproc_per_node 2``, gloo on the CPU) on the
   largest size;
+- resident memory every few batches of one in-process run (``--trace-rows`` rows with the
+  bundled model, ``--toy-rows`` with a tiny network whose rows cost milliseconds, so that the
+  job's own memory is traced over tens of thousands of rows);
 - kill -9 at a random point (seeded) of a run committing every ``--save-every-s`` seconds, then
   the same command again: no row lost or duplicated, and the answers equal those of the
   uninterrupted run (sorted by id), bit for bit.
@@ -26,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -87,8 +89,11 @@ def stores(base: Path, sizes: list[int], dim: int, encoder: str) -> dict[int, Pa
     return paths
 
 
-def kill_and_resume(store: Path, work: Path, rows: int, seed: int, reference: Path) -> dict:
-    """kill -9 a run at a random point, rerun it, compare with ``reference``'s answers."""
+def kill_and_resume(
+    store: Path, work: Path, rows: int, seed: int, reference: Path, run_s: float
+) -> dict:
+    """kill -9 a run at a random point (30% to 70% of ``run_s``, an uninterrupted run's
+    seconds), rerun it, compare with ``reference``'s answers."""
     from globeflow.answers.result_store import read_results
 
     out = work / "killed"
@@ -100,8 +105,7 @@ def kill_and_resume(store: Path, work: Path, rows: int, seed: int, reference: Pa
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         start_new_session=True,
     )
-    # a point between the first commits and the end of an uninterrupted run (~rows / rate)
-    delay = random.Random(seed).uniform(0.3, 0.7) * float(os.environ.get("ARCHIVE_RUN_S", "60"))
+    delay = random.Random(seed).uniform(0.3, 0.7) * run_s
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -120,11 +124,84 @@ def kill_and_resume(store: Path, work: Path, rows: int, seed: int, reference: Pa
     }
 
 
+def current_rss_mib() -> float:
+    """Resident memory of this process now (MiB), from /proc/self/statm."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_trace(store: Path, out: Path, every: int, toy: bool) -> list[dict]:
+    """Locate every row of ``store`` in this process, recording the resident memory every
+    ``every`` rows: the bundled model at its defaults, or (``toy``) a tiny network with 32
+    samples, whose per-row cost is small enough to run tens of thousands of rows here."""
+    import torch
+
+    from globeflow.apps.pipeline import Locator
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+    from globeflow.jobs.locate import locate_archive
+
+    locator = Locator.from_pretrained()
+    settings = {}
+    if toy:
+        torch.manual_seed(0)
+        net = Denoiser(dim=32, depth=2, cond_dim=locator.model.cond_dim)
+        locator = Locator(RiemannianFlowMatching(net), locator.encoder, "toy")
+        settings = {"num_samples": 32, "steps": 2, "localizability_samples": 16}
+    trace, done = [], [0]
+    start = time.perf_counter()
+
+    def record(ids, results) -> None:
+        before = done[0]
+        done[0] += len(ids)
+        if done[0] // every > before // every:
+            trace.append({"rows": done[0], "rss_mib": round(current_rss_mib(), 1),
+                          "s": round(time.perf_counter() - start, 1)})  # fmt: skip
+
+    locate_archive(locator, settings, embeddings=store, output=out, batch_size=32,
+                   progress=False, on_results=record)  # fmt: skip
+    return trace
+
+
+def process_runs(paths: dict[int, Path], work: Path, seed: int) -> tuple[list[dict], dict]:
+    """One process per size, two processes on the largest, and the kill -9 and resume."""
+    rows = []
+    for n, store in paths.items():
+        rows.append(
+            {"rows": n, "processes": 1, **measured(predict_command(store, work / f"one-{n}", 30.0))}
+        )
+        print(rows[-1], flush=True)
+    big = max(paths)
+    got = measured(predict_command(paths[big], work / "two", 30.0), nproc=2)
+    rows.append({"rows": big, "processes": 2, **got})
+    print(rows[-1], flush=True)
+    run_s = next(r["wall_s"] for r in rows if r["rows"] == big)
+    return rows, kill_and_resume(paths[big], work, big, seed, work / f"one-{big}", run_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, default=Path("/tmp/globeflow-archive.parquet"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[32, 64, 128],
+        help="Store sizes run by one process (none: only the memory traces).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill's moment.")
+    parser.add_argument(
+        "--trace-rows",
+        type=int,
+        default=512,
+        help="Rows of the in-process memory trace with the bundled model.",
+    )
+    parser.add_argument(
+        "--toy-rows",
+        type=int,
+        default=20000,
+        help="Rows of the memory trace with a tiny network (the job's own memory).",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -132,23 +209,16 @@ def main() -> None:
 
     meta = json.loads((default_model_path() / "config.json").read_text())
     dim, encoder = meta["network"]["cond_dim"], meta["metadata"]["encoder"]
-    paths = stores(args.store, args.sizes, dim, encoder)
     work = Path(tempfile.mkdtemp(prefix="globeflow-archive-"))
-    rows = []
+    rows, kill, traces = [], {}, {}
     try:
-        for n in args.sizes:
-            got = measured(predict_command(paths[n], work / f"one-{n}", 30.0))
-            rows.append(
-                {"rows": n, "processes": 1, **got, "ms_per_row": 1000 / got["photos_per_s"]}
-            )
-            print(rows[-1], flush=True)
-        big = max(args.sizes)
-        got = measured(predict_command(paths[big], work / "two", 30.0), nproc=2)
-        rows.append({"rows": big, "processes": 2, **got})
-        print(rows[-1], flush=True)
-        run_s = next(r["wall_s"] for r in rows if r["rows"] == big and r["processes"] == 1)
-        os.environ["ARCHIVE_RUN_S"] = str(run_s)
-        kill = kill_and_resume(paths[big], work, big, args.seed, work / f"one-{big}")
+        if args.sizes:
+            rows, kill = process_runs(stores(args.store, args.sizes, dim, encoder), work, args.seed)
+        for name, n, toy in (("bundled", args.trace_rows, False), ("toy", args.toy_rows, True)):
+            if n:
+                store = stores(args.store, [n], dim, encoder)[n]
+                traces[name] = rss_trace(store, work / f"trace-{name}", max(n // 16, 32), toy)
+                print(name, traces[name], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -157,11 +227,12 @@ def main() -> None:
         "embedding_dim": dim,
         "rows": rows,
         "kill_and_resume": kill,
+        "rss_traces": traces,
         "loadavg": loadavg(),
-        "peak_rss_of_this_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print_table(rows, ["rows", "processes", "photos_per_s", "ms_per_row", "wall_s", "peak_rss_mib"])
-    print_table([kill], list(kill))
+    if kill:
+        print_table([kill], list(kill))
     write_json(report, args.out)
 
 

@@ -35,7 +35,13 @@ from globeflow.jobs.distributed import (
     on_main_first,
     rank_slice,
 )
-from globeflow.jobs.embed import ERRORS_NAME, _loaded_batches, _write_errors, collect_inputs
+from globeflow.jobs.embed import (
+    ERRORS_NAME,
+    ImageItem,
+    _loaded_batches,
+    _write_errors,
+    collect_inputs,
+)
 
 __all__ = ["LocateReport", "locate_archive", "model_fingerprint"]
 
@@ -80,14 +86,6 @@ def model_fingerprint(model) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
-
-
-@dataclass
-class _Photo:
-    """One photo to locate: its id (the random stream's and the answers' key) and its path."""
-
-    id: str
-    path: str
 
 
 def locate_archive(
@@ -162,9 +160,9 @@ def _rank(place: Placement) -> int | None:
     return place.rank if place.distributed else None
 
 
-def _listing(photos, embeddings, report: LocateReport) -> list[_Photo]:
-    """Every photo of the input, in order (ids unique; an input that is not found is an error
-    of the report)."""
+def _listing(photos, embeddings, report: LocateReport) -> list[ImageItem]:
+    """Every photo of the input, in order: id (its random stream's and its answer's key), path
+    and known coordinates (ids unique; an input that is not found is an error of the report)."""
     if embeddings is not None:
         parts = store_parts(embeddings)
         if not parts:
@@ -173,10 +171,9 @@ def _listing(photos, embeddings, report: LocateReport) -> list[_Photo]:
         for part in parts:
             table = pq.read_table(part, columns=["id", "path"])
             ids, paths = table.column("id").to_pylist(), table.column("path").to_pylist()
-            items += [_Photo(i, p or i) for i, p in zip(ids, paths, strict=True)]
+            items += [ImageItem(i, Path(p or i)) for i, p in zip(ids, paths, strict=True)]
         return items
-    items = collect_inputs(photos or [], errors=report.errors)
-    return [_Photo(it.id, str(it.path)) for it in items]
+    return collect_inputs(photos or [], errors=report.errors)
 
 
 def _locate_placed(
@@ -249,12 +246,7 @@ def _batches(locator, items, mine, embeddings, batch_size, decode_workers, setti
     if embeddings is not None:
         yield from _store_batches(locator, items, mine, embeddings, batch_size, settings)
         return
-    from globeflow.jobs.embed import ImageItem
-
-    chunks = (
-        [ImageItem(items[i].id, Path(items[i].path)) for i in mine[s : s + batch_size]]
-        for s in range(0, len(mine), batch_size)
-    )
+    chunks = ([items[i] for i in mine[s : s + batch_size]] for s in range(0, len(mine), batch_size))
     for loaded in _loaded_batches(chunks, True, decode_workers):
         good = [x for x in loaded if x.image is not None]
         answers = iter(
