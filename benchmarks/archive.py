@@ -137,10 +137,12 @@ def rss_trace(store: Path, out: Path, every: int, toy: bool) -> list[dict]:
     import torch
 
     from globeflow.apps.pipeline import Locator
+    from globeflow.apps.threads import apply_thread_policy
     from globeflow.core.families import RiemannianFlowMatching
     from globeflow.core.network import Denoiser
     from globeflow.jobs.locate import locate_archive
 
+    apply_thread_policy(None)  # as the command line does: waiting threads never spin
     locator = Locator.from_pretrained()
     settings = {}
     if toy:

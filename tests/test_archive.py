@@ -419,3 +419,13 @@ def test_small_run_outputs_are_refused_for_large_runs_before_any_work(tmp_path, 
     assert "--json holds every answer in memory: at most 3 photos, here 5; use --out" in (
         result.output
     )
+
+
+@pytest.mark.parametrize("option", [["--jsonl"], ["--keep-samples", "5"], ["--overwrite"]])
+def test_options_of_the_answers_folder_need_it(tmp_path, option, monkeypatch):
+    monkeypatch.setattr(pipeline.Locator, "from_pretrained", None)  # refused before loading
+    photo = tmp_path / "p.jpg"
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(photo)
+    result = CliRunner().invoke(app, ["predict", str(photo), *option])
+    assert result.exit_code == 2
+    assert result.output == f"error: {option[0]} goes with --out DIR (the answers folder)\n"

@@ -423,7 +423,7 @@ def predict(
     ),
     jsonl: bool = typer.Option(False, help="With --out: also a JSON Lines file per part."),
     keep_samples: int = typer.Option(
-        0, min=0, help="With --out: samples stored per photo (0: none; default 1024 drawn)."
+        0, min=0, help="With --out: samples stored per photo (0: none; at most --num-samples)."
     ),
     overwrite: bool = typer.Option(
         False, help="With --out: replace answers already there (made with other settings)."
@@ -475,6 +475,9 @@ def predict(
     )
     small_outputs = {"--json": json_out, "--csv": csv_out, "--geojson": geojson_out}
     _check_outputs(files=small_outputs, folders={"--map": map_dir, "--out": out})
+    needs_out = {"--jsonl": jsonl, "--keep-samples": keep_samples, "--overwrite": overwrite}
+    if out is None and (given := [name for name, value in needs_out.items() if value]):
+        _fail(f"{given[0]} goes with --out DIR (the answers folder)")
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
     if asked and os.environ.get("WORLD_SIZE", "1") != "1":
         _fail(f"{asked[0]} needs one process; under torchrun use --out")
