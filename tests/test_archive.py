@@ -429,3 +429,18 @@ def test_options_of_the_answers_folder_need_it(tmp_path, option, monkeypatch):
     result = CliRunner().invoke(app, ["predict", str(photo), *option])
     assert result.exit_code == 2
     assert result.output == f"error: {option[0]} goes with --out DIR (the answers folder)\n"
+
+
+def test_answers_with_other_defaults_are_refused(tmp_path, monkeypatch):
+    """Options left to their defaults look the same in two versions with other defaults: the
+    settings the first answers report (defaults filled in) are recorded and checked too."""
+    out = tmp_path / "answers"
+    kw = dict(num_samples=32, localizability_samples=16, seed=5)  # steps: the default
+    locate_archive(toy_locator(), kw, embeddings=write_store(tmp_path / "a.parquet", 4),
+                   output=out, progress=False)  # fmt: skip
+    steps = pipeline.DEFAULT_STEPS
+    monkeypatch.setattr(pipeline, "DEFAULT_STEPS", steps + 1)
+    bigger = write_store(tmp_path / "b.parquet", 8)  # 4 more photos to answer
+    with pytest.raises(SettingsMismatchError, match=f"steps {steps} there, {steps + 1} now"):
+        locate_archive(toy_locator(), kw, embeddings=bigger, output=out, progress=False)
+    assert len(read_results(out)) == 4  # nothing of the refused run was written

@@ -32,6 +32,7 @@ __all__ = [
     "ResultWriter",
     "RowWriter",
     "SettingsMismatchError",
+    "check_resolved",
     "iter_results",
     "read_results",
     "settings_fingerprint",
@@ -126,6 +127,11 @@ class RowWriter:
         self._oldest_unsaved: float | None = None
         self.rows_written = 0
 
+    @property
+    def buffered(self) -> int:
+        """Rows added and not yet committed."""
+        return len(self._rows)
+
     def done_ids(self) -> set[str]:
         """Ids of the rows already in committed parts."""
         done: set[str] = set()
@@ -210,6 +216,32 @@ def check_settings(path: Path, settings: dict) -> None:
     tmp = manifest.with_name(f".tmp-{manifest.name}")
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, manifest)
+
+
+def check_resolved(path: Path, resolved: dict, record: bool) -> None:
+    """Check the settings an answer reports (defaults filled in: ``result["settings"]``)
+    against those recorded in ``path/settings.json`` by the first answers there, and record
+    them when none are (``record``: one process of a job). Catches a version with other
+    defaults resuming the answers of an older one (the options alone look the same)."""
+    manifest = path / SETTINGS_NAME
+    stored = json.loads(manifest.read_text(encoding="utf-8"))
+    before = stored.get("resolved")
+    if before is None:
+        if record:
+            stored["resolved"] = resolved
+            tmp = manifest.with_name(f".tmp-{manifest.name}")
+            tmp.write_text(json.dumps(stored, indent=1, default=str) + "\n", encoding="utf-8")
+            os.replace(tmp, manifest)
+        return
+    before = json.loads(json.dumps(before))
+    now = json.loads(json.dumps(resolved, default=str))
+    if before != now:
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        shown = ", ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])
+        raise SettingsMismatchError(
+            f"{path}: holds answers made with other settings ({shown}); give another output "
+            "folder, or --overwrite to replace them"
+        )
 
 
 def remove_results(path: Path) -> None:

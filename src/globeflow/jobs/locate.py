@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from globeflow.answers.decode import attach_truth
-from globeflow.answers.result_store import ResultWriter, remove_results
+from globeflow.answers.result_store import ResultWriter, check_resolved, remove_results
 from globeflow.data.embedding_store import iter_embedding_batches, store_parts
 from globeflow.jobs.distributed import (
     Placement,
@@ -211,6 +211,8 @@ def _locate_placed(
                     report.failed += 1
                     report.errors.append((r["image"], r["error"]))
             if writer is not None and ok:
+                if not writer.rows_written and not writer.buffered:  # this run's first answers
+                    check_resolved(writer.path, ok[0][1]["settings"], record=place.is_main)
                 writer.add(*zip(*ok, strict=True))
             if on_results is not None:
                 on_results(ids, results)
