@@ -46,8 +46,16 @@ def peak_rss_mib() -> float:
 
 
 # ---- the synthetic store ------------------------------------------------------------------------
-def write_store(path: Path, rows: int, dim: int, part_rows: int = 65536, group_rows: int = 4096):
-    """Write (or reuse) the synthetic float16 store; returns (seconds, bytes on disk)."""
+def write_store(
+    path: Path,
+    rows: int,
+    dim: int,
+    part_rows: int = 65536,
+    group_rows: int = 4096,
+    encoder: str = "synthetic",
+):
+    """Write (or reuse) the synthetic float16 store (embeddings named as ``encoder``'s);
+    returns (seconds, bytes on disk)."""
     import numpy as np
 
     from globeflow.data.embedding_store import EmbeddingWriter, store_parts
@@ -61,7 +69,7 @@ def write_store(path: Path, rows: int, dim: int, part_rows: int = 65536, group_r
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     writer = EmbeddingWriter(
-        path, "synthetic", dim, chunk_size=part_rows, row_group_size=group_rows, dtype="float16"
+        path, encoder, dim, chunk_size=part_rows, row_group_size=group_rows, dtype="float16"
     )
     for first in range(0, rows, part_rows):
         n = min(part_rows, rows - first)

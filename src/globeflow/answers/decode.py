@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_grid, latlon_to_unit
+from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, latlon_grid, latlon_to_unit
 
 GEOSCORE_SCALE_KM = 1492.7
 GEOSCORE_MAX = 5000.0
@@ -354,3 +354,16 @@ def sample_density_grid(
         "kind": "kde",
         "bandwidth_deg": math.degrees(float(bandwidth.median())),
     }
+
+
+def attach_truth(result: dict, truth: tuple[float, float] | None) -> None:
+    """Set ``exif_gps`` and ``error_km`` (great-circle km from the best guess) of a result from
+    the photo's known location (lat, lon) degrees, or None."""
+    if truth is None or not result.get("best_guess"):
+        result["exif_gps"], result["error_km"] = None, None
+        return
+    lat, lon = truth
+    guess = torch.tensor([result["best_guess"]["lat"], result["best_guess"]["lon"]])
+    km = float(haversine_km(guess, torch.tensor([lat, lon], dtype=guess.dtype)))
+    result["exif_gps"] = {"lat": lat, "lon": lon}
+    result["error_km"] = km

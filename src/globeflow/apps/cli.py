@@ -21,6 +21,10 @@ _FAMILY_HELP = "Family of a PLONK checkpoint (rfm, flow, diffusion); default: it
 _ENCODER_PATH_HELP = "Hub id or local directory for hub encoders."
 _SEED_HELP = "Random seed (same seed, same answers)."
 _PROGRESS_HELP = "Show progress bars on stderr."
+_DEVICE_DEFAULT = "auto"
+_DEVICE_HELP = "auto, cpu, cuda or cuda:N (the network and the hub encoders; auto: a GPU if any)."
+SMALL_RUN_PHOTOS = 1000
+"""Most photos for --json/--csv/--geojson/--map (every answer in memory; --out streams)."""
 
 
 def _piped_columns() -> int | None:
@@ -114,16 +118,24 @@ def _check_outputs(files: dict | None = None, folders: dict | None = None, reads
 
 
 def _load_locator(
-    model: str | None, encoder: str | None, family: str | None, encoder_path: str | None
+    model: str | None,
+    encoder: str | None,
+    family: str | None,
+    encoder_path: str | None,
+    device: str = _DEVICE_DEFAULT,
 ):
-    """The Locator, or a one-line failure naming the model or the encoder."""
+    """The Locator on ``device`` (its encoder too where it takes a device), or a one-line
+    failure naming the model, the encoder or the device."""
     from globeflow.apps.pipeline import Locator
     from globeflow.data.encoders import UnknownEncoderError
+    from globeflow.jobs.distributed import resolve_device
 
     try:
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         return Locator.from_pretrained(
-            model, encoder=encoder, family=family, encoder_path=encoder_path
-        )
+            model, encoder=encoder, family=family, encoder_path=encoder_path, device=str(dev),
+            encoder_options={"device": dev},
+        )  # fmt: skip
     except UnknownEncoderError as exc:
         if encoder is not None:
             _fail(f"--encoder {encoder}: {exc}")
@@ -394,7 +406,14 @@ def _predict_rows(
 
 @app.command(cls=_Command)
 def predict(
-    photos: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
+    photos: list[Path] = typer.Argument(
+        None,
+        help="Photos, folders of photos (recursive), text files of paths, or CSVs with an image "
+        "column (as `globeflow embed` reads them).",
+    ),
+    embeddings: Path = typer.Option(
+        None, help="Locate the rows of an embedding store (`globeflow embed`) instead of photos."
+    ),
     model: str = typer.Option(None, help="Model directory or hub id (default: bundled model)."),
     family: str = typer.Option(None, help=_FAMILY_HELP),
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
@@ -428,10 +447,38 @@ def predict(
         help="Fixed radius of a reported region (km, above 0, at most half the circumference; "
         "default: each region at the answer's own scale, with the radius holding 90% of it).",
     ),
-    json_out: Path = typer.Option(None, "--json", help="Write all results as JSON."),
-    csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo."),
-    geojson_out: Path = typer.Option(None, "--geojson", help="Write a GeoJSON FeatureCollection."),
-    map_dir: Path = typer.Option(None, "--map", help="Write a PNG world map per photo here."),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Answers folder for runs of any size: parquet parts written as photos are located "
+        "(memory bounded); rerunning the same command resumes.",
+    ),
+    jsonl: bool = typer.Option(False, help="With --out: also a JSON Lines file per part."),
+    keep_samples: int = typer.Option(
+        0, min=0, help="With --out: samples stored per photo (0: none; at most --num-samples)."
+    ),
+    overwrite: bool = typer.Option(
+        False, help="With --out: replace answers already there (made with other settings)."
+    ),
+    json_out: Path = typer.Option(
+        None, "--json", help=f"Write all results as JSON (at most {SMALL_RUN_PHOTOS} photos)."
+    ),
+    csv_out: Path = typer.Option(None, "--csv", help="Write a CSV row per photo (same limit)."),
+    geojson_out: Path = typer.Option(
+        None, "--geojson", help="Write a GeoJSON FeatureCollection (same limit)."
+    ),
+    map_dir: Path = typer.Option(
+        None, "--map", help="Write a PNG world map per photo here (same limit)."
+    ),
+    batch_size: int = typer.Option(32, min=1, help="Photos per encoder and model call."),
+    save_every_s: float = typer.Option(
+        30.0, min=0.0, help="With --out: commit answers at least this often (seconds)."
+    ),
+    decode_workers: int = typer.Option(
+        0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
+    ),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
     seed: int = typer.Option(0, help=_SEED_HELP),
     progress: bool = typer.Option(True, help=_PROGRESS_HELP),
     same_place: bool = typer.Option(
@@ -452,19 +499,17 @@ def predict(
 ) -> None:
     """Where was each photo taken? Best guess, top regions, localizability, maps.
 
-    Exits 1 when no photo could be located, 2 on a bad option, path or model."""
-    from globeflow.apps.outputs import map_file_names, photo_labels, with_map_names
+    Archives: --out DIR streams the answers to parquet parts and resumes when rerun; several
+    processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python globeflow
+    predict ... --out DIR. Exits 1 when no photo could be located, 2 on a bad option, path or
+    model, 130 when interrupted (the answers so far are kept)."""
     from globeflow.apps.settings import LOCATE_LIMITS
-    from globeflow.core.families import NonFiniteOutputError
-    from globeflow.data.file_names import find_photos
-    from globeflow.data.images import IMAGE_EXTENSIONS
 
-    try:
-        paths, unreadable = find_photos(photos, IMAGE_EXTENSIONS)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-    for folder, reason in unreadable:
-        typer.echo(f"skipped {folder}: {reason}", err=True)
+    if (photos is None) == (embeddings is None):
+        _fail("give photos or --embeddings STORE (one of them)")
+    for p in photos or [embeddings]:
+        if not p.exists():
+            _fail(f"{p}: no such file or folder")
     _check_options(
         LOCATE_LIMITS,
         num_samples=num_samples,
@@ -476,36 +521,90 @@ def predict(
         top_k=top_k,
         region_radius_km=region_radius_km,
     )
-    _check_outputs(
-        files={"--json": json_out, "--csv": csv_out, "--geojson": geojson_out},
-        folders={"--map": map_dir},
-        reads=[*photos, *paths],
-    )
+    small_outputs = {"--json": json_out, "--csv": csv_out, "--geojson": geojson_out}
+    needs_out = {"--jsonl": jsonl, "--keep-samples": keep_samples, "--overwrite": overwrite}
+    if out is None and (given := [name for name, value in needs_out.items() if value]):
+        _fail(f"{given[0]} goes with --out DIR (the answers folder)")
+    asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
+    if asked and os.environ.get("WORLD_SIZE", "1") != "1":
+        _fail(f"{asked[0]} needs one process; under torchrun use --out")
+    in_memory = same_place or within is not None
+    if in_memory and (embeddings is not None or out is not None):
+        option = "--same-place" if same_place else "--within"
+        _fail(f"{option} answers photos in memory: give photos, without --embeddings or --out")
+    from globeflow.apps.predict_run import check_small_run, run_predict
+
+    check_small_run(asked or (["--same-place"] if in_memory else []), photos, embeddings)
     region = _parse_within(within, fusion_proposals)
+    reads = [*(photos or []), *([embeddings] if embeddings is not None else [])]
+    if asked:  # a photo found inside an input folder is an input too
+        reads += _listed_photos(photos or [])
+    _check_outputs(files=small_outputs, folders={"--map": map_dir, "--out": out}, reads=reads)
+    locator = _load_locator(model, encoder, family, encoder_path, device)
+    settings = dict(
+        num_samples=num_samples,
+        guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
+        steps=steps,
+        solver=_model_solver(solver, locator),
+        precision=precision,
+        localizability_samples=localizability_samples,
+        top_k=top_k,
+        region_radius_km=region_radius_km,
+        seed=seed,
+    )
+    if in_memory:
+        _predict_in_memory(
+            locator, photos, settings, small_outputs, map_dir, progress,
+            same_place=same_place, region=region, fusion_proposals=fusion_proposals,
+        )  # fmt: skip
+        return
+    run_predict(
+        locator, settings, photos=photos, embeddings=embeddings, out=out, jsonl=jsonl,
+        keep_samples=keep_samples, overwrite=overwrite, small_outputs=small_outputs,
+        map_dir=map_dir, batch_size=batch_size, save_every_s=save_every_s,
+        decode_workers=decode_workers, progress=progress,
+    )  # fmt: skip
+
+
+def _listed_photos(inputs: list[Path]) -> list[Path]:
+    """The photo files of the inputs (folders searched), for the output-path check."""
+    from globeflow.data.file_names import find_photos
+    from globeflow.data.images import IMAGE_EXTENSIONS
+
+    try:
+        return find_photos(inputs, IMAGE_EXTENSIONS)[0]
+    except (ValueError, OSError):
+        return []  # nothing to protect; the run itself reports the inputs
+
+
+def _predict_in_memory(
+    locator, photos, settings, small_outputs, map_dir, progress, *, same_place, region,
+    fusion_proposals,
+) -> None:  # fmt: skip
+    """``predict --within`` / ``--same-place``: answers held in memory (small runs), the fused
+    answer added to them; exits as ``predict`` says."""
+    from globeflow.apps.outputs import map_file_names, photo_labels, with_map_names
+    from globeflow.core.families import NonFiniteOutputError
+    from globeflow.data.file_names import find_photos
+    from globeflow.data.images import IMAGE_EXTENSIONS
+
+    try:
+        paths, unreadable = find_photos(photos, IMAGE_EXTENSIONS)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    for folder, reason in unreadable:
+        typer.echo(f"skipped {folder}: {reason}", err=True)
     labels = photo_labels(paths)
-    locator = _load_locator(model, encoder, family, encoder_path)
     try:
         results = locator.locate_paths(
-            paths,
-            progress=progress,
-            num_samples=num_samples,
-            guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
-            steps=steps,
-            solver=_model_solver(solver, locator),
-            precision=precision,
-            localizability_samples=localizability_samples,
-            top_k=top_k,
-            region_radius_km=region_radius_km,
-            seed=seed,
-            with_density=False,
-            within=region,
+            paths, progress=progress, with_density=False, within=region, **settings
         )
         if same_place:
+            fused = {k: v for k, v in settings.items() if k not in ("guidance",)}
+            fused.pop("localizability_samples", None)
             results, labels = _add_fused_answer(
-                locator, paths, results, labels, region, fusion_proposals,
-                num_samples=num_samples, steps=steps, solver=_model_solver(solver, locator),
-                precision=precision, top_k=top_k, region_radius_km=region_radius_km, seed=seed,
-            )  # fmt: skip
+                locator, paths, results, labels, region, fusion_proposals, **fused
+            )
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
     except ValueError as exc:  # a model that cannot fuse photos
@@ -513,11 +612,11 @@ def predict(
     located = any(r.get("ok") for r in results)
     if located:
         title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
-        _print_predict_table(results, labels, title, region_radius_km)
+        _print_predict_table(results, labels, title, settings["region_radius_km"])
     names = map_file_names(labels)
     if map_dir:
         results = with_map_names(results, names)
-    _write_predict_outputs(results, json_out, csv_out, geojson_out)
+    _write_predict_outputs(results, *small_outputs.values())
     if map_dir:
         _write_maps(results, labels, names, map_dir, progress)
     _report_region_and_fusion(results)
@@ -689,11 +788,19 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Images per model call (1 to 4096)."),
     seed: int = typer.Option(0, help=_SEED_HELP),
     limit: int = typer.Option(None, help="Evaluate only the first N records."),
+    overwrite: bool = typer.Option(
+        False, help="Replace the rows of an evaluation with other settings in --output."
+    ),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
     progress: bool = typer.Option(True, help=_PROGRESS_HELP),
 ) -> None:
     """Every metric of the paper (+ calibration): per-image CSV and a summary (JSON, markdown).
 
-    Exits 1 when no record could be evaluated, 2 on a bad option, path, dataset or model."""
+    Per-image rows are written to OUTPUT/rows as they come; rerunning the same command resumes,
+    and the summary is computed from the stored rows. Several processes (GPUs, nodes): torchrun
+    --standalone --nproc_per_node N --no-python globeflow evaluate ...
+    Exits 1 when no record could be evaluated, 2 on a bad option, path, dataset or model, 130
+    when interrupted (the rows so far are kept)."""
     from globeflow.apps.settings import EVALUATE_LIMITS
     from globeflow.core.families import NonFiniteOutputError
     from globeflow.data.datasets import open_dataset
@@ -713,7 +820,7 @@ def evaluate(
         dataset = open_dataset(data, kind=kind)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    locator = _load_locator(model, encoder, family, encoder_path)
+    locator = _load_locator(model, encoder, family, encoder_path, device)
     try:
         report = run_evaluation(
             locator.model,
@@ -728,9 +835,22 @@ def evaluate(
             limit=limit,
             progress=progress,
             model_name=locator.model_name,
+            output=output,
+            overwrite=overwrite,
         )
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho(
+            f"interrupted; {output}/rows holds the rows so far: rerun the same command to resume",
+            err=True,
+            fg="yellow",
+        )
+        raise typer.Exit(130) from None
+    if not _is_main_process():
+        return
     if report.summary["n"] == 0:
         report.write(output)
         _fail(f"{data}: nothing to evaluate; {report.why_empty()}; report in {output}", code=1)
@@ -750,6 +870,7 @@ def serve(
     ),
     port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
+    device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.server import SERVE_LIMITS, check_listen_address
@@ -760,7 +881,7 @@ def serve(
         check_listen_address(host, port)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    locator = _load_locator(model, encoder, family, encoder_path)
+    locator = _load_locator(model, encoder, family, encoder_path, device)
     run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from globeflow.answers.decode import best_guess, sample_density_grid, top_regions
+from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
 from globeflow.answers.geocode import region_label
 from globeflow.answers.zoom import answer_extent, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
+from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, unit_to_latlon
 
@@ -122,6 +123,7 @@ class Locator:
         solver: str | None = None,
         precision: str | None = None,
         within: object = None,
+        photo_ids: Sequence[str] | None = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
@@ -130,6 +132,9 @@ class Locator:
         unless ``region_radius_km`` fixes their radius (``answers.decode.top_regions``).
         ``within`` (a region, see :func:`globeflow.answers.within.parse_region`): answers from
         the model's density truncated to it, with the mass inside (``mass_inside``).
+        Each image's samples are drawn from its own random stream seeded by (``seed``, its id
+        in ``photo_ids``; default: a hash of its embedding), so an answer does not depend on
+        the other images of the batch.
         """
         settings = {
             "model": self.model_name,
@@ -145,13 +150,15 @@ class Locator:
         }
         n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
         n_loc = n_loc if localizability_samples is None else localizability_samples
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
         if within is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
             decode = (top_k, region_radius_km, with_density)
             return self._locate_within(emb, within, settings, generator, decode)
+        ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
+        generators = photo_generators(seed, ids, self.model.device)
         with network_threads(_network_width(self.model)):
             parts = [
-                self._draw(emb[photos], settings, n_loc, generator)
+                self._draw(emb[photos], settings, n_loc, generators[photos])
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
             samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
@@ -169,7 +176,7 @@ class Locator:
     ) -> list[dict]:
         """Result dicts from samples (B, N, 2) degrees and localizability bits (B,) +- (B,)."""
         with network_threads(_network_width(self.model)):
-            guesses = best_guess(samples)
+            guesses = torch.stack([best_guess(s) for s in samples])  # alone: batch-free
             regions = [
                 top_regions(samples[i], k=top_k, radius_km=region_radius_km)
                 for i in range(samples.shape[0])
@@ -360,40 +367,61 @@ class Locator:
         return DEFAULT_SOLVER if DEFAULT_SOLVER in solvers else None
 
     def _draw(
-        self, emb: torch.Tensor, settings: dict, n_loc: int, generator: torch.Generator
+        self, emb: torch.Tensor, settings: dict, n_loc: int, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error.
+        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
+        each photo's drawn from its own generator (``generators``, B of them).
 
         Without guidance the answer samples follow the model's density, so one pass with
         log-densities gives both; otherwise localizability takes its own unguided samples.
         """
+        model = self.model
+        emb = model.prepare_embeddings(emb)
+        if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
+            parts = [
+                self._draw_from(emb[i : i + 1], settings, n_loc, g, lambda count: (None, count))
+                for i, g in enumerate(generators)
+            ]
+            return tuple(torch.cat(part) for part in zip(*parts, strict=True))
+
+        def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
+            return stream_noise(model, generators, count, emb)
+
+        return self._draw_from(emb, settings, n_loc, None, noise)
+
+    def _draw_from(
+        self, emb: torch.Tensor, settings: dict, n_loc: int, generator, noise
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_draw` from ``generator`` or, where ``noise(count)`` gives initial states (and
+        their padded count), from those: the answer's first, then the localizability's."""
         model, n = self.model, settings["num_samples"]
         solver, precision = settings["solver"], settings["precision"]
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
         if settings["guidance"] == 0.0 and on_sphere and solver in SOLVERS and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
-            emb = model.prepare_embeddings(emb)
             steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
+            x0, padded = noise(n)
             x, log_p = model.sample_with_log_density(
-                emb, n, steps, generator, method="path", solver=solver, precision=precision
-            )
-            bits = log_p / math.log(2.0)
-            stderr = bits.std(-1) / math.sqrt(n) if n > 1 else nan
-            return unit_to_latlon(x).cpu(), bits.mean(-1).cpu(), stderr.cpu()
+                emb, padded, steps, generator, method="path", solver=solver, precision=precision,
+                noise=x0,
+            )  # fmt: skip
+            return (unit_to_latlon(x[:, :n]).cpu(), *_bits_and_stderr(log_p[:, :n]))
+        x0, padded = noise(n)
         samples = model.sample(
-            emb, n, settings["steps"], settings["guidance"], generator=generator, solver=solver,
+            emb, padded, settings["steps"], settings["guidance"], x0, generator, solver=solver,
             precision=precision,
-        ).cpu()  # fmt: skip
+        )[:, :n].cpu()  # fmt: skip
         if n_loc <= 0:
             return samples, nan, nan
         density = {}
         if on_sphere:
             density = {"method": "path", "solver": LOCALIZABILITY_SOLVER, "precision": precision}
-        bits, stderr = model.localizability(
-            emb, n_loc, DEFAULT_LOCALIZABILITY_STEPS, generator, return_stderr=True, **density
+        x0, padded = noise(n_loc)
+        _, log_p = model.sample_with_log_density(
+            emb, padded, DEFAULT_LOCALIZABILITY_STEPS, generator, noise=x0, **density
         )
-        return samples, bits.cpu(), stderr.cpu()
+        return (samples, *_bits_and_stderr(log_p[:, :n_loc]))
 
     def locate_images(
         self,
@@ -405,16 +433,18 @@ class Locator:
         with_density: bool = True,
         **kwargs,
     ) -> list[dict]:
-        """Answers for already-loaded images [(name, PIL image)], in order."""
+        """Answers for already-loaded images [(name, PIL image)], in order. Each image's random
+        stream is seeded by its name (or its id in ``photo_ids``)."""
         if not images:
             return []
         emb = self.encoder.embed([img for _, img in images])
+        kwargs.setdefault("photo_ids", [name for name, _ in images])
         results = self.locate_embeddings(
             emb, num_samples, guidance, steps, with_density=with_density, **kwargs
         )
         gps = list(exif_gps) if exif_gps is not None else [None] * len(images)
         for (name, _), result, truth in zip(images, results, gps, strict=True):
-            _attach_truth(result, truth)
+            attach_truth(result, truth)
             result.update(
                 {"image": name, "ok": result.get("ok", True), "error": result.get("error")}
             )
@@ -463,6 +493,15 @@ def photo_chunks(num_photos: int, num_samples: int) -> list[slice]:
     return [slice(i, i + per_solve) for i in range(0, num_photos, per_solve)]
 
 
+def _bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
+    samples, and its Monte Carlo standard error (NaN for one sample)."""
+    bits = log_p / math.log(2.0)
+    n = bits.shape[-1]
+    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
+    return bits.mean(-1).cpu(), stderr.cpu()
+
+
 def _network_width(model: GeoModel) -> int | None:
     """Width of the model's denoising network; None for the baselines, which have none."""
     network = getattr(model, "network", None)
@@ -471,17 +510,6 @@ def _network_width(model: GeoModel) -> int | None:
 
 def _failed(name: str, error: str) -> dict:
     return {"image": name, "ok": False, "error": error}
-
-
-def _attach_truth(result: dict, truth: tuple[float, float] | None) -> None:
-    if truth is None or not result.get("best_guess"):
-        result["exif_gps"], result["error_km"] = None, None
-        return
-    lat, lon = truth
-    guess = torch.tensor([result["best_guess"]["lat"], result["best_guess"]["lon"]])
-    km = float(haversine_km(guess, torch.tensor([lat, lon], dtype=guess.dtype)))
-    result["exif_gps"] = {"lat": lat, "lon": lon}
-    result["error_km"] = km
 
 
 def _place_names(guesses: torch.Tensor, regions: list[list]) -> list[list[dict]]:

@@ -190,11 +190,16 @@ class Denoiser(nn.Module):
         return self._modulations(cond[:, None, :])
 
     def condition_grid(self, emb: torch.Tensor, gammas: torch.Tensor) -> Conditioning:
-        """Condition paths of embeddings (B, cond_dim) at every signal level of gammas (S,), in
-        one batched pass: a Conditioning with leading axis S (select one with ``.at(i)``)."""
+        """Condition paths of embeddings (B, cond_dim) at every signal level of gammas (S,): a
+        Conditioning with leading axis S (select one with ``.at(i)``).
+
+        Computed one embedding at a time: a matrix product's kernel (and so its rounding)
+        depends on the row count, and an image's answer must not depend on the other images of
+        its batch. The cost (a few (S, dim) products per image) is small beside sampling."""
         gammas = torch.as_tensor(gammas, dtype=emb.dtype, device=emb.device).reshape(-1)
-        cond = self.cond_mapper(emb)[None] + self.time_embedder(gammas)[:, None]
-        return self._modulations(cond[:, :, None, :])
+        time = self.time_embedder(gammas)[:, None]
+        rows = [self.cond_mapper(emb[i : i + 1])[None] + time for i in range(emb.shape[0])]
+        return Conditioning.cat([self._modulations(c[:, :, None, :]) for c in rows], dim=1)
 
     def _modulations(self, cond: torch.Tensor) -> Conditioning:
         blocks = [block.modulation(cond) for block in self.blocks]

@@ -32,6 +32,9 @@ from globeflow.data.coordinates import valid_latlon_mask
 __all__ = [
     "EmbeddingTable",
     "EmbeddingWriter",
+    "commit_part",
+    "part_name",
+    "start_parts",
     "iter_embedding_batches",
     "located_ids",
     "read_embeddings",
@@ -66,6 +69,37 @@ def store_parts(path: str | os.PathLike[str]) -> list[Path]:
     if not path.is_dir():
         return []
     return sorted(p for p in path.iterdir() if _PART_RE.match(p.name))
+
+
+def start_parts(path: Path, clean_stale: bool) -> tuple[list[Path], int]:
+    """Create the directory ``path`` of parts if needed, remove the temporary files of killed
+    writers (``clean_stale``: one process of a job only), and return its committed parts and the
+    session number of a new writer (one more than any stored)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if clean_stale:
+        for stale in path.glob(".tmp-*"):  # leftovers of a killed writer
+            stale.unlink(missing_ok=True)
+    existing = store_parts(path)
+    session = 1 + max((int(_PART_RE.match(p.name).group(1)) for p in existing), default=-1)
+    return existing, session
+
+
+def part_name(session: int, chunk: int, rank: int | None) -> str:
+    """Name of a writer's ``chunk``-th part: ``part-SESSION+CHUNK`` for one process,
+    ``part-SESSION-RANK-CHUNK`` for a rank of a multi-process job (names sort in write order)."""
+    if rank is None:
+        return f"part-{session + chunk:05d}.parquet"
+    return f"part-{session:05d}-{rank:03d}-{chunk:05d}.parquet"
+
+
+def commit_part(table: pa.Table, final: Path, **write_options) -> None:
+    """Write ``table`` as the parquet file ``final`` atomically: to a temporary name, made
+    durable, then renamed, so that a killed writer never leaves half a part."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    pq.write_table(table, tmp, **write_options)
+    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
 
 
 def store_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -150,11 +184,7 @@ class EmbeddingWriter:
         self.row_group_size = int(row_group_size)
         self.max_unsaved_seconds = float(max_unsaved_seconds)
         self.rank = rank
-        self.path.mkdir(parents=True, exist_ok=True)
-        if clean_stale:
-            for stale in self.path.glob(".tmp-*"):  # leftovers of a killed writer
-                stale.unlink(missing_ok=True)
-        existing = store_parts(self.path)
+        existing, self._session = start_parts(self.path, clean_stale)
         stored = _part_dtype(existing[0]) if existing else None
         if dtype is not None and stored is not None and stored != dtype:
             raise ValueError(f"{self.path} holds {stored} embeddings; cannot append {dtype} ones")
@@ -167,20 +197,12 @@ class EmbeddingWriter:
                     f"{self.path} holds embeddings of encoder {enc!r} (dim {d}); "
                     f"cannot append {encoder_name!r} (dim {self.dim})"
                 )
-        self._session = 1 + max(
-            (int(_PART_RE.match(p.name).group(1)) for p in existing), default=-1
-        )
         self._chunk = 0
         self._buf: dict[str, list] = {k: [] for k in ("id", "path", "lat", "lon", "author")}
         self._emb: list[np.ndarray] = []
         self._done: set[str] | None = None
         self._oldest_unsaved: float | None = None
         self.rows_written = 0
-
-    def _part_name(self) -> str:
-        if self.rank is None:
-            return f"part-{self._session + self._chunk:05d}.parquet"
-        return f"part-{self._session:05d}-{self.rank:03d}-{self._chunk:05d}.parquet"
 
     def done_ids(self) -> set[str]:
         """Ids already stored in committed parts (and buffered in this writer)."""
@@ -256,14 +278,10 @@ class EmbeddingWriter:
             ],
             schema=self.schema,
         )
-        final = self.path / self._part_name()
-        tmp = self.path / f".tmp-{final.name}"
+        final = self.path / part_name(self._session, self._chunk, self.rank)
         # No dictionary encoding for embeddings: float16 values (65,536 of them) would all fit
         # in one dictionary, and decoding dictionary indices reads ~5x slower than plain values.
-        pq.write_table(table, tmp, row_group_size=self.row_group_size, use_dictionary=["author"])
-        with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        commit_part(table, final, row_group_size=self.row_group_size, use_dictionary=["author"])
         if self._done is not None:
             self._done.update(self._buf["id"])
         self._chunk += 1
@@ -363,17 +381,29 @@ def read_embeddings(path: str | os.PathLike[str]) -> EmbeddingTable:
 
 
 def iter_embedding_batches(
-    path: str | os.PathLike[str], batch_size: int = 65536
+    path: str | os.PathLike[str], batch_size: int = 65536, start: int = 0, stop: int | None = None
 ) -> Iterator[EmbeddingTable]:
     """Stream a store as :class:`EmbeddingTable` batches of at most ``batch_size`` rows,
-    reading one row group at a time (memory ~ batch_size * dim * 4 bytes)."""
+    reading one row group at a time (memory ~ batch_size * dim * 4 bytes).
+
+    ``start``/``stop``: only the rows ``start <= i < stop`` of the store (in stored order);
+    row groups outside that range are not read."""
     p = Path(path)
     parts = store_parts(p)
     encoder, dim = _store_meta(parts, p)
+    stop = math.inf if stop is None else stop
+    offset = 0  # index of the row group's first row in the store
     for part in parts:
         pf = pq.ParquetFile(part)
-        for batch in pf.iter_batches(batch_size=batch_size):
-            ids, paths, latlon, authors, emb = _table_to_columns(
-                pa.Table.from_batches([batch]), dim
-            )
-            yield EmbeddingTable(ids, paths, latlon, authors, emb, encoder)
+        for rg in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(rg).num_rows
+            first, offset = offset, offset + rows
+            if offset <= start or first >= stop:
+                continue
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg]):
+                at, first = first, first + batch.num_rows  # store index of the batch's row 0
+                lo, hi = max(start - at, 0), min(batch.num_rows, stop - at)
+                if hi > lo:
+                    table = pa.Table.from_batches([batch.slice(lo, int(hi - lo))])
+                    ids, paths, latlon, authors, emb = _table_to_columns(table, dim)
+                    yield EmbeddingTable(ids, paths, latlon, authors, emb, encoder)

@@ -29,6 +29,7 @@ __all__ = [
     "autocast",
     "join_process_group",
     "leave_process_group",
+    "on_main_first",
     "rank_slice",
     "resolve_device",
     "to_device",
@@ -129,6 +130,22 @@ def leave_process_group(place: Placement) -> None:
     """End the process group if :func:`join_process_group` started it."""
     if place.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main_first(place: Placement, make):
+    """``make(True)`` on rank 0, then ``make(False)`` on the other ranks; an error of rank 0's
+    call (ValueError, OSError: a refused or unusable output) is raised on every rank instead of
+    leaving them waiting. For work only one process may do first (check, clean, create)."""
+    result, error = None, None
+    if place.is_main:
+        try:
+            result = make(True)
+        except (ValueError, OSError) as exc:
+            error = exc
+    error = place.broadcast(error)
+    if error is not None:
+        raise error
+    return result if place.is_main else make(False)
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:

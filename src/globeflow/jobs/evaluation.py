@@ -20,18 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from globeflow.answers.decode import best_guess
+from globeflow.core.random_streams import sample_streams
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
 from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
+from globeflow.jobs.distributed import Placement, join_process_group, leave_process_group
 
 __all__ = [
     "EvaluationReport",
     "evaluate",
     "summarize",
     "summary_from_predictions_csv",
+    "summary_from_table",
     "PREDICTION_COLUMNS",
 ]
 
@@ -69,12 +73,18 @@ _LN2 = math.log(2.0)
 class EvaluationReport:
     """Result of :func:`evaluate`: per-image rows, summary metrics, calibration curve, errors."""
 
-    rows: list[dict[str, Any]]
+    table: pa.Table
+    """One row per image (columns: ``index`` in the dataset, then :data:`PREDICTION_COLUMNS`)."""
     summary: dict[str, Any]
     reliability: M.ReliabilityCurve
     settings: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The per-image rows as dicts (small evaluations; large ones read :attr:`table`)."""
+        return self.table.to_pylist()
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json content: the metrics at top level plus settings, reliability, errors."""
@@ -101,8 +111,11 @@ class EvaluationReport:
         with open(paths["predictions"], "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(PREDICTION_COLUMNS))
             w.writeheader()
-            for row in self.rows:  # file names that are not UTF-8: \xNN (data.file_names)
-                w.writerow({k: _csv_value(printable_tree(row.get(k))) for k in PREDICTION_COLUMNS})
+            for batch in self.table.to_batches(max_chunksize=4096):
+                for row in batch.to_pylist():  # file names not UTF-8: \xNN (data.file_names)
+                    w.writerow(
+                        {k: _csv_value(printable_tree(row.get(k))) for k in PREDICTION_COLUMNS}
+                    )
         paths["summary_json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         paths["summary_md"].write_text(self.to_markdown())
         M.plot_reliability(self.reliability, paths["reliability"])
@@ -263,21 +276,38 @@ def summary_from_predictions_csv(
     def col(name: str) -> np.ndarray:
         return np.array([_read_float(r[name]) for r in rows], dtype=np.float64)
 
+    return _json_clean(
+        _summary_of_columns(col, lambda name: [r[name] for r in rows], thresholds_km, k)
+    )
+
+
+def summary_from_table(
+    table: pa.Table, thresholds_km: Sequence[float] = M.DEFAULT_THRESHOLDS_KM, k: int = 3
+) -> dict[str, Any]:
+    """The summary metrics from the per-image rows (:attr:`EvaluationReport.table`)."""
+
+    def col(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    def text(name: str) -> list[str]:
+        return [v or "" for v in table.column(name).to_pylist()]
+
+    return _summary_of_columns(col, text, thresholds_km, k)
+
+
+def _summary_of_columns(col, text, thresholds_km: Sequence[float], k: int) -> dict[str, Any]:
+    """:func:`summarize` on the prediction columns given by ``col(name)`` (float64 arrays, NaN
+    for missing) and ``text(name)`` (strings)."""
+
     def latlon(prefix: str) -> np.ndarray:
         return np.stack([col(f"{prefix}_lat"), col(f"{prefix}_lon")], 1).reshape(-1, 2)
 
     def places(prefix: str) -> list[dict[str, str]]:
-        return [
-            {
-                "country": r[f"{prefix}_country"],
-                "country_code": r[f"{prefix}_country_code"],
-                "region": r[f"{prefix}_region"],
-                "city": r[f"{prefix}_city"],
-            }
-            for r in rows
-        ]
+        keys = ("country", "country_code", "region", "city")
+        columns = [text(f"{prefix}_{key}") for key in keys]
+        return [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
 
-    out = summarize(
+    return summarize(
         latlon("true"),
         latlon("pred"),
         col("log_prob"),
@@ -289,7 +319,6 @@ def summary_from_predictions_csv(
         thresholds_km,
         k,
     )
-    return _json_clean(out)
 
 
 # ---- model plumbing ------------------------------------------------------------------------
@@ -343,46 +372,30 @@ def _records(data: Any) -> tuple[Iterable[GeoRecord], Dataset | None]:
     return data, None
 
 
-def _batches(
-    records: Iterable[GeoRecord], batch_size: int, encoder: Any, errors: list[dict[str, str]]
-) -> Iterator[tuple[list[GeoRecord], torch.Tensor]]:
-    """Embedded batches; records whose image cannot be read or embedded go to ``errors``."""
-    pending: list[GeoRecord] = []
-
-    def embed(batch: list[GeoRecord]) -> tuple[list[GeoRecord], torch.Tensor] | None:
-        with_emb = [r for r in batch if r.embedding is not None]
-        if len(with_emb) == len(batch):
-            return batch, torch.as_tensor(np.stack([np.asarray(r.embedding) for r in batch]))
-        if encoder is None:
-            raise ValueError(
-                f"record {batch[0].id!r} has no precomputed embedding: pass an encoder to embed "
-                "images"
+def _embed_records(
+    batch: list[GeoRecord], encoder: Any, errors: list[dict[str, str]]
+) -> tuple[list[GeoRecord], torch.Tensor] | None:
+    """The records of ``batch`` that could be embedded and their embeddings (B, D); records
+    whose image cannot be read go to ``errors``; None when no record is left."""
+    if all(r.embedding is not None for r in batch):
+        return batch, torch.as_tensor(np.stack([np.asarray(r.embedding) for r in batch]))
+    if encoder is None:
+        raise ValueError(
+            f"record {batch[0].id!r} has no precomputed embedding: pass an encoder to embed images"
+        )
+    kept, images = [], []
+    for r in batch:
+        try:
+            images.append(load_record_image(r))
+            kept.append(r)
+        except Exception as exc:  # noqa: BLE001 - a bad image is reported, not fatal
+            errors.append(
+                {"id": r.id, "path": r.path or "", "error": f"{type(exc).__name__}: {exc}"}
             )
-        kept, images = [], []
-        for r in batch:
-            try:
-                images.append(load_record_image(r))
-                kept.append(r)
-            except Exception as exc:  # noqa: BLE001 - a bad image is reported, not fatal
-                errors.append(
-                    {"id": r.id, "path": r.path or "", "error": f"{type(exc).__name__}: {exc}"}
-                )
-        if not kept:
-            return None
-        emb = encoder.embed(images)
-        return kept, emb if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
-
-    for r in records:
-        pending.append(r)
-        if len(pending) == batch_size:
-            got = embed(pending)
-            pending = []
-            if got is not None:
-                yield got
-    if pending:
-        got = embed(pending)
-        if got is not None:
-            yield got
+    if not kept:
+        return None
+    emb = encoder.embed(images)
+    return kept, emb if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb))
 
 
 def _has_admin_labels(record: GeoRecord) -> bool:
@@ -434,6 +447,9 @@ def evaluate(
     prdc_k: int = 3,
     progress: bool = True,
     model_name: str | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    place: Placement | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` on a dataset and compute every metric of the paper.
 
@@ -455,17 +471,25 @@ def evaluate(
         localizability_samples: when set, call ``model.localizability`` with this many samples
             instead of reusing the calibration samples.
         batch_size: images per model call.
-        seed: seed of the sampling generator (results are reproducible).
+        seed: seed of the sampling generators: each image draws from its own, seeded by (seed,
+            its id), so its row does not depend on the other images of its batch.
         limit: evaluate at most this many records.
         thresholds_km: accuracy thresholds in km.
         prdc_k: neighbourhood size of precision / recall / density / coverage.
         progress: show a progress bar on stderr.
         model_name: how the report names the model (its path or hub id; default: its class).
+        output: the report folder: per-image rows are written to ``output/rows`` as they come
+            (memory bounded; a rerun resumes, other settings are refused unless ``overwrite``)
+            and the summary is computed from the stored rows. None: rows kept in memory.
+        overwrite: replace rows made with other settings in ``output``.
+        place: this process's place in a ``torchrun`` job (default: from the environment when
+            ``output`` is given; each process evaluates its share of the batches).
 
     Returns:
         An :class:`EvaluationReport`; call ``.write(out_dir)`` for the files.
     """
-    from globeflow.answers.geocode import reverse_geocode
+    from globeflow.jobs.evaluation_rows import evaluate_rows
+    from globeflow.jobs.locate import model_fingerprint
 
     started = time.time()
     device = _model_device(model)
@@ -473,117 +497,11 @@ def evaluate(
     listed = records
     if limit is not None:
         records = _take(records, limit)
-    errors: list[dict[str, str]] = []
-    gen = torch.Generator(device=device).manual_seed(seed)
-    guided_log_prob = density_guidance != 0.0
-    if guided_log_prob and not _accepts(model.log_prob, "guidance"):
+    if density_guidance != 0.0 and not _accepts(model.log_prob, "guidance"):
         raise ValueError(
             "density_guidance != 0 needs model.log_prob(..., guidance=w); this model's log_prob "
             "scores only the unguided density"
         )
-    reuse_loc = hpd_samples > 0 and not guided_log_prob and localizability_samples is None
-
-    recs: list[GeoRecord] = []
-    cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("true", "pred", "lp", "loc", "mass", "sample")
-    }
-    batches: Iterable[tuple[list[GeoRecord], torch.Tensor]] = _batches(
-        records, batch_size, encoder, errors
-    )
-    bar = _PhotoProgress(progress, listed, dataset, limit)
-    for batch, emb in batches:
-        emb = _to_tensor(emb, device)
-        b = emb.shape[0]
-        truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-        samples = model.sample(
-            emb, num_samples=num_samples, steps=steps, guidance=guidance, generator=gen
-        )
-        pred = best_guess(samples).reshape(b, 2)
-        lp = model.log_prob(truth[:, None, :], emb).reshape(b)
-        mass = torch.full((b,), math.nan, dtype=torch.float64)
-        sample0 = torch.full((b, 2), math.nan, dtype=torch.float64)
-        loc = None
-        if hpd_samples > 0:
-            s = model.sample(
-                emb,
-                num_samples=hpd_samples,
-                steps=steps,
-                guidance=density_guidance,
-                generator=gen,
-            )
-            kw = {"guidance": density_guidance} if guided_log_prob else {}
-            lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
-            lp_t = model.log_prob(truth[:, None, :], emb, **kw).reshape(b) if kw else lp
-            mass = torch.from_numpy(M.hpd_mass(lp_t.double(), lp_s))
-            sample0 = s[:, 0, :].double().cpu()
-            if reuse_loc:
-                loc = lp_s.mean(1) / _LN2
-        if loc is None:
-            n_loc = localizability_samples or max(hpd_samples, 64)
-            loc = model.localizability(emb, num_samples=n_loc)
-        recs.extend(batch)
-        cols["true"].append(truth.double().cpu().numpy())
-        cols["pred"].append(pred.double().cpu().numpy())
-        cols["lp"].append(lp.double().cpu().numpy())
-        cols["loc"].append(torch.as_tensor(loc).double().reshape(b).cpu().numpy())
-        cols["mass"].append(mass.numpy())
-        cols["sample"].append(sample0.numpy())
-        bar.show(len(recs) + len(errors))
-    bar.show(len(recs) + len(errors), done=True)
-
-    def cat(key: str, width: int | None = None) -> np.ndarray:
-        if cols[key]:
-            return np.concatenate(cols[key])
-        return np.zeros((0, width) if width else (0,), dtype=np.float64)
-
-    true_ll, pred_ll, sample_ll = cat("true", 2), cat("pred", 2), cat("sample", 2)
-    lp_all, loc_all, mass_all = cat("lp"), cat("loc"), cat("mass")
-    pred_places = [_place_dict(p) for p in reverse_geocode(pred_ll)]
-    labelled = [_has_admin_labels(r) for r in recs]
-    need_geocode = [i for i, has in enumerate(labelled) if not has]
-    geocoded = dict(zip(need_geocode, reverse_geocode(true_ll[need_geocode]), strict=True))
-    true_places = [
-        _true_place(r) if labelled[i] else _place_dict(geocoded[i]) for i, r in enumerate(recs)
-    ]
-
-    err = M.haversine_km_np(pred_ll, true_ll)
-    rows: list[dict[str, Any]] = []
-    for i, r in enumerate(recs):
-        row: dict[str, Any] = {
-            "id": r.id,
-            "path": r.path or "",
-            "true_lat": float(true_ll[i, 0]),
-            "true_lon": float(true_ll[i, 1]),
-            "pred_lat": float(pred_ll[i, 0]),
-            "pred_lon": float(pred_ll[i, 1]),
-            "error_km": float(err[i]),
-            "geoscore": float(M.geoscore(err[i])),
-            "log_prob": float(lp_all[i]),
-            "nll_bpd": float(-lp_all[i] / _LN2 / 3.0),
-            "localizability": float(loc_all[i]),
-            "hpd_mass": float(mass_all[i]),
-            "in_hpd50": bool(mass_all[i] <= 0.5) if np.isfinite(mass_all[i]) else None,
-            "in_hpd90": bool(mass_all[i] <= 0.9) if np.isfinite(mass_all[i]) else None,
-            "sample_lat": float(sample_ll[i, 0]),
-            "sample_lon": float(sample_ll[i, 1]),
-        }
-        row.update({f"pred_{k}": v for k, v in pred_places[i].items()})
-        row.update({f"true_{k}": v for k, v in true_places[i].items()})
-        rows.append(row)
-
-    summary = summarize(
-        true_ll,
-        pred_ll,
-        lp_all,
-        loc_all,
-        mass_all,
-        sample_ll,
-        pred_places,
-        true_places,
-        thresholds_km,
-        prdc_k,
-    )
-    summary["n_errors"] = len(errors)
     settings = {
         "model": model_name or type(model).__name__,
         "encoder": None if encoder is None else getattr(encoder, "name", type(encoder).__name__),
@@ -598,12 +516,39 @@ def evaluate(
         "batch_size": batch_size,
         "seed": seed,
         "prdc_k": prdc_k,
-        "seconds": round(time.time() - started, 3),
     }
+    errors: list[dict[str, str]] = []
+    options = dict(num_samples=num_samples, guidance=guidance, steps=steps,
+                   density_guidance=density_guidance, hpd_samples=hpd_samples,
+                   localizability_samples=localizability_samples)  # fmt: skip
+    own = place is None and output is not None
+    if own:
+        place = join_process_group("cpu")  # gloo: only barriers and small objects
+    try:
+        fingerprint = {**settings, "limit": limit}
+        if output is not None:
+            fingerprint["model_weights"] = model_fingerprint(model)
+        shown = progress and (place is None or place.is_main)
+        bar = _PhotoProgress(shown, listed, dataset, limit)
+        table = evaluate_rows(
+            records, lambda batch: _embed_records(batch, encoder, errors),
+            lambda indexed, emb, gens: _batch_rows(model, indexed, emb, gens, device, **options),
+            batch_size=batch_size, seed=seed, device=device, settings=fingerprint,
+            output=output, overwrite=overwrite, place=place, progress=bar,
+        )  # fmt: skip
+        if place is not None and place.distributed:
+            errors = [e for rank_errors in place.gather(errors) for e in rank_errors]
+    finally:
+        if own:
+            leave_process_group(place)
+    summary = summary_from_table(table, thresholds_km, prdc_k)
+    summary["n_errors"] = len(errors)
+    settings["seconds"] = round(time.time() - started, 3)
+    mass = table.column("hpd_mass").to_numpy(zero_copy_only=False).astype(np.float64)
     return EvaluationReport(
-        rows=rows,
+        table=table,
         summary=summary,
-        reliability=M.reliability_curve_from_mass(mass_all),
+        reliability=M.reliability_curve_from_mass(mass[np.isfinite(mass)]),
         settings=settings,
         errors=errors,
         skipped=dataset.skipped if dataset is not None else {},
@@ -613,12 +558,12 @@ def evaluate(
 class _PhotoProgress:
     """A progress bar in photos on stderr: photos taken from the dataset (evaluated or failed,
     and without ``limit`` also those its reader left out), out of the dataset's size when
-    known (``limit`` caps it)."""
+    known (``limit`` caps it). ``update(n)`` / ``close()`` as tqdm's."""
 
     def __init__(
         self, enabled: bool, records: Any, dataset: Dataset | None, limit: int | None
     ) -> None:
-        self.bar, self.dataset, self.limit = None, dataset, limit
+        self.bar, self.dataset, self.limit, self.taken = None, dataset, limit, 0
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -628,15 +573,101 @@ class _PhotoProgress:
         total = min(size, limit) if size is not None and limit is not None else size or limit
         self.bar = tqdm(total=total, desc="evaluate", unit="photo")
 
-    def show(self, taken: int, done: bool = False) -> None:
-        """Move the bar to ``taken`` photos (plus those the reader skipped so far)."""
+    def update(self, count: int) -> None:
+        """``count`` more photos taken (plus those the reader skipped so far)."""
+        self.taken += count
         if self.bar is None:
             return
+        shown = self.taken
         if self.dataset is not None and self.limit is None:
-            taken += sum(self.dataset.skipped.values())
-        self.bar.update(taken - self.bar.n)
-        if done:
+            shown += sum(self.dataset.skipped.values())
+        self.bar.update(shown - self.bar.n)
+
+    def close(self) -> None:
+        self.update(0)
+        if self.bar is not None:
             self.bar.close()
+
+
+def _batch_rows(
+    model: Any,
+    indexed: list[tuple[int, GeoRecord]],
+    emb: torch.Tensor,
+    generators: list[torch.Generator],
+    device: torch.device,
+    *,
+    num_samples: int,
+    guidance: float,
+    steps: int,
+    density_guidance: float,
+    hpd_samples: int,
+    localizability_samples: int | None,
+) -> list[dict[str, Any]]:
+    """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
+    samples drawn from its generator."""
+    from globeflow.answers.geocode import reverse_geocode
+
+    emb = _to_tensor(emb, device)
+    batch = [r for _, r in indexed]
+    b = emb.shape[0]
+    truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
+    samples = sample_streams(model, emb, generators, num_samples, steps=steps, guidance=guidance)
+    pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
+    lp = model.log_prob(truth[:, None, :], emb).reshape(b)
+    mass = torch.full((b,), math.nan, dtype=torch.float64)
+    sample0 = torch.full((b, 2), math.nan, dtype=torch.float64)
+    loc = None
+    guided_log_prob = density_guidance != 0.0
+    if hpd_samples > 0:
+        s = sample_streams(model, emb, generators, hpd_samples, steps=steps,
+                           guidance=density_guidance)  # fmt: skip
+        kw = {"guidance": density_guidance} if guided_log_prob else {}
+        lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
+        lp_t = model.log_prob(truth[:, None, :], emb, **kw).reshape(b) if kw else lp
+        mass = torch.from_numpy(M.hpd_mass(lp_t.double(), lp_s))
+        sample0 = s[:, 0, :].double().cpu()
+        if not guided_log_prob and localizability_samples is None:
+            loc = lp_s.mean(1) / _LN2
+    if loc is None:
+        n_loc = localizability_samples or max(hpd_samples, 64)
+        loc = torch.cat([
+            torch.as_tensor(model.localizability(emb[i : i + 1], num_samples=n_loc, generator=g))
+            for i, g in enumerate(generators)
+        ])  # fmt: skip
+    true_ll, pred_ll = truth.double().cpu().numpy(), pred.double().cpu().numpy()
+    sample_ll, lp = sample0.numpy(), lp.double().cpu().numpy()
+    loc, mass = torch.as_tensor(loc).double().reshape(b).cpu().numpy(), mass.numpy()
+    pred_places = [_place_dict(p) for p in reverse_geocode(pred_ll)]
+    labelled = [_has_admin_labels(r) for r in batch]
+    need = [i for i, has in enumerate(labelled) if not has]
+    geocoded = dict(zip(need, reverse_geocode(true_ll[need]), strict=True)) if need else {}
+    err = M.haversine_km_np(pred_ll, true_ll)
+    rows: list[dict[str, Any]] = []
+    for i, (index, r) in enumerate(indexed):
+        true_place = _true_place(r) if labelled[i] else _place_dict(geocoded[i])
+        row: dict[str, Any] = {
+            "index": index,
+            "id": r.id,
+            "path": r.path or "",
+            "true_lat": float(true_ll[i, 0]),
+            "true_lon": float(true_ll[i, 1]),
+            "pred_lat": float(pred_ll[i, 0]),
+            "pred_lon": float(pred_ll[i, 1]),
+            "error_km": float(err[i]),
+            "geoscore": float(M.geoscore(err[i])),
+            "log_prob": float(lp[i]),
+            "nll_bpd": float(-lp[i] / _LN2 / 3.0),
+            "localizability": float(loc[i]),
+            "hpd_mass": float(mass[i]),
+            "in_hpd50": bool(mass[i] <= 0.5) if np.isfinite(mass[i]) else None,
+            "in_hpd90": bool(mass[i] <= 0.9) if np.isfinite(mass[i]) else None,
+            "sample_lat": float(sample_ll[i, 0]),
+            "sample_lon": float(sample_ll[i, 1]),
+        }
+        row.update({f"pred_{k}": v for k, v in pred_places[i].items()})
+        row.update({f"true_{k}": v for k, v in true_place.items()})
+        rows.append(row)
+    return rows
 
 
 def _take(records: Iterable[GeoRecord], limit: int) -> Iterator[GeoRecord]:

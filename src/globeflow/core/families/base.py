@@ -120,12 +120,14 @@ class GeoModel(nn.Module):
         steps: int = 32,
         generator: torch.Generator | None = None,
         likelihood_steps: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
 
-        Generic version: sample, then evaluate :meth:`log_prob_unit` at the samples.
+        Generic version: sample (from ``noise``, the initial state, when given), then evaluate
+        :meth:`log_prob_unit` at the samples.
         """
-        x = self.sample_unit(emb, num_samples, steps, 0.0, None, generator)
+        x = self.sample_unit(emb, num_samples, steps, 0.0, noise, generator)
         return x, self.log_prob_unit(x, emb, steps=likelihood_steps)
 
     @torch.no_grad()
@@ -409,6 +411,7 @@ class DenoisingModel(GeoModel):
         method: str | None = None,
         solver: str = "midpoint",
         precision: str = "fp32",
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and log p at each (B, N).
 
@@ -416,19 +419,20 @@ class DenoisingModel(GeoModel):
         the log-density along the sampling path (:func:`~globeflow.core.likelihood.
         sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
         onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
-        ``precision`` applies to the path method.
+        ``precision`` applies to the path method; ``noise`` (B, N, 3) is the initial state
+        (default: drawn from ``generator``).
         """
         from globeflow.core.likelihood import sample_with_log_density
 
         method = method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
             return super().sample_with_log_density(
-                emb, num_samples, steps, generator, likelihood_steps
+                emb, num_samples, steps, generator, likelihood_steps, noise
             )
         if method != "path":
             raise ValueError(f"unknown density method {method!r}; choose path or ode")
         return sample_with_log_density(
-            self, emb, num_samples, steps, solver, generator, precision=precision
+            self, emb, num_samples, steps, solver, generator, noise, precision
         )
 
     published_solver: str = "euler"

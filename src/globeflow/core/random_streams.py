@@ -1,0 +1,76 @@
+"""One random stream per photo: answers that do not depend on what else is in the batch.
+
+A photo's samples are drawn from a generator seeded from (seed, photo id) alone, so the same
+photo gets the same noise whether it is located alone, in a folder, in a server batch with other
+users' photos, or on another rank of a ``torchrun`` job. The seed is a stable hash (SHA-256), not
+Python's ``hash()``, which is salted per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "STREAM_BLOCK",
+    "embedding_ids",
+    "photo_generators",
+    "photo_seed",
+    "sample_streams",
+    "stream_noise",
+]
+
+
+def photo_seed(seed: int, photo_id: str) -> int:
+    """A 63-bit seed for one photo's generator, from the run's ``seed`` and the photo's id."""
+    digest = hashlib.sha256(f"{int(seed)}\0{photo_id}".encode("utf-8", "surrogateescape"))
+    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def photo_generators(
+    seed: int, photo_ids: Sequence[str], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """A fresh generator on ``device`` per photo, seeded by :func:`photo_seed`."""
+    return [torch.Generator(device=device).manual_seed(photo_seed(seed, i)) for i in photo_ids]
+
+
+def embedding_ids(emb: torch.Tensor) -> list[str]:
+    """Content ids for embeddings (B, D): a hash of each row's float32 bytes, for callers that
+    name no photo (the same embedding then always gets the same stream)."""
+    rows = emb.detach().to("cpu", torch.float32).contiguous().numpy()
+    return ["emb:" + hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in rows]
+
+
+STREAM_BLOCK = 64
+"""Each photo's sample count is rounded up to a multiple of this for a batched solve (the extra
+samples are dropped): elementwise kernels round the last, partial vector of a tensor apart, and
+that tail must not move with the other photos of the batch."""
+
+
+def stream_noise(
+    model, generators: Sequence[torch.Generator], count: int, like: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The next initial states of each photo's stream for a denoising ``model``: (B, padded, 3)
+    with ``padded`` = ``count`` rounded up to :data:`STREAM_BLOCK`, and ``padded``."""
+    padded = -(-count // STREAM_BLOCK) * STREAM_BLOCK
+    return torch.cat([model.initial_noise(1, padded, g, like) for g in generators]), padded
+
+
+def sample_streams(
+    model, emb: torch.Tensor, generators: Sequence[torch.Generator], num_samples: int, **options
+) -> torch.Tensor:
+    """``model.sample(emb, num_samples, **options)`` (B, N, 2) degrees with each photo's samples
+    from its own generator: one batched solve from per-photo initial states for the denoising
+    families, one call per photo for the others (they draw inside ``sample``)."""
+    if not hasattr(model, "initial_noise"):
+        return torch.cat(
+            [
+                model.sample(emb[i : i + 1], num_samples, generator=g, **options)
+                for i, g in enumerate(generators)
+            ]
+        )
+    emb = model.prepare_embeddings(emb)
+    noise, padded = stream_noise(model, generators, num_samples, emb)
+    return model.sample(emb, padded, noise=noise, **options)[:, :num_samples]

@@ -1,0 +1,143 @@
+"""``evaluate``'s per-image rows, batch by batch: kept in memory, or streamed to parquet parts
+in the report folder (``rows/``) so that a long evaluation resumes and shards.
+
+Each image's samples come from its own random stream (seed, record id). Under ``torchrun`` the
+processes take the batches of the records still to evaluate in turn (batch j on rank
+j mod N: the batches one process would form), each writes its own parts, and the summary is
+computed from the stored rows in dataset order (column ``index``), so a resumed or sharded
+evaluation reports what one uninterrupted process does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from globeflow.answers.result_store import RowWriter, read_results, remove_results
+from globeflow.core.random_streams import photo_generators
+from globeflow.data.datasets import GeoRecord
+from globeflow.jobs.distributed import Placement, on_main_first
+
+__all__ = ["ROWS_NAME", "ROW_SCHEMA", "evaluate_rows"]
+
+ROWS_NAME = "rows"
+"""The folder of row parts inside the report folder."""
+
+_TEXT_COLUMNS = {"id", "path"} | {
+    f"{side}_{key}"
+    for side in ("pred", "true")
+    for key in ("country", "country_code", "region", "city")
+}
+
+
+def _row_schema() -> pa.Schema:
+    from globeflow.jobs.evaluation import PREDICTION_COLUMNS
+
+    fields = [pa.field("index", pa.int64())]
+    for name in PREDICTION_COLUMNS:
+        kind = pa.string() if name in _TEXT_COLUMNS else pa.float64()
+        fields.append(pa.field(name, pa.bool_() if name.startswith("in_hpd") else kind))
+    return pa.schema(fields)
+
+
+ROW_SCHEMA = _row_schema()
+
+BatchRows = Callable[[list[tuple[int, GeoRecord]], torch.Tensor, list[torch.Generator]], list[dict]]
+
+
+def evaluate_rows(
+    records: Iterable[GeoRecord],
+    embed: Callable[[list[GeoRecord]], tuple[list[GeoRecord], torch.Tensor] | None],
+    batch_rows: BatchRows,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    settings: dict[str, Any],
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    place: Placement | None = None,
+    progress: bool | Any = True,
+    max_unsaved_seconds: float = 30.0,
+) -> pa.Table:
+    """Every record's row, in dataset order (a table of :data:`ROW_SCHEMA`).
+
+    ``embed(records)`` gives the records it could embed and their embeddings (B, D) (or None);
+    ``batch_rows(indexed records, embeddings, generators)`` their rows. ``progress``: a bar of
+    this rank's records, or an object with tqdm's ``update(n)`` and ``close()``. With
+    ``output`` the rows go to ``output/rows`` as they come (resumed when present; other
+    ``settings`` refused unless ``overwrite``), and the table is read back from there.
+    """
+    place = place or Placement()
+    writer, done = None, set()
+    if output is not None:
+        folder = Path(output) / ROWS_NAME
+
+        def open_writer(main: bool) -> RowWriter:
+            if main and overwrite and folder.is_dir():
+                remove_results(folder)
+            rank = place.rank if place.distributed else None
+            return RowWriter(folder, settings, ROW_SCHEMA, rank=rank, clean_stale=main,
+                             max_unsaved_seconds=max_unsaved_seconds)  # fmt: skip
+
+        writer = on_main_first(place, open_writer)
+        done = writer.done_ids()
+        place.barrier()  # every rank has listed the stored parts before any writes a new one
+    kept: list[dict] = []
+    todo = ((i, r) for i, r in enumerate(records) if r.id not in done)
+    bar = _bar(progress and place.is_main) if isinstance(progress, bool) else progress
+    try:
+        for j, batch in enumerate(_chunks(todo, batch_size)):
+            if j % place.world_size != place.rank:
+                continue
+            got = embed([r for _, r in batch])
+            if got is not None:
+                index = {id(r): i for i, r in batch}
+                kept_records, emb = got
+                gens = photo_generators(seed, [r.id for r in kept_records], device)
+                rows = batch_rows([(index[id(r)], r) for r in kept_records], emb, gens)
+                writer.add_rows(rows) if writer is not None else kept.extend(rows)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+    place.barrier()
+    if writer is not None:
+        return read_results(folder, schema=ROW_SCHEMA).sort_by("index")
+    return pa.Table.from_pylist(kept, schema=ROW_SCHEMA).sort_by("index")
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def _bar(show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="evaluate", unit="image")
+
+
+def table_columns(table: pa.Table) -> dict[str, np.ndarray | list]:
+    """The rows' columns: float64 arrays (NaN for missing) and lists of strings."""
+    out: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in _TEXT_COLUMNS:
+            out[name] = [v or "" for v in column.to_pylist()]
+        else:
+            values = column.to_pylist()
+            out[name] = np.array([math.nan if v is None else float(v) for v in values])
+    return out

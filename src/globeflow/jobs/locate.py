@@ -1,0 +1,308 @@
+"""The streaming ``predict`` job: photos or an embedding store in, answers on disk as they come.
+
+Answers go to a directory of parquet parts (:mod:`globeflow.answers.result_store`), committed
+every ``chunk_size`` rows and at least every ``max_unsaved_seconds``, so memory stays bounded
+whatever the number of photos and a kill loses at most that interval. A rerun skips the ids
+already answered; answers made with other settings are refused. Photos that cannot be read are
+listed in ``_errors.csv`` and retried by a rerun.
+
+Under ``torchrun`` the processes split the photos still to answer into contiguous runs of whole
+batches (the batches one process would form, so that an encoder sees the same batches), each
+writes its own parts, and the parts read back in name order row for row as one process writes
+them. Each photo's answer comes from its own random stream (seed, photo id), so it does not
+depend on its batch or rank either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from globeflow.answers.decode import attach_truth
+from globeflow.answers.result_store import ResultWriter, check_resolved, remove_results
+from globeflow.data.embedding_store import iter_embedding_batches, store_parts
+from globeflow.jobs.distributed import (
+    Placement,
+    join_process_group,
+    leave_process_group,
+    on_main_first,
+    rank_slice,
+)
+from globeflow.jobs.embed import (
+    ERRORS_NAME,
+    ImageItem,
+    _loaded_batches,
+    _write_errors,
+    collect_inputs,
+)
+
+__all__ = ["LocateReport", "locate_archive", "model_fingerprint"]
+
+OnResults = Callable[[Sequence[str], Sequence[dict]], None]
+
+
+@dataclass
+class LocateReport:
+    """Outcome of :func:`locate_archive`; ``errors``: (path, reason) per photo not located."""
+
+    output: Path | None
+    total: int = 0
+    located: int = 0
+    skipped_existing: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def photos_per_second(self) -> float:
+        return self.located / self.seconds if self.seconds > 0 else 0.0
+
+    def merged(self, others: Sequence[LocateReport]) -> LocateReport:
+        """This rank's report plus the located/failed photos of the other ranks (the input
+        listing and the already-answered count are the same on every rank)."""
+        out = LocateReport(self.output, self.total, skipped_existing=self.skipped_existing)
+        for r in (self, *others):
+            out.located += r.located
+            out.failed += r.failed
+            out.errors += r.errors
+            out.seconds = max(out.seconds, r.seconds)
+            out.interrupted |= r.interrupted
+        return out
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's weights (state dict, in order): a changed checkpoint behind
+    the same path or hub id is another model."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def locate_archive(
+    locator,
+    settings: dict,
+    *,
+    photos: Sequence[str | Path] | None = None,
+    embeddings: str | Path | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 32,
+    keep_samples: int = 0,
+    jsonl: bool = False,
+    chunk_size: int = 1024,
+    max_unsaved_seconds: float = 30.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    decode_workers: int = 0,
+    on_results: OnResults | None = None,
+    place: Placement | None = None,
+) -> LocateReport:
+    """Locate ``photos`` (files, folders, lists, CSVs as ``globeflow embed`` reads them) or the
+    rows of the embedding store ``embeddings`` with ``locator`` (a
+    :class:`~globeflow.apps.pipeline.Locator`).
+
+    Args:
+        settings: keyword arguments of ``locator.locate_embeddings`` (num_samples, guidance,
+            steps, solver, precision, localizability_samples, top_k, region_radius_km, seed).
+        output: answers directory (created, or resumed: ids already answered are skipped); None
+            writes nothing (``on_results`` gets the answers).
+        batch_size: photos per encoder and model call.
+        keep_samples: samples stored per photo (0: none; they are 1024 pairs per photo).
+        jsonl: also write each part as JSON Lines (the full result dicts).
+        chunk_size, max_unsaved_seconds: commit a part every this many rows or seconds.
+        overwrite: delete the answers already in ``output`` first (else other settings there
+            are refused with :class:`~globeflow.answers.result_store.SettingsMismatchError`).
+        on_results: called with (ids, results) after each batch, failures included (as
+            ``{"image", "ok": False, "error"}``), on every rank.
+        place: this process's place in a ``torchrun`` job (default: from the environment).
+
+    Returns:
+        The :class:`LocateReport` (merged over the processes). Ctrl-C ends the run early with
+        what was located committed and ``interrupted`` set.
+    """
+    own = place is None
+    place = place or join_process_group("cpu")  # gloo: only barriers and small objects
+    try:
+        return _locate_placed(
+            locator, settings, photos, embeddings, output, batch_size, keep_samples, jsonl,
+            chunk_size, max_unsaved_seconds, overwrite, progress, decode_workers, on_results,
+            place,
+        )  # fmt: skip
+    finally:
+        if own:
+            leave_process_group(place)
+
+
+def _open_writer(output, settings, place, overwrite, locator, **options) -> ResultWriter:
+    """The answers' writer on every rank; rank 0 checks the settings (and clears the folder on
+    ``overwrite``) first, and the others raise the same error when it refuses."""
+    fingerprint = {**settings, "model_weights": model_fingerprint(locator.model)}
+    fingerprint.update(encoder=locator.encoder_name, keep_samples=options["keep_samples"])
+
+    def make(main: bool) -> ResultWriter:
+        if main and overwrite and Path(output).is_dir():
+            remove_results(Path(output))
+        return ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=main, **options)
+
+    return on_main_first(place, make)
+
+
+def _rank(place: Placement) -> int | None:
+    return place.rank if place.distributed else None
+
+
+def _listing(photos, embeddings, report: LocateReport) -> list[ImageItem]:
+    """Every photo of the input, in order: id (its random stream's and its answer's key), path
+    and known coordinates (ids unique; an input that is not found is an error of the report)."""
+    if embeddings is not None:
+        parts = store_parts(embeddings)
+        if not parts:
+            raise FileNotFoundError(f"{embeddings}: no embedding parts (part-*.parquet) there")
+        items = []
+        for part in parts:
+            table = pq.read_table(part, columns=["id", "path"])
+            ids, paths = table.column("id").to_pylist(), table.column("path").to_pylist()
+            items += [ImageItem(i, Path(p or i)) for i, p in zip(ids, paths, strict=True)]
+        return items
+    return collect_inputs(photos or [], errors=report.errors)
+
+
+def _locate_placed(
+    locator, settings, photos, embeddings, output, batch_size, keep_samples, jsonl, chunk_size,
+    max_unsaved_seconds, overwrite, progress, decode_workers, on_results, place,
+) -> LocateReport:  # fmt: skip
+    started = time.perf_counter()
+    report = LocateReport(output=Path(output) if output is not None else None)
+    items = _listing(photos, embeddings, report)
+    input_errors = len(report.errors)
+    report.total = len(items) + input_errors
+    writer = None
+    done: set[str] = set()
+    if output is not None:
+        writer = _open_writer(
+            output, settings, place, overwrite, locator=locator, chunk_size=chunk_size,
+            max_unsaved_seconds=max_unsaved_seconds, keep_samples=keep_samples, jsonl=jsonl,
+        )  # fmt: skip
+        done = writer.done_ids()
+        place.barrier()  # every rank has listed the stored parts before any writes a new one
+    todo = [i for i, it in enumerate(items) if it.id not in done]
+    report.skipped_existing = len(items) - len(todo)
+    share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
+    mine = todo[share.start * batch_size : share.stop * batch_size]
+    if not place.is_main:  # every rank listed the input: its errors are reported by rank 0
+        report.errors, input_errors = [], 0
+    bar = _bar(len(mine), progress and place.is_main, locator)
+    batches = _batches(locator, items, mine, embeddings, batch_size, decode_workers, settings)
+    try:
+        for ids, results in batches:
+            ok = [(i, r) for i, r in zip(ids, results, strict=True) if r.get("ok")]
+            report.located += len(ok)
+            for r in results:
+                if not r.get("ok"):
+                    report.failed += 1
+                    report.errors.append((r["image"], r["error"]))
+            if writer is not None and ok:
+                if not writer.rows_written and not writer.buffered:  # this run's first answers
+                    check_resolved(writer.path, ok[0][1]["settings"], record=place.is_main)
+                writer.add(*zip(*ok, strict=True))
+            if on_results is not None:
+                on_results(ids, results)
+            if bar is not None:
+                bar.update(len(ids))
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+        report.seconds = time.perf_counter() - started
+    report.failed += input_errors
+    if place.distributed and not report.interrupted:
+        reports = place.gather(report)
+        report = reports[0].merged(reports[1:])
+    if output is not None and place.is_main:
+        _write_errors(Path(output) / ERRORS_NAME, report.errors)
+    return report
+
+
+def _bar(total: int, show: bool, locator):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="photo", desc=f"locating ({locator.model_name})", smoothing=0.1)
+
+
+def _batches(locator, items, mine, embeddings, batch_size, decode_workers, settings) -> Iterator:
+    """(ids, results) per batch of this rank's photos, in order."""
+    if embeddings is not None:
+        yield from _store_batches(locator, items, mine, embeddings, batch_size, settings)
+        return
+    chunks = ([items[i] for i in mine[s : s + batch_size]] for s in range(0, len(mine), batch_size))
+    for loaded in _loaded_batches(chunks, True, decode_workers):
+        good = [x for x in loaded if x.image is not None]
+        answers = iter(
+            locator.locate_images(
+                [(str(x.item.path), x.image) for x in good],
+                exif_gps=[x.latlon for x in good],
+                photo_ids=[x.item.id for x in good],
+                with_density=False,
+                **settings,
+            )
+        )
+        results = [
+            next(answers)
+            if x.image is not None
+            else {"image": str(x.item.path), "ok": False, "error": f"{x.item.path}: {x.error}"}
+            for x in loaded
+        ]
+        yield [x.item.id for x in loaded], results
+
+
+def _store_batches(locator, items, mine, embeddings, batch_size, settings) -> Iterator:
+    """Batches of the store rows at the positions ``mine`` (sorted), read row group by row
+    group over their range only."""
+    if not mine:
+        return
+    wanted = set(mine)
+    pending: list = []  # (id, path, embedding row, truth)
+    position = mine[0]
+    for table in iter_embedding_batches(embeddings, 4096, mine[0], mine[-1] + 1):
+        if table.encoder_name != locator.encoder_name:
+            raise ValueError(
+                f"{embeddings}: embeddings of encoder {table.encoder_name!r}, but the model "
+                f"takes {locator.encoder_name!r} ones"
+            )
+        for j in range(len(table)):
+            if position + j in wanted:
+                lat, lon = (float(v) for v in table.latlon[j])
+                truth = (lat, lon) if math.isfinite(lat) and math.isfinite(lon) else None
+                path = table.paths[j] or table.ids[j]
+                pending.append((table.ids[j], path, table.embeddings[j], truth))
+            if len(pending) == batch_size:
+                yield _locate_rows(locator, pending, settings)
+                pending = []
+        position += len(table)
+    if pending:
+        yield _locate_rows(locator, pending, settings)
+
+
+def _locate_rows(locator, rows: list, settings: dict) -> tuple[list[str], list[dict]]:
+    """Answers for buffered store rows [(id, path, embedding (D,), truth or None)]."""
+    ids = [r[0] for r in rows]
+    emb = torch.stack([r[2] for r in rows])
+    results = locator.locate_embeddings(emb, photo_ids=ids, with_density=False, **settings)
+    for (_, path, _, truth), result in zip(rows, results, strict=True):
+        attach_truth(result, truth)
+        result.update({"image": path, "ok": True, "error": None})
+    return ids, results
