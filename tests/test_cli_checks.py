@@ -407,7 +407,7 @@ def test_predict_goes_on_past_a_named_pipe_and_an_unreadable_folder(
     args = ["--model", tiny_model, "--num-samples", "16", "--steps", "2", "--no-progress"]
     result = _finishes(lambda: _run("predict", tmp_path, *args, "--csv", out))
     assert result.exit_code == 0, result.output
-    assert f"skipped {locked}: cannot read folder (Permission denied)" in result.output
+    assert f"{locked}: cannot read folder (Permission denied)" in result.output
     assert "pipe.jpg: is a named pipe, not an image file" in result.output
     rows = {r["image"]: r for r in csv.DictReader(out.open())}
     assert rows[str(photo)]["ok"] == "True" and rows[str(tmp_path / "pipe.jpg")]["ok"] == "False"

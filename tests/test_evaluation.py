@@ -50,7 +50,7 @@ class OffsetModel:
     def log_prob(self, latlon, emb):
         return torch.full(latlon.shape[:2], -math.log(4 * math.pi))
 
-    def localizability(self, emb, num_samples=64):
+    def localizability(self, emb, num_samples=64, generator=None):
         return torch.full((emb.shape[0],), -math.log2(4 * math.pi))
 
 
@@ -62,7 +62,7 @@ class UniformModel:
     def log_prob(self, latlon, emb):
         return torch.full(latlon.shape[:2], -math.log(4 * math.pi))
 
-    def localizability(self, emb, num_samples=64):
+    def localizability(self, emb, num_samples=64, generator=None):
         return torch.full((emb.shape[0],), -math.log2(4 * math.pi))
 
 

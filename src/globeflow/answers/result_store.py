@@ -39,7 +39,10 @@ __all__ = [
 ]
 
 SETTINGS_NAME = "settings.json"
-_TEXT = {"image", "error", "city", "region", "country", "country_code", "top_region"}
+_TEXT = {
+    "image", "error", "city", "region", "country", "country_code", "top_region", "place_label",
+    "osm_url", "map",
+}  # fmt: skip
 
 
 def _schema() -> pa.Schema:

@@ -528,6 +528,8 @@ def predict(
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
     if asked and os.environ.get("WORLD_SIZE", "1") != "1":
         _fail(f"{asked[0]} needs one process; under torchrun use --out")
+    if photos and all(p.is_dir() for p in photos):
+        _refuse_folders_without_photos(photos)
     in_memory = same_place or within is not None
     if in_memory and (embeddings is not None or out is not None):
         option = "--same-place" if same_place else "--within"
@@ -564,6 +566,16 @@ def predict(
         map_dir=map_dir, batch_size=batch_size, save_every_s=save_every_s,
         decode_workers=decode_workers, progress=progress,
     )  # fmt: skip
+
+
+def _refuse_folders_without_photos(folders: list[Path]) -> None:
+    """One line naming the folders when none of them holds a photo (before any work)."""
+    from globeflow.data.file_names import holds_photo, printable_path
+    from globeflow.data.images import IMAGE_EXTENSIONS
+
+    if not any(holds_photo(f, IMAGE_EXTENSIONS) for f in folders):
+        where = ", ".join(printable_path(f) for f in folders)
+        _fail(f"no photos found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 def _listed_photos(inputs: list[Path]) -> list[Path]:

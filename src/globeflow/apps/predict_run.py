@@ -107,16 +107,19 @@ def run_predict(
 def _report(locator, report, kept, small_outputs, map_dir, progress) -> None:
     """The table (small runs) or a summary, the small outputs, the unreadable photos."""
     from globeflow.apps import cli
-    from globeflow.apps.outputs import map_file_names, photo_labels
+    from globeflow.apps.outputs import map_file_names, photo_labels, with_map_names
 
     labels = photo_labels([r["image"] for r in kept])
     if any(r.get("ok") for r in kept):
         title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
         radius = kept[0].get("settings", {}).get("region_radius_km")
         cli._print_predict_table(kept, labels, title, radius)
+    names = map_file_names(labels)
+    if map_dir:  # each answer names its map file (same-named photos in different folders)
+        kept = with_map_names(kept, names)
     cli._write_predict_outputs(kept, *small_outputs.values())
     if map_dir:
-        cli._write_maps(kept, labels, map_file_names(labels), map_dir, progress)
+        cli._write_maps(kept, labels, names, map_dir, progress)
     if report.errors:
         typer.echo(f"{report.failed} of {report.total} photos could not be read:", err=True)
     for path, reason in report.errors[:LISTED_ERRORS]:

@@ -79,6 +79,14 @@ def list_image_files(
     return sorted(files), problems
 
 
+def holds_photo(folder: str | os.PathLike, extensions: Collection[str]) -> bool:
+    """Whether any file under ``folder`` has a suffix in ``extensions`` (stops at the first)."""
+    for _, _, filenames in os.walk(folder):
+        if any(os.path.splitext(n)[1].lower() in extensions for n in filenames):
+            return True
+    return False
+
+
 def find_photos(
     inputs: Sequence[str | os.PathLike], extensions: Collection[str]
 ) -> tuple[list[Path], list[tuple[str, str]]]:

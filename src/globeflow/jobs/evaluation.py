@@ -647,8 +647,8 @@ def _batch_rows(
         true_place = _true_place(r) if labelled[i] else _place_dict(geocoded[i])
         row: dict[str, Any] = {
             "index": index,
-            "id": r.id,
-            "path": r.path or "",
+            "id": printable(r.id),  # file names that are not UTF-8: \xNN (data.file_names)
+            "path": printable(r.path or ""),
             "true_lat": float(true_ll[i, 0]),
             "true_lon": float(true_ll[i, 1]),
             "pred_lat": float(pred_ll[i, 0]),

@@ -23,6 +23,7 @@ import torch
 from globeflow.answers.result_store import RowWriter, read_results, remove_results
 from globeflow.core.random_streams import photo_generators
 from globeflow.data.datasets import GeoRecord
+from globeflow.data.file_names import printable
 from globeflow.jobs.distributed import Placement, on_main_first
 
 __all__ = ["ROWS_NAME", "ROW_SCHEMA", "evaluate_rows"]
@@ -91,7 +92,7 @@ def evaluate_rows(
         done = writer.done_ids()
         place.barrier()  # every rank has listed the stored parts before any writes a new one
     kept: list[dict] = []
-    todo = ((i, r) for i, r in enumerate(records) if r.id not in done)
+    todo = ((i, r) for i, r in enumerate(records) if printable(r.id) not in done)
     bar = _bar(progress and place.is_main) if isinstance(progress, bool) else progress
     try:
         for j, batch in enumerate(_chunks(todo, batch_size)):
