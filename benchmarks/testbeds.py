@@ -63,12 +63,12 @@ TESTBEDS: dict[str, dict] = {
     "syn-published": {
         "dim": 512,
         "depth": 12,
-        "batch_size": 256,
+        "batch_size": 128,
         "lr": 5e-4,
-        "max_steps": 3000,
+        "max_steps": 2400,
         "warmup_steps": 200,
         "ema_decay": 0.995,
-        "val_every": 1500,
+        "val_every": 1200,
         "checkpoint_every": 500,
     },
 }
@@ -153,7 +153,7 @@ GUIDANCES = (0.0, 2.0)
 AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
 # evaluations per sample and guidance doubles them; the published width is 11x the small).
-REPORT_SIZE = {"syn-small": (4, 256), "syn-published": (1, 128)}
+REPORT_SIZE = {"syn-small": (2, 128), "syn-published": (1, 64)}
 
 
 def posterior_metrics(
