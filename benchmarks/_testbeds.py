@@ -1,0 +1,194 @@
+"""Testbeds whose true answer is known, and the metrics that compare an answer with it.
+
+A :class:`Testbed` is a model, a batch of "photos" (embeddings) and, per photo, a way to draw
+samples of the true posterior, the true places (where the mass is) and one true location (what
+an evaluation would score the best guess against). The sampler settings of ``predict`` are
+chosen by comparing, on every testbed, a setting's samples with the truth
+(:func:`posterior_metrics`) against the same numbers for the authors' settings.
+
+Testbeds here:
+
+- ``exact_field_testbeds()``: the exact RFM field of sharp, multimodal targets
+  (:mod:`globeflow.core.exact_field`): no network, so the solver's error is all there is. Scales
+  from a 1-km kernel around three cities to 1,000-km clusters.
+- trained models on synthetic conditioning with a known posterior, and the diffuse models
+  (bundled, MP-16), are registered by their own builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from globeflow.answers.decode import best_guess
+from globeflow.core.exact_field import MixtureTarget, exact_rfm_model, kernel_width_for_rms_km
+from globeflow.core.sphere import (
+    EARTH_RADIUS_KM,
+    exp_map,
+    haversine_km,
+    latlon_to_unit,
+    tangent_basis,
+    unit_to_latlon,
+)
+from globeflow.jobs.metrics import sliced_wasserstein_km
+
+CITIES = {
+    "paris": (48.8566, 2.3522),
+    "lyon": (45.7640, 4.8357),
+    "marseille": (43.2965, 5.3698),
+    "tokyo": (35.6762, 139.6503),
+    "nairobi": (-1.2921, 36.8219),
+    "lima": (-12.0464, -77.0428),
+    "sydney": (-33.8688, 151.2093),
+    "reykjavik": (64.1466, -21.9426),
+}
+
+
+@dataclass
+class Testbed:
+    """A model and photos with a known answer.
+
+    ``truth(n, generator)`` -> (P, n, 2) degrees: samples of each photo's true posterior.
+    ``places``: per photo, (K, 2) degrees where the true mass is (atoms or cluster centres).
+    ``true_location``: (P, 2) degrees, one draw of each photo's posterior (scored like a label).
+    ``scale_km``: the typical width of the answer, for reading the numbers.
+    """
+
+    name: str
+    model: torch.nn.Module
+    emb: torch.Tensor
+    truth: Callable[[int, torch.Generator], torch.Tensor]
+    places: list[torch.Tensor]
+    true_location: torch.Tensor
+    scale_km: float
+    guidance: float = 0.0
+    regime: str = "sharp"
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Exact log-density per steradian at unit vectors (P, N, 3) -> (P, N), when known."""
+    notes: dict = field(default_factory=dict)
+
+
+def cluster_atoms(
+    centre: tuple[float, float], spread_km: float, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``count`` atoms (count, 2) degrees scattered around ``centre`` with an isotropic Gaussian
+    of ``spread_km`` per axis in the tangent plane (one atom at the centre when count is 1)."""
+    c = latlon_to_unit(torch.tensor(centre, dtype=torch.float64))
+    if count == 1:
+        return unit_to_latlon(c)[None]
+    e1, e2 = tangent_basis(c)
+    offsets = torch.randn(count, 2, generator=generator, dtype=torch.float64) * (
+        spread_km / EARTH_RADIUS_KM
+    )
+    tangent = offsets[:, :1] * e1 + offsets[:, 1:] * e2
+    return unit_to_latlon(exp_map(c.expand(count, 3), tangent))
+
+
+EXACT_TARGETS: dict[str, dict] = {
+    # name: cities with weights, atoms per city, their spread and the kernel's RMS radius (km)
+    "exact-1km-3city": {"cities": {"paris": 0.5, "lyon": 0.3, "marseille": 0.2},
+                        "atoms": 1, "spread_km": 0.0, "kernel_km": 1.0, "scale_km": 1.0},
+    "exact-1km-1city": {"cities": {"tokyo": 1.0}, "atoms": 1, "spread_km": 0.0,
+                        "kernel_km": 1.0, "scale_km": 1.0},
+    "exact-5km-3city": {"cities": {"paris": 0.5, "lyon": 0.3, "marseille": 0.2},
+                        "atoms": 16, "spread_km": 5.0, "kernel_km": 1.0, "scale_km": 5.0},
+    "exact-25km-3city": {"cities": {"nairobi": 0.6, "lima": 0.25, "sydney": 0.15},
+                         "atoms": 32, "spread_km": 25.0, "kernel_km": 2.0, "scale_km": 25.0},
+    "exact-200km-1city": {"cities": {"reykjavik": 1.0}, "atoms": 32, "spread_km": 200.0,
+                          "kernel_km": 20.0, "scale_km": 200.0},
+    "exact-1000km-2city": {"cities": {"nairobi": 0.7, "tokyo": 0.3}, "atoms": 32,
+                           "spread_km": 1000.0, "kernel_km": 100.0, "scale_km": 1000.0},
+}  # fmt: skip
+"""The exact-field targets: 1 km to 1,000 km, unimodal and multimodal, unequal weights."""
+
+
+def exact_targets(seed: int = 0) -> dict[str, MixtureTarget]:
+    """The :data:`EXACT_TARGETS` as mixtures (atoms drawn with a fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = {}
+    for name, spec in EXACT_TARGETS.items():
+        atoms, weights = [], []
+        for city, weight in spec["cities"].items():
+            atoms.append(cluster_atoms(CITIES[city], spec["spread_km"], spec["atoms"], g))
+            weights.append(torch.full((spec["atoms"],), weight / spec["atoms"]))
+        targets[name] = MixtureTarget.from_latlon(
+            torch.cat(atoms), torch.cat(weights), kernel_width_for_rms_km(spec["kernel_km"])
+        )
+    return targets
+
+
+def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Testbed]:
+    """One testbed per exact target, ``photos_per_target`` photos each (the same embedding,
+    different true locations), all on one float64 model."""
+    targets = exact_targets(seed)
+    model = exact_rfm_model(list(targets.values()))
+    network = model.network
+    g = torch.Generator().manual_seed(seed + 1)
+    beds = []
+    for index, (name, target) in enumerate(targets.items()):
+        emb = torch.zeros(photos_per_target, len(targets), dtype=torch.float64)
+        emb[:, index] = 1.0
+        where = torch.full((photos_per_target,), index)
+
+        def truth(n: int, generator: torch.Generator, index=index, count=photos_per_target):
+            draws = [network.target_samples(index, n, generator) for _ in range(count)]
+            return unit_to_latlon(torch.stack(draws))
+
+        def log_density(x: torch.Tensor, where=where) -> torch.Tensor:
+            return network.target_log_density(x, where[: x.shape[0]])
+
+        places = [unit_to_latlon(target.atoms)] * photos_per_target
+        beds.append(
+            Testbed(
+                name=name,
+                model=model,
+                emb=emb,
+                truth=truth,
+                places=places,
+                true_location=truth(1, g)[:, 0],
+                scale_km=EXACT_TARGETS[name]["scale_km"],
+                log_density=log_density,
+            )
+        )
+    return beds
+
+
+def nearest_place_km(samples: torch.Tensor, places: list[torch.Tensor]) -> torch.Tensor:
+    """Distance (P, N) km from each sample (P, N, 2) to its photo's nearest true place."""
+    rows = []
+    for p, spots in enumerate(places):
+        d = haversine_km(samples[p][:, None, :].double(), spots[None].double())
+        rows.append(d.min(-1).values)
+    return torch.stack(rows)
+
+
+def posterior_metrics(
+    samples: torch.Tensor,
+    truth: torch.Tensor,
+    places: list[torch.Tensor],
+    true_location: torch.Tensor,
+    thresholds_km: tuple[float, ...] = (1.0, 25.0, 200.0),
+) -> dict[str, float]:
+    """How an answer's samples (P, N, 2) compare with the truth, in km.
+
+    - ``miss_median_km``: median distance of a sample to its photo's nearest true place;
+      ``within_X_km``: the fraction of samples within X km of one (the truth's own values come
+      from the same function on truth samples);
+    - ``sw_km``: mean over photos of the sliced Wasserstein distance to truth samples (P, N, 2);
+    - ``guess_error_km``: median distance from the best guess to the true location (P, 2);
+      ``acc_X_km``: the fraction of photos whose best guess is within X km of it;
+    - ``guess_vs_oracle_km``: median distance to the best guess of the truth samples.
+    """
+    miss = nearest_place_km(samples, places)
+    guess = best_guess(samples)
+    error = haversine_km(guess.double(), true_location.double())
+    oracle = haversine_km(guess.double(), best_guess(truth).double())
+    out = {"miss_median_km": float(miss.median())}
+    out.update({f"within_{t:g}_km": float((miss <= t).double().mean()) for t in thresholds_km})
+    out["sw_km"] = float(sliced_wasserstein_km(samples, truth).mean())
+    out["guess_error_km"] = float(error.median())
+    out.update({f"acc_{t:g}_km": float((error <= t).double().mean()) for t in thresholds_km})
+    out["guess_vs_oracle_km"] = float(oracle.median())
+    return out

@@ -1,0 +1,230 @@
+"""Exact RFM fields for sharp, multimodal targets on S^2: a testbed with a known answer.
+
+Riemannian flow matching moves uniform noise (signal level gamma = 0) along geodesics to data
+(gamma = 1). Given a data point a, the point at level gamma lies on the geodesic from the noise
+point to a, at an angle d = s d0 from a, where s = 1 - gamma and d0 is the noise point's angle
+from a (density sin(d0) / 2 on [0, pi]). So its density per steradian is the *kernel*
+
+    k_s(d) = sin(d / s) / (4 pi s sin d)   for d < s pi, else 0,
+
+and its velocity is log_x(a) / s. For a target made of atoms a_j with weights w_j, the marginal
+density at level gamma is sum_j w_j k_s(d_j) and the marginal field (what a perfectly trained
+network outputs) is the kernel-weighted mean of the atoms' velocities. Both are closed-form.
+
+A testbed stops the path at a level gamma_end < 1: its target is the continuous density
+``sum_j w_j k_{s_end}(d_j)`` (each atom smoothed over about 1.71 s_end radians RMS), with a
+closed-form log-density and exact samples. :class:`ExactMixtureNetwork` stands in for the
+denoising network of a :class:`~globeflow.core.families.RiemannianFlowMatching` model, so the
+model's own samplers, likelihood and localizability run on the exact field, in float64. The
+embedding is one-hot over the testbed's targets; the model's signal level tau in [0, 1] maps
+to gamma = gamma_end tau.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from globeflow.core.network import Conditioning
+from globeflow.core.sphere import (
+    EARTH_RADIUS_KM,
+    angle_between,
+    exp_map,
+    latlon_to_unit,
+    log_map,
+    tangent_basis,
+)
+
+KERNEL_RMS_ANGLE = math.sqrt((math.pi**2 - 4.0) / 2.0)
+"""RMS of the noise angle d0 (density sin(d0) / 2 on [0, pi]): a kernel of width s has an RMS
+angular radius of KERNEL_RMS_ANGLE * s radians (1.71 s)."""
+
+_OUT_OF_SUPPORT = -1.0e6
+"""Log-weight of atoms whose kernel is zero at x: far below any in-support weight, and graded by
+distance, so that a point outside every kernel (reachable only through solver error) is pulled
+to its nearest atom, as the nearest atom's own path would do."""
+
+
+def kernel_width_for_rms_km(rms_km: float) -> float:
+    """Kernel width s whose RMS radius on the Earth is ``rms_km`` kilometres."""
+    return rms_km / (KERNEL_RMS_ANGLE * EARTH_RADIUS_KM)
+
+
+def log_kernel(angle: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor:
+    """log k_s(d) for angles d (radians, any shape) and widths s (broadcastable) in (0, 1];
+    ``-inf`` outside the support d >= s pi."""
+    width = torch.as_tensor(width, dtype=angle.dtype, device=angle.device)
+    scaled = angle / width
+    inside = scaled < math.pi
+    # sin(d / s) / sin(d) -> 1 / s as d -> 0: the ratio in a form that is exact at d = 0.
+    safe = angle.clamp_min(1e-300)
+    ratio = torch.where(
+        angle > 1e-8,
+        torch.sin(scaled.clamp(max=math.pi)) / torch.sin(safe),
+        1.0 / width * (1.0 - scaled**2 / 6.0) / (1.0 - angle**2 / 6.0),
+    )
+    log_k = torch.log(ratio.clamp_min(0.0)) - math.log(4.0 * math.pi) - torch.log(width)
+    return torch.where(inside, log_k, torch.full_like(log_k, -math.inf))
+
+
+@dataclass(frozen=True)
+class MixtureTarget:
+    """Atoms (M, 3) unit vectors with weights (M,) summing to 1, each smoothed by the kernel of
+    width ``width`` (the path stopped at gamma_end = 1 - width)."""
+
+    atoms: torch.Tensor
+    weights: torch.Tensor
+    width: float
+
+    @staticmethod
+    def from_latlon(
+        atoms_latlon: torch.Tensor, weights: torch.Tensor | None = None, width: float = 1e-4
+    ) -> MixtureTarget:
+        atoms = latlon_to_unit(torch.as_tensor(atoms_latlon, dtype=torch.float64))
+        if weights is None:
+            weights = torch.full((atoms.shape[0],), 1.0 / atoms.shape[0], dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        return MixtureTarget(atoms, weights / weights.sum(), float(width))
+
+
+def _atom_log_weights(
+    x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, width: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-atom log posterior weights (B, N, M) (unnormalised) and angles (B, N, M) of points x
+    (B, N, 3) to atoms (B, M, 3) with log weights (B, M), at kernel widths (B,) or (B, N)."""
+    cos = torch.einsum("bnk,bmk->bnm", x, atoms)
+    # acos loses precision near 1; atan2 of |cross| and dot does not.
+    cross = torch.linalg.cross(x[:, :, None, :], atoms[:, None, :, :], dim=-1).norm(dim=-1)
+    angle = torch.atan2(cross, cos)
+    width = width if width.dim() == 2 else width[:, None].expand(x.shape[:2])
+    log_k = log_kernel(angle, width[..., None])
+    fallback = _OUT_OF_SUPPORT - 1e3 * angle
+    return log_w[:, None, :] + torch.where(torch.isfinite(log_k), log_k, fallback), angle
+
+
+def marginal_velocity(
+    x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """The exact RFM field d x / d gamma (B, N, 3) at points x (B, N, 3), level gamma (B,) or
+    (B, N) < 1, for atoms (B, M, 3) with log weights (B, M) (-inf for padding)."""
+    width = 1.0 - gamma
+    log_post, _ = _atom_log_weights(x, atoms, log_w, width)
+    post = torch.softmax(log_post, dim=-1)
+    towards = log_map(x[:, :, None, :], atoms[:, None, :, :])  # (B, N, M, 3)
+    width = width if width.dim() == 2 else width[:, None]
+    return torch.einsum("bnm,bnmk->bnk", post, towards) / width[..., None]
+
+
+def mixture_log_density(
+    x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, width: torch.Tensor
+) -> torch.Tensor:
+    """log sum_j w_j k_s(d_j): natural log per steradian (B, N) at x (B, N, 3); atoms (B, M, 3),
+    log weights (B, M), widths (B,)."""
+    cos = torch.einsum("bnk,bmk->bnm", x, atoms)
+    cross = torch.linalg.cross(x[:, :, None, :], atoms[:, None, :, :], dim=-1).norm(dim=-1)
+    log_k = log_kernel(torch.atan2(cross, cos), width[:, None, None])
+    return torch.logsumexp(log_w[:, None, :] + log_k, dim=-1)
+
+
+def sample_mixture(
+    atoms: torch.Tensor,
+    weights: torch.Tensor,
+    width: float,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Exact samples (N, 3) of one target: an atom by weight, then a kernel draw around it."""
+    pick = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+    centre = atoms[pick]
+    u = torch.rand(num_samples, 2, generator=generator, dtype=atoms.dtype)
+    d0 = torch.acos(1.0 - 2.0 * u[:, 0])  # density sin(d0) / 2 on [0, pi]
+    e1, e2 = tangent_basis(centre)
+    phi = 2.0 * math.pi * u[:, 1:]
+    direction = torch.cos(phi) * e1 + torch.sin(phi) * e2
+    return exp_map(centre, (width * d0)[:, None] * direction)
+
+
+class ExactMixtureNetwork(nn.Module):
+    """Stand-in for :class:`~globeflow.core.network.Denoiser` whose output is the exact RFM field
+    of one of several :class:`MixtureTarget`, chosen by a one-hot embedding (B, K).
+
+    The all-zeros (null) embedding selects no target; its field is zero (the uniform density),
+    so classifier-free guidance with it is defined, though only guidance 0 samples the targets.
+    """
+
+    def __init__(self, targets: list[MixtureTarget]):
+        super().__init__()
+        m = max(t.atoms.shape[0] for t in targets)
+        atoms = torch.zeros(len(targets), m, 3, dtype=torch.float64)
+        atoms[..., 2] = 1.0
+        log_w = torch.full((len(targets), m), -math.inf, dtype=torch.float64)
+        for i, t in enumerate(targets):
+            atoms[i, : t.atoms.shape[0]] = t.atoms
+            log_w[i, : t.atoms.shape[0]] = torch.log(t.weights)
+        self.register_buffer("atoms", atoms)
+        self.register_buffer("log_weights", log_w)
+        self.register_buffer(
+            "widths", torch.tensor([t.width for t in targets], dtype=torch.float64)
+        )
+        self.targets = targets
+        self.config = {"cond_dim": len(targets), "dim": None}
+        # GeoModel.prepare_embeddings takes the dtype of the first parameter: float64 here.
+        self.dtype_anchor = nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
+
+    @property
+    def cond_dim(self) -> int:
+        return len(self.targets)
+
+    def condition_grid(self, emb: torch.Tensor, gammas: torch.Tensor) -> Conditioning:
+        """Stores (tau, embedding) per level: final (S, B, 1, 1 + K)."""
+        gammas = torch.as_tensor(gammas, dtype=emb.dtype, device=emb.device).reshape(-1)
+        tau = gammas[:, None, None, None].expand(len(gammas), emb.shape[0], 1, 1)
+        embs = emb[None, :, None, :].expand(len(gammas), *emb.shape[:1], 1, emb.shape[1])
+        return Conditioning(blocks=[], final=torch.cat([tau, embs], dim=-1))
+
+    def _field(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        tau, onehot = cond.final[:, 0, 0], cond.final[:, 0, 1:]
+        chosen = onehot.argmax(-1)
+        live = onehot.sum(-1) > 0.5
+        gamma_end = 1.0 - self.widths[chosen]
+        gamma = (gamma_end * tau).clamp(max=1.0 - 1e-300)
+        v = marginal_velocity(y, self.atoms[chosen], self.log_weights[chosen], gamma)
+        return torch.where(live[:, None, None], gamma_end[:, None, None] * v, torch.zeros_like(v))
+
+    def forward_conditioned(self, y, cond, precision="fp32"):
+        return self._field(y, cond)
+
+    def forward_with_jvp(self, y, tangents, cond, precision="fp32"):
+        out = self._field(y, cond)
+        jvps = torch.stack(
+            [torch.func.jvp(lambda z: self._field(z, cond), (y,), (t,))[1] for t in tangents]
+        )
+        return out, jvps
+
+    def target_log_density(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Exact log-density per steradian (B, N) of targets ``index`` (B,) at x (B, N, 3)."""
+        return mixture_log_density(
+            x, self.atoms[index], self.log_weights[index], self.widths[index]
+        )
+
+    def target_samples(
+        self, index: int, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Exact samples (N, 3) of target ``index``."""
+        t = self.targets[index]
+        return sample_mixture(t.atoms, t.weights, t.width, num_samples, generator)
+
+
+def exact_rfm_model(targets: list[MixtureTarget]):
+    """A float64 RFM model whose network is the exact field of ``targets`` (one-hot embeddings)."""
+    from globeflow.core.families import RiemannianFlowMatching
+
+    return RiemannianFlowMatching(ExactMixtureNetwork(targets)).double().eval()
+
+
+def angle_km(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Great-circle distance in km between unit vectors (..., 3)."""
+    return angle_between(x, y) * EARTH_RADIUS_KM
