@@ -429,7 +429,19 @@ def parse_args(argv):
     )
     ap.add_argument("--sharp-per-pattern", type=int, default=1, help="photos per sharp pattern")
     ap.add_argument(
+        "--sharp-every",
+        type=int,
+        default=2,
+        help="every k-th sharp pattern (2: one one-city and one three-city pattern per scale)",
+    )
+    ap.add_argument(
         "--sharp-samples", type=int, default=None, help="samples per photo (predict's default)"
+    )
+    ap.add_argument(
+        "--sharp-guidance",
+        type=float,
+        default=0.0,
+        help="guidance of both sides (0: the true posterior is the unguided one)",
     )
     ap.add_argument("--sharp-reps", type=int, default=3, help="repetitions (Euler 250: one)")
     ap.add_argument("--ref-src", help="folder holding the authors' plonk/ (else PLONK_REF_SRC)")
@@ -454,7 +466,7 @@ def run_sharp(ref, args) -> dict:
         return {"skipped": "no trained testbed"}
     print(f"time at equal accuracy on {directory}", flush=True)
     per_pattern = 1 if args.quick else args.sharp_per_pattern
-    bed = sharp_testbed(directory, per_pattern)
+    bed = sharp_testbed(directory, per_pattern, args.sharp_every)
     if args.quick:
         bed = _first_photos(bed, 3)
     return bench_sharp(bed, ref, args, interleaved)
