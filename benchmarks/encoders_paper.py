@@ -6,12 +6,18 @@ so every mode is measured on the code users run. For each encoder, precision (fp
 autocast, bf16 weights) x attention kernel (eager, SDPA) x batch size: images/s (preprocessing
 included; best of interleaved repetitions), the ratio to the fp32 + eager baseline measured in
 the same run, and the minimum cosine of the embeddings to that baseline's. Then seconds/photo
-for `predict` at its default settings (512 samples, 32 steps, localizability) with the YFCC-size
-network (dim 512, depth 12, cond_dim 1024, random weights) and the DINOv2 encoder at its default
-precision, through Locator.
+for `predict` at its default settings with the YFCC-size network (dim 512, depth 12, cond_dim
+1024, random weights) and the DINOv2 encoder at its default precision, through Locator.
+
+With ``--answer-photos N`` only the answer part beyond the encoder is timed (no encoder is
+built): ``Locator.locate_embeddings`` at its defaults on N random embeddings, seconds per photo
+by stage (samples, localizability, best guess, regions, place names), the matrix-product FLOPs
+of a photo's answer and the seconds they take at the GEMM rate measured in the run, with the
+CPU model.
 
     python benchmarks/encoders_paper.py [--images 2] [--batch-sizes 1,2] [--reps 2] [--out x.json]
     python benchmarks/encoders_paper.py --quick      # tiny models, a smoke run of ~1 minute
+    python benchmarks/encoders_paper.py --answer-photos 4 --reps 3   # predict beyond the encoder
 
 Random weights stand in for the real ones: speeds are those of the real architectures, while the
 cosines only estimate the bf16 error on real weights.
