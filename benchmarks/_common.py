@@ -30,9 +30,11 @@ CACHE = REPO / "out" / "bench" / "cache"
 
 
 def machine() -> dict:
-    """The facts a reader needs next to a timing: CPU, threads, load, torch version."""
+    """The facts a reader needs next to a timing: CPU (and its model name), threads, load, torch
+    version."""
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": loadavg(),
