@@ -30,9 +30,11 @@ CACHE = REPO / "out" / "bench" / "cache"
 
 
 def machine() -> dict:
-    """The facts a reader needs next to a timing: CPU, threads, load, torch version."""
+    """The facts a reader needs next to a timing: CPU (and its model name), threads, load, torch
+    version."""
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": loadavg(),
@@ -324,3 +326,69 @@ def busy_process():
     finally:
         proc.kill()
         proc.wait()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (lscpu "Model name", else /proc/cpuinfo "model name", else the
+    platform's processor string): the fact a reader needs beside a speed ratio."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name" and value.strip():
+                return value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class EmbeddingsOnly:
+    """An encoder stand-in for timing the answer part of ``Locator`` from embeddings: it has
+    the name and dimension a ``Locator`` checks and refuses to embed images."""
+
+    def __init__(self, dim: int, name: str = "embeddings-only"):
+        self.dim, self.name = dim, name
+
+    def embed(self, images, batch_size: int | None = None) -> torch.Tensor:
+        raise RuntimeError("EmbeddingsOnly encodes no images: call locate_embeddings")
+
+
+@contextlib.contextmanager
+def stage_timers(targets: list[tuple[object, str, str]]):
+    """Seconds spent in named functions while the block runs: ``targets`` are (owner, attribute,
+    stage) triples; each ``owner.attribute`` that exists is wrapped for the block and restored
+    after it. Yields {stage: seconds} (a stage called several times sums its calls)."""
+    seconds: dict[str, float] = {}
+    missing = object()
+    saved = []
+
+    def wrap(fn, stage):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+        return timed_call
+
+    for owner, attribute, stage in targets:
+        if not hasattr(owner, attribute):
+            continue
+        saved.append((owner, attribute, vars(owner).get(attribute, missing)))
+        setattr(owner, attribute, wrap(getattr(owner, attribute), stage))
+    try:
+        yield seconds
+    finally:
+        for owner, attribute, original in reversed(saved):
+            if original is missing:
+                delattr(owner, attribute)  # an instance attribute shadowing its class's method
+            else:
+                setattr(owner, attribute, original)

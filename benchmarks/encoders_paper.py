@@ -6,12 +6,18 @@ so every mode is measured on the code users run. For each encoder, precision (fp
 autocast, bf16 weights) x attention kernel (eager, SDPA) x batch size: images/s (preprocessing
 included; best of interleaved repetitions), the ratio to the fp32 + eager baseline measured in
 the same run, and the minimum cosine of the embeddings to that baseline's. Then seconds/photo
-for `predict` at its default settings (512 samples, 32 steps, localizability) with the YFCC-size
-network (dim 512, depth 12, cond_dim 1024, random weights) and the DINOv2 encoder at its default
-precision, through Locator.
+for `predict` at its default settings with the YFCC-size network (dim 512, depth 12, cond_dim
+1024, random weights) and the DINOv2 encoder at its default precision, through Locator.
+
+With ``--answer-photos N`` only the answer part beyond the encoder is timed (no encoder is
+built): ``Locator.locate_embeddings`` at its defaults on N random embeddings, seconds per photo
+by stage (samples, localizability, best guess, regions, place names), the matrix-product FLOPs
+of a photo's answer and the seconds they take at the GEMM rate measured in the run, with the
+CPU model.
 
     python benchmarks/encoders_paper.py [--images 2] [--batch-sizes 1,2] [--reps 2] [--out x.json]
     python benchmarks/encoders_paper.py --quick      # tiny models, a smoke run of ~1 minute
+    python benchmarks/encoders_paper.py --answer-photos 4 --reps 3   # predict beyond the encoder
 
 Random weights stand in for the real ones: speeds are those of the real architectures, while the
 cosines only estimate the bf16 error on real weights.
@@ -194,6 +200,79 @@ def bench_predict(dinov2_path: Path, photos: int, quick: bool, tmp: Path) -> dic
     }
 
 
+def bench_answer(photos: int, reps: int, quick: bool, gemm: dict) -> dict:
+    """`predict` beyond the encoder: ``Locator.locate_embeddings`` at its default settings on
+    ``photos`` random embeddings, YFCC-size network (random weights), seconds per photo by stage
+    (median of ``reps`` calls after a first call, which is reported apart: it loads the reverse
+    geocoder). Stages: samples (the guided answer samples), localizability (its own unguided
+    pass; at guidance 0 one pass gives samples and localizability together), best guess, regions,
+    place names, and the rest (result assembly). Also the matrix-product FLOPs of one photo's
+    answer and the seconds they take at the GEMM rate ``gemm`` measured in the run (the floor
+    of this arithmetic on this machine)."""
+    import statistics
+
+    from _common import EmbeddingsOnly, count_flops, stage_timers, yfcc_size_model
+
+    from globeflow.apps import pipeline
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+
+    model, _ = yfcc_size_model(seed=3)
+    if quick:
+        model = RiemannianFlowMatching(Denoiser(dim=64, depth=2, cond_dim=1024)).eval()
+    emb = torch.randn(photos, model.cond_dim, generator=torch.Generator().manual_seed(5))
+    locator = pipeline.Locator(model, EmbeddingsOnly(model.cond_dim), "random YFCC-size network")
+    targets = [
+        (locator, "_draw", "draw"),
+        (model, "sample", "samples"),
+        (pipeline, "best_guess", "best guess"),
+        (pipeline, "top_regions", "regions"),
+        (pipeline, "_place_names", "place names"),
+    ]
+    calls = []
+    for _ in range(reps + 1):
+        with stage_timers(targets) as stages:
+            start = time.perf_counter()
+            results = locator.locate_embeddings(emb)
+            stages["total"] = time.perf_counter() - start
+        stages["localizability"] = stages.pop("draw") - stages.get("samples", 0.0)
+        named = sum(v for k, v in stages.items() if k != "total")
+        stages["other"] = stages["total"] - named
+        calls.append({k: v / photos for k, v in stages.items()})
+    per_photo = {k: statistics.median(c.get(k, 0.0) for c in calls[1:]) for k in calls[-1]}
+    flops = count_flops(lambda: locator.locate_embeddings(emb[:1]))
+    dtype = "bfloat16" if results[0]["settings"]["precision"] == "bf16" else "float32"
+    return {
+        "photos": photos,
+        "repetitions": reps,
+        "settings": results[0]["settings"],
+        "seconds_per_photo_by_stage": per_photo,
+        "first_call_seconds_per_photo": calls[0],
+        "network_parameters": sum(p.numel() for p in model.network.parameters()),
+        "gemm_flops_per_photo": flops,
+        "ceiling_seconds_per_photo": flops / (gemm[dtype]["peak"] * 1e9),
+        "ceiling_dtype": dtype,
+        "aim_seconds_per_photo": 1.0,
+    }
+
+
+def print_answer(answer: dict) -> None:
+    s = answer["settings"]
+    print(
+        f"\n`predict` beyond the encoder, {answer['photos']} photos, solver {s['solver']}, "
+        f"{s['steps']} steps, {s['precision']}, {s['num_samples']} samples, "
+        f"guidance {s['guidance']}: seconds per photo by stage (median of {answer['repetitions']})"
+    )
+    print("| stage | s/photo |\n|---|---|")
+    for stage, seconds in answer["seconds_per_photo_by_stage"].items():
+        print(f"| {stage} | {seconds:.3f} |")
+    print(
+        f"matrix products: {answer['gemm_flops_per_photo'] / 1e12:.3f} TFLOP per photo = "
+        f"{answer['ceiling_seconds_per_photo']:.2f} s at this run's {answer['ceiling_dtype']} "
+        "GEMM peak (the floor of this arithmetic here)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2, help="images per measurement")
@@ -201,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best counts")
     ap.add_argument("--encoders", default="dinov2-vitl14-reg,streetclip")
     ap.add_argument("--predict-photos", type=int, default=1, help="0 skips the predict timing")
+    ap.add_argument(
+        "--answer-photos",
+        type=int,
+        default=0,
+        help="time only the answer part (from embeddings, no encoder) on this many photos",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -217,6 +302,20 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "quick": args.quick,
     }
+    if args.answer_photos > 0:  # no encoder: the answer part only
+        from _common import cpu_model, gemm_rates
+
+        meta.update(cpu_model=cpu_model(), gemm_gflops=gemm_rates())
+        print(json.dumps(meta), flush=True)
+        answer = bench_answer(args.answer_photos, args.reps, args.quick, meta["gemm_gflops"])
+        meta["load_average_end"] = os.getloadavg()
+        result = {"meta": meta, "answer": answer}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        print_answer(answer)
+        return 0
     print(json.dumps(meta), flush=True)
     print("| encoder | precision | attention | batch | images/s | vs fp32+eager | min cosine |")
     print("|---|---|---|---|---|---|---|")

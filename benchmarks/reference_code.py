@@ -79,13 +79,16 @@ class ReferenceCode:
 
     @torch.no_grad()
     def sample(self, net, emb: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float):
-        """Their Riemannian flow sampler from the unit vectors ``noise`` (N, 3) for one
-        embedding (1, D) with guidance ``guidance`` -> (N, 3)."""
-        n = noise.shape[0]
-        batch = {"y": noise.clone(), "emb": emb.expand(n, -1).contiguous()}
+        """Their Riemannian flow sampler with guidance ``guidance`` from the unit vectors
+        ``noise``: (N, 3) for one embedding emb (1, D) -> (N, 3), or (B, N, 3) for B embeddings
+        (B, D) -> (B, N, 3), all in one batch."""
+        rows = noise if noise.dim() == 3 else noise[None]
+        b, n, _ = rows.shape
+        emb_rows = emb.repeat_interleave(n, 0) if emb.shape[0] == b else emb.expand(b * n, -1)
+        batch = {"y": rows.reshape(b * n, 3).clone(), "emb": emb_rows.contiguous()}
         with warnings.catch_warnings():  # their torch.cuda.amp.autocast warns on CPU
             warnings.simplefilter("ignore")
-            return self._sampler(
+            out = self._sampler(
                 net,
                 batch,
                 conditioning_keys="emb",
@@ -93,6 +96,7 @@ class ReferenceCode:
                 num_steps=steps,
                 cfg_rate=guidance,
             )
+        return out.reshape(noise.shape)
 
     def log_likelihood(self, net_dir: Path, points: int, threads: int) -> dict:
         """Their exact log-likelihood script (``loglik_ref.py``: pipe.py's dopri5 at

@@ -18,15 +18,21 @@ Workloads (the authors' code from ``PLONK_REF_SRC``, default ``../shared/referen
   ambient R^3 one, ours the Riemannian one, so their values are reported but are not the
   accuracy reference.
 
-Also measured in the same run: the thread count, load averages, this machine's float32 and
-bfloat16 matrix-product rate (GFLOP/s) and the matrix-product FLOPs of every workload, which
-give a "ceiling": the seconds a workload would take at that rate, and the ratio to the authors'
-code that ours could reach at most with that many FLOPs.
+* time at equal accuracy on the sharp testbed (``--sharp``; ``benchmarks/vs_reference_sharp.py``):
+  a trained model whose true posterior is known, the authors' Euler 250 and 32 steps (fp32)
+  against ``predict``'s default sampler and whole answer: seconds per photo and accuracy against
+  the true posterior, interleaved.
+
+Also measured in the same run: the CPU model, the thread count, load averages, this machine's
+float32 and bfloat16 matrix-product rate (GFLOP/s) and the matrix-product FLOPs of every
+workload, which give a "ceiling": the seconds a workload would take at that rate, and the ratio
+to the authors' code that ours could reach at most with that many FLOPs.
 
 Usage::
 
     python benchmarks/vs_reference.py [--threads 2] [--reps 3] [--quick] [--out FILE.json]
         [--sampling-config 'NAME={"solver": "heun", "steps": 16}'] [--loglik-config NAME=JSON]
+        [--sharp [--sharp-testbed syn-published] [--sharp-per-pattern 1] [--sharp-reps 3]]
 
 Both sides share this process's thread settings (the authors' subprocess inherits them): run
 with ``OMP_WAIT_POLICY=PASSIVE`` on a machine that other jobs share, where spinning threads make
@@ -48,8 +54,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import count_flops, gemm_rates, loadavg, timed, uptime, write_json
+from _common import count_flops, cpu_model, gemm_rates, loadavg, timed, uptime, write_json
 from reference_code import ReferenceCode, find_source, loglik_points
+from vs_reference_sharp import bench_sharp, find_testbed, print_sharp, sharp_testbed
 
 from globeflow.core.checkpoints import load_model, save_plonk_network
 from globeflow.core.families import RiemannianFlowMatching
@@ -274,21 +281,34 @@ def _fmt(v, spec=".2f", suffix=""):
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
+def machine_line(report: dict, rates: dict | None = None) -> str:
+    """CPU model, threads and the GEMM rates (GFLOP/s) that go beside every ratio: ``rates``
+    those measured during the workload, else the ones at the start."""
+    m = report["machine"]
+    rates = rates or {k: v["peak"] for k, v in m["gemm_gflops_at_start"].items()}
+    return (
+        f"CPU {m['cpu_model']}, {m['threads']} threads, GEMM peak GFLOP/s fp32 "
+        f"{rates['float32']:.0f}, bf16 {rates['bfloat16']:.0f}, load {m['loadavg_start']}"
+    )
+
+
 def print_table(report: dict) -> None:
     m = report["machine"]
     gemm = ", ".join(
         f"{dtype} " + " / ".join(f"{k} {_fmt(v, '.0f')}" for k, v in r.items())
         for dtype, r in m["gemm_gflops_at_start"].items()
     )
-    print(f"\nthreads {m['threads']} ({m['omp_wait_policy']} wait), load {m['loadavg_start']}")
-    print(f" -> {m['loadavg_end']}; GEMM GFLOP/s at start: {gemm}")
+    print(f"\nCPU {m['cpu_model']}, threads {m['threads']} ({m['omp_wait_policy']} wait)")
+    print(f"load {m['loadavg_start']} -> {m['loadavg_end']}; GEMM GFLOP/s at start: {gemm}")
     for key, rates in _workload_rates(report):
         print(f"GEMM peak GFLOP/s during {key} (median of repetitions): {_rates_text(rates)}")
-    print(
-        "\n| workload | ours | authors s | ours s | ratio | ceiling ratio | ours % of peak "
-        "| accuracy | target |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    if "sampling" in report or "loglik" in report:
+        print(f"\nAt equal steps; {machine_line(report)}")
+        print(
+            "| workload | ours | authors s | ours s | ratio | ceiling ratio | ours % of peak "
+            "| accuracy | target |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
     s = report.get("sampling")
     if s:
         t_ref = s["runs"].get("authors", {}).get("median_seconds")
@@ -329,6 +349,8 @@ def print_table(report: dict) -> None:
                     f"| exact log p, {m} points | authors vs our tight solve | | | | | "
                     f"| max {e['max']:.3f} nats (ambient trace) | |"
                 )
+    if "runs" in report.get("sharp", {}):
+        print_sharp(report["sharp"], machine_line(report, report["sharp"]["gemm_gflops"]))
 
 
 def _workload_rates(report: dict):
@@ -396,14 +418,73 @@ def parse_args(argv):
         metavar="NAME=JSON",
         help="add a variant of ours: keyword arguments of model.log_prob",
     )
+    ap.add_argument(
+        "--sharp",
+        action="store_true",
+        help="also: time at equal accuracy on the sharp trained testbed (vs_reference_sharp.py)",
+    )
+    ap.add_argument("--sharp-only", action="store_true", help="only the sharp comparison")
+    ap.add_argument(
+        "--sharp-testbed", help="trained testbed name or folder (syn-published, else syn-small)"
+    )
+    ap.add_argument("--sharp-per-pattern", type=int, default=1, help="photos per sharp pattern")
+    ap.add_argument(
+        "--sharp-every",
+        type=int,
+        default=2,
+        help="every k-th sharp pattern (2: one one-city and one three-city pattern per scale)",
+    )
+    ap.add_argument(
+        "--sharp-samples", type=int, default=None, help="samples per photo (predict's default)"
+    )
+    ap.add_argument(
+        "--sharp-guidance",
+        type=float,
+        default=0.0,
+        help="guidance of both sides (0: the true posterior is the unguided one)",
+    )
+    ap.add_argument("--sharp-reps", type=int, default=3, help="repetitions (Euler 250: one)")
     ap.add_argument("--ref-src", help="folder holding the authors' plonk/ (else PLONK_REF_SRC)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.samples, args.steps = min(args.reps, 2), 64, 8
         args.loglik_points, args.tight_tol = [2], 1e-5
+        args.sharp_reps, args.sharp_samples = min(args.sharp_reps, 2), args.sharp_samples or 128
+    if args.sharp_only:
+        args.sharp = args.skip_sampling = args.skip_loglik = True
     args.threads = args.threads or (1 if args.quick else 2)
     return args
+
+
+def run_sharp(ref, args) -> dict:
+    """The sharp comparison (vs_reference_sharp.py) on the trained testbed, or why it was not
+    run."""
+    directory = find_testbed(args.sharp_testbed)
+    if directory is None:
+        print("note: no trained testbed found (GLOBEFLOW_TESTBEDS); sharp comparison skipped")
+        return {"skipped": "no trained testbed"}
+    print(f"time at equal accuracy on {directory}", flush=True)
+    per_pattern = 1 if args.quick else args.sharp_per_pattern
+    bed = sharp_testbed(directory, per_pattern, args.sharp_every)
+    if args.quick:
+        bed = _first_photos(bed, 3)
+    return bench_sharp(bed, ref, args, interleaved)
+
+
+def _first_photos(bed, count: int):
+    """The testbed cut to its first ``count`` photos (a quick run)."""
+    import dataclasses
+
+    truth = bed.truth
+    return dataclasses.replace(
+        bed,
+        emb=bed.emb[:count],
+        truth=lambda n, g: truth(n, g)[:count],
+        places=bed.places[:count],
+        true_location=bed.true_location[:count],
+        notes={"patterns": bed.notes["patterns"][:count]},
+    )
 
 
 def main(argv=None) -> int:
@@ -421,6 +502,7 @@ def main(argv=None) -> int:
     size = QUICK_SIZE if args.quick else YFCC_SIZE
     report = {
         "machine": {
+            "cpu_model": cpu_model(),
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)"),
             "torch": torch.__version__,
@@ -449,6 +531,8 @@ def main(argv=None) -> int:
             print("exact log-likelihood", flush=True)
             configs = _named_configs(LOGLIK_CONFIGS, args.loglik_config)
             report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, args)
+    if args.sharp:
+        report["sharp"] = run_sharp(ref, args)
     report["machine"]["loadavg_end"] = loadavg()
     report["machine"]["uptime_end"] = uptime()
     write_json(report, args.out)

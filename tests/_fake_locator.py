@@ -156,7 +156,12 @@ class SharpModel:
     def eval(self):
         return self
 
-    def sample(self, emb, num_samples, steps=None, guidance=None, generator=None, **_):
+    def prepare_embeddings(self, emb):
+        import torch
+
+        return torch.as_tensor(emb, dtype=torch.float32)
+
+    def sample(self, emb, num_samples, steps=None, guidance=None, noise=None, generator=None, **_):
         import torch
 
         draws = [self._mixture(num_samples, generator) for _ in range(emb.shape[0])]
@@ -191,6 +196,13 @@ class SharpModel:
 
         bits = torch.full((emb.shape[0],), self.log2_density_bits())
         return bits, torch.full_like(bits, 0.05)
+
+    def sample_with_log_density(self, emb, num_samples, steps=None, generator=None, **_):
+        """Log-densities (B, N) nats at every sample: the mixture's entropy, exactly."""
+        import torch
+
+        log_p = torch.full((emb.shape[0], num_samples), self.log2_density_bits() * math.log(2))
+        return None, log_p
 
 
 class FakeEncoder:

@@ -7,6 +7,7 @@ from globeflow.answers.decode import (
     expected_geoscore,
     pairwise_km,
     sample_density_grid,
+    self_expected_geoscore,
     top_regions,
 )
 from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_grid
@@ -93,3 +94,34 @@ def test_best_guess_in_float32_picks_a_float64_optimum():
     picked = expected_geoscore(guess[:, None], samples)[:, 0]
     # float32 distances move each expected score by < 1e-3 points: the pick is an optimum
     assert (scores.max(-1).values - picked).max() < 1e-2
+
+
+def test_self_expected_geoscore_matches_pairwise_scores_from_metres_to_antipodes():
+    g = torch.Generator().manual_seed(1)
+    deg_per_km = 180 / (math.pi * EARTH_RADIUS_KM)
+    # a 1-km cluster, a 1,000-km one and points spread over the globe, with an antipodal pair
+    near = torch.tensor([48.85, 2.35]) + torch.randn(100, 2, generator=g) * deg_per_km
+    wide = torch.tensor([-1.3, 36.8]) + torch.randn(100, 2, generator=g) * 1000 * deg_per_km
+    globe = torch.randn(50, 2, generator=g) * torch.tensor([30.0, 90.0])
+    antipodes = torch.tensor([[45.0, 0.0], [-45.0, 180.0]])
+    samples = torch.cat([near, wide, globe, antipodes]).double()
+    fast = self_expected_geoscore(samples[None])[0]
+    assert fast.dtype == torch.float32
+    # float32 rounding of values near 5000 is ~5e-4 points; the float64 reference is exact
+    assert (fast.double() - expected_geoscore(samples, samples)).abs().max() < 2e-3
+
+
+def test_best_guess_at_street_scale_picks_the_optimum_of_the_heaviest_cluster():
+    # three 0.5-km clusters (Paris 60%, Tokyo 30%, Lima 10%): candidates differ by fractions
+    # of a point, so any precision loss near 0 km would pick a worse sample
+    g = torch.Generator().manual_seed(2)
+    deg_per_km = 180 / (math.pi * EARTH_RADIUS_KM)
+    centres = torch.tensor([[48.8566, 2.3522]] * 6 + [[35.6762, 139.6503]] * 3 + [[-12.05, -77.04]])
+    picks = centres[torch.randint(0, 10, (1024,), generator=g)]
+    samples = (picks + torch.randn(1024, 2, generator=g) * 0.5 * deg_per_km).double()
+    guess = best_guess(samples)
+    scores = expected_geoscore(samples, samples)  # float64
+    picked = expected_geoscore(guess[None], samples)[0]
+    assert pairwise_km(guess[None], centres[:1].double())[0, 0] < 2.0
+    assert scores.max() - picked < 1e-3
+    assert scores.max() - scores.median() > 0.05  # the choice matters at this resolution

