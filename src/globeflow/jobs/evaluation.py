@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from globeflow.answers.decode import best_guess
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
 from globeflow.jobs import metrics as M
 
@@ -405,9 +406,10 @@ def evaluate(
     records_or_embeddings: Any,
     *,
     encoder: Any = None,
-    num_samples: int = 256,
+    num_samples: int | None = None,
     guidance: float = 2.0,
-    steps: int = 32,
+    steps: int | None = None,
+    sampler: SamplerSettings = DEFAULT_SAMPLER,
     density_guidance: float = 0.0,
     hpd_samples: int = 128,
     localizability_samples: int | None = None,
@@ -428,9 +430,12 @@ def evaluate(
             with ``embeddings`` (N, D), ``latlon`` (N, 2) and optional ``ids`` / ``paths``.
         encoder: object with ``embed(list of PIL images) -> (B, D)``; needed for records
             without precomputed embeddings.
-        num_samples: samples per image for the best guess, drawn with ``guidance``.
+        num_samples: samples per image for the best guess, drawn with ``guidance`` (default:
+            the sampler's).
         guidance: classifier-free guidance scale for location prediction (paper: 2).
-        steps: ODE / sampler steps.
+        steps: sampler steps (default: the sampler's).
+        sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
+            accuracy measured is that of the answers users get).
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
@@ -452,6 +457,9 @@ def evaluate(
     from globeflow.answers.geocode import reverse_geocode
 
     started = time.time()
+    sampler = sampler.with_overrides(num_samples=num_samples, steps=steps)
+    num_samples, steps = sampler.num_samples, sampler.steps
+    how = sampling_arguments(model, sampler)
     device = _model_device(model)
     records, dataset = _records(records_or_embeddings)
     if limit is not None:
@@ -485,7 +493,7 @@ def evaluate(
         b = emb.shape[0]
         truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
         samples = model.sample(
-            emb, num_samples=num_samples, steps=steps, guidance=guidance, generator=gen
+            emb, num_samples=num_samples, steps=steps, guidance=guidance, generator=gen, **how
         )
         pred = best_guess(samples).reshape(b, 2)
         lp = model.log_prob(truth[:, None, :], emb).reshape(b)
@@ -499,6 +507,7 @@ def evaluate(
                 steps=steps,
                 guidance=density_guidance,
                 generator=gen,
+                **how,
             )
             kw = {"guidance": density_guidance} if guided_log_prob else {}
             lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
@@ -579,6 +588,7 @@ def evaluate(
         "num_samples": num_samples,
         "guidance": guidance,
         "steps": steps,
+        **{k: how.get(k) for k in ("solver", "grid", "precision")},
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
