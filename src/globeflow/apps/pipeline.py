@@ -210,7 +210,13 @@ class Locator:
         solver, precision = settings["solver"], settings["precision"]
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
-        one_pass = solver in SOLVERS and SOLVERS[solver].carries_log_density
+        # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver on the
+        # quadratic grid: only then are its samples the ones model.sample would draw.
+        one_pass = (
+            solver in SOLVERS and SOLVERS[solver].carries_log_density
+            and solver != getattr(model, "published_solver", None)
+            and settings.get("grid") in (None, "quadratic")
+        )  # fmt: skip
         if settings["guidance"] == 0.0 and on_sphere and one_pass and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
             emb = model.prepare_embeddings(emb)

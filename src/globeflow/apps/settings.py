@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from globeflow.core.families import DENOISING_FAMILIES
 from globeflow.core.guidance import PRECISIONS
+from globeflow.core.sampler_settings import AUTO
 from globeflow.core.sphere import EARTH_RADIUS_KM
 from globeflow.core.time_grids import GRIDS
 
@@ -79,7 +80,7 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "steps": Range(1, 256, integer=True),
     "solver": OneOf(SOLVERS),
     "grid": OneOf(GRIDS),
-    "precision": OneOf(PRECISIONS),
+    "precision": OneOf((*PRECISIONS, AUTO)),
     "localizability_samples": Range(0, 4096, integer=True),
     "top_k": Range(1, 100, integer=True),
     "region_radius_km": Range(0.0, MAX_REGION_RADIUS_KM, low_open=True),

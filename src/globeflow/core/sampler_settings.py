@@ -34,8 +34,8 @@ class SamplerSettings:
 
     solver: str = "data-2m"
     grid: str | None = "published"
-    steps: int = 16
-    precision: str = AUTO
+    steps: int = 24
+    precision: str = "fp32"
     num_samples: int = 1024
     guidance: float | None = None
     localizability_samples: int = 128

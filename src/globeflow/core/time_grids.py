@@ -3,7 +3,7 @@
 - ``published``: the authors' grid, uniform in t through the schedule (dense at both ends).
 - ``quadratic``: gamma_k = 1 - (1 - k / S)^2 from the schedule's noise level: steps shrink
   linearly towards the data, so the last steps have h / (1 - gamma) = 2 / (S - k) - 1 / (S - k)^2.
-- ``log-width``: uniform in u = -log(1 - gamma) + (1 - gamma)... precisely, uniform in
+- ``log-width``: uniform in
   ``w(gamma) = gamma + log((1 - gamma_0) / (1 - gamma)) / log(1 / SMALLEST_WIDTH)`` up to
   1 - gamma = SMALLEST_WIDTH, then one last step to gamma = 1. The log term spaces the stiff end
   (where a sharp answer contracts with rate 1 / (1 - gamma)) evenly in log width down to about
