@@ -29,7 +29,6 @@ import torch
 
 from globeflow.core.sphere import exp_map, geodesic, log_map
 
-
 MAX_PREDICTION_ANGLE = 1e3
 """Radians. A valid RFM field's data prediction lies at most pi away (a geodesic on S^2); a
 network whose s |v| exceeds this is broken (overflowing weights), and its prediction becomes NaN
