@@ -58,7 +58,11 @@ def test_unguided_answers_carry_their_own_density():
     loc = _locator()
     emb = torch.randn(1, 6)
     res = loc.locate_embeddings(
-        emb, 256, guidance=0.0, precision="fp32", localizability_samples=256,
+        emb,
+        256,
+        guidance=0.0,
+        precision="fp32",
+        localizability_samples=256,
         solver="lagged-midpoint",
     )[0]
     samples = torch.tensor(res["samples"], dtype=torch.float32)[None]
