@@ -11,14 +11,21 @@ Testbeds here:
 - ``exact_field_testbeds()``: the exact RFM field of sharp, multimodal targets
   (:mod:`globeflow.core.exact_field`): no network, so the solver's error is all there is. Scales
   from a 1-km kernel around three cities to 1,000-km clusters.
-- trained models on synthetic conditioning with a known posterior, and the diffuse models
-  (bundled, MP-16), are registered by their own builders.
+- ``trained_testbeds()``: models trained with ``globeflow train`` on synthetic conditioning
+  with a known posterior (built in /work/testbeds by benchmarks/testbeds.py of the ``trained``
+  branch; one testbed per model and scale). Needs ``globeflow.data.synthetic``.
+- the diffuse models (bundled, MP-16) have no known posterior: ``places`` and ``truth`` are None
+  and the benchmarks compare with the reference sampler's samples instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -59,8 +66,8 @@ class Testbed:
     name: str
     model: torch.nn.Module
     emb: torch.Tensor
-    truth: Callable[[int, torch.Generator], torch.Tensor]
-    places: list[torch.Tensor]
+    truth: Callable[[int, torch.Generator], torch.Tensor] | None
+    places: list[torch.Tensor] | None
     true_location: torch.Tensor
     scale_km: float
     guidance: float = 0.0
@@ -155,6 +162,73 @@ def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Test
     return beds
 
 
+TESTBEDS_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
+
+
+def _synthetic_module():
+    """globeflow.data.synthetic, or the file named by GLOBEFLOW_SYNTHETIC_PY; None if neither."""
+    try:
+        from globeflow.data import synthetic
+
+        return synthetic
+    except ImportError:
+        path = os.environ.get("GLOBEFLOW_SYNTHETIC_PY")
+        if not path:
+            return None
+        spec = importlib.util.spec_from_file_location("globeflow_synthetic", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+        return module
+
+
+def trained_testbeds(root: Path = TESTBEDS_ROOT, per_pattern: int = 2) -> list[Testbed]:
+    """One testbed per trained model in ``root`` and scale: ``per_pattern`` held-out photos of
+    each pattern of that scale, their exact posteriors as the truth. Empty (saying why) when the
+    models or ``globeflow.data.synthetic`` are absent."""
+    from globeflow.core.checkpoints import load_model
+
+    dirs = sorted(d for d in root.glob("*") if (d / "model" / "config.json").exists())
+    synthetic = _synthetic_module() if dirs else None
+    if not dirs or synthetic is None:
+        print(f"no trained testbeds: {'no models in ' + str(root) if not dirs else 'no synthetic'}")
+        return []
+    beds = []
+    for directory in dirs:
+        model = load_model(directory / "model").eval()
+        patterns = synthetic.load_patterns(directory)
+        held = synthetic.load_heldout(directory / "heldout.pt")
+        for scale in sorted(set(patterns.scale_km.tolist())):
+            chosen = [
+                int(i) for p in torch.nonzero(patterns.scale_km == scale).flatten().tolist()
+                for i in torch.nonzero(held["pattern"] == p).flatten()[:per_pattern]
+            ]  # fmt: skip
+            rows = torch.tensor(chosen)
+            index = held["pattern"][rows]
+
+            def truth(
+                n: int, generator: torch.Generator, index=index, patterns=patterns
+            ) -> torch.Tensor:
+                return synthetic.sample_posterior(patterns, index, n, generator)
+
+            k = patterns.num_modes
+            places = [patterns.centres[p, : int(k[p])] for p in index.tolist()]
+            beds.append(
+                Testbed(
+                    name=f"{directory.name}-{scale:g}km",
+                    model=model,
+                    emb=held["embeddings"][rows],
+                    truth=truth,
+                    places=places,
+                    true_location=held["latlon"][rows].double(),
+                    scale_km=scale,
+                    regime="sharp" if scale <= 200 else "diffuse",
+                    notes={"patterns": index.tolist()},
+                )
+            )
+    return beds
+
+
 def nearest_place_km(samples: torch.Tensor, places: list[torch.Tensor]) -> torch.Tensor:
     """Distance (P, N) km from each sample (P, N, 2) to its photo's nearest true place."""
     rows = []
@@ -167,7 +241,7 @@ def nearest_place_km(samples: torch.Tensor, places: list[torch.Tensor]) -> torch
 def posterior_metrics(
     samples: torch.Tensor,
     truth: torch.Tensor,
-    places: list[torch.Tensor],
+    places: list[torch.Tensor] | None,
     true_location: torch.Tensor,
     thresholds_km: tuple[float, ...] = (1.0, 25.0, 200.0),
 ) -> dict[str, float]:
@@ -175,18 +249,20 @@ def posterior_metrics(
 
     - ``miss_median_km``: median distance of a sample to its photo's nearest true place;
       ``within_X_km``: the fraction of samples within X km of one (the truth's own values come
-      from the same function on truth samples);
+      from the same function on truth samples); left out when ``places`` is None;
     - ``sw_km``: mean over photos of the sliced Wasserstein distance to truth samples (P, N, 2);
     - ``guess_error_km``: median distance from the best guess to the true location (P, 2);
       ``acc_X_km``: the fraction of photos whose best guess is within X km of it;
     - ``guess_vs_oracle_km``: median distance to the best guess of the truth samples.
     """
-    miss = nearest_place_km(samples, places)
     guess = best_guess(samples)
     error = haversine_km(guess.double(), true_location.double())
     oracle = haversine_km(guess.double(), best_guess(truth).double())
-    out = {"miss_median_km": float(miss.median())}
-    out.update({f"within_{t:g}_km": float((miss <= t).double().mean()) for t in thresholds_km})
+    out = {}
+    if places is not None:
+        miss = nearest_place_km(samples, places)
+        out["miss_median_km"] = float(miss.median())
+        out.update({f"within_{t:g}_km": float((miss <= t).double().mean()) for t in thresholds_km})
     out["sw_km"] = float(sliced_wasserstein_km(samples, truth).mean())
     out["guess_error_km"] = float(error.median())
     out.update({f"acc_{t:g}_km": float((error <= t).double().mean()) for t in thresholds_km})

@@ -89,7 +89,7 @@ PREDICT_BAD = [
     (["--top-k", "0"], "--top-k 0: must be an integer in [1, 100]"),
     (
         ["--solver", "rk45"],
-        "--solver rk45: must be one of ddim, euler, heun, lagged-midpoint, midpoint",
+        "--solver rk45: must be one of data-2m, ddim, euler, heun, lagged-midpoint, midpoint",
     ),
     (["--precision", "fp16"], "--precision fp16: must be one of fp32, bf16"),
     (["--localizability-samples", "-1"], "--localizability-samples -1: must be an integer in"),

@@ -428,15 +428,23 @@ def predict(
     ),
     steps: int = typer.Option(
         None,
-        help="Solver steps, 1 to 256 (default: 8 lagged-midpoint steps = 9 network evaluations).",
+        help="Solver steps, 1 to 256 (default: 24 data-2m steps = 24 network evaluations).",
     ),
     solver: str = typer.Option(
         None,
-        help="lagged-midpoint (default: second order, one network evaluation per step), "
+        help="data-2m (default, RFM: second order in the data prediction, one network "
+        "evaluation per step, exact at the sharp end), lagged-midpoint (second order, one), "
         "midpoint or heun (second order, two), euler (the paper's sampler), ddim (diffusion).",
     ),
+    grid: str = typer.Option(
+        None,
+        help="Time grid: published (default: the paper's), quadratic or log-width "
+        "(default with --solver: that solver's own grid).",
+    ),
     precision: str = typer.Option(
-        None, help="bf16 (default: faster, same answers within noise) or fp32."
+        None,
+        help="fp32 (default: bf16 moves sharp answers by ~1 km, docs/defaults.md), bf16, or "
+        "auto (bf16 where the CPU/GPU runs it natively, else fp32).",
     ),
     localizability_samples: int = typer.Option(
         None, help="Samples for the localizability estimate, 0 to 4096 (0: skip; default 128)."
@@ -516,6 +524,7 @@ def predict(
         guidance=guidance,
         steps=steps,
         solver=solver,
+        grid=grid,
         precision=precision,
         localizability_samples=localizability_samples,
         top_k=top_k,
@@ -548,6 +557,7 @@ def predict(
         guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
         steps=steps,
         solver=_model_solver(solver, locator),
+        grid=grid,
         precision=precision,
         localizability_samples=localizability_samples,
         top_k=top_k,
@@ -787,13 +797,17 @@ def evaluate(
     encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory."),
     kind: str = typer.Option(None, help="Force the dataset reader (osv5m, latlon-csv, inat, ...)."),
-    num_samples: int = typer.Option(256, help="Samples per image for the best guess (16 to 4096)."),
+    num_samples: int = typer.Option(
+        None, help="Samples per image for the best guess (16 to 4096; default: predict's, 1024)."
+    ),
     guidance: float = typer.Option(
         None,
         help="Guidance for point prediction, -1 to 10 (default: the model's recommended value, "
         "else 2 as in the paper).",
     ),
-    steps: int = typer.Option(32, help="Sampler and likelihood ODE steps (1 to 256)."),
+    steps: int = typer.Option(
+        None, help="Sampler steps (1 to 256; default: predict's sampler, docs/defaults.md)."
+    ),
     hpd_samples: int = typer.Option(
         128, help="Unguided samples per image for calibration (0 to 4096; 0: off)."
     ),

@@ -7,6 +7,7 @@ localizability and (optionally) a density map for each.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, unit_to_latlon
 
@@ -31,18 +33,15 @@ DEFAULT_GUIDANCE = 2.0
 """The paper's guidance for point prediction; a checkpoint may recommend its own
 (metadata ``recommended_guidance``)."""
 
-# Defaults chosen by measurement (benchmarks/defaults.py, docs/defaults.md): the cheapest setting
-# whose answers are within noise of the expensive one.
-DEFAULT_NUM_SAMPLES = 1024
-DEFAULT_STEPS = 8
-"""Solver steps: 9 network evaluations with the lagged midpoint solver (docs/defaults.md)."""
-DEFAULT_SOLVER = "lagged-midpoint"
-DEFAULT_PRECISION = "bf16"
-DEFAULT_LOCALIZABILITY_SAMPLES = 128
-DEFAULT_LOCALIZABILITY_STEPS = 16
-LOCALIZABILITY_SOLVER = "lagged-midpoint"
-"""Solver and steps of the one-pass localizability estimate: its bias falls below a quarter of
-the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
+# Defaults chosen by measurement on every testbed (benchmarks/confident.py, docs/defaults.md):
+# the cheapest setting within noise of the authors' sampler. One object holds them all.
+DEFAULT_NUM_SAMPLES = DEFAULT_SAMPLER.num_samples
+DEFAULT_STEPS = DEFAULT_SAMPLER.steps
+DEFAULT_SOLVER = DEFAULT_SAMPLER.solver
+DEFAULT_PRECISION = DEFAULT_SAMPLER.precision
+DEFAULT_LOCALIZABILITY_SAMPLES = DEFAULT_SAMPLER.localizability_samples
+DEFAULT_LOCALIZABILITY_STEPS = DEFAULT_SAMPLER.localizability_steps
+LOCALIZABILITY_SOLVER = DEFAULT_SAMPLER.localizability_solver
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
@@ -60,7 +59,13 @@ def default_model_path() -> Path:
 class Locator:
     """Geolocate photos with an encoder + a generative model. Loaded once, reused."""
 
-    def __init__(self, model: GeoModel, encoder, model_name: str = "model"):
+    def __init__(
+        self,
+        model: GeoModel,
+        encoder,
+        model_name: str = "model",
+        sampler: SamplerSettings = DEFAULT_SAMPLER,
+    ):
         if encoder.dim != model.cond_dim:
             raise ValueError(
                 f"encoder {encoder.name!r} gives {encoder.dim}-d embeddings but the model expects "
@@ -71,6 +76,8 @@ class Locator:
         meta = getattr(model, "metadata", {}) or {}
         self.default_guidance = float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
         self.model_name = model_name
+        self.sampler = sampler
+        """The default sampling recipe; each call may override fields of it."""
 
     @property
     def encoder_name(self) -> str:
@@ -124,32 +131,47 @@ class Locator:
         precision: str | None = None,
         within: object = None,
         photo_ids: Sequence[str] | None = None,
+        grid: str | None = None,
+        sampler: SamplerSettings | None = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
-        Unset settings take the defaults above (the model's recommended guidance). Samples of
-        all B images are drawn in one batched solve. Regions are found at the samples' own scale
-        unless ``region_radius_km`` fixes their radius (``answers.decode.top_regions``).
-        ``within`` (a region, see :func:`globeflow.answers.within.parse_region`): answers from
-        the model's density truncated to it, with the mass inside (``mass_inside``).
-        Each image's samples are drawn from its own random stream seeded by (``seed``, its id
-        in ``photo_ids``; default: a hash of its embedding), so an answer does not depend on
-        the other images of the batch.
+        ``sampler`` (default: the locator's) is the sampling recipe; the keyword settings
+        override its fields (a solver given without a grid runs on its own grid). Samples of
+        all B images are drawn in one batched solve, each image's from its own random stream
+        seeded by (``seed``, its id in ``photo_ids``; default: a hash of its embedding), so an
+        answer does not depend on the other images of the batch. Regions are found at the
+        samples' own scale unless ``region_radius_km`` fixes their radius
+        (``answers.decode.top_regions``). ``within`` (a region, see
+        :func:`globeflow.answers.within.parse_region`): answers from the model's density
+        truncated to it, with the mass inside (``mass_inside``).
         """
+        recipe = (sampler or self.sampler).with_overrides(
+            num_samples=num_samples, guidance=guidance, steps=steps, precision=precision,
+            localizability_samples=localizability_samples,
+        )  # fmt: skip
+        if solver is not None:
+            recipe = dataclasses.replace(recipe, solver=solver, grid=grid)
+        elif grid is not None:
+            recipe = dataclasses.replace(recipe, grid=grid)
+        solver = solver_for(self.model, recipe.solver)
         settings = {
             "model": self.model_name,
             "family": self.model.family,
             "encoder": self.encoder.name,
-            "num_samples": num_samples or DEFAULT_NUM_SAMPLES,
-            "guidance": self.default_guidance if guidance is None else float(guidance),
-            "steps": steps or DEFAULT_STEPS,
-            "solver": self._solver(solver),
-            "precision": precision or DEFAULT_PRECISION,
+            "num_samples": recipe.num_samples,
+            "guidance": self.default_guidance if recipe.guidance is None else recipe.guidance,
+            "steps": recipe.steps,
+            "solver": solver,
+            "grid": recipe.grid if solver == recipe.solver else None,
+            "precision": recipe.resolved_precision(self.model.device),
+            "localizability_steps": recipe.localizability_steps,
+            "localizability_solver": recipe.localizability_solver,
             "seed": seed,
             "region_radius_km": region_radius_km,
         }
-        n_loc = DEFAULT_LOCALIZABILITY_SAMPLES
-        n_loc = n_loc if localizability_samples is None else localizability_samples
+        settings["guidance"] = float(settings["guidance"])
+        n_loc = recipe.localizability_samples
         if within is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
             decode = (top_k, region_radius_km, with_density)
@@ -398,9 +420,16 @@ class Locator:
         solver, precision = settings["solver"], settings["precision"]
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
-        if settings["guidance"] == 0.0 and on_sphere and solver in SOLVERS and n_loc > 0:
+        # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver on the
+        # quadratic grid: only then are its samples the ones model.sample would draw.
+        one_pass = (
+            solver in SOLVERS and SOLVERS[solver].carries_log_density
+            and solver != getattr(model, "published_solver", None)
+            and settings.get("grid") in (None, "quadratic")
+        )  # fmt: skip
+        if settings["guidance"] == 0.0 and on_sphere and one_pass and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
-            steps = max(settings["steps"], DEFAULT_LOCALIZABILITY_STEPS)
+            steps = max(settings["steps"], settings["localizability_steps"])
             x0, padded = noise(n)
             x, log_p = model.sample_with_log_density(
                 emb, padded, steps, generator, method="path", solver=solver, precision=precision,
@@ -410,16 +439,19 @@ class Locator:
         x0, padded = noise(n)
         samples = model.sample(
             emb, padded, settings["steps"], settings["guidance"], x0, generator, solver=solver,
-            precision=precision,
+            precision=precision, grid=settings["grid"],
         )[:, :n].cpu()  # fmt: skip
         if n_loc <= 0:
             return samples, nan, nan
         density = {}
         if on_sphere:
-            density = {"method": "path", "solver": LOCALIZABILITY_SOLVER, "precision": precision}
+            density = {
+                "method": "path", "solver": settings["localizability_solver"],
+                "precision": precision,
+            }  # fmt: skip
         x0, padded = noise(n_loc)
         _, log_p = model.sample_with_log_density(
-            emb, padded, DEFAULT_LOCALIZABILITY_STEPS, generator, noise=x0, **density
+            emb, padded, settings["localizability_steps"], generator, noise=x0, **density
         )
         return (samples, *_bits_and_stderr(log_p[:, :n_loc]))
 

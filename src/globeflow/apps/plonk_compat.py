@@ -18,9 +18,12 @@ import torch
 from PIL import Image
 
 from globeflow.apps.pipeline import Locator
+from globeflow.core.sampler_settings import AUTHORS_SAMPLER
 
-AUTHORS_NUM_STEPS = 250
-"""The authors' samplers default to 250 steps."""
+AUTHORS_NUM_STEPS = AUTHORS_SAMPLER.steps
+"""The authors' samplers default to 250 steps. ``__call__`` keeps their sampler (Euler on their
+grid, float32) so that its raw samples compare one-to-one with theirs; :meth:`PlonkPipeline.
+locate` answers with globeflow's defaults (docs/defaults.md)."""
 
 
 class PlonkPipeline:

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 
 from globeflow.core.families import DENOISING_FAMILIES
 from globeflow.core.guidance import PRECISIONS
+from globeflow.core.sampler_settings import AUTO
 from globeflow.core.sphere import EARTH_RADIUS_KM
+from globeflow.core.time_grids import GRIDS
 
 MAX_REGION_RADIUS_KM = math.pi * EARTH_RADIUS_KM
 """Half the circumference (km): a region of this radius already covers the whole globe."""
@@ -77,7 +79,8 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "guidance": Range(-1.0, 10.0),
     "steps": Range(1, 256, integer=True),
     "solver": OneOf(SOLVERS),
-    "precision": OneOf(PRECISIONS),
+    "grid": OneOf(GRIDS),
+    "precision": OneOf((*PRECISIONS, AUTO)),
     "localizability_samples": Range(0, 4096, integer=True),
     "top_k": Range(1, 100, integer=True),
     # None (the default): regions at the answer's own scale; a number fixes their radius.

@@ -13,6 +13,9 @@ are the classical methods.
   midpoint velocity (a rotation vector is valid anywhere on S^2) instead of a fresh evaluation at
   the step's start: one evaluation per step (plus one at the very start), still second order,
   since the O(h) lag moves the midpoint only by O(h^2).
+- ``data-2m`` (S^2 only): a second-order exponential integrator in the data prediction, one
+  evaluation per step, exact for the stiff end of a sharp answer
+  (:mod:`globeflow.core.data_prediction`).
 
 The solvers can also carry the log-density along the path (the instantaneous change of
 variables, d log p / dgamma = -div v), integrated with the same tableau: what the cheap
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from globeflow.core.data_prediction import data_multistep_levels, integrate_data_multistep
 from globeflow.core.sphere import rotate
 
 
@@ -163,6 +167,10 @@ class Solver:
     integrate: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     evaluations: Callable[[int], int]
     """Network evaluations for a number of steps."""
+    grid: str = "quadratic"
+    """Its default time grid (:mod:`globeflow.core.time_grids`)."""
+    carries_log_density: bool = True
+    """Whether ``integrate(..., with_log_density=True)`` works (localizability in one pass)."""
 
 
 def _runge_kutta(tableau: Tableau) -> Solver:
@@ -185,5 +193,14 @@ SOLVERS: dict[str, Solver] = {
         levels=lagged_midpoint_levels,
         integrate=integrate_lagged_midpoint,
         evaluations=lambda steps: steps + 1,
+    ),
+    "data-2m": Solver(
+        name="data-2m",
+        order=2,
+        levels=data_multistep_levels,
+        integrate=integrate_data_multistep,
+        evaluations=lambda steps: steps,
+        grid="log-width",
+        carries_log_density=False,
     ),
 }

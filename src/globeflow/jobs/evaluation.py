@@ -25,6 +25,7 @@ import torch
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.random_streams import sample_streams
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
 from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
@@ -434,9 +435,10 @@ def evaluate(
     records_or_embeddings: Any,
     *,
     encoder: Any = None,
-    num_samples: int = 256,
+    num_samples: int | None = None,
     guidance: float = 2.0,
-    steps: int = 32,
+    steps: int | None = None,
+    sampler: SamplerSettings = DEFAULT_SAMPLER,
     density_guidance: float = 0.0,
     hpd_samples: int = 128,
     localizability_samples: int | None = None,
@@ -460,9 +462,12 @@ def evaluate(
             with ``embeddings`` (N, D), ``latlon`` (N, 2) and optional ``ids`` / ``paths``.
         encoder: object with ``embed(list of PIL images) -> (B, D)``; needed for records
             without precomputed embeddings.
-        num_samples: samples per image for the best guess, drawn with ``guidance``.
+        num_samples: samples per image for the best guess, drawn with ``guidance`` (default:
+            the sampler's).
         guidance: classifier-free guidance scale for location prediction (paper: 2).
-        steps: ODE / sampler steps.
+        steps: sampler steps (default: the sampler's).
+        sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
+            accuracy measured is that of the answers users get).
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
@@ -492,6 +497,9 @@ def evaluate(
     from globeflow.jobs.locate import model_fingerprint
 
     started = time.time()
+    sampler = sampler.with_overrides(num_samples=num_samples, steps=steps)
+    num_samples, steps = sampler.num_samples, sampler.steps
+    how = sampling_arguments(model, sampler)
     device = _model_device(model)
     records, dataset = _records(records_or_embeddings)
     listed = records
@@ -510,6 +518,7 @@ def evaluate(
         "num_samples": num_samples,
         "guidance": guidance,
         "steps": steps,
+        **{k: how.get(k) for k in ("solver", "grid", "precision")},
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
@@ -520,7 +529,7 @@ def evaluate(
     errors: list[dict[str, str]] = []
     options = dict(num_samples=num_samples, guidance=guidance, steps=steps,
                    density_guidance=density_guidance, hpd_samples=hpd_samples,
-                   localizability_samples=localizability_samples)  # fmt: skip
+                   localizability_samples=localizability_samples, how=how)  # fmt: skip
     own = place is None and output is not None
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
@@ -602,6 +611,7 @@ def _batch_rows(
     density_guidance: float,
     hpd_samples: int,
     localizability_samples: int | None,
+    how: dict,
 ) -> list[dict[str, Any]]:
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
     samples drawn from its generator."""
@@ -611,7 +621,9 @@ def _batch_rows(
     batch = [r for _, r in indexed]
     b = emb.shape[0]
     truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-    samples = sample_streams(model, emb, generators, num_samples, steps=steps, guidance=guidance)
+    samples = sample_streams(
+        model, emb, generators, num_samples, steps=steps, guidance=guidance, **how
+    )
     pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
     lp = model.log_prob(truth[:, None, :], emb).reshape(b)
     mass = torch.full((b,), math.nan, dtype=torch.float64)
@@ -620,7 +632,7 @@ def _batch_rows(
     guided_log_prob = density_guidance != 0.0
     if hpd_samples > 0:
         s = sample_streams(model, emb, generators, hpd_samples, steps=steps,
-                           guidance=density_guidance)  # fmt: skip
+                           guidance=density_guidance, **how)  # fmt: skip
         kw = {"guidance": density_guidance} if guided_log_prob else {}
         lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
         lp_t = model.log_prob(truth[:, None, :], emb, **kw).reshape(b) if kw else lp

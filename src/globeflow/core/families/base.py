@@ -12,9 +12,10 @@ from torch import nn
 
 from globeflow.core.guidance import GuidedField
 from globeflow.core.network import Denoiser
-from globeflow.core.schedules import Schedule, SigmoidSchedule, time_grid
+from globeflow.core.schedules import Schedule, SigmoidSchedule
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
+from globeflow.core.time_grids import sampling_grid
 
 
 class NonFiniteOutputError(ValueError):
@@ -80,15 +81,18 @@ class GeoModel(nn.Module):
         generator: torch.Generator | None = None,
         solver: str | None = None,
         precision: str = "fp32",
+        grid: str | None = None,
     ) -> torch.Tensor:
         """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
 
         ``noise`` is the initial state (B, N, 3): unit vectors for the sphere model, standard
         Gaussians for the R^3 families. ``guidance`` is the classifier-free guidance scale w.
-        ``solver`` and ``precision`` (``"fp32"``/``"bf16"``): see :meth:`DenoisingModel.sample_raw`.
+        ``solver``, ``precision`` (``"fp32"``/``"bf16"``) and ``grid`` (None: the solver's own):
+        see :meth:`DenoisingModel.sample_raw`.
         """
         emb = self.prepare_embeddings(emb)
-        x = self.sample_unit(emb, num_samples, steps, guidance, noise, generator, solver, precision)
+        args = (emb, num_samples, steps, guidance, noise, generator, solver, precision)
+        x = self.sample_unit(*args, **({"grid": grid} if grid is not None else {}))
         # Projected to the sphere, NaN would become the north pole and pass for an answer.
         bad = ~torch.isfinite(x).flatten(1).all(dim=1)
         if bad.any():
@@ -323,23 +327,17 @@ class DenoisingModel(GeoModel):
         return solver
 
     def sampling_levels(
-        self, steps: int, like: torch.Tensor, published: bool = False
+        self, steps: int, like: torch.Tensor, published: bool = False, grid: str | None = None
     ) -> torch.Tensor:
         """Signal levels of the sampler's time grid, noise to data: (steps + 1,).
 
-        ``published``: the authors' grid, uniform in t through the schedule (dense at both ends).
-        Otherwise the grid of the Runge-Kutta solvers, gamma_k = 1 - (1 - k / steps)^2 (from the
-        schedule's noise level to 1): step sizes shrink linearly towards the data end, where a
-        trained model's flow concentrates mass. On trained models it brings the midpoint solver
-        at 8 steps closer to a 512-step reference than 32 published Euler steps
-        (benchmarks/solvers.py).
+        ``grid``: a name of :mod:`globeflow.core.time_grids` (``"published"``: the authors'
+        grid, uniform in t through the schedule; ``"quadratic"``: gamma_k = 1 - (1 - k / S)^2;
+        ``"log-width"``: even in log(1 - gamma) at the stiff end). Default: ``"published"`` with
+        ``published``, else ``"quadratic"`` (the Runge-Kutta solvers' grid).
         """
-        ts = time_grid(steps, dtype=torch.float64).to(like.device)
-        if published:
-            return self.schedule.signal_level(ts).to(like.dtype)
-        start = self.schedule.signal_level(ts[:1])
-        fraction = 1.0 - (1.0 - torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)) ** 2
-        return (start + (1.0 - start) * fraction.to(like.device)).to(like.dtype)
+        grid = grid or ("published" if published else "quadratic")
+        return sampling_grid(grid, self.schedule, steps).to(like.device, like.dtype)
 
     @torch.no_grad()
     def sample_raw(
@@ -352,24 +350,28 @@ class DenoisingModel(GeoModel):
         generator: torch.Generator | None = None,
         solver: str | None = None,
         precision: str = "fp32",
+        grid: str | None = None,
     ) -> torch.Tensor:
         """Run the sampler and return its final state before :meth:`finalize`, (B, N, 3).
 
         ``solver``: the published step (``"euler"``; ``"ddim"`` for diffusion) or a solver of
         :mod:`globeflow.core.solvers`: ``"midpoint"``, ``"heun"`` (second order, two network
-        evaluations per step) or ``"lagged-midpoint"`` (second order, one evaluation per step).
-        ``precision``: ``"fp32"`` or ``"bf16"``.
+        evaluations per step), ``"lagged-midpoint"`` (second order, one evaluation per step) or,
+        on S^2, ``"data-2m"`` (second order, one evaluation per step, exact at the stiff end).
+        ``precision``: ``"fp32"`` or ``"bf16"``. ``grid``: the time grid
+        (:mod:`globeflow.core.time_grids`); default: the solver's own (``"published"`` for the
+        published step).
         """
         x = self._prepare_noise(emb, num_samples, noise, generator)
         solver = self.check_solver(solver)
         if solver not in SOLVERS or solver == self.published_solver:
-            gammas = self.sampling_levels(steps, emb, published=True)
+            gammas = self.sampling_levels(steps, emb, grid=grid or "published")
             field = GuidedField(self.network, emb, gammas[:-1], guidance, precision)
             for i in range(steps):
                 x = self.sampler_step(x, field.output(x, i), gammas[i], gammas[i + 1])
             return x
         method = SOLVERS[solver]
-        gammas = self.sampling_levels(steps, emb)
+        gammas = self.sampling_levels(steps, emb, grid=grid or method.grid)
         levels = method.levels(gammas)
         field = GuidedField(self.network, emb, levels, guidance, precision)
 
@@ -389,8 +391,11 @@ class DenoisingModel(GeoModel):
         generator: torch.Generator | None = None,
         solver: str | None = None,
         precision: str = "fp32",
+        grid: str | None = None,
     ) -> torch.Tensor:
-        x = self.sample_raw(emb, num_samples, steps, guidance, noise, generator, solver, precision)
+        x = self.sample_raw(
+            emb, num_samples, steps, guidance, noise, generator, solver, precision, grid
+        )
         return self.finalize(x)
 
     def log_prob_unit(

@@ -23,6 +23,7 @@ from globeflow.core.hub_downloads import (
     announce_download,
     looks_like_hub_id,
 )
+from globeflow.core.precision import fastest_precision
 from globeflow.data.encoders.base import Encoder
 from globeflow.data.encoders.preprocessing import ALPHA_RULES, clip_pixels, dinov2_pixels
 
@@ -38,14 +39,7 @@ def default_precision(device: str | torch.device) -> str:
     """The fastest accurate precision for ``device``: ``"bf16"`` on GPUs and on CPUs with native
     bfloat16 instructions (benchmarks/encoders_paper.py: 1.7-3.5x fp32 at cosine >= 0.9999),
     ``"fp32"`` on CPUs without them, where bfloat16 maths is emulated and slow."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return "bf16"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        native = False
-    return "bf16" if native else "fp32"
+    return fastest_precision(device)
 
 
 def _need_transformers() -> Any:

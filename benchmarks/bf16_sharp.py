@@ -1,0 +1,77 @@
+"""bf16 against fp32 where answers are sharp: how far bfloat16 moves the samples, in km.
+
+On the sharpest trained testbeds (/work/testbeds, :func:`_testbeds.trained_testbeds`), every
+photo's samples are drawn twice from the same noise with the default sampler, in fp32 and in
+bf16. Reported per testbed: the paired distance between the two (median, p90), and the sample
+miss and best-guess error of each against the truth. Tolerance (docs/defaults.md): bf16's sample
+miss and best-guess error within 10% + 0.1 km of fp32's.
+
+    python benchmarks/bf16_sharp.py --out out/bench/bf16_sharp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from _common import machine, print_table, write_json
+from _testbeds import posterior_metrics, trained_testbeds
+
+from globeflow.answers.decode import best_guess
+from globeflow.core.precision import native_bf16
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER
+from globeflow.core.sphere import haversine_km, sample_uniform_sphere
+
+
+def within(bf16: float, fp32: float) -> bool:
+    return abs(bf16 - fp32) <= 0.1 * fp32 + 0.1
+
+
+def compare(bed, samples: int) -> dict:
+    noise = sample_uniform_sphere(
+        (len(bed.emb), samples), generator=torch.Generator().manual_seed(0)
+    )
+    out = {}
+    for precision in ("fp32", "bf16"):
+        out[precision] = bed.model.sample(
+            bed.emb, samples, DEFAULT_SAMPLER.steps, bed.guidance, noise=noise,
+            solver=DEFAULT_SAMPLER.solver, grid=DEFAULT_SAMPLER.grid, precision=precision,
+        )  # fmt: skip
+    truth = bed.truth(samples, torch.Generator().manual_seed(1))
+    paired = haversine_km(out["bf16"].double(), out["fp32"].double())
+    guesses = haversine_km(best_guess(out["bf16"]).double(), best_guess(out["fp32"]).double())
+    m = {p: posterior_metrics(s, truth, bed.places, bed.true_location) for p, s in out.items()}
+    row = {
+        "testbed": bed.name,
+        "paired median km": float(paired.median()),
+        "paired p90 km": float(paired.quantile(0.9)),
+        "guess shift km": float(guesses.median()),
+    }
+    for p in ("fp32", "bf16"):
+        row[f"{p} miss km"] = m[p]["miss_median_km"]
+        row[f"{p} guess km"] = m[p]["guess_error_km"]
+    row["within tolerance"] = within(row["bf16 miss km"], row["fp32 miss km"]) and within(
+        row["bf16 guess km"], row["fp32 guess km"]
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--max-scale-km", type=float, default=25.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    beds = [b for b in trained_testbeds(per_pattern=1) if b.scale_km <= args.max_scale_km]
+    rows = [compare(bed, args.samples) for bed in beds]
+    print(f"default sampler {DEFAULT_SAMPLER.label()}, native bf16 here: {native_bf16('cpu')}")
+    print_table(rows, list(rows[0]) if rows else ["testbed"])
+    write_json({"machine": machine(), "native_bf16": native_bf16("cpu"), "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
