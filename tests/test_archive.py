@@ -3,6 +3,7 @@ bit for bit alone, in any batch, in the server's concurrent batches and on any r
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -438,9 +439,10 @@ def test_answers_with_other_defaults_are_refused(tmp_path, monkeypatch):
     kw = dict(num_samples=32, localizability_samples=16, seed=5)  # steps: the default
     locate_archive(toy_locator(), kw, embeddings=write_store(tmp_path / "a.parquet", 4),
                    output=out, progress=False)  # fmt: skip
-    steps = pipeline.DEFAULT_STEPS
-    monkeypatch.setattr(pipeline, "DEFAULT_STEPS", steps + 1)
+    newer = toy_locator()  # a version whose default recipe takes one more step
+    steps = newer.sampler.steps
+    newer.sampler = dataclasses.replace(newer.sampler, steps=steps + 1)
     bigger = write_store(tmp_path / "b.parquet", 8)  # 4 more photos to answer
     with pytest.raises(SettingsMismatchError, match=f"steps {steps} there, {steps + 1} now"):
-        locate_archive(toy_locator(), kw, embeddings=bigger, output=out, progress=False)
+        locate_archive(newer, kw, embeddings=bigger, output=out, progress=False)
     assert len(read_results(out)) == 4  # nothing of the refused run was written

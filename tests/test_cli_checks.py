@@ -364,12 +364,13 @@ def test_an_output_where_no_file_can_be_created_is_refused_before_work(photo, no
 
 def test_fp16_is_refused_with_one_message_everywhere(tmp_path, photo, no_model_loading):
     expected = "error: --precision fp16: must be one of fp32, bf16"
-    for args in (
-        ("predict", photo),
-        ("embed", photo, "-o", tmp_path / "e.parquet"),
-        ("train", "--embeddings", tmp_path / "e.parquet", "-o", tmp_path / "run"),
+    for args, extra in (
+        (("predict", photo), ", auto"),  # predict alone also takes "auto" (bf16 where native)
+        (("embed", photo, "-o", tmp_path / "e.parquet"), ""),
+        (("train", "--embeddings", tmp_path / "e.parquet", "-o", tmp_path / "run"), ""),
     ):
-        assert _one_line_error(_run(*args, "--precision", "fp16"), 2) == expected, args
+        said = _one_line_error(_run(*args, "--precision", "fp16"), 2)
+        assert said == expected + extra, args
     assert not (tmp_path / "e.parquet").exists() and not (tmp_path / "run").exists()
 
 

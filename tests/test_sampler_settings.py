@@ -109,8 +109,11 @@ def test_locator_keywords_override_the_recipe():
     assert (s["solver"], s["grid"], s["steps"], s["num_samples"]) == ("euler", "published", 3, 16)
     # The same recipe through model.sample gives the same samples (what the table measures).
     res = locator.locate_embeddings(emb, sampler=recipe, guidance=0.0, localizability_samples=0)
+    from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
+
+    streams = photo_generators(0, embedding_ids(emb), model.device)  # the locator's, per photo
+    noise, padded = stream_noise(model, streams, 16, model.prepare_embeddings(emb))
     again = model.sample(
-        emb, 16, 3, 0.0, generator=torch.Generator().manual_seed(0), solver="euler",
-        grid="published",
-    )  # fmt: skip
+        emb, padded, 3, 0.0, noise=noise, solver="euler", grid="published"
+    )[:, :16]  # fmt: skip
     assert torch.allclose(torch.tensor(res[1]["samples"]), again[1].float(), atol=1e-4)
