@@ -11,14 +11,18 @@ Testbeds here:
 - ``exact_field_testbeds()``: the exact RFM field of sharp, multimodal targets
   (:mod:`globeflow.core.exact_field`): no network, so the solver's error is all there is. Scales
   from a 1-km kernel around three cities to 1,000-km clusters.
-- trained models on synthetic conditioning with a known posterior, and the diffuse models
-  (bundled, MP-16), are registered by their own builders.
+- ``trained_testbeds(name)``: RFMs trained by ``globeflow train`` on synthetic conditioning with
+  a known posterior (:mod:`globeflow.data.synthetic`; 1 to 2,000 km, 1 or 3 cities), built by
+  ``python benchmarks/testbeds.py build`` into ``$GLOBEFLOW_TESTBEDS`` (/work/testbeds).
+- the diffuse models (bundled, MP-16) are registered by their own builders.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -192,3 +196,66 @@ def posterior_metrics(
     out.update({f"acc_{t:g}_km": float((error <= t).double().mean()) for t in thresholds_km})
     out["guess_vs_oracle_km"] = float(oracle.median())
     return out
+
+
+# ---- trained on synthetic conditioning (``python benchmarks/testbeds.py build``) -----------
+TRAINED_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
+TRAINED_NAMES = ("syn-small", "syn-published")
+"""RFMs trained by ``globeflow train`` on :mod:`globeflow.data.synthetic` patterns: dim 256 /
+depth 4, and the published width (dim 512, depth 12, cond_dim 1024)."""
+
+
+def trained_testbeds(
+    name: str, root: Path = TRAINED_ROOT, per_pattern: int = 8, guidance: float = 0.0
+) -> list[Testbed]:
+    """One testbed per (scale, modes) cell of a trained synthetic testbed: held-out embeddings
+    of the cell's patterns (``per_pattern`` of each, at most 8), whose true posterior is the
+    pattern's vMF mixture. ``guidance`` 0 samples what the truth describes."""
+    from globeflow.core.checkpoints import load_model
+    from globeflow.data import synthetic
+
+    directory = Path(root) / name
+    if not (directory / "model").is_dir():
+        raise FileNotFoundError(
+            f"{directory / 'model'}: missing; build it with "
+            f"`python benchmarks/testbeds.py build --only {name}` (recipe in that file)"
+        )
+    model = load_model(directory / "model")
+    patterns = synthetic.load_patterns(directory)
+    held = synthetic.load_heldout(directory / "heldout.pt")
+    rank = torch.zeros_like(held["pattern"])
+    for p in range(len(patterns)):
+        where = held["pattern"] == p
+        rank[where] = torch.arange(int(where.sum()))
+    beds = []
+    for scale in patterns.scale_km.unique().tolist():
+        for modes in (1, 3):
+            cell = (patterns.scale_km == scale) & (patterns.num_modes == modes)
+            rows = (cell[held["pattern"]] & (rank < per_pattern)).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            idx = held["pattern"][rows]
+
+            def truth(n: int, generator: torch.Generator, idx=idx) -> torch.Tensor:
+                return synthetic.sample_posterior(patterns, idx, n, generator)
+
+            def log_density(x: torch.Tensor, idx=idx) -> torch.Tensor:
+                latlon = unit_to_latlon(x.double())
+                return synthetic.posterior_log_density(patterns, idx[: x.shape[0]], latlon)
+
+            beds.append(
+                Testbed(
+                    name=f"{name}-{scale:g}km-x{modes}",
+                    model=model,
+                    emb=held["embeddings"][rows],
+                    truth=truth,
+                    places=[patterns.centres[p, : int(patterns.num_modes[p])] for p in idx],
+                    true_location=held["latlon"][rows],
+                    scale_km=scale,
+                    guidance=guidance,
+                    regime="sharp" if scale <= 200 else "diffuse",
+                    log_density=log_density,
+                    notes={"patterns": patterns, "pattern_idx": idx, "modes": modes},
+                )
+            )
+    return beds

@@ -152,124 +152,106 @@ THRESHOLDS_KM = (1.0, 25.0, 200.0)
 GUIDANCES = (0.0, 2.0)
 AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
-# evaluations per sample and guidance doubles them; the published width is 11x the small).
-REPORT_SIZE = {"syn-small": (2, 128), "syn-published": (1, 64)}
+# evaluations per sample and guidance doubles them; the published width is ~8x the small).
+REPORT_SIZE = {"syn-small": (1, 128), "syn-published": (1, 48)}
 
 
-def posterior_metrics(
-    patterns: synthetic.SyntheticPatterns,
-    pattern_idx: torch.Tensor,
-    model_samples: torch.Tensor,
-    exact_samples: torch.Tensor,
-    exact_again: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Per held-out embedding (M,) metrics of model samples against the truth; all (M, N, 2).
+def _model_samples(bed, guidance: float, num_samples: int, cache: dict) -> torch.Tensor:
+    """The authors' sampler on a testbed's photos, (P, N, 2) float64; cached by settings."""
+    key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}"
+    if key not in cache:
+        g = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        samples = bed.model.sample(
+            bed.emb, num_samples, guidance=guidance, generator=g, **AUTHORS_SAMPLER
+        )
+        cache[key] = samples.double()
+        cache[key + "|seconds"] = torch.tensor(time.perf_counter() - start)
+    return cache[key]
 
-    ``exact_again``: a second exact sample set, for the noise floor of the sliced Wasserstein
-    distance at this sample size."""
+
+def mode_mass_tv(bed, samples: torch.Tensor) -> float:
+    """Mean total variation between the share of samples nearest each true city and the true
+    weights (0 = right mass per mode)."""
+    patterns, idx = bed.notes["patterns"], bed.notes["pattern_idx"]
+    mode, _ = synthetic.mode_of(patterns, idx, samples)
+    share = torch.nn.functional.one_hot(mode, synthetic.MAX_MODES).double().mean(1)
+    return float(0.5 * (share - patterns.weights[idx]).abs().sum(-1).mean())
+
+
+def bed_metrics(bed, samples: torch.Tensor, num_samples: int) -> dict:
+    """The shared posterior metrics for the model and, as the reference, for exact samples;
+    the sliced-Wasserstein floor at this sample size; mass per mode."""
+    from _testbeds import nearest_place_km, posterior_metrics
+
     from globeflow.answers.decode import best_guess
     from globeflow.jobs.metrics import sliced_wasserstein_km
 
-    out = {
-        "sw_km": sliced_wasserstein_km(model_samples, exact_samples),
-        "sw_floor_km": sliced_wasserstein_km(exact_again, exact_samples),
-    }
-    for who, samples in (("model", model_samples), ("exact", exact_samples)):
-        mode, km = synthetic.mode_of(patterns, pattern_idx, samples)
-        for t in THRESHOLDS_KM:
-            out[f"{who}_within_{t:g}km"] = (km <= t).double().mean(-1)
-        out[f"{who}_median_miss_km"] = km.median(-1).values
-        _, guess_km = synthetic.mode_of(patterns, pattern_idx, best_guess(samples)[:, None])
-        out[f"{who}_best_guess_km"] = guess_km[:, 0]
-        share = torch.nn.functional.one_hot(mode, synthetic.MAX_MODES).double().mean(1)
-        # Total variation between the mass per mode and the true weights.
-        out[f"{who}_mode_mass_tv"] = 0.5 * (share - patterns.weights[pattern_idx]).abs().sum(-1)
-        out[f"{who}_mode_mass"] = share
-    return out
-
-
-def _summarise(metrics: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, float]:
-    """Medians of the km metrics, means of the shares, over the selected embeddings."""
-    out = {}
-    for key, v in metrics.items():
-        if key.endswith("_mode_mass"):
-            continue
-        v = v[rows].double()
-        out[key] = float(v.median() if key.endswith("km") else v.mean())
+    g = torch.Generator().manual_seed(2)
+    truth, again = bed.truth(num_samples, g), bed.truth(num_samples, g)
+    out = {"model": posterior_metrics(samples, truth, bed.places, bed.true_location, THRESHOLDS_KM)}
+    out["exact"] = posterior_metrics(again, truth, bed.places, bed.true_location, THRESHOLDS_KM)
+    for who, s in (("model", samples), ("exact", again)):
+        guess = best_guess(s)[:, None]
+        out[who]["guess_to_city_km"] = float(nearest_place_km(guess, bed.places).median())
+        if bed.notes["modes"] > 1:
+            out[who]["mode_mass_tv"] = mode_mass_tv(bed, s)
+    out["sw_floor_km"] = float(sliced_wasserstein_km(again, truth).mean())
     return out
 
 
 def report_one(name: str, root: Path, per_pattern: int, num_samples: int) -> dict:
-    from globeflow.core.checkpoints import load_model
+    from _testbeds import trained_testbeds
 
-    out = root / name
-    if not (out / "model").is_dir():
-        raise SystemExit(f"{out / 'model'}: missing; run `python benchmarks/testbeds.py build`")
-    model = load_model(out / "model")
-    patterns = synthetic.load_patterns(out)
-    held = synthetic.load_heldout(out / "heldout.pt")
-    keep = torch.cat([(held["pattern"] == p).nonzero()[:per_pattern, 0] for p in
-                      range(len(patterns))])  # fmt: skip
-    emb, idx = held["embeddings"][keep], held["pattern"][keep]
-    g = torch.Generator().manual_seed(0)
-    exact = synthetic.sample_posterior(patterns, idx, num_samples, g)
-    again = synthetic.sample_posterior(patterns, idx, num_samples, g)
-    result = {"name": name, "embeddings": len(idx), "samples": num_samples, "sampler":
-              AUTHORS_SAMPLER, "config": model.config_dict(), "guidance": {}}  # fmt: skip
+    beds = trained_testbeds(name, root, per_pattern)
+    cache_path = root / name / "report_samples.pt"
+    cache = torch.load(cache_path, weights_only=True) if cache_path.is_file() else {}
+    result = {"name": name, "embeddings_per_pattern": per_pattern, "samples": num_samples,
+              "sampler": AUTHORS_SAMPLER, "config": beds[0].model.config_dict(),
+              "guidance": {}}  # fmt: skip
     for guidance in GUIDANCES:
-        torch.manual_seed(1)
-        start = time.perf_counter()
-        samples = torch.cat([
-            model.sample(emb[i : i + 8], num_samples, guidance=guidance,
-                         generator=torch.Generator().manual_seed(1 + i), **AUTHORS_SAMPLER)
-            for i in range(0, len(emb), 8)
-        ]).double()  # fmt: skip
-        seconds = time.perf_counter() - start
-        metrics = posterior_metrics(patterns, idx, samples, exact, again)
-        cells = {}
-        for scale in patterns.scale_km.unique().tolist():
-            for modes in (1, 3):
-                rows = (patterns.scale_km[idx] == scale) & (patterns.num_modes[idx] == modes)
-                if rows.any():
-                    cells[f"{scale:g} km x{modes}"] = _summarise(metrics, rows)
-        per_pattern_mass = {
-            patterns.names[p]: {
-                "true": patterns.weights[p, : int(patterns.num_modes[p])].tolist(),
-                "model": metrics["model_mode_mass"][idx == p].mean(0)[
-                    : int(patterns.num_modes[p])].tolist(),
-            }
-            for p in range(len(patterns)) if int(patterns.num_modes[p]) > 1
-        }  # fmt: skip
-        result["guidance"][f"{guidance:g}"] = {
-            "seconds": seconds,
-            "cells": cells,
-            "mode_mass": per_pattern_mass,
-        }
+        cells, seconds = {}, 0.0
+        for bed in beds:
+            samples = _model_samples(bed, guidance, num_samples, cache)
+            torch.save(cache, cache_path)
+            key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}|seconds"
+            seconds += float(cache[key])
+            cells[bed.name.removeprefix(name + "-")] = {
+                "scale_km": bed.scale_km, "photos": len(bed.emb),
+                **bed_metrics(bed, samples, num_samples),
+            }  # fmt: skip
+        result["guidance"][f"{guidance:g}"] = {"sampling_seconds": seconds, "cells": cells}
     return result
 
 
+_COLUMNS = (
+    ("miss km", "miss_median_km"),
+    *((f"<={t:g} km", f"within_{t:g}_km") for t in THRESHOLDS_KM),
+    ("guess-city km", "guess_to_city_km"),
+    ("guess err km", "guess_error_km"),
+    ("mode TV", "mode_mass_tv"),
+)
+
+
 def _table(result: dict) -> str:
-    """Markdown tables, one per guidance: model value / exact-sample value where both exist."""
-    pairs = [("miss km", "median_miss_km")] + [
-        (f"<={t:g} km", f"within_{t:g}km") for t in THRESHOLDS_KM
-    ]
-    pairs += [("guess km", "best_guess_km"), ("mode TV", "mode_mass_tv")]
-    heads = ["regime", "SW km", "SW floor"] + [h for h, _ in pairs]
+    """Markdown tables, one per guidance; cells read "model / exact samples"."""
+    heads = ["regime", "SW km", "SW floor"] + [h for h, _ in _COLUMNS]
     lines = []
     for g, res in result["guidance"].items():
         lines.append(
-            f"\n{result['name']}, guidance {g} (Euler 250 fp32, {result['samples']} samples x "
-            f"{result['embeddings']} embeddings, {res['seconds']:.0f} s); model / exact samples"
+            f"\n{result['name']}, guidance {g}: Euler 250 fp32, {result['samples']} samples, "
+            f"{result['embeddings_per_pattern']} held-out embedding(s) per pattern "
+            f"({res['sampling_seconds']:.0f} s sampling); model / exact samples"
         )
         lines.append("| " + " | ".join(heads) + " |")
         lines.append("|---" * len(heads) + "|")
         for cell, m in res["cells"].items():
-            vals = [f"{m['sw_km']:.3g}", f"{m['sw_floor_km']:.3g}"]
-            for _, key in pairs:
-                if key == "mode_mass_tv" and cell.endswith("x1"):
+            vals = [f"{m['model']['sw_km']:.3g}", f"{m['sw_floor_km']:.3g}"]
+            for _, key in _COLUMNS:
+                if key not in m["model"]:
                     vals.append("-")
                     continue
-                a, b = m[f"model_{key}"], m[f"exact_{key}"]
+                a, b = m["model"][key], m["exact"][key]
                 pct = key.startswith("within")
                 vals.append(f"{100 * a:.0f}% / {100 * b:.0f}%" if pct else f"{a:.3g} / {b:.3g}")
             lines.append(f"| {cell} | " + " | ".join(vals) + " |")
