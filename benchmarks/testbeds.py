@@ -103,9 +103,10 @@ def build_data(root: Path) -> Path:
     return data
 
 
-def train_command(name: str, data: Path, run: Path) -> list[str]:
-    """The ``globeflow train`` command line of a testbed."""
-    r = TESTBEDS[name]
+def train_command(name: str, data: Path, run: Path, max_steps: int | None = None) -> list[str]:
+    """The ``globeflow train`` command line of a testbed (``max_steps``: train longer than the
+    recipe; the run resumes where it stopped)."""
+    r = {**TESTBEDS[name], **({"max_steps": max_steps} if max_steps else {})}
     return [
         sys.executable, "-m", "globeflow.apps.cli", "train",
         "--embeddings", str(data / "train.parquet"),
@@ -120,31 +121,37 @@ def train_command(name: str, data: Path, run: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def build_one(name: str, root: Path, data: Path) -> Path:
+def build_one(name: str, root: Path, data: Path, max_steps: int | None = None) -> Path:
     """Train (or resume) one testbed and publish it in root/NAME."""
     out = root / name
     run = out / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    cmd = ["nice", "-n", "5", *train_command(name, data, run)]
+    cmd = ["nice", "-n", "5", *train_command(name, data, run, max_steps)]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, check=True, env=env)
-    model = out / "model"
-    shutil.rmtree(model, ignore_errors=True)
-    shutil.copytree(run / "final", model)
+    model, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(run / "final", tmp)
+    if model.exists():  # readers see the old model or the new one, never a half-copied one
+        model.rename(old)
+    tmp.rename(model)
+    shutil.rmtree(old, ignore_errors=True)
     for f in (synthetic.PATTERNS_JSON, synthetic.PATTERNS_TENSORS, "heldout.pt"):
         shutil.copy2(data / f, out / f)
-    info = {"name": name, "recipe": TESTBEDS[name], "command": cmd[3:], "seconds": time.time()
+    recipe = {**TESTBEDS[name], **({"max_steps": max_steps} if max_steps else {})}
+    info = {"name": name, "recipe": recipe, "command": cmd[3:], "seconds": time.time()
             - start, "machine": machine()}  # fmt: skip
     (out / "testbed.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"{name}: model in {model} ({time.time() - start:.0f} s)", flush=True)
     return out
 
 
-def build(names: list[str], root: Path) -> None:
+def build(names: list[str], root: Path, max_steps: int | None = None) -> None:
     data = build_data(root)
     for name in names:
-        build_one(name, root, data)
+        build_one(name, root, data, max_steps)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -277,12 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["build", "report"])
     parser.add_argument("--only", action="append", choices=sorted(TESTBEDS))
     parser.add_argument("--root", type=Path, default=ROOT)
+    parser.add_argument("--max-steps", type=int, help="build: train longer than the recipe")
     parser.add_argument("--per-pattern", type=int, help="held-out embeddings per pattern")
     parser.add_argument("--samples", type=int, help="samples per embedding")
     args = parser.parse_args(argv)
     names = args.only or list(TESTBEDS)
     if args.command == "build":
-        build(names, args.root)
+        build(names, args.root, args.max_steps)
     else:
         size = (args.per_pattern, args.samples) if args.per_pattern and args.samples else None
         report(names, args.root, size)
