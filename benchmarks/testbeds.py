@@ -160,7 +160,7 @@ GUIDANCES = (0.0, 2.0)
 AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
 # evaluations per sample and guidance doubles them; the published width is ~8x the small).
-REPORT_SIZE = {"syn-small": (1, 128), "syn-published": (1, 48)}
+REPORT_SIZE = {"syn-small": (1, 128), "syn-published": (1, 32)}
 
 
 def _model_samples(bed, guidance: float, num_samples: int, cache: dict) -> torch.Tensor:
