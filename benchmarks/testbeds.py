@@ -165,8 +165,11 @@ REPORT_SIZE = {"syn-small": (1, 128, 128), "syn-published": (1, 32, 16)}
 (what the shared CPU allowed: Euler 250 on the published width ran at ~7 GFLOP/s, load 12)."""
 
 
-def _model_samples(bed, guidance: float, num_samples: int, cache: dict) -> torch.Tensor:
-    """The authors' sampler on a testbed's photos, (P, N, 2) float64; cached by settings."""
+def _model_samples(
+    bed, guidance: float, num_samples: int, cache: dict, cache_path: Path
+) -> torch.Tensor:
+    """The authors' sampler on a testbed's photos, (P, N, 2) float64; cached by settings (the
+    cache file is rewritten after each new cell, so a killed report resumes)."""
     key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}"
     if key not in cache:
         g = torch.Generator().manual_seed(1)
@@ -176,6 +179,7 @@ def _model_samples(bed, guidance: float, num_samples: int, cache: dict) -> torch
         )
         cache[key] = samples.double()
         cache[key + "|seconds"] = torch.tensor(time.perf_counter() - start)
+        torch.save(cache, cache_path)
     return cache[key]
 
 
@@ -209,7 +213,13 @@ def bed_metrics(bed, samples: torch.Tensor, num_samples: int) -> dict:
     return out
 
 
-def report_one(name: str, root: Path, per_pattern: int, sample_counts: tuple[int, int]) -> dict:
+def report_one(
+    name: str,
+    root: Path,
+    per_pattern: int,
+    sample_counts: tuple[int, int],
+    cached_only: bool = False,
+) -> dict:
     from _testbeds import trained_testbeds
 
     beds = trained_testbeds(name, root, per_pattern)
@@ -221,8 +231,9 @@ def report_one(name: str, root: Path, per_pattern: int, sample_counts: tuple[int
     for guidance, num_samples in zip(GUIDANCES, sample_counts, strict=True):
         cells, seconds = {}, 0.0
         for bed in beds:
-            samples = _model_samples(bed, guidance, num_samples, cache)
-            torch.save(cache, cache_path)
+            if cached_only and f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}" not in cache:
+                continue
+            samples = _model_samples(bed, guidance, num_samples, cache, cache_path)
             key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}|seconds"
             seconds += float(cache[key])
             cells[bed.name.removeprefix(name + "-")] = {
@@ -269,12 +280,17 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def report(names: list[str], root: Path, size: tuple[int, int, int] | None = None) -> None:
+def report(
+    names: list[str],
+    root: Path,
+    size: tuple[int, int, int] | None = None,
+    cached_only: bool = False,
+) -> None:
     path = REPO / "docs" / "results" / "testbeds.json"
     saved = json.loads(path.read_text()) if path.is_file() else {"testbeds": {}}
     for name in names:
         per_pattern, *samples = size or REPORT_SIZE[name]
-        result = report_one(name, root, per_pattern, tuple(samples))
+        result = report_one(name, root, per_pattern, tuple(samples), cached_only)
         result["machine"] = machine()
         saved["testbeds"][name] = result
         print(_table(result), flush=True)
@@ -291,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, help="build: train longer than the recipe")
     parser.add_argument("--per-pattern", type=int, help="held-out embeddings per pattern")
     parser.add_argument("--samples", type=int, help="samples per embedding")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="report: only cells already sampled"
+    )
     args = parser.parse_args(argv)
     names = args.only or list(TESTBEDS)
     if args.command == "build":
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         size = None
         if args.per_pattern and args.samples:
             size = (args.per_pattern, args.samples, args.samples)
-        report(names, args.root, size)
+        report(names, args.root, size, args.cached_only)
 
 
 if __name__ == "__main__":
