@@ -14,10 +14,14 @@ ROOT/NAME/ as soon as it is trained:
     patterns.json        the truth, readable (cities, centres, weights, scale, kappa)
     patterns.safetensors codes, centres, weights, scale_km (data.synthetic.load_patterns)
     run/                 the training run (log, metrics, resumable checkpoint)
+    report_samples.pt    the report's model samples (cached per cell and guidance)
 
-``report`` samples every held-out embedding with the authors' sampler (Euler, 250 steps, fp32)
-at guidance 0 and 2 and compares with exact samples of the true posterior, per scale and
-modality; JSON in docs/results/testbeds.json and a table.
+``report`` samples held-out embeddings with the authors' sampler (Euler, 250 steps, fp32) at
+guidance 0 and 2 and compares them with exact samples of the true posterior, per scale and
+modality, through ``_testbeds.posterior_metrics`` (testbeds served by
+``_testbeds.trained_testbeds``); JSON in docs/results/testbeds.json and a table.
+``--max-steps N`` trains a testbed longer (the run resumes); ``--cached-only`` reports the cells
+already sampled.
 """
 
 from __future__ import annotations
