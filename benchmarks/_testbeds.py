@@ -11,18 +11,17 @@ Testbeds here:
 - ``exact_field_testbeds()``: the exact RFM field of sharp, multimodal targets
   (:mod:`globeflow.core.exact_field`): no network, so the solver's error is all there is. Scales
   from a 1-km kernel around three cities to 1,000-km clusters.
-- ``trained_testbeds()``: models trained with ``globeflow train`` on synthetic conditioning
-  with a known posterior (built in /work/testbeds by benchmarks/testbeds.py of the ``trained``
-  branch; one testbed per model and scale). Needs ``globeflow.data.synthetic``.
+- ``trained_testbeds(name)``: RFMs trained by ``globeflow train`` on synthetic conditioning with
+  a known posterior (:mod:`globeflow.data.synthetic`; 1 to 2,000 km, 1 or 3 cities), built by
+  ``python benchmarks/testbeds.py build`` into ``$GLOBEFLOW_TESTBEDS`` (/work/testbeds).
+  ``all_trained_testbeds()``: every one built there.
 - the diffuse models (bundled, MP-16) have no known posterior: ``places`` and ``truth`` are None
   and the benchmarks compare with the reference sampler's samples instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,73 +161,6 @@ def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Test
     return beds
 
 
-TESTBEDS_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
-
-
-def _synthetic_module():
-    """globeflow.data.synthetic, or the file named by GLOBEFLOW_SYNTHETIC_PY; None if neither."""
-    try:
-        from globeflow.data import synthetic
-
-        return synthetic
-    except ImportError:
-        path = os.environ.get("GLOBEFLOW_SYNTHETIC_PY")
-        if not path:
-            return None
-        spec = importlib.util.spec_from_file_location("globeflow_synthetic", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while defined
-        spec.loader.exec_module(module)
-        return module
-
-
-def trained_testbeds(root: Path = TESTBEDS_ROOT, per_pattern: int = 2) -> list[Testbed]:
-    """One testbed per trained model in ``root`` and scale: ``per_pattern`` held-out photos of
-    each pattern of that scale, their exact posteriors as the truth. Empty (saying why) when the
-    models or ``globeflow.data.synthetic`` are absent."""
-    from globeflow.core.checkpoints import load_model
-
-    dirs = sorted(d for d in root.glob("*") if (d / "model" / "config.json").exists())
-    synthetic = _synthetic_module() if dirs else None
-    if not dirs or synthetic is None:
-        print(f"no trained testbeds: {'no models in ' + str(root) if not dirs else 'no synthetic'}")
-        return []
-    beds = []
-    for directory in dirs:
-        model = load_model(directory / "model").eval()
-        patterns = synthetic.load_patterns(directory)
-        held = synthetic.load_heldout(directory / "heldout.pt")
-        for scale in sorted(set(patterns.scale_km.tolist())):
-            chosen = [
-                int(i) for p in torch.nonzero(patterns.scale_km == scale).flatten().tolist()
-                for i in torch.nonzero(held["pattern"] == p).flatten()[:per_pattern]
-            ]  # fmt: skip
-            rows = torch.tensor(chosen)
-            index = held["pattern"][rows]
-
-            def truth(
-                n: int, generator: torch.Generator, index=index, patterns=patterns
-            ) -> torch.Tensor:
-                return synthetic.sample_posterior(patterns, index, n, generator)
-
-            k = patterns.num_modes
-            places = [patterns.centres[p, : int(k[p])] for p in index.tolist()]
-            beds.append(
-                Testbed(
-                    name=f"{directory.name}-{scale:g}km",
-                    model=model,
-                    emb=held["embeddings"][rows],
-                    truth=truth,
-                    places=places,
-                    true_location=held["latlon"][rows].double(),
-                    scale_km=scale,
-                    regime="sharp" if scale <= 200 else "diffuse",
-                    notes={"patterns": index.tolist()},
-                )
-            )
-    return beds
-
-
 def nearest_place_km(samples: torch.Tensor, places: list[torch.Tensor]) -> torch.Tensor:
     """Distance (P, N) km from each sample (P, N, 2) to its photo's nearest true place."""
     rows = []
@@ -268,3 +200,75 @@ def posterior_metrics(
     out.update({f"acc_{t:g}_km": float((error <= t).double().mean()) for t in thresholds_km})
     out["guess_vs_oracle_km"] = float(oracle.median())
     return out
+
+
+# ---- trained on synthetic conditioning (``python benchmarks/testbeds.py build``) -----------
+TRAINED_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
+TRAINED_NAMES = ("syn-small", "syn-published")
+"""RFMs trained by ``globeflow train`` on :mod:`globeflow.data.synthetic` patterns: dim 256 /
+depth 4, and the published width (dim 512, depth 12, cond_dim 1024)."""
+
+
+def trained_testbeds(
+    name: str, root: Path = TRAINED_ROOT, per_pattern: int = 8, guidance: float = 0.0
+) -> list[Testbed]:
+    """One testbed per (scale, modes) cell of a trained synthetic testbed: held-out embeddings
+    of the cell's patterns (``per_pattern`` of each, at most 8), whose true posterior is the
+    pattern's vMF mixture. ``guidance`` 0 samples what the truth describes."""
+    from globeflow.core.checkpoints import load_model
+    from globeflow.data import synthetic
+
+    directory = Path(root) / name
+    if not (directory / "model").is_dir():
+        raise FileNotFoundError(
+            f"{directory / 'model'}: missing; build it with "
+            f"`python benchmarks/testbeds.py build --only {name}` (recipe in that file)"
+        )
+    model = load_model(directory / "model")
+    patterns = synthetic.load_patterns(directory)
+    held = synthetic.load_heldout(directory / "heldout.pt")
+    rank = torch.zeros_like(held["pattern"])
+    for p in range(len(patterns)):
+        where = held["pattern"] == p
+        rank[where] = torch.arange(int(where.sum()))
+    beds = []
+    for scale in patterns.scale_km.unique().tolist():
+        for modes in (1, 3):
+            cell = (patterns.scale_km == scale) & (patterns.num_modes == modes)
+            rows = (cell[held["pattern"]] & (rank < per_pattern)).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            idx = held["pattern"][rows]
+
+            def truth(n: int, generator: torch.Generator, idx=idx) -> torch.Tensor:
+                return synthetic.sample_posterior(patterns, idx, n, generator)
+
+            def log_density(x: torch.Tensor, idx=idx) -> torch.Tensor:
+                latlon = unit_to_latlon(x.double())
+                return synthetic.posterior_log_density(patterns, idx[: x.shape[0]], latlon)
+
+            beds.append(
+                Testbed(
+                    name=f"{name}-{scale:g}km-x{modes}",
+                    model=model,
+                    emb=held["embeddings"][rows],
+                    truth=truth,
+                    places=[patterns.centres[p, : int(patterns.num_modes[p])] for p in idx],
+                    true_location=held["latlon"][rows],
+                    scale_km=scale,
+                    guidance=guidance,
+                    regime="sharp" if scale <= 200 else "diffuse",
+                    log_density=log_density,
+                    notes={"patterns": patterns, "pattern_idx": idx, "modes": modes},
+                )
+            )
+    return beds
+
+
+def all_trained_testbeds(root: Path = TRAINED_ROOT, per_pattern: int = 2) -> list[Testbed]:
+    """:func:`trained_testbeds` of every model built in ``root``; empty (saying why) when none
+    is there."""
+    names = sorted(d.name for d in Path(root).glob("*") if (d / "model" / "config.json").exists())
+    if not names:
+        print(f"no trained testbeds in {root}: python benchmarks/testbeds.py build")
+    return [bed for name in names for bed in trained_testbeds(name, root, per_pattern)]

@@ -1,6 +1,6 @@
 """bf16 against fp32 where answers are sharp: how far bfloat16 moves the samples, in km.
 
-On the sharpest trained testbeds (/work/testbeds, :func:`_testbeds.trained_testbeds`), every
+On the sharpest trained testbeds (/work/testbeds, :func:`_testbeds.all_trained_testbeds`), every
 photo's samples are drawn twice from the same noise with the default sampler, in fp32 and in
 bf16. Reported per testbed: the paired distance between the two (median, p90), and the sample
 miss and best-guess error of each against the truth. Tolerance (docs/defaults.md): bf16's sample
@@ -16,7 +16,7 @@ import sys
 
 import torch
 from _common import machine, print_table, write_json
-from _testbeds import posterior_metrics, trained_testbeds
+from _testbeds import all_trained_testbeds, posterior_metrics
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.precision import native_bf16
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    beds = [b for b in trained_testbeds(per_pattern=1) if b.scale_km <= args.max_scale_km]
+    beds = [b for b in all_trained_testbeds(per_pattern=1) if b.scale_km <= args.max_scale_km]
     rows = [compare(bed, args.samples) for bed in beds]
     print(f"default sampler {DEFAULT_SAMPLER.label()}, native bf16 here: {native_bf16('cpu')}")
     print_table(rows, list(rows[0]) if rows else ["testbed"])

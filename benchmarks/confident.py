@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 from _common import bundled_validation, gemm_rates, machine, mp16_rfm, print_table, write_json
-from _testbeds import Testbed, exact_field_testbeds, posterior_metrics, trained_testbeds
+from _testbeds import (
+    Testbed,
+    all_trained_testbeds,
+    exact_field_testbeds,
+    posterior_metrics,
+)
 
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, SamplerSettings
 from globeflow.core.solvers import SOLVERS
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates:
         CANDIDATES[:] = [parse_setting(text) for text in args.candidates.split(",")]
     report = {"machine": machine(), "gemm_gflops": gemm_rates(), "samples": args.samples}
-    beds = trained_testbeds(per_pattern=args.per_pattern) + diffuse_testbeds(args)
+    beds = all_trained_testbeds(per_pattern=args.per_pattern) + diffuse_testbeds(args)
     beds += exact_field_testbeds(args.photos)
     if args.only:
         beds = [b for b in beds if b.name in args.only.split(",")]

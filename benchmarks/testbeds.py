@@ -14,10 +14,14 @@ ROOT/NAME/ as soon as it is trained:
     patterns.json        the truth, readable (cities, centres, weights, scale, kappa)
     patterns.safetensors codes, centres, weights, scale_km (data.synthetic.load_patterns)
     run/                 the training run (log, metrics, resumable checkpoint)
+    report_samples.pt    the report's model samples (cached per cell and guidance)
 
-``report`` samples every held-out embedding with the authors' sampler (Euler, 250 steps, fp32)
-at guidance 0 and 2 and compares with exact samples of the true posterior, per scale and
-modality; JSON in docs/results/testbeds.json and a table.
+``report`` samples held-out embeddings with the authors' sampler (Euler, 250 steps, fp32) at
+guidance 0 and 2 and compares them with exact samples of the true posterior, per scale and
+modality, through ``_testbeds.posterior_metrics`` (testbeds served by
+``_testbeds.trained_testbeds``); JSON in docs/results/testbeds.json and a table.
+``--max-steps N`` trains a testbed longer (the run resumes); ``--cached-only`` reports the cells
+already sampled.
 """
 
 from __future__ import annotations
@@ -103,9 +107,10 @@ def build_data(root: Path) -> Path:
     return data
 
 
-def train_command(name: str, data: Path, run: Path) -> list[str]:
-    """The ``globeflow train`` command line of a testbed."""
-    r = TESTBEDS[name]
+def train_command(name: str, data: Path, run: Path, max_steps: int | None = None) -> list[str]:
+    """The ``globeflow train`` command line of a testbed (``max_steps``: train longer than the
+    recipe; the run resumes where it stopped)."""
+    r = {**TESTBEDS[name], **({"max_steps": max_steps} if max_steps else {})}
     return [
         sys.executable, "-m", "globeflow.apps.cli", "train",
         "--embeddings", str(data / "train.parquet"),
@@ -120,31 +125,37 @@ def train_command(name: str, data: Path, run: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def build_one(name: str, root: Path, data: Path) -> Path:
+def build_one(name: str, root: Path, data: Path, max_steps: int | None = None) -> Path:
     """Train (or resume) one testbed and publish it in root/NAME."""
     out = root / name
     run = out / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    cmd = ["nice", "-n", "5", *train_command(name, data, run)]
+    cmd = ["nice", "-n", "5", *train_command(name, data, run, max_steps)]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, check=True, env=env)
-    model = out / "model"
-    shutil.rmtree(model, ignore_errors=True)
-    shutil.copytree(run / "final", model)
+    model, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(run / "final", tmp)
+    if model.exists():  # readers see the old model or the new one, never a half-copied one
+        model.rename(old)
+    tmp.rename(model)
+    shutil.rmtree(old, ignore_errors=True)
     for f in (synthetic.PATTERNS_JSON, synthetic.PATTERNS_TENSORS, "heldout.pt"):
         shutil.copy2(data / f, out / f)
-    info = {"name": name, "recipe": TESTBEDS[name], "command": cmd[3:], "seconds": time.time()
+    recipe = {**TESTBEDS[name], **({"max_steps": max_steps} if max_steps else {})}
+    info = {"name": name, "recipe": recipe, "command": cmd[3:], "seconds": time.time()
             - start, "machine": machine()}  # fmt: skip
     (out / "testbed.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"{name}: model in {model} ({time.time() - start:.0f} s)", flush=True)
     return out
 
 
-def build(names: list[str], root: Path) -> None:
+def build(names: list[str], root: Path, max_steps: int | None = None) -> None:
     data = build_data(root)
     for name in names:
-        build_one(name, root, data)
+        build_one(name, root, data, max_steps)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -152,136 +163,138 @@ THRESHOLDS_KM = (1.0, 25.0, 200.0)
 GUIDANCES = (0.0, 2.0)
 AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
-# evaluations per sample and guidance doubles them; the published width is 11x the small).
-REPORT_SIZE = {"syn-small": (2, 128), "syn-published": (1, 64)}
+# evaluations per sample and guidance doubles them; the published width is ~8x the small).
+REPORT_SIZE = {"syn-small": (1, 128, 128), "syn-published": (1, 32, 16)}
+"""Per testbed: held-out embeddings per pattern, samples at guidance 0, samples at guidance 2
+(what the shared CPU allowed: Euler 250 on the published width ran at ~7 GFLOP/s, load 12)."""
 
 
-def posterior_metrics(
-    patterns: synthetic.SyntheticPatterns,
-    pattern_idx: torch.Tensor,
-    model_samples: torch.Tensor,
-    exact_samples: torch.Tensor,
-    exact_again: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Per held-out embedding (M,) metrics of model samples against the truth; all (M, N, 2).
+def _model_samples(
+    bed, guidance: float, num_samples: int, cache: dict, cache_path: Path
+) -> torch.Tensor:
+    """The authors' sampler on a testbed's photos, (P, N, 2) float64; cached by settings (the
+    cache file is rewritten after each new cell, so a killed report resumes)."""
+    key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}"
+    if key not in cache:
+        g = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        samples = bed.model.sample(
+            bed.emb, num_samples, guidance=guidance, generator=g, **AUTHORS_SAMPLER
+        )
+        cache[key] = samples.double()
+        cache[key + "|seconds"] = torch.tensor(time.perf_counter() - start)
+        torch.save(cache, cache_path)
+    return cache[key]
 
-    ``exact_again``: a second exact sample set, for the noise floor of the sliced Wasserstein
-    distance at this sample size."""
+
+def mode_mass_tv(bed, samples: torch.Tensor) -> float:
+    """Mean total variation between the share of samples nearest each true city and the true
+    weights (0 = right mass per mode)."""
+    patterns, idx = bed.notes["patterns"], bed.notes["pattern_idx"]
+    mode, _ = synthetic.mode_of(patterns, idx, samples)
+    share = torch.nn.functional.one_hot(mode, synthetic.MAX_MODES).double().mean(1)
+    return float(0.5 * (share - patterns.weights[idx]).abs().sum(-1).mean())
+
+
+def bed_metrics(bed, samples: torch.Tensor, num_samples: int) -> dict:
+    """The shared posterior metrics for the model and, as the reference, for exact samples;
+    the sliced-Wasserstein floor at this sample size; mass per mode."""
+    from _testbeds import nearest_place_km, posterior_metrics
+
     from globeflow.answers.decode import best_guess
     from globeflow.jobs.metrics import sliced_wasserstein_km
 
-    out = {
-        "sw_km": sliced_wasserstein_km(model_samples, exact_samples),
-        "sw_floor_km": sliced_wasserstein_km(exact_again, exact_samples),
-    }
-    for who, samples in (("model", model_samples), ("exact", exact_samples)):
-        mode, km = synthetic.mode_of(patterns, pattern_idx, samples)
-        for t in THRESHOLDS_KM:
-            out[f"{who}_within_{t:g}km"] = (km <= t).double().mean(-1)
-        out[f"{who}_median_miss_km"] = km.median(-1).values
-        _, guess_km = synthetic.mode_of(patterns, pattern_idx, best_guess(samples)[:, None])
-        out[f"{who}_best_guess_km"] = guess_km[:, 0]
-        share = torch.nn.functional.one_hot(mode, synthetic.MAX_MODES).double().mean(1)
-        # Total variation between the mass per mode and the true weights.
-        out[f"{who}_mode_mass_tv"] = 0.5 * (share - patterns.weights[pattern_idx]).abs().sum(-1)
-        out[f"{who}_mode_mass"] = share
+    g = torch.Generator().manual_seed(2)
+    truth, again = bed.truth(num_samples, g), bed.truth(num_samples, g)
+    out = {"model": posterior_metrics(samples, truth, bed.places, bed.true_location, THRESHOLDS_KM)}
+    out["exact"] = posterior_metrics(again, truth, bed.places, bed.true_location, THRESHOLDS_KM)
+    for who, s in (("model", samples), ("exact", again)):
+        guess = best_guess(s)[:, None]
+        out[who]["guess_to_city_km"] = float(nearest_place_km(guess, bed.places).median())
+        if bed.notes["modes"] > 1:
+            out[who]["mode_mass_tv"] = mode_mass_tv(bed, s)
+    out["sw_floor_km"] = float(sliced_wasserstein_km(again, truth).mean())
     return out
 
 
-def _summarise(metrics: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, float]:
-    """Medians of the km metrics, means of the shares, over the selected embeddings."""
-    out = {}
-    for key, v in metrics.items():
-        if key.endswith("_mode_mass"):
-            continue
-        v = v[rows].double()
-        out[key] = float(v.median() if key.endswith("km") else v.mean())
-    return out
+def report_one(
+    name: str,
+    root: Path,
+    per_pattern: int,
+    sample_counts: tuple[int, int],
+    cached_only: bool = False,
+) -> dict:
+    from _testbeds import trained_testbeds
 
-
-def report_one(name: str, root: Path, per_pattern: int, num_samples: int) -> dict:
-    from globeflow.core.checkpoints import load_model
-
-    out = root / name
-    if not (out / "model").is_dir():
-        raise SystemExit(f"{out / 'model'}: missing; run `python benchmarks/testbeds.py build`")
-    model = load_model(out / "model")
-    patterns = synthetic.load_patterns(out)
-    held = synthetic.load_heldout(out / "heldout.pt")
-    keep = torch.cat([(held["pattern"] == p).nonzero()[:per_pattern, 0] for p in
-                      range(len(patterns))])  # fmt: skip
-    emb, idx = held["embeddings"][keep], held["pattern"][keep]
-    g = torch.Generator().manual_seed(0)
-    exact = synthetic.sample_posterior(patterns, idx, num_samples, g)
-    again = synthetic.sample_posterior(patterns, idx, num_samples, g)
-    result = {"name": name, "embeddings": len(idx), "samples": num_samples, "sampler":
-              AUTHORS_SAMPLER, "config": model.config_dict(), "guidance": {}}  # fmt: skip
-    for guidance in GUIDANCES:
-        torch.manual_seed(1)
-        start = time.perf_counter()
-        samples = torch.cat([
-            model.sample(emb[i : i + 8], num_samples, guidance=guidance,
-                         generator=torch.Generator().manual_seed(1 + i), **AUTHORS_SAMPLER)
-            for i in range(0, len(emb), 8)
-        ]).double()  # fmt: skip
-        seconds = time.perf_counter() - start
-        metrics = posterior_metrics(patterns, idx, samples, exact, again)
-        cells = {}
-        for scale in patterns.scale_km.unique().tolist():
-            for modes in (1, 3):
-                rows = (patterns.scale_km[idx] == scale) & (patterns.num_modes[idx] == modes)
-                if rows.any():
-                    cells[f"{scale:g} km x{modes}"] = _summarise(metrics, rows)
-        per_pattern_mass = {
-            patterns.names[p]: {
-                "true": patterns.weights[p, : int(patterns.num_modes[p])].tolist(),
-                "model": metrics["model_mode_mass"][idx == p].mean(0)[
-                    : int(patterns.num_modes[p])].tolist(),
-            }
-            for p in range(len(patterns)) if int(patterns.num_modes[p]) > 1
-        }  # fmt: skip
+    beds = trained_testbeds(name, root, per_pattern)
+    cache_path = root / name / "report_samples.pt"
+    cache = torch.load(cache_path, weights_only=True) if cache_path.is_file() else {}
+    result = {"name": name, "embeddings_per_pattern": per_pattern,
+              "sampler": AUTHORS_SAMPLER, "config": beds[0].model.config_dict(),
+              "guidance": {}}  # fmt: skip
+    for guidance, num_samples in zip(GUIDANCES, sample_counts, strict=True):
+        cells, seconds = {}, 0.0
+        for bed in beds:
+            if cached_only and f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}" not in cache:
+                continue
+            samples = _model_samples(bed, guidance, num_samples, cache, cache_path)
+            key = f"{bed.name}|{guidance:g}|{len(bed.emb)}|{num_samples}|seconds"
+            seconds += float(cache[key])
+            cells[bed.name.removeprefix(name + "-")] = {
+                "scale_km": bed.scale_km, "photos": len(bed.emb),
+                **bed_metrics(bed, samples, num_samples),
+            }  # fmt: skip
         result["guidance"][f"{guidance:g}"] = {
-            "seconds": seconds,
-            "cells": cells,
-            "mode_mass": per_pattern_mass,
-        }
+            "samples": num_samples, "sampling_seconds": seconds, "cells": cells
+        }  # fmt: skip
     return result
 
 
+_COLUMNS = (
+    ("miss km", "miss_median_km"),
+    *((f"<={t:g} km", f"within_{t:g}_km") for t in THRESHOLDS_KM),
+    ("guess-city km", "guess_to_city_km"),
+    ("guess err km", "guess_error_km"),
+    ("mode TV", "mode_mass_tv"),
+)
+
+
 def _table(result: dict) -> str:
-    """Markdown tables, one per guidance: model value / exact-sample value where both exist."""
-    pairs = [("miss km", "median_miss_km")] + [
-        (f"<={t:g} km", f"within_{t:g}km") for t in THRESHOLDS_KM
-    ]
-    pairs += [("guess km", "best_guess_km"), ("mode TV", "mode_mass_tv")]
-    heads = ["regime", "SW km", "SW floor"] + [h for h, _ in pairs]
+    """Markdown tables, one per guidance; cells read "model / exact samples"."""
+    heads = ["regime", "SW km", "SW floor"] + [h for h, _ in _COLUMNS]
     lines = []
     for g, res in result["guidance"].items():
         lines.append(
-            f"\n{result['name']}, guidance {g} (Euler 250 fp32, {result['samples']} samples x "
-            f"{result['embeddings']} embeddings, {res['seconds']:.0f} s); model / exact samples"
+            f"\n{result['name']}, guidance {g}: Euler 250 fp32, {res['samples']} samples, "
+            f"{result['embeddings_per_pattern']} held-out embedding(s) per pattern "
+            f"({res['sampling_seconds']:.0f} s sampling); model / exact samples"
         )
         lines.append("| " + " | ".join(heads) + " |")
         lines.append("|---" * len(heads) + "|")
         for cell, m in res["cells"].items():
-            vals = [f"{m['sw_km']:.3g}", f"{m['sw_floor_km']:.3g}"]
-            for _, key in pairs:
-                if key == "mode_mass_tv" and cell.endswith("x1"):
+            vals = [f"{m['model']['sw_km']:.3g}", f"{m['sw_floor_km']:.3g}"]
+            for _, key in _COLUMNS:
+                if key not in m["model"]:
                     vals.append("-")
                     continue
-                a, b = m[f"model_{key}"], m[f"exact_{key}"]
+                a, b = m["model"][key], m["exact"][key]
                 pct = key.startswith("within")
                 vals.append(f"{100 * a:.0f}% / {100 * b:.0f}%" if pct else f"{a:.3g} / {b:.3g}")
             lines.append(f"| {cell} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def report(names: list[str], root: Path, size: tuple[int, int] | None = None) -> None:
+def report(
+    names: list[str],
+    root: Path,
+    size: tuple[int, int, int] | None = None,
+    cached_only: bool = False,
+) -> None:
     path = REPO / "docs" / "results" / "testbeds.json"
     saved = json.loads(path.read_text()) if path.is_file() else {"testbeds": {}}
     for name in names:
-        per_pattern, num_samples = size or REPORT_SIZE[name]
-        result = report_one(name, root, per_pattern, num_samples)
+        per_pattern, *samples = size or REPORT_SIZE[name]
+        result = report_one(name, root, per_pattern, tuple(samples), cached_only)
         result["machine"] = machine()
         saved["testbeds"][name] = result
         print(_table(result), flush=True)
@@ -295,15 +308,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["build", "report"])
     parser.add_argument("--only", action="append", choices=sorted(TESTBEDS))
     parser.add_argument("--root", type=Path, default=ROOT)
+    parser.add_argument("--max-steps", type=int, help="build: train longer than the recipe")
     parser.add_argument("--per-pattern", type=int, help="held-out embeddings per pattern")
     parser.add_argument("--samples", type=int, help="samples per embedding")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="report: only cells already sampled"
+    )
     args = parser.parse_args(argv)
     names = args.only or list(TESTBEDS)
     if args.command == "build":
-        build(names, args.root)
+        build(names, args.root, args.max_steps)
     else:
-        size = (args.per_pattern, args.samples) if args.per_pattern and args.samples else None
-        report(names, args.root, size)
+        size = None
+        if args.per_pattern and args.samples:
+            size = (args.per_pattern, args.samples, args.samples)
+        report(names, args.root, size, args.cached_only)
 
 
 if __name__ == "__main__":
