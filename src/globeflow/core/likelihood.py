@@ -355,6 +355,7 @@ def sample_with_log_density(
     noise: torch.Tensor | None = None,
     precision: str = "fp32",
     stiff: float | None = None,
+    log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unguided samples of a sphere model and log p at each, in one pass.
 
@@ -366,6 +367,7 @@ def sample_with_log_density(
     ``stiff``: the width where the field stops steepening (:func:`stiff_width`); None: probed
     at a pilot of :data:`PILOT_SAMPLES` Euler samples per image (their own noise, so the
     caller's random stream is untouched); inf: no stiff end (``steps`` uniform steps).
+    ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
     """
     if model.geometry is not SPHERE:
@@ -374,10 +376,10 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    width = _pilot_width(model, emb, steps) if stiff is None else stiff
+    width = _pilot_width(model, emb, steps, log_step) if stiff is None else stiff
     width = None if width == math.inf else width
     start = model.sampling_levels(steps, emb)[0]
-    gammas = stiff_end_levels(float(start), steps, _grid_floor(width))
+    gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
     factors = divergence_weights(gammas, solver, width)
     gammas = gammas.to(device=emb.device, dtype=emb.dtype)
     levels = method.levels(gammas)
@@ -388,11 +390,11 @@ def sample_with_log_density(
     return x, model.base_log_prob(x0) + delta
 
 
-def _pilot_width(model, emb: torch.Tensor, steps: int) -> float | None:
+def _pilot_width(model, emb: torch.Tensor, steps: int, log_step: float) -> float | None:
     """:func:`stiff_width` at a few Euler samples per image (a fixed seed of their own)."""
     pilot_noise = torch.Generator(device=emb.device).manual_seed(0)
     pilot = model.sample_unit(emb, PILOT_SAMPLES, PILOT_STEPS, 0.0, None, pilot_noise)
-    return stiff_width(model, emb, pilot, steps)
+    return stiff_width(model, emb, pilot, steps, log_step)
 
 
 def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):
