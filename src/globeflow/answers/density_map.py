@@ -280,7 +280,7 @@ def refine_peaks(log_density: LogDensity, grid: dict, resolution_deg: float, sam
     """Adds zoom patches (:func:`zoom_chain`) around the samples' peaks to a grid of
     :func:`adaptive_log_density_grid`, and the map's total mass (midpoint rule, each patch in
     place of the cells it covers): ``"patches"`` (list), ``"mass"`` (float),
-    ``"finest_cell_km"``."""
+    ``"finest_cell_km"``; ``"evaluations"`` then counts the patches' exact values too."""
     patches = []
     for centre in _peak_cells(samples, grid["lat"], grid["lon"], resolution_deg):
         patches += zoom_chain(
@@ -295,7 +295,14 @@ def refine_peaks(log_density: LogDensity, grid: dict, resolution_deg: float, sam
     mass = float(_mass(grid["log_density"], grid["lat"], resolution_deg).sum())
     mass += sum(p["mass"] - p["replaced_mass"] for p in patches)
     finest = min([p["cell_km"] for p in patches], default=resolution_deg * KM_PER_DEGREE)
-    return {**grid, "patches": patches, "mass": mass, "finest_cell_km": finest}
+    evaluations = grid["evaluations"] + sum(p["log_density"].numel() for p in patches)
+    return {
+        **grid,
+        "patches": patches,
+        "mass": mass,
+        "finest_cell_km": finest,
+        "evaluations": evaluations,
+    }
 
 
 def model_log_density_map(

@@ -21,6 +21,7 @@ from globeflow.answers.geocode import region_label
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
+from globeflow.core.likelihood import LOCALIZABILITY_BULK_STEPS, LOCALIZABILITY_SOLVER
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import haversine_km, unit_to_latlon
 
@@ -37,10 +38,9 @@ DEFAULT_STEPS = 8
 DEFAULT_SOLVER = "lagged-midpoint"
 DEFAULT_PRECISION = "bf16"
 DEFAULT_LOCALIZABILITY_SAMPLES = 128
-DEFAULT_LOCALIZABILITY_STEPS = 16
-LOCALIZABILITY_SOLVER = "lagged-midpoint"
-"""Solver and steps of the one-pass localizability estimate: its bias falls below a quarter of
-the Monte Carlo error from 16 steps on (benchmarks/localizability.py)."""
+DEFAULT_LOCALIZABILITY_STEPS = LOCALIZABILITY_BULK_STEPS
+"""Bulk steps of the one-pass localizability estimate; a sharp posterior adds steps uniform in
+log(1 - gamma) at the data end (core/likelihood.py, benchmarks/localizability_sharp.py)."""
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""

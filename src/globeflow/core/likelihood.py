@@ -148,9 +148,9 @@ def stiff_width(
 
     The ladder falls by 4 from H / log_step (H the bulk step) to
     :data:`SHARPEST_LEVEL_FLOOR`; at each rung kappa = s max|div| / 2 over the first
-    :data:`STIFFNESS_PROBE_POINTS` points of each image (about s / (s + w)); w is read off
-    the rung whose kappa is closest to 1/2, as s (1 - kappa) / kappa, and is never below the
-    sharpest level floor. One evaluation with the divergence per rung."""
+    :data:`STIFFNESS_PROBE_POINTS` points of each image (about s / (s + w)); w is the
+    smallest s (1 - kappa) / kappa over the rungs whose kappa reaches ``threshold``, never
+    below the sharpest level floor. One evaluation with the divergence per rung."""
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
     top = (1.0 - noise_level) / bulk_steps / log_step
     ladder = []
@@ -166,13 +166,12 @@ def stiff_width(
     for node, s in enumerate(ladder):
         _, div = field_and_divergence(model, probe, field, node, gammas[node])
         kappas.append(min(s * float(div.abs().amax()) / 2.0, 1.0 - 1e-6))
-    if max(kappas) < threshold:
+    stiff = [(s, k) for s, k in zip(ladder, kappas, strict=True) if k >= threshold]
+    if not stiff:
         return None
-    # kappa ~ s / (s + w): the rung nearest kappa = 1/2 reads w best.
-    best = min(
-        range(len(ladder)), key=lambda j: abs(math.log(max(kappas[j], 1e-6) / (1 - kappas[j])))
-    )
-    return max(ladder[best] * (1.0 - kappas[best]) / max(kappas[best], 1e-6), SHARPEST_LEVEL_FLOOR)
+    # kappa ~ s / (s + w) reads w = s (1 - kappa) / kappa; a posterior with several scales
+    # (clusters of sharp modes) reads several: the smallest is the one the steps must reach.
+    return max(min(s * (1.0 - k) / k for s, k in stiff), SHARPEST_LEVEL_FLOOR)
 
 
 def field_and_divergence(
