@@ -12,7 +12,9 @@ the Riemannian one, computed exactly from two Jacobian-vector products along a t
 projection itself). In R^3 the trace of the 3x3 Jacobian is exact from three JVPs. The base
 density is the uniform 1/(4 pi) on S^2, or the standard normal in R^3.
 
-On S^2 the default solver is a midpoint rule in Lie-group form, uniform in gamma, that evaluates
+On S^2 the default solver is a midpoint rule in Lie-group form, uniform in gamma in the bulk and
+uniform in log(1 - gamma) at a stiff data end (:func:`stiff_end_levels`, whose docstring says
+why: the field of a sharp posterior behaves like -(x - x1) / (1 - gamma) there), that evaluates
 the network once per step, at the midpoint, with the divergence: 3 network rows per step (the
 midpoint's primal and its 2 tangents) against 12 for RK4, at the same accuracy on the YFCC-size
 network (benchmarks/vs_reference.py). In R^3 it is RK4 on
@@ -40,7 +42,9 @@ DEFAULT_LIKELIHOOD_STEPS = 48
 against dopri5 at 1e-7 (two sets of 32 and 64 points): max |delta log p| 0.007-0.009 nats at
 48 midpoint steps (0.004 at 64), while 32-40 steps give 0.024-0.027. That network's time input
 oscillates faster than the steps, so the error does not fall steadily until the steps are fine
-enough. In bf16 the floor is 0.013-0.02 nats."""
+enough. In bf16 the floor is 0.013-0.02 nats. These are the *bulk* steps: a sharp posterior adds
+steps uniform in log(1 - gamma) at the data end (:func:`stiff_end_levels`; none on that network
+or the random test networks, +4 on the bundled model, +20 on a 1-km target)."""
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
 # in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
 # gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
