@@ -177,6 +177,9 @@ MAX_PEAKS = 3
 PEAK_MIN_FRACTION = 0.05
 """A global cell starts a zoom chain if it holds this fraction of the samples (at most
 MAX_PEAKS chains, on non-overlapping blocks, most samples first)."""
+MAX_BLOCK_REACH = 4
+"""A zoom block reaches at most this many parent cells north and south of its centre (1 when
+the samples sit in the centre cell: 3 x 3 cells)."""
 KM_PER_DEGREE = 111.195
 
 
@@ -191,6 +194,29 @@ def _row_areas(lat_centres: torch.Tensor, cell_deg: float) -> torch.Tensor:
 def _mass(log_density: torch.Tensor, lat: torch.Tensor, cell_deg: float) -> torch.Tensor:
     """Midpoint-rule mass per cell (h, w) of a grid of log-densities per steradian."""
     return torch.exp(log_density) * _row_areas(lat, cell_deg)[:, None]
+
+
+def _east_west_reach(lat_deg: float) -> int:
+    """Cells east and west per cell north-south at this latitude (square blocks in km; at most
+    8)."""
+    return min(math.ceil(1.0 / max(math.cos(math.radians(lat_deg)), 1e-3)), 8)
+
+
+def _block_reach(samples, lat_deg: float, lon_deg: float, cell_deg: float) -> tuple[int, int]:
+    """Cells north-south and east-west of a block's centre (lat_deg, lon_deg): at least one,
+    and enough to hold the samples near it (98th percentile of their offsets, within
+    MAX_BLOCK_REACH parent cells), so that the finer level integrates the peak's mass rather
+    than a coarse level around it."""
+    north = 1
+    if samples is not None and len(samples):
+        d_lat = (samples[:, 0] - lat_deg).abs()
+        d_lon = ((samples[:, 1] - lon_deg + 180) % 360 - 180).abs()
+        d_lon = d_lon * math.cos(math.radians(lat_deg))  # in degrees of latitude
+        near = torch.maximum(d_lat, d_lon) <= (MAX_BLOCK_REACH + 0.5) * cell_deg
+        if near.sum() > 1:
+            spread = float(torch.quantile(torch.maximum(d_lat, d_lon)[near], 0.98))
+            north = min(max(math.ceil(spread / cell_deg - 0.5), 1), MAX_BLOCK_REACH)
+    return north, min(north * _east_west_reach(lat_deg), 8 * MAX_BLOCK_REACH)
 
 
 def _peak_cells(sample_latlon, lat, lon, cell_deg) -> list[tuple[int, int]]:
@@ -208,8 +234,11 @@ def _peak_cells(sample_latlon, lat, lon, cell_deg) -> list[tuple[int, int]]:
             break
         r, c = divmod(best, w)
         peaks.append((r, c))
-        rows = slice(max(r - 2, 0), r + 3)
-        counts[rows, [(c + k) % w for k in range(-2, 3)]] = 0  # blocks must not overlap
+        # Blocks must not overlap (each reaches MAX_BLOCK_REACH rows, as many km east-west).
+        north = 2 * MAX_BLOCK_REACH
+        reach = min(north * _east_west_reach(float(lat[r])), w // 2)
+        rows = slice(max(r - north, 0), r + north + 1)
+        counts[rows, [(c + k) % w for k in range(-reach, reach + 1)]] = 0
     return peaks
 
 
@@ -222,11 +251,11 @@ def zoom_chain(
     centre: tuple[int, int],
     samples: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Nested patches around a peak: each splits the block of 3 of its parent's cells (north-south,
-    and about as many km east-west) around
+    """Nested patches around a peak: each splits the block of its parent's cells around
     the parent's centre cell (``centre`` on the global grid first, then the patch's cell with
-    the most ``samples`` (N, 2) degrees, or its largest value where none fall inside) into
-    cells ZOOM_FACTOR times smaller, until they are <= PEAK_CELL_KM.
+    the most ``samples`` (N, 2) degrees, or its largest value where none fall inside; 3 cells
+    north-south or as many as hold the samples, :func:`_block_reach`, and as many km
+    east-west) into cells ZOOM_FACTOR times smaller, until they are <= PEAK_CELL_KM.
 
     Returns patches ``{"lat": (h,), "lon": (w,), "log_density": (h, w), "cell_deg",
     "cell_km", "mass", "replaced_mass"}``: the patch's mass and the mass of the parent cells
@@ -234,10 +263,9 @@ def zoom_chain(
     patches = []
     while cell_deg * KM_PER_DEGREE > PEAK_CELL_KM:
         r, c = centre
-        rows = torch.arange(max(r - 1, 0), min(r + 2, len(lat)))
-        # As many cells east and west as make the block about as wide in km as it is tall.
-        reach = min(math.ceil(1.0 / max(math.cos(math.radians(float(lat[r]))), 1e-3)), 8)
-        cols = torch.arange(c - reach, c + reach + 1)
+        north, east = _block_reach(samples, float(lat[r]), float(lon[c % len(lon)]), cell_deg)
+        rows = torch.arange(max(r - north, 0), min(r + north + 1, len(lat)))
+        cols = torch.arange(c - east, c + east + 1)
         wrapped = cols % len(lon)
         replaced = _mass(values[rows][:, wrapped], lat[rows], cell_deg).sum()
         parent_lon = lon[c % len(lon)] + (cols - c).to(lon.dtype) * cell_deg  # unwrapped
