@@ -161,7 +161,11 @@ def test_likelihood_solver_is_second_order_on_a_known_flow():
     x = sample_uniform_sphere((1, 200), generator=torch.Generator().manual_seed(4), dtype=f64)
     x = x[:, x[0, :, 2] < 0.95]  # away from the pole, where the density is steepest
     exact = exact_log_density(x[..., 2], 1.5)
-    errors = [float((log_prob_ode(model, x, emb, steps=s) - exact).abs().max()) for s in (16, 32)]
+    # The bulk solver's order: no stiff end (its probe adds a few steps on this field).
+    errors = [
+        float((log_prob_ode(model, x, emb, steps=s, stiff=math.inf) - exact).abs().max())
+        for s in (16, 32)
+    ]
     assert errors[1] < 2e-3
     assert abs(math.log2(errors[0] / errors[1]) - 2) < 0.3, errors
 
