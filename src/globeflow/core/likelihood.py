@@ -44,7 +44,7 @@ against dopri5 at 1e-7 (two sets of 32 and 64 points): max |delta log p| 0.007-0
 oscillates faster than the steps, so the error does not fall steadily until the steps are fine
 enough. In bf16 the floor is 0.013-0.02 nats. These are the *bulk* steps: a sharp posterior adds
 steps uniform in log(1 - gamma) at the data end (:func:`stiff_end_levels`; none on that network
-or the random test networks, +4 on the bundled model, +20 on a 1-km target)."""
+or the random test networks; 100-105 in all on a 1-km target)."""
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
 # in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
 # gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
@@ -347,7 +347,8 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
 
 LOCALIZABILITY_BULK_STEPS = 16
 """Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
-of :func:`stiff_end_levels` adds its steps (none on a diffuse model, ~20 at 1 km)."""
+of :func:`stiff_end_levels` adds its steps (none on the random networks, 18 on the bundled
+model, 23-26 at 1 km)."""
 LOCALIZABILITY_SOLVER = "lagged-midpoint"
 """Solver of the one-pass localizability estimate."""
 PILOT_SAMPLES = 8
