@@ -1,6 +1,12 @@
-"""A 1-degree global map (64,800 points) of the exact log-density of a paper-size network.
+"""A 1-degree global map (64,800 points) of the exact log-density of a paper-size network, or
+of a trained sharp model.
 
-Network: the published YFCC layout (36M parameters, random weights as in the authors' script).
+Network: the published YFCC layout (36M parameters, random weights as in the authors' script);
+with ``--testbed DIR`` a trained testbed's model (``DIR/model``, e.g. /work/testbeds/syn-small,
+dim 256, depth 4) at the first held-out photo of pattern ``--pattern`` (0: a 1-km one), whose
+map has a peak a few km wide: the zoom patches (<= 1 km cells) and the map's total mass are
+reported, and the baseline also includes the map as it was before them (no samples, no
+patches: where its largest value lies, and its mass).
 The map is :func:`globeflow.answers.density_map.model_log_density_map` at its defaults (16
 midpoint steps of the likelihood ODE, bf16, coarse-to-fine refinement with a tolerance in
 nats). Reported:
@@ -12,6 +18,8 @@ nats). Reported:
   (interpolation error) and against a tight float32 solve (midpoint, 128 steps; total error).
 
     python benchmarks/density_map.py --out out/bench/density_map.json
+    python benchmarks/density_map.py --testbed /work/testbeds/syn-small --pattern 0 \
+        --out out/bench/density_map_sharp.json
 """
 
 from __future__ import annotations
@@ -19,15 +27,31 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from _common import machine, print_table, write_json, yfcc_size_model
 
-from globeflow.answers.density_map import grid_axes, model_log_density_map
+from globeflow.answers.density_map import (
+    KM_PER_DEGREE,
+    _mass,
+    adaptive_log_density_grid,
+    grid_axes,
+    model_log_density_map,
+)
+from globeflow.core.checkpoints import load_model
 from globeflow.core.likelihood import log_prob_ode
 from globeflow.core.sphere import latlon_to_unit
 
 TARGET_SECONDS = 60.0
+
+
+def _testbed(folder: str, pattern: int):
+    """A trained testbed's model and the first held-out embedding of a pattern (1, D)."""
+    model = load_model(Path(folder) / "model").eval()
+    heldout = torch.load(Path(folder) / "heldout.pt", weights_only=True)
+    row = int(torch.nonzero(heldout["pattern"] == pattern)[0, 0])
+    return model, model.prepare_embeddings(heldout["embeddings"][row : row + 1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads (0: one per core; run with OMP_WAIT_POLICY=PASSIVE as the CLI does)",
     )
+    ap.add_argument("--testbed", default=None, help="a trained testbed folder (model/, heldout.pt)")
+    ap.add_argument("--pattern", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, emb = yfcc_size_model()
+    model, emb = yfcc_size_model() if args.testbed is None else _testbed(args.testbed, args.pattern)
     report = {"machine": machine(), "settings": vars(args)}
 
     start = time.perf_counter()
@@ -71,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         {
-            "method": f"adaptive map (tolerance {args.tolerance} nats)",
+            "method": f"adaptive map + zoom patches (tolerance {args.tolerance} nats)",
             "seconds": seconds,
             "exact nodes": int(result["evaluations"]),
+            "mass": result["mass"],
+            "finest cell km": result["finest_cell_km"],
+            "max log p": max(
+                [float(values.max())] + [float(p["log_density"].max()) for p in result["patches"]]
+            ),
         },
         {
             "method": "every node solved (measured per point x nodes)",
@@ -81,6 +112,23 @@ def main(argv: list[str] | None = None) -> int:
             "exact nodes": len(grid),
         },
     ]
+    if args.testbed is not None:  # the map as it was: no samples, no zoom patches
+        start = time.perf_counter()
+        blind = adaptive_log_density_grid(
+            lambda x: log_prob_ode(model, x.to(emb.dtype)[None], emb, steps=args.steps,
+                                   precision=args.precision)[0],
+            args.resolution, args.tolerance, 16,
+        )  # fmt: skip
+        rows.append(
+            {
+                "method": "before: adaptive map, no samples, no patches",
+                "seconds": time.perf_counter() - start,
+                "exact nodes": int(blind["evaluations"]),
+                "mass": float(_mass(blind["log_density"], blind["lat"], args.resolution).sum()),
+                "finest cell km": args.resolution * KM_PER_DEGREE,
+                "max log p": float(blind["log_density"].max()),
+            }
+        )
     report.update(
         {
             "seconds": seconds,
@@ -100,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             "log_density_range": [float(values.min()), float(values.max())],
         }
     )
-    print_table(rows, ["method", "seconds", "exact nodes"])
+    print_table(rows, ["method", "seconds", "exact nodes", "mass", "finest cell km", "max log p"])
+    report["rows"] = rows
     report["machine_after"] = machine()
     write_json(report, args.out)
     return 0

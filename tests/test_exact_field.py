@@ -49,10 +49,13 @@ def test_field_transports_noise_to_the_closed_form_density(kernel_km):
         atoms, torch.tensor([0.5, 0.3, 0.2]), kernel_width_for_rms_km(kernel_km)
     )
     model = exact_rfm_model([target])
-    x = model.network.target_samples(0, 3, torch.Generator().manual_seed(1))[None]
+    # One point at a tolerance of 1e-7 keeps it to seconds (3 points at 1e-8: ~25 s): every point
+    # crosses the support edges of the other atoms (jumps of the divergence), which the solver
+    # must resolve for all points of the batch.
+    x = model.network.target_samples(0, 1, torch.Generator().manual_seed(1))[None]
     emb = torch.ones(1, 1, dtype=torch.float64)
     exact = model.network.target_log_density(x, torch.tensor([0]))
-    solved = log_prob_adaptive(model, x, emb, rtol=1e-8, atol=1e-8)
+    solved = log_prob_adaptive(model, x, emb, rtol=1e-7, atol=1e-7)
     assert torch.allclose(solved, exact, atol=1e-3)
 
 

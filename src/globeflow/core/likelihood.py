@@ -12,7 +12,9 @@ the Riemannian one, computed exactly from two Jacobian-vector products along a t
 projection itself). In R^3 the trace of the 3x3 Jacobian is exact from three JVPs. The base
 density is the uniform 1/(4 pi) on S^2, or the standard normal in R^3.
 
-On S^2 the default solver is a midpoint rule in Lie-group form, uniform in gamma, that evaluates
+On S^2 the default solver is a midpoint rule in Lie-group form, uniform in gamma in the bulk and
+uniform in log(1 - gamma) at a stiff data end (:func:`stiff_end_levels`, whose docstring says
+why: the field of a sharp posterior behaves like -(x - x1) / (1 - gamma) there), that evaluates
 the network once per step, at the midpoint, with the divergence: 3 network rows per step (the
 midpoint's primal and its 2 tangents) against 12 for RK4, at the same accuracy on the YFCC-size
 network (benchmarks/vs_reference.py). In R^3 it is RK4 on
@@ -27,10 +29,12 @@ estimator (a Monte Carlo mean over samples, no second ODE per sample).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from globeflow.core.guidance import GuidedField
-from globeflow.core.solvers import SOLVERS, SPHERE
+from globeflow.core.solvers import SOLVERS, SPHERE, TABLEAUS
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
 DEFAULT_LIKELIHOOD_STEPS = 48
@@ -38,13 +42,146 @@ DEFAULT_LIKELIHOOD_STEPS = 48
 against dopri5 at 1e-7 (two sets of 32 and 64 points): max |delta log p| 0.007-0.009 nats at
 48 midpoint steps (0.004 at 64), while 32-40 steps give 0.024-0.027. That network's time input
 oscillates faster than the steps, so the error does not fall steadily until the steps are fine
-enough. In bf16 the floor is 0.013-0.02 nats."""
+enough. In bf16 the floor is 0.013-0.02 nats. These are the *bulk* steps: a sharp posterior adds
+steps uniform in log(1 - gamma) at the data end (:func:`stiff_end_levels`; none on that network
+or the random test networks; 100-105 in all on a 1-km target)."""
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
 # in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
 # gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
 DIFFUSION_GAMMA_END = 1e-5
 """The diffusion ODE is singular at gamma = 0; it is integrated down to this signal level and
 scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
+
+
+STIFF_LOG_STEP = 0.35
+"""Largest step in log(1 - gamma) of :func:`stiff_end_levels` where the field is stiff: the
+steps there are STIFF_LOG_STEP (1 - gamma + floor) in gamma."""
+SHARPEST_LEVEL_FLOOR = 1e-5
+"""The smallest floor of the stiff-end grid, in 1 - gamma: the sharpest posterior supported
+has 1 - gamma ~ 1e-4 at its stiffest (an RFM kernel of 1 km RMS radius has width
+1 km / (1.71 x 6371 km) = 9.2e-5); the floor sits below it so that the steps keep resolving the
+field until it stops being stiff."""
+STIFFNESS_THRESHOLD = 0.1
+"""A signal level counts as stiff where (1 - gamma) |div v| / 2 reaches this: 1 where the
+field contracts like -(x - x1) / (1 - gamma), falling as (1 - gamma) / width below the
+posterior's width."""
+LIKELIHOOD_LOG_STEP = 0.15
+"""The likelihood's step in log(1 - gamma) at the stiff end. Its error is second order in it:
+on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 points each),
++0.04..+0.14 nats at 0.35, -0.08..+0.04 at 0.2, -0.006..+0.027 at 0.15 (its sign is set by how
+closely the divergence follows -2 / (1 - gamma + w)); 0.15 costs ~35% more time than 0.35, on
+sharp models only."""
+STIFF_FLOOR_RATIO = 4.0
+"""The stiff-end grid's floor is the field's width (:func:`stiff_width`) over this."""
+STIFFNESS_PROBE_POINTS = 8
+"""Points per image at which :func:`stiffness_floor` probes the divergence."""
+
+
+def stiff_end_levels(
+    start_level: float, bulk_steps: int, floor: float | None, log_step: float = STIFF_LOG_STEP
+) -> torch.Tensor:
+    """Signal levels from ``start_level`` (noise) to 1 (data), (S + 1,) float64, increasing.
+
+    With s = 1 - gamma, the step is h(s) = min(H, log_step (s + floor)), H = (1 -
+    start_level) / ``bulk_steps``: uniform in gamma in the bulk, uniform in log(s + floor)
+    where s < H / log_step. ``floor`` None (or not below H / log_step): ``bulk_steps`` steps
+    uniform in gamma. The stiff end adds about (log(H / (log_step floor)) - 1) / log_step steps.
+
+    Why: near the data end the field of a posterior of width w behaves like -(x - x1) / s
+    (x1 where it is heading) for s >> w, a rate 1 / s, and its divergence like -2 / s. Uniform
+    steps in gamma spend their last step on log(H / w) e-folds of it: the midpoint rule then
+    misses nats of the divergence integral 2 log(H / w) (6 nats at 1 km with 48 steps), and from
+    noise to data h |lambda| = H / w leaves the stability interval of the lagged midpoint rule
+    ([-1, 0]). Steps of log_step x s keep h |lambda| <= log_step (stable and accurate; from data
+    to noise the flow expands, and errors grow no faster than the solution). The points
+    themselves move at a nearly constant speed in gamma (along geodesics, d = d0 s from where
+    they head), which the midpoint rule in gamma follows exactly; only the divergence, ~1 / s,
+    needs the quadrature weights of :func:`divergence_weights`. Below s ~ w the field stops
+    steepening (its rate saturates near 1 / w), so steps of log_step x floor reach s = 0 in
+    about log(2) / log_step steps.
+    """
+    s_max = 1.0 - float(start_level)
+    h_bulk = s_max / bulk_steps
+    f = h_bulk / log_step if floor is None else min(max(float(floor), 1e-300), h_bulk / log_step)
+    knee = min(h_bulk / log_step - f, s_max)  # below it: geometric steps
+    c_knee = math.log1p(knee / f) / log_step
+    total = c_knee + (s_max - knee) / h_bulk  # the coordinate c(s) = int_0^s ds' / h(s')
+    steps = max(1, math.ceil(total - 1e-9))
+    c = torch.linspace(total, 0.0, steps + 1, dtype=torch.float64)
+    s = torch.where(c <= c_knee, f * torch.expm1(log_step * c), knee + (c - c_knee) * h_bulk)
+    s = s.clamp(0.0, s_max)
+    s[0], s[-1] = s_max, 0.0
+    return 1.0 - s
+
+
+def divergence_weights(
+    gammas: torch.Tensor, solver: str, width: float | None
+) -> torch.Tensor | None:
+    """Per-node factors (nodes of ``solver`` on ``gammas``) on the divergence term so that each
+    step integrates c / (1 - gamma + width) exactly (the shape of the divergence at the stiff
+    end), instead of only to second order; None where ``width`` is None (no stiff end). The
+    factors are 1 + O(h^2 / (1 - gamma + width)^2): ~1 in the bulk."""
+    if width is None:
+        return None
+    method = SOLVERS[solver]
+    levels = method.levels(gammas)
+    g = gammas.to(torch.float64)
+    a = float(width)
+    exact = torch.log((1.0 - g[:-1] + a) / (1.0 - g[1:] + a))  # int dgamma / (1 - gamma + a)
+    h = g[1:] - g[:-1]
+    if solver == "lagged-midpoint":
+        step, weight = torch.arange(len(levels)) - 1, torch.ones(len(levels), dtype=g.dtype)
+    else:
+        tableau = TABLEAUS[solver]
+        step = torch.arange(len(levels)) // tableau.stages
+        weight = torch.tensor(tableau.b, dtype=g.dtype).repeat(len(h))
+    weight[step < 0] = 0.0
+    step = step.clamp_min(0)
+    terms = weight * h[step] / (1.0 - levels.to(torch.float64) + a)
+    quadrature = torch.zeros_like(h).index_add_(0, step, terms)
+    factor = exact / quadrature.where(quadrature != 0, torch.ones_like(quadrature))
+    return factor[step].where(weight != 0, torch.ones_like(weight))
+
+
+@torch.no_grad()
+def stiff_width(
+    model,
+    emb: torch.Tensor,
+    x: torch.Tensor,
+    bulk_steps: int,
+    log_step: float = STIFF_LOG_STEP,
+    threshold: float = STIFFNESS_THRESHOLD,
+) -> float | None:
+    """Where the field at points x (B, M, 3) near the mass stops steepening, in s = 1 - gamma:
+    the w of a divergence shaped like -2 / (s + w), or None where the field is never stiff
+    (s |div| / 2 < ``threshold`` on the whole ladder: uniform steps suffice).
+
+    The ladder falls by 4 from H / log_step (H the bulk step) to
+    :data:`SHARPEST_LEVEL_FLOOR`; at each rung kappa = s max|div| / 2 over the first
+    :data:`STIFFNESS_PROBE_POINTS` points of each image (about s / (s + w)); w is the
+    smallest s (1 - kappa) / kappa over the rungs whose kappa reaches ``threshold``, never
+    below the sharpest level floor. One evaluation with the divergence per rung."""
+    noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
+    top = (1.0 - noise_level) / bulk_steps / log_step
+    ladder = []
+    while top >= SHARPEST_LEVEL_FLOOR and len(ladder) < 12:
+        ladder.append(top)
+        top /= 4.0
+    ladder.append(SHARPEST_LEVEL_FLOOR)
+    gammas = 1.0 - torch.tensor(ladder, dtype=torch.float64)
+    gammas = gammas.to(device=emb.device, dtype=emb.dtype)
+    field = GuidedField(model.network, emb, gammas)
+    probe = x[:, :STIFFNESS_PROBE_POINTS]
+    kappas = []
+    for node, s in enumerate(ladder):
+        _, div = field_and_divergence(model, probe, field, node, gammas[node])
+        kappas.append(min(s * float(div.abs().amax()) / 2.0, 1.0 - 1e-6))
+    stiff = [(s, k) for s, k in zip(ladder, kappas, strict=True) if k >= threshold]
+    if not stiff:
+        return None
+    # kappa ~ s / (s + w) reads w = s (1 - kappa) / kappa; a posterior with several scales
+    # (clusters of sharp modes) reads several: the smallest is the one the steps must reach.
+    return max(min(s * (1.0 - k) / k for s, k in stiff), SHARPEST_LEVEL_FLOOR)
 
 
 def field_and_divergence(
@@ -100,6 +237,8 @@ def log_prob_ode(
     spacing: str | None = None,
     precision: str = "fp32",
     method: str | None = None,
+    stiff: float | None = None,
+    log_step: float = LIKELIHOOD_LOG_STEP,
 ) -> torch.Tensor:
     """log p(x | emb) by the likelihood ODE from data to noise: x (B, M, 3), emb (B, D) -> (B, M).
 
@@ -116,7 +255,7 @@ def log_prob_ode(
     per_chunk = max(1, chunk_size // max(b, 1))
     with torch.no_grad():
         if method == "midpoint":
-            solve = _midpoint_log_prob(model, emb, steps, precision)
+            solve = _midpoint_log_prob(model, emb, steps, precision, stiff, log_step)
         elif method == "rk4":
             solve = _rk4_log_prob(model, emb, steps, spacing, precision)
         else:
@@ -125,34 +264,50 @@ def log_prob_ode(
     return torch.cat(parts, dim=1)
 
 
-def _path_field(model, field: GuidedField, levels: torch.Tensor):
-    """The solvers' field callable: velocity, and the divergence where a stage needs it."""
+def _path_field(
+    model, field: GuidedField, levels: torch.Tensor, div_factors: torch.Tensor | None = None
+):
+    """The solvers' field callable: velocity, and the divergence where a stage needs it
+    (times ``div_factors[node]``, :func:`divergence_weights`, where given)."""
 
     def velocity(z: torch.Tensor, node: int, with_divergence: bool):
-        if with_divergence:
-            return field_and_divergence(model, z, field, node, levels[node])
-        return model.velocity_from_output(z, field.output(z, node), levels[node]), None
+        if not with_divergence:
+            return model.velocity_from_output(z, field.output(z, node), levels[node]), None
+        v, div = field_and_divergence(model, z, field, node, levels[node])
+        return v, div if div_factors is None else div * div_factors[node].to(div.dtype)
 
     return velocity
 
 
-def _midpoint_log_prob(model, emb, steps: int, precision: str):
-    """Solver for chunks of points: data (gamma = 1) to noise, ``steps`` steps uniform in gamma,
-    with the lagged midpoint rule of :mod:`globeflow.core.solvers`: one evaluation per step, at
-    its midpoint, with the divergence (3 network rows). It matched the plain midpoint rule's
-    accuracy on the YFCC-size network at 3/4 of its cost, and RK4's at 1/4."""
+def _grid_floor(width: float | None) -> float | None:
+    """The floor of the stiff-end grid for a field that stops steepening at ``width``."""
+    return None if width is None else max(width / STIFF_FLOOR_RATIO, SHARPEST_LEVEL_FLOOR)
+
+
+def _midpoint_log_prob(
+    model, emb, steps: int, precision: str, stiff: float | None, log_step: float
+):
+    """Solver for chunks of points: data (gamma = 1) to noise with the lagged midpoint rule of
+    :mod:`globeflow.core.solvers` (one evaluation per step, at its midpoint, with the divergence:
+    3 network rows), on :func:`stiff_end_levels` with ``steps`` bulk steps; ``stiff`` None: the
+    field's width is probed at each chunk's points (:func:`stiff_width`; inf: no stiff end).
+    It matched the plain midpoint rule's accuracy on the YFCC-size network at 3/4 of its cost,
+    and RK4's at 1/4."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
     method = SOLVERS["lagged-midpoint"]
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
-    gammas = torch.linspace(1.0, noise_level, steps + 1, dtype=torch.float64)
-    gammas = gammas.to(device=emb.device, dtype=emb.dtype)
-    levels = method.levels(gammas)
-    field = GuidedField(model.network, emb, levels, precision=precision)
 
     def solve(x: torch.Tensor) -> torch.Tensor:
+        width = stiff_width(model, emb, x, steps, log_step) if stiff is None else stiff
+        width = None if width == math.inf else width
+        gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
+        factors = divergence_weights(gammas, "lagged-midpoint", width)
+        gammas = gammas.to(device=emb.device, dtype=emb.dtype)
+        levels = method.levels(gammas)
+        field = GuidedField(model.network, emb, levels, precision=precision)
         end, delta = method.integrate(
-            _path_field(model, field, levels), x, gammas, SPHERE, with_log_density=True
+            _path_field(model, field, levels, factors), x, gammas, SPHERE, with_log_density=True
         )
         # delta = log p_noise(end) - log p_data(x) along the flow.
         return model.base_log_prob(end) - delta
@@ -190,23 +345,42 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     return solve
 
 
+LOCALIZABILITY_BULK_STEPS = 16
+"""Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
+of :func:`stiff_end_levels` adds its steps (none on the random networks, 18 on the bundled
+model, 23-26 at 1 km)."""
+LOCALIZABILITY_SOLVER = "lagged-midpoint"
+"""Solver of the one-pass localizability estimate."""
+PILOT_SAMPLES = 8
+"""Samples per image of the pilot that locates the mass for :func:`stiff_width`."""
+PILOT_STEPS = 16
+"""Euler steps (on the published grid) of that pilot."""
+
+
 @torch.no_grad()
 def sample_with_log_density(
     model,
     emb: torch.Tensor,
     num_samples: int,
-    steps: int = 16,
+    steps: int = LOCALIZABILITY_BULK_STEPS,
     solver: str = "midpoint",
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     precision: str = "fp32",
+    stiff: float | None = None,
+    log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unguided samples of a sphere model and log p at each, in one pass.
 
     emb (B, D) -> (samples (B, N, 3) unit vectors, log p (B, N) natural log per steradian). The
-    sampler integrates noise -> data with ``steps`` steps of ``solver`` and carries
-    d log p / d gamma = -div v with the same tableau, so log p is exact up to the solver's
-    discretisation (second order for midpoint/Heun), with no randomness beyond the samples.
+    sampler integrates noise -> data with ``solver`` on :func:`stiff_end_levels` (``steps``
+    bulk steps uniform in gamma, plus steps uniform in log(1 - gamma) where the field is stiff)
+    and carries d log p / d gamma = -div v with the same tableau (divergence weights of
+    :func:`divergence_weights`), so log p is exact up to the solver's discretisation.
+    ``stiff``: the width where the field stops steepening (:func:`stiff_width`); None: probed
+    at a pilot of :data:`PILOT_SAMPLES` Euler samples per image (their own noise, so the
+    caller's random stream is untouched); inf: no stiff end (``steps`` uniform steps).
+    ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
     """
     if model.geometry is not SPHERE:
@@ -215,14 +389,25 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    gammas = model.sampling_levels(steps, emb)
+    width = _pilot_width(model, emb, steps, log_step) if stiff is None else stiff
+    width = None if width == math.inf else width
+    start = model.sampling_levels(steps, emb)[0]
+    gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
+    factors = divergence_weights(gammas, solver, width)
+    gammas = gammas.to(device=emb.device, dtype=emb.dtype)
     levels = method.levels(gammas)
     field = GuidedField(model.network, emb, levels, precision=precision)
-    with torch.no_grad():
-        x, delta = method.integrate(
-            _path_field(model, field, levels), x0, gammas, SPHERE, with_log_density=True
-        )
+    x, delta = method.integrate(
+        _path_field(model, field, levels, factors), x0, gammas, SPHERE, with_log_density=True
+    )
     return x, model.base_log_prob(x0) + delta
+
+
+def _pilot_width(model, emb: torch.Tensor, steps: int, log_step: float) -> float | None:
+    """:func:`stiff_width` at a few Euler samples per image (a fixed seed of their own)."""
+    pilot_noise = torch.Generator(device=emb.device).manual_seed(0)
+    pilot = model.sample_unit(emb, PILOT_SAMPLES, PILOT_STEPS, 0.0, None, pilot_noise)
+    return stiff_width(model, emb, pilot, steps, log_step)
 
 
 def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from globeflow.core.guidance import PRECISIONS
+from globeflow.core.likelihood import LOCALIZABILITY_BULK_STEPS, LOCALIZABILITY_SOLVER
 from globeflow.core.precision import fastest_precision
 from globeflow.core.time_grids import GRIDS
 
@@ -29,7 +30,8 @@ class SamplerSettings:
     ``grid``: a time grid of :mod:`globeflow.core.time_grids` (None: the solver's own);
     ``steps``: solver steps; ``precision``: "fp32", "bf16" or "auto"; ``num_samples``: samples
     per photo; ``guidance``: classifier-free guidance scale (None: the model's recommended one);
-    ``localizability_*``: the unguided samples, steps and solver of the localizability estimate.
+    ``localizability_*``: the unguided samples, (bulk) steps and solver of the localizability
+    estimate; a sharp posterior adds steps at the data end (:mod:`globeflow.core.likelihood`).
     """
 
     solver: str = "data-2m"
@@ -39,8 +41,8 @@ class SamplerSettings:
     num_samples: int = 1024
     guidance: float | None = None
     localizability_samples: int = 128
-    localizability_steps: int = 16
-    localizability_solver: str = "lagged-midpoint"
+    localizability_steps: int = LOCALIZABILITY_BULK_STEPS
+    localizability_solver: str = LOCALIZABILITY_SOLVER
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
