@@ -26,6 +26,7 @@ from globeflow.core.fusion import (
     systematic_resample,
     weighted_mean,
 )
+from globeflow.core.likelihood import LOCALIZABILITY_SOLVER
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
 
@@ -150,10 +151,13 @@ def single_sample(
     batch = num_samples
     while batch > 0:
         round_ += 1
-        if getattr(model, "geometry", None) is SPHERE and solver in SOLVERS:
+        if getattr(model, "geometry", None) is SPHERE:
+            # Samples and their log-densities from one pass: a solver that carries them (the
+            # data-prediction solvers do not; the localizability solver then draws both).
+            carries = solver in SOLVERS and SOLVERS[solver].carries_log_density
             x, log_p = model.sample_with_log_density(
                 emb, batch, max(steps, LIKELIHOOD_STEPS), generator, method="path",
-                solver=solver, precision=precision,
+                solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
             )  # fmt: skip
         else:
             x, log_p = model.sample_with_log_density(emb, batch, steps, generator)

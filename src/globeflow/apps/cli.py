@@ -599,6 +599,10 @@ def _listed_photos(inputs: list[Path]) -> list[Path]:
         return []  # nothing to protect; the run itself reports the inputs
 
 
+UNFUSED_SETTINGS = ("guidance", "localizability_samples", "grid")
+"""predict's settings that a fused answer does not take."""
+
+
 def _predict_in_memory(
     locator, photos, settings, small_outputs, map_dir, progress, *, same_place, region,
     fusion_proposals,
@@ -622,8 +626,8 @@ def _predict_in_memory(
             paths, progress=progress, with_density=False, within=region, **settings
         )
         if same_place:
-            fused = {k: v for k, v in settings.items() if k not in ("guidance",)}
-            fused.pop("localizability_samples", None)
+            # fusion samples the model's own density (no guidance) with its own localizability
+            fused = {k: v for k, v in settings.items() if k not in UNFUSED_SETTINGS}
             results, labels = _add_fused_answer(
                 locator, paths, results, labels, region, fusion_proposals, **fused
             )
