@@ -299,7 +299,15 @@ def _midpoint_log_prob(
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
-        width = stiff_width(model, emb, x, steps, log_step) if stiff is None else stiff
+        if stiff is None:  # each image's own width: its answer does not depend on the batch
+            widths = [
+                quantized_width(stiff_width(model, emb[i : i + 1], x[i : i + 1], steps, log_step))
+                for i in range(emb.shape[0])
+            ]
+            return by_width(widths, lambda rows, w: solve_at(x[rows], emb[rows], w))
+        return solve_at(x, emb, stiff)
+
+    def solve_at(x: torch.Tensor, emb: torch.Tensor, width: float) -> torch.Tensor:
         width = None if width == math.inf else width
         gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
         factors = divergence_weights(gammas, "lagged-midpoint", width)
@@ -389,8 +397,20 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    width = _pilot_width(model, emb, steps, log_step) if stiff is None else stiff
-    width = None if width == math.inf else width
+    if stiff is None:  # each image's own width: its answer does not depend on the batch
+        widths = [
+            quantized_width(_pilot_width(model, emb[i : i + 1], steps, log_step))
+            for i in range(emb.shape[0])
+        ]
+
+        def solve(rows: list[int], width: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return sample_with_log_density(
+                model, emb[rows], num_samples, steps, solver, None, x0[rows], precision,
+                stiff=width, log_step=log_step,
+            )  # fmt: skip
+
+        return by_width(widths, solve)
+    width = None if stiff == math.inf else stiff
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
     factors = divergence_weights(gammas, solver, width)
@@ -401,6 +421,36 @@ def sample_with_log_density(
         _path_field(model, field, levels, factors), x0, gammas, SPHERE, with_log_density=True
     )
     return x, model.base_log_prob(x0) + delta
+
+
+def quantized_width(width: float | None) -> float:
+    """A probed width rounded down to a power of 2 (a finer grid, never a coarser one), and
+    ``math.inf`` for none: images whose widths round alike share one solve."""
+    if width is None or width == math.inf:
+        return math.inf
+    return 2.0 ** math.floor(math.log2(width))
+
+
+def by_width(widths: list[float], solve):
+    """Run ``solve(rows, width)`` once per distinct width over the images (rows) that have it
+    and put the results (tensors, or tuples of tensors, with images first) back in order."""
+    groups: dict[float, list[int]] = {}
+    for i, w in enumerate(widths):
+        groups.setdefault(w, []).append(i)
+    if len(groups) == 1:
+        ((width, rows),) = groups.items()
+        return solve(rows, width)
+    parts = {width: solve(rows, width) for width, rows in groups.items()}
+    first = next(iter(parts.values()))
+    single = isinstance(first, torch.Tensor)
+    outs = [first] if single else list(first)
+    results = [torch.empty((len(widths), *o.shape[1:]), dtype=o.dtype, device=o.device)
+               for o in outs]  # fmt: skip
+    for width, rows in groups.items():
+        got = parts[width]
+        for out, part in zip(results, [got] if single else got, strict=True):
+            out[rows] = part
+    return results[0] if single else tuple(results)
 
 
 def _pilot_width(model, emb: torch.Tensor, steps: int, log_step: float) -> float | None:
