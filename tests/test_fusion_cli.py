@@ -5,28 +5,15 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_cli import tiny_model_dir  # noqa: F401 (the same tiny model fixture)
 from typer.testing import CliRunner
 
-import globeflow as gf
 from globeflow.apps.cli import app
-from globeflow.core.families import RiemannianFlowMatching
-from globeflow.core.network import Denoiser
-from globeflow.data.encoders import get_encoder
 
-ENCODER = "efficientnet-lite0"
 BOX = "-45,-100,75,120"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = RiemannianFlowMatching(Denoiser(dim=32, depth=2, cond_dim=get_encoder(ENCODER).dim))
-    path = tmp_path_factory.mktemp("model")
-    gf.save_model(model, path, metadata={"encoder": ENCODER})
-    return path
-
-
-def test_same_place_and_within_write_the_fused_answer(tmp_path, tiny_model_dir):
+def test_same_place_and_within_write_the_fused_answer(tmp_path, tiny_model_dir):  # noqa: F811
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, colour in (("a.jpg", (200, 30, 30)), ("b.jpg", (190, 40, 30))):
@@ -58,7 +45,7 @@ def test_same_place_and_within_write_the_fused_answer(tmp_path, tiny_model_dir):
     ("within", "message"),
     [("50,0,40,10", "latitudes must satisfy"), ("atlantis", "not a region"), ("QQ", "QQ")],
 )
-def test_bad_within_is_one_clear_line(tmp_path, tiny_model_dir, within, message):
+def test_bad_within_is_one_clear_line(tmp_path, tiny_model_dir, within, message):  # noqa: F811
     Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.jpg")
     args = ["predict", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir)]
     result = CliRunner().invoke(app, [*args, "--within", within])
@@ -67,7 +54,7 @@ def test_bad_within_is_one_clear_line(tmp_path, tiny_model_dir, within, message)
     assert len(lines) == 1 and lines[0].startswith("error: --within") and message in lines[0]
 
 
-def test_within_with_no_mass_inside_says_so(tmp_path, tiny_model_dir):
+def test_within_with_no_mass_inside_says_so(tmp_path, tiny_model_dir):  # noqa: F811
     Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.jpg")
     args = ["predict", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir), "--no-progress"]
     args += ["--num-samples", "16", "--steps", "2", "--within", "10,10,10.001,10.001"]

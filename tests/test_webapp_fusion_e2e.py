@@ -6,11 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_locator import FakeLocator  # noqa: E402
-from test_webapp_e2e import CHROMIUM_ARGS, _chromium, _photo, _start_server  # noqa: E402
+from test_webapp_e2e import _photo, _start_server, browser  # noqa: E402, F401 (fixture)
 
 
 class FusingFakeLocator(FakeLocator):
@@ -53,21 +51,7 @@ def _mass(region) -> dict:
     return {"probability": 0.42, "stderr": 0.03, "upper_95": 0.48, "region": region.to_dict()}
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright not installed (pip install playwright)"
-    )
-    exe = _chromium()
-    if exe is None:
-        pytest.skip("no Chromium executable (apt-get install chromium, or set GLOBEFLOW_CHROMIUM)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def test_same_place_switch_and_region_filter(browser, tmp_path) -> None:
+def test_same_place_switch_and_region_filter(browser, tmp_path) -> None:  # noqa: F811
     locator = FusingFakeLocator()
     url, server, thread = _start_server(locator)
     try:
