@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from globeflow.core.families.baselines import vmf_log_normalizer
 from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, latlon_grid, latlon_to_unit
 
 GEOSCORE_SCALE_KM = 1492.7
@@ -344,8 +345,7 @@ def sample_density_grid(
     else:
         bandwidth = torch.full((n,), cell, dtype=torch.float64)
     kappa = 1.0 / bandwidth**2
-    # log vMF normaliser on S^2, stable for large kappa: log(kappa / (2 pi (1 - e^{-2 kappa})))
-    log_norm = kappa.log() - math.log(2 * math.pi) - torch.log(-torch.expm1(-2 * kappa))
+    log_norm = vmf_log_normalizer(kappa)
     # float32 for the global (grid x samples) kernels: kappa <= 1 / (one grid cell)^2, so the
     # rounding of the cosines costs at most ~1e-4 nats, at a fraction of float64's time.
     units = latlon_to_unit(samples.double()).to(dtype)

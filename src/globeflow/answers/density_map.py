@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from globeflow.answers.zoom import KM_PER_DEG
 from globeflow.core.sphere import latlon_to_unit
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
@@ -180,7 +181,6 @@ MAX_PEAKS chains, on non-overlapping blocks, most samples first)."""
 MAX_BLOCK_REACH = 4
 """A zoom block reaches at most this many parent cells north and south of its centre (1 when
 the samples sit in the centre cell: 3 x 3 cells)."""
-KM_PER_DEGREE = 111.195
 
 
 def _row_areas(lat_centres: torch.Tensor, cell_deg: float) -> torch.Tensor:
@@ -261,7 +261,7 @@ def zoom_chain(
     "cell_km", "mass", "replaced_mass"}``: the patch's mass and the mass of the parent cells
     it replaces (longitudes may run past +-180 inside a patch)."""
     patches = []
-    while cell_deg * KM_PER_DEGREE > PEAK_CELL_KM:
+    while cell_deg * KM_PER_DEG > PEAK_CELL_KM:
         r, c = centre
         north, east = _block_reach(samples, float(lat[r]), float(lon[c % len(lon)]), cell_deg)
         rows = torch.arange(max(r - north, 0), min(r + north + 1, len(lat)))
@@ -283,7 +283,7 @@ def zoom_chain(
                 "lon": lon,
                 "log_density": values,
                 "cell_deg": cell_deg,
-                "cell_km": cell_deg * KM_PER_DEGREE,
+                "cell_km": cell_deg * KM_PER_DEG,
                 "mass": float(_mass(values, lat, cell_deg).sum()),
                 "replaced_mass": float(replaced),
             }
@@ -322,7 +322,7 @@ def refine_peaks(log_density: LogDensity, grid: dict, resolution_deg: float, sam
         )
     mass = float(_mass(grid["log_density"], grid["lat"], resolution_deg).sum())
     mass += sum(p["mass"] - p["replaced_mass"] for p in patches)
-    finest = min([p["cell_km"] for p in patches], default=resolution_deg * KM_PER_DEGREE)
+    finest = min([p["cell_km"] for p in patches], default=resolution_deg * KM_PER_DEG)
     evaluations = grid["evaluations"] + sum(p["log_density"].numel() for p in patches)
     return {
         **grid,

@@ -26,7 +26,7 @@ from globeflow.core.fusion import (
     systematic_resample,
     weighted_mean,
 )
-from globeflow.core.likelihood import LOCALIZABILITY_SOLVER
+from globeflow.core.likelihood import LOCALIZABILITY_SOLVER, pilot_width, quantized_width
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
 
@@ -149,15 +149,20 @@ def single_sample(
     xs, log_ps = [], []
     inside = drawn = round_ = 0
     batch = num_samples
+    on_sphere = getattr(model, "geometry", None) is SPHERE
+    path_steps = max(steps, LIKELIHOOD_STEPS)
+    # The photo's stiff-end width, probed once for every round (it does not change).
+    stiff = quantized_width(pilot_width(model, emb, path_steps)) if on_sphere else None
     while batch > 0:
         round_ += 1
-        if getattr(model, "geometry", None) is SPHERE:
+        if on_sphere:
             # Samples and their log-densities from one pass: a solver that carries them (the
             # data-prediction solvers do not; the localizability solver then draws both).
             carries = solver in SOLVERS and SOLVERS[solver].carries_log_density
             x, log_p = model.sample_with_log_density(
-                emb, batch, max(steps, LIKELIHOOD_STEPS), generator, method="path",
+                emb, batch, path_steps, generator, method="path",
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
+                stiff=stiff,
             )  # fmt: skip
         else:
             x, log_p = model.sample_with_log_density(emb, batch, steps, generator)

@@ -172,12 +172,11 @@ class Locator:
         }
         settings["guidance"] = float(settings["guidance"])
         n_loc = recipe.localizability_samples
-        if within is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(seed)
-            decode = (top_k, region_radius_km, with_density)
-            return self._locate_within(emb, within, settings, generator, decode)
         ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
         generators = photo_generators(seed, ids, self.model.device)
+        if within is not None:
+            decode = (top_k, region_radius_km, with_density)
+            return self._locate_within(emb, within, settings, generators, decode)
         with network_threads(_network_width(self.model)):
             parts = [
                 self._draw(emb[photos], settings, n_loc, generators[photos])
@@ -338,9 +337,10 @@ class Locator:
             "seed": seed,
         }
 
-    def _locate_within(self, emb, within, settings, generator, decode) -> list[dict]:
+    def _locate_within(self, emb, within, settings, generators, decode) -> list[dict]:
         """``locate_embeddings(within=...)``: each photo's density truncated to the region, by
-        rejection from its unguided samples, with P(region | photo)."""
+        rejection from its unguided samples (from its own random stream), with P(region |
+        photo)."""
         from globeflow.answers.fusion import draw_posterior, single_sample
 
         region = _as_region(within)
@@ -349,7 +349,7 @@ class Locator:
         n = settings["num_samples"]
         results = []
         with network_threads(_network_width(self.model)):
-            for i in range(emb.shape[0]):
+            for i, generator in enumerate(generators):
                 row = emb[i : i + 1]
                 sample = single_sample(
                     self.model, row, n, settings["steps"], generator, region, *options
@@ -420,8 +420,10 @@ class Locator:
         solver, precision = settings["solver"], settings["precision"]
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
-        # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver on the
-        # quadratic grid: only then are its samples the ones model.sample would draw.
+        # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver that carries
+        # log-densities, on its own grid (uniform in gamma, then in log(1 - gamma) at a stiff
+        # end): taken only where the asked-for recipe runs such a solver on its own grid, so the
+        # answer's samples come from the same kind of solve as asked, only finer at the end.
         one_pass = (
             solver in SOLVERS and SOLVERS[solver].carries_log_density
             and solver != getattr(model, "published_solver", None)

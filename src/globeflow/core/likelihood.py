@@ -399,7 +399,7 @@ def sample_with_log_density(
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
     if stiff is None:  # each image's own width: its answer does not depend on the batch
         widths = [
-            quantized_width(_pilot_width(model, emb[i : i + 1], steps, log_step))
+            quantized_width(pilot_width(model, emb[i : i + 1], steps, log_step))
             for i in range(emb.shape[0])
         ]
 
@@ -453,7 +453,9 @@ def by_width(widths: list[float], solve):
     return results[0] if single else tuple(results)
 
 
-def _pilot_width(model, emb: torch.Tensor, steps: int, log_step: float) -> float | None:
+def pilot_width(
+    model, emb: torch.Tensor, steps: int, log_step: float = STIFF_LOG_STEP
+) -> float | None:
     """:func:`stiff_width` at a few Euler samples per image (a fixed seed of their own)."""
     pilot_noise = torch.Generator(device=emb.device).manual_seed(0)
     pilot = model.sample_unit(emb, PILOT_SAMPLES, PILOT_STEPS, 0.0, None, pilot_noise)

@@ -27,6 +27,7 @@ import torch
 
 from globeflow.answers.decode import attach_truth
 from globeflow.answers.result_store import ResultWriter, check_resolved, remove_results
+from globeflow.data.coordinates import valid_latlon_mask
 from globeflow.data.embedding_store import iter_embedding_batches, store_parts
 from globeflow.jobs.distributed import (
     Placement,
@@ -283,10 +284,10 @@ def _store_batches(locator, items, mine, embeddings, batch_size, settings) -> It
                 f"{embeddings}: embeddings of encoder {table.encoder_name!r}, but the model "
                 f"takes {locator.encoder_name!r} ones"
             )
+        usable = valid_latlon_mask(table.latlon.numpy())  # the one coordinate check
         for j in range(len(table)):
             if position + j in wanted:
-                lat, lon = (float(v) for v in table.latlon[j])
-                truth = (lat, lon) if math.isfinite(lat) and math.isfinite(lon) else None
+                truth = tuple(float(v) for v in table.latlon[j]) if usable[j] else None
                 path = table.paths[j] or table.ids[j]
                 pending.append((table.ids[j], path, table.embeddings[j], truth))
             if len(pending) == batch_size:

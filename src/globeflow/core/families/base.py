@@ -417,6 +417,7 @@ class DenoisingModel(GeoModel):
         solver: str = "midpoint",
         precision: str = "fp32",
         noise: torch.Tensor | None = None,
+        stiff: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and log p at each (B, N).
 
@@ -425,7 +426,8 @@ class DenoisingModel(GeoModel):
         sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
         onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
         ``precision`` applies to the path method; ``noise`` (B, N, 3) is the initial state
-        (default: drawn from ``generator``).
+        (default: drawn from ``generator``). ``stiff``: the path method's stiff-end width
+        (:func:`~globeflow.core.likelihood.sample_with_log_density`; None: probed per image).
         """
         from globeflow.core.likelihood import sample_with_log_density
 
@@ -437,7 +439,7 @@ class DenoisingModel(GeoModel):
         if method != "path":
             raise ValueError(f"unknown density method {method!r}; choose path or ode")
         return sample_with_log_density(
-            self, emb, num_samples, steps, solver, generator, noise, precision
+            self, emb, num_samples, steps, solver, generator, noise, precision, stiff=stiff
         )
 
     published_solver: str = "euler"
