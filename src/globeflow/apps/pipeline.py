@@ -146,31 +146,11 @@ class Locator:
         :func:`globeflow.answers.within.parse_region`): answers from the model's density
         truncated to it, with the mass inside (``mass_inside``).
         """
-        recipe = (sampler or self.sampler).with_overrides(
-            num_samples=num_samples, guidance=guidance, steps=steps, precision=precision,
-            localizability_samples=localizability_samples,
+        recipe = self._recipe(
+            sampler, solver, grid, num_samples=num_samples, guidance=guidance, steps=steps,
+            precision=precision, localizability_samples=localizability_samples,
         )  # fmt: skip
-        if solver is not None:
-            recipe = dataclasses.replace(recipe, solver=solver, grid=grid)
-        elif grid is not None:
-            recipe = dataclasses.replace(recipe, grid=grid)
-        solver = solver_for(self.model, recipe.solver)
-        settings = {
-            "model": self.model_name,
-            "family": self.model.family,
-            "encoder": self.encoder.name,
-            "num_samples": recipe.num_samples,
-            "guidance": self.default_guidance if recipe.guidance is None else recipe.guidance,
-            "steps": recipe.steps,
-            "solver": solver,
-            "grid": recipe.grid if solver == recipe.solver else None,
-            "precision": recipe.resolved_precision(self.model.device),
-            "localizability_steps": recipe.localizability_steps,
-            "localizability_solver": recipe.localizability_solver,
-            "seed": seed,
-            "region_radius_km": region_radius_km,
-        }
-        settings["guidance"] = float(settings["guidance"])
+        settings = {**self._settings(recipe, seed), "region_radius_km": region_radius_km}
         n_loc = recipe.localizability_samples
         ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
         generators = photo_generators(seed, ids, self.model.device)
@@ -260,7 +240,10 @@ class Locator:
         )
 
         emb, names, skipped = self._embed_together(photos, names)
-        settings = self._unguided_settings(num_samples, steps, solver, precision, seed)
+        recipe = self._recipe(None, solver, None, num_samples=num_samples, steps=steps,
+                              precision=precision)  # fmt: skip
+        # Bayes' rule holds for the model's density: fused answers take no guidance.
+        settings = {**self._settings(recipe, seed), "guidance": 0.0}
         per_round = proposals_per_round or PROPOSALS_PER_ROUND
         settings.update(same_place=True, proposals_per_round=per_round)
         region = _as_region(within)
@@ -323,17 +306,33 @@ class Locator:
             raise ValueError(f"{len(labels)} names for {emb.shape[0]} photos")
         return emb, labels, skipped
 
-    def _unguided_settings(self, num_samples, steps, solver, precision, seed) -> dict:
-        """The settings block of answers from the model's density (guidance 0)."""
+    def _recipe(
+        self, sampler: SamplerSettings | None, solver: str | None, grid: str | None, **overrides
+    ) -> SamplerSettings:
+        """The locator's recipe (or ``sampler``) with the keyword settings that were given; a
+        solver given without a grid runs on its own grid."""
+        recipe = (sampler or self.sampler).with_overrides(**overrides)
+        if solver is not None:
+            return dataclasses.replace(recipe, solver=solver, grid=grid)
+        return dataclasses.replace(recipe, grid=grid) if grid is not None else recipe
+
+    def _settings(self, recipe: SamplerSettings, seed: int) -> dict:
+        """The ``settings`` block of an answer drawn with ``recipe`` (solver and precision as
+        this model and device run them)."""
+        solver = solver_for(self.model, recipe.solver)
+        guidance = self.default_guidance if recipe.guidance is None else recipe.guidance
         return {
             "model": self.model_name,
             "family": self.model.family,
             "encoder": self.encoder.name,
-            "num_samples": num_samples or DEFAULT_NUM_SAMPLES,
-            "guidance": 0.0,
-            "steps": steps or DEFAULT_STEPS,
-            "solver": self._solver(solver),
-            "precision": precision or DEFAULT_PRECISION,
+            "num_samples": recipe.num_samples,
+            "guidance": float(guidance),
+            "steps": recipe.steps,
+            "solver": solver,
+            "grid": recipe.grid if solver == recipe.solver else None,
+            "precision": recipe.resolved_precision(self.model.device),
+            "localizability_steps": recipe.localizability_steps,
+            "localizability_solver": recipe.localizability_solver,
             "seed": seed,
         }
 
@@ -380,13 +379,6 @@ class Locator:
         result = self._decode(samples, bits, stderr, settings, top_k, radius_km, with_density)[0]
         result.update(extra)
         return result
-
-    def _solver(self, solver: str | None) -> str | None:
-        """The requested solver, else the default where the model has it (baselines have none)."""
-        if solver is not None:
-            return solver
-        solvers = getattr(self.model, "solvers", ())
-        return DEFAULT_SOLVER if DEFAULT_SOLVER in solvers else None
 
     def _draw(
         self, emb: torch.Tensor, settings: dict, n_loc: int, generators: list[torch.Generator]
