@@ -59,10 +59,21 @@ def test_field_transports_noise_to_the_closed_form_density(kernel_km):
     assert torch.allclose(solved, exact, atol=1e-3)
 
 
-def test_null_embedding_gives_the_uniform_field():
-    target = MixtureTarget.from_latlon(torch.tensor([[0.0, 0.0]]), width=1e-3)
-    model = exact_rfm_model([target])
-    x = model.sample(torch.zeros(1, 1, dtype=torch.float64), 256, 4, generator=torch.Generator())
-    # uniform samples: mean of z near 0 (sd 1/sqrt(3 * 256))
-    z = torch.sin(torch.deg2rad(x[0, :, 0]))
-    assert abs(float(z.mean())) < 5 / math.sqrt(3 * 256)
+def test_null_embedding_gives_the_mixture_of_all_targets():
+    """The null condition is the unconditional model: its samples split between the targets
+    by the prior weights (an exact mixture of flows), so guided fields are exact too."""
+    north = MixtureTarget.from_latlon(torch.tensor([[60.0, 10.0]]), width=1e-3)
+    south = MixtureTarget.from_latlon(torch.tensor([[-30.0, 150.0]]), width=1e-3)
+    model = exact_rfm_model([north, south], condition_weights=torch.tensor([0.75, 0.25]))
+    n = 512
+    x = model.sample(
+        torch.zeros(1, 2, dtype=torch.float64), n, 64, generator=torch.Generator().manual_seed(0)
+    )
+    share_north = float((x[0, :, 0] > 0).double().mean())
+    # Binomial(512, 0.75): 5 standard errors; every sample lands on one of the two atoms.
+    assert abs(share_north - 0.75) < 5 * math.sqrt(0.75 * 0.25 / n)
+    atoms = torch.tensor([[60.0, 10.0], [-30.0, 150.0]], dtype=torch.float64)
+    from globeflow.core.sphere import haversine_km
+
+    nearest = haversine_km(x[0, :, None, :], atoms[None]).min(-1).values
+    assert float(nearest.max()) < 50.0

@@ -151,11 +151,17 @@ class ExactMixtureNetwork(nn.Module):
     """Stand-in for :class:`~globeflow.core.network.Denoiser` whose output is the exact RFM field
     of one of several :class:`MixtureTarget`, chosen by a one-hot embedding (B, K).
 
-    The all-zeros (null) embedding selects no target; its field is zero (the uniform density),
-    so classifier-free guidance with it is defined, though only guidance 0 samples the targets.
+    The all-zeros (null) embedding is the unconditional model: the mixture of all targets with
+    the prior weights ``condition_weights`` (default: equal), whose exact field is the
+    density-weighted mean of the targets' fields (a mixture of flows moves with the mean of its
+    components' velocities, each weighted by its share of the density at the point). So
+    classifier-free guidance (1 + w) v(x | c) - w v(x | null) is exact too; guidance 0 samples
+    the targets.
     """
 
-    def __init__(self, targets: list[MixtureTarget]):
+    def __init__(
+        self, targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None
+    ):
         super().__init__()
         m = max(t.atoms.shape[0] for t in targets)
         atoms = torch.zeros(len(targets), m, 3, dtype=torch.float64)
@@ -169,6 +175,12 @@ class ExactMixtureNetwork(nn.Module):
         self.register_buffer(
             "widths", torch.tensor([t.width for t in targets], dtype=torch.float64)
         )
+        prior = (
+            torch.ones(len(targets), dtype=torch.float64)
+            if condition_weights is None
+            else torch.as_tensor(condition_weights, dtype=torch.float64)
+        )
+        self.register_buffer("log_condition_weights", torch.log(prior / prior.sum()))
         self.targets = targets
         self.config = {"cond_dim": len(targets), "dim": None}
         # GeoModel.prepare_embeddings takes the dtype of the first parameter: float64 here.
@@ -185,14 +197,38 @@ class ExactMixtureNetwork(nn.Module):
         embs = emb[None, :, None, :].expand(len(gammas), *emb.shape[:1], 1, emb.shape[1])
         return Conditioning(blocks=[], final=torch.cat([tau, embs], dim=-1))
 
-    def _field(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        tau, onehot = cond.final[:, 0, 0], cond.final[:, 0, 1:]
-        chosen = onehot.argmax(-1)
-        live = onehot.sum(-1) > 0.5
+    def _target_field(
+        self, y: torch.Tensor, tau: torch.Tensor, chosen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Field d y / d tau (B, N, 3) of targets ``chosen`` (B,) at model level tau (B,), and
+        their log-density (B, N) at y (kernel fallback outside every support)."""
         gamma_end = 1.0 - self.widths[chosen]
         gamma = (gamma_end * tau).clamp(max=1.0 - 1e-300)
-        v = marginal_velocity(y, self.atoms[chosen], self.log_weights[chosen], gamma)
-        return torch.where(live[:, None, None], gamma_end[:, None, None] * v, torch.zeros_like(v))
+        atoms, log_w = self.atoms[chosen], self.log_weights[chosen]
+        v = marginal_velocity(y, atoms, log_w, gamma)
+        log_post, _ = _atom_log_weights(y, atoms, log_w, 1.0 - gamma)
+        return gamma_end[:, None, None] * v, torch.logsumexp(log_post, dim=-1)
+
+    def _unconditional_field(self, y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """The null condition's field (B, N, 3): the targets' fields weighted by prior x
+        density at y."""
+        fields, log_mass = [], []
+        for k in range(len(self.targets)):
+            chosen = torch.full_like(tau, k, dtype=torch.long)
+            v, log_p = self._target_field(y, tau, chosen)
+            fields.append(v)
+            log_mass.append(log_p + self.log_condition_weights[k])
+        share = torch.softmax(torch.stack(log_mass), dim=0)  # (K, B, N)
+        return (share[..., None] * torch.stack(fields)).sum(0)
+
+    def _field(self, y: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        tau, onehot = cond.final[:, 0, 0], cond.final[:, 0, 1:]
+        live = onehot.sum(-1) > 0.5
+        v, _ = self._target_field(y, tau, onehot.argmax(-1))
+        if bool(live.all()):
+            return v
+        null = self._unconditional_field(y, tau)
+        return torch.where(live[:, None, None], v, null)
 
     def forward_conditioned(self, y, cond, precision="fp32"):
         return self._field(y, cond)
@@ -218,11 +254,15 @@ class ExactMixtureNetwork(nn.Module):
         return sample_mixture(t.atoms, t.weights, t.width, num_samples, generator)
 
 
-def exact_rfm_model(targets: list[MixtureTarget]):
-    """A float64 RFM model whose network is the exact field of ``targets`` (one-hot embeddings)."""
+def exact_rfm_model(
+    targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None
+):
+    """A float64 RFM model whose network is the exact field of ``targets`` (one-hot embeddings;
+    the null embedding: their mixture with prior ``condition_weights``, default equal)."""
     from globeflow.core.families import RiemannianFlowMatching
 
-    return RiemannianFlowMatching(ExactMixtureNetwork(targets)).double().eval()
+    network = ExactMixtureNetwork(targets, condition_weights)
+    return RiemannianFlowMatching(network).double().eval()
 
 
 def angle_km(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
