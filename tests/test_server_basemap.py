@@ -89,3 +89,25 @@ def test_the_page_loads_the_vendored_map_library() -> None:
     assert "Leaflet 1.9.4" in client.get("/static/vendor/leaflet/leaflet.js").text[:200]
     assert "Redistribution and use" in client.get("/static/vendor/leaflet/LICENSE").text
     assert "cdn" not in page.lower() and "unpkg" not in page.lower()
+
+
+def test_a_non_editable_install_carries_the_map() -> None:
+    """The package-data globs of pyproject.toml hold every file the map needs."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+
+    repo = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = globs["package-data"]["globeflow"]
+    package = repo / "src" / "globeflow"
+    needed = [
+        *(package / "apps" / "static" / "vendor" / "leaflet").rglob("*"),
+        package / "apps" / "static" / "map.js",
+        *(package / "assets" / "basemap").glob("*.json"),
+    ]
+    files = [p.relative_to(package).as_posix() for p in needed if p.is_file()]
+    assert len(files) >= 12
+    for name in files:
+        assert any(fnmatch.fnmatch(name, p.replace("**/", "")) or fnmatch.fnmatch(name, p)
+                   for p in patterns), name  # fmt: skip

@@ -1,9 +1,9 @@
 """The web page in a real headless browser (Playwright + Chromium): exact assertions against a
 fake locator, and one run of the real pipeline (bundled model + offline encoder).
 
-Skips when Playwright or a Chromium executable is missing. Set GLOBEFLOW_SCREENSHOT=1 to save
-the real-model screenshot to docs/screenshot.png (or GLOBEFLOW_SCREENSHOT=path.png), else
-screenshots go to tmp.
+Skips when Playwright or a Chromium executable is missing. Screenshots go to tmp; the README's
+(docs/screenshot.png, a street-scale answer) is written by tests/test_webapp_map.py when
+GLOBEFLOW_SCREENSHOT=1 (or GLOBEFLOW_SCREENSHOT=path.png).
 """
 
 from __future__ import annotations
@@ -256,8 +256,7 @@ def test_real_pipeline_in_the_browser(browser, tmp_path) -> None:
         lat, _ = read_exif_gps(photo)
         assert f"{abs(lat):.3f}" in card.locator("[data-testid=truth]").inner_text()
         assert re.search(r"\d", card.locator("[data-testid=error-km]").inner_text())
-        out = _screenshot_path(tmp_path, real=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = _screenshot_path(tmp_path)
         page.screenshot(path=str(out), full_page=True)
         assert not errors, errors
         page.close()

@@ -1,7 +1,8 @@
 """The page's interactive map in a real headless browser (Playwright + Chromium): zoom and pan
 by mouse and keyboard, layer toggles, a sharp answer opening on its region and the table's rows
 zooming to theirs, the offline base map when tiles are unreachable and tiles from a local tile
-server when they are reachable.
+server when they are reachable. GLOBEFLOW_SCREENSHOT=1 saves the sharp answer's page as
+docs/screenshot.png (the README's screenshot).
 
 Skips like tests/test_webapp_e2e.py when Playwright or Chromium is missing. No test reaches the
 network: tiles come from a server on loopback, or from a loopback port nothing listens on.
@@ -21,7 +22,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_locator import LOUVRE, SHARP_MODES, FakeLocator  # noqa: E402
 from _live_server import free_port  # noqa: E402
-from test_webapp_e2e import _photo, _start_server, browser, server_url  # noqa: E402, F401
+from test_webapp_e2e import (  # noqa: E402, F401 (fixtures)
+    REPO,
+    _photo,
+    _screenshot_path,
+    _start_server,
+    browser,
+    server_url,
+)
 from test_webapp_sharp import sharp_url  # noqa: E402, F401 (fixture)
 
 TILE_RGB = (255, 0, 255)  # a colour no other layer of the page uses
@@ -139,7 +147,9 @@ def test_zoom_pan_and_layer_toggles_by_mouse_and_keyboard(browser, server_url, t
 
 def test_a_sharp_answer_opens_on_its_region_with_town_names(browser, sharp_url, tmp_path):  # noqa: F811
     errors: list[str] = []
-    page, the_map = _open(browser, sharp_url, _photo(tmp_path / "street.jpg"), errors)
+    photo = REPO / "examples" / "paris.jpg"  # its EXIF GPS: the Arc de Triomphe
+    photo = photo if photo.is_file() else _photo(tmp_path / "street.jpg")
+    page, the_map = _open(browser, sharp_url, photo, errors)
     view = _view(the_map)
     assert view["zoom"] >= 12  # a window of a few km, not the world
     for (lat, lon), _, _ in SHARP_MODES:  # both modes in view
@@ -150,6 +160,11 @@ def test_a_sharp_answer_opens_on_its_region_with_town_names(browser, sharp_url, 
     towns = the_map.locator(".gf-town").all_inner_texts()
     assert any(t.startswith("Paris") for t in towns), towns
     assert "Natural Earth" in the_map.locator(".leaflet-control-attribution").inner_text()
+    # GLOBEFLOW_SCREENSHOT=1: this page is the README's screenshot (docs/screenshot.png)
+    out = _screenshot_path(tmp_path, real=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    assert out.stat().st_size > 50_000
 
     # a row of the table zooms the map to its region
     page.locator("[data-testid=region-row]").nth(1).click()
