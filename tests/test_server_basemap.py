@@ -26,6 +26,9 @@ def test_the_page_is_told_which_tiles_to_try() -> None:
     assert "OpenStreetMap" in config["tiles"]["attribution"]
     assert "Natural Earth" in config["offline_attribution"]
     assert _client(tiles=None).get("/v1/map").json()["tiles"] is None
+    assert _client(tiles="none").get("/v1/map").json()["tiles"] is None
+    with pytest.raises(ValueError, match="lacks"):
+        create_app(FakeLocator(), tiles="https://tiles.example/{z}.png")
     mirror = "http://127.0.0.1:9/{z}/{x}/{y}.png"
     assert _client(tiles=mirror).get("/v1/map").json()["tiles"]["url"] == mirror
 

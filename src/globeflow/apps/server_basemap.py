@@ -45,8 +45,11 @@ def parse_tiles(value: str | None) -> str | None:
 
 
 def add_basemap_routes(app: FastAPI, tiles: str | None) -> None:
-    """Register ``/v1/map``, ``/v1/basemap/{layer}`` and ``/v1/places`` on ``app``."""
+    """Register ``/v1/map``, ``/v1/basemap/{layer}`` and ``/v1/places`` on ``app``; ``tiles``
+    as :func:`parse_tiles` reads it (``ValueError`` for a template it refuses)."""
     from globeflow.answers.basemap import basemap_path
+
+    tiles = parse_tiles(tiles)
 
     @app.get("/v1/map", tags=["map"])
     async def map_config() -> dict:
