@@ -83,6 +83,11 @@ def _east_asia_map(**kwargs):
     )
 
 
+def labelled(ax, gid: str) -> list:
+    """The texts of one kind on a map: region-label, town-label, admin1-label or caption."""
+    return [t for t in ax.texts if t.get_gid() == gid]
+
+
 def _overlap(a, b) -> float:
     w = min(a.x1, b.x1) - max(a.x0, b.x0)
     h = min(a.y1, b.y1) - max(a.y0, b.y0)
@@ -100,15 +105,16 @@ def test_region_labels_cover_no_label_marker_or_legend() -> None:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
-    labels = [t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts]
+    texts = labelled(ax, "region-label")
+    labels = [t.get_bbox_patch().get_window_extent(renderer) for t in texts]
     assert len(labels) == 5
     for i in range(5):
         for j in range(i):
-            assert _overlap(labels[i], labels[j]) == 0, (ax.texts[i].get_text(), j)
+            assert _overlap(labels[i], labels[j]) == 0, (texts[i].get_text(), j)
     avoid = [_marker_extent(fig, 37.3, 127.3, 160), _marker_extent(fig, 35.6, 139.6, 90)]
     avoid += [_marker_extent(fig, lat, lon, 40) for lat, lon, *_ in EAST_ASIA]
     avoid.append(ax.get_legend().get_window_extent(renderer))
-    for text, box in zip(ax.texts, labels):
+    for text, box in zip(texts, labels):
         assert all(_overlap(box, a) == 0 for a in avoid), text.get_text()
         assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
     # label 2 sat under the best-guess star before; now it is next to its own circle
@@ -119,6 +125,7 @@ def test_region_labels_cover_no_label_marker_or_legend() -> None:
 def test_label_placement_is_deterministic() -> None:
     first = [t.get_position() for t in _east_asia_map().axes[0].texts]
     again = [t.get_position() for t in _east_asia_map().axes[0].texts]
+    assert len(first) > 5  # the region labels and the base map's names
     assert first == again
 
 
@@ -154,6 +161,97 @@ def test_map_names_regions_as_the_table_does() -> None:
          "place": {"city": "Seoul", "region": "Seoul", "country": "South Korea"}},
     ]  # fmt: skip
     fig = draw_map(np.zeros((0, 2)), regions=regions)
-    texts = [t.get_text() for t in fig.axes[0].texts]
+    texts = [t.get_text() for t in labelled(fig.axes[0], "region-label")]
     # the pipeline's label where there is one, else the same rule (a 500 km region: its country)
     assert texts == ["1. Japan 50%", "2. South Korea 30%"]
+
+
+# ---- the offline base map at the map's scale -------------------------------------------------
+
+MILLAU = (44.098, 3.078)
+
+
+def _inside_ring(lat: float, lon: float, ring: np.ndarray) -> bool:
+    """Even-odd rule for one ring (K, 2) [lon, lat]."""
+    x, y = ring[:, 0], ring[:, 1]
+    crosses = (y[:-1] > lat) != (y[1:] > lat)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x[:-1] + (lat - y[:-1]) * (x[1:] - x[:-1]) / (y[1:] - y[:-1])
+    return bool(np.sum(crosses & (lon < at)) % 2)
+
+
+def test_basemap_layers_hold_city_scale_detail() -> None:
+    from globeflow.answers.basemap import admin1_in, country_rings, lines_in, places_in
+
+    provence = (43.0, 44.0, 4.5, 6.0)
+    coast = lines_in("coastlines", provence)
+    points = np.concatenate(coast)
+    # the Marseille coast at 1:10m: hundreds of points, none more than ~0.5 degree apart
+    assert len(points) > 300
+    assert max(np.abs(np.diff(line, axis=0)).max() for line in coast) < 0.5
+    assert lines_in("admin1", provence) and lines_in("borders", (43.5, 44.5, 6.5, 8.0))
+    towns = [p.name for p in places_in(provence, limit=5)]
+    assert towns[0] == "Marseille" and "Toulon" in towns
+    assert "Provence-Alpes-Cote d'Azur" in [r.name for r in admin1_in(provence)]
+    france = country_rings("FR")
+    assert any(_inside_ring(48.85, 2.35, ring) for ring in france)
+    assert not any(_inside_ring(51.5, -0.12, ring) for ring in france)  # London
+    assert country_rings("XX") == []
+
+
+def test_small_windows_list_villages_and_wide_ones_only_towns() -> None:
+    from globeflow.answers.basemap import places_in
+
+    small = places_in((44.06, 44.14, 3.0, 3.12), limit=20)
+    assert small[0].name == "Millau" and small[0].population > 15000
+    villages = [p for p in small if p.population is None]
+    assert villages and all(44.06 <= p.lat <= 44.14 and 3.0 <= p.lon <= 3.12 for p in villages)
+    wide = places_in((40.0, 50.0, -5.0, 10.0), limit=50)
+    assert all(p.population and p.population >= 15000 for p in wide)
+    populations = [p.population for p in wide]
+    assert populations == sorted(populations, reverse=True)
+
+
+def test_windows_across_the_antimeridian_get_their_context_turned_into_them() -> None:
+    from globeflow.answers.basemap import lines_in, places_in
+
+    window = (-19.0, -15.0, 177.0, 183.0)  # Fiji, across 180
+    points = np.concatenate(lines_in("coastlines", window))
+    assert points[:, 0].min() >= 177.0 - 10 and points[:, 0].max() > 180.0
+    towns = places_in(window)
+    assert towns and all(177.0 <= t.lon <= 183.0 for t in towns)
+
+
+def test_a_two_km_answer_shows_which_town_it_is_in() -> None:
+    """Zoomed to a 2-km answer at the edge of Millau, the map names Millau and the villages
+    around, draws their built-up disks, and a caption names the region and country; no name
+    covers another, a marker, the legend or a region's label."""
+    rng = np.random.default_rng(1)
+    guess = (44.095, 3.065)
+    samples = rng.normal(guess, [0.006, 0.008], size=(400, 2))
+    regions = [{"lat": guess[0], "lon": guess[1], "probability": 0.9, "radius_km": 1.0,
+                "label": "Millau, Occitanie, France"}]  # fmt: skip
+    fig = draw_map(samples, best_guess=guess, regions=regions, truth=MILLAU)
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] - ax.get_ylim()[0] < 0.1  # a window of a few km
+    towns = [t.get_text() for t in labelled(ax, "town-label")]
+    assert "Millau" in towns and len(towns) >= 2
+    caption = labelled(ax, "caption")[0].get_text()
+    assert "France" in caption and "Pyrenees" in caption
+    assert any(p.get_gid() is None and type(p).__name__ == "Ellipse" for p in ax.patches)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    names = [t.get_window_extent(renderer) for t in labelled(ax, "town-label")]
+    taken = [t.get_bbox_patch().get_window_extent(renderer) for t in labelled(ax, "region-label")]
+    taken += [ax.get_legend().get_window_extent(renderer)]
+    taken += [_marker_extent(fig, *guess, 160), _marker_extent(fig, *MILLAU, 90)]
+    for i, box in enumerate(names):
+        assert all(_overlap(box, other) == 0 for other in names[:i] + taken)
+        assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
+
+
+def test_a_world_map_keeps_the_light_outlines() -> None:
+    fig = draw_map(np.random.default_rng(0).uniform([-60, -180], [60, 180], (300, 2)))
+    ax = fig.axes[0]
+    assert not labelled(ax, "town-label") and not labelled(ax, "caption")
+    assert len(ax.collections) >= 2  # coastlines and borders of assets/world_coastlines.json

@@ -155,6 +155,8 @@ def test_serve_names_an_unknown_encoder_as_predict_does() -> None:
         (["--max-upload-mb", "-1"], "--max-upload-mb -1.0: must be a finite number > 0"),
         (["--max-upload-mb", "nan"], "--max-upload-mb nan: must be a finite number > 0"),
         (["--host", "no-such-host.invalid"], "no-such-host.invalid: cannot listen"),
+        (["--tiles", "ftp://tiles.example/{z}/{x}/{y}.png"], "not an http(s) URL"),
+        (["--tiles", "https://tiles.example/{z}/{x}.png"], "the URL template lacks {y}"),
     ],
 )
 def test_serve_refuses_settings_before_loading_a_model(args, expected) -> None:

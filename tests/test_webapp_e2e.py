@@ -1,9 +1,9 @@
 """The web page in a real headless browser (Playwright + Chromium): exact assertions against a
 fake locator, and one run of the real pipeline (bundled model + offline encoder).
 
-Skips when Playwright or a Chromium executable is missing. Set GLOBEFLOW_SCREENSHOT=1 to save
-the real-model screenshot to docs/screenshot.png (or GLOBEFLOW_SCREENSHOT=path.png), else
-screenshots go to tmp.
+Skips when Playwright or a Chromium executable is missing. Screenshots go to tmp; the README's
+(docs/screenshot.png, a street-scale answer) is written by tests/test_webapp_map.py when
+GLOBEFLOW_SCREENSHOT=1 (or GLOBEFLOW_SCREENSHOT=path.png).
 """
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def browser():
         b.close()
 
 
-def _start_server(locator):
+def _start_server(locator, tiles=None):
+    """A live server; ``tiles`` None: the page's offline base map only (no network in tests)."""
     from _live_server import start_live_server
 
     from globeflow.apps.server import create_app
 
-    port, server, thread = start_live_server(create_app(locator))
+    port, server, thread = start_live_server(create_app(locator, tiles=tiles))
     return f"http://127.0.0.1:{port}", server, thread
 
 
@@ -167,27 +168,19 @@ def test_upload_shows_map_regions_and_best_guess(browser, server_url, tmp_path) 
     assert card.locator("[data-testid=spinner]").is_hidden()
     assert card.locator("[data-testid=error]").is_hidden()
 
-    canvas = card.locator("[data-testid=map-canvas]")
-    assert canvas.is_visible()
-    # the canvas was really drawn on: coastline ink, the red density and more than a few colours
-    stats = canvas.evaluate(
-        """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                  let dark = 0, red = 0; const colours = new Set();
-                  for (let i = 0; i < d.length; i += 4 * 7) {
-                    if (d[i] < 90 && d[i + 1] < 100 && d[i + 2] < 120) dark++;
-                    if (d[i] > 200 && d[i + 1] < 170 && d[i + 2] < 170) red++;
-                    colours.add((d[i] >> 4) * 256 + (d[i + 1] >> 4) * 16 + (d[i + 2] >> 4)); }
-                  return {w: c.width, h: c.height, dark, red, colours: colours.size}; }"""
-    )
-    assert stats["w"] >= 400 and abs(stats["w"] - 2 * stats["h"]) <= 2
-    assert stats["dark"] > 100 and stats["red"] > 20 and stats["colours"] > 20, stats
-    assert card.locator("[data-testid=thumbnail]").evaluate("i => i.naturalWidth") > 0
-
-    zoom = card.locator("[data-testid=zoom-toggle]")
-    assert zoom.inner_text() == "Show whole world"
-    zoom.click()
-    assert zoom.inner_text() == "Zoom to answer"
-    zoom.click()
+    # the interactive map: the density, the three regions, the best guess and the truth
+    the_map = card.locator("[data-testid=map]")
+    assert the_map.is_visible()
+    box = the_map.bounding_box()
+    assert box["width"] >= 400 and abs(box["width"] - 2 * box["height"]) <= 3
+    layers = the_map.evaluate("e => Object.keys(e.globeflowMap.overlays)")
+    assert layers == ["Probability density", "Samples (1024)", "Top regions", "Best guess",
+                      "True location (EXIF GPS)"]  # fmt: skip
+    assert the_map.locator(".gf-region").count() == 3
+    assert the_map.locator(".gf-star").count() == 1 and the_map.locator(".gf-truth").count() == 1
+    assert the_map.get_attribute("data-base") == "offline"
+    # an answer without a window (map_extent) is shown on the whole world: nothing to toggle
+    assert card.locator("[data-testid=zoom-toggle]").is_hidden()
 
     # client-side downloads
     with page.expect_download() as dl:
@@ -263,8 +256,7 @@ def test_real_pipeline_in_the_browser(browser, tmp_path) -> None:
         lat, _ = read_exif_gps(photo)
         assert f"{abs(lat):.3f}" in card.locator("[data-testid=truth]").inner_text()
         assert re.search(r"\d", card.locator("[data-testid=error-km]").inner_text())
-        out = _screenshot_path(tmp_path, real=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = _screenshot_path(tmp_path)
         page.screenshot(path=str(out), full_page=True)
         assert not errors, errors
         page.close()

@@ -74,6 +74,19 @@ def test_same_place_switch_and_region_filter(browser, tmp_path) -> None:  # noqa
         assert "effective sample size 321" in fused.locator("[data-testid=settings]").inner_text()
         mass = fused.locator("[data-testid=mass-inside]").inner_text()
         assert "42%" in mass and "France (FR)" in mass
+        # the fused answer's map: the region it was limited to and each photo's best guess
+        fused_map = fused.locator("[data-testid=map]")
+        layers = fused_map.evaluate("e => Object.keys(e.globeflowMap.overlays)")
+        assert "Only-inside region" in layers and "Each photo's best guess" in layers
+        france = fused_map.evaluate(
+            """e => { const b = e.globeflowMap.overlays['Only-inside region'].getBounds();
+                      return [b.getSouth(), b.getNorth(), b.getWest(), b.getEast()]; }"""
+        )  # France's polygons, overseas departments included: Paris inside
+        assert france[0] < 48.85 < france[1] and france[2] < 2.35 < france[3]
+        photos = fused_map.evaluate(
+            'e => e.globeflowMap.overlays["Each photo\'s best guess"].getLayers().length'
+        )
+        assert photos == 2
         single = page.locator("[data-testid=result-card]").first
         assert "France (FR)" in single.locator("[data-testid=mass-inside]").inner_text()
         assert locator.regions.count("France (FR)") == 2

@@ -139,7 +139,8 @@ def test_a_sharp_map_shows_its_window_with_a_scale_bar_and_a_world_inset():
     assert [t.get_text() for t in fig.texts] == ["1 km"]  # a fifth of the ~6 km wide window
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    label = ax.texts[0].get_bbox_patch().get_window_extent(renderer)
+    first = next(t for t in ax.texts if t.get_gid() == "region-label")
+    label = first.get_bbox_patch().get_window_extent(renderer)
     assert not label.overlaps(inset.get_window_extent(renderer))
     world = draw_map(np.random.default_rng(0).uniform([-60, -180], [60, 180], (300, 2)))
     assert len(world.axes) == 1 and world.axes[0].get_xlim() == (-180, 180)

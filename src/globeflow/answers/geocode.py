@@ -23,6 +23,7 @@ __all__ = [
     "region_label",
     "country_name",
     "format_km",
+    "gazetteer",
 ]
 
 
@@ -194,6 +195,13 @@ def _get_geocoder() -> _CityIndex:
             if _geocoder is None:
                 _geocoder = _CityIndex()
     return _geocoder
+
+
+def gazetteer() -> tuple[np.ndarray, list[str], list[str], list[str]]:
+    """The GeoNames places (population >= 1000) that answers are named after: (lat, lon) (P, 2)
+    degrees, names, admin-1 names and ISO country codes (P,)."""
+    index = _get_geocoder()
+    return index.latlon, index.columns["name"], index.columns["admin1"], index.columns["cc"]
 
 
 def _as_array(latlon: object) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""PNG maps (equirectangular) drawn with offline Natural Earth coastlines.
+"""PNG maps (equirectangular) drawn with offline Natural Earth and GeoNames context.
 
 A map shows the window that holds the answer (:func:`globeflow.answers.zoom.answer_extent`), with
-a scale bar and a world inset that marks the window, or the whole world when the answer spreads
-over it. The outlines live in ``assets/world_coastlines.json`` (built by
-``scripts/build_coastlines.py``); nothing is downloaded at run time.
+a scale bar, a world inset that marks the window and the base map at the window's scale
+(:mod:`globeflow.answers.map_context`: borders, admin-1 regions, towns and their names), or the
+whole world when the answer spreads over it. World outlines live in
+``assets/world_coastlines.json`` (``scripts/build_coastlines.py``), the base map in
+``assets/basemap/`` (``scripts/build_basemap.py``); nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from globeflow.answers.geocode import format_km, region_label
+from globeflow.answers.map_context import draw_context, label_towns
 from globeflow.answers.zoom import KM_PER_DEG, answer_extent
 
 __all__ = [
@@ -118,18 +121,24 @@ def draw_map(
     _draw_background(ax, extent)
     if density is not None:
         _draw_density(ax, density)
-    _draw_outlines(ax, extent)
+    towns: list = []
+    obstacles = []
+    if extent is None:
+        _draw_outlines(ax, None)
+    else:
+        towns, caption = draw_context(ax, extent)
+        obstacles.append(caption)
     if len(pts):
         ax.scatter(pts[:, 1], pts[:, 0], s=2.0, color=_SAMPLE_COLOR, alpha=0.5, lw=0, zorder=4)
     _draw_markers(ax, regions, best_guess, truth)
     if extent is not None:
         _draw_region_radii(ax, regions)
     legend = _draw_legend(ax, len(pts), density is not None, bool(regions), best_guess, truth)
-    obstacles = []
     if extent is not None:
         obstacles.append(_draw_scale_bar(ax, extent))
         obstacles.append(_draw_world_inset(fig, ax, extent, pts, best_guess, truth))
-    _draw_region_labels(ax, regions, best_guess, truth, legend, obstacles)
+    taken = _draw_region_labels(ax, regions, best_guess, truth, legend, obstacles)
+    label_towns(ax, towns, taken)
     if title:
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
     return fig
@@ -352,14 +361,12 @@ def _marker_box(ax, lat: float, lon: float, area_pt2: float) -> tuple:
 
 def _draw_region_labels(
     ax, regions: list[dict], best_guess, truth, legend, boxes: Sequence[tuple] = ()
-) -> None:
+) -> list[tuple]:
     """Label each region (rank, place, probability) where it covers no other label, marker,
     the legend or ``boxes`` (display pixels: scale bar, inset); a thin line joins a label pushed
-    away from its circle."""
+    away from its circle. Returns the boxes now taken (those, the markers and the labels)."""
     from globeflow.answers.label_placement import place_labels
 
-    if not regions:
-        return
     renderer = ax.figure.canvas.get_renderer()
     obstacles = [_marker_box(ax, r["lat"], r["lon"], _REGION_MARKER_PT2) for r in regions]
     if best_guess is not None:
@@ -369,6 +376,8 @@ def _draw_region_labels(
     if legend is not None:
         obstacles.append(tuple(legend.get_window_extent(renderer).extents))
     obstacles += list(boxes)
+    if not regions:
+        return obstacles
     texts, anchors, sizes = [], [], []
     fontsize = 6
     pad_px = 0.15 * fontsize * ax.figure.dpi / 72 + 1.0  # the label's rounded box, + 1 px
@@ -385,6 +394,7 @@ def _draw_region_labels(
             ha="left",
             va="bottom",
             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+            gid="region-label",
         )
         extent = text.get_window_extent(renderer)
         texts.append(text)
@@ -393,9 +403,8 @@ def _draw_region_labels(
     bounds = tuple(ax.get_window_extent(renderer).extents)
     gap = np.sqrt(_REGION_MARKER_PT2) / 2 * ax.figure.dpi / 72 + 2.0
     to_data = ax.transData.inverted()
-    for text, anchor, box in zip(
-        texts, anchors, place_labels(anchors, sizes, obstacles, bounds, gap=gap)
-    ):
+    placed = place_labels(anchors, sizes, obstacles, bounds, gap=gap)
+    for text, anchor, box in zip(texts, anchors, placed):
         text.set_position(to_data.transform((box[0] + pad_px, box[1] + pad_px)))
         nearest = (min(max(anchor[0], box[0]), box[2]), min(max(anchor[1], box[1]), box[3]))
         if np.hypot(nearest[0] - anchor[0], nearest[1] - anchor[1]) > 2 * gap:
@@ -405,3 +414,4 @@ def _draw_region_labels(
                 lw=0.6,
                 zorder=5,
             )
+    return obstacles + placed

@@ -901,18 +901,28 @@ def serve(
     port: int = typer.Option(8000, help="TCP port to listen on (1-65535)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload, in MB (> 0)."),
     device: str = typer.Option(_DEVICE_DEFAULT, help=_DEVICE_HELP),
+    tiles: str = typer.Option(
+        "https://tile.openstreetmap.org/{z}/{x}/{y}.png",
+        help="Map tiles the page shows when the browser reaches them ({z}/{x}/{y} URL "
+        "template, OpenStreetMap attribution); 'none': only the bundled offline map.",
+    ),
 ) -> None:
     """Start the local web app and JSON API (http://HOST:PORT)."""
     from globeflow.apps.server import SERVE_LIMITS, check_listen_address
     from globeflow.apps.server import serve as run_server
+    from globeflow.apps.server_basemap import parse_tiles
 
     _check_options(SERVE_LIMITS, port=port, max_upload_mb=max_upload_mb)
+    try:
+        tile_url = parse_tiles(tiles)
+    except ValueError as exc:
+        _fail(str(exc))
     try:  # the address before the model: a busy port should not wait for the model to load
         check_listen_address(host, port)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     locator = _load_locator(model, encoder, family, encoder_path, device)
-    run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb)
+    run_server(locator, host=host, port=port, max_upload_mb=max_upload_mb, tiles=tile_url)
 
 
 def main() -> None:  # pragma: no cover

@@ -37,6 +37,7 @@ from globeflow.apps.request_guards import (
     too_many_files,
     unless_disconnected,
 )
+from globeflow.apps.server_basemap import DEFAULT_TILES, add_basemap_routes
 from globeflow.apps.server_fusion import WITHIN_HELP, add_fusion_route, parse_web_region
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
 from globeflow.data.images import load_image_bytes, read_exif_gps
@@ -281,6 +282,7 @@ def create_app(
     max_upload_mb: float = 20,
     max_batch: int = 8,
     max_files: int = 32,
+    tiles: str | None = DEFAULT_TILES,
 ) -> FastAPI:
     """The FastAPI app: the page at ``/``, assets under ``/static``, the API under ``/v1``.
 
@@ -291,6 +293,8 @@ def create_app(
         max_upload_mb: largest accepted file (413 above).
         max_batch: most images per model call, across concurrent requests.
         max_files: most files in one request.
+        tiles: raster tile URL template the page tries (``{z}/{x}/{y}``); None: the bundled
+            offline base map only (``globeflow.apps.server_basemap``).
     """
     check_settings(
         {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_files": max_files},
@@ -451,6 +455,7 @@ def create_app(
         return JSONResponse({"results": results})
 
     add_fusion_route(app, locator, limit, max_files)
+    add_basemap_routes(app, tiles)
     return app
 
 
@@ -537,6 +542,7 @@ def serve(
     max_upload_mb: float = 20,
     max_batch: int = 8,
     log_level: str = "info",
+    tiles: str | None = DEFAULT_TILES,
 ) -> None:
     """Run the web app with uvicorn (blocking).
 
@@ -552,6 +558,6 @@ def serve(
         locator = Locator.from_pretrained(
             model, encoder=encoder, family=family, encoder_path=encoder_path, device=device
         )
-    app = create_app(locator, max_upload_mb=max_upload_mb, max_batch=max_batch)
+    app = create_app(locator, max_upload_mb=max_upload_mb, max_batch=max_batch, tiles=tiles)
     print(f"globeflow: open http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
     build_server(app, host, port, log_level=log_level).run()

@@ -1,5 +1,6 @@
-// globeflow web page: upload photos, draw each answer on an offline world map.
-// Plain JS, no dependencies; everything is served by the local globeflow server.
+// globeflow web page: upload photos, show each answer on an interactive map (map.js, Leaflet).
+// Plain JS; everything, the map library and the offline base map included, is served by the
+// local globeflow server.
 "use strict";
 
 (() => {
@@ -25,7 +26,7 @@
   };
 
   const state = {
-    items: [], maxUploadMb: null, coastlines: null, running: 0, queue: [], nextId: 0,
+    items: [], maxUploadMb: null, running: 0, queue: [], nextId: 0,
     fused: null, fusedKey: null,
   };
 
@@ -96,15 +97,6 @@
 
   // ---------------------------------------------------------------- data
 
-  function loadCoastlines() {
-    if (!state.coastlines) {
-      state.coastlines = fetch("/v1/coastlines")
-        .then((r) => (r.ok ? r.json() : { coastlines: [], borders: [] }))
-        .catch(() => ({ coastlines: [], borders: [] }));
-    }
-    return state.coastlines;
-  }
-
   function loadHealth() {
     fetch("/v1/health")
       .then((r) => r.json())
@@ -159,249 +151,6 @@
   }
 
   function stem(name) { return name.replace(/\.[^.]+$/, "") || "photo"; }
-
-  // ---------------------------------------------------------------- map
-
-  const WORLD = { lon0: -180, lon1: 180, lat0: -90, lat1: 90 };
-  const KM_PER_DEG = Math.PI * 6371 / 180;
-
-  // The largest 1, 2 or 5 times a power of ten not above v (> 0).
-  function nice(v) {
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    return [5, 2, 1].map((m) => m * p).find((x) => x <= v) || p;
-  }
-
-  // A longitude turned by whole turns into [lon0, lon0 + 360): a window crossing 180 draws whole.
-  function into(lon, lon0) {
-    return ((((lon - lon0) % 360) + 360) % 360) + lon0;
-  }
-
-  function quantile(sorted, q) {
-    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))];
-  }
-
-  // The window the server chose (result.map_extent: 95% of the samples, the best guess and the
-  // main regions, true to scale at its middle latitude), else one fitted here for older results.
-  function fitView(result) {
-    const e = result.map_extent;
-    if (Array.isArray(e) && e.length === 4) return { lat0: e[0], lat1: e[1], lon0: e[2], lon1: e[3] };
-    if (e === null) return WORLD;
-    return fitViewLegacy(result);
-  }
-
-  // The window (2:1, like the canvas) that holds most samples, the regions and the truth.
-  function fitViewLegacy(result) {
-    const lats = [];
-    const lons = [];
-    const samples = result.samples || [];
-    if (samples.length) {
-      const sl = samples.map((p) => p[0]).sort((a, b) => a - b);
-      const so = samples.map((p) => p[1]).sort((a, b) => a - b);
-      lats.push(quantile(sl, 0.02), quantile(sl, 0.98));
-      lons.push(quantile(so, 0.02), quantile(so, 0.98));
-    }
-    for (const r of result.regions || []) {
-      if (r.probability >= 0.05) { lats.push(r.lat); lons.push(r.lon); }
-    }
-    for (const p of [result.best_guess, result.exif_gps]) {
-      if (p) { lats.push(p.lat); lons.push(p.lon); }
-    }
-    if (!lats.length) return WORLD;
-    let lon0 = Math.min(...lons);
-    let lon1 = Math.max(...lons);
-    let lat0 = Math.min(...lats);
-    let lat1 = Math.max(...lats);
-    let spanLon = Math.max(40, (lon1 - lon0) * 1.3, (lat1 - lat0) * 1.3 * 2);
-    if (spanLon >= 270) return WORLD;
-    const cLon = (lon0 + lon1) / 2;
-    const cLat = (lat0 + lat1) / 2;
-    const spanLat = spanLon / 2;
-    lon0 = cLon - spanLon / 2;
-    lon1 = cLon + spanLon / 2;
-    if (lon0 < -180) { lon1 += -180 - lon0; lon0 = -180; }
-    if (lon1 > 180) { lon0 -= lon1 - 180; lon1 = 180; }
-    lat0 = Math.max(-90, cLat - spanLat / 2);
-    lat1 = Math.min(90, lat0 + spanLat);
-    lat0 = lat1 - spanLat;
-    return { lon0, lon1, lat0, lat1 };
-  }
-
-  function drawMap(canvas, result, coast, view = WORLD) {
-    const cssW = canvas.clientWidth || 800;
-    const dpr = window.devicePixelRatio || 1;
-    const W = Math.round(cssW * dpr);
-    const H = Math.round(W / 2);
-    canvas.width = W;
-    canvas.height = H;
-    const ctx = canvas.getContext("2d");
-    const xLinear = (lon) => ((lon - view.lon0) / (view.lon1 - view.lon0)) * W;
-    const x = (lon) => xLinear(into(lon, view.lon0));
-    const y = (lat) => ((view.lat1 - lat) / (view.lat1 - view.lat0)) * H;
-    const s = W / 1000; // stroke and marker scale
-    const span = view.lon1 - view.lon0;
-    const step = span > 120 ? 30 : nice((view.lat1 - view.lat0) / 3);
-
-    ctx.fillStyle = "#eaf2f8";
-    ctx.fillRect(0, 0, W, H);
-    ctx.strokeStyle = "#d3dfea";
-    ctx.lineWidth = Math.max(1, 0.6 * s);
-    ctx.beginPath();
-    for (let lon = Math.ceil(view.lon0 / step) * step; lon < view.lon1; lon += step) {
-      ctx.moveTo(xLinear(lon), 0); ctx.lineTo(xLinear(lon), H);
-    }
-    for (let lat = Math.ceil(view.lat0 / step) * step; lat < view.lat1; lat += step) {
-      ctx.moveTo(0, y(lat)); ctx.lineTo(W, y(lat));
-    }
-    ctx.stroke();
-
-    const d = result.density;
-    if (d && d.log_density && d.log_density.length) {
-      const h = d.lat.length;
-      const w = d.lon.length;
-      let max = -Infinity;
-      for (const row of d.log_density) for (const v of row) if (v > max) max = v;
-      const off = document.createElement("canvas");
-      off.width = w;
-      off.height = h;
-      const octx = off.getContext("2d");
-      const img = octx.createImageData(w, h);
-      const ascending = h < 2 || d.lat[1] > d.lat[0];
-      for (let i = 0; i < h; i++) {
-        const row = d.log_density[ascending ? h - 1 - i : i];
-        for (let j = 0; j < w; j++) {
-          const rel = Math.exp(row[j] - max);
-          const k = 4 * (i * w + j);
-          img.data[k] = 217; img.data[k + 1] = 38; img.data[k + 2] = 25;
-          // sqrt keeps the tails visible next to a sharp mode
-          img.data[k + 3] = Math.round(200 * Math.sqrt(Math.min(1, Math.max(0, rel))));
-        }
-      }
-      octx.putImageData(img, 0, 0);
-      const dLat = h > 1 ? Math.abs(d.lat[1] - d.lat[0]) : 180;
-      const dLon = w > 1 ? Math.abs(d.lon[1] - d.lon[0]) : 360;
-      const latTop = Math.max(...d.lat) + dLat / 2;
-      const latBot = Math.min(...d.lat) - dLat / 2;
-      const lonL = Math.min(...d.lon) - dLon / 2;
-      const lonR = Math.max(...d.lon) + dLon / 2;
-      ctx.imageSmoothingEnabled = true;
-      ctx.imageSmoothingQuality = "high";
-      ctx.drawImage(off, xLinear(lonL), y(latTop), xLinear(lonR) - xLinear(lonL), y(latBot) - y(latTop));
-    }
-
-    const polylines = (lines, color, width) => {
-      ctx.strokeStyle = color;
-      ctx.lineWidth = width;
-      ctx.lineJoin = "round";
-      ctx.beginPath();
-      // drawn once more a turn east where the window crosses 180
-      for (const turn of view.lon1 > 180 ? [0, 360] : [0]) {
-        for (const line of lines) {
-          for (let i = 0; i < line.length; i++) {
-            const px = xLinear(line[i][0] + turn);
-            const py = y(line[i][1]);
-            if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
-          }
-        }
-      }
-      ctx.stroke();
-    };
-    if (coast) {
-      polylines(coast.borders || [], "#9aa8b6", Math.max(0.5, 0.5 * s));
-      polylines(coast.coastlines || [], "#3b4a59", Math.max(0.8, 0.9 * s));
-    }
-
-    ctx.fillStyle = "rgba(31, 78, 156, 0.55)";
-    const r = Math.max(1, 1.4 * s);
-    for (const [lat, lon] of result.samples || []) {
-      ctx.beginPath();
-      ctx.arc(x(lon), y(lat), r, 0, 2 * Math.PI);
-      ctx.fill();
-    }
-
-    ctx.font = `600 ${Math.round(11 * s)}px system-ui, sans-serif`;
-    ctx.textBaseline = "middle";
-    (result.regions || []).forEach((reg, i) => {
-      const px = x(reg.lon);
-      const py = y(reg.lat);
-      // the region's radius as a dashed circle, on a window true to scale where it shows
-      const rPx = ((reg.radius_km || 0) / KM_PER_DEG) * (H / (view.lat1 - view.lat0));
-      if (view !== WORLD && rPx > 8 * s && rPx < 2 * W) {
-        ctx.beginPath();
-        ctx.setLineDash([4 * s, 3 * s]);
-        ctx.arc(px, py, rPx, 0, 2 * Math.PI);
-        ctx.lineWidth = 1 * s;
-        ctx.strokeStyle = "rgba(17, 17, 17, 0.7)";
-        ctx.stroke();
-        ctx.setLineDash([]);
-      }
-      ctx.beginPath();
-      ctx.arc(px, py, 7 * s, 0, 2 * Math.PI);
-      ctx.lineWidth = 1.5 * s;
-      ctx.strokeStyle = "#111";
-      ctx.stroke();
-      const label = `${i + 1}`;
-      const tw = ctx.measureText(label).width;
-      ctx.fillStyle = "rgba(255,255,255,0.9)";
-      ctx.fillRect(px + 9 * s, py - 8 * s, tw + 8 * s, 16 * s);
-      ctx.fillStyle = "#111";
-      ctx.fillText(label, px + 13 * s, py);
-    });
-
-    const bg = result.best_guess;
-    if (bg) star(ctx, x(bg.lon), y(bg.lat), 11 * s, "#f5b700", "#222", s);
-    if (result.exif_gps) cross(ctx, x(result.exif_gps.lon), y(result.exif_gps.lat), 8 * s, s);
-    if (view !== WORLD) scaleBar(ctx, view, W, H, s);
-  }
-
-  // A bar of a round length, about a fifth of the window, in the lower right corner.
-  function scaleBar(ctx, view, W, H, s) {
-    const midLat = (view.lat0 + view.lat1) / 2;
-    const widthKm = (view.lon1 - view.lon0) * KM_PER_DEG * Math.cos((midLat * Math.PI) / 180);
-    const km = nice(widthKm / 5);
-    const len = (km / widthKm) * W;
-    const x1 = W - 16 * s;
-    const yb = H - 14 * s;
-    ctx.lineCap = "butt";
-    ctx.strokeStyle = "#222";
-    ctx.lineWidth = 4 * s;
-    ctx.beginPath(); ctx.moveTo(x1 - len, yb); ctx.lineTo(x1, yb); ctx.stroke();
-    ctx.strokeStyle = "#fff";
-    ctx.lineWidth = 1.5 * s;
-    ctx.beginPath(); ctx.moveTo(x1 - len, yb); ctx.lineTo(x1, yb); ctx.stroke();
-    ctx.font = `600 ${Math.round(11 * s)}px system-ui, sans-serif`;
-    ctx.textAlign = "center";
-    ctx.textBaseline = "bottom";
-    ctx.fillStyle = "#111";
-    ctx.fillText(fmtKm(km), x1 - len / 2, yb - 4 * s);
-    ctx.textAlign = "start";
-  }
-
-  function star(ctx, cx, cy, R, fill, stroke, s) {
-    ctx.beginPath();
-    for (let i = 0; i < 10; i++) {
-      const rad = i % 2 ? R * 0.45 : R;
-      const a = -Math.PI / 2 + (i * Math.PI) / 5;
-      ctx.lineTo(cx + rad * Math.cos(a), cy + rad * Math.sin(a));
-    }
-    ctx.closePath();
-    ctx.fillStyle = fill;
-    ctx.fill();
-    ctx.lineWidth = 1.2 * s;
-    ctx.strokeStyle = stroke;
-    ctx.stroke();
-  }
-
-  function cross(ctx, cx, cy, R, s) {
-    ctx.lineCap = "round";
-    for (const [color, width] of [["#fff", 5 * s], ["#15803d", 3 * s]]) {
-      ctx.strokeStyle = color;
-      ctx.lineWidth = width;
-      ctx.beginPath();
-      ctx.moveTo(cx - R, cy - R); ctx.lineTo(cx + R, cy + R);
-      ctx.moveTo(cx + R, cy - R); ctx.lineTo(cx - R, cy + R);
-      ctx.stroke();
-    }
-  }
 
   // ---------------------------------------------------------------- cards
 
@@ -507,7 +256,13 @@
       rank.textContent = String(i + 1);
       const place = document.createElement("td");
       place.setAttribute("data-testid", "region-name");
-      place.append(badge(reg.place && reg.place.country_code), reg.label || placeName(reg.place));
+      const zoomTo = document.createElement("button");
+      zoomTo.type = "button";
+      zoomTo.className = "region-zoom";
+      zoomTo.setAttribute("data-testid", "region-zoom");
+      zoomTo.title = "Show this region on the map";
+      zoomTo.append(badge(reg.place && reg.place.country_code), reg.label || placeName(reg.place));
+      place.append(zoomTo);
       const sub = document.createElement("span");
       sub.className = "sub";
       sub.setAttribute("data-testid", "region-extent");
@@ -526,6 +281,7 @@
       bar.append(fill);
       prob.append(bar);
       tr.append(rank, place, prob);
+      tr.addEventListener("click", () => zoomToRegion(item, i));
       tbody.append(tr);
     });
 
@@ -534,23 +290,7 @@
       `${(result.samples || []).length} samples · guidance ${st.guidance} · ${st.steps} steps · model ${st.model || "?"}` +
       (result.fusion ? ` · effective sample size ${Math.round(result.effective_sample_size)}` : "");
 
-    const canvas = $("canvas.map", c);
-    canvas.setAttribute("aria-label",
-      `World map: best guess ${name} (${fmtCoord(bg.lat, bg.lon)})` +
-      (hasTruth ? `; true location ${fmtCoord(result.exif_gps.lat, result.exif_gps.lon)}` : ""));
-    const coast = await loadCoastlines();
-    item.zoomed = item.zoomed !== false;
-    const zoomBtn = $("[data-testid=zoom-toggle]", c);
-    const redraw = () => {
-      const view = item.zoomed ? fitView(result) : WORLD;
-      zoomBtn.textContent = item.zoomed ? "Show whole world" : "Zoom to answer";
-      zoomBtn.hidden = view === WORLD && item.zoomed;
-      zoomBtn.setAttribute("aria-pressed", String(!item.zoomed));
-      drawMap(canvas, result, coast, view);
-    };
-    zoomBtn.onclick = () => { item.zoomed = !item.zoomed; redraw(); };
-    item.redraw = redraw;
-    redraw();
+    await showMap(item, result, name, hasTruth);
     c.dataset.state = "done";
 
     const [jb, gb] = [$("[data-testid=download-json]", c), $("[data-testid=download-geojson]", c)];
@@ -558,6 +298,50 @@
     gb.disabled = false;
     jb.onclick = () => download(`${stem(result.image)}.globeflow.json`, result, "application/json");
     gb.onclick = () => download(`${stem(result.image)}.geojson`, toGeoJSON(result), "application/geo+json");
+  }
+
+  // The card's interactive map (map.js); a card run again gets a fresh one.
+  async function showMap(item, result, name, hasTruth) {
+    const c = item.card;
+    if (item.mapHandle) item.mapHandle.map.remove();
+    item.mapHandle = null;
+    const old = $("[data-testid=map]", c);
+    const el = old.cloneNode(false);
+    old.replaceWith(el);
+    el.setAttribute("aria-label",
+      `Map: best guess ${name} (${fmtCoord(result.best_guess.lat, result.best_guess.lon)})` +
+      (hasTruth ? `; true location ${fmtCoord(result.exif_gps.lat, result.exif_gps.lon)}` : "") +
+      ". Arrow keys pan, plus and minus zoom.");
+    const note = $("[data-testid=tiles-note]", c);
+    const handle = await window.GlobeflowMap.createAnswerMap(el, result, {
+      within: item.within, photos: item.photos,
+      onTilesFailed: () => {
+        note.hidden = false;
+        note.textContent = "Map tiles are unreachable: showing the offline map (coastlines, borders, regions, towns).";
+      },
+    });
+    item.mapHandle = handle;
+    const zoomBtn = $("[data-testid=zoom-toggle]", c);
+    item.zoomed = true;
+    const label = () => {
+      zoomBtn.textContent = item.zoomed ? "Show whole world" : "Zoom to answer";
+      zoomBtn.setAttribute("aria-pressed", String(!item.zoomed));
+    };
+    zoomBtn.hidden = !handle.answerBounds;
+    zoomBtn.onclick = () => {
+      item.zoomed = !item.zoomed;
+      if (item.zoomed) handle.showAnswer(); else handle.showWorld();
+      label();
+    };
+    label();
+  }
+
+  function zoomToRegion(item, i) {
+    if (!item.mapHandle) return;
+    item.mapHandle.zoomToRegion(i);
+    item.zoomed = true;
+    const el = item.mapHandle.map.getContainer();
+    if (el.scrollIntoView) el.scrollIntoView({ block: "nearest" });
   }
 
   function small(text) {
@@ -587,7 +371,8 @@
     body.append("file", item.file, item.file.name);
     body.append("num_samples", els.samples.value);
     body.append("guidance", els.guidance.value);
-    if (els.within.value.trim()) body.append("within", els.within.value.trim());
+    item.within = els.within.value.trim();
+    if (item.within) body.append("within", item.within);
     let resp;
     try {
       resp = await fetch("/v1/locate", { method: "POST", body });
@@ -615,6 +400,7 @@
     const key = done.map((i) => i.id).join(",") + `|${els.samples.value}|${els.within.value.trim()}`;
     if (!els.samePlace.checked || done.length < 2 || state.fusedKey === key) return;
     state.fusedKey = key;
+    if (state.fused && state.fused.mapHandle) state.fused.mapHandle.map.remove();
     if (state.fused) state.fused.card.remove();
     const node = els.template.content.firstElementChild.cloneNode(true);
     node.classList.add("card-fused");
@@ -623,7 +409,10 @@
     $(".thumb", node).alt = `Thumbnail of ${done[0].file.name}`;
     $(".file-name", node).textContent = `Same place: ${done.length} photos`;
     els.results.prepend(node);
-    const item = { card: node, file: done[0].file, result: null };
+    const item = {
+      card: node, file: done[0].file, result: null, within: els.within.value.trim(),
+      photos: done.map((i) => ({ name: i.file.name, lat: i.result.best_guess.lat, lon: i.result.best_guess.lon })),
+    };
     state.fused = item;
     showBusy(item);
     const body = new FormData();
@@ -651,6 +440,7 @@
   }
 
   function dropFused() {
+    if (state.fused && state.fused.mapHandle) state.fused.mapHandle.map.remove();
     if (state.fused) state.fused.card.remove();
     state.fused = null;
     state.fusedKey = null;
@@ -728,6 +518,7 @@
     for (const item of state.items) {
       const t = $(".thumb", item.card);
       if (t.src) URL.revokeObjectURL(t.src);
+      if (item.mapHandle) item.mapHandle.map.remove();
       item.card.remove();
     }
     state.items = [];
@@ -742,12 +533,12 @@
   let resizeTimer = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);
-    resizeTimer = setTimeout(async () => {
-      await loadCoastlines();
-      for (const item of state.items) if (item.redraw) item.redraw();
+    resizeTimer = setTimeout(() => {
+      for (const item of [...state.items, state.fused]) if (item && item.mapHandle) item.mapHandle.map.invalidateSize();
     }, 150);
   });
 
   loadHealth();
-  loadCoastlines();
+  window.GlobeflowMap.loadConfig();
+  window.GlobeflowMap.loadBasemap();
 })();
