@@ -125,9 +125,19 @@ def exact_targets(seed: int = 0) -> dict[str, MixtureTarget]:
     return targets
 
 
-def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Testbed]:
+GUIDED_REFERENCE = {"solver": "heun", "grid": "published", "steps": 512}
+"""The tight solve that stands in for the truth of a guided exact field (a guided field has no
+closed-form samples): Heun, 1,024 evaluations on the authors' grid; from the same noise it moves
+by 0.002 km between 512 and 1,024 Heun steps on the 5-km three-city target at w = 0 and 2."""
+
+
+def exact_field_testbeds(
+    photos_per_target: int = 4, seed: int = 0, guidance: float = 0.0
+) -> list[Testbed]:
     """One testbed per exact target, ``photos_per_target`` photos each (the same embedding,
-    different true locations), all on one float64 model."""
+    different true locations), all on one float64 model whose null condition is the mixture of
+    all the targets. At ``guidance`` w != 0 the truth is the tight solve
+    :data:`GUIDED_REFERENCE` of the exact guided field (1 + w) v_c - w v_null."""
     targets = exact_targets(seed)
     model = exact_rfm_model(list(targets.values()))
     network = model.network
@@ -139,6 +149,11 @@ def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Test
         where = torch.full((photos_per_target,), index)
 
         def truth(n: int, generator: torch.Generator, index=index, count=photos_per_target):
+            if guidance != 0.0:
+                rows = torch.zeros(count, len(targets), dtype=torch.float64)
+                rows[:, index] = 1.0
+                return model.sample(rows, n, guidance=guidance, generator=generator,
+                                    **GUIDED_REFERENCE)  # fmt: skip
             draws = [network.target_samples(index, n, generator) for _ in range(count)]
             return unit_to_latlon(torch.stack(draws))
 
@@ -155,7 +170,8 @@ def exact_field_testbeds(photos_per_target: int = 4, seed: int = 0) -> list[Test
                 places=places,
                 true_location=truth(1, g)[:, 0],
                 scale_km=EXACT_TARGETS[name]["scale_km"],
-                log_density=log_density,
+                guidance=guidance,
+                log_density=log_density if guidance == 0.0 else None,
             )
         )
     return beds
@@ -170,6 +186,16 @@ def nearest_place_km(samples: torch.Tensor, places: list[torch.Tensor]) -> torch
     return torch.stack(rows)
 
 
+def place_shares(samples: torch.Tensor, places: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per photo, the share (K,) of its samples (P, N, 2) nearest each of its true places."""
+    shares = []
+    for p, spots in enumerate(places):
+        d = haversine_km(samples[p][:, None, :].double(), spots[None].double())
+        nearest = d.argmin(-1)
+        shares.append(torch.bincount(nearest, minlength=len(spots)).double() / len(nearest))
+    return shares
+
+
 def posterior_metrics(
     samples: torch.Tensor,
     truth: torch.Tensor,
@@ -181,7 +207,10 @@ def posterior_metrics(
 
     - ``miss_median_km``: median distance of a sample to its photo's nearest true place;
       ``within_X_km``: the fraction of samples within X km of one (the truth's own values come
-      from the same function on truth samples); left out when ``places`` is None;
+      from the same function on truth samples); ``place_mass_tv``: the mean over photos of the
+      total variation between the shares of samples nearest each true place and the truth's
+      shares (the probabilities of the answer's regions, 0 = right mass on every place); left
+      out when ``places`` is None;
     - ``sw_km``: mean over photos of the sliced Wasserstein distance to truth samples (P, N, 2);
     - ``guess_error_km``: median distance from the best guess to the true location (P, 2);
       ``acc_X_km``: the fraction of photos whose best guess is within X km of it;
@@ -195,6 +224,11 @@ def posterior_metrics(
         miss = nearest_place_km(samples, places)
         out["miss_median_km"] = float(miss.median())
         out.update({f"within_{t:g}_km": float((miss <= t).double().mean()) for t in thresholds_km})
+        tv = [
+            0.5 * float((a - b).abs().sum())
+            for a, b in zip(place_shares(samples, places), place_shares(truth, places), strict=True)
+        ]
+        out["place_mass_tv"] = sum(tv) / len(tv)
     out["sw_km"] = float(sliced_wasserstein_km(samples, truth).mean())
     out["guess_error_km"] = float(error.median())
     out.update({f"acc_{t:g}_km": float((error <= t).double().mean()) for t in thresholds_km})
@@ -204,9 +238,10 @@ def posterior_metrics(
 
 # ---- trained on synthetic conditioning (``python benchmarks/testbeds.py build``) -----------
 TRAINED_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
-TRAINED_NAMES = ("syn-small", "syn-published")
-"""RFMs trained by ``globeflow train`` on :mod:`globeflow.data.synthetic` patterns: dim 256 /
-depth 4, and the published width (dim 512, depth 12, cond_dim 1024)."""
+TRAINED_NAMES = ("syn-small", "syn-small-flow", "syn-small-diffusion", "syn-published")
+"""Models trained by ``globeflow train`` on :mod:`globeflow.data.synthetic` patterns: RFMs of dim
+256 / depth 4 and of the published width (dim 512, depth 12, cond_dim 1024), and flow matching
+and diffusion in R^3 on the small recipe."""
 
 
 def trained_testbeds(

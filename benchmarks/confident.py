@@ -1,20 +1,26 @@
-"""Choosing the sampler defaults on every testbed: within noise of the authors' sampler, then
-the cheapest.
+"""Choosing the sampler defaults on every testbed: within noise of the authors' sampler at the
+same guidance, then the cheapest.
 
 For every testbed (:mod:`_testbeds`: exact RFM fields of sharp, multimodal targets from 1 km to
 1,000 km; trained synthetic testbeds in /work/testbeds when present; the bundled model on its
-validation photos at its recommended guidance; the unconditional MP-16 RFM) and every setting
-(solver x time grid x steps x precision, at ``--samples`` samples), the answer's samples are
-scored by :func:`_testbeds.posterior_metrics` (sample miss, sliced Wasserstein, best-guess error,
-acc@1/25/200 km) against the truth where it is known, else against the reference's samples and
-the photos' labels.
+validation photos; the unconditional MP-16 RFM), at every guidance of ``--guidances`` (default:
+0 and the model's default guidance, what ``predict`` runs: the recommended guidance of the
+bundled model, the fallback of models without one elsewhere) and every setting (solver x time
+grid x steps x precision, at ``--samples`` samples), the answer's samples are scored by
+:func:`_testbeds.posterior_metrics` (sample miss, samples within 1/25/200 km, sliced
+Wasserstein, best-guess error, acc@1/25/200 km, the mass on each true place) against the truth
+where it is known (exact guided fields: a tight solve), else against the reference's samples
+and the photos' labels.
 
-Reference: the authors' sampler (Euler on the published grid, 250 steps, fp32), run with
-``--ref-seeds`` seeds in the same run. Noise band of a metric: twice the spread of the
-reference's seeds, at least ``10% + 0.1 km`` (km metrics), 0.05 (fractions of samples) or one
-photo (fractions of photos). A setting passes a testbed when every metric is within its band of
-the reference's mean; the cheapest setting (network evaluations, then ms/photo of the bundled
-model's full ``Locator`` answer) that passes every testbed is the default.
+Reference: the authors' sampler (Euler on the published grid, 250 steps, fp32) at the same
+guidance, run with ``--ref-seeds`` seeds (cached in out/bench/cache/confident, as are the guided
+exact truths); every setting runs from the same seeds (paired: the same initial noise), so its
+mean shift from the reference is its systematic effect. Noise band of a metric: twice its
+seed-to-seed standard deviation under the reference (the Monte Carlo noise of one answer), at
+least ``10% + 0.1 km`` (km metrics), 0.05 (fractions of samples, place masses) or one photo
+(fractions of photos). A setting passes a testbed when every metric's mean shift is within its
+band; the cheapest setting (network evaluations, then ms/photo of the bundled model's full
+``Locator`` answer) that passes every testbed at every guidance is the default.
 
     python benchmarks/confident.py --out out/bench/confident.json
 """
@@ -22,6 +28,7 @@ model's full ``Locator`` answer) that passes every testbed is the default.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -29,32 +36,48 @@ import time
 from pathlib import Path
 
 import torch
-from _common import bundled_validation, gemm_rates, machine, mp16_rfm, print_table, write_json
+from _common import (
+    CACHE,
+    bundled_validation,
+    gemm_rates,
+    machine,
+    mp16_rfm,
+    print_table,
+    write_json,
+)
 from _testbeds import (
+    TRAINED_ROOT,
     Testbed,
-    all_trained_testbeds,
     exact_field_testbeds,
     posterior_metrics,
+    trained_testbeds,
 )
 
-from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, SamplerSettings
+from globeflow.apps.pipeline import DEFAULT_GUIDANCE
+from globeflow.core.sampler_settings import (
+    AUTHORS_SAMPLER,
+    DEFAULT_SAMPLER,
+    SamplerSettings,
+    sampling_arguments,
+)
 from globeflow.core.solvers import SOLVERS
 
 CANDIDATES = [
+    DEFAULT_SAMPLER.with_overrides(num_samples=1024),
+    SamplerSettings(solver="euler", grid="published", steps=24, precision="fp32"),
     SamplerSettings(solver="euler", grid="published", steps=32, precision="fp32"),
-    SamplerSettings(solver="lagged-midpoint", grid="quadratic", steps=8, precision="fp32"),
-    SamplerSettings(solver="midpoint", grid="published", steps=8, precision="fp32"),
-    SamplerSettings(solver="data-2m", grid="published", steps=12, precision="fp32"),
     SamplerSettings(solver="data-2m", grid="published", steps=16, precision="fp32"),
-    SamplerSettings(solver="data-2m", grid="published", steps=16, precision="bf16"),
+    SamplerSettings(solver="data-2m", grid="published", steps=32, precision="fp32"),
+    SamplerSettings(solver="lagged-midpoint", grid="published", steps=24, precision="fp32"),
 ]
-"""The authors' 32 steps, the old default, and the cheap second-order candidates (bf16 rows
-only on float32 networks: the exact fields run in float64 whatever the precision)."""
+"""The default, the authors' step at 24 and 32 steps, and the second-order candidates (bf16
+rows only on float32 networks: the exact fields run in float64 whatever the precision)."""
 KM_METRICS = ("miss_median_km", "sw_km", "guess_error_km")
-CRITERIA = ("miss_median_km", "sw_km", "guess_error_km", "acc_1_km", "acc_25_km", "acc_200_km")
-"""The metrics a setting must match the reference on (the others are reported)."""
-SAMPLE_FRACTIONS = ("within_1_km", "within_25_km", "within_200_km")
+SAMPLE_FRACTIONS = ("within_1_km", "within_25_km", "within_200_km", "place_mass_tv")
 PHOTO_FRACTIONS = ("acc_1_km", "acc_25_km", "acc_200_km")
+CRITERIA = KM_METRICS + SAMPLE_FRACTIONS + PHOTO_FRACTIONS
+"""The metrics a setting must match the reference on (the others are reported)."""
+REFERENCE_CACHE = CACHE / "confident"
 
 
 def parse_setting(text: str) -> SamplerSettings:
@@ -68,15 +91,17 @@ def evaluations(s: SamplerSettings) -> int:
 
 
 def draw(bed: Testbed, s: SamplerSettings, n: int, seed: int) -> torch.Tensor:
+    """Samples (P, n, 2) of a testbed's photos with setting ``s`` as ``predict`` runs it on that
+    model (a family without the solver runs its own step: sampling_arguments)."""
     g = torch.Generator().manual_seed(seed)
-    return bed.model.sample(
-        bed.emb, n, s.steps, bed.guidance, generator=g, solver=s.solver,
-        precision=s.precision, grid=s.grid,
-    )  # fmt: skip
+    options = sampling_arguments(bed.model, s)
+    return bed.model.sample(bed.emb, n, s.steps, bed.guidance, generator=g, **options)
 
 
 def band(metric: str, refs: list[float], photos: int) -> float:
-    spread = 2.0 * (max(refs) - min(refs))
+    """How far a setting's mean may sit from the reference's: twice the metric's own
+    seed-to-seed standard deviation (the Monte Carlo noise of one answer), at least a floor."""
+    spread = 2.0 * statistics.stdev(refs) if len(refs) > 1 else 0.0
     mean = statistics.fmean(refs)
     if metric in KM_METRICS:
         return max(spread, 0.1 * abs(mean) + 0.1)
@@ -89,18 +114,49 @@ def score(bed: Testbed, samples: torch.Tensor, truth: torch.Tensor) -> dict[str,
     return posterior_metrics(samples, truth, bed.places, bed.true_location)
 
 
+def cached(key: str, make) -> torch.Tensor:
+    """``make()``, cached by ``key`` in :data:`REFERENCE_CACHE` (references and guided truths
+    are the slow part of a run; a rerun or a new candidate reuses them)."""
+    path = REFERENCE_CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
+    if path.is_file():
+        return torch.load(path, weights_only=True)["value"]
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def bed_key(bed: Testbed) -> str:
+    """What identifies a testbed's draws: name, guidance, photos and their embeddings."""
+    digest = hashlib.sha256(bed.emb.double().numpy().tobytes()).hexdigest()[:16]
+    return f"{bed.name}|w={bed.guidance:g}|{len(bed.emb)}|{digest}"
+
+
 def run_testbed(bed: Testbed, args) -> dict:
-    """Reference seeds, then every candidate: metrics, bands and the verdict."""
+    """Reference seeds, then every candidate from the same seeds: metrics, bands and verdict.
+
+    Paired: seed k of a candidate starts from the noise of seed k of the reference, so the mean
+    difference over seeds is the setting's systematic effect, free of the Monte Carlo noise
+    that the band measures (how much a metric moves from seed to seed of the reference)."""
     known = bed.places is not None
     started = time.perf_counter()
-    seeds = args.ref_seeds + (0 if known else 1)  # unknown truth: one more seed stands in
-    refs = [draw(bed, AUTHORS_SAMPLER, args.samples, seed) for seed in range(seeds)]
-    ref_s = (time.perf_counter() - started) / seeds
+    seeds = list(range(args.ref_seeds))
+    extra = [] if known else [args.ref_seeds]  # unknown truth: one more seed stands in
+
+    def reference(seed: int) -> torch.Tensor:
+        key = f"{bed_key(bed)}|{AUTHORS_SAMPLER.label()}|{args.samples}|{seed}"
+        return cached(key, lambda: draw(bed, AUTHORS_SAMPLER, args.samples, seed))
+
+    refs = [reference(seed) for seed in seeds + extra]
+    ref_s = (time.perf_counter() - started) / len(refs)
     if known:
-        truth = bed.truth(args.samples, torch.Generator().manual_seed(99))
-    else:  # diffuse models: the reference's last seed stands in for the truth
-        truth = refs[-1]
-        refs = refs[:-1]
+        truth_seed = torch.Generator().manual_seed(99)
+        truth = cached(
+            f"{bed_key(bed)}|truth|{args.samples}", lambda: bed.truth(args.samples, truth_seed)
+        )
+    else:  # diffuse models: the reference's extra seed stands in for the truth
+        truth = refs.pop()
     ref_metrics = [score(bed, r, truth) for r in refs]
     names = list(ref_metrics[0])
     ref_mean = {m: statistics.fmean(r[m] for r in ref_metrics) for m in names}
@@ -112,14 +168,16 @@ def run_testbed(bed: Testbed, args) -> dict:
         if float64 and s.precision == "bf16":
             continue
         start = time.perf_counter()
-        metrics = score(bed, draw(bed, s, args.samples, 100), truth)
-        seconds = time.perf_counter() - start
-        failed = [m for m in CRITERIA if m in metrics and abs(metrics[m] - ref_mean[m]) > bands[m]]
+        per_seed = [score(bed, draw(bed, s, args.samples, seed), truth) for seed in seeds]
+        seconds = (time.perf_counter() - start) / len(seeds)
+        metrics = {m: statistics.fmean(r[m] for r in per_seed) for m in names}
+        shift = {m: metrics[m] - ref_mean[m] for m in names}
+        failed = [m for m in CRITERIA if m in metrics and abs(shift[m]) > bands[m]]
         verdict = "yes" if not failed else "no: " + ", ".join(failed)
-        row = {"testbed": bed.name, **s.describe(), "NFE": evaluations(s)}
+        row = {"testbed": bed.name, **s.describe(), "guidance": bed.guidance, "NFE": evaluations(s)}
         row.update({"s/photo": seconds / len(bed.emb), **metrics, "within noise": verdict})
         rows.append(row)
-        print(rows[-1], flush=True)
+        print(f"{bed.name} w={bed.guidance:g} {s.label()}: {verdict}", flush=True)
     return {
         "name": bed.name,
         "regime": bed.regime,
@@ -137,21 +195,54 @@ def passes_everywhere(label: str, results: list[dict]) -> bool:
     return bool(verdicts) and all(v == "yes" for v in verdicts)
 
 
-def diffuse_testbeds(args) -> list[Testbed]:
-    """The bundled model (validation photos, labels as true locations) and the MP-16 RFM."""
+def diffuse_testbeds(args, guidance: str) -> list[Testbed]:
+    """The bundled model (validation photos, labels as true locations) at ``guidance`` ("default":
+    its recommended one) and, at guidance 0 only, the unconditional MP-16 RFM."""
     beds = []
     bundled = bundled_validation(args.bundled_photos)
     if bundled is not None:
         locator, emb, labels = bundled
+        w = locator.default_guidance if guidance == "default" else float(guidance)
         beds.append(Testbed("bundled", locator.model, emb, truth=None, places=None,
-                            true_location=labels, scale_km=2000.0,
-                            guidance=locator.default_guidance, regime="diffuse"))  # fmt: skip
-    model = mp16_rfm(args.mp16_budget_s)
+                            true_location=labels, scale_km=2000.0, guidance=w,
+                            regime="diffuse"))  # fmt: skip
+    model = mp16_rfm(args.mp16_budget_s) if guidance in ("0", "0.0") else None
     if model is not None:
         g = torch.Generator().manual_seed(3)
         labels = model.sample(torch.zeros(4, 0), 1, 32, generator=g)[:, 0]
         beds.append(Testbed("mp16-rfm", model, torch.zeros(4, 0), truth=None, places=None,
                             true_location=labels, scale_km=2000.0, regime="diffuse"))  # fmt: skip
+    return beds
+
+
+def trained_names() -> list[str]:
+    """The trained testbeds built in TRAINED_ROOT (saying so when there is none)."""
+    names = sorted(d.name for d in TRAINED_ROOT.glob("*") if (d / "model/config.json").exists())
+    if not names:
+        print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/testbeds.py build")
+    return names
+
+
+def testbeds_at(guidance: str, args) -> list[Testbed]:
+    """Every testbed asked for by ``--only`` at ``guidance``: a number, or "default" (what
+    ``predict`` runs: the bundled model's recommended guidance; the fallback DEFAULT_GUIDANCE
+    for the trained testbeds and the exact fields, which carry no recommendation)."""
+    w = DEFAULT_GUIDANCE if guidance == "default" else float(guidance)
+    only = [name for name in args.only.split(",") if name]
+
+    def wanted(group: str) -> bool:
+        return not only or any(name.startswith(group) or group.startswith(name) for name in only)
+
+    beds = [
+        bed
+        for name in trained_names()
+        if wanted(name)
+        for bed in trained_testbeds(name, per_pattern=args.per_pattern, guidance=w)
+    ]
+    if wanted("bundled") or wanted("mp16-rfm"):
+        beds += diffuse_testbeds(args, guidance)
+    if wanted("exact-"):
+        beds += exact_field_testbeds(args.photos, guidance=w)
     return beds
 
 
@@ -176,25 +267,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", type=int, default=4, help="photos per exact-field testbed")
     ap.add_argument("--per-pattern", type=int, default=2, help="photos per trained pattern")
     ap.add_argument("--bundled-photos", type=int, default=16)
-    ap.add_argument("--ref-seeds", type=int, default=2)
+    ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--mp16-budget-s", type=float, default=300.0)
-    ap.add_argument("--only", default="", help="comma-separated testbed names (default: all)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated testbed names or trained "
+        "testbed prefixes such as syn-small (default: all)",
+    )
+    ap.add_argument(
+        "--guidances",
+        default="0,default",
+        help="comma-separated guidance scales; 'default': what predict runs",
+    )
     ap.add_argument(
         "--candidates",
         default="",
         help="comma-separated solver/grid/steps/precision (default: all)",
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--no-timings",
+        dest="timings",
+        action="store_false",
+        help="skip the bundled model's Locator timings",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.candidates:
         CANDIDATES[:] = [parse_setting(text) for text in args.candidates.split(",")]
     report = {"machine": machine(), "gemm_gflops": gemm_rates(), "samples": args.samples}
-    beds = all_trained_testbeds(per_pattern=args.per_pattern) + diffuse_testbeds(args)
-    beds += exact_field_testbeds(args.photos)
+    beds = [bed for g in args.guidances.split(",") for bed in testbeds_at(g, args)]
     if args.only:
-        beds = [b for b in beds if b.name in args.only.split(",")]
+        wanted = args.only.split(",")
+        beds = [b for b in beds if any(b.name.startswith(name) for name in wanted)]
     results = []
     for bed in beds:
         results.append(run_testbed(bed, args))
@@ -202,12 +309,21 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps({**report, "testbeds": results}, indent=1))
     labels = [s.with_overrides(num_samples=args.samples).label() for s in CANDIDATES]
     passing = [label for label in labels if passes_everywhere(label, results)]
-    timings = locator_ms_per_photo([AUTHORS_SAMPLER, DEFAULT_SAMPLER, *CANDIDATES], 16)
-    columns = ["testbed", "label", "NFE", "miss_median_km", "sw_km", "guess_error_km"]
-    columns += ["within_25_km", "acc_1_km", "acc_25_km", "acc_200_km", "within noise"]
+    timings = locator_ms_per_photo([AUTHORS_SAMPLER, *CANDIDATES], 16) if args.timings else {}
+    columns = ["testbed", "guidance", "label", "NFE", "miss_median_km", "within_1_km"]
+    columns += ["within_25_km", "within_200_km", "sw_km", "guess_error_km", "place_mass_tv"]
+    columns += ["acc_25_km", "within noise"]
     rows = [row for res in results for row in res["rows"]]
     ref_label = {"label": AUTHORS_SAMPLER.label() + " (ref mean)"}
-    refs = [{"testbed": res["name"], **ref_label, **res["reference"]["mean"]} for res in results]
+    refs = [
+        {
+            "testbed": res["name"],
+            "guidance": res["guidance"],
+            **ref_label,
+            **res["reference"]["mean"],
+        }
+        for res in results
+    ]
     print_table(refs + rows, columns)
     print("\nLocator ms/photo (bundled model, 16 photos, 1 thread):")
     print_table([{"label": k, "ms/photo": v} for k, v in timings.items()], ["label", "ms/photo"])

@@ -64,6 +64,32 @@ TESTBEDS: dict[str, dict] = {
         "val_every": 750,
         "checkpoint_every": 250,
     },
+    # The R^3 families on the small recipe: what their own sampler step (Euler / DDIM) gives at
+    # predict's step count against 250 steps (benchmarks/confident.py).
+    "syn-small-flow": {
+        "family": "flow",
+        "dim": 256,
+        "depth": 4,
+        "batch_size": 512,
+        "lr": 1e-3,
+        "max_steps": 3000,
+        "warmup_steps": 200,
+        "ema_decay": 0.998,
+        "val_every": 750,
+        "checkpoint_every": 250,
+    },
+    "syn-small-diffusion": {
+        "family": "diffusion",
+        "dim": 256,
+        "depth": 4,
+        "batch_size": 512,
+        "lr": 1e-3,
+        "max_steps": 3000,
+        "warmup_steps": 200,
+        "ema_decay": 0.998,
+        "val_every": 750,
+        "checkpoint_every": 250,
+    },
     "syn-published": {
         "dim": 512,
         "depth": 12,
@@ -121,7 +147,7 @@ def train_command(name: str, data: Path, run: Path, max_steps: int | None = None
         "--max-steps", str(r["max_steps"]), "--warmup-steps", str(r["warmup_steps"]),
         "--ema-decay", str(r["ema_decay"]),
         "--val-every", str(r["val_every"]), "--checkpoint-every", str(r["checkpoint_every"]),
-        "--seed", "0", "--no-progress",
+        "--seed", "0", "--no-progress", "--family", r.get("family", "rfm"),
     ]  # fmt: skip
 
 
@@ -164,7 +190,12 @@ GUIDANCES = (0.0, 2.0)
 AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
 # evaluations per sample and guidance doubles them; the published width is ~8x the small).
-REPORT_SIZE = {"syn-small": (1, 128, 128), "syn-published": (1, 32, 16)}
+REPORT_SIZE = {
+    "syn-small": (1, 128, 128),
+    "syn-small-flow": (1, 128, 128),
+    "syn-small-diffusion": (1, 128, 128),
+    "syn-published": (1, 32, 16),
+}
 """Per testbed: held-out embeddings per pattern, samples at guidance 0, samples at guidance 2
 (what the shared CPU allowed: Euler 250 on the published width ran at ~7 GFLOP/s, load 12)."""
 

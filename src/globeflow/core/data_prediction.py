@@ -27,6 +27,20 @@ exp_x((s_i - s_{i+1}) v)).
   and the last one (to s = 0, where h is infinite and x lands on its prediction) are first
   order.
 
+  Under classifier-free guidance the displacement is a_c + w (a_c - a_null). For w > 0 only
+  the conditional part a_c is extrapolated; the guidance term w (a_c - a_null) is taken as it is
+  at the step's start (first order, as the Euler step takes it). The conditional prediction is a
+  posterior mean that sharpens smoothly with u, what the linear extrapolation assumes; the
+  guidance term is the difference of two posterior means that sharpen at different noise levels
+  (the unconditional one is wider), a bump in u over about one e-fold, which a linear
+  extrapolation over steps of h ~ 0.5 overshoots. For -1 <= w < 0 the guided prediction
+  (1 + w) a_c + |w| a_null is a convex combination of the two posterior means, smooth in u like
+  each of them, and is extrapolated whole. Measured (docs/defaults.md): on a trained sharp model
+  at w = 2, extrapolating the whole guided prediction blurs a 1-km answer to a 3-km median miss
+  where the authors' 250 Euler steps give 0.8 km, the split gives 0.9 km; on an exact 1-km
+  field at w = -0.5 the split's first-order treatment misses a tight solve by 79 km (median)
+  where the whole extrapolation misses by 3.6 km.
+
 The solver samples only; it does not carry log-densities (localizability runs its own pass).
 """
 
@@ -36,6 +50,7 @@ import math
 
 import torch
 
+from globeflow.core.guidance import GuidedVelocity, guided_combination
 from globeflow.core.sphere import rotate
 
 
@@ -69,23 +84,37 @@ def integrate_data_multistep(
     the geometry is S^2 (``geometry`` is accepted for the common solver interface)."""
     if with_log_density:
         raise ValueError("data-2m does not carry log-densities; use lagged-midpoint or midpoint")
+    guidance = field.guidance if isinstance(field, GuidedVelocity) else 0.0
     levels = [float(g) for g in gammas.double()]
     seen_from_here, h_prev = None, None
     for i in range(len(levels) - 1):
         s_now, s_next = 1.0 - levels[i], max(0.0, 1.0 - levels[i + 1])
-        velocity, _ = field(x, i, False)
-        target = data_displacement(x, velocity, s_now)
+        smooth, first_order = _guided_parts(field, x, i, s_now, guidance)
         fraction = 1.0 - s_next / s_now
         h = math.log(s_now / s_next) if s_next > 0.0 else math.inf
+        target = smooth if first_order is None else smooth + first_order
         if seen_from_here is not None and math.isfinite(h):
-            k = extrapolation_weight(h, h_prev)
-            target_eff = target + k * (target - seen_from_here)
-        else:
-            target_eff = target
-        step = fraction * target_eff
+            target = target + extrapolation_weight(h, h_prev) * (smooth - seen_from_here)
+        step = fraction * target
         x = rotate(x, step)
-        seen_from_here, h_prev = target - step, h
+        seen_from_here, h_prev = smooth - step, h
     return x, None
+
+
+def _guided_parts(
+    field, x: torch.Tensor, node: int, remaining: float, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The displacement to the data prediction split into the part that is extrapolated (a
+    convex combination of the branches' posterior means: a_c, or (1 + w) a_c + |w| a_null for
+    w < 0) and the part taken at first order (w (a_c - a_null) for w > 0, else None)."""
+    if guidance == 0.0:
+        return data_displacement(x, field(x, node, False)[0], remaining), None
+    v_cond, v_null = field.branches(x, node)
+    conditional = data_displacement(x, v_cond, remaining)
+    unconditional = data_displacement(x, v_null, remaining)
+    if guidance < 0.0:
+        return guided_combination(conditional, unconditional, guidance), None
+    return conditional, guidance * (conditional - unconditional)
 
 
 def data_multistep_levels(gammas: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ two). The null condition (the all-zeros embedding) is shared by every image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from globeflow.core.network import Conditioning, Denoiser
@@ -51,13 +53,21 @@ class GuidedField:
 
     def output(self, x: torch.Tensor, node: int) -> torch.Tensor:
         """(1 + w) f(x | c) - w f(x | null) at level node: x (B, N, 3) -> (B, N, 3)."""
+        out_cond, out_null = self.branches(x, node)
+        if out_null is None:
+            return out_cond
+        return guided_combination(out_cond, out_null, self.guidance)
+
+    def branches(self, x: torch.Tensor, node: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """f(x | c) and f(x | null) (None without guidance) at level node, each (B, N, 3), from
+        one stacked batch."""
         cond = self.cond.at(node)
         if self.null is None:
-            return self.network.forward_conditioned(x, cond, self.precision)
+            return self.network.forward_conditioned(x, cond, self.precision), None
         both = Conditioning.cat([cond, self.null.at(node)])
         out = self.network.forward_conditioned(torch.cat([x, x]), both, self.precision)
         out_cond, out_null = out.chunk(2)
-        return torch.lerp(out_null, out_cond, 1.0 + self.guidance)
+        return out_cond, out_null
 
     def output_and_jvp(
         self, x: torch.Tensor, tangents: torch.Tensor, node: int
@@ -66,3 +76,33 @@ class GuidedField:
         if self.null is not None:
             raise ValueError("densities are defined for the unguided model (guidance 0)")
         return self.network.forward_with_jvp(x, tangents, self.cond.at(node), self.precision)
+
+
+def guided_combination(cond: torch.Tensor, null: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(1 + w) cond - w null: classifier-free guidance of any quantity that is affine in the
+    network output (outputs, velocities, data predictions)."""
+    return torch.lerp(null, cond, 1.0 + guidance)
+
+
+class GuidedVelocity:
+    """A guided velocity field as the solvers of :mod:`globeflow.core.solvers` see it:
+    ``field(x, node, False) -> ((1 + w) v_c - w v_null, None)``, plus the two branches
+    ``branches(x, node) -> (v_c (B, N, 3), v_null (B, N, 3) or None)`` for solvers that treat
+    the guidance term on its own (``data-2m``). Guided fields have no density: asking for a
+    divergence is an error."""
+
+    def __init__(
+        self,
+        branches: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]],
+        guidance: float,
+    ):
+        self.branches = branches
+        self.guidance = float(guidance)
+
+    def __call__(
+        self, x: torch.Tensor, node: int, with_divergence: bool = False
+    ) -> tuple[torch.Tensor, None]:
+        if with_divergence:
+            raise ValueError("a guided field has no density; divergences need guidance 0")
+        cond, null = self.branches(x, node)
+        return (cond if null is None else guided_combination(cond, null, self.guidance)), None

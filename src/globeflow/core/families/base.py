@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from globeflow.core.guidance import GuidedField
+from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import Schedule, SigmoidSchedule
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
@@ -375,10 +375,13 @@ class DenoisingModel(GeoModel):
         levels = method.levels(gammas)
         field = GuidedField(self.network, emb, levels, guidance, precision)
 
-        def velocity(z: torch.Tensor, node: int, _with_divergence: bool):
-            return self.velocity_from_output(z, field.output(z, node), levels[node]), None
+        def branches(z: torch.Tensor, node: int):
+            cond, null = field.branches(z, node)
+            level = levels[node]
+            v_null = None if null is None else self.velocity_from_output(z, null, level)
+            return self.velocity_from_output(z, cond, level), v_null
 
-        x, _ = method.integrate(velocity, x, gammas, self.geometry)
+        x, _ = method.integrate(GuidedVelocity(branches, guidance), x, gammas, self.geometry)
         return x
 
     def sample_unit(
