@@ -199,7 +199,7 @@ def test_other_settings_on_existing_answers_are_refused_in_one_line(tmp_path):
 
 
 _KILLED_RUN = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from test_archive import SETTINGS, toy_locator
 from globeflow.jobs import evaluation
@@ -211,6 +211,7 @@ real, calls = locator.locate_embeddings, []
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == int(sys.argv[4]):
+        time.sleep(float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)  # a long batch
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
     return real(*args, **kwargs)
 locator.locate_embeddings = dying
@@ -296,7 +297,11 @@ def test_torchrun_two_processes_write_the_answers_of_one(tmp_path, tiny_model):
     args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
             "--batch-size", "3", "--no-progress"]  # fmt: skip
     _cli(*args, "--out", tmp_path / "one")
-    assert "located 17 photos" in _torchrun(*args, "--out", tmp_path / "two")
+    printed = _torchrun(*args, "--out", tmp_path / "two")
+    assert "located 17 photos" in printed
+    # the table holds every photo, not only rank 0's (issue 23, item 6)
+    table = [line for line in printed.splitlines() if line.startswith("│ img")]
+    assert [line.split()[1] for line in table] == [f"img{i:03d}" for i in range(17)]
     ranks = {p.name.split("-")[2] for p in store_parts(tmp_path / "two")}
     assert ranks == {"000", "001"}  # each rank wrote its own parts
     one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
