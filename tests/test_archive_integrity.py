@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,10 @@ from test_archive import (
     _KILLED_RUN,
     SETTINGS,
     ColourEncoder,
-    tiny_model,  # noqa: F401 - a fixture
     toy_locator,
     write_store,
 )
+from test_cli_checks import _save_tiny
 from test_run_lock import ENV, HOLD
 from typer.testing import CliRunner
 
@@ -29,10 +28,14 @@ from globeflow.answers.result_store import ResultWriter, SettingsMismatchError, 
 from globeflow.apps.cli import app
 from globeflow.data.embedding_store import EmbeddingWriter, RepeatedIdsWarning, store_parts
 from globeflow.data.encoders import get_encoder
-from globeflow.jobs.evaluation import evaluate
 from globeflow.jobs.locate import locate_archive
 
 HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("model"))
 
 
 # ---- one job per output folder (item 1) --------------------------------------------------------
@@ -56,9 +59,7 @@ def _jobs(tmp_path: Path, model: Path) -> dict[str, list]:
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "embed"])
 def test_a_second_job_on_an_output_folder_is_refused_naming_the_holder(
-    tmp_path,
-    tiny_model,
-    command,  # noqa: F811 - the fixture
+    tmp_path, tiny_model, command
 ):
     args = _jobs(tmp_path, tiny_model)[command]
     out = tmp_path / "out"
@@ -154,7 +155,7 @@ def test_resume_takes_spelled_out_defaults_for_the_defaults(tmp_path):
 
 def test_the_cli_resumes_with_spelled_out_defaults_and_refuses_jsonl_added_later(
     tmp_path,
-    tiny_model,  # noqa: F811 - the fixture
+    tiny_model,
 ):
     dim = get_encoder("efficientnet-lite0").dim
     store = write_store(tmp_path / "emb.parquet", 4, dim, "efficientnet-lite0")
@@ -170,29 +171,3 @@ def test_the_cli_resumes_with_spelled_out_defaults_and_refuses_jsonl_added_later
     with_jsonl = CliRunner().invoke(app, [str(a) for a in [*spelled, "--jsonl"]])
     assert with_jsonl.exit_code == 2
     assert "jsonl False there, True now" in with_jsonl.output
-
-
-def test_evaluate_resumes_with_another_batch_size(tmp_path, monkeypatch):
-    from globeflow.jobs import evaluation
-
-    store = write_store(tmp_path / "emb.parquet", 20)
-    loc = toy_locator()
-    kw = dict(num_samples=32, steps=2, hpd_samples=16, progress=False)
-    whole = evaluate(loc.model, store, output=tmp_path / "whole", batch_size=8, **kw)
-    real, calls = evaluation._batch_rows, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "_batch_rows", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(loc.model, store, output=tmp_path / "resumed", batch_size=4, **kw)
-    monkeypatch.setattr(evaluation, "_batch_rows", real)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # and no repeated rows
-        resumed = evaluate(loc.model, store, output=tmp_path / "resumed", batch_size=5, **kw)
-    assert resumed.table.equals(whole.table)
-    assert resumed.summary == whole.summary
