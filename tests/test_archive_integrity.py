@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from test_archive import (
     _KILLED_RUN,
+    CLI_SETTINGS,
     SETTINGS,
     ColourEncoder,
     toy_locator,
@@ -119,6 +120,19 @@ def test_a_store_with_repeated_ids_is_answered_once_per_id(tmp_path):
     assert answered == [f"img{i:03d}" for i in range(9)]
 
 
+def test_predict_says_when_a_store_repeats_ids(tmp_path, tiny_model):
+    dim = get_encoder("efficientnet-lite0").dim
+    store = write_store(tmp_path / "emb.parquet", 5, dim, "efficientnet-lite0")
+    with EmbeddingWriter(store, "efficientnet-lite0", dim) as again:
+        again.add(["img001", "img003"], torch.zeros(2, dim))
+    args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
+            "--out", tmp_path / "a", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "2 rows repeat an id stored before" in result.output
+    assert "located 5 photos" in result.output
+
+
 # ---- the save interval while a batch computes (item 2) -----------------------------------------
 
 
@@ -171,3 +185,33 @@ def test_the_cli_resumes_with_spelled_out_defaults_and_refuses_jsonl_added_later
     with_jsonl = CliRunner().invoke(app, [str(a) for a in [*spelled, "--jsonl"]])
     assert with_jsonl.exit_code == 2
     assert "jsonl False there, True now" in with_jsonl.output
+
+
+# ---- batch independence from photos (item 5): up to float rounding, as the README says ---------
+
+
+def test_a_photo_alone_and_among_others_agrees_up_to_the_encoders_rounding():
+    """The encoder's batched convolutions round a photo's embedding differently among others
+    (measured: up to 1e-7 with the bundled encoder); from there the answer is a function of the
+    embedding, so alone and among six agree to float rounding, and bit for bit when the same
+    embedding is given."""
+    from globeflow.apps.pipeline import Locator
+
+    locator = Locator.from_pretrained()
+    photos = sorted((HERE.parent / "examples").glob("*.jpg"))
+    images = [Image.open(p).convert("RGB") for p in photos]
+    images.append(images[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # six photos
+    names = [p.name for p in photos] + ["flipped.jpg"]
+    together = locator.encoder.embed(images)
+    kw = dict(num_samples=64, steps=4, localizability_samples=16)
+    among = locator.locate_images(list(zip(names, images)), photo_ids=names, **kw)
+    batch = locator.locate_embeddings(together, photo_ids=names, **kw)
+    for i in (0, 2, 4):
+        alone_emb = locator.encoder.embed(images[i : i + 1])
+        assert (alone_emb[0] - together[i]).abs().max() < 1e-5
+        [alone] = locator.locate_images([(names[i], images[i])], photo_ids=names[i : i + 1], **kw)
+        for key in ("lat", "lon"):
+            assert abs(alone["best_guess"][key] - among[i]["best_guess"][key]) < 1e-3
+        [same] = locator.locate_embeddings(together[i : i + 1], photo_ids=names[i : i + 1], **kw)
+        assert same["samples"] == batch[i]["samples"]
+        assert same["best_guess"] == batch[i]["best_guess"]

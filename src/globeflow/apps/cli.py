@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def _configure(
         apply_thread_policy(threads)
     except ThreadRequestError as exc:
         _fail(str(exc))
+    warnings.showwarning = _show_warning
+
+
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """globeflow's own warnings (e.g. a store whose ids repeat) as one line on stderr; others as
+    Python shows them."""
+    if category.__module__.startswith("globeflow."):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
 
 
 def _fail(message: str, code: int = 2) -> None:

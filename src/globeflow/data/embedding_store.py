@@ -234,7 +234,7 @@ class FlushDeadline:
     def arm(self) -> None:
         """Start the clock for the oldest buffered row (a no-op while it runs)."""
         with self.lock:
-            if self._due is not None or self._closed:
+            if self._due is not None or self._closed or not math.isfinite(self.seconds):
                 return
             self._due = time.monotonic() + self.seconds
             if self._thread is None:

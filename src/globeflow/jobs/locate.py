@@ -236,12 +236,11 @@ def _todo(items, embeddings, done: IdIndex | None, report: LocateReport) -> _Tod
     repeats = store_repeats(embeddings, parts)
     flags = []
     for k, part in enumerate(parts):
-        batches = pq.ParquetFile(part).iter_batches(65536, columns=["id"])
-        ids = [batch.column("id").to_pylist() for batch in batches]
-        part_flags = np.concatenate(
-            [~done.contains(i) if done is not None else np.ones(len(i), bool) for i in ids]
-            or [np.zeros(0, bool)]
-        )
+        part_flags = [np.zeros(0, bool)]
+        for batch in pq.ParquetFile(part).iter_batches(65536, columns=["id"]):
+            ids = batch.column("id").to_pylist()
+            part_flags.append(~done.contains(ids) if done is not None else np.ones(len(ids), bool))
+        part_flags = np.concatenate(part_flags)
         part_flags[repeats.get(k, [])] = False
         flags.append(part_flags)
     todo_rows = np.concatenate(flags) if flags else np.zeros(0, bool)
