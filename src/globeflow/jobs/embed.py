@@ -236,6 +236,7 @@ def embed_images(
         known location are stored as NaN. ``output`` in use by another job:
         :class:`~globeflow.jobs.run_lock.RunDirectoryBusy` (a ValueError naming its holder).
     """
+    check_precision(precision)  # a clear error for an unknown precision, before any file
     own = place is None
     place = place or join_process_group("cpu")  # gloo: only barriers and small objects
     try:
@@ -255,7 +256,6 @@ def _embed_placed(
     max_unsaved_seconds, precision, place, dtype, decode_workers,
 ) -> EmbedReport:  # fmt: skip
     """:func:`embed_images` on this process of the job."""
-    check_precision(precision)  # a clear error for an unknown precision, first
     report = EmbedReport(output=out)
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)
