@@ -164,10 +164,11 @@ class RowWriter:
         with self._deadline.lock:
             self._rows += rows
             self._lines += lines
-            if len(self._rows) >= self.chunk_size or self.max_unsaved_seconds <= 0:
-                self.flush()
-            elif self._rows:
+            if self._rows:
                 self._deadline.arm()
+            full = len(self._rows) >= self.chunk_size
+            if full or self.max_unsaved_seconds <= 0 or self._deadline.overdue():
+                self.flush()
 
     def flush(self) -> Path | None:
         """Commit the buffered rows as one new part; returns its path (None when empty)."""

@@ -248,6 +248,11 @@ class FlushDeadline:
         with self.lock:
             self._due = None
 
+    def overdue(self) -> bool:
+        """Whether the oldest buffered row has waited its interval (checked by the writer as
+        rows come, too: the thread only adds the commits that no new row would trigger)."""
+        return self._due is not None and time.monotonic() >= self._due
+
     def check(self) -> None:
         """Raise the error of a flush that failed in the background, if any."""
         if self._error is not None:
@@ -400,10 +405,11 @@ class EmbeddingWriter:
             self._buf["lon"].append(lon)
             self._buf["author"].append((authors[i] or "") if authors is not None else "")
         self._emb.append(emb[start:])
-        if len(self._buf["id"]) >= self.chunk_size or self.max_unsaved_seconds <= 0:
-            self.flush()
-        elif self._buf["id"]:
+        if self._buf["id"]:
             self._deadline.arm()
+        full = len(self._buf["id"]) >= self.chunk_size
+        if full or self.max_unsaved_seconds <= 0 or self._deadline.overdue():
+            self.flush()
 
     def flush(self) -> Path | None:
         """Write buffered rows as one new part (atomic rename). Returns the part path."""
