@@ -267,14 +267,15 @@ class FlushDeadline:
             self._thread.join()
 
     def _run(self) -> None:
+        # Woken by arm() as the clock starts; commits when a whole interval then passes with
+        # the same deadline armed (a flush or close in between wakes it or disarms it).
         with self.lock:
             while not self._closed:
                 if self._due is None:
                     self._wake.wait()
                     continue
-                left = self._due - time.monotonic()
-                if left > 0:
-                    self._wake.wait(left)
+                due = self._due
+                if self._wake.wait(self.seconds) or self._due != due or self._closed:
                     continue
                 try:
                     self._flush()
