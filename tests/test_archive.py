@@ -199,7 +199,7 @@ def test_other_settings_on_existing_answers_are_refused_in_one_line(tmp_path):
 
 
 _KILLED_RUN = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from test_archive import SETTINGS, toy_locator
 from globeflow.jobs import evaluation
@@ -211,6 +211,7 @@ real, calls = locator.locate_embeddings, []
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == int(sys.argv[4]):
+        time.sleep(float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)  # a long batch
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
     return real(*args, **kwargs)
 locator.locate_embeddings = dying
@@ -296,7 +297,11 @@ def test_torchrun_two_processes_write_the_answers_of_one(tmp_path, tiny_model):
     args = ["predict", "--embeddings", store, "--model", tiny_model, *CLI_SETTINGS,
             "--batch-size", "3", "--no-progress"]  # fmt: skip
     _cli(*args, "--out", tmp_path / "one")
-    assert "located 17 photos" in _torchrun(*args, "--out", tmp_path / "two")
+    printed = _torchrun(*args, "--out", tmp_path / "two")
+    assert "located 17 photos" in printed
+    # the table holds every photo, not only rank 0's (issue 23, item 6)
+    table = [line for line in printed.splitlines() if line.startswith("│ img")]
+    assert [line.split()[1] for line in table] == [f"img{i:03d}" for i in range(17)]
     ranks = {p.name.split("-")[2] for p in store_parts(tmp_path / "two")}
     assert ranks == {"000", "001"}  # each rank wrote its own parts
     one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
@@ -335,7 +340,8 @@ def test_evaluate_resumed_after_an_interrupt_reports_the_uninterrupted_summary(
         evaluate(loc.model, store, output=tmp_path / "resumed", **kw)
     monkeypatch.setattr(evaluation, "_batch_rows", real)
     assert len(read_results(tmp_path / "resumed" / "rows", schema=ROW_SCHEMA)) == 8
-    resumed = evaluate(loc.model, store, output=tmp_path / "resumed", **kw)
+    # Another batch size cuts the work otherwise, not the rows (issue 23, item 4).
+    resumed = evaluate(loc.model, store, output=tmp_path / "resumed", **{**kw, "batch_size": 5})
     assert resumed.table.equals(whole.table)
     assert resumed.summary == whole.summary
     with pytest.raises(SettingsMismatchError, match="seed"):

@@ -345,14 +345,15 @@ def test_an_output_that_is_an_input_is_refused_before_work(tmp_path, photo, no_m
     line = _one_line_error(_run("embed", tmp_path, "-o", photo), 2, "is a file, not a folder")
     assert "Errno" not in line
     store = tmp_path / "emb.parquet"
-    from globeflow.data.embedding_store import EmbeddingWriter
+    from globeflow.data.embedding_store import EmbeddingWriter, store_parts
 
     with EmbeddingWriter(store, "fake", 2) as writer:
         writer.add(["a"], torch.zeros(1, 2), latlon=torch.tensor([[1.0, 2.0]]))
     result = _run("evaluate", store, "-o", store / "report")
     _one_line_error(result, 2, "--output", "inside the embedding store", str(store))
     _one_line_error(_run("evaluate", store, "-o", store), 2, "also an input")
-    assert sorted(p.name for p in store.iterdir()) == ["part-00000.parquet"]
+    assert [p.name for p in store.iterdir()] == [p.name for p in store_parts(store)]  # untouched
+    assert len(store_parts(store)) == 1
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")

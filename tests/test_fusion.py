@@ -189,12 +189,14 @@ def test_regions_parse_and_contain() -> None:
     across = parse_region([-20, 170, -15, -170])  # across the antimeridian
     assert across.contains(pts).tolist() == [False, False, True, True, False]
     assert parse_region("fr").contains(pts[:2]).tolist() == [True, False]
-    ring = [[170, -20], [-170, -20], [-170, -15], [170, -15], [170, -20]]
+    # across the antimeridian: the ring continues past 180 (RFC 7946 edges are straight in
+    # lon/lat, so [170, ..], [-170, ..] would span 340 degrees the other way)
+    ring = [[170, -20], [190, -20], [190, -15], [170, -15], [170, -20]]
     hole = [[177, -18], [179, -18], [179, -17], [177, -17], [177, -18]]
     polygon = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring, hole]}}
     assert parse_region(polygon).contains(pts).tolist() == [False, False, False, True, False]
     assert parse_region({"type": "Polygon", "coordinates": [ring]}).contains(pts)[2]
-    with pytest.raises(RegionError, match="round a pole"):
+    with pytest.raises(RegionError, match="encloses no area"):  # a circle of latitude
         parse_region(
             {"type": "Polygon", "coordinates": [[[-180, 80], [0, 80], [180, 80], [-180, 80]]]}
         )

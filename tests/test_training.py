@@ -17,6 +17,7 @@ from _interrupt import interrupted_at_step
 from safetensors.torch import load_file, save_file
 
 from globeflow.core.checkpoints import load_model
+from globeflow.data.embedding_store import store_parts
 from globeflow.jobs import training
 from globeflow.jobs.training import (
     BatchOrder,
@@ -377,7 +378,7 @@ def test_bad_train_inputs_are_one_line_errors(tmp_path: Path):
     good = write_store(tmp_path / "good.parquet")
     mixed = write_store(tmp_path / "mixed.parquet")
     other = write_store(tmp_path / "other.parquet", dim=4)
-    (other / "part-00000.parquet").rename(mixed / "part-00009.parquet")
+    store_parts(other)[0].rename(mixed / "part-00009.parquet")  # another dim among the parts
     nan = write_store(tmp_path / "nan.parquet", nan_embedding_rows=[3, 7])
     nowhere = write_store(tmp_path / "nowhere.parquet", no_coordinates=True)
     table = tmp_path / "photos.csv"

@@ -111,11 +111,15 @@ class Region:
         }
 
 
+MIN_REGION_PROBABILITY = 0.01
+"""Regions holding a smaller share of the samples are not reported."""
+
+
 def top_regions(
     samples: torch.Tensor,
     k: int = 5,
     radius_km: float | None = None,
-    min_probability: float = 0.01,
+    min_probability: float = MIN_REGION_PROBABILITY,
     credibility: float = REGION_CREDIBILITY,
 ) -> list[Region]:
     """Up to k regions of samples (N, 2) degrees, most probable first, at the samples' own scale.

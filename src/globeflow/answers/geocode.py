@@ -315,6 +315,9 @@ def place_label(place: Place | dict[str, str] | None) -> str:
     return ", ".join(parts)
 
 
+GLOBE_SCALE_KM = math.pi * 6371.0 / 2.0  # the Earth radius of globeflow.core.sphere
+"""Regions at least this wide (radius, km: a quarter of a great circle) cover a hemisphere or
+more and are named "most of the globe", never after the country at their centre."""
 CONTINENT_SCALE_KM = 1000.0
 """Regions at least this wide (radius, km; wider than all but the largest countries) are named
 "around" the country at their centre."""
@@ -344,6 +347,7 @@ def region_label(place: Place | dict | None, radius_km: float) -> str:
     """The name of a region of ``radius_km`` around a point, at the scale of that radius.
 
     ``place`` is the nearest populated place to the point (:func:`reverse_geocode`). A region
+    of a hemisphere or more (:data:`GLOBE_SCALE_KM`) is "most of the globe". A region
     that holds it is named "around Country" from :data:`CONTINENT_SCALE_KM` on, by its country
     from :data:`COUNTRY_SCALE_KM`, by "Region, Country" from :data:`ADMIN1_SCALE_KM`, and below
     that by :func:`place_label` ("Town, Region, Country").
@@ -354,6 +358,8 @@ def region_label(place: Place | dict | None, radius_km: float) -> str:
     """
     if place is None:
         return ""
+    if radius_km >= GLOBE_SCALE_KM:
+        return "most of the globe"
     d = place.to_dict() if isinstance(place, Place) else place
     km, bearing = d.get("distance_km"), d.get("bearing_deg")
     if km is not None and bearing is not None and km > max(radius_km, NEAR_KM):

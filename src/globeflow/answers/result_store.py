@@ -6,9 +6,14 @@ the flat columns of :data:`globeflow.answers.export.CSV_FIELDS` (best guess, pla
 localizability, EXIF truth and error), ``localizability_stderr_bits``, ``regions`` (the top
 regions as JSON) and ``samples`` (the first ``keep_samples`` samples, (lat, lon) degrees; empty
 unless asked for). Parts are committed atomically (:func:`~globeflow.data.embedding_store.
-commit_part`) and named as the embedding store's (``part-SESSION[-RANK-CHUNK].parquet``), so a
-killed run leaves whole parts only and a rerun skips the ids already stored. ``settings.json``
+commit_part`) and named as the embedding store's (``part-SESSION-RANK-CHUNK-TOKEN.parquet``:
+unique per writer), so a killed run leaves whole parts only and a rerun skips the ids already
+stored (:class:`~globeflow.data.id_index.IdIndex`: 16 bytes per stored id). ``settings.json``
 records the settings the answers were made with; a run with other settings is refused.
+
+Readers de-duplicate: a directory in which an id repeats (two runs wrote it at once, before
+answer folders were locked) is read with each id's first row (in part order) and a
+:class:`~globeflow.data.embedding_store.RepeatedIdsWarning`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,7 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from globeflow.answers.export import CSV_FIELDS, result_to_row
-from globeflow.data.embedding_store import commit_part, part_name, start_parts, store_parts
+from globeflow.data.embedding_store import (
+    FlushDeadline,
+    commit_part,
+    part_name,
+    replace_durably,
+    start_parts,
+    store_parts,
+    store_repeats,
+    without_rows,
+    writer_token,
+)
+from globeflow.data.id_index import IdIndex
 
 __all__ = [
     "SETTINGS_NAME",
@@ -94,12 +109,14 @@ def _json_line(photo_id: str, result: dict, keep_samples: int) -> str:
 class RowWriter:
     """Append rows (dicts of ``schema``'s columns) to the directory ``path``, one part per flush.
 
-    Rows are buffered and committed once ``chunk_size`` rows wait, whenever the oldest unsaved
-    row has waited ``max_unsaved_seconds`` (a kill loses at most that much work), and on
-    :meth:`close`. ``settings`` are recorded in (or checked against) ``settings.json``.
-    ``rank``/``clean_stale``: as :class:`~globeflow.data.embedding_store.EmbeddingWriter`
-    (several processes, one directory). Lines given to :meth:`add_rows` go to a JSON Lines file
-    per part, written before the parquet part that commits them.
+    Rows are buffered and committed once ``chunk_size`` rows wait, once the oldest unsaved row
+    has waited ``max_unsaved_seconds`` (from a background thread, even while the caller computes
+    its next rows: a kill loses at most that much of the rows added), and on :meth:`close`.
+    ``settings`` are recorded in (or checked against) ``settings.json``; ``legacy``: the same
+    settings as earlier versions recorded them (accepted too). ``rank``/``clean_stale``: as
+    :class:`~globeflow.data.embedding_store.EmbeddingWriter` (several processes of one job,
+    one directory). Lines given to :meth:`add_rows` go to a JSON Lines file per part, written
+    before the parquet part that commits them.
     """
 
     def __init__(
@@ -111,23 +128,25 @@ class RowWriter:
         max_unsaved_seconds: float = 30.0,
         rank: int | None = None,
         clean_stale: bool = True,
+        legacy: Sequence[dict] = (),
     ) -> None:
         self.path = Path(path)
         self.schema = schema
         self.chunk_size = int(chunk_size)
         self.max_unsaved_seconds = float(max_unsaved_seconds)
         self.rank = rank
-        check_settings(self.path, settings)
+        check_settings(self.path, settings, legacy)
         _, self._session = start_parts(self.path, clean_stale)
         if clean_stale:  # a JSON Lines file whose parquet part was never committed
             for orphan in self.path.glob("part-*.jsonl"):
                 if not orphan.with_suffix(".parquet").exists():
                     orphan.unlink(missing_ok=True)
+        self._token = writer_token()
         self.fingerprint = settings_fingerprint(settings)
         self._chunk = 0
         self._rows: list[dict] = []
         self._lines: list[str] = []
-        self._oldest_unsaved: float | None = None
+        self._deadline = FlushDeadline(self.flush, self.max_unsaved_seconds)
         self.rows_written = 0
 
     @property
@@ -135,42 +154,45 @@ class RowWriter:
         """Rows added and not yet committed."""
         return len(self._rows)
 
-    def done_ids(self) -> set[str]:
-        """Ids of the rows already in committed parts."""
-        done: set[str] = set()
-        for part in store_parts(self.path):
-            done.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-        return done
+    def done_ids(self) -> IdIndex:
+        """The ids of the rows already in committed parts (``id in index``; 16 bytes per id)."""
+        return IdIndex.of_parts(store_parts(self.path))
 
     def add_rows(self, rows: Sequence[dict], lines: Sequence[str] = ()) -> None:
         """Buffer rows (and their JSON lines); commit a part when one is due."""
-        self._rows += rows
-        self._lines += lines
-        if self._rows and self._oldest_unsaved is None:
-            self._oldest_unsaved = time.monotonic()
-        waited = time.monotonic() - (self._oldest_unsaved or time.monotonic())
-        if len(self._rows) >= self.chunk_size or waited >= self.max_unsaved_seconds:
-            self.flush()
+        self._deadline.check()
+        with self._deadline.lock:
+            self._rows += rows
+            self._lines += lines
+            if self._rows:
+                self._deadline.arm()
+            full = len(self._rows) >= self.chunk_size
+            if full or self.max_unsaved_seconds <= 0 or self._deadline.overdue():
+                self.flush()
 
     def flush(self) -> Path | None:
         """Commit the buffered rows as one new part; returns its path (None when empty)."""
-        if not self._rows:
-            return None
-        final = self.path / part_name(self._session, self._chunk, self.rank)
-        if self._lines:
-            lines = final.with_suffix(".jsonl")
-            tmp = lines.with_name(f".tmp-{lines.name}")
-            tmp.write_text("\n".join(self._lines) + "\n", encoding="utf-8", errors="replace")
-            os.replace(tmp, lines)
-        table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        table = table.replace_schema_metadata({b"globeflow.settings": self.fingerprint.encode()})
-        commit_part(table, final)
-        self._chunk += 1
-        self.rows_written += len(self._rows)
-        self._rows, self._lines, self._oldest_unsaved = [], [], None
-        return final
+        with self._deadline.lock:
+            self._deadline.disarm()
+            if not self._rows:
+                return None
+            final = self.path / part_name(self._session, self._chunk, self.rank, self._token)
+            if self._lines:
+                lines = final.with_suffix(".jsonl")
+                tmp = lines.with_name(f".tmp-{lines.name}")
+                tmp.write_text("\n".join(self._lines) + "\n", encoding="utf-8", errors="replace")
+                replace_durably(tmp, lines)
+            table = pa.Table.from_pylist(self._rows, schema=self.schema)
+            metadata = {b"globeflow.settings": self.fingerprint.encode()}
+            commit_part(table.replace_schema_metadata(metadata), final)
+            self._chunk += 1
+            self.rows_written += len(self._rows)
+            self._rows, self._lines = [], []
+            return final
 
     def close(self) -> None:
+        self._deadline.close()
+        self._deadline.check()
         self.flush()
 
     def __enter__(self) -> RowWriter:
@@ -197,28 +219,38 @@ class ResultWriter(RowWriter):
         self.add_rows(rows, lines)
 
 
-def check_settings(path: Path, settings: dict) -> None:
+def check_settings(path: Path, settings: dict, legacy: Sequence[dict] = ()) -> None:
     """Record ``settings`` in ``path/settings.json``, or check that the answers already there
-    were made with the same ones (:class:`SettingsMismatchError` naming what differs)."""
+    were made with the same ones (:class:`SettingsMismatchError` naming what differs).
+    ``legacy``: the same settings as an earlier version recorded them (also accepted)."""
     manifest = path / SETTINGS_NAME
     if manifest.exists():
         stored = json.loads(manifest.read_text(encoding="utf-8"))
-        if stored.get("fingerprint") == settings_fingerprint(settings):
+        candidates = [settings, *legacy]
+        if stored.get("fingerprint") in {settings_fingerprint(c) for c in candidates}:
             return
         old = stored.get("settings", {})
-        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        shown = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:3])
+        now = max(candidates, key=lambda c: len(set(c) & set(old)))  # the record's own form
         raise SettingsMismatchError(
-            f"{path}: holds answers made with other settings ({shown}); give another output "
-            "folder, or --overwrite to replace them"
+            f"{path}: holds answers made with other settings ({_differences(old, now)}); give "
+            "another output folder, or --overwrite to replace them"
         )
     if store_parts(path):
         raise SettingsMismatchError(f"{path}: holds parts but no {SETTINGS_NAME}; not ours?")
     path.mkdir(parents=True, exist_ok=True)
-    record = {"fingerprint": settings_fingerprint(settings), "settings": settings}
+    _write_manifest(manifest, {"fingerprint": settings_fingerprint(settings), "settings": settings})
+
+
+def _differences(old: dict, now: dict) -> str:
+    """The first three keys whose values differ, as "key OLD there, NEW now"."""
+    diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    return ", ".join(f"{k} {old.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])
+
+
+def _write_manifest(manifest: Path, record: dict) -> None:
     tmp = manifest.with_name(f".tmp-{manifest.name}")
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest)
+    replace_durably(tmp, manifest)
 
 
 def check_resolved(path: Path, resolved: dict, record: bool) -> None:
@@ -231,19 +263,14 @@ def check_resolved(path: Path, resolved: dict, record: bool) -> None:
     before = stored.get("resolved")
     if before is None:
         if record:
-            stored["resolved"] = resolved
-            tmp = manifest.with_name(f".tmp-{manifest.name}")
-            tmp.write_text(json.dumps(stored, indent=1, default=str) + "\n", encoding="utf-8")
-            os.replace(tmp, manifest)
+            _write_manifest(manifest, {**stored, "resolved": resolved})
         return
     before = json.loads(json.dumps(before))
     now = json.loads(json.dumps(resolved, default=str))
     if before != now:
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        shown = ", ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])
         raise SettingsMismatchError(
-            f"{path}: holds answers made with other settings ({shown}); give another output "
-            "folder, or --overwrite to replace them"
+            f"{path}: holds answers made with other settings ({_differences(before, now)}); "
+            "give another output folder, or --overwrite to replace them"
         )
 
 
@@ -256,20 +283,31 @@ def remove_results(path: Path) -> None:
 
 
 def iter_results(path: str | os.PathLike[str], batch_size: int = 4096) -> Iterator[pa.Table]:
-    """The stored rows in the order they were written, a table of at most ``batch_size`` rows
-    at a time (memory bounded whatever the number of rows)."""
-    for part in store_parts(path):
+    """The stored rows in the order they were written (each id once), a table of at most
+    ``batch_size`` rows at a time (memory bounded whatever the number of rows)."""
+    parts = store_parts(path)
+    repeats = store_repeats(path, parts)
+    for k, part in enumerate(parts):
+        first = 0
         for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_size):
-            yield pa.Table.from_batches([batch])
+            table = pa.Table.from_batches([batch])
+            if k in repeats:
+                rows = repeats[k][(repeats[k] >= first) & (repeats[k] < first + len(table))]
+                table = without_rows(table, rows - first)
+            first += batch.num_rows
+            if len(table):
+                yield table
 
 
 def read_results(
     path: str | os.PathLike[str], sort_by_id: bool = False, schema: pa.Schema = SCHEMA
 ) -> pa.Table:
-    """All stored rows as one table (``schema``: the writer's; for an empty folder);
-    ``sort_by_id``: in id order, which is the same for a resumed, a sharded and an
+    """All stored rows as one table, each id once (``schema``: the writer's; for an empty
+    folder); ``sort_by_id``: in id order, which is the same for a resumed, a sharded and an
     uninterrupted run."""
-    tables = [pq.read_table(part) for part in store_parts(path)]
+    parts = store_parts(path)
+    repeats = store_repeats(path, parts)
+    tables = [without_rows(pq.read_table(p), repeats.get(k)) for k, p in enumerate(parts)]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.replace_schema_metadata(None)
     return table.sort_by("id") if sort_by_id else table

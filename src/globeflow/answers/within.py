@@ -8,14 +8,19 @@ Three kinds, parsed by :func:`parse_region` from what users type:
   geocoder (GeoNames places of >= 1,000 people) names that country as the nearest place's, so
   borders are as sharp as the spacing of towns and coastal waters count as the country's;
 - a GeoJSON file or object (Polygon, MultiPolygon, Feature, FeatureCollection): even-odd rule,
-  holes included, with straight edges in the lon/lat plane as RFC 7946 defines them. Rings may
-  cross the antimeridian (longitudes are unwrapped along the ring); a ring around a pole is
-  refused with a clear message.
+  holes included, with straight edges in the lon/lat plane as RFC 7946 defines them, whatever
+  their width: ``[-20, 0], [170, 0], ...`` spans 190 degrees of longitude eastwards from -20,
+  and a ring may run along a pole (``[-180, 60], [180, 60], [180, 90], [-180, 90]`` is the cap
+  north of 60 degrees). A polygon across the antimeridian is cut in two (a MultiPolygon, as RFC
+  7946 asks) or continues past 180 (``[170, -20], [190, -20], ...``): a point counts at its
+  longitude and 360 degrees either side. Positions outside latitude [-90, 90] or longitude
+  [-540, 540], and rings that enclose no area, are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -26,7 +31,8 @@ import torch
 
 from globeflow.answers.geocode import country_name, reverse_geocode
 
-_BBOX = re.compile(r"^\s*-?[\d.]+(\s*,\s*-?[\d.]+){3}\s*$")
+_BBOX_LIKE = re.compile(r"^[\s\d.,+\-eE]+$")
+"""What is meant as a box: numbers and commas only (then it must be four good numbers)."""
 _EDGE_CHUNK = 1024
 
 
@@ -52,10 +58,10 @@ def parse_region(spec: str | os.PathLike | dict | Sequence[float]) -> Region:
     if isinstance(spec, dict):
         return polygon_region(spec, "GeoJSON")
     if isinstance(spec, (list, tuple)):
-        return bbox_region(*map(float, spec))
+        return bbox_region(*_box_numbers(list(spec), ",".join(map(str, spec))))
     text = str(spec)
-    if _BBOX.match(text):
-        return bbox_region(*(float(v) for v in text.split(",")))
+    if _BBOX_LIKE.match(text) and "," in text:
+        return bbox_region(*_box_numbers(text.split(","), text.strip()))
     if re.fullmatch(r"[A-Za-z]{2}", text.strip()):
         return country_region(text.strip())
     path = Path(text)
@@ -69,6 +75,29 @@ def parse_region(spec: str | os.PathLike | dict | Sequence[float]) -> Region:
         f"{text}: not a region; give lat0,lon0,lat1,lon1 (degrees), an ISO country code such as "
         "FR, or a GeoJSON file"
     )
+
+
+def _box_numbers(fields: list, text: str) -> list[float]:
+    """The four numbers of a box ``lat0,lon0,lat1,lon1``, or a :class:`RegionError` naming the
+    field that is not a finite number."""
+    if len(fields) != 4:
+        raise RegionError(
+            f"bounding box {text}: {len(fields)} numbers; give four, lat0,lon0,lat1,lon1 "
+            "(degrees, south-west corner first)"
+        )
+    numbers = []
+    for field in fields:
+        try:
+            value = float(str(field).strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise RegionError(
+                f"bounding box {text}: {str(field).strip()!r} is not a number of degrees; give "
+                "lat0,lon0,lat1,lon1 (south-west corner first)"
+            )
+        numbers.append(value)
+    return numbers
 
 
 def bbox_region(lat0: float, lon0: float, lat1: float, lon1: float) -> Region:
@@ -113,7 +142,7 @@ def polygon_region(geojson: dict, source: str) -> Region:
     polygons = _polygons(geojson, source)
     if not polygons:
         raise RegionError(f"{source}: no Polygon or MultiPolygon geometry found")
-    rings = [[_unwrapped_ring(ring, source) for ring in polygon] for polygon in polygons]
+    rings = [[_ring(ring, source) for ring in polygon] for polygon in polygons]
 
     def contains(latlon: torch.Tensor) -> torch.Tensor:
         flat = latlon.reshape(-1, 2).double()
@@ -148,9 +177,9 @@ def _polygons(obj: dict, source: str) -> list[list]:
     return []
 
 
-def _unwrapped_ring(ring: list, source: str) -> torch.Tensor:
-    """A ring as (V, 2) [lon, lat] with longitudes unwrapped so that consecutive vertices differ
-    by at most 180 degrees (a ring across the antimeridian becomes contiguous)."""
+def _ring(ring: list, source: str) -> torch.Tensor:
+    """A ring as (V, 2) [lon, lat] degrees, closed; :class:`RegionError` for positions that are
+    not [lon, lat] within range, fewer than 4 of them, or a ring that encloses no area."""
     try:
         xy = torch.tensor([[float(p[0]), float(p[1])] for p in ring], dtype=torch.float64)
     except (TypeError, ValueError, IndexError):
@@ -159,21 +188,31 @@ def _unwrapped_ring(ring: list, source: str) -> torch.Tensor:
         ) from None
     if xy.shape[0] < 4:
         raise RegionError(f"{source}: a polygon ring has fewer than 4 positions")
-    step = torch.diff(xy[:, 0])
-    step = step - 360.0 * torch.round(step / 360.0)
-    xy[1:, 0] = xy[0, 0] + torch.cumsum(step, 0)
-    if abs(float(xy[-1, 0] - xy[0, 0])) > 180.0:
+    if not bool(torch.isfinite(xy).all()):
+        raise RegionError(f"{source}: a polygon ring holds a position that is not a number")
+    lon, lat = xy[:, 0], xy[:, 1]
+    if bool((lat.abs() > 90.0).any()):
+        worst = float(lat[lat.abs().argmax()])
         raise RegionError(
-            f"{source}: a polygon ring goes round a pole; split it into polygons that do not"
+            f"{source}: a polygon ring has latitude {worst:g}, outside [-90, 90] (GeoJSON "
+            "positions are [lon, lat])"
         )
+    if bool((lon.abs() > 540.0).any()):
+        raise RegionError(f"{source}: a polygon ring has a longitude outside [-540, 540]")
     if not torch.equal(xy[0], xy[-1]):  # close an open ring
         xy = torch.cat([xy, xy[:1]])
+    doubled_area = (xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]).sum()
+    if abs(float(doubled_area)) < 1e-12:
+        raise RegionError(
+            f"{source}: a polygon ring encloses no area (its positions lie on one line, e.g. "
+            "a circle of latitude: a cap around a pole runs along the pole, [lon, 90])"
+        )
     return xy
 
 
 def _inside_polygon(latlon: torch.Tensor, rings: list[torch.Tensor]) -> torch.Tensor:
     """Even-odd rule over all rings of one polygon, for points (M, 2); each point is tried at
-    lon and lon +- 360 to meet rings unwrapped beyond [-180, 180]."""
+    lon and lon +- 360 to meet rings that continue beyond [-180, 180]."""
     inside = torch.zeros(latlon.shape[0], dtype=torch.bool)
     for shift in (0.0, 360.0, -360.0):
         crossings = torch.zeros(latlon.shape[0], dtype=torch.long)

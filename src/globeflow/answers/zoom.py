@@ -18,6 +18,7 @@ __all__ = [
     "MIN_EXTENT_KM",
     "answer_extent",
     "credible_extent",
+    "extent_radius_km",
     "osm_url",
     "osm_zoom",
 ]
@@ -105,6 +106,17 @@ def osm_url(lat: float, lon: float, radius_km: float) -> str:
         f"https://www.openstreetmap.org/?mlat={lat:.5f}&mlon={lon:.5f}"
         f"#map={zoom}/{lat:.5f}/{lon:.5f}"
     )
+
+
+def extent_radius_km(extent: Sequence[float] | None) -> float:
+    """The radius (km) of an answer shown in the map window ``extent`` (lat0, lat1, lon0, lon1)
+    degrees: a quarter of the window's larger side, so that :func:`osm_url` (four radii wide)
+    opens on that window; half the circumference for the whole world (None)."""
+    if extent is None:
+        return math.pi * EARTH_RADIUS_KM
+    lat0, lat1, lon0, lon1 = extent
+    width = (lon1 - lon0) * KM_PER_DEG * math.cos(math.radians((lat0 + lat1) / 2.0))
+    return max(width, (lat1 - lat0) * KM_PER_DEG) / 4.0
 
 
 IN_VIEW_PROBABILITY = 0.05

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def _configure(
         apply_thread_policy(threads)
     except ThreadRequestError as exc:
         _fail(str(exc))
+    warnings.showwarning = _show_warning
+
+
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """globeflow's own warnings (e.g. a store whose ids repeat) as one line on stderr; others as
+    Python shows them."""
+    if category.__module__.startswith("globeflow."):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -272,7 +286,9 @@ def train(
     batch_size: int = typer.Option(512, help="Rows per optimizer step (over all processes)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (after warmup; cosine decay)."),
     optimizer: str = typer.Option("adamw", help="adamw or lamb"),
-    warmup_steps: int = typer.Option(500, help="Steps of linear learning-rate warmup."),
+    warmup_steps: int = typer.Option(
+        None, help="Steps of linear learning-rate warmup (default: 500, at most --max-steps / 10)."
+    ),
     ema_decay: float = typer.Option(0.999, help="Decay of the weight average that is saved."),
     cond_drop_prob: float = typer.Option(
         0.1, help="Share of rows trained unconditioned (for classifier-free guidance)."
@@ -304,9 +320,11 @@ def train(
     Several processes (GPUs, nodes): torchrun --standalone --nproc_per_node N --no-python
     globeflow train ...
     """
-    from globeflow.apps.settings import check_train_options
+    from globeflow.apps.settings import check_train_options, default_warmup_steps
     from globeflow.jobs.training import Runtime, TrainingStopped, train_from_embeddings
 
+    if warmup_steps is None:  # scaled to the run; only an explicit value can be refused
+        warmup_steps = default_warmup_steps(max_steps)
     try:
         prior_fraction = check_train_options(
             max_steps, warmup_steps, prior_fraction, prior_locations
@@ -371,10 +389,11 @@ def _area_km2(km2: float) -> str:
 def _region_cell(region: dict | None, fixed_radius: bool) -> str:
     """ "Name (probability)" for a fixed radius (the header says it), else "Name (probability,
     radius)"."""
+    from globeflow.answers.decode import MIN_REGION_PROBABILITY
     from globeflow.answers.geocode import format_km
 
-    if region is None:
-        return "-"
+    if region is None:  # with a fixed radius: the samples are too spread for any disc of it
+        return f"none holds {MIN_REGION_PROBABILITY:.0%}" if fixed_radius else "-"
     if fixed_radius:
         return f"{region['label']} ({region['probability']:.0%})"
     return f"{region['label']} ({region['probability']:.0%}, {format_km(region['radius_km'])})"
@@ -453,7 +472,8 @@ def predict(
     region_radius_km: float = typer.Option(
         None,
         help="Fixed radius of a reported region (km, above 0, at most half the circumference; "
-        "default: each region at the answer's own scale, with the radius holding 90% of it).",
+        "default: each region at the answer's own scale, with the radius holding 90% of it). "
+        "Discs holding under 1% of the samples are not reported.",
     ),
     out: Path = typer.Option(
         None,
@@ -481,7 +501,10 @@ def predict(
     ),
     batch_size: int = typer.Option(32, min=1, help="Photos per encoder and model call."),
     save_every_s: float = typer.Option(
-        30.0, min=0.0, help="With --out: commit answers at least this often (seconds)."
+        None,
+        min=0.0,
+        help="With --out: commit answers within this many seconds of being answered (default "
+        "30; a kill loses the batch in progress and at most this much).",
     ),
     decode_workers: int = typer.Option(
         0, min=0, help="Threads decoding photos ahead of the encoder (0: inline; GPUs want 4+)."
@@ -531,7 +554,8 @@ def predict(
         region_radius_km=region_radius_km,
     )
     small_outputs = {"--json": json_out, "--csv": csv_out, "--geojson": geojson_out}
-    needs_out = {"--jsonl": jsonl, "--keep-samples": keep_samples, "--overwrite": overwrite}
+    needs_out = {"--jsonl": jsonl, "--keep-samples": keep_samples, "--overwrite": overwrite,
+                 "--save-every-s": save_every_s is not None}  # fmt: skip
     if out is None and (given := [name for name, value in needs_out.items() if value]):
         _fail(f"{given[0]} goes with --out DIR (the answers folder)")
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
@@ -552,6 +576,9 @@ def predict(
         reads += _listed_photos(photos or [])
     _check_outputs(files=small_outputs, folders={"--map": map_dir, "--out": out}, reads=reads)
     locator = _load_locator(model, encoder, family, encoder_path, device)
+    samples = num_samples or locator.sampler.num_samples
+    if keep_samples > samples:
+        _fail(f"--keep-samples {keep_samples}: must be at most --num-samples ({samples})")
     settings = dict(
         num_samples=num_samples,
         guidance=_resolved_guidance(guidance, locator, LOCATE_LIMITS),
@@ -573,7 +600,8 @@ def predict(
     run_predict(
         locator, settings, photos=photos, embeddings=embeddings, out=out, jsonl=jsonl,
         keep_samples=keep_samples, overwrite=overwrite, small_outputs=small_outputs,
-        map_dir=map_dir, batch_size=batch_size, save_every_s=save_every_s,
+        map_dir=map_dir, batch_size=batch_size,
+        save_every_s=30.0 if save_every_s is None else save_every_s,
         decode_workers=decode_workers, progress=progress,
     )  # fmt: skip
 
@@ -680,14 +708,19 @@ def _add_fused_answer(locator, paths, results, labels, region, proposals, **sett
     return [*results, fused], [*labels, "same place"]
 
 
+def _percent(p: float) -> str:
+    """A probability in percent, with at least two significant digits (0.0092%, 41.4%)."""
+    return f"{p:.1%}" if p >= 0.01 or p == 0 else f"{100 * p:.2g}%"
+
+
 def _report_region_and_fusion(results: list[dict]) -> None:
     """The mass inside --within per answer, and the fused answer's verdict (--same-place)."""
     for r in results:
         mass = r.get("mass_inside")
         if mass:
             typer.echo(
-                f"{r['image']}: {mass['probability']:.1%} ± {mass['stderr']:.1%} of the model's "
-                f"mass inside {mass['region']['description']}"
+                f"{r['image']}: {_percent(mass['probability'])} ± {_percent(mass['stderr'])} of "
+                f"the model's mass inside {mass['region']['description']}"
             )
         if "fusion" in r:
             bf = r["fusion"]["log_bayes_factor_same_place"]
@@ -835,6 +868,7 @@ def evaluate(
     from globeflow.core.families import NonFiniteOutputError
     from globeflow.data.datasets import open_dataset
     from globeflow.jobs.evaluation import evaluate as run_evaluation
+    from globeflow.jobs.run_lock import run_lock
 
     _check_options(
         EVALUATE_LIMITS,
@@ -881,10 +915,13 @@ def evaluate(
         raise typer.Exit(130) from None
     if not _is_main_process():
         return
+    try:  # the report folder stays locked while its files are written
+        with run_lock(output):
+            report.write(output)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     if report.summary["n"] == 0:
-        report.write(output)
         _fail(f"{data}: nothing to evaluate; {report.why_empty()}; report in {output}", code=1)
-    report.write(output)
     typer.echo(report.to_markdown())
     typer.echo(f"report written to {output}")
 

@@ -19,14 +19,14 @@ from PIL import Image
 
 from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
 from globeflow.answers.geocode import region_label
-from globeflow.answers.zoom import answer_extent, osm_url
+from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
 from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
-from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, unit_to_latlon
+from globeflow.core.sphere import haversine_km, unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
 DEFAULT_GUIDANCE = 2.0
@@ -45,10 +45,6 @@ LOCALIZABILITY_SOLVER = DEFAULT_SAMPLER.localizability_solver
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
-
-
-HALF_GLOBE_KM = math.pi * EARTH_RADIUS_KM
-"""The scale of an answer with no region: anywhere on the globe."""
 
 
 def default_model_path() -> Path:
@@ -137,7 +133,7 @@ class Locator:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         ``sampler`` (default: the locator's) is the sampling recipe; the keyword settings
-        override its fields (a solver given without a grid runs on its own grid). Samples of
+        override its fields (another solver given without a grid runs on its own grid). Samples of
         all B images are drawn in one batched solve, each image's from its own random stream
         seeded by (``seed``, its id in ``photo_ids``; default: a hash of its embedding), so an
         answer does not depend on the other images of the batch. Regions are found at the
@@ -310,11 +306,23 @@ class Locator:
         self, sampler: SamplerSettings | None, solver: str | None, grid: str | None, **overrides
     ) -> SamplerSettings:
         """The locator's recipe (or ``sampler``) with the keyword settings that were given; a
-        solver given without a grid runs on its own grid."""
+        solver other than the recipe's, given without a grid, runs on its own grid (the
+        recipe's own solver spelled out is the recipe)."""
         recipe = (sampler or self.sampler).with_overrides(**overrides)
-        if solver is not None:
+        if solver is not None and solver != recipe.solver:
             return dataclasses.replace(recipe, solver=solver, grid=grid)
         return dataclasses.replace(recipe, grid=grid) if grid is not None else recipe
+
+    def answer_settings(
+        self, seed: int = 0, solver: str | None = None, grid: str | None = None,
+        region_radius_km: float | None = None, **overrides,
+    ) -> dict:  # fmt: skip
+        """The ``settings`` block of the answers :meth:`locate_embeddings` gives for these
+        keyword settings (every default filled in), and their ``localizability_samples``,
+        without locating anything: what decides whether stored answers can be resumed."""
+        recipe = self._recipe(None, solver, grid, **overrides)
+        return {**self._settings(recipe, seed), "region_radius_km": region_radius_km,
+                "localizability_samples": recipe.localizability_samples}  # fmt: skip
 
     def _settings(self, recipe: SamplerSettings, seed: int) -> dict:
         """The ``settings`` block of an answer drawn with ``recipe`` (solver and precision as
@@ -369,6 +377,7 @@ class Locator:
                     f"the model puts no mass inside {region.description} (under "
                     f"{draw.mass.upper_95:.2g} at 95%)"
                 )
+            error = error or _too_few_inside(draw, region)
         if error is not None:
             return {"ok": False, "error": error, **extra, "settings": settings}
         bits = torch.tensor([draw.localizability_bits])
@@ -557,13 +566,17 @@ def _answer_at_scale(
     link and the map window: ``best_guess``, ``regions``, ``osm_url``, ``map_extent``.
 
     The best guess's scale is the radius of the first region that holds it (else of the top
-    region): its name and the link's zoom then say no more than the answer knows.
+    region; with no region, the map window's): its name and the link's zoom then say no more
+    than the answer knows.
     """
     lat, lon = float(guess[0]), float(guess[1])
     centres = torch.tensor([[r.lat, r.lon] for r in regions], dtype=torch.float64).reshape(-1, 2)
     km = haversine_km(guess.double(), centres).tolist()
     holding = [r.radius_km for r, d in zip(regions, km) if d <= r.radius_km]
-    scale_km = holding[0] if holding else (regions[0].radius_km if regions else HALF_GLOBE_KM)
+    if regions:
+        scale_km = holding[0] if holding else regions[0].radius_km
+    else:  # none (no disc of a fixed radius holds enough samples): the map window's scale
+        scale_km = extent_radius_km(extent)
     return {
         "best_guess": {
             "lat": lat,
@@ -579,6 +592,22 @@ def _answer_at_scale(
         "osm_url": osm_url(lat, lon, scale_km),
         "map_extent": list(extent) if extent is not None else None,
     }
+
+
+def _too_few_inside(draw, region) -> str | None:
+    """Why an answer inside ``region`` would look more certain than it is: too few of the
+    model's samples fell inside (effective sample size below the fused answers' floor)."""
+    from globeflow.answers.fusion import MIN_ESS
+
+    ess = draw.effective_sample_size
+    if ess >= MIN_ESS:
+        return None
+    return (
+        f"too few of the model's samples fall inside {region.description} for an answer there "
+        f"(effective sample size {ess:.1f} of {draw.proposals:,} draws, below {MIN_ESS:.0f}); "
+        f"the model puts {draw.mass.probability:.2g} of its mass inside (± "
+        f"{draw.mass.stderr:.1g})"
+    )
 
 
 def _as_region(within: object):

@@ -67,23 +67,14 @@ def run_predict(
     from globeflow.jobs.locate import locate_archive
 
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
-    kept: list[dict] = []
-    overflow = False
-
-    def on_results(ids, results) -> None:
-        nonlocal overflow
-        if asked or len(kept) + len(results) <= TABLE_PHOTOS:
-            kept.extend(results)
-        else:
-            kept.clear()
-            overflow = True
-
+    # The answers of every process (torchrun) come back to rank 0, for the table or outputs.
+    keep = cli.SMALL_RUN_PHOTOS if asked else TABLE_PHOTOS
     try:
         report = locate_archive(
             locator, settings, photos=photos, embeddings=embeddings, output=out,
             batch_size=batch_size, keep_samples=keep_samples, jsonl=jsonl,
             max_unsaved_seconds=save_every_s, overwrite=overwrite, progress=progress,
-            decode_workers=decode_workers, on_results=on_results,
+            decode_workers=decode_workers, keep_answers=keep,
         )  # fmt: skip
     except NonFiniteOutputError as exc:
         cli._fail(f"{locator.model_name}: {exc}", code=1)
@@ -101,7 +92,7 @@ def run_predict(
 
         where = ", ".join(printable_path(p) for p in photos)
         cli._fail(f"no photos found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    _report(locator, report, kept if not overflow else [], small_outputs, map_dir, progress)
+    _report(locator, report, report.answers or [], small_outputs, map_dir, progress)
 
 
 def _report(locator, report, kept, small_outputs, map_dir, progress) -> None:

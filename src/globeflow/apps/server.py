@@ -388,14 +388,14 @@ def create_app(
         file: list[UploadFile] | None = File(None, description="one or more photos"),
         files: list[UploadFile] | None = File(None, description="alias of `file`"),
         num_samples: int | None = Query(None, ge=MIN_SAMPLES, le=MAX_SAMPLES),
-        guidance: float | None = Query(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE),
+        guidance: float | None = Query(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False),
         steps: int | None = Query(None, ge=1, le=MAX_STEPS),
         format: str = Query("json", pattern="^(json|geojson)$"),
         form_num_samples: int | None = Form(
             None, alias="num_samples", ge=MIN_SAMPLES, le=MAX_SAMPLES
         ),
         form_guidance: float | None = Form(
-            None, alias="guidance", ge=MIN_GUIDANCE, le=MAX_GUIDANCE
+            None, alias="guidance", ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False
         ),
         form_steps: int | None = Form(None, alias="steps", ge=1, le=MAX_STEPS),
         within: str | None = Form(None, description=WITHIN_HELP),

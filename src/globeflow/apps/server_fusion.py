@@ -37,7 +37,7 @@ def parse_web_region(within: str | None) -> Any:
     try:
         if text.startswith("{"):
             return parse_region(json.loads(text))
-        if not re.fullmatch(r"[A-Za-z]{2}|[-+\d.,\s]+", text):
+        if not re.fullmatch(r"[A-Za-z]{2}|[-+\d.,\seE]+", text):
             raise RegionError(
                 f"{text[:60]}: not a region; give lat0,lon0,lat1,lon1, a country code or GeoJSON"
             )
@@ -79,8 +79,11 @@ def add_fusion_route(app: FastAPI, locator: Any, limit: int, max_files: int) -> 
             except server._Rejected as rejected:
                 skipped.append(rejected.to_result())
         if len(jobs) < 2:
+            unusable = "; ".join(r["error"] for r in skipped)  # each names its file
             raise HTTPException(
-                422, "send at least two usable photos of the same place: " + str(skipped)
+                422,
+                "send at least two usable photos of the same place"
+                + (f" ({len(jobs)} usable; not usable: {unusable})" if skipped else ""),
             )
 
         def run() -> dict:

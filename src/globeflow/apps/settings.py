@@ -119,6 +119,14 @@ def check_settings(values: Mapping[str, Any], limits: Mapping[str, Rule] = LOCAT
 
 DEFAULT_PRIOR_FRACTION = 0.25
 """Share of each training batch drawn from ``--prior-locations`` when none is given."""
+DEFAULT_WARMUP_STEPS = 500
+"""Steps of learning-rate warmup when none is given, for runs of at least ten times as many."""
+
+
+def default_warmup_steps(max_steps: int) -> int:
+    """The warmup a run of ``max_steps`` gets when none is given: 500 steps, at most a tenth of
+    the run (a default never makes a valid command fail)."""
+    return min(DEFAULT_WARMUP_STEPS, max(0, max_steps) // 10)
 
 
 def check_train_options(

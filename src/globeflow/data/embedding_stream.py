@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from globeflow.data.coordinates import valid_latlon_mask
-from globeflow.data.embedding_store import _store_meta, store_parts
+from globeflow.data.embedding_store import _store_meta, store_parts, store_repeats
 
 __all__ = [
     "RowGroup",
@@ -55,18 +56,30 @@ class RowGroup:
 def read_group_table(group: RowGroup, columns: list[str]):
     """The pyarrow table of ``columns`` of the group's rows."""
     table = pq.ParquetFile(group.part).read_row_group(group.index, columns=columns)
-    return table if group.only is None else table.take(list(group.only))
+    return table if group.only is None else table.take(pa.array(group.only, pa.int64()))
 
 
 def list_row_groups(store: str | os.PathLike[str]) -> tuple[list[RowGroup], str, int]:
-    """(row groups in store order, encoder name, dim), from the parquet footers only."""
+    """(row groups in store order, encoder name, dim), from the parquet footers (and one pass
+    over the ids: the rows that repeat an earlier row's id are left out of their groups)."""
     parts = store_parts(store)
     encoder, dim = _store_meta(parts, Path(store))
+    repeats = store_repeats(store, parts)
     groups = []
-    for part in parts:
+    for k, part in enumerate(parts):
         meta = pq.ParquetFile(part).metadata
-        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        groups += [RowGroup(part, i, n) for i, n in enumerate(sizes)]
+        first = 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            left_out = repeats.get(k, np.empty(0, np.int64))
+            left_out = left_out[(left_out >= first) & (left_out < first + n)] - first
+            if len(left_out):
+                rows = tuple(sorted(set(range(n)) - set(left_out.tolist())))
+                if rows:  # a group of repeats only is left out whole
+                    groups.append(RowGroup(part, i, len(rows), rows))
+            else:
+                groups.append(RowGroup(part, i, n))
+            first += n
     return groups, encoder, dim
 
 
@@ -112,10 +125,12 @@ def _hold_out_rows(
     for g in groups:
         k = min(g.rows - 1, math.ceil(max_rows * g.rows / max(total, 1)))
         order = torch.randperm(g.rows, generator=_generator(seed, "hold-out", g.part.name, g.index))
-        rest = tuple(sorted(order[k:].tolist()))
+        rows = g.only if g.only is not None else range(g.rows)  # the group's rows, in order
+        rest = tuple(sorted(rows[i] for i in order[k:].tolist()))
         kept.append(RowGroup(g.part, g.index, len(rest), rest))
         if k > 0:
-            held.append(RowGroup(g.part, g.index, k, tuple(sorted(order[:k].tolist()))))
+            taken = tuple(sorted(rows[i] for i in order[:k].tolist()))
+            held.append(RowGroup(g.part, g.index, k, taken))
     return kept, held
 
 

@@ -4,9 +4,10 @@ Inputs may be image files, folders (recursive), text files listing one path per 
 files with an image column (``image``/``path``/``filename``/``IMG_ID``, any case) and optional
 ``lat``/``lon`` (also ``latitude``/``longitude``, any case) and ``author`` columns. Missing
 coordinates are read from EXIF GPS. Already stored ids are skipped (resume); rows are committed
-every ``chunk_size`` rows and at least every ``max_unsaved_seconds``, so a kill loses little.
-Unreadable files are counted and listed in ``_errors.csv`` inside the store; they never stop
-the job.
+every ``chunk_size`` rows and within ``max_unsaved_seconds`` of being embedded, so a kill loses
+little. One job at a time writes a store (:mod:`globeflow.jobs.run_lock`: a second is refused,
+naming the holder). Unreadable files are counted and listed in ``_errors.csv`` inside the store;
+they never stop the job.
 
 Under ``torchrun`` the processes split the remaining photos into contiguous runs of whole
 batches (the same batches one process would form), each writes its own parts, and rank 0 writes
@@ -25,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from globeflow.core.guidance import check_precision
@@ -41,6 +43,7 @@ from globeflow.jobs.distributed import (
     leave_process_group,
     rank_slice,
 )
+from globeflow.jobs.run_lock import run_lock
 
 __all__ = ["ERRORS_NAME", "EmbedReport", "ImageItem", "collect_inputs", "embed_images"]
 
@@ -230,15 +233,19 @@ def embed_images(
     Returns:
         :class:`EmbedReport` (merged over the processes, complete on rank 0); its ``errors``
         are also written to ``_errors.csv`` inside ``output``. lat/lon of photos without any
-        known location are stored as NaN.
+        known location are stored as NaN. ``output`` in use by another job:
+        :class:`~globeflow.jobs.run_lock.RunDirectoryBusy` (a ValueError naming its holder).
     """
+    check_precision(precision)  # a clear error for an unknown precision, before any file
     own = place is None
     place = place or join_process_group("cpu")  # gloo: only barriers and small objects
     try:
-        return _embed_placed(
-            inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
-            exif_gps, max_unsaved_seconds, precision, place, dtype, decode_workers,
-        )  # fmt: skip
+        Path(output).mkdir(parents=True, exist_ok=True)
+        with run_lock(Path(output), place.is_main, place.broadcast):
+            return _embed_placed(
+                inputs, encoder, Path(output), batch_size, progress, recursive, chunk_size,
+                exif_gps, max_unsaved_seconds, precision, place, dtype, decode_workers,
+            )  # fmt: skip
     finally:
         if own:
             leave_process_group(place)
@@ -249,7 +256,6 @@ def _embed_placed(
     max_unsaved_seconds, precision, place, dtype, decode_workers,
 ) -> EmbedReport:  # fmt: skip
     """:func:`embed_images` on this process of the job."""
-    check_precision(precision)  # a clear error for an unknown precision, first
     report = EmbedReport(output=out)
     t0 = time.perf_counter()
     items = collect_inputs(inputs, recursive=recursive, errors=report.errors)
@@ -267,11 +273,12 @@ def _embed_placed(
     )
     done = writer.done_ids()
     place.barrier()  # every process has listed the stored parts before any writes a new one
-    todo = [it for it in items if it.id not in done]
+    stored = done.contains([it.id for it in items]) if len(done) else np.zeros(len(items), bool)
+    todo = [it for it, have in zip(items, stored, strict=True) if not have]
     report.skipped_existing = len(items) - len(todo)
     if report.skipped_existing and place.is_main:  # once: the ranks' reports are summed
-        stored = located_ids(out)
-        report.with_location = sum(it.id in stored for it in items if it.id in done)
+        already = [it.id for it, have in zip(items, stored, strict=True) if have]
+        report.with_location = int(located_ids(out).contains(already).sum())
     share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
     mine = todo[share.start * batch_size : share.stop * batch_size]
 

@@ -534,16 +534,20 @@ def evaluate(
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
     try:
-        fingerprint = {**settings, "limit": limit}
+        # The batch is how the work is cut, not what the rows are: a resumed evaluation may
+        # take another --batch-size (each image's rows come from its own random stream).
+        fingerprint = {k: v for k, v in settings.items() if k != "batch_size"}
+        fingerprint["limit"] = limit
         if output is not None:
             fingerprint["model_weights"] = model_fingerprint(model)
+        legacy = {**fingerprint, "batch_size": batch_size}  # as earlier versions recorded it
         shown = progress and (place is None or place.is_main)
         bar = _PhotoProgress(shown, listed, dataset, limit)
         table = evaluate_rows(
             records, lambda batch: _embed_records(batch, encoder, errors),
             lambda indexed, emb, gens: _batch_rows(model, indexed, emb, gens, device, **options),
             batch_size=batch_size, seed=seed, device=device, settings=fingerprint,
-            output=output, overwrite=overwrite, place=place, progress=bar,
+            output=output, overwrite=overwrite, place=place, progress=bar, legacy=[legacy],
         )  # fmt: skip
         if place is not None and place.distributed:
             errors = [e for rank_errors in place.gather(errors) for e in rank_errors]

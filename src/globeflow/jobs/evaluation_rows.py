@@ -5,14 +5,17 @@ Each image's samples come from its own random stream (seed, record id). Under ``
 processes take the batches of the records still to evaluate in turn (batch j on rank
 j mod N: the batches one process would form), each writes its own parts, and the summary is
 computed from the stored rows in dataset order (column ``index``), so a resumed or sharded
-evaluation reports what one uninterrupted process does.
+evaluation reports what one uninterrupted process does. One evaluation at a time writes a
+report folder (:mod:`globeflow.jobs.run_lock`: a second is refused, naming the holder); rows
+are committed within ``max_unsaved_seconds`` of being computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,9 @@ from globeflow.answers.result_store import RowWriter, read_results, remove_resul
 from globeflow.core.random_streams import photo_generators
 from globeflow.data.datasets import GeoRecord
 from globeflow.data.file_names import printable
+from globeflow.data.id_index import IdIndex
 from globeflow.jobs.distributed import Placement, on_main_first
+from globeflow.jobs.run_lock import run_lock
 
 __all__ = ["ROWS_NAME", "ROW_SCHEMA", "evaluate_rows"]
 
@@ -67,6 +72,7 @@ def evaluate_rows(
     place: Placement | None = None,
     progress: bool | Any = True,
     max_unsaved_seconds: float = 30.0,
+    legacy: Sequence[dict] = (),
 ) -> pa.Table:
     """Every record's row, in dataset order (a table of :data:`ROW_SCHEMA`).
 
@@ -74,10 +80,27 @@ def evaluate_rows(
     ``batch_rows(indexed records, embeddings, generators)`` their rows. ``progress``: a bar of
     this rank's records, or an object with tqdm's ``update(n)`` and ``close()``. With
     ``output`` the rows go to ``output/rows`` as they come (resumed when present; other
-    ``settings`` refused unless ``overwrite``), and the table is read back from there.
+    ``settings`` refused unless ``overwrite``; ``legacy``: the same settings as earlier versions
+    recorded them), and the table is read back from there.
     """
     place = place or Placement()
-    writer, done = None, set()
+    lock = contextlib.nullcontext()
+    if output is not None:  # one evaluation at a time in a report folder
+        Path(output).mkdir(parents=True, exist_ok=True)
+        lock = run_lock(Path(output), place.is_main, place.broadcast)
+    with lock:
+        return _evaluate_rows(
+            records, embed, batch_size, batch_rows, seed, device, settings, output, overwrite,
+            place, progress, max_unsaved_seconds, legacy,
+        )  # fmt: skip
+
+
+def _evaluate_rows(
+    records, embed, batch_size, batch_rows, seed, device, settings, output, overwrite, place,
+    progress, max_unsaved_seconds, legacy,
+) -> pa.Table:  # fmt: skip
+    """:func:`evaluate_rows` (holding the report folder's lock when there is one)."""
+    writer, done = None, None
     if output is not None:
         folder = Path(output) / ROWS_NAME
 
@@ -86,13 +109,13 @@ def evaluate_rows(
                 remove_results(folder)
             rank = place.rank if place.distributed else None
             return RowWriter(folder, settings, ROW_SCHEMA, rank=rank, clean_stale=main,
-                             max_unsaved_seconds=max_unsaved_seconds)  # fmt: skip
+                             max_unsaved_seconds=max_unsaved_seconds, legacy=legacy)  # fmt: skip
 
         writer = on_main_first(place, open_writer)
         done = writer.done_ids()
         place.barrier()  # every rank has listed the stored parts before any writes a new one
     kept: list[dict] = []
-    todo = ((i, r) for i, r in enumerate(records) if printable(r.id) not in done)
+    todo = _not_done(enumerate(records), done)
     bar = _bar(progress and place.is_main) if isinstance(progress, bool) else progress
     try:
         for j, batch in enumerate(_chunks(todo, batch_size)):
@@ -116,6 +139,13 @@ def evaluate_rows(
     if writer is not None:
         return read_results(folder, schema=ROW_SCHEMA).sort_by("index")
     return pa.Table.from_pylist(kept, schema=ROW_SCHEMA).sort_by("index")
+
+
+def _not_done(indexed: Iterator, done: IdIndex | None) -> Iterator:
+    """The (index, record) pairs whose record id is not in ``done``, looked up in blocks."""
+    for block in _chunks(indexed, 4096):
+        have = done.contains([printable(r.id) for _, r in block]) if done else [False] * 4096
+        yield from (pair for pair, stored in zip(block, have) if not stored)
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:

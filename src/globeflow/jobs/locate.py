@@ -1,10 +1,13 @@
 """The streaming ``predict`` job: photos or an embedding store in, answers on disk as they come.
 
 Answers go to a directory of parquet parts (:mod:`globeflow.answers.result_store`), committed
-every ``chunk_size`` rows and at least every ``max_unsaved_seconds``, so memory stays bounded
-whatever the number of photos and a kill loses at most that interval. A rerun skips the ids
-already answered; answers made with other settings are refused. Photos that cannot be read are
-listed in ``_errors.csv`` and retried by a rerun.
+every ``chunk_size`` rows and within ``max_unsaved_seconds`` of being answered (from a
+background thread, while the next batch computes), so memory stays bounded whatever the number
+of photos and a kill loses the batch in progress and at most that interval of answers. One job
+at a time writes a directory (:mod:`globeflow.jobs.run_lock`: a second is refused, naming the
+holder). A rerun skips the ids already answered (an index of 16 bytes per stored answer; a store
+input is listed as one byte per row); answers made with other settings (defaults filled in) are
+refused. Photos that cannot be read are listed in ``_errors.csv`` and retried by a rerun.
 
 Under ``torchrun`` the processes split the photos still to answer into contiguous runs of whole
 batches (the batches one process would form, so that an encoder sees the same batches), each
@@ -16,19 +19,22 @@ depend on its batch or rank either.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from globeflow.answers.decode import attach_truth
 from globeflow.answers.result_store import ResultWriter, check_resolved, remove_results
 from globeflow.data.coordinates import valid_latlon_mask
-from globeflow.data.embedding_store import iter_embedding_batches, store_parts
+from globeflow.data.embedding_store import iter_embedding_batches, store_parts, store_repeats
+from globeflow.data.id_index import IdIndex
 from globeflow.jobs.distributed import (
     Placement,
     join_process_group,
@@ -43,6 +49,7 @@ from globeflow.jobs.embed import (
     _write_errors,
     collect_inputs,
 )
+from globeflow.jobs.run_lock import run_lock
 
 __all__ = ["LocateReport", "locate_archive", "model_fingerprint"]
 
@@ -61,6 +68,9 @@ class LocateReport:
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
+    answers: list[dict] | None = field(default_factory=list)
+    """The answers (failures included) in input order, over every process, when the run gave
+    at most ``keep_answers`` of them (None: more)."""
 
     @property
     def photos_per_second(self) -> float:
@@ -76,6 +86,8 @@ class LocateReport:
             out.errors += r.errors
             out.seconds = max(out.seconds, r.seconds)
             out.interrupted |= r.interrupted
+            if out.answers is not None:  # ranks hold consecutive runs of the input
+                out.answers = None if r.answers is None else out.answers + r.answers
         return out
 
 
@@ -106,6 +118,7 @@ def locate_archive(
     decode_workers: int = 0,
     on_results: OnResults | None = None,
     place: Placement | None = None,
+    keep_answers: int = 0,
 ) -> LocateReport:
     """Locate ``photos`` (files, folders, lists, CSVs as ``globeflow embed`` reads them) or the
     rows of the embedding store ``embeddings`` with ``locator`` (a
@@ -118,41 +131,65 @@ def locate_archive(
             writes nothing (``on_results`` gets the answers).
         batch_size: photos per encoder and model call.
         keep_samples: samples stored per photo (0: none; they are 1024 pairs per photo).
-        jsonl: also write each part as JSON Lines (the full result dicts).
-        chunk_size, max_unsaved_seconds: commit a part every this many rows or seconds.
+        jsonl: also write each part as JSON Lines (the full result dicts); part of the
+            settings (a folder holds JSON Lines for every part or for none).
+        chunk_size, max_unsaved_seconds: commit a part every this many rows, and the answers
+            within this many seconds of being answered.
         overwrite: delete the answers already in ``output`` first (else other settings there
             are refused with :class:`~globeflow.answers.result_store.SettingsMismatchError`).
         on_results: called with (ids, results) after each batch, failures included (as
             ``{"image", "ok": False, "error"}``), on every rank.
         place: this process's place in a ``torchrun`` job (default: from the environment).
+        keep_answers: keep the answers in the report (``answers``, gathered from every rank in
+            input order) when there are at most this many.
 
     Returns:
         The :class:`LocateReport` (merged over the processes). Ctrl-C ends the run early with
-        what was located committed and ``interrupted`` set.
+        what was located committed and ``interrupted`` set. ``output`` in use by another job:
+        :class:`~globeflow.jobs.run_lock.RunDirectoryBusy` (a ValueError naming its holder).
     """
     own = place is None
     place = place or join_process_group("cpu")  # gloo: only barriers and small objects
-    try:
-        return _locate_placed(
-            locator, settings, photos, embeddings, output, batch_size, keep_samples, jsonl,
+    args = (locator, settings, photos, embeddings, output, batch_size, keep_samples, jsonl,
             chunk_size, max_unsaved_seconds, overwrite, progress, decode_workers, on_results,
-            place,
-        )  # fmt: skip
+            place, keep_answers)  # fmt: skip
+    try:
+        if output is None:
+            return _locate_placed(*args)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        with run_lock(Path(output), place.is_main, place.broadcast):
+            return _locate_placed(*args)
     finally:
         if own:
             leave_process_group(place)
 
 
+def resolved_settings(locator, settings: dict) -> dict:
+    """The settings that decide the answers, every default filled in (``--num-samples 1024``
+    spelled out is the default), as the locator resolves them; the model is named by its
+    weights (:func:`model_fingerprint`), not by where it lies."""
+    options = {k: v for k, v in settings.items() if k != "top_k"}
+    resolve = getattr(locator, "answer_settings", None)
+    resolved = resolve(**options) if resolve is not None else dict(options)
+    resolved.pop("model", None)
+    top_k = inspect.signature(type(locator).locate_embeddings).parameters.get("top_k")
+    default = top_k.default if top_k is not None else None
+    return {**resolved, "top_k": settings.get("top_k", default)}
+
+
 def _open_writer(output, settings, place, overwrite, locator, **options) -> ResultWriter:
     """The answers' writer on every rank; rank 0 checks the settings (and clears the folder on
     ``overwrite``) first, and the others raise the same error when it refuses."""
-    fingerprint = {**settings, "model_weights": model_fingerprint(locator.model)}
-    fingerprint.update(encoder=locator.encoder_name, keep_samples=options["keep_samples"])
+    weights = {"model_weights": model_fingerprint(locator.model), "encoder": locator.encoder_name,
+               "keep_samples": options["keep_samples"]}  # fmt: skip
+    fingerprint = {**resolved_settings(locator, settings), **weights, "jsonl": options["jsonl"]}
+    legacy = {**settings, **weights}  # as earlier versions recorded them
 
     def make(main: bool) -> ResultWriter:
         if main and overwrite and Path(output).is_dir():
             remove_results(Path(output))
-        return ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=main, **options)
+        return ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=main,
+                            legacy=[legacy], **options)  # fmt: skip
 
     return on_main_first(place, make)
 
@@ -161,33 +198,66 @@ def _rank(place: Placement) -> int | None:
     return place.rank if place.distributed else None
 
 
+@dataclass
+class _Todo:
+    """What this run answers: photos (``items``, ``todo`` their positions) or the rows of a
+    store (``todo_rows``: one flag per store row, 1 byte each, whatever the number of rows)."""
+
+    items: list[ImageItem]
+    todo: list[int]
+    todo_rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.todo) if self.todo_rows is None else int(self.todo_rows.sum())
+
+
 def _listing(photos, embeddings, report: LocateReport) -> list[ImageItem]:
-    """Every photo of the input, in order: id (its random stream's and its answer's key), path
-    and known coordinates (ids unique; an input that is not found is an error of the report)."""
+    """Every photo of a photo input, in order (ids unique; an input that is not found is an
+    error of the report); a store input is checked here and flagged by :func:`_todo`."""
     if embeddings is not None:
-        parts = store_parts(embeddings)
-        if not parts:
+        if not store_parts(embeddings):
             raise FileNotFoundError(f"{embeddings}: no embedding parts (part-*.parquet) there")
-        items = []
-        for part in parts:
-            table = pq.read_table(part, columns=["id", "path"])
-            ids, paths = table.column("id").to_pylist(), table.column("path").to_pylist()
-            items += [ImageItem(i, Path(p or i)) for i, p in zip(ids, paths, strict=True)]
-        return items
+        return []
     return collect_inputs(photos or [], errors=report.errors)
+
+
+def _todo(items, embeddings, done: IdIndex | None, report: LocateReport) -> _Todo:
+    """Which of the input is still to answer: not in ``done``; a store row that repeats an
+    earlier row's id is answered once. Sets ``report.total`` and ``skipped_existing``."""
+    if embeddings is None:
+        answered = np.zeros(len(items), bool)
+        for start in range(0, len(items) if done is not None else 0, 65536):
+            chunk = items[start : start + 65536]
+            answered[start : start + len(chunk)] = done.contains([it.id for it in chunk])
+        report.total = len(items) + len(report.errors)
+        report.skipped_existing = int(answered.sum())
+        return _Todo(items, np.flatnonzero(~answered).tolist())
+    parts = store_parts(embeddings)
+    repeats = store_repeats(embeddings, parts)
+    flags = []
+    for k, part in enumerate(parts):
+        part_flags = [np.zeros(0, bool)]
+        for batch in pq.ParquetFile(part).iter_batches(65536, columns=["id"]):
+            ids = batch.column("id").to_pylist()
+            part_flags.append(~done.contains(ids) if done is not None else np.ones(len(ids), bool))
+        part_flags = np.concatenate(part_flags)
+        part_flags[repeats.get(k, [])] = False
+        flags.append(part_flags)
+    todo_rows = np.concatenate(flags) if flags else np.zeros(0, bool)
+    report.total = len(todo_rows) - sum(len(r) for r in repeats.values())
+    report.skipped_existing = report.total - int(todo_rows.sum())
+    return _Todo([], [], todo_rows)
 
 
 def _locate_placed(
     locator, settings, photos, embeddings, output, batch_size, keep_samples, jsonl, chunk_size,
-    max_unsaved_seconds, overwrite, progress, decode_workers, on_results, place,
+    max_unsaved_seconds, overwrite, progress, decode_workers, on_results, place, keep_answers,
 ) -> LocateReport:  # fmt: skip
     started = time.perf_counter()
     report = LocateReport(output=Path(output) if output is not None else None)
     items = _listing(photos, embeddings, report)
     input_errors = len(report.errors)
-    report.total = len(items) + input_errors
-    writer = None
-    done: set[str] = set()
+    writer, done = None, None
     if output is not None:
         writer = _open_writer(
             output, settings, place, overwrite, locator=locator, chunk_size=chunk_size,
@@ -195,14 +265,14 @@ def _locate_placed(
         )  # fmt: skip
         done = writer.done_ids()
         place.barrier()  # every rank has listed the stored parts before any writes a new one
-    todo = [i for i, it in enumerate(items) if it.id not in done]
-    report.skipped_existing = len(items) - len(todo)
-    share = rank_slice(math.ceil(len(todo) / batch_size), place.rank, place.world_size)
-    mine = todo[share.start * batch_size : share.stop * batch_size]
+    listing = _todo(items, embeddings, done, report)
+    share = rank_slice(math.ceil(len(listing) / batch_size), place.rank, place.world_size)
+    mine = slice(share.start * batch_size, share.stop * batch_size)  # of the photos to answer
     if not place.is_main:  # every rank listed the input: its errors are reported by rank 0
         report.errors, input_errors = [], 0
-    bar = _bar(len(mine), progress and place.is_main, locator)
-    batches = _batches(locator, items, mine, embeddings, batch_size, decode_workers, settings)
+    count = len(range(len(listing))[mine])
+    bar = _bar(count, progress and place.is_main, locator)
+    batches = _batches(locator, listing, mine, embeddings, batch_size, decode_workers, settings)
     try:
         for ids, results in batches:
             ok = [(i, r) for i, r in zip(ids, results, strict=True) if r.get("ok")]
@@ -217,6 +287,9 @@ def _locate_placed(
                 writer.add(*zip(*ok, strict=True))
             if on_results is not None:
                 on_results(ids, results)
+            if report.answers is not None:
+                kept = report.answers + list(results)
+                report.answers = kept if len(kept) <= keep_answers else None
             if bar is not None:
                 bar.update(len(ids))
     except KeyboardInterrupt:
@@ -231,6 +304,8 @@ def _locate_placed(
     if place.distributed and not report.interrupted:
         reports = place.gather(report)
         report = reports[0].merged(reports[1:])
+    if report.answers is not None and len(report.answers) > keep_answers:
+        report.answers = None
     if output is not None and place.is_main:
         _write_errors(Path(output) / ERRORS_NAME, report.errors)
     return report
@@ -244,12 +319,16 @@ def _bar(total: int, show: bool, locator):
     return tqdm(total=total, unit="photo", desc=f"locating ({locator.model_name})", smoothing=0.1)
 
 
-def _batches(locator, items, mine, embeddings, batch_size, decode_workers, settings) -> Iterator:
-    """(ids, results) per batch of this rank's photos, in order."""
+def _batches(locator, listing: _Todo, mine: slice, embeddings, batch_size, decode_workers,
+             settings) -> Iterator:  # fmt: skip
+    """(ids, results) per batch of this rank's photos (``mine``: of the photos to answer), in
+    order."""
     if embeddings is not None:
-        yield from _store_batches(locator, items, mine, embeddings, batch_size, settings)
+        yield from _store_batches(locator, listing.todo_rows, mine, embeddings, batch_size,
+                                  settings)  # fmt: skip
         return
-    chunks = ([items[i] for i in mine[s : s + batch_size]] for s in range(0, len(mine), batch_size))
+    items, todo = listing.items, listing.todo[mine]
+    chunks = ([items[i] for i in todo[s : s + batch_size]] for s in range(0, len(todo), batch_size))
     for loaded in _loaded_batches(chunks, True, decode_workers):
         good = [x for x in loaded if x.image is not None]
         answers = iter(
@@ -270,26 +349,38 @@ def _batches(locator, items, mine, embeddings, batch_size, decode_workers, setti
         yield [x.item.id for x in loaded], results
 
 
-def _store_batches(locator, items, mine, embeddings, batch_size, settings) -> Iterator:
-    """Batches of the store rows at the positions ``mine`` (sorted), read row group by row
-    group over their range only."""
-    if not mine:
+def _nth_flagged(flags: np.ndarray, n: int, chunk: int = 1 << 20) -> int:
+    """The position of the ``n``-th (from 0) true flag, counted a chunk at a time."""
+    seen = 0
+    for start in range(0, len(flags), chunk):
+        block = flags[start : start + chunk]
+        count = int(np.count_nonzero(block))
+        if seen + count > n:
+            return start + int(np.flatnonzero(block)[n - seen])
+        seen += count
+    raise IndexError(f"{n} of {seen} flags")
+
+
+def _store_batches(locator, todo_rows, mine: slice, embeddings, batch_size, settings) -> Iterator:
+    """Batches of the flagged store rows of this rank's share, read row group by row group
+    over their range only."""
+    last = min(mine.stop, int(todo_rows.sum())) - 1
+    if mine.start > last:
         return
-    wanted = set(mine)
+    first, stop = _nth_flagged(todo_rows, mine.start), _nth_flagged(todo_rows, last) + 1
     pending: list = []  # (id, path, embedding row, truth)
-    position = mine[0]
-    for table in iter_embedding_batches(embeddings, 4096, mine[0], mine[-1] + 1):
+    position = first
+    for table in iter_embedding_batches(embeddings, 4096, first, stop, unique=False):
         if table.encoder_name != locator.encoder_name:
             raise ValueError(
                 f"{embeddings}: embeddings of encoder {table.encoder_name!r}, but the model "
                 f"takes {locator.encoder_name!r} ones"
             )
         usable = valid_latlon_mask(table.latlon.numpy())  # the one coordinate check
-        for j in range(len(table)):
-            if position + j in wanted:
-                truth = tuple(float(v) for v in table.latlon[j]) if usable[j] else None
-                path = table.paths[j] or table.ids[j]
-                pending.append((table.ids[j], path, table.embeddings[j], truth))
+        for j in np.flatnonzero(todo_rows[position : position + len(table)]):
+            truth = tuple(float(v) for v in table.latlon[j]) if usable[j] else None
+            path = table.paths[j] or table.ids[j]
+            pending.append((table.ids[j], path, table.embeddings[j], truth))
             if len(pending) == batch_size:
                 yield _locate_rows(locator, pending, settings)
                 pending = []
