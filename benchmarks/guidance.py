@@ -33,7 +33,7 @@ from _common import machine, print_table, write_json
 from _testbeds import TRAINED_ROOT, trained_testbeds
 
 from globeflow.answers.decode import best_guess, top_regions
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, sampling_arguments
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
 from globeflow.core.sphere import haversine_km
 
 GUIDANCES = (0.0, 0.5, 1.0, 2.0, 3.0)
@@ -73,9 +73,9 @@ def run(name: str, args) -> list[dict]:
         for bed in beds:
             start = time.perf_counter()
             g = torch.Generator().manual_seed(args.seed)
-            options = sampling_arguments(bed.model, DEFAULT_SAMPLER)
+            options = sampling_arguments(bed.model, args.sampler)
             samples = bed.model.sample(
-                bed.emb, args.samples, DEFAULT_SAMPLER.steps, w, generator=g, **options
+                bed.emb, args.samples, args.sampler.steps, w, generator=g, **options
             )
             truth = bed.truth(args.truth_samples, torch.Generator().manual_seed(99))
             scores = [
@@ -126,16 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.num_samples)
     ap.add_argument("--truth-samples", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--sampler", default=None, help="solver/grid/steps/precision (default: predict's recipe)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.guidances = [float(w) for w in args.guidances.split(",")]
+    if args.sampler:
+        solver, grid, steps, precision = args.sampler.split("/")
+        args.sampler = SamplerSettings(solver=solver, grid=grid, steps=int(steps),
+                                       precision=precision)  # fmt: skip
+    else:
+        args.sampler = DEFAULT_SAMPLER
     torch.set_num_threads(args.threads)
     names = [n for n in args.testbeds.split(",") if (TRAINED_ROOT / n / "model").is_dir()]
     if not names:
         print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/testbeds.py build")
         return 1
-    report = {"machine": machine(), "sampler": DEFAULT_SAMPLER.describe(), "samples": args.samples}
+    report = {"machine": machine(), "sampler": args.sampler.describe(), "samples": args.samples}
     rows = [row for name in names for row in run(name, args)]
     summary = summarise(rows)
     columns = ["model", "guidance", "cells", "expected_error_km", "guess_error_median_km"]
