@@ -109,7 +109,10 @@ def test_locator_keywords_override_the_recipe():
         emb, 32, steps=4, solver="lagged-midpoint", precision="fp32", localizability_samples=0
     )[0]["settings"]
     assert (s["solver"], s["grid"], s["steps"], s["precision"]) == (
-        "lagged-midpoint", DEFAULT_SAMPLER.grid, 4, "fp32",
+        "lagged-midpoint",
+        DEFAULT_SAMPLER.grid,
+        4,
+        "fp32",
     )  # fmt: skip  (a solver named alone keeps the recipe's grid)
     recipe = SamplerSettings(solver="euler", grid="published", steps=3, num_samples=16)
     s = locator.locate_embeddings(emb, sampler=recipe, localizability_samples=0)[0]["settings"]
@@ -310,9 +313,10 @@ def test_the_command_lines_help_states_the_recipe(monkeypatch):
     typed in): with another recipe in place, the help says so."""
     import importlib
 
+    from typer.testing import CliRunner
+
     import globeflow.apps.cli as cli
     import globeflow.core.sampler_settings as recipe_module
-    from typer.testing import CliRunner
 
     other = SamplerSettings(steps=7, num_samples=333, localizability_samples=55)
     monkeypatch.setattr(recipe_module, "DEFAULT_SAMPLER", other)
