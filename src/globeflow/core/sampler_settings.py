@@ -158,12 +158,3 @@ def resolve(
         device = getattr(model, "device", "cpu")
         recipe = dataclasses.replace(recipe, precision=recipe.resolved_precision(device))
     return recipe
-
-
-def sampling_arguments(model: object, settings: SamplerSettings) -> dict:
-    """Keyword arguments of ``model.sample`` for ``settings``: solver, grid and precision as
-    :func:`resolve` completes them (none for models without solvers)."""
-    if solver_for(model, settings.solver) is None:
-        return {}
-    recipe = resolve(model, settings)
-    return {"solver": recipe.solver, "grid": recipe.grid, "precision": recipe.precision}
