@@ -53,12 +53,11 @@ from _testbeds import (
     trained_testbeds,
 )
 
-from globeflow.apps.pipeline import DEFAULT_GUIDANCE
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
+    DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     SamplerSettings,
-    sampling_arguments,
 )
 from globeflow.core.solvers import SOLVERS
 
@@ -92,10 +91,9 @@ def evaluations(s: SamplerSettings) -> int:
 
 def draw(bed: Testbed, s: SamplerSettings, n: int, seed: int) -> torch.Tensor:
     """Samples (P, n, 2) of a testbed's photos with setting ``s`` as ``predict`` runs it on that
-    model (a family without the solver runs its own step: sampling_arguments)."""
+    model (a family without the solver runs its own step: sampler_settings.resolve)."""
     g = torch.Generator().manual_seed(seed)
-    options = sampling_arguments(bed.model, s)
-    return bed.model.sample(bed.emb, n, s.steps, bed.guidance, generator=g, **options)
+    return bed.model.sample(bed.emb, n, guidance=bed.guidance, generator=g, settings=s)
 
 
 def band(metric: str, refs: list[float], photos: int) -> float:
@@ -268,7 +266,7 @@ def locator_ms_per_photo(settings: list[SamplerSettings], photos: int) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.num_samples)
     ap.add_argument("--photos", type=int, default=4, help="photos per exact-field testbed")
     ap.add_argument("--per-pattern", type=int, default=2, help="photos per trained pattern")
     ap.add_argument("--bundled-photos", type=int, default=16)

@@ -65,7 +65,7 @@ def test_guided_velocity_gives_branches_and_refuses_divergences():
 
 def test_the_null_condition_is_the_mixture_of_the_targets(sharp_field):
     model, emb, noise, _ = sharp_field
-    null = model.sample(torch.zeros(1, 2, dtype=f64), 64, 64, noise=noise[:1], solver="heun")
+    null = model.sample(torch.zeros(1, 2, dtype=f64), 64, 64, 0.0, noise=noise[:1], solver="heun")
     tokyo = haversine_km(null[0], torch.tensor([[35.68, 139.65]], dtype=f64)) < FAR_KM
     # Binomial(64, 1/2): within 4 standard errors (0.0625 each).
     assert abs(float(tokyo.double().mean()) - 0.5) < 4 * 0.5 / 64**0.5

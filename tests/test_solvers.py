@@ -128,7 +128,7 @@ def test_every_solver_transports_a_single_sharp_atom_exactly():
     noise = sample_uniform_sphere((1, 128), generator=torch.Generator().manual_seed(0), dtype=f64)
 
     def run(solver, steps, grid):
-        return model.sample(emb, 128, steps, noise=noise, solver=solver, grid=grid)
+        return model.sample(emb, 128, steps, 0.0, noise=noise, solver=solver, grid=grid)
 
     fine = run("euler", 256, "log-width")
     for solver, steps, grid in (("data-2m", 3, "log-width"), ("lagged-midpoint", 8, "quadratic")):
@@ -151,7 +151,7 @@ def test_data_2m_on_a_sharp_two_city_field_beats_the_old_default():
     noise = sample_uniform_sphere((1, 256), generator=torch.Generator().manual_seed(0), dtype=f64)
 
     def run(solver, steps, grid):
-        return model.sample(emb, 256, steps, noise=noise, solver=solver, grid=grid)
+        return model.sample(emb, 256, steps, 0.0, noise=noise, solver=solver, grid=grid)
 
     fine = run("euler", 1024, "log-width")
     new = haversine_km(run("data-2m", 16, "published"), fine)
@@ -175,7 +175,7 @@ def test_data_2m_is_second_order_on_a_smooth_wide_field():
     noise = sample_uniform_sphere((1, 128), generator=torch.Generator().manual_seed(1), dtype=f64)
 
     def run(steps):
-        return model.sample(emb, 128, steps, noise=noise, solver="data-2m", grid="quadratic")
+        return model.sample(emb, 128, steps, 0.0, noise=noise, solver="data-2m", grid="quadratic")
 
     reference = run(2048)
     coarse = float(haversine_km(run(32), reference).median())

@@ -327,7 +327,7 @@ def single_sample(
     generator: torch.Generator,
     region: Region | None,
     solver: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     budget: int = REJECTION_BUDGET,
 ) -> WeightedSample:
     """Unguided samples of one photo (1, D) with their log-densities (the path pass on S^2), in

@@ -7,7 +7,6 @@ localizability and (optionally) a density map for each.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -24,24 +23,17 @@ from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, solver_for
+from globeflow.core.sampler_settings import (
+    DEFAULT_SAMPLER,
+    SamplerSettings,
+    recommended_guidance,
+    resolve,
+    solver_for,
+)
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import haversine_km, unit_to_latlon
 
 DEFAULT_MODEL_DIR = "default_model"
-DEFAULT_GUIDANCE = 2.0
-"""The paper's guidance for point prediction; a checkpoint may recommend its own
-(metadata ``recommended_guidance``)."""
-
-# Defaults chosen by measurement on every testbed (benchmarks/confident.py, docs/defaults.md):
-# the cheapest setting within noise of the authors' sampler. One object holds them all.
-DEFAULT_NUM_SAMPLES = DEFAULT_SAMPLER.num_samples
-DEFAULT_STEPS = DEFAULT_SAMPLER.steps
-DEFAULT_SOLVER = DEFAULT_SAMPLER.solver
-DEFAULT_PRECISION = DEFAULT_SAMPLER.precision
-DEFAULT_LOCALIZABILITY_SAMPLES = DEFAULT_SAMPLER.localizability_samples
-DEFAULT_LOCALIZABILITY_STEPS = DEFAULT_SAMPLER.localizability_steps
-LOCALIZABILITY_SOLVER = DEFAULT_SAMPLER.localizability_solver
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
@@ -69,8 +61,7 @@ class Locator:
             )
         self.model = model.eval()
         self.encoder = encoder
-        meta = getattr(model, "metadata", {}) or {}
-        self.default_guidance = float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
+        self.default_guidance = recommended_guidance(model)
         self.model_name = model_name
         self.sampler = sampler
         """The default sampling recipe; each call may override fields of it."""
@@ -133,7 +124,8 @@ class Locator:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         ``sampler`` (default: the locator's) is the sampling recipe; the keyword settings
-        override its fields (another solver given without a grid runs on its own grid). Samples of
+        override its fields (a solver given without a grid runs on the recipe's grid,
+        :func:`~globeflow.core.sampler_settings.resolve`). Samples of
         all B images are drawn in one batched solve, each image's from its own random stream
         seeded by (``seed``, its id in ``photo_ids``; default: a hash of its embedding), so an
         answer does not depend on the other images of the batch. Regions are found at the
@@ -146,8 +138,8 @@ class Locator:
             sampler, solver, grid, num_samples=num_samples, guidance=guidance, steps=steps,
             precision=precision, localizability_samples=localizability_samples,
         )  # fmt: skip
+        recipe = resolve(self.model, recipe)
         settings = {**self._settings(recipe, seed), "region_radius_km": region_radius_km}
-        n_loc = recipe.localizability_samples
         ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
         generators = photo_generators(seed, ids, self.model.device)
         if within is not None:
@@ -155,7 +147,7 @@ class Locator:
             return self._locate_within(emb, within, settings, generators, decode)
         with network_threads(_network_width(self.model)):
             parts = [
-                self._draw(emb[photos], settings, n_loc, generators[photos])
+                self._draw(emb[photos], recipe, generators[photos])
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
             samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
@@ -354,13 +346,10 @@ class Locator:
     def _recipe(
         self, sampler: SamplerSettings | None, solver: str | None, grid: str | None, **overrides
     ) -> SamplerSettings:
-        """The locator's recipe (or ``sampler``) with the keyword settings that were given; a
-        solver other than the recipe's, given without a grid, runs on its own grid (the
-        recipe's own solver spelled out is the recipe)."""
-        recipe = (sampler or self.sampler).with_overrides(**overrides)
-        if solver is not None and solver != recipe.solver:
-            return dataclasses.replace(recipe, solver=solver, grid=grid)
-        return dataclasses.replace(recipe, grid=grid) if grid is not None else recipe
+        """The locator's recipe (or ``sampler``) with the keyword settings that were given: a
+        solver given without a grid runs on the recipe's grid, so the recipe's own solver
+        spelled out is the recipe (:func:`~globeflow.core.sampler_settings.resolve`)."""
+        return (sampler or self.sampler).with_overrides(solver=solver, grid=grid, **overrides)
 
     def answer_settings(
         self, seed: int = 0, solver: str | None = None, grid: str | None = None,
@@ -374,20 +363,21 @@ class Locator:
                 "localizability_samples": recipe.localizability_samples}  # fmt: skip
 
     def _settings(self, recipe: SamplerSettings, seed: int) -> dict:
-        """The ``settings`` block of an answer drawn with ``recipe`` (solver and precision as
-        this model and device run them)."""
+        """The ``settings`` block of an answer drawn with ``recipe`` (solver, guidance and
+        precision as this model and device run them: :func:`~globeflow.core.sampler_settings.
+        resolve`; no solver or grid for models without solvers)."""
+        recipe = resolve(self.model, recipe)
         solver = solver_for(self.model, recipe.solver)
-        guidance = self.default_guidance if recipe.guidance is None else recipe.guidance
         return {
             "model": self.model_name,
             "family": self.model.family,
             "encoder": self.encoder.name,
             "num_samples": recipe.num_samples,
-            "guidance": float(guidance),
+            "guidance": float(recipe.guidance),
             "steps": recipe.steps,
             "solver": solver,
-            "grid": recipe.grid if solver == recipe.solver else None,
-            "precision": recipe.resolved_precision(self.model.device),
+            "grid": recipe.grid if solver is not None else None,
+            "precision": recipe.precision,
             "localizability_steps": recipe.localizability_steps,
             "localizability_solver": recipe.localizability_solver,
             "seed": seed,
@@ -439,10 +429,11 @@ class Locator:
         return result
 
     def _draw(
-        self, emb: torch.Tensor, settings: dict, n_loc: int, generators: list[torch.Generator]
+        self, emb: torch.Tensor, recipe: SamplerSettings, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
-        each photo's drawn from its own generator (``generators``, B of them).
+        each photo's drawn from its own generator (``generators``, B of them), with a resolved
+        ``recipe`` (:func:`~globeflow.core.sampler_settings.resolve`).
 
         Without guidance the answer samples follow the model's density, so one pass with
         log-densities gives both; otherwise localizability takes its own unguided samples.
@@ -451,7 +442,7 @@ class Locator:
         emb = model.prepare_embeddings(emb)
         if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
             parts = [
-                self._draw_from(emb[i : i + 1], settings, n_loc, g, lambda count: (None, count))
+                self._draw_from(emb[i : i + 1], recipe, g, lambda count: (None, count))
                 for i, g in enumerate(generators)
             ]
             return tuple(torch.cat(part) for part in zip(*parts, strict=True))
@@ -459,15 +450,15 @@ class Locator:
         def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
             return stream_noise(model, generators, count, emb)
 
-        return self._draw_from(emb, settings, n_loc, None, noise)
+        return self._draw_from(emb, recipe, None, noise)
 
     def _draw_from(
-        self, emb: torch.Tensor, settings: dict, n_loc: int, generator, noise
+        self, emb: torch.Tensor, recipe: SamplerSettings, generator, noise
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_draw` from ``generator`` or, where ``noise(count)`` gives initial states (and
         their padded count), from those: the answer's first, then the localizability's."""
-        model, n = self.model, settings["num_samples"]
-        solver, precision = settings["solver"], settings["precision"]
+        model, n, n_loc = self.model, recipe.num_samples, recipe.localizability_samples
+        solver = recipe.solver
         on_sphere = getattr(model, "geometry", None) is SPHERE
         nan = torch.full((emb.shape[0],), float("nan"))
         # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver that carries
@@ -477,33 +468,26 @@ class Locator:
         one_pass = (
             solver in SOLVERS and SOLVERS[solver].carries_log_density
             and solver != getattr(model, "published_solver", None)
-            and settings.get("grid") in (None, "quadratic")
+            and recipe.grid in (None, "quadratic")
         )  # fmt: skip
-        if settings["guidance"] == 0.0 and on_sphere and one_pass and n_loc > 0:
+        if recipe.guidance == 0.0 and on_sphere and one_pass and n_loc > 0:
             # The answer samples follow the density: one pass gives samples and log-densities.
-            steps = max(settings["steps"], settings["localizability_steps"])
+            steps = max(recipe.steps, recipe.localizability_steps)
             x0, padded = noise(n)
             x, log_p = model.sample_with_log_density(
-                emb, padded, steps, generator, method="path", solver=solver, precision=precision,
-                noise=x0,
+                emb, padded, steps, generator, method="path", solver=solver, noise=x0,
+                settings=recipe,
             )  # fmt: skip
             return (unit_to_latlon(x[:, :n]).cpu(), *_bits_and_stderr(log_p[:, :n]))
         x0, padded = noise(n)
         samples = model.sample(
-            emb, padded, settings["steps"], settings["guidance"], x0, generator, solver=solver,
-            precision=precision, grid=settings["grid"],
+            emb, padded, noise=x0, generator=generator, settings=recipe
         )[:, :n].cpu()  # fmt: skip
         if n_loc <= 0:
             return samples, nan, nan
-        density = {}
-        if on_sphere:
-            density = {
-                "method": "path", "solver": settings["localizability_solver"],
-                "precision": precision,
-            }  # fmt: skip
         x0, padded = noise(n_loc)
         _, log_p = model.sample_with_log_density(
-            emb, padded, settings["localizability_steps"], generator, noise=x0, **density
+            emb, padded, generator=generator, noise=x0, settings=recipe
         )
         return (samples, *_bits_and_stderr(log_p[:, :n_loc]))
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from globeflow.core.network import Conditioning
+from globeflow.core.sampler_settings import FULL_PRECISION
 from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     angle_between,
@@ -159,9 +160,7 @@ class ExactMixtureNetwork(nn.Module):
     the targets.
     """
 
-    def __init__(
-        self, targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None
-    ):
+    def __init__(self, targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None):
         super().__init__()
         m = max(t.atoms.shape[0] for t in targets)
         atoms = torch.zeros(len(targets), m, 3, dtype=torch.float64)
@@ -230,10 +229,10 @@ class ExactMixtureNetwork(nn.Module):
         null = self._unconditional_field(y, tau)
         return torch.where(live[:, None, None], v, null)
 
-    def forward_conditioned(self, y, cond, precision="fp32"):
+    def forward_conditioned(self, y, cond, precision=FULL_PRECISION):
         return self._field(y, cond)
 
-    def forward_with_jvp(self, y, tangents, cond, precision="fp32"):
+    def forward_with_jvp(self, y, tangents, cond, precision=FULL_PRECISION):
         out = self._field(y, cond)
         jvps = torch.stack(
             [torch.func.jvp(lambda z: self._field(z, cond), (y,), (t,))[1] for t in tangents]
@@ -254,9 +253,7 @@ class ExactMixtureNetwork(nn.Module):
         return sample_mixture(t.atoms, t.weights, t.width, num_samples, generator)
 
 
-def exact_rfm_model(
-    targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None
-):
+def exact_rfm_model(targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None):
     """A float64 RFM model whose network is the exact field of ``targets`` (one-hot embeddings;
     the null embedding: their mixture with prior ``condition_weights``, default equal)."""
     from globeflow.core.families import RiemannianFlowMatching

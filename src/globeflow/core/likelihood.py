@@ -29,11 +29,18 @@ estimator (a Monte Carlo mean over samples, no second ODE per sample).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from globeflow.core.guidance import GuidedField
+from globeflow.core.sampler_settings import (
+    AUTHORS_SAMPLER,
+    FULL_PRECISION,
+    LOCALIZABILITY_BULK_STEPS,
+    LOCALIZABILITY_SOLVER,
+)
 from globeflow.core.solvers import SOLVERS, SPHERE, TABLEAUS
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
@@ -235,7 +242,7 @@ def log_prob_ode(
     steps: int | None = None,
     chunk_size: int = 8192,
     spacing: str | None = None,
-    precision: str = "fp32",
+    precision: str = FULL_PRECISION,
     method: str | None = None,
     stiff: float | None = None,
     log_step: float = LIKELIHOOD_LOG_STEP,
@@ -353,12 +360,6 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     return solve
 
 
-LOCALIZABILITY_BULK_STEPS = 16
-"""Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
-of :func:`stiff_end_levels` adds its steps (none on the random networks, 18 on the bundled
-model, 23-26 at 1 km)."""
-LOCALIZABILITY_SOLVER = "lagged-midpoint"
-"""Solver of the one-pass localizability estimate."""
 PILOT_SAMPLES = 8
 """Samples per image of the pilot that locates the mass for :func:`stiff_width`."""
 PILOT_STEPS = 16
@@ -371,10 +372,10 @@ def sample_with_log_density(
     emb: torch.Tensor,
     num_samples: int,
     steps: int = LOCALIZABILITY_BULK_STEPS,
-    solver: str = "midpoint",
+    solver: str = LOCALIZABILITY_SOLVER,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
-    precision: str = "fp32",
+    precision: str = FULL_PRECISION,
     stiff: float | None = None,
     log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,7 +459,8 @@ def pilot_width(
 ) -> float | None:
     """:func:`stiff_width` at a few Euler samples per image (a fixed seed of their own)."""
     pilot_noise = torch.Generator(device=emb.device).manual_seed(0)
-    pilot = model.sample_unit(emb, PILOT_SAMPLES, PILOT_STEPS, 0.0, None, pilot_noise)
+    recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=PILOT_SAMPLES)
+    pilot = model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), None, pilot_noise)
     return stiff_width(model, emb, pilot, steps, log_step)
 
 

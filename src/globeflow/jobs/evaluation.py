@@ -25,7 +25,13 @@ import torch
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.random_streams import sample_streams
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
+from globeflow.core.sampler_settings import (
+    DEFAULT_SAMPLER,
+    EVALUATE_BATCH_SIZE,
+    SamplerSettings,
+    resolve,
+    solver_for,
+)
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
 from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
@@ -436,13 +442,13 @@ def evaluate(
     *,
     encoder: Any = None,
     num_samples: int | None = None,
-    guidance: float = 2.0,
+    guidance: float | None = None,
     steps: int | None = None,
     sampler: SamplerSettings = DEFAULT_SAMPLER,
     density_guidance: float = 0.0,
-    hpd_samples: int = 128,
+    hpd_samples: int | None = None,
     localizability_samples: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = EVALUATE_BATCH_SIZE,
     seed: int = 0,
     limit: int | None = None,
     thresholds_km: Sequence[float] = M.DEFAULT_THRESHOLDS_KM,
@@ -464,7 +470,9 @@ def evaluate(
             without precomputed embeddings.
         num_samples: samples per image for the best guess, drawn with ``guidance`` (default:
             the sampler's).
-        guidance: classifier-free guidance scale for location prediction (paper: 2).
+        guidance: classifier-free guidance scale for location prediction (default: the
+            model's recommended one, :func:`~globeflow.core.sampler_settings.
+            recommended_guidance`; paper: 2).
         steps: sampler steps (default: the sampler's).
         sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
             accuracy measured is that of the answers users get).
@@ -472,7 +480,8 @@ def evaluate(
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
         hpd_samples: samples per image whose densities estimate HPD coverage and, at density
-            guidance 0, localizability (0 disables both; then ``model.localizability`` is used).
+            guidance 0, localizability (default: the sampler's ``localizability_samples``; 0
+            disables both; then ``model.localizability`` is used).
         localizability_samples: when set, call ``model.localizability`` with this many samples
             instead of reusing the calibration samples.
         batch_size: images per model call.
@@ -497,9 +506,13 @@ def evaluate(
     from globeflow.jobs.locate import model_fingerprint
 
     started = time.time()
-    sampler = sampler.with_overrides(num_samples=num_samples, steps=steps)
-    num_samples, steps = sampler.num_samples, sampler.steps
-    how = sampling_arguments(model, sampler)
+    recipe = resolve(model, sampler, num_samples=num_samples, steps=steps, guidance=guidance)
+    num_samples, steps, guidance = recipe.num_samples, recipe.steps, recipe.guidance
+    if hpd_samples is None:
+        hpd_samples = recipe.localizability_samples
+    # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
+    how = {"settings": recipe} if solver_for(model, recipe.solver) is not None else {}
+    shown = {k: getattr(recipe, k) if how else None for k in ("solver", "grid", "precision")}
     device = _model_device(model)
     records, dataset = _records(records_or_embeddings)
     listed = records
@@ -518,7 +531,7 @@ def evaluate(
         "num_samples": num_samples,
         "guidance": guidance,
         "steps": steps,
-        **{k: how.get(k) for k in ("solver", "grid", "precision")},
+        **shown,
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
@@ -527,9 +540,10 @@ def evaluate(
         "prdc_k": prdc_k,
     }
     errors: list[dict[str, str]] = []
+    n_loc = localizability_samples or hpd_samples or recipe.localizability_samples
     options = dict(num_samples=num_samples, guidance=guidance, steps=steps,
                    density_guidance=density_guidance, hpd_samples=hpd_samples,
-                   localizability_samples=localizability_samples, how=how)  # fmt: skip
+                   localizability_samples=localizability_samples, how=how, n_loc=n_loc)  # fmt: skip
     own = place is None and output is not None
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
@@ -616,6 +630,7 @@ def _batch_rows(
     hpd_samples: int,
     localizability_samples: int | None,
     how: dict,
+    n_loc: int,
 ) -> list[dict[str, Any]]:
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
     samples drawn from its generator."""
@@ -645,9 +660,10 @@ def _batch_rows(
         if not guided_log_prob and localizability_samples is None:
             loc = lp_s.mean(1) / _LN2
     if loc is None:
-        n_loc = localizability_samples or max(hpd_samples, 64)
         loc = torch.cat([
-            torch.as_tensor(model.localizability(emb[i : i + 1], num_samples=n_loc, generator=g))
+            torch.as_tensor(
+                model.localizability(emb[i : i + 1], num_samples=n_loc, generator=g, **how)
+            )
             for i, g in enumerate(generators)
         ])  # fmt: skip
     true_ll, pred_ll = truth.double().cpu().numpy(), pred.double().cpu().numpy()
