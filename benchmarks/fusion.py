@@ -200,7 +200,8 @@ def real_cases(
     for rank in range(per_author):
         for author in sorted(places):
             if rank < len(places[author]) and len(cases) < groups:
-                cases.append({"kind": "one place", "author": author, "photos": places[author][rank]})
+                photos = places[author][rank]
+                cases.append({"kind": "one place", "author": author, "photos": photos})
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(rows), generator=g).tolist()
     far = 0
@@ -237,8 +238,8 @@ def fused_with(locator, emb: torch.Tensor, samples: int, exponent: float) -> dic
 
 
 def median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
+    values, half = sorted(values), len(values) // 2
+    return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
 
 
 def real_photos(
