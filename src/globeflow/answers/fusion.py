@@ -88,7 +88,7 @@ REFUSAL_LOG_BAYES_FACTOR = math.log(1 / 20)
 """A fused answer is given only above this same-place log Bayes factor. On the synthetic
 testbeds (a model that knows places) it refuses pairs that share no place; on the bundled model
 and real photos it never saw no threshold separates groups of one place from far-apart pairs
-(benchmarks/fusion.py, docs/fusion.md: at 0 it refuses 9 of 24 groups and answers 5 of 16 far
+(benchmarks/fusion.py, docs/fusion.md: at 0 it refuses 9 of 25 groups and answers 5 of 16 far
 pairs; at -1 and below it refuses none and answers all). Below 0 (but above it) the answer is
 given and says the photos look like different places."""
 DISAGREEMENT_LOG_BAYES_FACTOR = REFUSAL_LOG_BAYES_FACTOR
