@@ -26,7 +26,7 @@ from globeflow.core.fusion import (
     systematic_resample,
     weighted_mean,
 )
-from globeflow.core.likelihood import LOCALIZABILITY_SOLVER, pilot_width, quantized_width
+from globeflow.core.likelihood import LOCALIZABILITY_SOLVER
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
 
@@ -151,8 +151,6 @@ def single_sample(
     batch = num_samples
     on_sphere = getattr(model, "geometry", None) is SPHERE
     path_steps = max(steps, LIKELIHOOD_STEPS)
-    # The photo's stiff-end width, probed once for every round (it does not change).
-    stiff = quantized_width(pilot_width(model, emb, path_steps)) if on_sphere else None
     while batch > 0:
         round_ += 1
         if on_sphere:
@@ -162,7 +160,6 @@ def single_sample(
             x, log_p = model.sample_with_log_density(
                 emb, batch, path_steps, generator, method="path",
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
-                stiff=stiff,
             )  # fmt: skip
         else:
             x, log_p = model.sample_with_log_density(emb, batch, steps, generator)
