@@ -456,7 +456,8 @@ def evaluate(
     """Evaluate ``model`` on a dataset and compute every metric of the paper.
 
     Args:
-        model: a GeoModel-like object with ``sample``, ``log_prob`` and ``localizability``.
+        model: a GeoModel-like object with ``sample``, ``log_prob`` and
+            ``sample_with_log_density``.
         records_or_embeddings: a dataset path (see :func:`datasets.open_dataset`), a
             :class:`datasets.Dataset` or iterable of :class:`datasets.GeoRecord`, or an object
             with ``embeddings`` (N, D), ``latlon`` (N, 2) and optional ``ids`` / ``paths``.
@@ -471,10 +472,11 @@ def evaluate(
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
-        hpd_samples: samples per image whose densities estimate HPD coverage and, at density
-            guidance 0, localizability (0 disables both; then ``model.localizability`` is used).
-        localizability_samples: when set, call ``model.localizability`` with this many samples
-            instead of reusing the calibration samples.
+        hpd_samples: samples per image whose densities estimate HPD coverage (0 disables it).
+        localizability_samples: samples of the localizability estimate (default: the
+            sampler's; 0: none). It is drawn exactly as ``predict`` draws it
+            (:func:`globeflow.answers.draw.draw_answers`: same recipe, same per-photo stream),
+            so a photo's localizability here is the one ``predict`` reports for it.
         batch_size: images per model call.
         seed: seed of the sampling generators: each image draws from its own, seeded by (seed,
             its id), so its row does not depend on the other images of its batch.
@@ -522,14 +524,24 @@ def evaluate(
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
+        "localizability_steps": sampler.localizability_steps,
+        "localizability_solver": sampler.localizability_solver,
         "batch_size": batch_size,
         "seed": seed,
         "prdc_k": prdc_k,
     }
     errors: list[dict[str, str]] = []
-    options = dict(num_samples=num_samples, guidance=guidance, steps=steps,
-                   density_guidance=density_guidance, hpd_samples=hpd_samples,
-                   localizability_samples=localizability_samples, how=how)  # fmt: skip
+    # The answer's samples and the localizability are drawn as predict draws them (one recipe,
+    # answers.draw), from the same per-photo streams: a photo's localizability is predict's.
+    draw = {"num_samples": num_samples, "steps": steps, "guidance": guidance,
+            "solver": how.get("solver"), "grid": how.get("grid"),
+            "precision": how.get("precision"),
+            "localizability_steps": sampler.localizability_steps,
+            "localizability_solver": sampler.localizability_solver}  # fmt: skip
+    n_loc = sampler.localizability_samples if localizability_samples is None else (
+        localizability_samples)  # fmt: skip
+    options = dict(num_samples=num_samples, steps=steps, density_guidance=density_guidance,
+                   hpd_samples=hpd_samples, n_loc=n_loc, how=how, draw=draw)  # fmt: skip
     own = place is None and output is not None
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
@@ -610,46 +622,36 @@ def _batch_rows(
     device: torch.device,
     *,
     num_samples: int,
-    guidance: float,
     steps: int,
     density_guidance: float,
     hpd_samples: int,
-    localizability_samples: int | None,
+    n_loc: int,
     how: dict,
+    draw: dict,
 ) -> list[dict[str, Any]]:
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
-    samples drawn from its generator."""
+    samples drawn from its generator: the answer's and the localizability's as predict draws
+    them (:func:`globeflow.answers.draw.draw_answers`), then the HPD samples."""
+    from globeflow.answers.draw import draw_answers
     from globeflow.answers.geocode import reverse_geocode
 
     emb = _to_tensor(emb, device)
     batch = [r for _, r in indexed]
     b = emb.shape[0]
     truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-    samples = sample_streams(
-        model, emb, generators, num_samples, steps=steps, guidance=guidance, **how
-    )
+    samples, loc, _ = draw_answers(model, emb, generators, draw, n_loc)
     pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
     lp = model.log_prob(truth[:, None, :], emb).reshape(b)
     mass = torch.full((b,), math.nan, dtype=torch.float64)
     sample0 = torch.full((b, 2), math.nan, dtype=torch.float64)
-    loc = None
-    guided_log_prob = density_guidance != 0.0
     if hpd_samples > 0:
         s = sample_streams(model, emb, generators, hpd_samples, steps=steps,
                            guidance=density_guidance, **how)  # fmt: skip
-        kw = {"guidance": density_guidance} if guided_log_prob else {}
+        kw = {"guidance": density_guidance} if density_guidance != 0.0 else {}
         lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
         lp_t = model.log_prob(truth[:, None, :], emb, **kw).reshape(b) if kw else lp
         mass = torch.from_numpy(M.hpd_mass(lp_t.double(), lp_s))
         sample0 = s[:, 0, :].double().cpu()
-        if not guided_log_prob and localizability_samples is None:
-            loc = lp_s.mean(1) / _LN2
-    if loc is None:
-        n_loc = localizability_samples or max(hpd_samples, 64)
-        loc = torch.cat([
-            torch.as_tensor(model.localizability(emb[i : i + 1], num_samples=n_loc, generator=g))
-            for i, g in enumerate(generators)
-        ])  # fmt: skip
     true_ll, pred_ll = truth.double().cpu().numpy(), pred.double().cpu().numpy()
     sample_ll, lp = sample0.numpy(), lp.double().cpu().numpy()
     loc, mass = torch.as_tensor(loc).double().reshape(b).cpu().numpy(), mass.numpy()
