@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from globeflow.core.sampler_settings import DEFAULT_GUIDANCE
+
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS_KM = (25, 200, 750, 2500)
 
@@ -83,7 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=4, help="blocks of the denoising network")
     p.add_argument("--num-samples", type=int, default=64, help="samples per image (best guess)")
     p.add_argument("--sample-steps", type=int, default=16, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=2.0, help="guidance for point prediction")
+    p.add_argument(
+        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance for point prediction"
+    )
     p.add_argument("--hpd-samples", type=int, default=32, help="samples for HPD/localizability")
     p.add_argument("--knn-k", type=int, default=10)
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")

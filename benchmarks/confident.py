@@ -53,12 +53,11 @@ from _testbeds import (
     trained_testbeds,
 )
 
-from globeflow.apps.pipeline import DEFAULT_GUIDANCE
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
+    DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     SamplerSettings,
-    sampling_arguments,
 )
 from globeflow.core.solvers import SOLVERS
 
@@ -92,10 +91,9 @@ def evaluations(s: SamplerSettings) -> int:
 
 def draw(bed: Testbed, s: SamplerSettings, n: int, seed: int) -> torch.Tensor:
     """Samples (P, n, 2) of a testbed's photos with setting ``s`` as ``predict`` runs it on that
-    model (a family without the solver runs its own step: sampling_arguments)."""
+    model (a family without the solver runs its own step: sampler_settings.resolve)."""
     g = torch.Generator().manual_seed(seed)
-    options = sampling_arguments(bed.model, s)
-    return bed.model.sample(bed.emb, n, s.steps, bed.guidance, generator=g, **options)
+    return bed.model.sample(bed.emb, n, guidance=bed.guidance, generator=g, settings=s)
 
 
 def band(metric: str, refs: list[float], photos: int) -> float:
@@ -114,17 +112,21 @@ def score(bed: Testbed, samples: torch.Tensor, truth: torch.Tensor) -> dict[str,
     return posterior_metrics(samples, truth, bed.places, bed.true_location)
 
 
-def cached(key: str, make) -> torch.Tensor:
-    """``make()``, cached by ``key`` in :data:`REFERENCE_CACHE` (references and guided truths
-    are the slow part of a run; a rerun or a new candidate reuses them)."""
+def cached(key: str, make) -> tuple[torch.Tensor, float | None]:
+    """``make()`` and the seconds it took, cached by ``key`` in :data:`REFERENCE_CACHE`
+    (references and guided truths are the slow part of a run; a rerun or a new candidate reuses
+    them, and reports the time the draw took when it was made)."""
     path = REFERENCE_CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
     if path.is_file():
-        return torch.load(path, weights_only=True)["value"]
+        entry = torch.load(path, weights_only=True)
+        return entry["value"], entry.get("seconds")
+    start = time.perf_counter()
     value = make()
+    seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
+    torch.save({"key": key, "value": value, "seconds": seconds}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
-    return value
+    return value, seconds
 
 
 def bed_key(bed: Testbed) -> str:
@@ -140,7 +142,6 @@ def run_testbed(bed: Testbed, args) -> dict:
     difference over seeds is the setting's systematic effect, free of the Monte Carlo noise
     that the band measures (how much a metric moves from seed to seed of the reference)."""
     known = bed.places is not None
-    started = time.perf_counter()
     seeds = list(range(args.ref_seeds))
     extra = [] if known else [args.ref_seeds]  # unknown truth: one more seed stands in
 
@@ -148,11 +149,13 @@ def run_testbed(bed: Testbed, args) -> dict:
         key = f"{bed_key(bed)}|{AUTHORS_SAMPLER.label()}|{args.samples}|{seed}"
         return cached(key, lambda: draw(bed, AUTHORS_SAMPLER, args.samples, seed))
 
-    refs = [reference(seed) for seed in seeds + extra]
-    ref_s = (time.perf_counter() - started) / len(refs)
+    drawn = [reference(seed) for seed in seeds + extra]
+    refs = [value for value, _ in drawn]
+    times = [seconds for _, seconds in drawn if seconds is not None]
+    ref_s = statistics.fmean(times) / len(bed.emb) if times else None
     if known:
         truth_seed = torch.Generator().manual_seed(99)
-        truth = cached(
+        truth, _ = cached(
             f"{bed_key(bed)}|truth|{args.samples}", lambda: bed.truth(args.samples, truth_seed)
         )
     else:  # diffuse models: the reference's extra seed stands in for the truth
@@ -263,7 +266,7 @@ def locator_ms_per_photo(settings: list[SamplerSettings], photos: int) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.num_samples)
     ap.add_argument("--photos", type=int, default=4, help="photos per exact-field testbed")
     ap.add_argument("--per-pattern", type=int, default=2, help="photos per trained pattern")
     ap.add_argument("--bundled-photos", type=int, default=16)
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = locator_ms_per_photo([AUTHORS_SAMPLER, *CANDIDATES], 16) if args.timings else {}
     columns = ["testbed", "guidance", "label", "NFE", "miss_median_km", "within_1_km"]
     columns += ["within_25_km", "within_200_km", "sw_km", "guess_error_km", "place_mass_tv"]
-    columns += ["acc_25_km", "within noise"]
+    columns += ["acc_25_km", "s/photo", "within noise"]
     rows = [row for res in results for row in res["rows"]]
     ref_label = {"label": AUTHORS_SAMPLER.label() + " (ref mean)"}
     refs = [
@@ -321,9 +324,15 @@ def main(argv: list[str] | None = None) -> int:
             "guidance": res["guidance"],
             **ref_label,
             **res["reference"]["mean"],
+            "s/photo": res["reference"]["s/photo"],
         }
         for res in results
     ]
+    rates = report["gemm_gflops"]
+    print(
+        f"CPU: {report['machine']['cpu_model']}, {args.threads} thread(s), GEMM "
+        f"{rates['float32']['peak']:.0f} GFLOP/s fp32, {rates['bfloat16']['peak']:.0f} bf16"
+    )
     print_table(refs + rows, columns)
     print("\nLocator ms/photo (bundled model, 16 photos, 1 thread):")
     print_table([{"label": k, "ms/photo": v} for k, v in timings.items()], ["label", "ms/photo"])

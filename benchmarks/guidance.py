@@ -33,7 +33,7 @@ from _common import machine, print_table, write_json
 from _testbeds import TRAINED_ROOT, trained_testbeds
 
 from globeflow.answers.decode import best_guess, top_regions
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings
 from globeflow.core.sphere import haversine_km
 
 GUIDANCES = (0.0, 0.5, 1.0, 2.0, 3.0)
@@ -73,9 +73,8 @@ def run(name: str, args) -> list[dict]:
         for bed in beds:
             start = time.perf_counter()
             g = torch.Generator().manual_seed(args.seed)
-            options = sampling_arguments(bed.model, args.sampler)
             samples = bed.model.sample(
-                bed.emb, args.samples, args.sampler.steps, w, generator=g, **options
+                bed.emb, args.samples, guidance=w, generator=g, settings=args.sampler
             )
             truth = bed.truth(args.truth_samples, torch.Generator().manual_seed(99))
             scores = [

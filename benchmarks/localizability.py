@@ -28,6 +28,7 @@ import torch
 from _common import bundled_validation, machine, print_table, write_json
 
 from globeflow.core.likelihood import log_prob_ode
+from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, resolve
 
 LAGGED = {"method": "path", "solver": "lagged-midpoint"}
 ESTIMATORS = [
@@ -47,7 +48,8 @@ def estimate(model, emb, n, options, seed=0):
     steps = options.pop("steps")
     start = time.perf_counter()
     if options.pop("method") == "ode":  # as before: Euler samples, then RK4 per sample
-        x = model.sample_unit(emb, n, steps, 0.0, None, g)
+        recipe = resolve(model, AUTHORS_SAMPLER, num_samples=n, steps=steps)  # Euler, guidance 0
+        x = model.sample_unit(emb, recipe, None, g)
         log_p = log_prob_ode(model, x, emb, steps=options["likelihood_steps"], method="rk4")
         bits = log_p.double() / math.log(2.0)
         se = bits.std(-1) / math.sqrt(n)
@@ -61,7 +63,7 @@ def estimate(model, emb, n, options, seed=0):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--photos", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.localizability_samples)
     ap.add_argument("--ref-steps", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine  # noqa: E402
 
+from globeflow.core.sampler_settings import AUTHORS_SAMPLER  # noqa: E402
 from globeflow.data import synthetic  # noqa: E402
 
 ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
@@ -187,7 +188,6 @@ def build(names: list[str], root: Path, max_steps: int | None = None) -> None:
 # ---- report --------------------------------------------------------------------------------
 THRESHOLDS_KM = (1.0, 25.0, 200.0)
 GUIDANCES = (0.0, 2.0)
-AUTHORS_SAMPLER = {"solver": "euler", "steps": 250, "precision": "fp32"}
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
 # evaluations per sample and guidance doubles them; the published width is ~8x the small).
 REPORT_SIZE = {
@@ -210,7 +210,7 @@ def _model_samples(
         g = torch.Generator().manual_seed(1)
         start = time.perf_counter()
         samples = bed.model.sample(
-            bed.emb, num_samples, guidance=guidance, generator=g, **AUTHORS_SAMPLER
+            bed.emb, num_samples, guidance=guidance, generator=g, settings=AUTHORS_SAMPLER
         )
         cache[key] = samples.double()
         cache[key + "|seconds"] = torch.tensor(time.perf_counter() - start)
@@ -261,7 +261,7 @@ def report_one(
     cache_path = root / name / "report_samples.pt"
     cache = torch.load(cache_path, weights_only=True) if cache_path.is_file() else {}
     result = {"name": name, "embeddings_per_pattern": per_pattern,
-              "sampler": AUTHORS_SAMPLER, "config": beds[0].model.config_dict(),
+              "sampler": AUTHORS_SAMPLER.describe(), "config": beds[0].model.config_dict(),
               "guidance": {}}  # fmt: skip
     for guidance, num_samples in zip(GUIDANCES, sample_counts, strict=True):
         cells, seconds = {}, 0.0

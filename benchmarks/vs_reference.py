@@ -62,6 +62,7 @@ from globeflow.core.checkpoints import load_model, save_plonk_network
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.likelihood import log_prob_adaptive
 from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import DEFAULT_GUIDANCE
 from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     angle_between,
@@ -399,7 +400,7 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, help="write the JSON report here")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--loglik-points", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--tight-tol", type=float, default=1e-7)
     ap.add_argument("--skip-sampling", action="store_true")

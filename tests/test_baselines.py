@@ -20,6 +20,7 @@ from globeflow.core.families.baselines import (
     vmf_log_density,
     vmf_mean_resultant,
 )
+from globeflow.core.sampler_settings import resolve
 from globeflow.core.sphere import angle_between, latlon_grid, latlon_to_unit, sample_uniform_sphere
 
 
@@ -152,7 +153,9 @@ def test_uniform_baseline():
     emb = torch.zeros(2, 4)
     lp = model.log_prob(torch.tensor([[[10.0, 20.0], [-80.0, 170.0]]]).expand(2, 2, 2), emb)
     assert torch.allclose(lp, torch.full((2, 2), -math.log(4 * math.pi)))
-    s = model.sample_unit(emb, 5000, generator=torch.Generator().manual_seed(0))
+    s = model.sample_unit(
+        emb, resolve(model, num_samples=5000), None, torch.Generator().manual_seed(0)
+    )
     assert s.shape == (2, 5000, 3) and abs(float(s[..., 2].mean())) < 0.03
     assert float(model.loss(s[0], emb[:1].expand(5000, 4))) == pytest.approx(math.log(4 * math.pi))
 
@@ -161,8 +164,9 @@ def test_mixture_sampling_frequencies():
     model = _fixed_mixture([0.6, 0.3, 0.1], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [500.0] * 3)
     n = 20_000
     s = model.sample_unit(
-        torch.zeros(1, 0, dtype=torch.float64), n, generator=torch.Generator().manual_seed(0)
-    )[0]
+        torch.zeros(1, 0, dtype=torch.float64), resolve(model, num_samples=n), None,
+        torch.Generator().manual_seed(0),
+    )[0]  # fmt: skip
     assign = s.argmax(-1)
     for k, w in enumerate([0.6, 0.3, 0.1]):
         freq = float((assign == k).double().mean())

@@ -20,6 +20,7 @@ from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
 from globeflow.core.guidance import GuidedField  # noqa: E402
 from globeflow.core.likelihood import field_and_divergence, log_prob_adaptive  # noqa: E402
 from globeflow.core.network import Denoiser  # noqa: E402
+from globeflow.core.sampler_settings import AUTHORS_SAMPLER, resolve  # noqa: E402
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere  # noqa: E402
 
 f64 = torch.float64
@@ -38,7 +39,7 @@ def test_naive_sampler_equals_library_sampler():
     gen = torch.Generator().manual_seed(1)
     emb = torch.randn(2, 8, generator=gen, dtype=f64)
     noise = sample_uniform_sphere((2, 16), generator=gen, dtype=f64)
-    ours = model.sample_raw(emb, 16, steps=8, guidance=2.0, noise=noise)
+    ours = model.sample_raw(emb, resolve(model, AUTHORS_SAMPLER, steps=8, guidance=2.0), noise)
     naive = naive_sample(model.network, model.schedule, emb, noise, steps=8, guidance=2.0)
     torch.testing.assert_close(naive, ours, rtol=0, atol=1e-10)
 

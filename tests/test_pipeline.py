@@ -10,6 +10,7 @@ from globeflow.apps import pipeline
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER
 
 
 class _Encoder:
@@ -26,11 +27,12 @@ def test_defaults_are_used_and_recorded():
     loc = _locator()
     res = loc.locate_embeddings(torch.randn(2, 6), localizability_samples=32)
     s = res[0]["settings"]
-    assert s["num_samples"] == pipeline.DEFAULT_NUM_SAMPLES == len(res[0]["samples"])
-    assert (s["solver"], s["steps"], s["precision"]) == (
-        pipeline.DEFAULT_SOLVER,
-        pipeline.DEFAULT_STEPS,
-        pipeline.DEFAULT_SAMPLER.resolved_precision("cpu"),
+    assert s["num_samples"] == DEFAULT_SAMPLER.num_samples == len(res[0]["samples"])
+    assert (s["solver"], s["grid"], s["steps"], s["precision"]) == (
+        DEFAULT_SAMPLER.solver,
+        DEFAULT_SAMPLER.grid,
+        DEFAULT_SAMPLER.steps,
+        DEFAULT_SAMPLER.resolved_precision("cpu"),
     )
     assert s["guidance"] == loc.default_guidance
 

@@ -30,6 +30,7 @@ import torch
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.families.baselines import sample_vmf, vmf_log_density
 from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import AUTHORS_SAMPLER, resolve
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, angle_between
 
 KAPPA = 50.0
@@ -85,7 +86,8 @@ def trained_model() -> RiemannianFlowMatching:
 def test_samples_match_the_true_mixture(trained_model):
     n = 2000
     emb = torch.eye(3)
-    x = trained_model.sample_unit(emb, n, steps=64, generator=torch.Generator().manual_seed(1))
+    recipe = resolve(trained_model, AUTHORS_SAMPLER, num_samples=n, steps=64)  # unguided Euler
+    x = trained_model.sample_unit(emb, recipe, None, torch.Generator().manual_seed(1))
     x = x.double()
     for c in range(3):
         ang = torch.rad2deg(angle_between(x[c, :, None, :], _means()[c][None]))  # (n, 2)

@@ -3,6 +3,8 @@ multimodal answer (an exact RFM field) located with the Locator's defaults."""
 
 from __future__ import annotations
 
+import ast
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +13,12 @@ import torch
 
 from globeflow.apps.pipeline import Locator
 from globeflow.core.precision import fastest_precision, native_bf16
-from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, SamplerSettings
+from globeflow.core.sampler_settings import (
+    AUTHORS_SAMPLER,
+    DEFAULT_SAMPLER,
+    EVALUATE_BATCH_SIZE,
+    SamplerSettings,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from _testbeds import exact_field_testbeds, posterior_metrics  # noqa: E402
@@ -102,8 +109,11 @@ def test_locator_keywords_override_the_recipe():
         emb, 32, steps=4, solver="lagged-midpoint", precision="fp32", localizability_samples=0
     )[0]["settings"]
     assert (s["solver"], s["grid"], s["steps"], s["precision"]) == (
-        "lagged-midpoint", None, 4, "fp32",
-    )  # fmt: skip
+        "lagged-midpoint",
+        DEFAULT_SAMPLER.grid,
+        4,
+        "fp32",
+    )  # fmt: skip  (a solver named alone keeps the recipe's grid)
     recipe = SamplerSettings(solver="euler", grid="published", steps=3, num_samples=16)
     s = locator.locate_embeddings(emb, sampler=recipe, localizability_samples=0)[0]["settings"]
     assert (s["solver"], s["grid"], s["steps"], s["num_samples"]) == ("euler", "published", 3, 16)
@@ -117,3 +127,221 @@ def test_locator_keywords_override_the_recipe():
         emb, padded, 3, 0.0, noise=noise, solver="euler", grid="published"
     )[:, :16]  # fmt: skip
     assert torch.allclose(torch.tensor(res[1]["samples"]), again[1].float(), atol=1e-4)
+
+
+# ---- one recipe: no second set of sampling defaults -------------------------------------------
+
+SRC = Path(__file__).parents[1] / "src" / "globeflow"
+RECIPE_MODULE = SRC / "core" / "sampler_settings.py"
+SAMPLING_NAMES = {
+    "steps", "num_steps", "num_samples", "guidance", "cfg", "solver", "precision", "grid",
+    "hpd_samples", "likelihood_steps",
+}  # fmt: skip
+ENCODER = "the encoder's precision, not the sampler's"
+TRAINING = "the training's precision, not the sampler's"
+ALLOWED = {
+    ("core/guidance.py", "__init__", "guidance"): "GuidedField: 0 is the unguided field",
+    ("jobs/embed.py", "embed_images", "precision"): ENCODER,
+    ("apps/cli.py", "embed", "precision"): ENCODER,
+    ("jobs/training.py", "train_step", "precision"): TRAINING,
+    ("jobs/training.py", "validate", "precision"): TRAINING,
+    ("apps/cli.py", "train", "precision"): TRAINING,
+}
+"""Literal defaults of those names that are not sampling defaults, each with why."""
+
+
+def _literal(node: ast.expr | None) -> bool:
+    """A literal value other than None / True / False (those mean "not given" or a switch)."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return (
+        isinstance(node, ast.Constant) and node.value is not None and type(node.value) is not bool
+    )
+
+
+def _option_default(node: ast.expr | None) -> ast.expr | None:
+    """The default of ``typer.Option(default, ...)`` / ``Query(...)`` / ``add_argument(...,
+    default=...)``: their first positional argument or ``default=``."""
+    if not isinstance(node, ast.Call):
+        return node
+    for kw in node.keywords:
+        if kw.arg == "default":
+            return kw.value
+    return node.args[0] if node.args else None
+
+
+def typed_sampling_defaults(root: Path) -> list[str]:
+    """Where a function under ``root`` gives a parameter of :data:`SAMPLING_NAMES` (or a
+    ``localizability_*`` one) a literal default, directly or through an option's default, or a
+    call passes such a keyword a literal default: "path:line name=value" for each."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if path.resolve() == RECIPE_MODULE.resolve():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                positional = args.posonlyargs + args.args
+                pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+                pairs += list(zip(args.kwonlyargs, args.kw_defaults, strict=True))
+                for arg, default in pairs:
+                    name = arg.arg
+                    sampling = name in SAMPLING_NAMES or name.startswith("localizability_")
+                    if not sampling or (rel, node.name, name) in ALLOWED:
+                        continue
+                    value = _option_default(default)
+                    if _literal(value):
+                        found.append(
+                            f"{rel}:{node.lineno} {node.name}({name}={ast.unparse(value)})"
+                        )
+            elif isinstance(node, ast.Call) and any(
+                isinstance(a, ast.Constant) and str(a.value).startswith("--") for a in node.args
+            ):  # argparse: add_argument("--steps", default=24)
+                option = next(str(a.value) for a in node.args if isinstance(a, ast.Constant))
+                name = option.lstrip("-").replace("-", "_")
+                value = _option_default(ast.Call(func=node.func, args=[], keywords=node.keywords))
+                if name in SAMPLING_NAMES and _literal(value):
+                    found.append(f"{rel}:{node.lineno} {option} default={ast.unparse(value)}")
+    return found
+
+
+def test_no_sampling_default_is_typed_outside_the_recipe():
+    """Every sampling default of the package lives in core/sampler_settings.py: a parameter
+    named like a recipe field with a literal default anywhere else is a second recipe."""
+    assert typed_sampling_defaults(SRC) == []
+
+
+def test_the_scan_finds_a_second_recipe(tmp_path):
+    """The scan itself: typed defaults of each kind are found, named constants are not."""
+    (tmp_path / "m.py").write_text(
+        "import typer\nSTEPS = 3\n"
+        "def a(emb, num_samples=64, steps=STEPS, *, guidance=-2.0, grid=None): ...\n"
+        "def b(hpd_samples: int = typer.Option(128, help='x')): ...\n"
+        "def c(p):\n    p.add_argument('--steps', type=int, default=24)\n"
+    )
+    assert [f.split(" ", 1)[1] for f in typed_sampling_defaults(tmp_path)] == [
+        "a(num_samples=64)", "a(guidance=-2.0)", "b(hpd_samples=128)", "--steps default=24",
+    ]  # fmt: skip
+
+
+def _tiny_rfm(metadata: dict | None = None):
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+
+    torch.manual_seed(0)
+    model = RiemannianFlowMatching(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
+    model.metadata = metadata or {}
+    return model
+
+
+def test_models_and_evaluate_default_to_the_recipe():
+    """``model.sample(emb)`` is DEFAULT_SAMPLER at the model's recommended guidance (or the
+    fallback DEFAULT_GUIDANCE), bitwise; its localizability is the recipe's; evaluate draws its
+    best guesses with the same recipe and records it."""
+    from globeflow.core.families import FlowMatching
+    from globeflow.core.network import Denoiser
+    from globeflow.core.sampler_settings import DEFAULT_GUIDANCE, resolve
+    from globeflow.jobs.evaluation import evaluate
+
+    emb = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(7)
+
+    for model, w in (
+        (_tiny_rfm(), DEFAULT_GUIDANCE),
+        (_tiny_rfm({"recommended_guidance": 0.5}), 0.5),
+    ):
+        d = DEFAULT_SAMPLER
+        spelled = model.sample(
+            emb, d.num_samples, d.steps, w, None, seeded(), d.solver, d.precision, d.grid
+        )
+        assert torch.equal(model.sample(emb, generator=seeded()), spelled)
+        assert torch.equal(model.sample(emb, generator=seeded(), settings=d), spelled)
+        assert resolve(model).guidance == w
+    model = _tiny_rfm()
+    spelled = model.localizability(
+        emb, d.localizability_samples, d.localizability_steps, seeded(),
+        solver=d.localizability_solver, precision=d.precision,
+    )  # fmt: skip
+    assert torch.equal(model.localizability(emb, generator=seeded()), spelled)
+    # An R^3 family lacks data-2m: its own step, on its own grid.
+    torch.manual_seed(0)
+    flow = FlowMatching(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
+    own = flow.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(), "euler")
+    assert torch.equal(flow.sample(emb, generator=seeded()), own)
+
+    class Store:
+        embeddings = emb
+        latlon = torch.tensor([[48.85, 2.35], [40.71, -74.0]])
+
+    report = evaluate(model, Store(), progress=False, hpd_samples=0, localizability_samples=16,
+                      num_samples=64)  # fmt: skip
+    s = report.settings
+    assert (s["solver"], s["grid"], s["steps"], s["precision"], s["guidance"]) == (
+        d.solver, d.grid, d.steps, resolve(model).precision, DEFAULT_GUIDANCE,
+    )  # fmt: skip
+    assert s["batch_size"] == EVALUATE_BATCH_SIZE
+    assert evaluate(model, Store(), progress=False, num_samples=64).settings["hpd_samples"] == (
+        d.localizability_samples
+    )
+
+
+def test_a_named_solver_runs_on_the_grid_it_was_chosen_on():
+    """``--solver X`` alone is X on the recipe's grid: the default solver named is the default
+    (the same samples and settings), another solver named changes the solver only."""
+    model = _tiny_rfm({"recommended_guidance": 0.0})
+    locator = Locator(model, _OneHotEncoder(4))
+    emb = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    common = {"num_samples": 32, "localizability_samples": 16}
+    default = locator.locate_embeddings(emb, **common)
+    named = locator.locate_embeddings(emb, solver=DEFAULT_SAMPLER.solver, **common)
+    assert [r["samples"] for r in named] == [r["samples"] for r in default]
+    assert named[0]["settings"] == default[0]["settings"]
+    other = locator.locate_embeddings(emb, solver="heun", **common)[0]["settings"]
+    assert (other["solver"], other["grid"]) == ("heun", DEFAULT_SAMPLER.grid)
+    g = torch.Generator().manual_seed(1)
+    on_recipe_grid = model.sample(emb, 8, 4, solver="heun", generator=g)
+    g = torch.Generator().manual_seed(1)
+    spelled = model.sample(emb, 8, 4, solver="heun", grid=DEFAULT_SAMPLER.grid, generator=g)
+    assert torch.equal(on_recipe_grid, spelled)
+
+
+def test_the_command_lines_help_states_the_recipe(monkeypatch):
+    """predict's and evaluate's help print the recipe's values (built from DEFAULT_SAMPLER, not
+    typed in): with another recipe in place, the help says so."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    import globeflow.apps.cli as cli
+    import globeflow.core.sampler_settings as recipe_module
+
+    other = SamplerSettings(steps=7, num_samples=333, localizability_samples=55)
+    monkeypatch.setattr(recipe_module, "DEFAULT_SAMPLER", other)
+    monkeypatch.setattr(recipe_module, "DEFAULT_GUIDANCE", 4.5)
+    try:
+        fresh = importlib.reload(cli)
+        env = {"COLUMNS": "400"}
+        predict = CliRunner().invoke(fresh.app, ["predict", "--help"], env=env).output
+        evaluate = CliRunner().invoke(fresh.app, ["evaluate", "--help"], env=env).output
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cli)
+    for text in ("default: 333", "default: 7 data-2m", "default 55", "else 4.5"):
+        assert text in predict, text
+    for text in ("predict's, 333", "default 55", "else 4.5"):
+        assert text in evaluate, text
+
+
+def test_the_recipe_module_imports_no_torch():
+    """The command line builds its help from the recipe: importing it stays torch-free."""
+    import subprocess
+
+    code = (
+        "import sys; import globeflow.core.sampler_settings, globeflow.apps.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -249,9 +249,14 @@ def test_tiles_from_a_reachable_tile_server(browser, tile_server, tmp_path):  # 
         # the offline map is one click away in the layers control
         the_map.locator(".leaflet-control-layers-toggle").focus()
         page.keyboard.press("Enter")
-        the_map.locator("label", has_text="Offline map").locator("input").focus()
+        offline_choice = the_map.locator("label", has_text="Offline map").locator("input")
+        offline_choice.wait_for(state="visible", timeout=10_000)  # the control expands first
+        offline_choice.focus()
         page.keyboard.press("Space")
-        assert the_map.get_attribute("data-base") == "offline"
+        # Leaflet switches layers in its change handler; wait for it rather than race it
+        page.wait_for_function(
+            "e => e.dataset.base === 'offline'", arg=the_map.element_handle(), timeout=10_000
+        )
         assert _magenta_share(the_map) < 0.01
         assert not errors, errors
         page.close()

@@ -3,7 +3,7 @@ Riemannian flow matching over frozen image embeddings).
 
 >>> import globeflow as gf
 >>> model = gf.load_model("path/to/checkpoint")          # or a PLONK hub id
->>> latlon = model.sample(emb, num_samples=64, steps=32, guidance=2.0)   # (B, N, 2) degrees
+>>> latlon = model.sample(emb)        # (B, N, 2) degrees, with gf.DEFAULT_SAMPLER's recipe
 >>> logp = model.log_prob(latlon, emb)                   # (B, N) natural log per steradian
 >>> bits = model.localizability(emb)                     # (B,) E_p[log2 p]
 

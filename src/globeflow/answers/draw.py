@@ -1,6 +1,6 @@
 """How a photo's answer samples and its localizability are drawn: the one recipe of ``predict``,
 ``serve`` and ``evaluate``, so that the localizability an evaluation reports is exactly the one a
-user gets for the same photo and seed.
+user gets for the same photo, recipe and seed.
 
 Each photo draws from its own random stream (:mod:`globeflow.core.random_streams`): first the
 answer's initial states, then (unless one pass gives both) the localizability's. Without guidance
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from globeflow.core.random_streams import stream_noise
+from globeflow.core.sampler_settings import SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
@@ -27,19 +28,17 @@ Draw = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def draw_answers(
-    model, emb: torch.Tensor, generators: Sequence[torch.Generator], settings: dict, n_loc: int
+    model, emb: torch.Tensor, generators: Sequence[torch.Generator], recipe: SamplerSettings
 ) -> Draw:
     """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its Monte Carlo standard
-    error (B,) (NaN where ``n_loc`` is 0), each photo's drawn from its own generator.
-
-    ``settings``: ``num_samples``, ``steps``, ``guidance``, ``solver``, ``grid``, ``precision``
-    (as resolved for the model and device), ``localizability_steps`` and
-    ``localizability_solver``; ``n_loc``: localizability samples per photo."""
+    error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn from its
+    own generator, with a resolved ``recipe``
+    (:func:`~globeflow.core.sampler_settings.resolve`)."""
     if hasattr(model, "prepare_embeddings"):
         emb = model.prepare_embeddings(emb)
     if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
         parts = [
-            _draw_from(model, emb[i : i + 1], settings, n_loc, g, lambda count: (None, count))
+            _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count))
             for i, g in enumerate(generators)
         ]
         return tuple(torch.cat(part) for part in zip(*parts, strict=True))  # type: ignore[return-value]
@@ -47,23 +46,23 @@ def draw_answers(
     def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
         return stream_noise(model, generators, count, emb)
 
-    return _draw_from(model, emb, settings, n_loc, None, noise)
+    return _draw_from(model, emb, recipe, None, noise)
 
 
 def _draw_from(
     model,
     emb: torch.Tensor,
-    settings: dict,
-    n_loc: int,
+    recipe: SamplerSettings,
     generator: torch.Generator | None,
     noise: Callable[[int], tuple[torch.Tensor | None, int]],
 ) -> Draw:
     """:func:`draw_answers` from ``generator`` or, where ``noise(count)`` gives initial states
     (and their padded count), from those: the answer's first, then the localizability's."""
-    n = settings["num_samples"]
-    solver, precision = settings["solver"], settings["precision"]
+    n, n_loc, solver = recipe.num_samples, recipe.localizability_samples, recipe.solver
     on_sphere = getattr(model, "geometry", None) is SPHERE
     nan = torch.full((emb.shape[0],), float("nan"))
+    # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
+    how = {"settings": recipe} if solver_for(model, solver) is not None else {}
     # The one pass runs a Lie-group solver that carries log-densities, on its own grid (uniform
     # in gamma, then in log(1 - gamma) at a stiff end): taken only where the asked-for recipe
     # runs such a solver on its own grid, so the answer's samples come from the same kind of
@@ -71,38 +70,30 @@ def _draw_from(
     one_pass = (
         solver in SOLVERS and SOLVERS[solver].carries_log_density
         and solver != getattr(model, "published_solver", None)
-        and settings.get("grid") in (None, "quadratic")
+        and recipe.grid in (None, "quadratic")
     )  # fmt: skip
-    if settings["guidance"] == 0.0 and on_sphere and one_pass and n_loc > 0:
-        steps = max(settings["steps"], settings["localizability_steps"])
+    if recipe.guidance == 0.0 and on_sphere and one_pass and n_loc > 0:
+        steps = max(recipe.steps, recipe.localizability_steps)
         x0, padded = noise(n)
         x, log_p = model.sample_with_log_density(
-            emb, padded, steps, generator, method="path", solver=solver, precision=precision,
-            noise=x0,
+            emb, padded, steps, generator, method="path", solver=solver, noise=x0,
+            settings=recipe,
         )  # fmt: skip
         return (unit_to_latlon(x[:, :n]).cpu(), *bits_and_stderr(log_p[:, :n]))
     x0, padded = noise(n)
-    how = {k: settings.get(k) for k in ("solver", "precision", "grid")}
-    how = {k: v for k, v in how.items() if v is not None or k == "grid"} if solver else {}
-    args = (emb, padded, settings["steps"], settings["guidance"])
-    if x0 is None:  # models that draw inside sample() (baselines, duck-typed models)
-        samples = model.sample(*args, generator=generator, **how)[:, :n].cpu()
+    if x0 is None:  # models that draw inside sample() (baselines, duck-typed stand-ins)
+        samples = model.sample(emb, padded, recipe.steps, recipe.guidance, generator=generator,
+                               **how)  # fmt: skip
     else:
-        samples = model.sample(*args, x0, generator, **how)[:, :n].cpu()
+        samples = model.sample(emb, padded, noise=x0, generator=generator, **how)
+    samples = samples[:, :n].cpu()
     if n_loc <= 0:
         return samples, nan, nan
-    if not hasattr(model, "sample_with_log_density"):  # duck-typed models: their own estimate
+    if not hasattr(model, "sample_with_log_density"):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
-    density = {}
-    if on_sphere:
-        density = {
-            "method": "path", "solver": settings["localizability_solver"], "precision": precision,
-        }  # fmt: skip
     x0, padded = noise(n_loc)
-    _, log_p = model.sample_with_log_density(
-        emb, padded, settings["localizability_steps"], generator, noise=x0, **density
-    )
+    _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return (samples, *bits_and_stderr(log_p[:, :n_loc]))
 
 

@@ -89,7 +89,7 @@ def fused_sample(
     steps: int,
     generator: torch.Generator,
     solver: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     per_round: int = PROPOSALS_PER_ROUND,
     target_ess: float = 256.0,
     max_rounds: int = MAX_ROUNDS,
@@ -99,7 +99,8 @@ def fused_sample(
     """Weighted proposals for the fused posterior of photos emb (n, D), n >= 2, in rounds until
     ``target_ess`` (counted inside ``region``) or ``max_rounds``.
 
-    Proposals come from the photos' unguided samplers (``solver``, ``precision``, at least
+    Proposals come from the photos' unguided samplers (``solver``, ``precision``, None: the
+    default recipe's, :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`; at least
     ``likelihood_steps`` steps: the weights take the sampler's distribution for the model's
     density, which holds up to the discretisation of both); every point gets log p(y | c_i) for
     each photo and log p(y) under the null condition from one ``model.log_prob`` call over
@@ -138,7 +139,7 @@ def single_sample(
     generator: torch.Generator,
     region: Region | None,
     solver: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     budget: int = REJECTION_BUDGET,
 ) -> WeightedSample:
     """Unguided samples of one photo (1, D) with their log-densities (the path pass on S^2), in

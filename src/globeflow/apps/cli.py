@@ -15,6 +15,15 @@ from pathlib import Path
 
 import typer
 
+from globeflow.core.sampler_settings import (
+    AUTO,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    EVALUATE_BATCH_SIZE,
+    GRIDS,
+    PRECISIONS,
+)
+
 PIPED_COLUMNS = 140
 """Width of help and tables written to a pipe or a log, where rich would take 80 columns."""
 
@@ -438,35 +447,44 @@ def predict(
     encoder: str = typer.Option(None, help="Override the encoder named by the model."),
     encoder_path: str = typer.Option(None, help=_ENCODER_PATH_HELP),
     num_samples: int = typer.Option(
-        None, help="Samples per photo, 16 to 4096 (default: 1024, see docs/defaults.md)."
+        None,
+        help=f"Samples per photo, 16 to 4096 (default: {DEFAULT_SAMPLER.num_samples}, see "
+        "docs/defaults.md).",
     ),
     guidance: float = typer.Option(
         None,
         help="Classifier-free guidance scale, -1 to 10 (default: the model's recommended "
-        "value, else 2 as in the paper; negative values lean on the unconditional prior).",
+        f"value, else {DEFAULT_GUIDANCE:g} as in the paper; negative values lean on the "
+        "unconditional prior).",
     ),
     steps: int = typer.Option(
         None,
-        help="Solver steps, 1 to 256 (default: 24 data-2m steps = 24 network evaluations).",
+        help=f"Solver steps, 1 to 256 (default: {DEFAULT_SAMPLER.steps} "
+        f"{DEFAULT_SAMPLER.solver} steps).",
     ),
     solver: str = typer.Option(
         None,
-        help="data-2m (default, RFM: second order in the data prediction, one network "
+        help=f"Default: {DEFAULT_SAMPLER.solver} (on RFM models; the R^3 families' own step "
+        "where they lack it). data-2m (RFM: second order in the data prediction, one network "
         "evaluation per step, exact at the sharp end), lagged-midpoint (second order, one), "
-        "midpoint or heun (second order, two), euler (the paper's sampler), ddim (diffusion).",
+        "midpoint or heun (second order, two), euler (the paper's sampler), ddim (diffusion). "
+        "Alone it runs on the default grid.",
     ),
     grid: str = typer.Option(
         None,
-        help="Time grid: published (default: the paper's), quadratic or log-width "
-        "(default with --solver: that solver's own grid).",
+        help=f"Time grid: {', '.join(GRIDS)} (default: {DEFAULT_SAMPLER.grid or 'its own'}, "
+        "with any --solver).",
     ),
     precision: str = typer.Option(
         None,
-        help="fp32 (default: bf16 moves sharp answers by ~1 km, docs/defaults.md), bf16, or "
-        "auto (bf16 where the CPU/GPU runs it natively, else fp32).",
+        help=f"{', '.join(PRECISIONS)}, or {AUTO} (bf16 where the CPU/GPU runs it natively, "
+        f"else fp32); default: {DEFAULT_SAMPLER.precision} (bf16 moves sharp answers by ~1 km, "
+        "docs/defaults.md).",
     ),
     localizability_samples: int = typer.Option(
-        None, help="Samples for the localizability estimate, 0 to 4096 (0: skip; default 128)."
+        None,
+        help="Samples for the localizability estimate, 0 to 4096 (0: skip; default "
+        f"{DEFAULT_SAMPLER.localizability_samples}).",
     ),
     top_k: int = typer.Option(5, help="Regions to report (1 to 100)."),
     region_radius_km: float = typer.Option(
@@ -835,20 +853,24 @@ def evaluate(
     output: Path = typer.Option(..., "--output", "-o", help="Report directory."),
     kind: str = typer.Option(None, help="Force the dataset reader (osv5m, latlon-csv, inat, ...)."),
     num_samples: int = typer.Option(
-        None, help="Samples per image for the best guess (16 to 4096; default: predict's, 1024)."
+        None,
+        help="Samples per image for the best guess (16 to 4096; default: predict's, "
+        f"{DEFAULT_SAMPLER.num_samples}).",
     ),
     guidance: float = typer.Option(
         None,
         help="Guidance for point prediction, -1 to 10 (default: the model's recommended value, "
-        "else 2 as in the paper).",
+        f"else {DEFAULT_GUIDANCE:g} as in the paper).",
     ),
     steps: int = typer.Option(
         None, help="Sampler steps (1 to 256; default: predict's sampler, docs/defaults.md)."
     ),
     hpd_samples: int = typer.Option(
-        128, help="Unguided samples per image for calibration (0 to 4096; 0: off)."
+        None,
+        help="Unguided samples per image for calibration (0 to 4096; 0: off; default "
+        f"{DEFAULT_SAMPLER.localizability_samples}).",
     ),
-    batch_size: int = typer.Option(64, help="Images per model call (1 to 4096)."),
+    batch_size: int = typer.Option(EVALUATE_BATCH_SIZE, help="Images per model call (1 to 4096)."),
     seed: int = typer.Option(0, help=_SEED_HELP),
     limit: int = typer.Option(None, help="Evaluate only the first N records."),
     overwrite: bool = typer.Option(

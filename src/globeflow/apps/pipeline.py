@@ -7,7 +7,6 @@ localizability and (optionally) a density map for each.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -25,23 +24,16 @@ from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, solver_for
+from globeflow.core.sampler_settings import (
+    DEFAULT_SAMPLER,
+    SamplerSettings,
+    recommended_guidance,
+    resolve,
+    solver_for,
+)
 from globeflow.core.sphere import haversine_km
 
 DEFAULT_MODEL_DIR = "default_model"
-DEFAULT_GUIDANCE = 2.0
-"""The paper's guidance for point prediction; a checkpoint may recommend its own
-(metadata ``recommended_guidance``)."""
-
-# Defaults chosen by measurement on every testbed (benchmarks/confident.py, docs/defaults.md):
-# the cheapest setting within noise of the authors' sampler. One object holds them all.
-DEFAULT_NUM_SAMPLES = DEFAULT_SAMPLER.num_samples
-DEFAULT_STEPS = DEFAULT_SAMPLER.steps
-DEFAULT_SOLVER = DEFAULT_SAMPLER.solver
-DEFAULT_PRECISION = DEFAULT_SAMPLER.precision
-DEFAULT_LOCALIZABILITY_SAMPLES = DEFAULT_SAMPLER.localizability_samples
-DEFAULT_LOCALIZABILITY_STEPS = DEFAULT_SAMPLER.localizability_steps
-LOCALIZABILITY_SOLVER = DEFAULT_SAMPLER.localizability_solver
 ROWS_PER_SOLVE = 2048
 """Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
 at once leaves the CPU caches and ran up to 2x slower per sample."""
@@ -69,8 +61,7 @@ class Locator:
             )
         self.model = model.eval()
         self.encoder = encoder
-        meta = getattr(model, "metadata", {}) or {}
-        self.default_guidance = float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
+        self.default_guidance = recommended_guidance(model)
         self.model_name = model_name
         self.sampler = sampler
         """The default sampling recipe; each call may override fields of it."""
@@ -133,7 +124,8 @@ class Locator:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
         ``sampler`` (default: the locator's) is the sampling recipe; the keyword settings
-        override its fields (another solver given without a grid runs on its own grid). Samples of
+        override its fields (a solver given without a grid runs on the recipe's grid,
+        :func:`~globeflow.core.sampler_settings.resolve`). Samples of
         all B images are drawn in one batched solve, each image's from its own random stream
         seeded by (``seed``, its id in ``photo_ids``; default: a hash of its embedding), so an
         answer does not depend on the other images of the batch. Regions are found at the
@@ -146,8 +138,8 @@ class Locator:
             sampler, solver, grid, num_samples=num_samples, guidance=guidance, steps=steps,
             precision=precision, localizability_samples=localizability_samples,
         )  # fmt: skip
+        recipe = resolve(self.model, recipe)
         settings = {**self._settings(recipe, seed), "region_radius_km": region_radius_km}
-        n_loc = recipe.localizability_samples
         ids = list(photo_ids) if photo_ids is not None else embedding_ids(emb)
         generators = photo_generators(seed, ids, self.model.device)
         if within is not None:
@@ -155,7 +147,7 @@ class Locator:
             return self._locate_within(emb, within, settings, generators, decode)
         with network_threads(_network_width(self.model)):
             parts = [
-                self._draw(emb[photos], settings, n_loc, generators[photos])
+                self._draw(emb[photos], recipe, generators[photos])
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
             samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
@@ -305,13 +297,10 @@ class Locator:
     def _recipe(
         self, sampler: SamplerSettings | None, solver: str | None, grid: str | None, **overrides
     ) -> SamplerSettings:
-        """The locator's recipe (or ``sampler``) with the keyword settings that were given; a
-        solver other than the recipe's, given without a grid, runs on its own grid (the
-        recipe's own solver spelled out is the recipe)."""
-        recipe = (sampler or self.sampler).with_overrides(**overrides)
-        if solver is not None and solver != recipe.solver:
-            return dataclasses.replace(recipe, solver=solver, grid=grid)
-        return dataclasses.replace(recipe, grid=grid) if grid is not None else recipe
+        """The locator's recipe (or ``sampler``) with the keyword settings that were given: a
+        solver given without a grid runs on the recipe's grid, so the recipe's own solver
+        spelled out is the recipe (:func:`~globeflow.core.sampler_settings.resolve`)."""
+        return (sampler or self.sampler).with_overrides(solver=solver, grid=grid, **overrides)
 
     def answer_settings(
         self, seed: int = 0, solver: str | None = None, grid: str | None = None,
@@ -325,20 +314,21 @@ class Locator:
                 "localizability_samples": recipe.localizability_samples}  # fmt: skip
 
     def _settings(self, recipe: SamplerSettings, seed: int) -> dict:
-        """The ``settings`` block of an answer drawn with ``recipe`` (solver and precision as
-        this model and device run them)."""
+        """The ``settings`` block of an answer drawn with ``recipe`` (solver, guidance and
+        precision as this model and device run them: :func:`~globeflow.core.sampler_settings.
+        resolve`; no solver or grid for models without solvers)."""
+        recipe = resolve(self.model, recipe)
         solver = solver_for(self.model, recipe.solver)
-        guidance = self.default_guidance if recipe.guidance is None else recipe.guidance
         return {
             "model": self.model_name,
             "family": self.model.family,
             "encoder": self.encoder.name,
             "num_samples": recipe.num_samples,
-            "guidance": float(guidance),
+            "guidance": float(recipe.guidance),
             "steps": recipe.steps,
             "solver": solver,
-            "grid": recipe.grid if solver == recipe.solver else None,
-            "precision": recipe.resolved_precision(self.model.device),
+            "grid": recipe.grid if solver is not None else None,
+            "precision": recipe.precision,
             "localizability_steps": recipe.localizability_steps,
             "localizability_solver": recipe.localizability_solver,
             "seed": seed,
@@ -390,12 +380,12 @@ class Locator:
         return result
 
     def _draw(
-        self, emb: torch.Tensor, settings: dict, n_loc: int, generators: list[torch.Generator]
+        self, emb: torch.Tensor, recipe: SamplerSettings, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
-        each photo's drawn from its own generator: :func:`globeflow.answers.draw.draw_answers`
-        (the recipe ``evaluate`` uses too)."""
-        return draw_answers(self.model, emb, generators, settings, n_loc)
+        each photo's drawn from its own generator with a resolved ``recipe``:
+        :func:`globeflow.answers.draw.draw_answers` (the draw ``evaluate`` makes too)."""
+        return draw_answers(self.model, emb, generators, recipe)
 
     def locate_images(
         self,

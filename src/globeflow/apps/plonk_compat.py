@@ -20,11 +20,6 @@ from PIL import Image
 from globeflow.apps.pipeline import Locator
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER
 
-AUTHORS_NUM_STEPS = AUTHORS_SAMPLER.steps
-"""The authors' samplers default to 250 steps. ``__call__`` keeps their sampler (Euler on their
-grid, float32) so that its raw samples compare one-to-one with theirs; :meth:`PlonkPipeline.
-locate` answers with globeflow's defaults (docs/defaults.md)."""
-
 
 class PlonkPipeline:
     """Geolocate images the way the authors' ``PlonkPipeline`` does, on globeflow's engine.
@@ -66,15 +61,18 @@ class PlonkPipeline:
         images: Image.Image | Sequence[Image.Image],
         batch_size: int | None = None,
         num_steps: int | None = None,
-        cfg: float = 0.0,
+        cfg: float | None = None,
         generator: torch.Generator | None = None,
     ) -> np.ndarray:
         """Sampled locations in degrees, float32 array (N, 2) of (lat, lon).
 
         As in the authors' pipeline: for several images, ``batch_size`` (default: their number)
         must equal their number and each row is one sample for one image; for a single image,
-        the rows are ``batch_size`` samples for it. ``num_steps`` defaults to 250, ``cfg`` is the
-        classifier-free guidance scale (0 = none).
+        the rows are ``batch_size`` samples for it. ``num_steps``: sampler steps; ``cfg``: the
+        classifier-free guidance scale (0 = none). Their sampler, :data:`~globeflow.core.
+        sampler_settings.AUTHORS_SAMPLER` (Euler on their grid, float32, 250 steps, cfg 0 unless
+        given), so that the raw samples compare one-to-one with theirs; :meth:`locate` answers
+        with globeflow's defaults (docs/defaults.md).
         """
         images = [images] if isinstance(images, Image.Image) else list(images)
         if not images:
@@ -91,7 +89,7 @@ class PlonkPipeline:
         emb = self.locator.encoder.embed(images).to(self.locator.model.device)
         with torch.no_grad():
             latlon = self.locator.model.sample(
-                emb, per_image, num_steps or AUTHORS_NUM_STEPS, cfg, generator=generator
+                emb, per_image, num_steps, cfg, generator=generator, settings=AUTHORS_SAMPLER
             )
         return latlon.reshape(-1, 2).float().cpu().numpy()
 

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from globeflow.apps.heap import release_free_heap
-from globeflow.apps.pipeline import DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, Locator
+from globeflow.apps.pipeline import Locator
 from globeflow.apps.request_guards import (
     BodyLimit,
     ClientGone,
@@ -40,6 +40,7 @@ from globeflow.apps.request_guards import (
 from globeflow.apps.server_basemap import DEFAULT_TILES, add_basemap_routes
 from globeflow.apps.server_fusion import WITHIN_HELP, add_fusion_route, parse_web_region
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
+from globeflow.core.sampler_settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = [
@@ -416,8 +417,9 @@ def create_app(
                 400, f"too many files ({len(uploads)}); at most {max_files} per request"
             )
         locator_guidance = getattr(locator, "default_guidance", DEFAULT_GUIDANCE)
+        recipe = getattr(locator, "sampler", DEFAULT_SAMPLER)
         params = (
-            int(_first(form_num_samples, num_samples, DEFAULT_NUM_SAMPLES)),
+            int(_first(form_num_samples, num_samples, recipe.num_samples)),
             float(_first(form_guidance, guidance, locator_guidance)),
             _first(form_steps, steps),
             parse_web_region(within),

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from globeflow.core.families import DENOISING_FAMILIES
-from globeflow.core.guidance import PRECISIONS
-from globeflow.core.sampler_settings import AUTO
+from globeflow.core.sampler_settings import AUTO, GRIDS, PRECISIONS
 from globeflow.core.sphere import EARTH_RADIUS_KM
-from globeflow.core.time_grids import GRIDS
 
 MAX_REGION_RADIUS_KM = math.pi * EARTH_RADIUS_KM
 """Half the circumference (km): a region of this radius already covers the whole globe."""

@@ -3,11 +3,12 @@
 Near the data the RFM field is v(x, gamma) ~ log_x(D) / s with s = 1 - gamma and D the field's
 implied data prediction, reached from x by the displacement s v (exact for one atom: the
 geodesic's end). Along u = -log(s) the ODE reads dx/du = s v, and for a constant D its solution
-moves x a fraction 1 - exp(-(u1 - u0)) = 1 - s1 / s0 of the way along that displacement:
-whatever the step, the stiff, contracting part (eigenvalue -1 / s, down to the posterior's
-width) is integrated exactly and never overshoots. Explicit Runge-Kutta rules integrate the same
-part with h lambda = -h / s, stable only for h / s <= 2 (Euler, midpoint) or <= 1 (the lagged
-midpoint), which grids that end at gamma = 1 violate in the last steps of a sharp answer.
+moves x a fraction 1 - exp(-(u1 - u0)) = 1 - s1 / s0 of the way along that displacement. For
+one sharp atom the second-order solvers of :mod:`globeflow.core.solvers` (this one included)
+land within a metre of a 256-step solve in 6 steps, where Euler misses by 4 km
+(tests/test_solvers.py::test_every_solver_transports_a_single_sharp_atom_exactly): no solver
+overshoots there, and a step cannot pass s = 0 (h / s <= 1). What separates the solvers on sharp
+answers is how D changes where modes take their mass (docs/defaults.md).
 
 The displacement is kept as a rotation vector a = s (x cross v) (the Lie-group form of
 :mod:`globeflow.core.solvers`), never as the point D = exp_x(s v): a classifier-free guided

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from globeflow.core.network import Conditioning
+from globeflow.core.sampler_settings import FULL_PRECISION
 from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     angle_between,
@@ -273,10 +274,10 @@ class ExactMixtureNetwork(nn.Module):
         null = self._unconditional_field(y, tau)
         return torch.where(live[:, None, None], v, null)
 
-    def forward_conditioned(self, y, cond, precision="fp32"):
+    def forward_conditioned(self, y, cond, precision=FULL_PRECISION):
         return self._field(y, cond)
 
-    def forward_with_jvp(self, y, tangents, cond, precision="fp32"):
+    def forward_with_jvp(self, y, tangents, cond, precision=FULL_PRECISION):
         out = self._field(y, cond)
         jvps = torch.stack(
             [torch.func.jvp(lambda z: self._field(z, cond), (y,), (t,))[1] for t in tangents]

@@ -14,8 +14,7 @@ from collections.abc import Callable
 import torch
 
 from globeflow.core.network import Conditioning, Denoiser
-
-PRECISIONS = ("fp32", "bf16")
+from globeflow.core.sampler_settings import FULL_PRECISION, PRECISIONS
 
 
 def check_precision(precision: str) -> str:
@@ -39,7 +38,7 @@ class GuidedField:
         emb: torch.Tensor,
         gammas: torch.Tensor,
         guidance: float = 0.0,
-        precision: str = "fp32",
+        precision: str = FULL_PRECISION,
     ):
         self.network = network
         self.guidance = float(guidance)

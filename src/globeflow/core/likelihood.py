@@ -29,11 +29,18 @@ estimator (a Monte Carlo mean over samples, no second ODE per sample).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from globeflow.core.guidance import GuidedField
+from globeflow.core.sampler_settings import (
+    AUTHORS_SAMPLER,
+    FULL_PRECISION,
+    LOCALIZABILITY_BULK_STEPS,
+    LOCALIZABILITY_SOLVER,
+)
 from globeflow.core.solvers import SOLVERS, SPHERE, TABLEAUS
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
@@ -296,7 +303,7 @@ def log_prob_ode(
     steps: int | None = None,
     chunk_size: int = 8192,
     spacing: str | None = None,
-    precision: str = "fp32",
+    precision: str = FULL_PRECISION,
     method: str | None = None,
     stiff: float | None = None,
     log_step: float = LIKELIHOOD_LOG_STEP,
@@ -416,12 +423,6 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     return solve
 
 
-LOCALIZABILITY_BULK_STEPS = 16
-"""Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
-of :func:`stiff_end_levels` adds its steps (none on the random networks, 18 on the bundled
-model, 23-26 at 1 km)."""
-LOCALIZABILITY_SOLVER = "lagged-midpoint"
-"""Solver of the one-pass localizability estimate."""
 PILOT_STEPS = 16
 """Euler steps (on the published grid) of the pilot that says where each sample ends, for
 :func:`stiffness_floor` (one network row per step, on the sample's own initial state)."""
@@ -433,10 +434,10 @@ def sample_with_log_density(
     emb: torch.Tensor,
     num_samples: int,
     steps: int = LOCALIZABILITY_BULK_STEPS,
-    solver: str = "midpoint",
+    solver: str = LOCALIZABILITY_SOLVER,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
-    precision: str = "fp32",
+    precision: str = FULL_PRECISION,
     stiff: float | None = None,
     log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +492,8 @@ def pilot(model, emb: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     probed where that sample's mass is. A pilot that misses (between modes, off a sharp mode)
     reads the field as stiffer than it is (there the field pulls at the full rate 1 / s), so
     its error costs steps, never accuracy."""
-    return model.sample_unit(emb, x0.shape[1], PILOT_STEPS, 0.0, x0, None, solver="euler")
+    recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=x0.shape[1])
+    return model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), x0, None)
 
 
 def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from globeflow.core.packed_linear import PackedLinear, linear, pack
+from globeflow.core.sampler_settings import FULL_PRECISION
 
 LAYER_NORM_EPS = 1e-5
 TIME_SCALE = 1000.0
@@ -205,7 +206,9 @@ class Denoiser(nn.Module):
         blocks = [block.modulation(cond) for block in self.blocks]
         return Conditioning(blocks=blocks, final=self.final_adaln(cond))
 
-    def inference_layers(self, precision: str = "fp32") -> list[tuple[PackedLinear, PackedLinear]]:
+    def inference_layers(
+        self, precision: str = FULL_PRECISION
+    ) -> list[tuple[PackedLinear, PackedLinear]]:
         """Every block's two MLP layers prepared for inference, [(lin1, lin2)]: cast to bf16
         for ``precision="bf16"`` (else the parameters' dtype) and prepacked where oneDNN runs.
 
@@ -222,7 +225,7 @@ class Denoiser(nn.Module):
         return cache[precision][1]
 
     def forward_conditioned(
-        self, y: torch.Tensor, cond: Conditioning, precision: str = "fp32"
+        self, y: torch.Tensor, cond: Conditioning, precision: str = FULL_PRECISION
     ) -> torch.Tensor:
         """Points y (B, N, 3) under a cached condition of batch B -> output (B, N, 3).
 
@@ -248,7 +251,7 @@ class Denoiser(nn.Module):
         y: torch.Tensor,
         tangents: torch.Tensor,
         cond: Conditioning,
-        precision: str = "fp32",
+        precision: str = FULL_PRECISION,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and Jacobian-vector products in one pass (hand-written forward mode).
 

@@ -1,25 +1,51 @@
-"""How an answer is sampled: one settings object for predict, serve, evaluate, Locator and the
-benchmarks, so that accuracy tables measure exactly what users run.
+"""How an answer is sampled: one settings object for predict, serve, evaluate, Locator, the
+models' own ``sample`` / ``localizability`` and the benchmarks, so that accuracy tables measure
+exactly what users run. Every sampling default lives here and nowhere else
+(tests/test_sampler_settings.py fails on a second copy).
 
 The defaults were chosen by measurement on every testbed (benchmarks/confident.py,
 docs/defaults.md): the cheapest setting within noise of the authors' sampler (Euler on their
 grid, 250 steps, fp32) from 1-km multimodal answers to the diffuse bundled model.
+
+This module imports no torch (the command line builds its help from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+GRIDS = ("published", "quadratic", "log-width")
+"""Time grids of the samplers (:mod:`globeflow.core.time_grids`)."""
 
-from globeflow.core.guidance import PRECISIONS
-from globeflow.core.likelihood import LOCALIZABILITY_BULK_STEPS, LOCALIZABILITY_SOLVER
-from globeflow.core.precision import fastest_precision
-from globeflow.core.time_grids import GRIDS
+PRECISIONS = ("fp32", "bf16")
+"""Precisions of the network's matrix products while sampling."""
+
+FULL_PRECISION = "fp32"
+"""The network's own precision: what a function computes in when it is given none (a neutral
+value, not a choice of the recipe)."""
 
 AUTO = "auto"
 """Precision "auto": bf16 where the device runs it natively, else fp32."""
+
+DEFAULT_GUIDANCE = 2.0
+"""The paper's classifier-free guidance for point prediction: the guidance of a model whose
+metadata recommends none (``recommended_guidance``, see :func:`recommended_guidance`)."""
+
+LOCALIZABILITY_BULK_STEPS = 16
+"""Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
+of :func:`globeflow.core.likelihood.stiff_end_levels` adds its steps (none on the random
+networks, 18 on the bundled model, 23-26 at 1 km)."""
+
+LOCALIZABILITY_SOLVER = "lagged-midpoint"
+"""Solver of the one-pass localizability estimate."""
+
+LOCALIZABILITY_SAMPLES = 128
+"""Unguided samples per photo of the localizability estimate (and of evaluate's calibration)."""
+
+EVALUATE_BATCH_SIZE = 64
+"""Images per model call of ``evaluate`` (how the work is cut, not what the rows are)."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +53,9 @@ class SamplerSettings:
     """A complete sampling recipe.
 
     ``solver``: a solver name (:mod:`globeflow.core.solvers`, or the family's published step);
-    ``grid``: a time grid of :mod:`globeflow.core.time_grids` (None: the solver's own);
-    ``steps``: solver steps; ``precision``: "fp32", "bf16" or "auto"; ``num_samples``: samples
-    per photo; ``guidance``: classifier-free guidance scale (None: the model's recommended one);
+    ``grid``: a time grid of :data:`GRIDS` (None: the solver's own); ``steps``: solver steps;
+    ``precision``: "fp32", "bf16" or "auto"; ``num_samples``: samples per photo; ``guidance``:
+    classifier-free guidance scale (None: the model's recommended one);
     ``localizability_*``: the unguided samples, (bulk) steps and solver of the localizability
     estimate; a sharp posterior adds steps at the data end (:mod:`globeflow.core.likelihood`).
     """
@@ -40,7 +66,7 @@ class SamplerSettings:
     precision: str = "fp32"
     num_samples: int = 1024
     guidance: float | None = None
-    localizability_samples: int = 128
+    localizability_samples: int = LOCALIZABILITY_SAMPLES
     localizability_steps: int = LOCALIZABILITY_BULK_STEPS
     localizability_solver: str = LOCALIZABILITY_SOLVER
 
@@ -53,32 +79,49 @@ class SamplerSettings:
             raise ValueError("steps, num_samples and localizability_steps must be >= 1")
 
     def with_overrides(self, **overrides: object) -> SamplerSettings:
-        """A copy with the given fields replaced; None values leave a field as it is."""
+        """A copy with the given fields replaced; None values leave a field as it is. A solver
+        given without a grid keeps this recipe's grid (see :func:`resolve`)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def resolved_precision(self, device: str | torch.device) -> str:
-        """The precision to run on ``device`` ("auto" resolved)."""
-        return fastest_precision(device) if self.precision == AUTO else self.precision
+    def resolved_precision(self, device: Any) -> str:
+        """The precision to run on ``device`` (a torch device or its name; "auto" resolved)."""
+        if self.precision != AUTO:
+            return self.precision
+        from globeflow.core.precision import fastest_precision
+
+        return fastest_precision(device)
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict, plus a short ``label``."""
         return {**dataclasses.asdict(self), "label": self.label()}
 
     def label(self) -> str:
-        """E.g. "data-2m/published/16/auto/1024"."""
+        """solver/grid/steps/precision/num_samples, e.g. :data:`AUTHORS_SAMPLER`'s
+        "euler/published/250/fp32/1024"."""
         grid = self.grid or "own"
         return f"{self.solver}/{grid}/{self.steps}/{self.precision}/{self.num_samples}"
 
 
 DEFAULT_SAMPLER = SamplerSettings()
-"""What ``predict``, ``serve``, ``evaluate`` and ``Locator`` use unless told otherwise."""
+"""What ``predict``, ``serve``, ``evaluate``, ``Locator`` and ``GeoModel.sample`` use unless
+told otherwise."""
 
-AUTHORS_SAMPLER = SamplerSettings(solver="euler", grid="published", steps=250, precision="fp32")
-"""The authors' pipeline default: their Euler step on their grid, 250 steps, float32 (the
-reference of benchmarks/confident.py and the default of ``PlonkPipeline.__call__``)."""
+AUTHORS_SAMPLER = SamplerSettings(
+    solver="euler", grid="published", steps=250, precision="fp32", guidance=0.0
+)
+"""The authors' pipeline default: their Euler step on their grid, 250 steps, float32, no
+guidance (``cfg=0`` in their ``PlonkPipeline.__call__``): the reference of
+benchmarks/confident.py and the sampler of ``PlonkPipeline``."""
 
 
-def solver_for(model, solver: str) -> str | None:
+def recommended_guidance(model: object) -> float:
+    """The guidance ``model``'s metadata recommends (``recommended_guidance``), else
+    :data:`DEFAULT_GUIDANCE`."""
+    meta = getattr(model, "metadata", None) or {}
+    return float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
+
+
+def solver_for(model: object, solver: str) -> str | None:
     """``solver`` where ``model``'s family has it, else the family's own default (the published
     step; the R^3 families have no data-2m); None for models without solvers (baselines)."""
     solvers = getattr(model, "solvers", ())
@@ -87,12 +130,31 @@ def solver_for(model, solver: str) -> str | None:
     return getattr(model, "default_solver", None) if solvers else None
 
 
-def sampling_arguments(model, settings: SamplerSettings) -> dict:
-    """Keyword arguments of ``model.sample`` for ``settings``: solver, grid (only with the
-    solver it was chosen for) and precision resolved for the model and its device."""
-    solver = solver_for(model, settings.solver)
-    if solver is None:
-        return {}
-    grid = settings.grid if solver == settings.solver else None
-    device = getattr(model, "device", torch.device("cpu"))
-    return {"solver": solver, "grid": grid, "precision": settings.resolved_precision(device)}
+def resolve(
+    model: object, settings: SamplerSettings | None = None, **overrides: object
+) -> SamplerSettings:
+    """The recipe ``model`` runs: ``settings`` (default :data:`DEFAULT_SAMPLER`) with the
+    ``overrides`` that are not None, completed for the model.
+
+    - ``guidance`` None: the model's :func:`recommended_guidance`.
+    - ``solver`` given without ``grid``: that solver on the recipe's grid. A recipe's grid was
+      chosen with its solver and steps by measurement; naming only the solver changes only the
+      solver, so ``solver=DEFAULT_SAMPLER.solver`` alone is the default, and every solver's
+      default grid is the recipe's ("published"). A solver's own grid (its ``grid`` attribute)
+      is run only by a recipe whose ``grid`` is None.
+    - The recipe's solver where the family lacks it (the R^3 families have no data-2m): the
+      family's own step, on its own grid. A solver given in ``overrides`` is kept as given (the
+      model names what it lacks).
+    - ``precision`` "auto": resolved for the model's device.
+    """
+    recipe = (settings or DEFAULT_SAMPLER).with_overrides(**overrides)
+    if recipe.guidance is None:
+        recipe = dataclasses.replace(recipe, guidance=recommended_guidance(model))
+    if overrides.get("solver") is None:
+        solver = solver_for(model, recipe.solver)
+        if solver is not None and solver != recipe.solver:
+            recipe = dataclasses.replace(recipe, solver=solver, grid=None)
+    if recipe.precision == AUTO:
+        device = getattr(model, "device", "cpu")
+        recipe = dataclasses.replace(recipe, precision=recipe.resolved_precision(device))
+    return recipe

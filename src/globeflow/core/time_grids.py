@@ -16,13 +16,12 @@ import math
 
 import torch
 
+from globeflow.core.sampler_settings import GRIDS
 from globeflow.core.schedules import Schedule, time_grid
 
 SMALLEST_WIDTH = 1e-4
 """Smallest remaining noise level 1 - gamma that ``log-width`` resolves: a kernel of this width
 has an RMS radius of 1.71e-4 rad ~ 1.1 km on the Earth (street to landmark scale)."""
-
-GRIDS = ("published", "quadratic", "log-width")
 
 
 def published_grid(schedule: Schedule, steps: int) -> torch.Tensor:

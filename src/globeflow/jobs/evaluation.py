@@ -10,6 +10,7 @@ written CSV alone, which is how the numbers in ``summary.json`` are audited.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -25,7 +26,13 @@ import torch
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.random_streams import sample_streams
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, sampling_arguments
+from globeflow.core.sampler_settings import (
+    DEFAULT_SAMPLER,
+    EVALUATE_BATCH_SIZE,
+    SamplerSettings,
+    resolve,
+    solver_for,
+)
 from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_dataset
 from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
@@ -436,13 +443,13 @@ def evaluate(
     *,
     encoder: Any = None,
     num_samples: int | None = None,
-    guidance: float = 2.0,
+    guidance: float | None = None,
     steps: int | None = None,
     sampler: SamplerSettings = DEFAULT_SAMPLER,
     density_guidance: float = 0.0,
-    hpd_samples: int = 128,
+    hpd_samples: int | None = None,
     localizability_samples: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = EVALUATE_BATCH_SIZE,
     seed: int = 0,
     limit: int | None = None,
     thresholds_km: Sequence[float] = M.DEFAULT_THRESHOLDS_KM,
@@ -456,8 +463,7 @@ def evaluate(
     """Evaluate ``model`` on a dataset and compute every metric of the paper.
 
     Args:
-        model: a GeoModel-like object with ``sample``, ``log_prob`` and
-            ``sample_with_log_density``.
+        model: a GeoModel-like object with ``sample``, ``log_prob`` and ``localizability``.
         records_or_embeddings: a dataset path (see :func:`datasets.open_dataset`), a
             :class:`datasets.Dataset` or iterable of :class:`datasets.GeoRecord`, or an object
             with ``embeddings`` (N, D), ``latlon`` (N, 2) and optional ``ids`` / ``paths``.
@@ -465,14 +471,17 @@ def evaluate(
             without precomputed embeddings.
         num_samples: samples per image for the best guess, drawn with ``guidance`` (default:
             the sampler's).
-        guidance: classifier-free guidance scale for location prediction (paper: 2).
+        guidance: classifier-free guidance scale for location prediction (default: the
+            model's recommended one, :func:`~globeflow.core.sampler_settings.
+            recommended_guidance`; paper: 2).
         steps: sampler steps (default: the sampler's).
         sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
             accuracy measured is that of the answers users get).
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
-        hpd_samples: samples per image whose densities estimate HPD coverage (0 disables it).
+        hpd_samples: samples per image whose densities estimate HPD coverage (default: the
+            sampler's ``localizability_samples``; 0 disables it).
         localizability_samples: samples of the localizability estimate (default: the
             sampler's; 0: none). It is drawn exactly as ``predict`` draws it
             (:func:`globeflow.answers.draw.draw_answers`: same recipe, same per-photo stream),
@@ -499,9 +508,13 @@ def evaluate(
     from globeflow.jobs.locate import model_fingerprint
 
     started = time.time()
-    sampler = sampler.with_overrides(num_samples=num_samples, steps=steps)
-    num_samples, steps = sampler.num_samples, sampler.steps
-    how = sampling_arguments(model, sampler)
+    recipe = resolve(model, sampler, num_samples=num_samples, steps=steps, guidance=guidance)
+    num_samples, steps, guidance = recipe.num_samples, recipe.steps, recipe.guidance
+    if hpd_samples is None:
+        hpd_samples = recipe.localizability_samples
+    # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
+    how = {"settings": recipe} if solver_for(model, recipe.solver) is not None else {}
+    shown = {k: getattr(recipe, k) if how else None for k in ("solver", "grid", "precision")}
     device = _model_device(model)
     records, dataset = _records(records_or_embeddings)
     listed = records
@@ -520,12 +533,12 @@ def evaluate(
         "num_samples": num_samples,
         "guidance": guidance,
         "steps": steps,
-        **{k: how.get(k) for k in ("solver", "grid", "precision")},
+        **shown,
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
-        "localizability_steps": sampler.localizability_steps,
-        "localizability_solver": sampler.localizability_solver,
+        "localizability_steps": recipe.localizability_steps,
+        "localizability_solver": recipe.localizability_solver,
         "batch_size": batch_size,
         "seed": seed,
         "prdc_k": prdc_k,
@@ -533,15 +546,10 @@ def evaluate(
     errors: list[dict[str, str]] = []
     # The answer's samples and the localizability are drawn as predict draws them (one recipe,
     # answers.draw), from the same per-photo streams: a photo's localizability is predict's.
-    draw = {"num_samples": num_samples, "steps": steps, "guidance": guidance,
-            "solver": how.get("solver"), "grid": how.get("grid"),
-            "precision": how.get("precision"),
-            "localizability_steps": sampler.localizability_steps,
-            "localizability_solver": sampler.localizability_solver}  # fmt: skip
-    n_loc = sampler.localizability_samples if localizability_samples is None else (
-        localizability_samples)  # fmt: skip
-    options = dict(num_samples=num_samples, steps=steps, density_guidance=density_guidance,
-                   hpd_samples=hpd_samples, n_loc=n_loc, how=how, draw=draw)  # fmt: skip
+    if localizability_samples is not None:
+        recipe = dataclasses.replace(recipe, localizability_samples=localizability_samples)
+    options = dict(recipe=recipe, steps=steps, density_guidance=density_guidance,
+                   hpd_samples=hpd_samples, how=how)  # fmt: skip
     own = place is None and output is not None
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
@@ -621,13 +629,11 @@ def _batch_rows(
     generators: list[torch.Generator],
     device: torch.device,
     *,
-    num_samples: int,
+    recipe: Any,
     steps: int,
     density_guidance: float,
     hpd_samples: int,
-    n_loc: int,
     how: dict,
-    draw: dict,
 ) -> list[dict[str, Any]]:
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
     samples drawn from its generator: the answer's and the localizability's as predict draws
@@ -639,7 +645,7 @@ def _batch_rows(
     batch = [r for _, r in indexed]
     b = emb.shape[0]
     truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-    samples, loc, _ = draw_answers(model, emb, generators, draw, n_loc)
+    samples, loc, _ = draw_answers(model, emb, generators, recipe)
     pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
     lp = model.log_prob(truth[:, None, :], emb).reshape(b)
     mass = torch.full((b,), math.nan, dtype=torch.float64)

@@ -12,6 +12,7 @@ from torch import nn
 
 from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, resolve
 from globeflow.core.schedules import Schedule, SigmoidSchedule
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
@@ -44,15 +45,12 @@ class GeoModel(nn.Module):
     def sample_unit(
         self,
         emb: torch.Tensor,
-        num_samples: int = 64,
-        steps: int = 32,
-        guidance: float = 0.0,
+        recipe: SamplerSettings,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        solver: str | None = None,
-        precision: str = "fp32",
     ) -> torch.Tensor:
-        """Samples on S^2, (B, num_samples, 3)."""
+        """Samples on S^2, (B, recipe.num_samples, 3), for embeddings emb (B, D) with a
+        resolved recipe (:func:`~globeflow.core.sampler_settings.resolve`)."""
         raise NotImplementedError
 
     def log_prob_unit(
@@ -74,25 +72,34 @@ class GeoModel(nn.Module):
     def sample(
         self,
         emb: torch.Tensor,
-        num_samples: int = 64,
-        steps: int = 32,
-        guidance: float = 0.0,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         solver: str | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         grid: str | None = None,
+        *,
+        settings: SamplerSettings | None = None,
     ) -> torch.Tensor:
         """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
 
-        ``noise`` is the initial state (B, N, 3): unit vectors for the sphere model, standard
-        Gaussians for the R^3 families. ``guidance`` is the classifier-free guidance scale w.
-        ``solver``, ``precision`` (``"fp32"``/``"bf16"``) and ``grid`` (None: the solver's own):
-        see :meth:`DenoisingModel.sample_raw`.
+        The recipe is ``settings`` (default: :data:`~globeflow.core.sampler_settings.
+        DEFAULT_SAMPLER`, what ``predict`` runs) with the keyword settings that are given;
+        ``guidance`` None is the model's recommended one (:func:`~globeflow.core.
+        sampler_settings.resolve` says how a solver given alone is run). ``noise`` is the initial
+        state (B, N, 3): unit vectors for the sphere model, standard Gaussians for the R^3
+        families. ``guidance`` is the classifier-free guidance scale w. ``solver``,
+        ``precision`` (``"fp32"``/``"bf16"``/``"auto"``) and ``grid``: see
+        :meth:`DenoisingModel.sample_raw`.
         """
+        recipe = resolve(
+            self, settings, num_samples=num_samples, steps=steps, guidance=guidance,
+            solver=solver, precision=precision, grid=grid,
+        )  # fmt: skip
         emb = self.prepare_embeddings(emb)
-        args = (emb, num_samples, steps, guidance, noise, generator, solver, precision)
-        x = self.sample_unit(*args, **({"grid": grid} if grid is not None else {}))
+        x = self.sample_unit(emb, recipe, noise, generator)
         # Projected to the sphere, NaN would become the north pole and pass for an answer.
         bad = ~torch.isfinite(x).flatten(1).all(dim=1)
         if bad.any():
@@ -120,35 +127,50 @@ class GeoModel(nn.Module):
     def sample_with_log_density(
         self,
         emb: torch.Tensor,
-        num_samples: int,
-        steps: int = 32,
+        num_samples: int | None = None,
+        steps: int | None = None,
         generator: torch.Generator | None = None,
         likelihood_steps: int | None = None,
         noise: torch.Tensor | None = None,
+        precision: str | None = None,
+        *,
+        settings: SamplerSettings | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
 
-        Generic version: sample (from ``noise``, the initial state, when given), then evaluate
+        Generic version: sample (from ``noise``, the initial state, when given) with the recipe
+        ``settings`` (default: :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`) at
+        guidance 0, ``steps`` steps and ``num_samples`` samples (None: its
+        ``localizability_steps`` / ``localizability_samples``), then evaluate
         :meth:`log_prob_unit` at the samples.
         """
-        x = self.sample_unit(emb, num_samples, steps, 0.0, noise, generator)
+        base = settings or DEFAULT_SAMPLER
+        recipe = resolve(
+            self, base, guidance=0.0, precision=precision,
+            num_samples=num_samples or base.localizability_samples,
+            steps=steps or base.localizability_steps,
+        )  # fmt: skip
+        x = self.sample_unit(emb, recipe, noise, generator)
         return x, self.log_prob_unit(x, emb, steps=likelihood_steps)
 
     @torch.no_grad()
     def localizability(
         self,
         emb: torch.Tensor,
-        num_samples: int = 128,
-        steps: int = 32,
+        num_samples: int | None = None,
+        steps: int | None = None,
         generator: torch.Generator | None = None,
         return_stderr: bool = False,
         **estimator: object,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Negative entropy E_p[log2 p(y|c)] in bits (B,), by Monte Carlo over model samples.
 
-        Sampled without guidance, so that the samples follow the density being scored. With
-        ``return_stderr`` also the Monte Carlo standard error (B,) in bits. Extra keyword
-        arguments go to :meth:`sample_with_log_density` (estimator options).
+        Sampled without guidance, so that the samples follow the density being scored;
+        ``num_samples`` and ``steps`` default to the recipe's (``settings=``, default
+        :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`) ``localizability_samples``
+        and ``localizability_steps``. With ``return_stderr`` also the Monte Carlo standard error
+        (B,) in bits. Extra keyword arguments go to :meth:`sample_with_log_density` (estimator
+        options, ``settings``).
         """
         emb = self.prepare_embeddings(emb)
         _, log_p = self.sample_with_log_density(emb, num_samples, steps, generator, **estimator)
@@ -343,27 +365,29 @@ class DenoisingModel(GeoModel):
     def sample_raw(
         self,
         emb: torch.Tensor,
-        num_samples: int = 64,
-        steps: int = 32,
-        guidance: float = 0.0,
+        recipe: SamplerSettings,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        solver: str | None = None,
-        precision: str = "fp32",
-        grid: str | None = None,
     ) -> torch.Tensor:
-        """Run the sampler and return its final state before :meth:`finalize`, (B, N, 3).
+        """Run the sampler of a resolved recipe (:func:`~globeflow.core.sampler_settings.
+        resolve`) and return its final state before :meth:`finalize`, (B, N, 3).
 
-        ``solver``: the published step (``"euler"``; ``"ddim"`` for diffusion) or a solver of
-        :mod:`globeflow.core.solvers`: ``"midpoint"``, ``"heun"`` (second order, two network
-        evaluations per step), ``"lagged-midpoint"`` (second order, one evaluation per step) or,
-        on S^2, ``"data-2m"`` (second order, one evaluation per step, exact at the stiff end).
-        ``precision``: ``"fp32"`` or ``"bf16"``. ``grid``: the time grid
-        (:mod:`globeflow.core.time_grids`); default: the solver's own (``"published"`` for the
+        ``recipe.solver``: the published step (``"euler"``; ``"ddim"`` for diffusion) or a
+        solver of :mod:`globeflow.core.solvers`: ``"midpoint"``, ``"heun"`` (second order, two
+        network evaluations per step), ``"lagged-midpoint"`` (second order, one evaluation per
+        step) or, on S^2, ``"data-2m"`` (second order, one evaluation per step, exact at the
+        stiff end). ``recipe.precision``: ``"fp32"`` or ``"bf16"``. ``recipe.grid``: the time
+        grid (:mod:`globeflow.core.time_grids`); None: the solver's own (``"published"`` for the
         published step).
         """
-        x = self._prepare_noise(emb, num_samples, noise, generator)
-        solver = self.check_solver(solver)
+        steps, guidance, precision, grid = (
+            recipe.steps,
+            recipe.guidance,
+            recipe.precision,
+            recipe.grid,
+        )
+        x = self._prepare_noise(emb, recipe.num_samples, noise, generator)
+        solver = self.check_solver(recipe.solver)
         if solver not in SOLVERS or solver == self.published_solver:
             gammas = self.sampling_levels(steps, emb, grid=grid or "published")
             field = GuidedField(self.network, emb, gammas[:-1], guidance, precision)
@@ -387,19 +411,11 @@ class DenoisingModel(GeoModel):
     def sample_unit(
         self,
         emb: torch.Tensor,
-        num_samples: int = 64,
-        steps: int = 32,
-        guidance: float = 0.0,
+        recipe: SamplerSettings,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        solver: str | None = None,
-        precision: str = "fp32",
-        grid: str | None = None,
     ) -> torch.Tensor:
-        x = self.sample_raw(
-            emb, num_samples, steps, guidance, noise, generator, solver, precision, grid
-        )
-        return self.finalize(x)
+        return self.finalize(self.sample_raw(emb, recipe, noise, generator))
 
     def log_prob_unit(
         self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
@@ -412,15 +428,17 @@ class DenoisingModel(GeoModel):
     def sample_with_log_density(
         self,
         emb: torch.Tensor,
-        num_samples: int,
-        steps: int = 32,
+        num_samples: int | None = None,
+        steps: int | None = None,
         generator: torch.Generator | None = None,
         likelihood_steps: int | None = None,
         method: str | None = None,
-        solver: str = "midpoint",
-        precision: str = "fp32",
+        solver: str | None = None,
+        precision: str | None = None,
         noise: torch.Tensor | None = None,
         stiff: float | None = None,
+        *,
+        settings: SamplerSettings | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and log p at each (B, N).
 
@@ -428,7 +446,9 @@ class DenoisingModel(GeoModel):
         the log-density along the sampling path (:func:`~globeflow.core.likelihood.
         sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
         onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
-        ``precision`` applies to the path method; ``noise`` (B, N, 3) is the initial state
+        ``num_samples``, ``steps``, ``solver`` and ``precision`` default to the recipe's
+        (``settings``, default :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`)
+        ``localizability_*`` fields and precision. ``noise`` (B, N, 3) is the initial state
         (default: drawn from ``generator``). ``stiff``: the path method's stiff-end width
         (:func:`~globeflow.core.likelihood.sample_with_log_density`; None: probed per image).
         """
@@ -437,13 +457,17 @@ class DenoisingModel(GeoModel):
         method = method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
             return super().sample_with_log_density(
-                emb, num_samples, steps, generator, likelihood_steps, noise
-            )
+                emb, num_samples, steps, generator, likelihood_steps, noise, precision,
+                settings=settings,
+            )  # fmt: skip
         if method != "path":
             raise ValueError(f"unknown density method {method!r}; choose path or ode")
+        recipe = resolve(self, settings, precision=precision)
         return sample_with_log_density(
-            self, emb, num_samples, steps, solver, generator, noise, precision, stiff=stiff
-        )
+            self, emb, num_samples or recipe.localizability_samples,
+            steps or recipe.localizability_steps, solver or recipe.localizability_solver,
+            generator, noise, recipe.precision, stiff=stiff,
+        )  # fmt: skip
 
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""

@@ -164,17 +164,8 @@ class UniformSphere(GeoModel):
     def loss(self, x0, emb, generator=None):
         return torch.tensor(-LOG_UNIFORM_DENSITY, dtype=x0.dtype, device=x0.device)
 
-    def sample_unit(
-        self,
-        emb,
-        num_samples=64,
-        steps=32,
-        guidance=0.0,
-        noise=None,
-        generator=None,
-        solver=None,
-        precision="fp32",
-    ):
+    def sample_unit(self, emb, recipe, noise=None, generator=None):
+        num_samples = recipe.num_samples
         g = torch.randn(
             emb.shape[0], num_samples, 3, generator=generator, dtype=emb.dtype, device=emb.device
         )
@@ -240,17 +231,8 @@ class VonMisesFisherMixture(GeoModel):
     def loss(self, x0, emb, generator=None):
         return -self.log_prob_unit(x0[:, None, :], emb).mean()
 
-    def sample_unit(
-        self,
-        emb,
-        num_samples=64,
-        steps=32,
-        guidance=0.0,
-        noise=None,
-        generator=None,
-        solver=None,
-        precision="fp32",
-    ):
+    def sample_unit(self, emb, recipe, noise=None, generator=None):
+        num_samples = recipe.num_samples
         with torch.no_grad():
             log_w, mu, kappa = self.parameters_for(emb)
             idx = torch.multinomial(log_w.exp(), num_samples, replacement=True, generator=generator)
@@ -323,17 +305,8 @@ class VonMisesFisher(GeoModel):
     def loss(self, x0, emb, generator=None):
         return -self.log_prob_unit(x0[:, None, :], emb).mean()
 
-    def sample_unit(
-        self,
-        emb,
-        num_samples=64,
-        steps=32,
-        guidance=0.0,
-        noise=None,
-        generator=None,
-        solver=None,
-        precision="fp32",
-    ):
+    def sample_unit(self, emb, recipe, noise=None, generator=None):
+        num_samples = recipe.num_samples
         with torch.no_grad():
             mu, kappa = self.parameters_for(emb)
             b = emb.shape[0]
