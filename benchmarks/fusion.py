@@ -10,8 +10,15 @@
    and localizability against their exact values, in standard errors.
 2. Seconds for fusing 2, 5 and 20 photos with the bundled model (crops of examples/paris.jpg as
    views of one place), with the usual one-photo answer measured in the same run as baseline.
+3. Real photos (../shared/data/im2gps3k-train) with the bundled model: groups of 2-4 photos by
+   one photographer within ``--group-km`` of each other (one place) and pairs of photos by
+   different photographers over ``--far-km`` apart (different places). For each: every single
+   photo's usual answer, the fused answer with the tempered product (the default for this
+   model) and with the exact product; errors against the truth, the same-place log Bayes
+   factor, and, over refusal thresholds, false refusals (groups refused) against false fusions
+   (far pairs answered).
 
-    python benchmarks/fusion.py --out out/bench/fusion.json
+    python benchmarks/fusion.py --threads 1 --out out/bench/fusion.json
 """
 
 from __future__ import annotations
@@ -131,6 +138,141 @@ def timing(counts: list[int], num_samples: int) -> list[dict]:
     return rows
 
 
+def real_cases(groups: int, pairs: int, group_km: float, far_km: float) -> list[dict]:
+    """Groups of one photographer's photos within ``group_km`` of their first photo (2-4 photos,
+    authors in sorted order, at most one group each) and far-apart pairs of photos by different
+    photographers (``far_km`` and more), deterministic."""
+    import csv
+    from collections import defaultdict
+
+    from _common import IM2GPS
+
+    rows = list(csv.DictReader(open(IM2GPS / "locations.csv", encoding="utf-8")))
+    by_author = defaultdict(list)
+    for r in rows:
+        by_author[r["author"]].append(r)
+    cases = []
+    for author in sorted(by_author):
+        photos = by_author[author]
+        if len(photos) < 2 or len(cases) >= groups:
+            continue
+        first = torch.tensor([[float(photos[0]["lat"]), float(photos[0]["lon"])]])
+        near = [
+            p for p in photos
+            if float(haversine_km(first, torch.tensor([[float(p["lat"]), float(p["lon"])]])))
+            <= group_km
+        ][:4]  # fmt: skip
+        # one place, but not one photo: distinct files (an author's burst shares coordinates)
+        if len(near) >= 2:
+            cases.append({"kind": "one place", "photos": near})
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    far = 0
+    for i, j in zip(order[::2], order[1::2]):
+        a, b = rows[i], rows[j]
+        ya = torch.tensor([[float(a["lat"]), float(a["lon"])]])
+        yb = torch.tensor([[float(b["lat"]), float(b["lon"])]])
+        if a["author"] != b["author"] and float(haversine_km(ya, yb)) >= far_km:
+            cases.append({"kind": "different places", "photos": [a, b]})
+            far += 1
+        if far >= pairs:
+            break
+    return cases
+
+
+THRESHOLDS = (-math.inf, -6.0, math.log(1 / 20), -2.0, -1.0, 0.0)
+
+
+def real_photos(groups: int, pairs: int, group_km: float, far_km: float, samples: int):
+    """Rows per case and the threshold table (module doc, part 3)."""
+    from _common import IM2GPS
+    from PIL import Image
+
+    from globeflow.apps.pipeline import Locator
+
+    locator = Locator.from_pretrained()
+    meta = locator.model.metadata
+    rows = []
+    for case in real_cases(groups, pairs, group_km, far_km):
+        photos = case["photos"]
+        images = [Image.open(IM2GPS / "images" / p["image"]).convert("RGB") for p in photos]
+        emb = locator.encoder.embed(images)
+        truth = torch.tensor([[float(p["lat"]), float(p["lon"])] for p in photos])
+        singles = locator.locate_embeddings(emb, num_samples=samples)
+        single_km = [
+            float(haversine_km(torch.tensor([[r["best_guess"]["lat"], r["best_guess"]["lon"]]]),
+                               truth[i : i + 1]))
+            for i, r in enumerate(singles)
+        ]  # fmt: skip
+        row = {
+            "kind": case["kind"],
+            "photos": len(photos),
+            "best single km": min(single_km),
+            "median single km": sorted(single_km)[len(single_km) // 2],
+        }
+        for label, guidance in (("tempered", meta.get("recommended_guidance")), ("exact", None)):
+            saved = dict(meta)
+            meta.pop("recommended_guidance", None)
+            if guidance is not None:
+                meta["recommended_guidance"] = guidance
+            try:
+                start = time.perf_counter()
+                fused = locator.locate_together(emb, num_samples=samples)
+                seconds = time.perf_counter() - start
+            finally:
+                meta.clear()
+                meta.update(saved)
+            bf = fused["fusion"]["log_bayes_factor_same_place"]
+            row[f"{label} log BF"] = bf
+            row[f"{label} s"] = seconds
+            row[f"{label} ESS"] = fused["effective_sample_size"]
+            if "best_guess" in fused:  # an answer is drawn unless the ESS is too low
+                guess = torch.tensor([[fused["best_guess"]["lat"], fused["best_guess"]["lon"]]])
+                errors = haversine_km(guess, truth)
+                row[f"{label} km"] = float(errors.median())
+                row[f"{label} <= median single"] = bool(
+                    row[f"{label} km"] <= row["median single km"]
+                )
+            else:
+                row[f"{label} km"] = None
+        rows.append(row)
+    table = []
+    for label in ("tempered", "exact"):
+        for t in THRESHOLDS:
+            same = [r for r in rows if r["kind"] == "one place"]
+            far = [r for r in rows if r["kind"] == "different places"]
+            table.append(
+                {
+                    "product": label,
+                    "refuse below log BF": t,
+                    "false refusals": sum(r[f"{label} log BF"] < t for r in same),
+                    "groups": len(same),
+                    "false fusions": sum(r[f"{label} log BF"] >= t for r in far),
+                    "far pairs": len(far),
+                }
+            )
+    summary = []
+    for label in ("tempered", "exact"):
+        same = [r for r in rows if r["kind"] == "one place" and r[f"{label} km"] is not None]
+        if not same:
+            continue
+        summary.append(
+            {
+                "product": label,
+                "groups": len(same),
+                "median fused km": sorted(r[f"{label} km"] for r in same)[len(same) // 2],
+                "median single km": sorted(r["median single km"] for r in same)[len(same) // 2],
+                "fused <= median single": sum(r[f"{label} <= median single"] for r in same),
+                "median seconds": sorted(r[f"{label} s"] for r in same)[len(same) // 2],
+            }
+        )
+    print("\nReal photos, bundled model: fused (median error over the group's photos) vs single")
+    print_table(summary, list(summary[0]) if summary else [])
+    print("\nRefusal thresholds: false refusals (one place) vs false fusions (far-apart pairs)")
+    print_table(table, list(table[0]))
+    return rows, summary, table
+
+
 def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
     """Summary rows and per-case rows of both testbeds: all four cues, and without the city one
     (where the fused answer is much sharper than any single photo)."""
@@ -169,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--photos", default="2,5,20", help="numbers of photos to time")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=8, help="real one-place groups (0: none)")
+    ap.add_argument("--pairs", type=int, default=8, help="real far-apart pairs")
+    ap.add_argument("--group-km", type=float, default=5.0)
+    ap.add_argument("--far-km", type=float, default=3000.0)
+    ap.add_argument("--real-samples", type=int, default=256)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -183,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         "median ESS": sorted(c["ESS"] for c in cases)[len(cases) // 2],
     }
     print(f"\n{calibration}")
+    real = {}
+    if args.groups or args.pairs:
+        from _common import IM2GPS
+
+        if not (IM2GPS / "locations.csv").is_file():
+            print(f"\n{IM2GPS} is absent: skipping the real photos")
+        else:
+            rows, real_summary, thresholds = real_photos(
+                args.groups, args.pairs, args.group_km, args.far_km, args.real_samples
+            )
+            real = {"cases": rows, "summary": real_summary, "thresholds": thresholds}
     counts = [int(v) for v in args.photos.split(",") if v]
     speed = timing(counts, args.samples) if counts else []
     if speed:
@@ -208,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": calibration,
             "cases": cases,
             "timing": speed,
+            "real_photos": real,
         },
         args.out,
     )

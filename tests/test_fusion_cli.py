@@ -62,3 +62,51 @@ def test_within_with_no_mass_inside_says_so(tmp_path, tiny_model_dir):  # noqa: 
     assert result.exit_code == 1
     assert "the model puts no mass inside 10,10,10.001,10.001" in result.output
     assert "every photo's answer was refused" in result.output
+
+
+def test_same_place_embeds_each_photo_once_and_says_when_photos_look_apart(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+    monkeypatch,
+):
+    """The fused answer reuses the embeddings of the photos' own answers, and a fused answer
+    whose Bayes factor is below 1 says "the photos look like different places" in the table."""
+    from globeflow.apps.pipeline import Locator
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a.jpg", (200, 30, 30)), ("b.jpg", (30, 40, 190))):
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    embedded: list[int] = []
+    real_from_pretrained = Locator.from_pretrained.__func__
+    real_together = Locator.locate_together
+
+    def from_pretrained(cls, *args, **kwargs):
+        locator = real_from_pretrained(cls, *args, **kwargs)
+        embed = locator.encoder.embed
+
+        def counting(images):
+            embedded.append(len(images))
+            return embed(images)
+
+        locator.encoder.embed = counting
+        return locator
+
+    def together(self, *args, **kwargs):
+        result = real_together(self, *args, **kwargs)
+        result["fusion"]["different_places"] = True  # as a far-apart pair reports it
+        result["warning"] = "the photos look like different places (test)"
+        return result
+
+    monkeypatch.setattr(Locator, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(Locator, "locate_together", together)
+    args = ["predict", str(photos), "--model", str(tiny_model_dir), "--num-samples", "32"]
+    args += ["--steps", "2", "--localizability-samples", "0", "--no-progress", "--same-place"]
+    args += ["--fusion-proposals", "128", "--json", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert sum(embedded) == 2, embedded  # two photos, each embedded once
+    table = result.output.split("OpenStreetMap")[0]
+    assert "the photos look like different places" in " ".join(table.split())
+    fused = json.loads((tmp_path / "r.json").read_text())["results"][-1]
+    assert fused["fusion"]["different_places"] is True

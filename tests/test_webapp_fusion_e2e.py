@@ -42,6 +42,13 @@ class FusingFakeLocator(FakeLocator):
         result = self._one(label, num_samples or 512, 0.0, None, None, True)
         result.update(photos=names, effective_sample_size=321.0, disagreement=None)
         result["fusion"] = {"log_bayes_factor_same_place": 2.3, "proposals": 2048}
+        if any(name.startswith("far") for name in names):  # a Bayes factor below 1, answered
+            result["fusion"].update(log_bayes_factor_same_place=-1.2, different_places=True)
+            result["warning"] = (
+                "the photos look like different places (one place 3.32 times less likely than "
+                "unrelated places; least consistent: far.jpg); the fused answer assumes they "
+                "show one place"
+            )
         if within is not None:
             result["mass_inside"] = _mass(within)
         return result
@@ -107,6 +114,14 @@ def test_same_place_switch_and_region_filter(browser, tmp_path) -> None:  # noqa
         assert "disagree" in text and "sydney.jpg" in text
         assert page.locator("[data-testid=fused-card] .card-body").is_hidden()
         assert locator.regions[-1] == "together: None"
+
+        page.click("#clear")
+        apart = [str(_photo(tmp_path / name)) for name in ("paris.jpg", "far.jpg")]
+        page.set_input_files("[data-testid=file-input]", apart)
+        warning = page.locator("[data-testid=fused-card] [data-testid=fused-warning]")
+        warning.wait_for(state="visible", timeout=20_000)
+        assert "look like different places" in warning.inner_text()
+        assert page.locator("[data-testid=fused-card] [data-testid=best-guess]").is_visible()
         assert not errors, errors
         page.close()
     finally:

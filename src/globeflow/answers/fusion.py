@@ -1,16 +1,27 @@
-"""Exact answers for several photos of one place, and under a region the user already knows.
+"""Answers for several photos of one place, and under a region the user already knows.
 
-The model side of :mod:`globeflow.core.fusion`: draws proposals from a :class:`GeoModel`,
-evaluates the exact log-densities (every photo's and the null condition's, the all-zeros
-embedding of classifier-free guidance, in one batched call per round), and turns the weighted
-points into equally weighted samples with their diagnostics. Both features describe the model's
-density (guidance 0): Bayes' rule holds for densities, not for guided samplers.
+The model side of :mod:`globeflow.core.fusion`. A fused answer is a function of the *set* of
+photos: duplicates (equal embeddings) count once, the photos are put in the order of their
+content ids, and every random draw comes from streams seeded by those ids, so any order of the
+same photos gives the same answer bit for bit.
+
+Which product: a model whose own recommended guidance w is negative says its conditional is
+over-confident, and gets p(y) prod_i [p(y | c_i) / p(y)]^(1 + w) (one photo alone: the density
+its guidance aims at); any other model (no recommendation, or w >= 0, e.g. the closed-form
+oracles of the tests) gets the exact product, e = 1. Measured on real photos in
+benchmarks/fusion.py and docs/fusion.md.
+
+Each photo's own samples, and the null condition's, come from one path pass (samples with
+their log-densities); they seed the proposal kernels, probe each density's stiff end, and give
+the null-condition check: the unconditional density must be no more localized than the photos'
+own answers (a null condition that training never fitted is an arbitrary density).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,30 +32,64 @@ from globeflow.core.fusion import (
     effective_sample_size,
     importance_sample,
     leave_one_out_log_odds,
+    log_bayes_factor,
     log_normaliser,
     mass_inside,
+    member_log_normalisers,
+    normaliser_check,
     systematic_resample,
     weighted_mean,
 )
-from globeflow.core.likelihood import LOCALIZABILITY_SOLVER
+from globeflow.core.likelihood import (
+    LOCALIZABILITY_SOLVER,
+    STIFF_LOG_STEP,
+    by_width,
+    log_prob_ode,
+    pilot_width,
+    quantized_width,
+    stiff_width,
+)
+from globeflow.core.random_streams import photo_generators, photo_seed
 from globeflow.core.solvers import SOLVERS, SPHERE
-from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
+from globeflow.core.sphere import unit_to_latlon
 
-PROPOSALS_PER_ROUND = 1024
-"""Proposal points per round (shared out among the photos); each costs n + 1 density
-evaluations."""
+PROPOSALS_PER_ROUND = 512
+"""Proposal points per round at most (shared out among the photos)."""
+DENSITY_BUDGET = 4096
+"""Density evaluations (points x (photos + 1)) per round by default: the proposals per round are
+this over n + 1, between 128 and :data:`PROPOSALS_PER_ROUND` (each point costs n + 1 likelihood
+solves; on the bundled model one costs ~2.5 ms on one core, so a round ~10 s)."""
+TARGET_ESS = 128
+"""Rounds stop once the effective sample size reaches this (or the samples asked for)."""
+ROWS_PER_CHUNK = 2048
+"""Rows (points x densities) per likelihood solve: larger solves leave the CPU caches."""
+MIN_PROPOSALS = 128
 MAX_ROUNDS = 4
 """Rounds of fusion proposals at most."""
 REJECTION_BUDGET = 32
 """A region's rejection sampling draws at most this many times the samples asked for."""
 LIKELIHOOD_STEPS = 24
-"""Steps of the likelihood ODE for the fusion densities (and the least steps of its proposals).
-On the bundled model, against 128 steps, the error of a two-photo log-weight has a standard
-deviation of 0.06 nats at 24 steps (0.05 at 48, 0.21 at 16), at half the cost of 48."""
+"""Bulk steps of the likelihood ODE for the fusion densities. On the bundled model, against 128
+steps, the error of a two-photo log-weight has a standard deviation of 0.06 nats at 24 steps
+(0.05 at 48, 0.21 at 16), at half the cost of 48."""
+FUSION_LOG_STEP = STIFF_LOG_STEP
+"""Steps in log(1 - gamma) at the stiff end of the fusion densities (the sampler's, 0.35, not
+the likelihood's 0.15): bounds the stiff steps at about a third (+0.04..+0.14 nats on 1-km
+patterns, shared by every photo's density at a point, so much of it cancels in the weights)."""
+OWN_SAMPLES = 48
+"""Samples of each photo's (and the null's) own posterior: the proposal kernels' centres."""
 MIN_ESS = 30.0
 """Below this effective sample size a fused answer is refused as unreliable."""
-DISAGREEMENT_LOG_BAYES_FACTOR = math.log(1 / 20)
-"""Photos whose "same place" Bayes factor falls below 1/20 are reported as disagreeing."""
+REFUSAL_LOG_BAYES_FACTOR = math.log(1 / 20)
+"""A fused answer is given only above this same-place log Bayes factor: on the bundled model
+and real photos (benchmarks/fusion.py, docs/fusion.md) it refused none of the groups of one
+photographer within a few km and let through the fewest far-apart pairs of the thresholds
+tried. Below 0 (but above it) the answer is given and says the photos look like different
+places."""
+DISAGREEMENT_LOG_BAYES_FACTOR = REFUSAL_LOG_BAYES_FACTOR
+NULL_MARGIN_BITS = 1.0
+"""The null condition may be at most this much more localized than the sharpest photo."""
+NULL_ID = "globeflow:null-condition"
 
 
 @dataclass
@@ -52,7 +97,7 @@ class PosteriorDraw:
     """Equally weighted samples of a fused and/or truncated posterior and what was learnt."""
 
     samples: torch.Tensor
-    """(N, 2) degrees; empty when nothing could be drawn."""
+    """(N, 2) degrees on the CPU; empty when nothing could be drawn."""
     localizability_bits: float
     localizability_stderr_bits: float
     effective_sample_size: float
@@ -62,11 +107,43 @@ class PosteriorDraw:
     log_bayes_factor: float | None = None
     log_bayes_factor_stderr: float | None = None
     agreement_log_odds: list[float] | None = None
+    normaliser_log: list[float] | None = None
+    normaliser_stderr: list[float] | None = None
+    exponent: float = 1.0
+
+
+@dataclass(frozen=True)
+class Product:
+    """Which product a fused answer takes: ``exponent`` e of each likelihood ratio, ``name``
+    ("exact" or "tempered") and why, in words."""
+
+    exponent: float
+    name: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"product": self.name, "exponent": self.exponent, "why": self.reason}
+
+
+def fusion_product(model) -> Product:
+    """The product for ``model`` (module doc): tempered by 1 + w when its metadata recommends a
+    guidance w < 0, exact otherwise."""
+    meta = getattr(model, "metadata", None) or {}
+    w = meta.get("recommended_guidance")
+    if w is not None and -1.0 < float(w) < 0.0:
+        return Product(
+            1.0 + float(w), "tempered",
+            f"the model recommends guidance {float(w):g}: its conditional is over-confident, so "
+            f"each photo's likelihood ratio p(y|c)/p(y) is raised to 1 + w = {1 + float(w):g}",
+        )  # fmt: skip
+    return Product(1.0, "exact", "the model states no over-confidence: Bayes' rule, exponent 1")
 
 
 def check_fusable(model) -> None:
     """ValueError unless the model's densities are per steradian on S^2 and its null condition
-    was trained (condition dropout above 0): what p(y | c1..cn) needs."""
+    may have been trained: what p(y | c1..cn) needs. (A config that says no condition dropout is
+    refused here; every model's null density is also checked against its photos', see
+    :func:`null_check`.)"""
     if getattr(model, "density_space", "sphere") != "sphere":
         raise ValueError(
             f"a {model.family} model's density lives in R^3, not on the sphere; fusing photos "
@@ -79,8 +156,125 @@ def check_fusable(model) -> None:
         )
 
 
-def _unguided_latlon(model, emb, k, steps, generator, solver, precision) -> torch.Tensor:
-    return model.sample(emb, k, steps, 0.0, generator=generator, solver=solver, precision=precision)
+@dataclass
+class PhotoSet:
+    """The distinct photos of a group: embeddings (n, D) in the order of their ids, the ids,
+    and for every input photo the index of its distinct photo."""
+
+    emb: torch.Tensor
+    ids: list[str]
+    index: list[int] = field(default_factory=list)
+
+    @property
+    def seed_key(self) -> str:
+        return "fusion:" + "\0".join(self.ids)
+
+
+def photo_set(emb: torch.Tensor, ids: Sequence[str]) -> PhotoSet:
+    """The distinct photos of embeddings (B, D) with content ids ``ids``, sorted by id."""
+    distinct = sorted(set(ids))
+    where = {i: k for k, i in enumerate(distinct)}
+    first = {i: j for j, i in reversed(list(enumerate(ids)))}
+    rows = torch.tensor([first[i] for i in distinct], device=emb.device)
+    return PhotoSet(emb[rows], distinct, [where[i] for i in ids])
+
+
+@dataclass
+class OwnSamples:
+    """Each photo's own samples and the null's: points (n + 1, K, 3), log-densities (n + 1, K)
+    (the null last), and each density's stiff-end width (None: not a denoising model)."""
+
+    points: torch.Tensor
+    log_p: torch.Tensor
+    widths: list[float] | None
+
+    def bits(self) -> torch.Tensor:
+        """Localizability (n + 1,) in bits: E log2 p under each density."""
+        return self.log_p.double().mean(-1) / math.log(2.0)
+
+
+def own_samples(
+    model, conditions: torch.Tensor, ids: Sequence[str], seed: int, steps: int, k: int = OWN_SAMPLES
+) -> OwnSamples:
+    """Unguided samples of each condition (C, D), each from its own stream (``seed``, its id),
+    with their log-densities from one path pass (:func:`globeflow.core.likelihood.
+    sample_with_log_density` on S^2, the generic sample-then-density otherwise)."""
+    generators = photo_generators(seed, ids, model.device)
+    if getattr(model, "geometry", None) is SPHERE and hasattr(model, "initial_noise"):
+        from globeflow.core.random_streams import stream_noise
+
+        noise, padded = stream_noise(model, generators, k, conditions)
+        widths = [
+            quantized_width(pilot_width(model, conditions[i : i + 1], steps, FUSION_LOG_STEP))
+            for i in range(conditions.shape[0])
+        ]
+
+        def solve(rows: list[int], width: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return model.sample_with_log_density(
+                conditions[rows], padded, steps, None, method="path",
+                solver=LOCALIZABILITY_SOLVER, noise=noise[rows], stiff=width,
+            )  # fmt: skip
+
+        x, log_p = by_width(widths, solve)
+        return OwnSamples(x[:, :k], log_p[:, :k], widths)
+    parts = [
+        model.sample_with_log_density(conditions[i : i + 1], k, steps, g)
+        for i, g in enumerate(generators)
+    ]
+    return OwnSamples(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None)
+
+
+def null_check(own: OwnSamples) -> dict:
+    """Is the null condition a plausible prior? Its localizability against the photos': the
+    marginal of the training places is no sharper than the answers for its photos on average
+    (H(Y) >= H(Y | C)), so a null more than :data:`NULL_MARGIN_BITS` sharper than every photo
+    was not fitted to the prior. ``{"null_bits", "sharpest_photo_bits", "ok"}``."""
+    bits = own.bits()
+    null_bits, photo_bits = float(bits[-1]), float(bits[:-1].max())
+    return {
+        "null_bits": null_bits,
+        "sharpest_photo_bits": photo_bits,
+        "ok": bool(null_bits <= photo_bits + NULL_MARGIN_BITS),
+    }
+
+
+def fusion_densities(model, conditions: torch.Tensor, steps: int, own: OwnSamples):
+    """points (M, 3) -> (log p(y | c_i) (n, M), log p(y) (M,)) for conditions (n + 1, D), the
+    null last: one batched likelihood solve per stiff-end width on S^2, each density's width
+    probed at its own samples and its stiff steps bounded (:data:`FUSION_LOG_STEP`)."""
+    widths = None
+    if own.widths is not None:
+        widths = [
+            quantized_width(stiff_width(model, conditions[i : i + 1], own.points[i : i + 1],
+                                        steps, FUSION_LOG_STEP))
+            for i in range(conditions.shape[0])
+        ]  # fmt: skip
+
+    def densities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x.to(conditions.dtype)
+        with torch.no_grad():
+            if widths is None:
+                log_p = model.log_prob_unit(y[None].expand(conditions.shape[0], -1, -1),
+                                            conditions, steps=steps)  # fmt: skip
+            else:
+                log_p = by_width(
+                    widths,
+                    lambda rows, w: log_prob_ode(
+                        model, y[None].expand(len(rows), -1, -1), conditions[rows], steps,
+                        chunk_size=ROWS_PER_CHUNK, stiff=w, log_step=FUSION_LOG_STEP,
+                    ),
+                )  # fmt: skip
+        return log_p[:-1], log_p[-1]
+
+    return densities
+
+
+def proposals_per_round(n: int, asked: int | None) -> int:
+    """Proposal points per round for n photos: ``asked``, or :data:`DENSITY_BUDGET` / (n + 1)
+    within [:data:`MIN_PROPOSALS`, :data:`PROPOSALS_PER_ROUND`]."""
+    if asked is not None:
+        return asked
+    return int(min(PROPOSALS_PER_ROUND, max(MIN_PROPOSALS, DENSITY_BUDGET // (n + 1))))
 
 
 def fused_sample(
@@ -88,46 +282,40 @@ def fused_sample(
     emb: torch.Tensor,
     steps: int,
     generator: torch.Generator,
-    solver: str | None = None,
-    precision: str | None = None,
-    per_round: int = PROPOSALS_PER_ROUND,
-    target_ess: float = 256.0,
+    per_round: int | None = None,
+    target_ess: float = TARGET_ESS,
     max_rounds: int = MAX_ROUNDS,
     likelihood_steps: int = LIKELIHOOD_STEPS,
     region: Region | None = None,
+    exponent: float = 1.0,
+    own: OwnSamples | None = None,
+    seed: int = 0,
+    ids: Sequence[str] | None = None,
 ) -> WeightedSample:
-    """Weighted proposals for the fused posterior of photos emb (n, D), n >= 2, in rounds until
+    """Weighted proposals for the fused posterior of photos emb (n, D), in rounds until
     ``target_ess`` (counted inside ``region``) or ``max_rounds``.
 
-    Proposals come from the photos' unguided samplers (``solver``, ``precision``, None: the
-    default recipe's, :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`; at least
-    ``likelihood_steps`` steps: the weights take the sampler's distribution for the model's
-    density, which holds up to the discretisation of both); every point gets log p(y | c_i) for
-    each photo and log p(y) under the null condition from one ``model.log_prob`` call over
-    n + 1 rows.
+    ``own``: the photos' and the null's own samples (:func:`own_samples`; drawn here from
+    streams seeded by (``seed``, ``ids``) when not given). Proposals are drawn from kernels
+    around them (:func:`globeflow.core.fusion.importance_sample`), a density in closed form;
+    every point gets log p(y | c_i) for each photo and log p(y) under the null condition from
+    one batched likelihood solve over n + 1 rows.
     """
     check_fusable(model)
     emb = model.prepare_embeddings(emb)
-    n = emb.shape[0]
     conditions = torch.cat([emb, torch.zeros_like(emb[:1])])
-
-    steps = max(steps, likelihood_steps)
-
-    def draw(k: int) -> torch.Tensor:
-        return latlon_to_unit(_unguided_latlon(model, emb, k, steps, generator, solver, precision))
+    if own is None:
+        ids = list(ids) if ids is not None else [f"photo {i}" for i in range(emb.shape[0])]
+        own = own_samples(model, conditions, [*ids, NULL_ID], seed, max(steps, likelihood_steps))
+    densities = fusion_densities(model, conditions, likelihood_steps, own)
 
     def keep(x: torch.Tensor) -> torch.Tensor:
-        return region.contains(unit_to_latlon(x.double()))
+        return region.contains(unit_to_latlon(x.double())).to(x.device)
 
-    def densities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latlon = unit_to_latlon(x.to(emb.dtype))[None].expand(n + 1, -1, -1)
-        with torch.no_grad():
-            log_p = model.log_prob(latlon, conditions, steps=likelihood_steps)
-        return log_p[:n], log_p[n]
-
+    per_round = proposals_per_round(emb.shape[0], per_round)
     return importance_sample(
-        draw, densities, n, per_round, target_ess, max_rounds, generator=generator,
-        keep=keep if region is not None else None,
+        list(own.points.double()), densities, per_round, target_ess, max_rounds,
+        generator=generator, keep=keep if region is not None else None, exponent=exponent,
     )  # fmt: skip
 
 
@@ -152,6 +340,8 @@ def single_sample(
     batch = num_samples
     on_sphere = getattr(model, "geometry", None) is SPHERE
     path_steps = max(steps, LIKELIHOOD_STEPS)
+    # The photo's stiff-end width, probed once for every round (it does not change).
+    stiff = quantized_width(pilot_width(model, emb, path_steps)) if on_sphere else None
     while batch > 0:
         round_ += 1
         if on_sphere:
@@ -161,6 +351,7 @@ def single_sample(
             x, log_p = model.sample_with_log_density(
                 emb, batch, path_steps, generator, method="path",
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
+                stiff=stiff,
             )  # fmt: skip
         else:
             x, log_p = model.sample_with_log_density(emb, batch, steps, generator)
@@ -184,34 +375,40 @@ def draw_posterior(
     region: Region | None = None,
 ) -> PosteriorDraw:
     """Resample ``num_samples`` equally weighted points of the target of ``sample`` (fused if it
-    has several photos), truncated to ``region``; with its localizability, the mass inside the
-    region and, for several photos, the same-place Bayes factor and each photo's agreement."""
+    has a null density), truncated to ``region``; with its localizability, the mass inside the
+    region and, for a fused target, the same-place Bayes factor, each photo's agreement and the
+    normaliser check."""
     log_w = sample.log_weight
     latlon = unit_to_latlon(sample.points)
     mass = None
     if region is not None:
-        inside = region.contains(latlon)
+        inside = region.contains(latlon).to(log_w.device)
         mass = mass_inside(log_w, inside)
         log_w = log_w.masked_fill(~inside, -math.inf)
     fused = sample.null_log_p is not None
-    log_z, log_z_se = log_normaliser(sample.log_weight) if fused else (0.0, 0.0)
     draw = PosteriorDraw(
-        samples=torch.empty(0, 2, dtype=torch.float64),
+        samples=torch.empty(0, 2, dtype=torch.float64, device="cpu"),  # answers decode on the CPU
         localizability_bits=math.nan,
         localizability_stderr_bits=math.nan,
         effective_sample_size=effective_sample_size(log_w),
         proposals=sample.points.shape[0],
         rounds=sample.rounds,
         mass=mass,
+        exponent=sample.exponent,
     )
+    log_z, log_z_se = log_normaliser(sample.log_weight) if fused else (0.0, 0.0)
     if fused:
-        draw.log_bayes_factor, draw.log_bayes_factor_stderr = log_z, log_z_se
-        odds = leave_one_out_log_odds(sample.member_log_p, sample.null_log_p, sample.log_proposal)
-        draw.agreement_log_odds = odds.tolist()
+        args = (sample.member_log_p, sample.null_log_p, sample.log_proposal, sample.exponent)
+        member_z, _ = member_log_normalisers(*args)
+        draw.log_bayes_factor, draw.log_bayes_factor_stderr = log_bayes_factor(*args, member_z)
+        if sample.member_log_p.shape[0] > 1:
+            draw.agreement_log_odds = leave_one_out_log_odds(*args, member_z).tolist()
+        check, check_se = normaliser_check(*args[:3])
+        draw.normaliser_log, draw.normaliser_stderr = check.tolist(), check_se.tolist()
     if draw.effective_sample_size == 0.0:
         return draw
     idx = systematic_resample(log_w, num_samples, generator)
-    draw.samples = latlon[idx]
+    draw.samples = latlon[idx].cpu()
     # log p_answer = log target - log Z - log P(R) on R.
     mean, se = weighted_mean(log_w, sample.log_target)
     log_mass, rel_mass_se = 0.0, 0.0
@@ -222,40 +419,60 @@ def draw_posterior(
     return draw
 
 
+DIFFERENT_PLACES = "the photos look like different places"
+
+
+def _times(log_odds: float) -> str:
+    if not math.isfinite(log_odds):
+        return "infinitely many"
+    return f"{math.exp(log_odds):.3g}" if log_odds < 50 else f"10^{log_odds / math.log(10):.0f}"
+
+
 def disagreement(draw: PosteriorDraw, names: list[str]) -> dict | None:
-    """Why a fused answer would mislead, or None: the photos disagree (same-place Bayes factor
-    below 1/20), or their posteriors overlap too little for a reliable estimate (ESS < 30)."""
-    if draw.log_bayes_factor is None:
+    """What a fused answer must say about its photos, or None when they agree: ``message`` and
+    ``refused``. Below a same-place Bayes factor of 1 the photos look like different places
+    (said, the answer still given); below :data:`REFUSAL_LOG_BAYES_FACTOR`, or with an effective
+    sample size under :data:`MIN_ESS`, no fused answer is given."""
+    if draw.log_bayes_factor is None or draw.agreement_log_odds is None:
         return None
-    odds = draw.agreement_log_odds or []
+    odds = draw.agreement_log_odds
     worst = min(range(len(odds)), key=odds.__getitem__) if odds else None
     bf, bf_se = draw.log_bayes_factor, draw.log_bayes_factor_stderr or 0.0
     info = {
+        "different_places": bool(bf < 0),
+        "refused": False,
         "log_bayes_factor": bf if math.isfinite(bf) else None,
         "log_bayes_factor_stderr": bf_se if math.isfinite(bf_se) else None,
+        "refusal_log_bayes_factor": REFUSAL_LOG_BAYES_FACTOR,
         "effective_sample_size": draw.effective_sample_size,
         "least_consistent_photo": names[worst] if worst is not None else None,
     }
-    if draw.log_bayes_factor < DISAGREEMENT_LOG_BAYES_FACTOR:
-        odds_against = -draw.log_bayes_factor
-        factor = (
-            f"{math.exp(odds_against):.3g}"
-            if odds_against < 50
-            else f"10^{odds_against / math.log(10):.0f}"
-            if math.isfinite(odds_against)
-            else "infinitely many"
-        )
+    if bf < REFUSAL_LOG_BAYES_FACTOR:
+        info["refused"] = True
         info["message"] = (
-            f"the photos disagree: the model finds one place {factor} times less likely than "
-            f"unrelated places (least consistent: {info['least_consistent_photo']}); locate them "
-            "separately"
+            f"{DIFFERENT_PLACES}: the photos disagree: the model finds one place "
+            f"{_times(-bf)} times less likely than unrelated places (least consistent: "
+            f"{info['least_consistent_photo']}); locate them separately"
         )
         return info
     if draw.effective_sample_size < MIN_ESS:
+        info["refused"] = True
         info["message"] = (
             f"the photos' answers barely overlap (effective sample size "
             f"{draw.effective_sample_size:.1f} of {draw.proposals} proposals); no reliable "
             "fused answer"
         )
         return info
+    if bf < 0:
+        info["message"] = (
+            f"{DIFFERENT_PLACES} (one place {_times(-bf)} times less likely than unrelated "
+            f"places; least consistent: {info['least_consistent_photo']}); the fused answer "
+            "assumes they show one place"
+        )
+        return info
     return None
+
+
+def set_generator(photos: PhotoSet, seed: int, device) -> torch.Generator:
+    """The fused answer's own stream: seeded by (``seed``, the sorted ids of its photos)."""
+    return torch.Generator(device=device).manual_seed(photo_seed(seed, photos.seed_key))

@@ -4,9 +4,10 @@ Three kinds, parsed by :func:`parse_region` from what users type:
 
 - a bounding box ``"lat0,lon0,lat1,lon1"`` (degrees, south-west then north-east corner; a box
   with lon0 > lon1 crosses the antimeridian);
-- an ISO 3166-1 alpha-2 country code (``"FR"``): a point is inside when the offline reverse
-  geocoder (GeoNames places of >= 1,000 people) names that country as the nearest place's, so
-  borders are as sharp as the spacing of towns and coastal waters count as the country's;
+- an ISO 3166-1 alpha-2 country code (``"FR"``): a point is inside the country's bundled
+  Natural Earth polygons (``assets/basemap/countries.json``, even-odd rule over its rings, all
+  points at once); a country those polygons lack falls back to the offline reverse geocoder
+  (the nearest GeoNames place of >= 1,000 people is in that country);
 - a GeoJSON file or object (Polygon, MultiPolygon, Feature, FeatureCollection): even-odd rule,
   holes included, with straight edges in the lon/lat plane as RFC 7946 defines them, whatever
   their width: ``[-20, 0], [170, 0], ...`` spans 190 degrees of longitude eastwards from -20,
@@ -122,17 +123,41 @@ def bbox_region(lat0: float, lon0: float, lat1: float, lon1: float) -> Region:
 
 
 def country_region(code: str) -> Region:
-    """Points whose nearest GeoNames populated place lies in the country ``code`` (ISO alpha-2)."""
+    """Points inside the country ``code`` (ISO alpha-2): its bundled polygons, tested for all
+    points at once; for a country without polygons, points whose nearest GeoNames populated
+    place lies in it."""
+    from globeflow.answers.basemap import country_rings
+
     code = code.upper()
     name = country_name(code)
     if name == code:
         raise RegionError(f"{code}: not an ISO 3166-1 alpha-2 country code known to GeoNames")
+    rings = [torch.from_numpy(r).double() for r in country_rings(code)]
+    rings = [torch.cat([r, r[:1]]) if not torch.equal(r[0], r[-1]) else r for r in rings]
+    if rings:
+        boxes = [(r[:, 1].min(), r[:, 1].max(), r[:, 0].min(), r[:, 0].max()) for r in rings]
 
-    def contains(latlon: torch.Tensor) -> torch.Tensor:
+        def contains(latlon: torch.Tensor) -> torch.Tensor:
+            flat = latlon.reshape(-1, 2).double()
+            lat, lon = flat[:, 0], _wrap(flat[:, 1])
+            crossings = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+            for ring, (lat0, lat1, lon0, lon1) in zip(rings, boxes, strict=True):
+                # even-odd over all the country's rings; only points in a ring's box can be in it
+                near = (lat >= lat0) & (lat <= lat1) & (lon >= lon0) & (lon <= lon1)
+                if bool(near.any()):
+                    hits = _ray_crossings(lon[near], lat[near], ring.to(flat.device))
+                    crossings[near] += hits
+            return (crossings % 2 == 1).reshape(latlon.shape[:-1])
+
+        return Region("country", f"{name} ({code})", contains)
+
+    def geocoded(latlon: torch.Tensor) -> torch.Tensor:
         flat = latlon.reshape(-1, 2).double()
-        places = reverse_geocode(flat)
+        places = reverse_geocode(flat.cpu())
         inside = torch.tensor([p.country_code == code for p in places], dtype=torch.bool)
-        return inside.reshape(latlon.shape[:-1])
+        return inside.to(latlon.device).reshape(latlon.shape[:-1])
+
+    return Region("country", f"{name} ({code})", geocoded)
 
     return Region("country", f"{name} ({code})", contains)
 
@@ -146,9 +171,9 @@ def polygon_region(geojson: dict, source: str) -> Region:
 
     def contains(latlon: torch.Tensor) -> torch.Tensor:
         flat = latlon.reshape(-1, 2).double()
-        inside = torch.zeros(flat.shape[0], dtype=torch.bool)
+        inside = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
         for polygon in rings:
-            inside |= _inside_polygon(flat, polygon)
+            inside |= _inside_polygon(flat, [r.to(flat.device) for r in polygon])
         return inside.reshape(latlon.shape[:-1])
 
     count = len(polygons)
@@ -213,9 +238,9 @@ def _ring(ring: list, source: str) -> torch.Tensor:
 def _inside_polygon(latlon: torch.Tensor, rings: list[torch.Tensor]) -> torch.Tensor:
     """Even-odd rule over all rings of one polygon, for points (M, 2); each point is tried at
     lon and lon +- 360 to meet rings that continue beyond [-180, 180]."""
-    inside = torch.zeros(latlon.shape[0], dtype=torch.bool)
+    inside = torch.zeros(latlon.shape[0], dtype=torch.bool, device=latlon.device)
     for shift in (0.0, 360.0, -360.0):
-        crossings = torch.zeros(latlon.shape[0], dtype=torch.long)
+        crossings = torch.zeros(latlon.shape[0], dtype=torch.long, device=latlon.device)
         x, y = _wrap(latlon[:, 1]) + shift, latlon[:, 0]
         for ring in rings:
             crossings += _ray_crossings(x, y, ring)
@@ -225,7 +250,7 @@ def _inside_polygon(latlon: torch.Tensor, rings: list[torch.Tensor]) -> torch.Te
 
 def _ray_crossings(x: torch.Tensor, y: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
     """How many edges of ``ring`` (V, 2) a ray from each (x, y) towards +x crosses: (M,)."""
-    total = torch.zeros(x.shape[0], dtype=torch.long)
+    total = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     a, b = ring[:-1], ring[1:]
     for i in range(0, a.shape[0], _EDGE_CHUNK):
         ax, ay = a[i : i + _EDGE_CHUNK, 0], a[i : i + _EDGE_CHUNK, 1]

@@ -414,16 +414,22 @@ def _predict_rows(
     """A table row per located photo (the photos that could not be read are listed apart)."""
     rows = []
     for r, name in zip(results, labels, strict=True):
+        fusion = r.get("fusion") or {}
         if not r.get("ok"):
+            if fusion:  # a refused fused answer says why in the table too
+                rows.append([name, "-", f"no answer: {r.get('error')}", "-", "-", "-"])
             continue
         bg = r["best_guess"]
+        place = bg["label"]
+        if fusion.get("different_places"):
+            place += "\n(the photos look like different places)"
         top = r["regions"][0] if r["regions"] else None
         bits, area = r.get("localizability_vs_uniform_bits"), r.get("effective_area_km2")
         rows.append(
             [
                 name,
                 f"{bg['lat']:.5f}, {bg['lon']:.5f}",
-                bg["label"],
+                place,
                 _region_cell(top, fixed_radius),
                 f"{bits:.1f} ({_area_km2(area)})" if bits is not None else "-",
                 f"{r['error_km']:.0f}" if r.get("error_km") is not None else "-",
@@ -667,16 +673,19 @@ def _predict_in_memory(
     for folder, reason in unreadable:
         typer.echo(f"skipped {folder}: {reason}", err=True)
     labels = photo_labels(paths)
+    embedded: list = []  # each photo is embedded once, for its answer and the fused one
     try:
         results = locator.locate_paths(
-            paths, progress=progress, with_density=False, within=region, **settings
-        )
+            paths, progress=progress, with_density=False, within=region,
+            embeddings_out=embedded if same_place else None, **settings,
+        )  # fmt: skip
         if same_place:
             # fusion samples the model's own density (no guidance) with its own localizability
             fused = {k: v for k, v in settings.items() if k not in UNFUSED_SETTINGS}
             results, labels = _add_fused_answer(
-                locator, paths, results, labels, region, fusion_proposals, **fused
-            )
+                locator, paths, results, labels, dict(embedded), region, fusion_proposals,
+                **fused,
+            )  # fmt: skip
     except NonFiniteOutputError as exc:
         _fail(f"{locator.model_name}: {exc}", code=1)
     except ValueError as exc:  # a model that cannot fuse photos
@@ -713,15 +722,20 @@ def _parse_within(within: str | None, fusion_proposals: int | None):
         _fail(f"--within {exc}")
 
 
-def _add_fused_answer(locator, paths, results, labels, region, proposals, **settings):
-    """The per-photo results and labels followed by the photos' fused answer (--same-place)."""
-    readable = [(p, label) for p, r, label in zip(paths, results, labels) if r.get("ok")]
+def _add_fused_answer(locator, paths, results, labels, embedded, region, proposals, **settings):
+    """The per-photo results and labels followed by the photos' fused answer (--same-place),
+    from the embeddings their own answers used (``embedded``: path -> embedding)."""
+    import torch
+
+    readable = [
+        (str(p), label) for p, r, label in zip(paths, results, labels) if str(p) in embedded
+    ]
     if len(readable) < 2:
         typer.echo("--same-place: fewer than 2 readable photos, nothing to fuse", err=True)
         return results, labels
     fused = locator.locate_together(
-        [str(p) for p, _ in readable], names=[label for _, label in readable], within=region,
-        proposals_per_round=proposals, **settings,
+        torch.stack([embedded[p] for p, _ in readable]), names=[label for _, label in readable],
+        within=region, proposals_per_round=proposals, **settings,
     )  # fmt: skip
     return [*results, fused], [*labels, "same place"]
 
@@ -741,11 +755,16 @@ def _report_region_and_fusion(results: list[dict]) -> None:
                 f"the model's mass inside {mass['region']['description']}"
             )
         if "fusion" in r:
-            bf = r["fusion"]["log_bayes_factor_same_place"]
+            fusion = r["fusion"]
+            bf = fusion["log_bayes_factor_same_place"]
             typer.echo(
-                f"{r['image']}: effective sample size {r['effective_sample_size']:.0f}; log Bayes "
-                f"factor of one place against unrelated places {bf:.2f}"
+                f"{r['image']}: {fusion['product']} product (exponent {fusion['exponent']:g}); "
+                f"effective sample size {r['effective_sample_size']:.0f}; log Bayes factor of one "
+                f"place against unrelated places "
+                + (f"{bf:.2f}" if bf is not None else "- (one distinct photo)")
             )
+            if r.get("warning"):
+                typer.secho(f"{r['image']}: {r['warning']}", fg=typer.colors.YELLOW, err=True)
         if r.get("error") and "effective_sample_size" in r:
             typer.secho(f"{r['image']}: {r['error']}", fg=typer.colors.YELLOW, err=True)
 

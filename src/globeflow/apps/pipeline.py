@@ -211,61 +211,110 @@ class Locator:
         proposals_per_round: int | None = None,
     ) -> dict:
         """One answer for photos that all show the same place: p(y | c_1..c_n), proportional to
-        prod_i p(y | c_i) / p(y)^(n-1), by importance resampling (:mod:`globeflow.answers.fusion`).
+        p(y) prod_i [p(y | c_i) / p(y)]^e, by importance resampling
+        (:mod:`globeflow.answers.fusion`, which says which exponent e a model gets).
 
         ``photos``: embeddings (n, D), image paths, or [(name, PIL image)]; unreadable paths are
-        listed in ``skipped``. The result has the usual structure plus ``photos``,
-        ``effective_sample_size``, ``fusion`` (Bayes factor of one place against unrelated places,
-        each photo's agreement) and ``disagreement`` (None, or why no fused answer is given:
-        then ``ok`` is false and ``error`` says so). ``within``: as in :meth:`locate_embeddings`.
+        listed in ``skipped``. The answer depends on the set of photos only (not their order;
+        a photo given twice counts once). The result has the usual structure plus ``photos``,
+        ``effective_sample_size``, ``fusion`` (the product used, the Bayes factor of one place
+        against unrelated places, each photo's agreement, the normaliser and null-condition
+        checks) and ``disagreement`` (None, or what the answer must say: ``different_places``
+        below a Bayes factor of 1; ``refused`` below the refusal threshold, then ``ok`` is false
+        and ``error`` says why). ``within``: as in :meth:`locate_embeddings`.
         """
         from globeflow.answers.fusion import (
-            PROPOSALS_PER_ROUND,
+            LIKELIHOOD_STEPS,
+            NULL_ID,
+            TARGET_ESS,
+            check_fusable,
             disagreement,
             draw_posterior,
             fused_sample,
+            fusion_product,
+            null_check,
+            own_samples,
+            photo_set,
+            set_generator,
             single_sample,
+        )
+        from globeflow.answers.fusion import (
+            proposals_per_round as per_round_for,
         )
 
         emb, names, skipped = self._embed_together(photos, names)
+        check_fusable(self.model)
         recipe = self._recipe(None, solver, None, num_samples=num_samples, steps=steps,
                               precision=precision)  # fmt: skip
-        # Bayes' rule holds for the model's density: fused answers take no guidance.
+        product = fusion_product(self.model)
+        # Bayes' rule holds for the model's density: fused answers take no guidance (a tempered
+        # product plays its part, see answers/fusion.py).
         settings = {**self._settings(recipe, seed), "guidance": 0.0}
-        per_round = proposals_per_round or PROPOSALS_PER_ROUND
+        group = photo_set(emb.to(self.model.device), embedding_ids(emb))
+        n_distinct = len(group.ids)
+        per_round = per_round_for(n_distinct, proposals_per_round)
         settings.update(same_place=True, proposals_per_round=per_round)
         region = _as_region(within)
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        generator = set_generator(group, seed, self.model.device)
         n, steps = settings["num_samples"], settings["steps"]
         options = {"solver": settings["solver"], "precision": settings["precision"]}
+        checks: dict = {}
         with network_threads(_network_width(self.model)):
-            if emb.shape[0] == 1:
-                sample = single_sample(self.model, emb, n, steps, generator, region, **options)
+            if n_distinct == 1 and product.exponent == 1.0:
+                sample = single_sample(
+                    self.model, group.emb, n, steps, generator, region, **options
+                )
             else:
+                prepared = self.model.prepare_embeddings(group.emb)
+                conditions = torch.cat([prepared, torch.zeros_like(prepared[:1])])
+                likelihood_steps = max(steps, LIKELIHOOD_STEPS)
+                own = own_samples(self.model, conditions, [*group.ids, NULL_ID], seed,
+                                  likelihood_steps)  # fmt: skip
+                checks["null_condition"] = null_check(own)
                 sample = fused_sample(
-                    self.model, emb, steps, generator, per_round=per_round,
-                    target_ess=min(n, 256), region=region, **options,
+                    self.model, group.emb, steps, generator, per_round=per_round,
+                    target_ess=min(n, TARGET_ESS), region=region, exponent=product.exponent,
+                    own=own,
                 )  # fmt: skip
             draw = draw_posterior(sample, n, generator, region)
-        conflict = disagreement(draw, list(names))
+        conflict = disagreement(draw, [names[group.index.index(k)] for k in range(n_distinct)])
+        error = conflict["message"] if conflict and conflict["refused"] else None
+        null = checks.get("null_condition")
+        if null is not None and not null["ok"]:  # no prior: nothing else the answer says holds
+            error = (
+                f"the model's null condition is sharper ({null['null_bits']:.1f} bits) than any "
+                f"photo's answer ({null['sharpest_photo_bits']:.1f} bits): it is no prior over "
+                "places (was the model trained with condition dropout?), so photos cannot be "
+                "fused with it"
+            )
         result = self._posterior_result(
-            draw, settings, region, (top_k, region_radius_km, with_density),
-            conflict["message"] if conflict else None,
-        )  # fmt: skip
+            draw, settings, region, (top_k, region_radius_km, with_density), error
+        )
         odds = [_finite_or_none(v) for v in draw.agreement_log_odds or []]
         bf, bf_se = draw.log_bayes_factor, draw.log_bayes_factor_stderr
         fusion = {
+            **product.to_dict(),
             "proposals": draw.proposals,
             "rounds": draw.rounds,
+            "distinct_photos": n_distinct,
             "log_bayes_factor_same_place": None if bf is None else _finite_or_none(bf),
             "log_bayes_factor_stderr": None if bf_se is None else _finite_or_none(bf_se),
-            "agreement_log_odds": dict(zip(names, odds, strict=False)),
-        }
+            "different_places": bool(conflict and conflict["different_places"]),
+            "agreement_log_odds": {
+                name: odds[k] if k < len(odds) else None
+                for name, k in zip(names, group.index, strict=True)
+            },
+            "normaliser_check": _normaliser_check(draw, [names[group.index.index(k)]
+                                                         for k in range(n_distinct)]),
+            **checks,
+        }  # fmt: skip
         label = f"same place: {', '.join(names)}"
         result.setdefault("ok", True)
         result.setdefault("error", None)
         result.update(image=label, photos=list(names), skipped=skipped, fusion=fusion)
         result["disagreement"] = conflict
+        if conflict and not conflict["refused"]:
+            result["warning"] = conflict["message"]
         return result
 
     def _embed_together(self, photos, names) -> tuple[torch.Tensor, list[str], list[dict]]:
@@ -398,10 +447,14 @@ class Locator:
         **kwargs,
     ) -> list[dict]:
         """Answers for already-loaded images [(name, PIL image)], in order. Each image's random
-        stream is seeded by its name (or its id in ``photo_ids``)."""
+        stream is seeded by its name (or its id in ``photo_ids``). ``embeddings_out`` (a list):
+        gets (name, embedding (D,)) per image, for a caller that uses them again (fusion)."""
         if not images:
             return []
+        keep = kwargs.pop("embeddings_out", None)
         emb = self.encoder.embed([img for _, img in images])
+        if keep is not None:
+            keep.extend((name, row) for (name, _), row in zip(images, emb, strict=True))
         kwargs.setdefault("photo_ids", [name for name, _ in images])
         results = self.locate_embeddings(
             emb, num_samples, guidance, steps, with_density=with_density, **kwargs
@@ -537,6 +590,21 @@ def _as_region(within: object):
     from globeflow.answers.within import Region, parse_region
 
     return within if isinstance(within, Region) else parse_region(within)
+
+
+def _normaliser_check(draw, names: list[str]) -> dict | None:
+    """Each photo's density and the null's integrated over the fusion proposals (log, 0 when
+    the weights are right) with standard errors, and the largest deviation in standard errors."""
+    if draw.normaliser_log is None:
+        return None
+    keys = [*names, "null condition"]
+    logs, ses = draw.normaliser_log, draw.normaliser_stderr
+    z = [abs(v) / s if s and math.isfinite(s) and s > 0 else math.inf for v, s in zip(logs, ses)]
+    return {
+        "log_integral": dict(zip(keys, map(_finite_or_none, logs), strict=True)),
+        "stderr": dict(zip(keys, map(_finite_or_none, ses), strict=True)),
+        "worst_z": _finite_or_none(max(z)),
+    }
 
 
 def _finite_or_none(value: float) -> float | None:

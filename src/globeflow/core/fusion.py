@@ -1,18 +1,28 @@
-"""Several photos of one place, and constraints: exact posteriors by importance resampling.
+"""Several photos of one place, and constraints: posteriors by importance resampling.
 
 Same place, photos c_1..c_n seen independently given the location y:
 
-    p(y | c_1..c_n) = prod_i p(y | c_i) / p(y)^(n-1) / Z,
-    Z = p(c_1..c_n) / prod_i p(c_i),
+    p(y | c_1..c_n) = p(y) prod_i [p(y | c_i) / p(y)]^e / Z,
 
-where p(y) is the model's unconditional density (the null condition). Z is the Bayes factor of
-"one place" against "unrelated places" (each photo at its own location drawn from p(y)): much
-below 1 when the photos disagree. A constraint R truncates a posterior: p(y | c, y in R) =
+where p(y) is the model's unconditional density (the null condition). With e = 1 this is
+Bayes' rule for a calibrated model (the exact product); e < 1 tempers each photo's likelihood
+ratio, for a model whose own recommended guidance w < 0 says that its conditional is
+over-confident (e = 1 + w: one photo's tempered posterior is then the density that guidance w
+aims at, so fusing a photo with itself gives the photo's own answer). Z, over the product of
+the photos' own (tempered, normalised) posteriors Z_i, is the Bayes factor of "one place"
+against "unrelated places" (each photo at its own location drawn from p(y)): below 1 when the
+photos look like different places. A constraint R truncates a posterior: p(y | c, y in R) =
 p(y | c) 1[y in R] / P(R | c).
+
+Proposals come from a density known in closed form: a mixture of von Mises-Fisher kernels
+around each photo's own samples (and the null's), kernels fitted to the weighted points of
+earlier rounds, and the uniform. The weights are then exactly target / proposal for the
+densities the model reports; no sampler's discretisation enters them.
 
 Everything here is pure maths on tensors; the model-facing part is
 :mod:`globeflow.answers.fusion`. Log-densities are natural logs per steradian; weights are
-log-weights log target - log proposal of proposal points (M,).
+log-weights log target - log proposal of proposal points (M,). Every tensor is made on the
+device of the points it comes from.
 """
 
 from __future__ import annotations
@@ -27,13 +37,17 @@ from globeflow.core.families.baselines import KAPPA_MAX, sample_vmf, vmf_log_nor
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere
 
 
-def fused_log_density(member_log_p: torch.Tensor, null_log_p: torch.Tensor) -> torch.Tensor:
+def fused_log_density(
+    member_log_p: torch.Tensor, null_log_p: torch.Tensor, exponent: float = 1.0
+) -> torch.Tensor:
     """Unnormalised log p(y | c_1..c_n): member_log_p (n, M), null_log_p (M,) -> (M,).
 
-    sum_i log p(y | c_i) - (n - 1) log p(y); its integral over the sphere is Z (module doc).
+    log p(y) + e sum_i (log p(y | c_i) - log p(y)); e = 1 is the exact product
+    sum_i log p(y | c_i) - (n - 1) log p(y). Its integral over the sphere is Z (module doc).
     """
-    n = member_log_p.shape[0]
-    return member_log_p.sum(0) - (n - 1) * null_log_p
+    if exponent == 1.0:
+        return member_log_p.sum(0) - (member_log_p.shape[0] - 1) * null_log_p
+    return null_log_p + exponent * (member_log_p - null_log_p).sum(0)
 
 
 def normalised_weights(log_w: torch.Tensor) -> torch.Tensor:
@@ -118,27 +132,84 @@ def systematic_resample(
         raise ValueError("no proposal point has a positive weight")
     cdf = torch.cumsum(w, 0)
     cdf[-1] = 1.0
-    u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k)) / k
+    offset = torch.rand((), generator=generator, dtype=torch.float64, device=w.device)
+    u = (offset + torch.arange(k, device=w.device, dtype=torch.float64)) / k
     return torch.searchsorted(cdf, u).clamp_max(w.numel() - 1)
 
 
-def leave_one_out_log_odds(
+def member_log_normalisers(
+    member_log_p: torch.Tensor, null_log_p: torch.Tensor, log_proposal: torch.Tensor,
+    exponent: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """log Z_i of each photo's own (tempered) posterior p(y) [p(y | c_i) / p(y)]^e and its
+    standard error, both (n,), from the shared proposal points: exactly 0 (and 0) for e = 1,
+    where each is a normalised density."""
+    n = member_log_p.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float64, device=member_log_p.device)
+    if exponent == 1.0:
+        return zeros, zeros
+    parts = [
+        log_normaliser(fused_log_density(member_log_p[i : i + 1], null_log_p, exponent)
+                       - log_proposal)
+        for i in range(n)
+    ]  # fmt: skip
+    return (
+        torch.tensor([p[0] for p in parts], dtype=torch.float64, device=zeros.device),
+        torch.tensor([p[1] for p in parts], dtype=torch.float64, device=zeros.device),
+    )
+
+
+def normaliser_check(
     member_log_p: torch.Tensor, null_log_p: torch.Tensor, log_proposal: torch.Tensor
-) -> torch.Tensor:
-    """log Z(all) - log Z(all but photo i) for each photo: (n, M), (M,), (M,) -> (n,).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log of the estimated integral of each photo's density and of the null's, with standard
+    errors: ((n + 1,), (n + 1,)). Every one is a normalised density, so each is 0 up to its
+    standard error unless the proposal misses mass or the densities are wrong (for two photos
+    under the exact product these are the leave-one-out normalisers, known to be 1)."""
+    rows = torch.cat([member_log_p, null_log_p[None]])
+    parts = [log_normaliser(row - log_proposal) for row in rows]
+    device = rows.device
+    return (
+        torch.tensor([p[0] for p in parts], dtype=torch.float64, device=device),
+        torch.tensor([p[1] for p in parts], dtype=torch.float64, device=device),
+    )
+
+
+def log_bayes_factor(
+    member_log_p: torch.Tensor, null_log_p: torch.Tensor, log_proposal: torch.Tensor,
+    exponent: float = 1.0, member_log_z: torch.Tensor | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """log Z - sum_i log Z_i: the Bayes factor of "one place" against "unrelated places" (module
+    doc), with the standard error of log Z-hat. ``member_log_z`` (n,): the photos' own log Z_i
+    (default :func:`member_log_normalisers`)."""
+    if member_log_z is None:
+        member_log_z, _ = member_log_normalisers(member_log_p, null_log_p, log_proposal, exponent)
+    log_z, se = log_normaliser(fused_log_density(member_log_p, null_log_p, exponent) - log_proposal)
+    return log_z - float(member_log_z.sum()), se
+
+
+def leave_one_out_log_odds(
+    member_log_p: torch.Tensor, null_log_p: torch.Tensor, log_proposal: torch.Tensor,
+    exponent: float = 1.0, member_log_z: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """log BF(all) - log BF(all but photo i) for each photo: (n, M), (M,), (M,) -> (n,).
 
     The log Bayes factor that photo i shows the same place as the others (rather than an
     unrelated one): strongly negative for the photo that disagrees. Uses the shared proposal
     points (valid for every subset: its support covers each subset's product).
     """
     n = member_log_p.shape[0]
-    full, _ = log_normaliser(fused_log_density(member_log_p, null_log_p) - log_proposal)
+    if member_log_z is None:
+        member_log_z, _ = member_log_normalisers(member_log_p, null_log_p, log_proposal, exponent)
+    full, _ = log_bayes_factor(member_log_p, null_log_p, log_proposal, exponent, member_log_z)
     out = []
     for i in range(n):
-        rest = torch.cat([member_log_p[:i], member_log_p[i + 1 :]])
-        log_z_rest, _ = log_normaliser(fused_log_density(rest, null_log_p) - log_proposal)
-        out.append(full - log_z_rest)
-    return torch.tensor(out, dtype=torch.float64)
+        keep = [j for j in range(n) if j != i]
+        rest, _ = log_bayes_factor(
+            member_log_p[keep], null_log_p, log_proposal, exponent, member_log_z[keep]
+        )
+        out.append(full - rest)
+    return torch.tensor(out, dtype=torch.float64, device=member_log_p.device)
 
 
 @dataclass
@@ -146,8 +217,8 @@ class WeightedSample:
     """Proposal points and everything needed to reweight them.
 
     points (M, 3) unit vectors; member_log_p (n, M) log p(y | c_i); null_log_p (M,) log p(y)
-    (None for one photo); log_proposal (M,). The target is :func:`fused_log_density` (the member
-    itself for one photo).
+    (None for one photo's untempered posterior); log_proposal (M,); exponent e of the product.
+    The target is :func:`fused_log_density` (the member itself when ``null_log_p`` is None).
     """
 
     points: torch.Tensor
@@ -155,34 +226,73 @@ class WeightedSample:
     null_log_p: torch.Tensor | None
     log_proposal: torch.Tensor
     rounds: int = 1
+    exponent: float = 1.0
 
     @property
     def log_target(self) -> torch.Tensor:
         if self.null_log_p is None:
             return self.member_log_p[0]
-        return fused_log_density(self.member_log_p, self.null_log_p)
+        return fused_log_density(self.member_log_p, self.null_log_p, self.exponent)
 
     @property
     def log_weight(self) -> torch.Tensor:
         return self.log_target - self.log_proposal
 
 
-DrawMembers = Callable[[int], torch.Tensor]
-"""k -> (n, k, 3): k samples of each photo's posterior p(y | c_i)."""
 MemberDensities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """points (M, 3) -> (log p(y | c_i) (n, M), log p(y) (M,)), from one batched evaluation."""
 
 
 ADAPTIVE_SHARE = 0.8
 """From the second round on, this share of each round's proposals comes from a kernel density
-fitted to the weighted points so far (the rest from the photos' posteriors and the uniform)."""
+fitted to the weighted points so far (the rest from the photos' kernels and the uniform)."""
 KDE_CENTRES = 256
+NEIGHBOURS = 3
+"""A kernel around one of a photo's samples is as wide as the distance to its 3rd nearest
+neighbour among them (sample-point kernels adapt to multimodal answers, where one bandwidth
+from the overall spread would cover a continent)."""
+MIN_KERNEL_RAD = 1.0 / math.sqrt(KAPPA_MAX)
+"""Narrowest kernel, about 2 km."""
+DEFENSIVE = 0.05
+"""Share of every round's proposals drawn uniformly on the sphere (bounds the weights)."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A mixture of vMF kernels, equal weights: centres (K, 3) float64, kappas (K,) float64."""
+
+    centres: torch.Tensor
+    kappas: torch.Tensor
+
+    def log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """log density at x (M, 3) -> (M,)."""
+        log_k = vmf_log_normalizer(self.kappas) + self.kappas * (x.double() @ self.centres.T - 1)
+        return torch.logsumexp(log_k, -1) - math.log(self.centres.shape[0])
+
+    def sample(self, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        """k exact draws (k, 3) float64."""
+        device = self.centres.device
+        pick = torch.randint(self.centres.shape[0], (k,), generator=generator, device=device)
+        return sample_vmf(self.centres[pick], self.kappas[pick], generator)
+
+
+def sample_point_kernels(points: torch.Tensor) -> Kernels:
+    """Kernels around each of a photo's samples (K, 3): bandwidth h the distance to the
+    :data:`NEIGHBOURS`-th nearest other sample (kappa = 1 / h^2), h >= :data:`MIN_KERNEL_RAD`."""
+    x = points.double()
+    k = min(NEIGHBOURS, x.shape[0] - 1)
+    if k < 1:
+        return Kernels(x, torch.ones(x.shape[0], dtype=torch.float64, device=x.device))
+    angle = torch.arccos((x @ x.T).clamp(-1.0, 1.0))
+    angle.fill_diagonal_(math.inf)
+    h = angle.topk(k, dim=1, largest=False).values[:, -1].clamp_min(MIN_KERNEL_RAD)
+    return Kernels(x, (1.0 / h**2).clamp_max(KAPPA_MAX))
 
 
 def kde_fit(
     points: torch.Tensor, log_w: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, float]:
-    """A vMF kernel density fitted to weighted points (M, 3): (centres (K, 3), kappa).
+) -> Kernels:
+    """A vMF kernel density fitted to weighted points (M, 3).
 
     K = 256 centres resampled by weight; bandwidth by Scott's rule for 2-D data on the points'
     angular spread, h = spread ESS^(-1/6), kappa = 1 / h^2 (capped at 1e7, about 2 km).
@@ -192,101 +302,96 @@ def kde_fit(
     resultant = float((w[:, None] * points.double()).sum(0).norm())
     spread = math.sqrt(max(-2.0 * math.log(max(resultant, 1e-12)), 1e-12))
     bandwidth = spread * max(effective_sample_size(log_w), 1.0) ** (-1.0 / 6.0)
-    return centres, min(1.0 / bandwidth**2, KAPPA_MAX)
+    kappa = min(1.0 / bandwidth**2, KAPPA_MAX)
+    return Kernels(centres, torch.full((KDE_CENTRES,), kappa, dtype=torch.float64,
+                                       device=centres.device))  # fmt: skip
 
 
-def kde_log_density(x: torch.Tensor, centres: torch.Tensor, kappa: float) -> torch.Tensor:
-    """log of the mean of vMF(x; centre, kappa) over centres (K, 3), at x (M, 3) -> (M,)."""
-    kappa_t = torch.tensor(kappa, dtype=torch.float64)
-    log_kernel = vmf_log_normalizer(kappa_t) + kappa_t * (x.double() @ centres.T - 1.0)
-    return torch.logsumexp(log_kernel, -1) - math.log(centres.shape[0])
+@dataclass(frozen=True)
+class _Round:
+    """One round's proposal: how many points each component gave (photo kernels, fitted
+    kernels, uniform) and the fitted kernels."""
+
+    counts: tuple[int, int, int]
+    fitted: Kernels | None
+
+    def log_density(self, x: torch.Tensor, own: list[Kernels]) -> torch.Tensor:
+        total = sum(self.counts)
+        per_own = self.counts[0] / len(own)
+        terms = [k.log_density(x) + math.log(per_own / total) for k in own]
+        if self.counts[1]:
+            assert self.fitted is not None
+            terms.append(self.fitted.log_density(x) + math.log(self.counts[1] / total))
+        if self.counts[2]:
+            log_u = LOG_UNIFORM_DENSITY + math.log(self.counts[2] / total)
+            terms.append(torch.full_like(terms[0], log_u))
+        return torch.logsumexp(torch.stack(terms), 0)
 
 
-def proposal_log_density(
-    member_log_p: torch.Tensor,
-    x: torch.Tensor,
-    counts: tuple[int, int, int],
-    kde: tuple[torch.Tensor, float] | None,
-) -> torch.Tensor:
-    """log density of one round's proposal at its points x (M, 3): the mixture of the photos'
-    posteriors (member_log_p (n, M)), the kernel density and the uniform, weighted by how many
-    points each gave (``counts`` = members, kernel, uniform)."""
-    total = sum(counts)
-    n = member_log_p.shape[0]
-    terms = [torch.logsumexp(member_log_p, 0) - math.log(n) + math.log(counts[0] / total)]
-    if counts[1]:
-        assert kde is not None
-        terms.append(kde_log_density(x, *kde) + math.log(counts[1] / total))
-    if counts[2]:
-        terms.append(torch.full_like(terms[0], LOG_UNIFORM_DENSITY + math.log(counts[2] / total)))
-    return torch.logsumexp(torch.stack(terms), 0)
-
-
-def _all_rounds_log_density(
-    member_log_p: torch.Tensor, points: torch.Tensor, rounds: list
-) -> torch.Tensor:
+def _all_rounds_log_density(x: torch.Tensor, rounds: list[_Round], own: list[Kernels]):
     """log of the mixture of every round's proposal, each weighted by its share of the points
     (the deterministic-mixture weights of adaptive multiple importance sampling)."""
-    total = sum(sum(counts) for counts, _ in rounds)
-    parts = [
-        proposal_log_density(member_log_p, points, counts, kde) + math.log(sum(counts) / total)
-        for counts, kde in rounds
-    ]
+    total = sum(sum(r.counts) for r in rounds)
+    parts = [r.log_density(x, own) + math.log(sum(r.counts) / total) for r in rounds]
     return torch.logsumexp(torch.stack(parts), 0)
 
 
 def importance_sample(
-    draw: DrawMembers,
+    own_samples: list[torch.Tensor],
     densities: MemberDensities,
-    num_members: int,
     per_round: int,
     target_ess: float,
     max_rounds: int = 4,
-    defensive: float = 0.02,
+    defensive: float = DEFENSIVE,
     generator: torch.Generator | None = None,
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    exponent: float = 1.0,
 ) -> WeightedSample:
     """Proposal points for the fused posterior, drawn in rounds until the ESS reaches
     ``target_ess`` or ``max_rounds`` rounds are done. ``keep`` (points (M, 3) -> (M,) bool):
     the ESS counts only the points it keeps (a region's truncation).
 
-    The first round draws per_round / n points from every photo's posterior and a share
-    ``defensive`` uniformly on the sphere (deterministic-mixture sampling: counts in proportion
-    to the mixture's weights, weighted by the mixture's density, which keeps each round's Z-hat
-    unbiased). Later rounds draw 80% of their points from a kernel density fitted to the weighted
-    points so far (:func:`kde_fit`). Every point is weighted by the mixture of all rounds'
-    proposals (adaptive multiple importance sampling, Cornuet et al. 2012: consistent, and an
-    early point that landed where a later round's kernels concentrate no longer dominates).
-    Each point's member and null densities are evaluated once, in one batched call, and shared
-    by the target, the proposal densities and every leave-one-out normaliser.
+    ``own_samples``: each photo's samples (and the null's, or any others) (K_j, 3): the first
+    round draws equally from kernels around each set (:func:`sample_point_kernels`) and a share
+    ``defensive`` uniformly on the sphere; later rounds draw 80% of their points from kernels
+    fitted to the weighted points so far (:func:`kde_fit`). Every point is weighted by the
+    mixture of all rounds' proposals (adaptive multiple importance sampling, Cornuet et al.
+    2012), a density in closed form: the weights hold for the model's densities exactly, with no
+    sampler's discretisation in them. Each point's member and null densities are evaluated
+    once, in one batched call, and shared by the target and every diagnostic.
     """
+    own = [sample_point_kernels(s) for s in own_samples]
+    device = own[0].centres.device
     xs, members, nulls, kept, rounds = [], [], [], [], []
     uniform = max(1, round(defensive * per_round)) if defensive > 0 else 0
-    sample, kde = None, None
+    sample, fitted = None, None
     for round_ in range(1, max_rounds + 1):
-        from_kde = round(ADAPTIVE_SHARE * per_round) if kde is not None else 0
-        per_member = max(1, math.ceil((per_round - from_kde) / num_members))
-        x = draw(per_member).reshape(-1, 3).double()
-        if from_kde:
-            centres, kappa = kde
-            pick = torch.randint(centres.shape[0], (from_kde,), generator=generator)
-            x = torch.cat([x, sample_vmf(centres[pick], torch.full((from_kde,), kappa), generator)])
+        from_fit = round(ADAPTIVE_SHARE * per_round) if fitted is not None else 0
+        per_own = max(1, math.ceil((per_round - from_fit - uniform) / len(own)))
+        parts = [k.sample(per_own, generator) for k in own]
+        if from_fit:
+            parts.append(fitted.sample(from_fit, generator))
         if uniform:
-            u = sample_uniform_sphere((uniform,), generator=generator, dtype=torch.float64)
-            x = torch.cat([x, u.to(x.device)])
+            parts.append(sample_uniform_sphere((uniform,), generator, device, torch.float64))
+        x = torch.cat(parts)
         member, null = densities(x)
         xs.append(x)
         members.append(member.double())
         nulls.append(null.double())
-        kept.append(keep(x) if keep is not None else torch.ones(x.shape[0], dtype=torch.bool))
-        rounds.append(((per_member * num_members, from_kde, uniform), kde))
-        points, member_log_p = torch.cat(xs), torch.cat(members, 1)
-        log_q = _all_rounds_log_density(member_log_p, points, rounds)
-        sample = WeightedSample(points, member_log_p, torch.cat(nulls), log_q, round_)
+        inside = (
+            keep(x) if keep is not None else torch.ones(x.shape[0], dtype=torch.bool, device=device)
+        )
+        kept.append(inside.to(device))
+        rounds.append(_Round((per_own * len(own), from_fit, uniform), fitted))
+        points = torch.cat(xs)
+        log_q = _all_rounds_log_density(points, rounds, own)
+        sample = WeightedSample(
+            points, torch.cat(members, 1), torch.cat(nulls), log_q, round_, exponent
+        )
         log_w = sample.log_weight.masked_fill(~torch.cat(kept), -math.inf)
         if effective_sample_size(log_w) >= target_ess or round_ == max_rounds:
             break
         if effective_sample_size(log_w) > 0:
-            kde = kde_fit(sample.points, log_w, generator)
+            fitted = kde_fit(sample.points, log_w, generator)
     assert sample is not None
     return sample

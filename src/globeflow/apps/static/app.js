@@ -437,6 +437,20 @@
       return;
     }
     await showResult(item, data.result);
+    const fusion = data.result.fusion || {};
+    if (fusion.different_places || data.result.warning) {
+      // Said prominently, above the answer: a Bayes factor below 1 favours different places.
+      const warn = document.createElement("p");
+      warn.className = "warning";
+      warn.setAttribute("data-testid", "fused-warning");
+      warn.setAttribute("role", "alert");
+      warn.textContent = data.result.warning || "The photos look like different places.";
+      const body = $(".card-body", node) || node;
+      body.prepend(warn);
+    }
+    if (fusion.product) {
+      $(".settings", node).textContent += ` · ${fusion.product} product (exponent ${fusion.exponent})`;
+    }
   }
 
   function dropFused() {
