@@ -37,6 +37,8 @@ _PUBLIC = {
     "SamplerSettings": "globeflow.core.sampler_settings",
     "DEFAULT_SAMPLER": "globeflow.core.sampler_settings",
     "AUTHORS_SAMPLER": "globeflow.core.sampler_settings",
+    "DEFAULT_GUIDANCE": "globeflow.core.sampler_settings",
+    "recommended_guidance": "globeflow.core.sampler_settings",
     "Locator": "globeflow.apps.pipeline",
     "PlonkPipeline": "globeflow.apps.plonk_compat",
     "PLONKPipeline": "globeflow.apps.plonk_compat",

@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
+from globeflow.answers.draw import draw_answers
 from globeflow.answers.geocode import region_label
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
-from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
+from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.sampler_settings import (
     DEFAULT_SAMPLER,
     SamplerSettings,
@@ -30,8 +31,7 @@ from globeflow.core.sampler_settings import (
     resolve,
     solver_for,
 )
-from globeflow.core.solvers import SOLVERS, SPHERE
-from globeflow.core.sphere import haversine_km, unit_to_latlon
+from globeflow.core.sphere import haversine_km
 
 DEFAULT_MODEL_DIR = "default_model"
 ROWS_PER_SOLVE = 2048
@@ -432,64 +432,9 @@ class Locator:
         self, emb: torch.Tensor, recipe: SamplerSettings, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
-        each photo's drawn from its own generator (``generators``, B of them), with a resolved
-        ``recipe`` (:func:`~globeflow.core.sampler_settings.resolve`).
-
-        Without guidance the answer samples follow the model's density, so one pass with
-        log-densities gives both; otherwise localizability takes its own unguided samples.
-        """
-        model = self.model
-        emb = model.prepare_embeddings(emb)
-        if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
-            parts = [
-                self._draw_from(emb[i : i + 1], recipe, g, lambda count: (None, count))
-                for i, g in enumerate(generators)
-            ]
-            return tuple(torch.cat(part) for part in zip(*parts, strict=True))
-
-        def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
-            return stream_noise(model, generators, count, emb)
-
-        return self._draw_from(emb, recipe, None, noise)
-
-    def _draw_from(
-        self, emb: torch.Tensor, recipe: SamplerSettings, generator, noise
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_draw` from ``generator`` or, where ``noise(count)`` gives initial states (and
-        their padded count), from those: the answer's first, then the localizability's."""
-        model, n, n_loc = self.model, recipe.num_samples, recipe.localizability_samples
-        solver = recipe.solver
-        on_sphere = getattr(model, "geometry", None) is SPHERE
-        nan = torch.full((emb.shape[0],), float("nan"))
-        # The one pass (likelihood.sample_with_log_density) runs a Lie-group solver that carries
-        # log-densities, on its own grid (uniform in gamma, then in log(1 - gamma) at a stiff
-        # end): taken only where the asked-for recipe runs such a solver on its own grid, so the
-        # answer's samples come from the same kind of solve as asked, only finer at the end.
-        one_pass = (
-            solver in SOLVERS and SOLVERS[solver].carries_log_density
-            and solver != getattr(model, "published_solver", None)
-            and recipe.grid in (None, "quadratic")
-        )  # fmt: skip
-        if recipe.guidance == 0.0 and on_sphere and one_pass and n_loc > 0:
-            # The answer samples follow the density: one pass gives samples and log-densities.
-            steps = max(recipe.steps, recipe.localizability_steps)
-            x0, padded = noise(n)
-            x, log_p = model.sample_with_log_density(
-                emb, padded, steps, generator, method="path", solver=solver, noise=x0,
-                settings=recipe,
-            )  # fmt: skip
-            return (unit_to_latlon(x[:, :n]).cpu(), *_bits_and_stderr(log_p[:, :n]))
-        x0, padded = noise(n)
-        samples = model.sample(
-            emb, padded, noise=x0, generator=generator, settings=recipe
-        )[:, :n].cpu()  # fmt: skip
-        if n_loc <= 0:
-            return samples, nan, nan
-        x0, padded = noise(n_loc)
-        _, log_p = model.sample_with_log_density(
-            emb, padded, generator=generator, noise=x0, settings=recipe
-        )
-        return (samples, *_bits_and_stderr(log_p[:, :n_loc]))
+        each photo's drawn from its own generator with a resolved ``recipe``:
+        :func:`globeflow.answers.draw.draw_answers` (the draw ``evaluate`` makes too)."""
+        return draw_answers(self.model, emb, generators, recipe)
 
     def locate_images(
         self,
@@ -563,15 +508,6 @@ def photo_chunks(num_photos: int, num_samples: int) -> list[slice]:
     rows each with guidance), at least one photo per solve."""
     per_solve = max(1, ROWS_PER_SOLVE // max(1, num_samples))
     return [slice(i, i + per_solve) for i in range(0, num_photos, per_solve)]
-
-
-def _bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
-    samples, and its Monte Carlo standard error (NaN for one sample)."""
-    bits = log_p / math.log(2.0)
-    n = bits.shape[-1]
-    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
-    return bits.mean(-1).cpu(), stderr.cpu()
 
 
 def _network_width(model: GeoModel) -> int | None:

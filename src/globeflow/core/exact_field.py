@@ -74,11 +74,20 @@ def log_kernel(angle: torch.Tensor, width: torch.Tensor | float) -> torch.Tensor
 @dataclass(frozen=True)
 class MixtureTarget:
     """Atoms (M, 3) unit vectors with weights (M,) summing to 1, each smoothed by the kernel of
-    width ``width`` (the path stopped at gamma_end = 1 - width)."""
+    width ``width`` (the path stopped at gamma_end = 1 - width), or by its own width
+    ``atom_widths`` (M,) where given (a multi-scale target: each atom's path stops at its own
+    level; ``width`` is then the smallest)."""
 
     atoms: torch.Tensor
     weights: torch.Tensor
     width: float
+    atom_widths: torch.Tensor | None = None
+
+    def widths_per_atom(self) -> torch.Tensor:
+        """Kernel width of each atom, (M,) float64."""
+        if self.atom_widths is not None:
+            return torch.as_tensor(self.atom_widths, dtype=torch.float64)
+        return torch.full((self.atoms.shape[0],), self.width, dtype=torch.float64)
 
     @staticmethod
     def from_latlon(
@@ -90,31 +99,53 @@ class MixtureTarget:
         weights = torch.as_tensor(weights, dtype=torch.float64)
         return MixtureTarget(atoms, weights / weights.sum(), float(width))
 
+    @staticmethod
+    def combine(parts: list[tuple[MixtureTarget, float]]) -> MixtureTarget:
+        """The mixture of targets with these weights (summing to 1): each keeps its atoms'
+        widths."""
+        atoms = torch.cat([t.atoms for t, _ in parts])
+        weights = torch.cat([t.weights * w for t, w in parts])
+        widths = torch.cat([t.widths_per_atom() for t, _ in parts])
+        return MixtureTarget(atoms, weights / weights.sum(), float(widths.min()), widths)
+
 
 def _atom_log_weights(
     x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, width: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-atom log posterior weights (B, N, M) (unnormalised) and angles (B, N, M) of points x
-    (B, N, 3) to atoms (B, M, 3) with log weights (B, M), at kernel widths (B,) or (B, N)."""
+    (B, N, 3) to atoms (B, M, 3) with log weights (B, M), at kernel widths (B,), (B, N) or per
+    atom (B, 1, M)."""
     cos = torch.einsum("bnk,bmk->bnm", x, atoms)
     # acos loses precision near 1; atan2 of |cross| and dot does not.
     cross = torch.linalg.cross(x[:, :, None, :], atoms[:, None, :, :], dim=-1).norm(dim=-1)
     angle = torch.atan2(cross, cos)
-    width = width if width.dim() == 2 else width[:, None].expand(x.shape[:2])
-    log_k = log_kernel(angle, width[..., None])
+    if width.dim() == 1:
+        width = width[:, None]
+    log_k = log_kernel(angle, width[..., None] if width.dim() == 2 else width)
     fallback = _OUT_OF_SUPPORT - 1e3 * angle
     return log_w[:, None, :] + torch.where(torch.isfinite(log_k), log_k, fallback), angle
 
 
 def marginal_velocity(
-    x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, gamma: torch.Tensor
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    log_w: torch.Tensor,
+    gamma: torch.Tensor,
+    rate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact RFM field d x / d gamma (B, N, 3) at points x (B, N, 3), level gamma (B,) or
-    (B, N) < 1, for atoms (B, M, 3) with log weights (B, M) (-inf for padding)."""
+    (B, N) < 1, for atoms (B, M, 3) with log weights (B, M) (-inf for padding).
+
+    ``gamma`` (B, 1, M): each atom at its own level; then the field is d x / d tau for atom
+    levels gamma_j = rate_j tau, with ``rate`` (B, 1, M) (each atom's velocity log_x(a) / s
+    times its rate)."""
     width = 1.0 - gamma
     log_post, _ = _atom_log_weights(x, atoms, log_w, width)
     post = torch.softmax(log_post, dim=-1)
     towards = log_map(x[:, :, None, :], atoms[:, None, :, :])  # (B, N, M, 3)
+    if width.dim() == 3:
+        post = post * (rate / width)
+        return torch.einsum("bnm,bnmk->bnk", post, towards)
     width = width if width.dim() == 2 else width[:, None]
     return torch.einsum("bnm,bnmk->bnk", post, towards) / width[..., None]
 
@@ -123,23 +154,27 @@ def mixture_log_density(
     x: torch.Tensor, atoms: torch.Tensor, log_w: torch.Tensor, width: torch.Tensor
 ) -> torch.Tensor:
     """log sum_j w_j k_s(d_j): natural log per steradian (B, N) at x (B, N, 3); atoms (B, M, 3),
-    log weights (B, M), widths (B,)."""
+    log weights (B, M), widths (B,) or per atom (B, M)."""
     cos = torch.einsum("bnk,bmk->bnm", x, atoms)
     cross = torch.linalg.cross(x[:, :, None, :], atoms[:, None, :, :], dim=-1).norm(dim=-1)
-    log_k = log_kernel(torch.atan2(cross, cos), width[:, None, None])
+    width = width[:, None, None] if width.dim() == 1 else width[:, None, :]
+    log_k = log_kernel(torch.atan2(cross, cos), width)
     return torch.logsumexp(log_w[:, None, :] + log_k, dim=-1)
 
 
 def sample_mixture(
     atoms: torch.Tensor,
     weights: torch.Tensor,
-    width: float,
+    width: float | torch.Tensor,
     num_samples: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Exact samples (N, 3) of one target: an atom by weight, then a kernel draw around it."""
+    """Exact samples (N, 3) of one target: an atom by weight, then a kernel draw around it
+    (``width`` one for all atoms, or (M,) per atom)."""
     pick = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
     centre = atoms[pick]
+    width = torch.as_tensor(width, dtype=atoms.dtype)
+    width = width[pick] if width.dim() == 1 else width
     u = torch.rand(num_samples, 2, generator=generator, dtype=atoms.dtype)
     d0 = torch.acos(1.0 - 2.0 * u[:, 0])  # density sin(d0) / 2 on [0, pi]
     e1, e2 = tangent_basis(centre)
@@ -166,11 +201,15 @@ class ExactMixtureNetwork(nn.Module):
         atoms = torch.zeros(len(targets), m, 3, dtype=torch.float64)
         atoms[..., 2] = 1.0
         log_w = torch.full((len(targets), m), -math.inf, dtype=torch.float64)
+        atom_widths = torch.ones(len(targets), m, dtype=torch.float64)
         for i, t in enumerate(targets):
             atoms[i, : t.atoms.shape[0]] = t.atoms
             log_w[i, : t.atoms.shape[0]] = torch.log(t.weights)
+            atom_widths[i, : t.atoms.shape[0]] = t.widths_per_atom()
         self.register_buffer("atoms", atoms)
         self.register_buffer("log_weights", log_w)
+        self.register_buffer("atom_widths", atom_widths)
+        self.multiscale = any(t.atom_widths is not None for t in targets)
         self.register_buffer(
             "widths", torch.tensor([t.width for t in targets], dtype=torch.float64)
         )
@@ -201,9 +240,15 @@ class ExactMixtureNetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Field d y / d tau (B, N, 3) of targets ``chosen`` (B,) at model level tau (B,), and
         their log-density (B, N) at y (kernel fallback outside every support)."""
+        atoms, log_w = self.atoms[chosen], self.log_weights[chosen]
+        if self.multiscale:  # each atom's path stops at its own level: gamma_j = rate_j tau
+            rate = 1.0 - self.atom_widths[chosen][:, None, :]
+            gamma = (rate * tau[:, None, None]).clamp(max=1.0 - 1e-300)
+            v = marginal_velocity(y, atoms, log_w, gamma, rate)
+            log_post, _ = _atom_log_weights(y, atoms, log_w, 1.0 - gamma)
+            return v, torch.logsumexp(log_post, dim=-1)
         gamma_end = 1.0 - self.widths[chosen]
         gamma = (gamma_end * tau).clamp(max=1.0 - 1e-300)
-        atoms, log_w = self.atoms[chosen], self.log_weights[chosen]
         v = marginal_velocity(y, atoms, log_w, gamma)
         log_post, _ = _atom_log_weights(y, atoms, log_w, 1.0 - gamma)
         return gamma_end[:, None, None] * v, torch.logsumexp(log_post, dim=-1)
@@ -241,16 +286,44 @@ class ExactMixtureNetwork(nn.Module):
 
     def target_log_density(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Exact log-density per steradian (B, N) of targets ``index`` (B,) at x (B, N, 3)."""
-        return mixture_log_density(
-            x, self.atoms[index], self.log_weights[index], self.widths[index]
-        )
+        widths = self.atom_widths[index] if self.multiscale else self.widths[index]
+        return mixture_log_density(x, self.atoms[index], self.log_weights[index], widths)
 
     def target_samples(
         self, index: int, num_samples: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Exact samples (N, 3) of target ``index``."""
         t = self.targets[index]
-        return sample_mixture(t.atoms, t.weights, t.width, num_samples, generator)
+        return sample_mixture(t.atoms, t.weights, t.widths_per_atom(), num_samples, generator)
+
+
+def smooth_target(
+    centre_latlon: tuple[float, float], rms_km: float, rings: int = 8
+) -> MixtureTarget:
+    """A smooth, unimodal target of RMS radius ~``rms_km`` around ``centre_latlon`` (degrees):
+    a von Mises-Fisher-like (locally Gaussian) density, as a quadrature of it: atoms on
+    ``rings`` hexagonal rings out to 4 sigma (sigma = rms / sqrt(2) per axis; 6 i atoms of equal
+    area on ring i, weights by the Gaussian there), each smoothed by a kernel of RMS radius one
+    ring spacing, so the mixture is smooth at every scale. Its RFM field is that of a smooth
+    posterior of width sigma (not of a kernel: kappa grows like s^2, see
+    :func:`globeflow.core.likelihood.stiffness_floor`), with a closed-form density."""
+    sigma = rms_km / math.sqrt(2.0) / EARTH_RADIUS_KM  # radians per axis
+    spacing = 4.0 * sigma / rings
+    radii, angles, weights = [0.0], [0.0], [math.pi / 4.0]  # the centre's cell: radius 1/2
+    for i in range(1, rings + 1):
+        for k in range(6 * i):
+            radii.append(i * spacing)
+            angles.append(2.0 * math.pi * (k + 0.5 * (i % 2)) / (6 * i))
+            weights.append(math.pi / 3.0)  # each atom of ring i: area pi spacing^2 / 3
+    r = torch.tensor(radii, dtype=torch.float64)
+    phi = torch.tensor(angles, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64) * torch.exp(-0.5 * (r / sigma) ** 2)
+    centre = latlon_to_unit(torch.tensor([centre_latlon], dtype=torch.float64))
+    e1, e2 = tangent_basis(centre)
+    direction = torch.cos(phi)[:, None] * e1 + torch.sin(phi)[:, None] * e2
+    atoms = exp_map(centre.expand(len(r), 3), r[:, None] * direction)
+    width = spacing / KERNEL_RMS_ANGLE
+    return MixtureTarget(atoms, w / w.sum(), width)
 
 
 def exact_rfm_model(targets: list[MixtureTarget], condition_weights: torch.Tensor | None = None):

@@ -68,10 +68,6 @@ SHARPEST_LEVEL_FLOOR = 1e-5
 has 1 - gamma ~ 1e-4 at its stiffest (an RFM kernel of 1 km RMS radius has width
 1 km / (1.71 x 6371 km) = 9.2e-5); the floor sits below it so that the steps keep resolving the
 field until it stops being stiff."""
-STIFFNESS_THRESHOLD = 0.1
-"""A signal level counts as stiff where (1 - gamma) |div v| / 2 reaches this: 1 where the
-field contracts like -(x - x1) / (1 - gamma), falling as (1 - gamma) / width below the
-posterior's width."""
 LIKELIHOOD_LOG_STEP = 0.15
 """The likelihood's step in log(1 - gamma) at the stiff end. Its error is second order in it:
 on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 points each),
@@ -79,9 +75,8 @@ on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 po
 closely the divergence follows -2 / (1 - gamma + w)); 0.15 costs ~35% more time than 0.35, on
 sharp models only."""
 STIFF_FLOOR_RATIO = 4.0
-"""The stiff-end grid's floor is the field's width (:func:`stiff_width`) over this."""
-STIFFNESS_PROBE_POINTS = 8
-"""Points per image at which :func:`stiffness_floor` probes the divergence."""
+"""The stiff-end grid's floor is the probed bound (:func:`stiffness_floor`) over this: a margin
+for the ladder's factor-4 rungs, between which kappa is not read."""
 
 
 def stiff_end_levels(
@@ -151,44 +146,110 @@ def divergence_weights(
 
 
 @torch.no_grad()
-def stiff_width(
+def stiffness_floor(
     model,
     emb: torch.Tensor,
     x: torch.Tensor,
     bulk_steps: int,
     log_step: float = STIFF_LOG_STEP,
-    threshold: float = STIFFNESS_THRESHOLD,
-) -> float | None:
-    """Where the field at points x (B, M, 3) near the mass stops steepening, in s = 1 - gamma:
-    the w of a divergence shaped like -2 / (s + w), or None where the field is never stiff
-    (s |div| / 2 < ``threshold`` on the whole ladder: uniform steps suffice).
+) -> torch.Tensor:
+    """The largest floor f of the stiff-end grid that keeps every step's h |lambda| within
+    ``log_step`` at each point x (B, M, 3): (B, M) float64, in s = 1 - gamma; ``math.inf``
+    where the field is never stiff there (uniform steps suffice).
 
-    The ladder falls by 4 from H / log_step (H the bulk step) to
-    :data:`SHARPEST_LEVEL_FLOOR`; at each rung kappa = s max|div| / 2 over the first
-    :data:`STIFFNESS_PROBE_POINTS` points of each image (about s / (s + w)); w is the
-    smallest s (1 - kappa) / kappa over the rungs whose kappa reaches ``threshold``, never
-    below the sharpest level floor. One evaluation with the divergence per rung."""
+    Derivation. Near the data end the field contracts isotropically in the tangent plane at a
+    rate |lambda| = |div v| / 2 (div v < 0: the flow converges on the mass). Write
+    kappa(s) = s |div v| / 2, so |lambda| = kappa / s. The grid of :func:`stiff_end_levels`
+    takes steps h = log_step (s + f) below its knee, so h |lambda| = log_step kappa (s + f) / s,
+    which stays <= log_step at level s iff f <= s (1 - kappa) / kappa. The floor is therefore
+    min over s of s (1 - kappa(s)) / kappa(s), whatever the shape of kappa:
+
+    - a kernel-smoothed atom of width w (the exact fields of :mod:`globeflow.core.exact_field`)
+      moves every point along its geodesic at speed d / (s + w): kappa = s / (s + w), and the
+      bound is w at every s;
+    - a smooth posterior of width sigma (per axis) under the RFM kernel: to first order in the
+      kernel's covariance c s^2 I (c = (pi^2 - 4) / 4, the kernel's RMS radius 1.71 s),
+      E[a - x | x] = c s^2 grad log p(x), so v = c s grad log p / s, div v = -2 c s / sigma^2
+      and kappa = c s^2 / (sigma^2 + c s^2): quadratic below sigma, not linear. The bound
+      sigma^2 / (c s) is smallest at the largest stiff s (the field is stiffest near
+      s ~ sigma / sqrt(c), at rate sqrt(c) / (2 sigma), and *less* stiff below);
+    - several scales (clusters of sharp modes): kappa dips and rises again; the minimum over the
+      ladder takes the sharpest scale the point sits in.
+
+    kappa is read at each point on a ladder of levels falling by 4 from the knee H / log_step
+    (H the bulk step) to :data:`SHARPEST_LEVEL_FLOOR` (one evaluation with the divergence per
+    rung); each point's floor depends on that point alone, never on the others of its batch.
+    Raises :class:`~globeflow.core.families.base.NonFiniteOutputError` where the divergence is
+    not finite (a silent fallback would hide a broken model)."""
+    from globeflow.core.families.base import NonFiniteOutputError
+
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
-    top = (1.0 - noise_level) / bulk_steps / log_step
-    ladder = []
-    while top >= SHARPEST_LEVEL_FLOOR and len(ladder) < 12:
-        ladder.append(top)
-        top /= 4.0
-    ladder.append(SHARPEST_LEVEL_FLOOR)
+    knee = (1.0 - noise_level) / bulk_steps / log_step
+    ladder = probe_ladder(knee)
     gammas = 1.0 - torch.tensor(ladder, dtype=torch.float64)
     gammas = gammas.to(device=emb.device, dtype=emb.dtype)
     field = GuidedField(model.network, emb, gammas)
-    probe = x[:, :STIFFNESS_PROBE_POINTS]
-    kappas = []
+    floor = torch.full(x.shape[:-1], math.inf, dtype=torch.float64, device=x.device)
     for node, s in enumerate(ladder):
-        _, div = field_and_divergence(model, probe, field, node, gammas[node])
-        kappas.append(min(s * float(div.abs().amax()) / 2.0, 1.0 - 1e-6))
-    stiff = [(s, k) for s, k in zip(ladder, kappas, strict=True) if k >= threshold]
-    if not stiff:
-        return None
-    # kappa ~ s / (s + w) reads w = s (1 - kappa) / kappa; a posterior with several scales
-    # (clusters of sharp modes) reads several: the smallest is the one the steps must reach.
-    return max(min(s * (1.0 - k) / k for s, k in stiff), SHARPEST_LEVEL_FLOOR)
+        _, div = field_and_divergence(model, x, field, node, gammas[node])
+        if not bool(torch.isfinite(div).all()):
+            raise NonFiniteOutputError(
+                f"the model's divergence is not finite at level 1 - gamma = {s:.3g} for "
+                f"{int((~torch.isfinite(div)).sum())} of {div.numel()} points (check its "
+                "weights and the embeddings)"
+            )
+        kappa = (s * div.abs().double() / 2.0).clamp(max=1.0 - 1e-9)
+        bound = torch.where(kappa > 0, s * (1.0 - kappa) / kappa, torch.full_like(kappa, math.inf))
+        floor = torch.minimum(floor, bound)
+    floor = floor.clamp_min(SHARPEST_LEVEL_FLOOR)
+    # A floor at or above the knee's: the geometric grid would take no step below the knee.
+    return torch.where(floor * STIFF_FLOOR_RATIO < knee, floor, torch.full_like(floor, math.inf))
+
+
+def probe_ladder(knee: float) -> list[float]:
+    """Levels s = 1 - gamma where :func:`stiffness_floor` reads kappa: from ``knee`` down by 4
+    to :data:`SHARPEST_LEVEL_FLOOR` (at most 13 rungs)."""
+    ladder, top = [], knee
+    while top >= SHARPEST_LEVEL_FLOOR and len(ladder) < 12:
+        ladder.append(top)
+        top /= 4.0
+    return [*ladder, SHARPEST_LEVEL_FLOOR]
+
+
+def quantized_floors(floors: torch.Tensor) -> torch.Tensor:
+    """Floors rounded down to a power of 2 (a finer grid, never a coarser one; ``inf`` kept):
+    points whose floors round alike share one solve."""
+    finite = torch.isfinite(floors)
+    rounded = torch.exp2(torch.floor(torch.log2(floors.where(finite, torch.ones_like(floors)))))
+    return rounded.where(finite, floors)
+
+
+def solve_by_floor(floors: torch.Tensor, x: torch.Tensor, solve) -> tuple[torch.Tensor, ...]:
+    """Run ``solve(rows, points, floor) -> tuple of (B', M', ...) tensors`` once per distinct
+    quantized floor (``floors`` (B, M)), on the points (B', M', 3) of ``x`` that have it (images
+    ``rows`` holding any, padded with copies of their first such point), and put each point's
+    results back in place: a point's result depends on its own floor, not on its batch."""
+    b, m = floors.shape
+    outs: list[torch.Tensor] | None = None
+    for value in torch.unique(floors).tolist():
+        mask = floors == value
+        rows = mask.any(1).nonzero().flatten()
+        counts = mask[rows].sum(1)
+        width = int(counts.max())
+        # Each image's points of this floor first (stable), padded by repeating the first.
+        order = torch.argsort((~mask[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
+        slot = torch.arange(width, device=x.device)[None, :]
+        order = torch.where(slot < counts[:, None], order, order[:, :1])
+        points = x[rows[:, None], order]
+        got = solve(rows, points, value)
+        if outs is None:
+            outs = [torch.empty((b, m, *o.shape[2:]), dtype=o.dtype, device=o.device)
+                    for o in got]  # fmt: skip
+        keep = slot < counts[:, None]
+        for out, part in zip(outs, got, strict=True):
+            out[rows[:, None].expand_as(order)[keep], order[keep]] = part[keep]
+    assert outs is not None
+    return tuple(outs)
 
 
 def field_and_divergence(
@@ -297,7 +358,9 @@ def _midpoint_log_prob(
     """Solver for chunks of points: data (gamma = 1) to noise with the lagged midpoint rule of
     :mod:`globeflow.core.solvers` (one evaluation per step, at its midpoint, with the divergence:
     3 network rows), on :func:`stiff_end_levels` with ``steps`` bulk steps; ``stiff`` None: the
-    field's width is probed at each chunk's points (:func:`stiff_width`; inf: no stiff end).
+    floor is probed at each point (:func:`stiffness_floor`), and points are solved in groups of
+    equal quantized floor (:func:`solve_by_floor`); a number: that width for all (inf: no
+    stiff end).
     It matched the plain midpoint rule's accuracy on the YFCC-size network at 3/4 of its cost,
     and RK4's at 1/4."""
     if model.geometry is not SPHERE:
@@ -306,12 +369,12 @@ def _midpoint_log_prob(
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
-        if stiff is None:  # each image's own width: its answer does not depend on the batch
-            widths = [
-                quantized_width(stiff_width(model, emb[i : i + 1], x[i : i + 1], steps, log_step))
-                for i in range(emb.shape[0])
-            ]
-            return by_width(widths, lambda rows, w: solve_at(x[rows], emb[rows], w))
+        if stiff is None:  # each point's own floor: its answer does not depend on the batch
+            floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step))
+            (out,) = solve_by_floor(
+                floors, x, lambda rows, points, w: (solve_at(points, emb[rows], w),)
+            )
+            return out
         return solve_at(x, emb, stiff)
 
     def solve_at(x: torch.Tensor, emb: torch.Tensor, width: float) -> torch.Tensor:
@@ -360,10 +423,9 @@ def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     return solve
 
 
-PILOT_SAMPLES = 8
-"""Samples per image of the pilot that locates the mass for :func:`stiff_width`."""
 PILOT_STEPS = 16
-"""Euler steps (on the published grid) of that pilot."""
+"""Euler steps (on the published grid) of the pilot that says where each sample ends, for
+:func:`stiffness_floor` (one network row per step, on the sample's own initial state)."""
 
 
 @torch.no_grad()
@@ -386,9 +448,10 @@ def sample_with_log_density(
     bulk steps uniform in gamma, plus steps uniform in log(1 - gamma) where the field is stiff)
     and carries d log p / d gamma = -div v with the same tableau (divergence weights of
     :func:`divergence_weights`), so log p is exact up to the solver's discretisation.
-    ``stiff``: the width where the field stops steepening (:func:`stiff_width`); None: probed
-    at a pilot of :data:`PILOT_SAMPLES` Euler samples per image (their own noise, so the
-    caller's random stream is untouched); inf: no stiff end (``steps`` uniform steps).
+    ``stiff``: the stiff end's width for all samples; None: each sample's own floor
+    (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state lands,
+    samples of equal quantized floor solved together (:func:`solve_by_floor`); inf: no stiff
+    end (``steps`` uniform steps).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
     """
@@ -398,19 +461,18 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    if stiff is None:  # each image's own width: its answer does not depend on the batch
-        widths = [
-            quantized_width(pilot_width(model, emb[i : i + 1], steps, log_step))
-            for i in range(emb.shape[0])
-        ]
+    if stiff is None:  # each sample's own floor: its answer does not depend on the batch
+        floors = quantized_floors(
+            stiffness_floor(model, emb, pilot(model, emb, x0), steps, log_step)
+        )
 
-        def solve(rows: list[int], width: float) -> tuple[torch.Tensor, torch.Tensor]:
+        def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
-                model, emb[rows], num_samples, steps, solver, None, x0[rows], precision,
+                model, emb[rows], points.shape[1], steps, solver, None, points, precision,
                 stiff=width, log_step=log_step,
             )  # fmt: skip
 
-        return by_width(widths, solve)
+        return solve_by_floor(floors, x0, solve)
     width = None if stiff == math.inf else stiff
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
@@ -424,44 +486,14 @@ def sample_with_log_density(
     return x, model.base_log_prob(x0) + delta
 
 
-def quantized_width(width: float | None) -> float:
-    """A probed width rounded down to a power of 2 (a finer grid, never a coarser one), and
-    ``math.inf`` for none: images whose widths round alike share one solve."""
-    if width is None or width == math.inf:
-        return math.inf
-    return 2.0 ** math.floor(math.log2(width))
-
-
-def by_width(widths: list[float], solve):
-    """Run ``solve(rows, width)`` once per distinct width over the images (rows) that have it
-    and put the results (tensors, or tuples of tensors, with images first) back in order."""
-    groups: dict[float, list[int]] = {}
-    for i, w in enumerate(widths):
-        groups.setdefault(w, []).append(i)
-    if len(groups) == 1:
-        ((width, rows),) = groups.items()
-        return solve(rows, width)
-    parts = {width: solve(rows, width) for width, rows in groups.items()}
-    first = next(iter(parts.values()))
-    single = isinstance(first, torch.Tensor)
-    outs = [first] if single else list(first)
-    results = [torch.empty((len(widths), *o.shape[1:]), dtype=o.dtype, device=o.device)
-               for o in outs]  # fmt: skip
-    for width, rows in groups.items():
-        got = parts[width]
-        for out, part in zip(results, [got] if single else got, strict=True):
-            out[rows] = part
-    return results[0] if single else tuple(results)
-
-
-def pilot_width(
-    model, emb: torch.Tensor, steps: int, log_step: float = STIFF_LOG_STEP
-) -> float | None:
-    """:func:`stiff_width` at a few Euler samples per image (a fixed seed of their own)."""
-    pilot_noise = torch.Generator(device=emb.device).manual_seed(0)
-    recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=PILOT_SAMPLES)
-    pilot = model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), None, pilot_noise)
-    return stiff_width(model, emb, pilot, steps, log_step)
+def pilot(model, emb: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Where each initial state x0 (B, N, 3) lands under :data:`PILOT_STEPS` Euler steps on the
+    published grid, (B, N, 3): near the end of its own accurate path, so that the stiffness is
+    probed where that sample's mass is. A pilot that misses (between modes, off a sharp mode)
+    reads the field as stiffer than it is (there the field pulls at the full rate 1 / s), so
+    its error costs steps, never accuracy."""
+    recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=x0.shape[1])
+    return model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), x0, None)
 
 
 def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "mixed"):
@@ -528,3 +560,60 @@ def log_prob_adaptive(
     if model.density_space == "sphere":
         z = project_to_sphere(z)
     return model.base_log_prob(z) + final[..., 3]
+
+
+# ---- one width for a whole image (fusion's batched proposals) --------------------------------
+
+SHARED_PILOT_SAMPLES = 64
+"""Samples per image of :func:`pilot_width`'s pilot (a 5%-mass mode is missed with probability
+0.95^64 = 4%; the per-sample floors of :func:`sample_with_log_density` miss none)."""
+
+
+def stiff_width(
+    model, emb: torch.Tensor, x: torch.Tensor, bulk_steps: int, log_step: float = STIFF_LOG_STEP
+) -> float | None:
+    """One stiff-end width for all points x (B, M, 3) of the images emb (B, D): the smallest of
+    their floors (:func:`stiffness_floor`), None where none is stiff. For callers that solve
+    many points of an image on one grid (fusion); the others take per-point floors."""
+    floor = float(stiffness_floor(model, emb, x, bulk_steps, log_step).min())
+    return None if floor == math.inf else floor
+
+
+def pilot_width(
+    model, emb: torch.Tensor, steps: int, log_step: float = STIFF_LOG_STEP
+) -> float | None:
+    """:func:`stiff_width` at the :func:`pilot` of :data:`SHARED_PILOT_SAMPLES` initial states
+    per image (a fixed seed of their own, so the caller's random stream is untouched)."""
+    generator = torch.Generator(device=emb.device).manual_seed(0)
+    x0 = model._prepare_noise(emb, SHARED_PILOT_SAMPLES, None, generator)
+    return stiff_width(model, emb, pilot(model, emb, x0), steps, log_step)
+
+
+def quantized_width(width: float | None) -> float:
+    """A width rounded down to a power of 2 (a finer grid, never a coarser one), and
+    ``math.inf`` for none: images whose widths round alike share one solve."""
+    if width is None or width == math.inf:
+        return math.inf
+    return 2.0 ** math.floor(math.log2(width))
+
+
+def by_width(widths: list[float], solve):
+    """Run ``solve(rows, width)`` once per distinct width over the images (rows) that have it
+    and put the results (tensors, or tuples of tensors, with images first) back in order."""
+    groups: dict[float, list[int]] = {}
+    for i, w in enumerate(widths):
+        groups.setdefault(w, []).append(i)
+    if len(groups) == 1:
+        ((width, rows),) = groups.items()
+        return solve(rows, width)
+    parts = {width: solve(rows, width) for width, rows in groups.items()}
+    first = next(iter(parts.values()))
+    single = isinstance(first, torch.Tensor)
+    outs = [first] if single else list(first)
+    results = [torch.empty((len(widths), *o.shape[1:]), dtype=o.dtype, device=o.device)
+               for o in outs]  # fmt: skip
+    for width, rows in groups.items():
+        got = parts[width]
+        for out, part in zip(results, [got] if single else got, strict=True):
+            out[rows] = part
+    return results[0] if single else tuple(results)

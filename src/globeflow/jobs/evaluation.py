@@ -10,6 +10,7 @@ written CSV alone, which is how the numbers in ``summary.json`` are audited.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -479,11 +480,12 @@ def evaluate(
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.
-        hpd_samples: samples per image whose densities estimate HPD coverage and, at density
-            guidance 0, localizability (default: the sampler's ``localizability_samples``; 0
-            disables both; then ``model.localizability`` is used).
-        localizability_samples: when set, call ``model.localizability`` with this many samples
-            instead of reusing the calibration samples.
+        hpd_samples: samples per image whose densities estimate HPD coverage (default: the
+            sampler's ``localizability_samples``; 0 disables it).
+        localizability_samples: samples of the localizability estimate (default: the
+            sampler's; 0: none). It is drawn exactly as ``predict`` draws it
+            (:func:`globeflow.answers.draw.draw_answers`: same recipe, same per-photo stream),
+            so a photo's localizability here is the one ``predict`` reports for it.
         batch_size: images per model call.
         seed: seed of the sampling generators: each image draws from its own, seeded by (seed,
             its id), so its row does not depend on the other images of its batch.
@@ -535,15 +537,19 @@ def evaluate(
         "density_guidance": density_guidance,
         "hpd_samples": hpd_samples,
         "localizability_samples": localizability_samples,
+        "localizability_steps": recipe.localizability_steps,
+        "localizability_solver": recipe.localizability_solver,
         "batch_size": batch_size,
         "seed": seed,
         "prdc_k": prdc_k,
     }
     errors: list[dict[str, str]] = []
-    n_loc = localizability_samples or hpd_samples or recipe.localizability_samples
-    options = dict(num_samples=num_samples, guidance=guidance, steps=steps,
-                   density_guidance=density_guidance, hpd_samples=hpd_samples,
-                   localizability_samples=localizability_samples, how=how, n_loc=n_loc)  # fmt: skip
+    # The answer's samples and the localizability are drawn as predict draws them (one recipe,
+    # answers.draw), from the same per-photo streams: a photo's localizability is predict's.
+    if localizability_samples is not None:
+        recipe = dataclasses.replace(recipe, localizability_samples=localizability_samples)
+    options = dict(recipe=recipe, steps=steps, density_guidance=density_guidance,
+                   hpd_samples=hpd_samples, how=how)  # fmt: skip
     own = place is None and output is not None
     if own:
         place = join_process_group("cpu")  # gloo: only barriers and small objects
@@ -623,49 +629,35 @@ def _batch_rows(
     generators: list[torch.Generator],
     device: torch.device,
     *,
-    num_samples: int,
-    guidance: float,
+    recipe: Any,
     steps: int,
     density_guidance: float,
     hpd_samples: int,
-    localizability_samples: int | None,
     how: dict,
-    n_loc: int,
 ) -> list[dict[str, Any]]:
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
-    samples drawn from its generator."""
+    samples drawn from its generator: the answer's and the localizability's as predict draws
+    them (:func:`globeflow.answers.draw.draw_answers`), then the HPD samples."""
+    from globeflow.answers.draw import draw_answers
     from globeflow.answers.geocode import reverse_geocode
 
     emb = _to_tensor(emb, device)
     batch = [r for _, r in indexed]
     b = emb.shape[0]
     truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-    samples = sample_streams(
-        model, emb, generators, num_samples, steps=steps, guidance=guidance, **how
-    )
+    samples, loc, _ = draw_answers(model, emb, generators, recipe)
     pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
     lp = model.log_prob(truth[:, None, :], emb).reshape(b)
     mass = torch.full((b,), math.nan, dtype=torch.float64)
     sample0 = torch.full((b, 2), math.nan, dtype=torch.float64)
-    loc = None
-    guided_log_prob = density_guidance != 0.0
     if hpd_samples > 0:
         s = sample_streams(model, emb, generators, hpd_samples, steps=steps,
                            guidance=density_guidance, **how)  # fmt: skip
-        kw = {"guidance": density_guidance} if guided_log_prob else {}
+        kw = {"guidance": density_guidance} if density_guidance != 0.0 else {}
         lp_s = model.log_prob(s, emb, **kw).reshape(b, hpd_samples).double()
         lp_t = model.log_prob(truth[:, None, :], emb, **kw).reshape(b) if kw else lp
         mass = torch.from_numpy(M.hpd_mass(lp_t.double(), lp_s))
         sample0 = s[:, 0, :].double().cpu()
-        if not guided_log_prob and localizability_samples is None:
-            loc = lp_s.mean(1) / _LN2
-    if loc is None:
-        loc = torch.cat([
-            torch.as_tensor(
-                model.localizability(emb[i : i + 1], num_samples=n_loc, generator=g, **how)
-            )
-            for i, g in enumerate(generators)
-        ])  # fmt: skip
     true_ll, pred_ll = truth.double().cpu().numpy(), pred.double().cpu().numpy()
     sample_ll, lp = sample0.numpy(), lp.double().cpu().numpy()
     loc, mass = torch.as_tensor(loc).double().reshape(b).cpu().numpy(), mass.numpy()

@@ -1,0 +1,106 @@
+"""How a photo's answer samples and its localizability are drawn: the one recipe of ``predict``,
+``serve`` and ``evaluate``, so that the localizability an evaluation reports is exactly the one a
+user gets for the same photo, recipe and seed.
+
+Each photo draws from its own random stream (:mod:`globeflow.core.random_streams`): first the
+answer's initial states, then (unless one pass gives both) the localizability's. Without guidance
+on S^2, with a solver that carries log-densities on its own grid, the answer's samples follow the
+model's density and one pass (:func:`globeflow.core.likelihood.sample_with_log_density`) gives
+samples and log-densities; otherwise the localizability takes its own unguided one-pass samples
+with the recipe's localizability solver and (bulk) steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from globeflow.core.random_streams import stream_noise
+from globeflow.core.sampler_settings import SamplerSettings, solver_for
+from globeflow.core.solvers import SOLVERS, SPHERE
+from globeflow.core.sphere import unit_to_latlon
+
+__all__ = ["bits_and_stderr", "draw_answers"]
+
+Draw = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def draw_answers(
+    model, emb: torch.Tensor, generators: Sequence[torch.Generator], recipe: SamplerSettings
+) -> Draw:
+    """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its Monte Carlo standard
+    error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn from its
+    own generator, with a resolved ``recipe``
+    (:func:`~globeflow.core.sampler_settings.resolve`)."""
+    if hasattr(model, "prepare_embeddings"):
+        emb = model.prepare_embeddings(emb)
+    if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
+        parts = [
+            _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count))
+            for i, g in enumerate(generators)
+        ]
+        return tuple(torch.cat(part) for part in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
+        return stream_noise(model, generators, count, emb)
+
+    return _draw_from(model, emb, recipe, None, noise)
+
+
+def _draw_from(
+    model,
+    emb: torch.Tensor,
+    recipe: SamplerSettings,
+    generator: torch.Generator | None,
+    noise: Callable[[int], tuple[torch.Tensor | None, int]],
+) -> Draw:
+    """:func:`draw_answers` from ``generator`` or, where ``noise(count)`` gives initial states
+    (and their padded count), from those: the answer's first, then the localizability's."""
+    n, n_loc, solver = recipe.num_samples, recipe.localizability_samples, recipe.solver
+    on_sphere = getattr(model, "geometry", None) is SPHERE
+    nan = torch.full((emb.shape[0],), float("nan"))
+    # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
+    how = {"settings": recipe} if solver_for(model, solver) is not None else {}
+    # The one pass runs a Lie-group solver that carries log-densities, on its own grid (uniform
+    # in gamma, then in log(1 - gamma) at a stiff end): taken only where the asked-for recipe
+    # runs such a solver on its own grid, so the answer's samples come from the same kind of
+    # solve as asked, only finer at the end.
+    one_pass = (
+        solver in SOLVERS and SOLVERS[solver].carries_log_density
+        and solver != getattr(model, "published_solver", None)
+        and recipe.grid in (None, "quadratic")
+    )  # fmt: skip
+    if recipe.guidance == 0.0 and on_sphere and one_pass and n_loc > 0:
+        steps = max(recipe.steps, recipe.localizability_steps)
+        x0, padded = noise(n)
+        x, log_p = model.sample_with_log_density(
+            emb, padded, steps, generator, method="path", solver=solver, noise=x0,
+            settings=recipe,
+        )  # fmt: skip
+        return (unit_to_latlon(x[:, :n]).cpu(), *bits_and_stderr(log_p[:, :n]))
+    x0, padded = noise(n)
+    if x0 is None:  # models that draw inside sample() (baselines, duck-typed stand-ins)
+        samples = model.sample(emb, padded, recipe.steps, recipe.guidance, generator=generator,
+                               **how)  # fmt: skip
+    else:
+        samples = model.sample(emb, padded, noise=x0, generator=generator, **how)
+    samples = samples[:, :n].cpu()
+    if n_loc <= 0:
+        return samples, nan, nan
+    if not hasattr(model, "sample_with_log_density"):  # duck-typed stand-ins: their own estimate
+        bits = model.localizability(emb, num_samples=n_loc, generator=generator)
+        return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
+    x0, padded = noise(n_loc)
+    _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
+    return (samples, *bits_and_stderr(log_p[:, :n_loc]))
+
+
+def bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
+    samples, and its Monte Carlo standard error (NaN for one sample)."""
+    bits = log_p / math.log(2.0)
+    n = bits.shape[-1]
+    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
+    return bits.mean(-1).cpu(), stderr.cpu()
