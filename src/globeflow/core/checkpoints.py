@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from globeflow.core.families import DENOISING_FAMILIES, GeoModel
 from globeflow.core.hub_downloads import known_repo, looks_like_hub_id, snapshot
 from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import PUBLISHED_GUIDANCE
 from globeflow.core.schedules import schedule_from_config
 
 CONFIG_NAME = "config.json"
@@ -147,9 +148,11 @@ def load_model(
 
 
 def _published_metadata(name: str) -> dict:
-    """PLONK configs do not say which encoder made their embeddings; the known repos do."""
+    """PLONK configs do not say which encoder made their embeddings (the known repos do) nor
+    which guidance to run (the paper does: PUBLISHED_GUIDANCE)."""
     repo = known_repo(name)
-    return {"encoder": repo.encoder} if repo is not None and repo.encoder else {}
+    encoder = {"encoder": repo.encoder} if repo is not None and repo.encoder else {}
+    return {**encoder, "recommended_guidance": PUBLISHED_GUIDANCE}
 
 
 def _one_line(exc: BaseException) -> str:

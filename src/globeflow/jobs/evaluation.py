@@ -473,7 +473,7 @@ def evaluate(
             the sampler's).
         guidance: classifier-free guidance scale for location prediction (default: the
             model's recommended one, :func:`~globeflow.core.sampler_settings.
-            recommended_guidance`; paper: 2).
+            recommended_guidance`).
         steps: sampler steps (default: the sampler's).
         sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
             accuracy measured is that of the answers users get).
