@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from _analytic_field import two_poles_model
 from PIL import Image
 
-from _analytic_field import two_poles_model
 from globeflow.core.sphere import sample_uniform_sphere, unit_to_latlon
 from globeflow.jobs.evaluation import evaluate, summary_from_predictions_csv
 
