@@ -73,9 +73,9 @@ LIKELIHOOD_STEPS = 24
 steps, the error of a two-photo log-weight has a standard deviation of 0.06 nats at 24 steps
 (0.05 at 48, 0.21 at 16), at half the cost of 48."""
 FUSION_LOG_STEP = STIFF_LOG_STEP
-"""Steps in log(1 - gamma) at the stiff end of the fusion densities (the sampler's, 0.35, not
-the likelihood's 0.15): bounds the stiff steps at about a third (+0.04..+0.14 nats on 1-km
-patterns, shared by every photo's density at a point, so much of it cancels in the weights)."""
+"""Steps in log(1 - gamma) at the stiff end of the fusion densities: the sampler's
+(:data:`~globeflow.core.likelihood.STIFF_LOG_STEP`), not the likelihood's finer one; its error is
+shared by every photo's density at a point, so much of it cancels in the weights."""
 OWN_SAMPLES = 48
 """Samples of each photo's (and the null's) own posterior: the proposal kernels' centres."""
 MIN_ESS = 30.0

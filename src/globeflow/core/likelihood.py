@@ -60,9 +60,11 @@ DIFFUSION_GAMMA_END = 1e-5
 scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
 
 
-STIFF_LOG_STEP = 0.35
+STIFF_LOG_STEP = 0.2
 """Largest step in log(1 - gamma) of :func:`stiff_end_levels` where the field is stiff: the
-steps there are STIFF_LOG_STEP (1 - gamma + floor) in gamma."""
+steps there are STIFF_LOG_STEP (1 - gamma + floor) in gamma. The sampler's and the
+localizability's (0.35 before: with the midpoint rule at 24 bulk steps, 0.2 brings the bias on
+the exact testbeds within 0.1 bit; docs/benchmarks.md, "Localizability accuracy and cost")."""
 SHARPEST_LEVEL_FLOOR = 1e-5
 """The smallest floor of the stiff-end grid, in 1 - gamma: the sharpest posterior supported
 has 1 - gamma ~ 1e-4 at its stiffest (an RFM kernel of 1 km RMS radius has width
