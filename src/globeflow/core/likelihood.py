@@ -573,10 +573,6 @@ def log_prob_adaptive(
 
 # ---- one width for a whole image (fusion's batched proposals) --------------------------------
 
-SHARED_PILOT_SAMPLES = 64
-"""Samples per image of :func:`pilot_width`'s pilot (a 5%-mass mode is missed with probability
-0.95^64 = 4%)."""
-
 
 def stiff_width(
     model, emb: torch.Tensor, x: torch.Tensor, bulk_steps: int, log_step: float = STIFF_LOG_STEP
@@ -586,16 +582,6 @@ def stiff_width(
     many points of an image on one grid (fusion); the others take per-point floors."""
     floor = float(stiffness_floor(model, emb, x, bulk_steps, log_step).min())
     return None if floor == math.inf else floor
-
-
-def pilot_width(
-    model, emb: torch.Tensor, steps: int, log_step: float = STIFF_LOG_STEP
-) -> float | None:
-    """:func:`stiff_width` at the :func:`pilot` of :data:`SHARED_PILOT_SAMPLES` initial states
-    per image (a fixed seed of their own, so the caller's random stream is untouched)."""
-    generator = torch.Generator(device=emb.device).manual_seed(0)
-    x0 = model._prepare_noise(emb, SHARED_PILOT_SAMPLES, None, generator)
-    return stiff_width(model, emb, pilot(model, emb, x0), steps, log_step)
 
 
 def quantized_width(width: float | None) -> float:
