@@ -138,52 +138,114 @@ def timing(counts: list[int], num_samples: int) -> list[dict]:
     return rows
 
 
-def real_cases(groups: int, pairs: int, group_km: float, far_km: float) -> list[dict]:
-    """Groups of one photographer's photos within ``group_km`` of their first photo (2-4 photos,
-    authors in sorted order, at most one group each) and far-apart pairs of photos by different
-    photographers (``far_km`` and more), deterministic."""
+def held_out_authors(locator) -> set[str]:
+    """Photographers the bundled model never saw: its validation authors (the training split
+    rebuilt: examples/authors.txt left out, 15% of the authors, the seed in its metadata; the
+    number of validation rows must match its metadata) and the example photos' authors."""
+    import csv
+
+    from _common import IM2GPS
+
+    from globeflow.jobs.train_data import split_rows
+
+    rows = list(csv.DictReader(open(IM2GPS / "locations.csv", encoding="utf-8")))
+    examples = set((REPO / "examples" / "authors.txt").read_text().split())
+    kept = [r for r in rows if r["author"] not in examples]
+    meta = locator.model.metadata
+    seed = int(meta["training"]["seed"])
+    _, val = split_rows([r["author"] for r in kept], len(kept), 0.15, seed)
+    if len(val) != int(meta["data"]["val"]["rows"]):
+        raise SystemExit(
+            f"rebuilt validation split has {len(val)} rows, the model's metadata says "
+            f"{meta['data']['val']['rows']}: cannot tell which photographers it was trained on"
+        )
+    return {kept[i]["author"] for i in val.tolist()} | examples
+
+
+def real_cases(
+    groups: int, pairs: int, group_km: float, far_km: float, authors: set[str] | None,
+    per_author: int = 1,
+) -> list[dict]:  # fmt: skip
+    """Groups of one photographer's photos within ``group_km`` of a first photo (2-4 distinct
+    photos; at most ``per_author`` places per photographer, taken round-robin over the
+    photographers in sorted order) and far-apart pairs of photos by different photographers
+    (``far_km`` and more), deterministic. ``authors``: only these photographers (None: all)."""
     import csv
     from collections import defaultdict
 
     from _common import IM2GPS
 
     rows = list(csv.DictReader(open(IM2GPS / "locations.csv", encoding="utf-8")))
+    if authors is not None:
+        rows = [r for r in rows if r["author"] in authors]
     by_author = defaultdict(list)
     for r in rows:
         by_author[r["author"]].append(r)
-    cases = []
+
+    def km(a: dict, b: dict) -> float:
+        ya = torch.tensor([[float(a["lat"]), float(a["lon"])]])
+        return float(haversine_km(ya, torch.tensor([[float(b["lat"]), float(b["lon"])]])))
+
+    places: dict[str, list[list[dict]]] = {}
     for author in sorted(by_author):
-        photos = by_author[author]
-        if len(photos) < 2 or len(cases) >= groups:
-            continue
-        first = torch.tensor([[float(photos[0]["lat"]), float(photos[0]["lon"])]])
-        near = [
-            p for p in photos
-            if float(haversine_km(first, torch.tensor([[float(p["lat"]), float(p["lon"])]])))
-            <= group_km
-        ][:4]  # fmt: skip
-        # one place, but not one photo: distinct files (an author's burst shares coordinates)
-        if len(near) >= 2:
-            cases.append({"kind": "one place", "photos": near})
+        left, found = list(by_author[author]), []
+        while left and len(found) < per_author:
+            first = left[0]
+            near = [p for p in left if km(first, p) <= group_km][:4]
+            left = [p for p in left if p not in near] if len(near) >= 2 else left[1:]
+            if len(near) >= 2:
+                found.append(near)
+        places[author] = found
+    cases = []
+    for rank in range(per_author):
+        for author in sorted(places):
+            if rank < len(places[author]) and len(cases) < groups:
+                photos = places[author][rank]
+                cases.append({"kind": "one place", "author": author, "photos": photos})
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(rows), generator=g).tolist()
     far = 0
     for i, j in zip(order[::2], order[1::2]):
-        a, b = rows[i], rows[j]
-        ya = torch.tensor([[float(a["lat"]), float(a["lon"])]])
-        yb = torch.tensor([[float(b["lat"]), float(b["lon"])]])
-        if a["author"] != b["author"] and float(haversine_km(ya, yb)) >= far_km:
-            cases.append({"kind": "different places", "photos": [a, b]})
-            far += 1
         if far >= pairs:
             break
+        a, b = rows[i], rows[j]
+        if a["author"] != b["author"] and km(a, b) >= far_km:
+            cases.append({"kind": "different places", "author": "", "photos": [a, b]})
+            far += 1
     return cases
 
 
 THRESHOLDS = (-math.inf, -6.0, math.log(1 / 20), -2.0, -1.0, 0.0)
+PRODUCTS = {"exact": 1.0, "tempered": 0.5, "e=0.75": 0.75, "pool": None}
+"""Products compared on real photos: name -> exponent e of each likelihood ratio; "pool": e =
+(1 + w) / n, the geometric mean of the n photos' usual answers (w = -0.5, the bundled model's
+recommended guidance)."""
 
 
-def real_photos(groups: int, pairs: int, group_km: float, far_km: float, samples: int):
+def fused_with(locator, emb: torch.Tensor, samples: int, exponent: float) -> dict:
+    """``locator.locate_together`` with the product's exponent forced to ``exponent``."""
+    from globeflow.answers import fusion as answers_fusion
+
+    rule = answers_fusion.fusion_product
+    name = "exact" if exponent == 1.0 else "tempered"
+    answers_fusion.fusion_product = lambda model, photos=1: answers_fusion.Product(
+        exponent, name, "bench"
+    )
+    try:
+        return locator.locate_together(emb, num_samples=samples)
+    finally:
+        answers_fusion.fusion_product = rule
+
+
+def median(values: list[float]) -> float:
+    values, half = sorted(values), len(values) // 2
+    return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
+
+
+def real_photos(
+    groups: int, pairs: int, group_km: float, far_km: float, samples: int,
+    products: list[str], held_out: bool = True, per_author: int = 1, shard: str = "0/1",
+):  # fmt: skip
     """Rows per case and the threshold table (module doc, part 3)."""
     from _common import IM2GPS
     from PIL import Image
@@ -191,9 +253,12 @@ def real_photos(groups: int, pairs: int, group_km: float, far_km: float, samples
     from globeflow.apps.pipeline import Locator
 
     locator = Locator.from_pretrained()
-    meta = locator.model.metadata
+    authors = held_out_authors(locator) if held_out else None
     rows = []
-    for case in real_cases(groups, pairs, group_km, far_km):
+    cases = real_cases(groups, pairs, group_km, far_km, authors, per_author)
+    index, count = (int(v) for v in shard.split("/"))
+    cases = cases[index::count]  # one of ``count`` processes sharing the cases
+    for number, case in enumerate(cases, 1):
         photos = case["photos"]
         images = [Image.open(IM2GPS / "images" / p["image"]).convert("RGB") for p in photos]
         emb = locator.encoder.embed(images)
@@ -206,41 +271,35 @@ def real_photos(groups: int, pairs: int, group_km: float, far_km: float, samples
         ]  # fmt: skip
         row = {
             "kind": case["kind"],
+            "author": case["author"],
             "photos": len(photos),
             "best single km": min(single_km),
-            "median single km": sorted(single_km)[len(single_km) // 2],
+            "median single km": median(single_km),
         }
-        for label, guidance in (("tempered", meta.get("recommended_guidance")), ("exact", None)):
-            saved = dict(meta)
-            meta.pop("recommended_guidance", None)
-            if guidance is not None:
-                meta["recommended_guidance"] = guidance
-            try:
-                start = time.perf_counter()
-                fused = locator.locate_together(emb, num_samples=samples)
-                seconds = time.perf_counter() - start
-            finally:
-                meta.clear()
-                meta.update(saved)
+        for label in products:
+            start = time.perf_counter()
+            exponent = PRODUCTS[label] or 0.5 / len(photos)
+            fused = fused_with(locator, emb, samples, exponent)
+            seconds = time.perf_counter() - start
             bf = fused["fusion"]["log_bayes_factor_same_place"]
             row[f"{label} log BF"] = bf
             row[f"{label} s"] = seconds
             row[f"{label} ESS"] = fused["effective_sample_size"]
             if "best_guess" in fused:  # an answer is drawn unless the ESS is too low
                 guess = torch.tensor([[fused["best_guess"]["lat"], fused["best_guess"]["lon"]]])
-                errors = haversine_km(guess, truth)
-                row[f"{label} km"] = float(errors.median())
+                row[f"{label} km"] = float(median(haversine_km(guess, truth).tolist()))
                 row[f"{label} <= median single"] = bool(
                     row[f"{label} km"] <= row["median single km"]
                 )
             else:
                 row[f"{label} km"] = None
         rows.append(row)
+        print(f"[{number}/{len(cases)}] {row}", flush=True)
     table = []
-    for label in ("tempered", "exact"):
+    same = [r for r in rows if r["kind"] == "one place"]
+    far = [r for r in rows if r["kind"] == "different places"]
+    for label in products:
         for t in THRESHOLDS:
-            same = [r for r in rows if r["kind"] == "one place"]
-            far = [r for r in rows if r["kind"] == "different places"]
             table.append(
                 {
                     "product": label,
@@ -252,22 +311,32 @@ def real_photos(groups: int, pairs: int, group_km: float, far_km: float, samples
                 }
             )
     summary = []
-    for label in ("tempered", "exact"):
-        same = [r for r in rows if r["kind"] == "one place" and r[f"{label} km"] is not None]
-        if not same:
+    if same:
+        summary.append(
+            {
+                "product": "single photo",
+                "groups": len(same),
+                "median km": median([r["median single km"] for r in same]),
+                "fused <= median single": "",
+                "median seconds": "",
+            }
+        )
+    for label in products:
+        answered = [r for r in same if r[f"{label} km"] is not None]
+        if not answered:
             continue
         summary.append(
             {
                 "product": label,
-                "groups": len(same),
-                "median fused km": sorted(r[f"{label} km"] for r in same)[len(same) // 2],
-                "median single km": sorted(r["median single km"] for r in same)[len(same) // 2],
-                "fused <= median single": sum(r[f"{label} <= median single"] for r in same),
-                "median seconds": sorted(r[f"{label} s"] for r in same)[len(same) // 2],
+                "groups": len(answered),
+                "median km": median([r[f"{label} km"] for r in answered]),
+                "fused <= median single": sum(r[f"{label} <= median single"] for r in answered),
+                "median seconds": median([r[f"{label} s"] for r in answered]),
             }
         )
     print("\nReal photos, bundled model: fused (median error over the group's photos) vs single")
-    print_table(summary, list(summary[0]) if summary else [])
+    if summary:
+        print_table(summary, list(summary[0]))
     print("\nRefusal thresholds: false refusals (one place) vs false fusions (far-apart pairs)")
     print_table(table, list(table[0]))
     return rows, summary, table
@@ -316,20 +385,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-km", type=float, default=5.0)
     ap.add_argument("--far-km", type=float, default=3000.0)
     ap.add_argument("--real-samples", type=int, default=256)
+    ap.add_argument("--products", default="exact,tempered", help=f"of {', '.join(PRODUCTS)}")
+    ap.add_argument("--shard", default="0/1", help="i/k: the i-th of k interleaved case shares")
+    ap.add_argument("--per-author", type=int, default=2, help="places per photographer at most")
+    ap.add_argument(
+        "--trained-photographers", action="store_true",
+        help="take photos of every photographer, also those the bundled model was trained on",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    summary, cases = accuracy(args.cases, args.samples)
-    z_bf = [c["log BF z"] for c in cases]
-    z_loc = [c["localizability z"] for c in cases]
-    calibration = {
-        "log BF |z| <= 2": sum(abs(z) <= 2 for z in z_bf),
-        "localizability |z| <= 2": sum(abs(z) <= 2 for z in z_loc),
-        "cases": len(cases),
-        "min ESS": min(c["ESS"] for c in cases),
-        "median ESS": sorted(c["ESS"] for c in cases)[len(cases) // 2],
-    }
-    print(f"\n{calibration}")
+    summary, cases = accuracy(args.cases, args.samples) if args.cases else ([], [])
+    calibration: dict = {}
+    if cases:
+        z_bf = [c["log BF z"] for c in cases]
+        z_loc = [c["localizability z"] for c in cases]
+        calibration = {
+            "log BF |z| <= 2": sum(abs(z) <= 2 for z in z_bf),
+            "localizability |z| <= 2": sum(abs(z) <= 2 for z in z_loc),
+            "cases": len(cases),
+            "min ESS": min(c["ESS"] for c in cases),
+            "median ESS": sorted(c["ESS"] for c in cases)[len(cases) // 2],
+        }
+        print(f"\n{calibration}")
     real = {}
     if args.groups or args.pairs:
         from _common import IM2GPS
@@ -338,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{IM2GPS} is absent: skipping the real photos")
         else:
             rows, real_summary, thresholds = real_photos(
-                args.groups, args.pairs, args.group_km, args.far_km, args.real_samples
-            )
+                args.groups, args.pairs, args.group_km, args.far_km, args.real_samples,
+                args.products.split(","), not args.trained_photographers, args.per_author,
+                args.shard,
+            )  # fmt: skip
             real = {"cases": rows, "summary": real_summary, "thresholds": thresholds}
     counts = [int(v) for v in args.photos.split(",") if v]
     speed = timing(counts, args.samples) if counts else []

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from globeflow.answers.result_store import ResultWriter, SettingsMismatchError, read_results
 from globeflow.apps.cli import app
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER
 from globeflow.data.embedding_store import EmbeddingWriter, RepeatedIdsWarning, store_parts
 from globeflow.data.encoders import get_encoder
 from globeflow.jobs.locate import locate_archive
@@ -178,7 +179,7 @@ def test_the_cli_resumes_with_spelled_out_defaults_and_refuses_jsonl_added_later
               "--num-samples", "32", "--localizability-samples", "16", "--no-progress"]  # fmt: skip
     first = CliRunner().invoke(app, [str(a) for a in [*common, "--steps", "2"]])
     assert first.exit_code == 0, first.output
-    spelled = [*common, "--steps", "2", "--precision", "fp32", "--solver", "data-2m"]
+    spelled = [*common, "--steps", "2", "--precision", "fp32", "--solver", DEFAULT_SAMPLER.solver]
     again = CliRunner().invoke(app, [str(a) for a in spelled])
     assert again.exit_code == 0, again.output
     assert "0 photos" in again.output and "4 already answered" in again.output

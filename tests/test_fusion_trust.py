@@ -98,14 +98,15 @@ def test_order_free_on_the_closed_form_testbed_too() -> None:
 
 
 def test_the_same_photo_twice_is_the_photo_alone() -> None:
-    """Tempered (tiny flow, recommended guidance -0.5) and exact (closed form): a photo given
+    """Pooled (tiny flow, recommended guidance -0.5) and exact (closed form): a photo given
     twice gives exactly the answer of the photo given once; on the closed form, where the photo
     alone is its exact posterior, that is where the photo's own answer lands."""
-    tempered = Locator(_tiny_rfm(), _Encoder(4))
+    pooled = Locator(_tiny_rfm(), _Encoder(4))
     emb = torch.eye(4)[:1]
-    once = tempered.locate_together(emb, num_samples=64, proposals_per_round=128)
-    twice = tempered.locate_together(emb[[0, 0]], num_samples=64, proposals_per_round=128)
-    assert once["fusion"]["product"] == "tempered" and once["fusion"]["exponent"] == 0.5
+    once = pooled.locate_together(emb, num_samples=64, proposals_per_round=128)
+    twice = pooled.locate_together(emb[[0, 0]], num_samples=64, proposals_per_round=128)
+    # one distinct photo: exponent 1 + w, the density its usual (guided) answer aims at
+    assert once["fusion"]["product"] == "pooled" and once["fusion"]["exponent"] == 0.5
     assert twice["fusion"]["distinct_photos"] == 1
     assert once["samples"] == twice["samples"]
 
@@ -118,6 +119,17 @@ def test_the_same_photo_twice_is_the_photo_alone() -> None:
     # Two best guesses of 512 samples of a 50-km vMF: each within a few km of its mode.
     lat, lon = twice["best_guess"]["lat"], twice["best_guess"]["lon"]
     assert abs(lat - own["best_guess"]["lat"]) < 0.3 and abs(lon - own["best_guess"]["lon"]) < 0.4
+
+
+def test_a_pooled_answer_counts_distinct_photos() -> None:
+    """Through locate_together: two distinct photos get e = (1 + w) / 2, the same photo twice
+    (one distinct photo) e = 1 + w; the answer says which."""
+    locator = Locator(_tiny_rfm(), _Encoder(4))
+    emb = torch.eye(4)[:2]
+    two = locator.locate_together(emb, num_samples=64, proposals_per_round=128)
+    same = locator.locate_together(emb[[1, 1]], num_samples=64, proposals_per_round=128)
+    assert two["fusion"]["exponent"] == 0.25 and same["fusion"]["exponent"] == 0.5
+    assert "geometric mean of the 2 photos" in two["fusion"]["why"]
 
 
 def test_the_tempered_product_of_vmf_members_is_its_closed_form() -> None:
@@ -157,6 +169,11 @@ def test_the_tempered_product_of_vmf_members_is_its_closed_form() -> None:
 
 def test_which_product_follows_the_models_own_guidance() -> None:
     assert fusion_product(_tiny_rfm(-0.5)).exponent == 0.5
+    # n distinct photos: the geometric mean of their usual answers, e = (1 + w) / n
+    assert fusion_product(_tiny_rfm(-0.5), 2).exponent == 0.25
+    assert fusion_product(_tiny_rfm(-0.5), 4).name == "pooled"
+    assert fusion_product(_tiny_rfm(-0.5), 4).exponent == 0.125
+    assert fusion_product(_tiny_rfm(None), 4).exponent == 1.0
     assert fusion_product(_tiny_rfm(None)).name == "exact"
     assert fusion_product(_tiny_rfm(2.0)).exponent == 1.0  # w > 0 says nothing of over-confidence
     assert fusion_product(tb.ClosedFormCues(tb.uniform_prior(), [tb.vmf((0, 0), 100.0)])).name == (

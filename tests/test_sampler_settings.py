@@ -239,7 +239,7 @@ def test_models_and_evaluate_default_to_the_recipe():
     """``model.sample(emb)`` is DEFAULT_SAMPLER at the model's recommended guidance (or the
     fallback DEFAULT_GUIDANCE), bitwise; its localizability is the recipe's; evaluate draws its
     best guesses with the same recipe and records it."""
-    from globeflow.core.families import FlowMatching
+    from globeflow.core.families import Diffusion, FlowMatching
     from globeflow.core.network import Denoiser
     from globeflow.core.sampler_settings import DEFAULT_GUIDANCE, resolve
     from globeflow.jobs.evaluation import evaluate
@@ -266,11 +266,18 @@ def test_models_and_evaluate_default_to_the_recipe():
         solver=d.localizability_solver, precision=d.precision,
     )  # fmt: skip
     assert torch.equal(model.localizability(emb, generator=seeded()), spelled)
-    # An R^3 family lacks data-2m: its own step, on its own grid.
+    # The flow family has the recipe's solver and runs it on the recipe's grid; diffusion
+    # lacks it and runs its own step (DDIM) at the recipe's steps.
     torch.manual_seed(0)
     flow = FlowMatching(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
-    own = flow.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(), "euler")
-    assert torch.equal(flow.sample(emb, generator=seeded()), own)
+    assert d.solver in flow.solvers
+    spelled = flow.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(),
+                          d.solver, grid=d.grid)  # fmt: skip
+    assert torch.equal(flow.sample(emb, generator=seeded()), spelled)
+    diffusion = Diffusion(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
+    assert d.solver not in diffusion.solvers
+    own = diffusion.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(), "ddim")
+    assert torch.equal(diffusion.sample(emb, generator=seeded()), own)
 
     class Store:
         embeddings = emb
@@ -329,7 +336,7 @@ def test_the_command_lines_help_states_the_recipe(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(cli)
-    for text in ("default: 333", "default: 7 data-2m", "default 55", "else 4.5"):
+    for text in ("default: 333", f"default: 7 {other.solver}", "default 55", "else 4.5"):
         assert text in predict, text
     for text in ("predict's, 333", "default 55", "else 4.5"):
         assert text in evaluate, text

@@ -6,10 +6,14 @@ content ids, and every random draw comes from streams seeded by those ids, so an
 same photos gives the same answer bit for bit.
 
 Which product: a model whose own recommended guidance w is negative says its conditional is
-over-confident, and gets p(y) prod_i [p(y | c_i) / p(y)]^(1 + w) (one photo alone: the density
-its guidance aims at); any other model (no recommendation, or w >= 0, e.g. the closed-form
-oracles of the tests) gets the exact product, e = 1. Measured on real photos in
-benchmarks/fusion.py and docs/fusion.md.
+over-confident; its usual answer for one photo is the guided density p(y)^(-w) p(y | c)^(1 + w).
+For n distinct photos it gets the *pooled* product p(y) prod_i [p(y | c_i) / p(y)]^((1 + w) / n),
+the normalised geometric mean of the photos' usual answers (one photo: its usual answer). On
+real photos of photographers the bundled model never saw, both the exact product (e = 1) and the
+tempered one (e = 1 + w per photo) made its answers worse than the single photos, because
+every photo's likelihood ratio carries the encoder's errors and multiplying n of them
+compounds them (benchmarks/fusion.py, docs/fusion.md). Any other model (no recommendation, or
+w >= 0, e.g. the closed-form oracles of the tests) gets the exact product, e = 1: Bayes' rule.
 
 Each photo's own samples, and the null condition's, come from one path pass (samples with
 their log-densities); they seed the proposal kernels, probe each density's stiff end, and give
@@ -80,11 +84,12 @@ OWN_SAMPLES = 48
 MIN_ESS = 30.0
 """Below this effective sample size a fused answer is refused as unreliable."""
 REFUSAL_LOG_BAYES_FACTOR = math.log(1 / 20)
-"""A fused answer is given only above this same-place log Bayes factor: on the bundled model
-and real photos (benchmarks/fusion.py, docs/fusion.md) it refused none of the groups of one
-photographer within a few km and let through the fewest far-apart pairs of the thresholds
-tried. Below 0 (but above it) the answer is given and says the photos look like different
-places."""
+"""A fused answer is given only above this same-place log Bayes factor. On the synthetic
+testbeds (a model that knows places) it refuses pairs that share no place; on the bundled model
+and real photos it never saw no threshold separates groups of one place from far-apart pairs
+(benchmarks/fusion.py, docs/fusion.md: at 0 it refuses 9 of 25 groups and answers 5 of 16 far
+pairs; at -1 and below it refuses none and answers all). Below 0 (but above it) the answer is
+given and says the photos look like different places."""
 DISAGREEMENT_LOG_BAYES_FACTOR = REFUSAL_LOG_BAYES_FACTOR
 NULL_MARGIN_BITS = 1.0
 """The null condition may be at most this much more localized than the sharpest photo."""
@@ -114,7 +119,7 @@ class PosteriorDraw:
 @dataclass(frozen=True)
 class Product:
     """Which product a fused answer takes: ``exponent`` e of each likelihood ratio, ``name``
-    ("exact" or "tempered") and why, in words."""
+    ("exact" or "pooled") and why, in words."""
 
     exponent: float
     name: str
@@ -124,16 +129,20 @@ class Product:
         return {"product": self.name, "exponent": self.exponent, "why": self.reason}
 
 
-def fusion_product(model) -> Product:
-    """The product for ``model`` (module doc): tempered by 1 + w when its metadata recommends a
-    guidance w < 0, exact otherwise."""
+def fusion_product(model, photos: int = 1) -> Product:
+    """The product for ``model`` and ``photos`` distinct photos (module doc): pooled, e =
+    (1 + w) / n, when its metadata recommends a guidance w < 0; exact otherwise."""
     meta = getattr(model, "metadata", None) or {}
     w = meta.get("recommended_guidance")
+    n = max(int(photos), 1)
     if w is not None and -1.0 < float(w) < 0.0:
+        e = (1.0 + float(w)) / n
         return Product(
-            1.0 + float(w), "tempered",
-            f"the model recommends guidance {float(w):g}: its conditional is over-confident, so "
-            f"each photo's likelihood ratio p(y|c)/p(y) is raised to 1 + w = {1 + float(w):g}",
+            e, "pooled",
+            f"the model recommends guidance {float(w):g} (its conditional is over-confident), and "
+            f"on real photos it was not trained on the exact product of its photos made answers "
+            f"worse than one photo: the answer is the geometric mean of the {n} photos' usual "
+            f"answers, each likelihood ratio p(y|c)/p(y) raised to (1 + w) / n = {e:g}",
         )  # fmt: skip
     return Product(1.0, "exact", "the model states no over-confidence: Bayes' rule, exponent 1")
 

@@ -246,12 +246,12 @@ class Locator:
         check_fusable(self.model)
         recipe = self._recipe(None, solver, None, num_samples=num_samples, steps=steps,
                               precision=precision)  # fmt: skip
-        product = fusion_product(self.model)
         # Bayes' rule holds for the model's density: fused answers take no guidance (a tempered
         # product plays its part, see answers/fusion.py).
         settings = {**self._settings(recipe, seed), "guidance": 0.0}
         group = photo_set(emb.to(self.model.device), embedding_ids(emb))
         n_distinct = len(group.ids)
+        product = fusion_product(self.model, n_distinct)
         per_round = per_round_for(n_distinct, proposals_per_round)
         settings.update(same_place=True, proposals_per_round=per_round)
         region = _as_region(within)

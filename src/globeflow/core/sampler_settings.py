@@ -64,9 +64,9 @@ class SamplerSettings:
     estimate; a sharp posterior adds steps at the data end (:mod:`globeflow.core.likelihood`).
     """
 
-    solver: str = "data-2m"
+    solver: str = "lagged-midpoint"
     grid: str | None = "published"
-    steps: int = 24
+    steps: int = 48
     precision: str = "fp32"
     num_samples: int = 1024
     guidance: float | None = None
