@@ -69,3 +69,30 @@ def exact_negative_entropy(strength: float, n: int = 200_000) -> float:
     z0 = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
     z = exact_height(z0, strength)
     return float(exact_log_density(z, strength).mean())
+
+
+class TwoPoles(NorthPull):
+    """A pull to the nearer pole, of strength ``north`` around the north pole and ``south``
+    around the south one, split at height ``split``: v = c(z) (e_z - z x), c(z) = (north +
+    south) / 2 tanh((z - split) / 0.01) + (north - south) / 2 (the same at every level). Its
+    divergence near a pole is about -2 c, so two strengths give two stiffness floors: a stiff
+    field whose floors differ between the samples of one image, cheap to evaluate."""
+
+    def __init__(self, north: float, south: float, split: float):
+        super().__init__(0.0)
+        self.north, self.south, self.split = north, south, split
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        z = y[..., 2:3]
+        c = (self.north + self.south) / 2 * torch.tanh((z - self.split) / 0.01)
+        ez = torch.zeros_like(y)
+        ez[..., 2] = 1.0
+        return (c + (self.north - self.south) / 2) * (ez - z * y)
+
+    def forward_with_jvp(self, y, tangents, cond, precision="fp32"):
+        jvps = torch.stack([torch.func.jvp(self._out, (y,), (t,))[1] for t in tangents])
+        return self._out(y), jvps
+
+
+def two_poles_model(north: float, south: float, split: float) -> RiemannianFlowMatching:
+    return RiemannianFlowMatching(TwoPoles(north, south, split)).double().eval()

@@ -18,12 +18,15 @@ from globeflow.core.exact_field import (
 )
 from globeflow.core.families import NonFiniteOutputError, RiemannianFlowMatching
 from globeflow.core.likelihood import (
+    divergence_weights,
     log_prob_ode,
     probe_ladder,
     sample_with_log_density,
+    stiff_end_levels,
     stiffness_floor,
 )
 from globeflow.core.network import Denoiser
+from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
 f64 = torch.float64
@@ -157,3 +160,51 @@ def test_probe_ladder_reaches_the_sharpest_floor():
     ladder = probe_ladder(0.2)
     assert ladder[0] == 0.2 and ladder[-1] == pytest.approx(1e-5)
     assert all(a / b <= 4.0 + 1e-9 for a, b in zip(ladder, ladder[1:], strict=False))
+    assert len(probe_ladder(1.0)) <= 13  # the docstring's bound, from any knee
+
+
+@pytest.mark.parametrize("floor", [1e-4, 1e-3])
+@pytest.mark.parametrize("log_step", [0.2, 0.35])
+def test_stiff_end_grid_bounds_its_steps(floor, log_step):
+    """Each step of :func:`stiff_end_levels` is at most the bulk step H and at most log_step
+    (s + floor) at its upper end s = 1 - gamma, and the stiff end adds about (log(H / (log_step
+    floor)) - 1) / log_step steps to the bulk ones (its docstring)."""
+    bulk = 24
+    s = 1.0 - stiff_end_levels(0.0, bulk, floor, log_step)
+    h = s[:-1] - s[1:]
+    assert bool((h > 0).all())
+    assert float(h.max()) <= 1.0 / bulk * (1 + 1e-9)
+    assert bool((h <= log_step * (s[:-1] + floor) * (1 + 1e-9) + 1e-15).all())
+    predicted = bulk + (math.log(1.0 / bulk / (log_step * floor)) - 1.0) / log_step
+    assert abs(len(h) - predicted) <= 2
+
+
+@pytest.mark.parametrize("solver", ["lagged-midpoint", "midpoint"])
+def test_divergence_weights_integrate_the_stiff_shape_exactly(solver):
+    """With :func:`divergence_weights` the solver's log-density integral of a divergence
+    -2 / (1 - gamma + w) is exact on the stiff-end grid (unweighted it is not), and the weights
+    are ~1 where the steps are short against 1 - gamma + w."""
+    w = 1e-3
+    gammas = stiff_end_levels(0.0, 24, w / 4, 0.2)
+    method = SOLVERS[solver]
+    levels = method.levels(gammas)
+    x0 = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=f64)
+
+    def integral(factors):
+        def field(z, node, with_divergence):
+            div = (
+                factors[node]
+                * -2.0
+                / (1.0 - levels[node] + w)
+                * torch.ones(z.shape[:-1], dtype=f64)
+            )
+            return torch.zeros_like(z), div if with_divergence else None
+
+        return float(method.integrate(field, x0, gammas, SPHERE, with_log_density=True)[1])
+
+    exact = 2.0 * math.log((1.0 - gammas[0] + w) / (1.0 - gammas[-1] + w))  # -int div
+    factors = divergence_weights(gammas, solver, w)
+    assert integral(factors) == pytest.approx(exact, rel=1e-10)
+    assert abs(integral(torch.ones_like(factors)) - exact) > 1e-3
+    short = (1.0 / 24) / (1.0 - levels + w) < 0.1  # bulk steps short against the scale
+    assert bool(short.any()) and float((factors[short] - 1).abs().max()) < 0.01

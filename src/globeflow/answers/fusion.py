@@ -49,7 +49,6 @@ from globeflow.core.likelihood import (
     STIFF_LOG_STEP,
     by_width,
     log_prob_ode,
-    pilot_width,
     quantized_width,
     stiff_width,
 )
@@ -77,9 +76,9 @@ LIKELIHOOD_STEPS = 24
 steps, the error of a two-photo log-weight has a standard deviation of 0.06 nats at 24 steps
 (0.05 at 48, 0.21 at 16), at half the cost of 48."""
 FUSION_LOG_STEP = STIFF_LOG_STEP
-"""Steps in log(1 - gamma) at the stiff end of the fusion densities (the sampler's, 0.35, not
-the likelihood's 0.15): bounds the stiff steps at about a third (+0.04..+0.14 nats on 1-km
-patterns, shared by every photo's density at a point, so much of it cancels in the weights)."""
+"""Steps in log(1 - gamma) at the stiff end of the fusion densities: the sampler's
+(:data:`~globeflow.core.likelihood.STIFF_LOG_STEP`), not the likelihood's finer one; its error is
+shared by every photo's density at a point, so much of it cancels in the weights."""
 OWN_SAMPLES = 48
 """Samples of each photo's (and the null's) own posterior: the proposal kernels' centres."""
 MIN_ESS = 30.0
@@ -191,11 +190,11 @@ def photo_set(emb: torch.Tensor, ids: Sequence[str]) -> PhotoSet:
 @dataclass
 class OwnSamples:
     """Each photo's own samples and the null's: points (n + 1, K, 3), log-densities (n + 1, K)
-    (the null last), and each density's stiff-end width (None: not a denoising model)."""
+    (the null last), and whether the densities take stiff-end grids (denoising models on S^2)."""
 
     points: torch.Tensor
     log_p: torch.Tensor
-    widths: list[float] | None
+    stiff_end: bool
 
     def bits(self) -> torch.Tensor:
         """Localizability (n + 1,) in bits: E log2 p under each density."""
@@ -213,24 +212,19 @@ def own_samples(
         from globeflow.core.random_streams import stream_noise
 
         noise, padded = stream_noise(model, generators, k, conditions)
-        widths = [
-            quantized_width(pilot_width(model, conditions[i : i + 1], steps, FUSION_LOG_STEP))
-            for i in range(conditions.shape[0])
-        ]
-
-        def solve(rows: list[int], width: float) -> tuple[torch.Tensor, torch.Tensor]:
-            return model.sample_with_log_density(
-                conditions[rows], padded, steps, None, method="path",
-                solver=LOCALIZABILITY_SOLVER, noise=noise[rows], stiff=width,
-            )  # fmt: skip
-
-        x, log_p = by_width(widths, solve)
-        return OwnSamples(x[:, :k], log_p[:, :k], widths)
+        # Each sample's own stiffness floor (probed where its pilot lands), as the localizability.
+        x, log_p = model.sample_with_log_density(
+            conditions, padded, steps, None, method="path", solver=LOCALIZABILITY_SOLVER,
+            noise=noise,
+        )  # fmt: skip
+        return OwnSamples(x[:, :k], log_p[:, :k], stiff_end=True)
     parts = [
         model.sample_with_log_density(conditions[i : i + 1], k, steps, g)
         for i, g in enumerate(generators)
     ]
-    return OwnSamples(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None)
+    return OwnSamples(
+        torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), stiff_end=False
+    )
 
 
 def null_check(own: OwnSamples) -> dict:
@@ -252,7 +246,7 @@ def fusion_densities(model, conditions: torch.Tensor, steps: int, own: OwnSample
     null last: one batched likelihood solve per stiff-end width on S^2, each density's width
     probed at its own samples and its stiff steps bounded (:data:`FUSION_LOG_STEP`)."""
     widths = None
-    if own.widths is not None:
+    if own.stiff_end:
         widths = [
             quantized_width(stiff_width(model, conditions[i : i + 1], own.points[i : i + 1],
                                         steps, FUSION_LOG_STEP))
@@ -349,8 +343,6 @@ def single_sample(
     batch = num_samples
     on_sphere = getattr(model, "geometry", None) is SPHERE
     path_steps = max(steps, LIKELIHOOD_STEPS)
-    # The photo's stiff-end width, probed once for every round (it does not change).
-    stiff = quantized_width(pilot_width(model, emb, path_steps)) if on_sphere else None
     while batch > 0:
         round_ += 1
         if on_sphere:
@@ -360,7 +352,6 @@ def single_sample(
             x, log_p = model.sample_with_log_density(
                 emb, batch, path_steps, generator, method="path",
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
-                stiff=stiff,
             )  # fmt: skip
         else:
             x, log_p = model.sample_with_log_density(emb, batch, steps, generator)

@@ -49,20 +49,23 @@ DEFAULT_LIKELIHOOD_STEPS = 48
 against dopri5 at 1e-7 (two sets of 32 and 64 points): max |delta log p| 0.007-0.009 nats at
 48 midpoint steps (0.004 at 64), while 32-40 steps give 0.024-0.027. That network's time input
 oscillates faster than the steps, so the error does not fall steadily until the steps are fine
-enough. In bf16 the floor is 0.013-0.02 nats. These are the *bulk* steps: a sharp posterior adds
-steps uniform in log(1 - gamma) at the data end (:func:`stiff_end_levels`; none on that network
-or the random test networks; 100-105 in all on a 1-km target)."""
-# Known limitation: the diffusion ODE of an *untrained* eps-network converges only at first order
-# in the number of steps (about 1 nat at 1024 steps in our tests), because its field is stiff near
-# gamma = 0; the R^3 diffusion density is the paper's comparison number, not our default model.
+enough. In bf16 the floor is 0.013-0.02 nats (benchmarks/vs_reference.py; docs/benchmarks.md).
+These are the *bulk* steps: a sharp posterior adds steps uniform in log(1 - gamma) at the data
+end (:func:`stiff_end_levels`); the 1-km accuracy is pinned by
+tests/test_likelihood.py::test_exact_log_likelihood_of_a_1km_target_matches_its_closed_form."""
+# Known limitation: the diffusion ODE of an *untrained* eps-network converges slowly in the number
+# of steps, because its field is stiff near gamma = 0 (no test pins its accuracy); the R^3
+# diffusion density is the paper's comparison number, not our default model.
 DIFFUSION_GAMMA_END = 1e-5
 """The diffusion ODE is singular at gamma = 0; it is integrated down to this signal level and
 scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
 
 
-STIFF_LOG_STEP = 0.35
+STIFF_LOG_STEP = 0.2
 """Largest step in log(1 - gamma) of :func:`stiff_end_levels` where the field is stiff: the
-steps there are STIFF_LOG_STEP (1 - gamma + floor) in gamma."""
+steps there are STIFF_LOG_STEP (1 - gamma + floor) in gamma. The sampler's and the
+localizability's (0.35 before: with the midpoint rule at 24 bulk steps, 0.2 brings the bias on
+the exact testbeds within 0.1 bit; docs/benchmarks.md, "Localizability accuracy and cost")."""
 SHARPEST_LEVEL_FLOOR = 1e-5
 """The smallest floor of the stiff-end grid, in 1 - gamma: the sharpest posterior supported
 has 1 - gamma ~ 1e-4 at its stiffest (an RFM kernel of 1 km RMS radius has width
@@ -73,7 +76,7 @@ LIKELIHOOD_LOG_STEP = 0.15
 on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 points each),
 +0.04..+0.14 nats at 0.35, -0.08..+0.04 at 0.2, -0.006..+0.027 at 0.15 (its sign is set by how
 closely the divergence follows -2 / (1 - gamma + w)); 0.15 costs ~35% more time than 0.35, on
-sharp models only."""
+sharp models only (docs/benchmarks.md, "Exact log-likelihood of sharp posteriors")."""
 STIFF_FLOOR_RATIO = 4.0
 """The stiff-end grid's floor is the probed bound (:func:`stiffness_floor`) over this: a margin
 for the ladder's factor-4 rungs, between which kappa is not read."""
@@ -92,13 +95,14 @@ def stiff_end_levels(
     Why: near the data end the field of a posterior of width w behaves like -(x - x1) / s
     (x1 where it is heading) for s >> w, a rate 1 / s, and its divergence like -2 / s. Uniform
     steps in gamma spend their last step on log(H / w) e-folds of it: the midpoint rule then
-    misses nats of the divergence integral 2 log(H / w) (6 nats at 1 km with 48 steps), and from
-    noise to data h |lambda| = H / w leaves the stability interval of the lagged midpoint rule
-    ([-1, 0]). Steps of log_step x s keep h |lambda| <= log_step (stable and accurate; from data
-    to noise the flow expands, and errors grow no faster than the solution). The points
-    themselves move at a nearly constant speed in gamma (along geodesics, d = d0 s from where
-    they head), which the midpoint rule in gamma follows exactly; only the divergence, ~1 / s,
-    needs the quadrature weights of :func:`divergence_weights`. Below s ~ w the field stops
+    misses nats of the divergence integral 2 log(H / w), and h |lambda| = H / w >> 1. Steps of
+    log_step x (s + floor) keep h |lambda| <= log_step (the grid's bound is pinned by
+    tests/test_stiffness.py::test_stiff_end_grid_bounds_its_steps). The points themselves move
+    at a constant speed in gamma toward a single atom (along geodesics, d = d0 s from where they
+    head), which every solver follows exactly
+    (tests/test_solvers.py::test_every_solver_transports_a_single_sharp_atom_exactly); only the
+    divergence, ~1 / s, needs the quadrature weights of :func:`divergence_weights`. Below s ~ w
+    the field stops
     steepening (its rate saturates near 1 / w), so steps of log_step x floor reach s = 0 in
     about log(2) / log_step steps.
     """
@@ -122,7 +126,8 @@ def divergence_weights(
     """Per-node factors (nodes of ``solver`` on ``gammas``) on the divergence term so that each
     step integrates c / (1 - gamma + width) exactly (the shape of the divergence at the stiff
     end), instead of only to second order; None where ``width`` is None (no stiff end). The
-    factors are 1 + O(h^2 / (1 - gamma + width)^2): ~1 in the bulk."""
+    factors are 1 + O(h^2 / (1 - gamma + width)^2): ~1 in the bulk (both pinned by
+    tests/test_stiffness.py::test_divergence_weights_integrate_the_stiff_shape_exactly)."""
     if width is None:
         return None
     method = SOLVERS[solver]
@@ -176,9 +181,13 @@ def stiffness_floor(
     - several scales (clusters of sharp modes): kappa dips and rises again; the minimum over the
       ladder takes the sharpest scale the point sits in.
 
+    The first two shapes are pinned by
+    tests/test_stiffness.py::test_kappa_shapes_of_kernel_and_smooth_posteriors.
+
     kappa is read at each point on a ladder of levels falling by 4 from the knee H / log_step
     (H the bulk step) to :data:`SHARPEST_LEVEL_FLOOR` (one evaluation with the divergence per
-    rung); each point's floor depends on that point alone, never on the others of its batch.
+    rung); each point's floor depends on that point alone, never on the others of its batch
+    (tests/test_stiffness.py::test_log_density_of_a_point_does_not_depend_on_its_batch).
     Raises :class:`~globeflow.core.families.base.NonFiniteOutputError` where the divergence is
     not finite (a silent fallback would hide a broken model)."""
     from globeflow.core.families.base import NonFiniteOutputError
@@ -360,9 +369,7 @@ def _midpoint_log_prob(
     3 network rows), on :func:`stiff_end_levels` with ``steps`` bulk steps; ``stiff`` None: the
     floor is probed at each point (:func:`stiffness_floor`), and points are solved in groups of
     equal quantized floor (:func:`solve_by_floor`); a number: that width for all (inf: no
-    stiff end).
-    It matched the plain midpoint rule's accuracy on the YFCC-size network at 3/4 of its cost,
-    and RK4's at 1/4."""
+    stiff end)."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
     method = SOLVERS["lagged-midpoint"]
@@ -447,7 +454,8 @@ def sample_with_log_density(
     sampler integrates noise -> data with ``solver`` on :func:`stiff_end_levels` (``steps``
     bulk steps uniform in gamma, plus steps uniform in log(1 - gamma) where the field is stiff)
     and carries d log p / d gamma = -div v with the same tableau (divergence weights of
-    :func:`divergence_weights`), so log p is exact up to the solver's discretisation.
+    :func:`divergence_weights`), so log p is exact up to the solver's discretisation
+    (tests/test_likelihood.py::test_path_log_density_is_exact_on_a_known_flow).
     ``stiff``: the stiff end's width for all samples; None: each sample's own floor
     (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state lands,
     samples of equal quantized floor solved together (:func:`solve_by_floor`); inf: no stiff
@@ -489,9 +497,10 @@ def sample_with_log_density(
 def pilot(model, emb: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Where each initial state x0 (B, N, 3) lands under :data:`PILOT_STEPS` Euler steps on the
     published grid, (B, N, 3): near the end of its own accurate path, so that the stiffness is
-    probed where that sample's mass is. A pilot that misses (between modes, off a sharp mode)
-    reads the field as stiffer than it is (there the field pulls at the full rate 1 / s), so
-    its error costs steps, never accuracy."""
+    probed where that sample's mass is. A pilot that lands between modes reads the field as
+    stiffer than it is (there it pulls at the full rate 1 / s), which costs steps; one that
+    misses a sharp mode its sample reaches gives that sample too coarse a grid (the strict xfail
+    tests/test_stiffness.py::test_a_5_percent_sharp_minor_mode_is_integrated_on_its_own_grid)."""
     recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=x0.shape[1])
     return model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), x0, None)
 
@@ -500,7 +509,7 @@ def integration_grid(schedule, steps: int, t_end: float = 1.0, spacing: str = "m
     """Times 0 = t_0 < ... < t_steps = t_end for the fixed-step solver, (steps + 1,) float64.
 
     "t": uniform in t. "gamma": uniform in the signal level (equal increments of the network's
-    time input; default of the flow families, best in an earlier benchmark). "mixed": uniform in
+    time input; default of the flow families). "mixed": uniform in
     t + 1 - gamma(t), which also shortens steps where the density sharpens (t near 0).
     "mixed-log" (default for diffusion): adds log(gamma) / log(gamma_end), since the diffusion
     probability-flow ODE behaves like dx/dgamma = x / (2 gamma) near the noise end and is smooth
@@ -564,10 +573,6 @@ def log_prob_adaptive(
 
 # ---- one width for a whole image (fusion's batched proposals) --------------------------------
 
-SHARED_PILOT_SAMPLES = 64
-"""Samples per image of :func:`pilot_width`'s pilot (a 5%-mass mode is missed with probability
-0.95^64 = 4%; the per-sample floors of :func:`sample_with_log_density` miss none)."""
-
 
 def stiff_width(
     model, emb: torch.Tensor, x: torch.Tensor, bulk_steps: int, log_step: float = STIFF_LOG_STEP
@@ -577,16 +582,6 @@ def stiff_width(
     many points of an image on one grid (fusion); the others take per-point floors."""
     floor = float(stiffness_floor(model, emb, x, bulk_steps, log_step).min())
     return None if floor == math.inf else floor
-
-
-def pilot_width(
-    model, emb: torch.Tensor, steps: int, log_step: float = STIFF_LOG_STEP
-) -> float | None:
-    """:func:`stiff_width` at the :func:`pilot` of :data:`SHARED_PILOT_SAMPLES` initial states
-    per image (a fixed seed of their own, so the caller's random stream is untouched)."""
-    generator = torch.Generator(device=emb.device).manual_seed(0)
-    x0 = model._prepare_noise(emb, SHARED_PILOT_SAMPLES, None, generator)
-    return stiff_width(model, emb, pilot(model, emb, x0), steps, log_step)
 
 
 def quantized_width(width: float | None) -> float:

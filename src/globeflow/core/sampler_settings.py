@@ -42,13 +42,17 @@ PUBLISHED_GUIDANCE = 2.0
 prediction (Sec. 4, "omega = 2 for location prediction"), measured by the authors on real
 photos; their checkpoints carry no metadata, so loading one records it."""
 
-LOCALIZABILITY_BULK_STEPS = 16
+LOCALIZABILITY_BULK_STEPS = 24
 """Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
-of :func:`globeflow.core.likelihood.stiff_end_levels` adds its steps (none on the random
-networks, 18 on the bundled model, 23-26 at 1 km)."""
+of :func:`globeflow.core.likelihood.stiff_end_levels` adds its steps. With
+:data:`LOCALIZABILITY_SOLVER` and the stiff-end step of
+:data:`globeflow.core.likelihood.STIFF_LOG_STEP`, the bias on the exact-field testbeds is within
+0.1 bit (docs/benchmarks.md, "Localizability accuracy and cost";
+``benchmarks/likelihood_accuracy.py``)."""
 
-LOCALIZABILITY_SOLVER = "lagged-midpoint"
-"""Solver of the one-pass localizability estimate."""
+LOCALIZABILITY_SOLVER = "midpoint"
+"""Solver of the one-pass localizability estimate (the lagged midpoint rule, one evaluation per
+step, was 0.35-0.38 bit low on the 25-km and 1,000-km exact testbeds at 16 steps)."""
 
 LOCALIZABILITY_SAMPLES = 128
 """Unguided samples per photo of the localizability estimate (and of evaluate's calibration)."""
