@@ -92,6 +92,7 @@ def _assert_summaries_equal(written: dict, recomputed: dict) -> None:
 
 def test_end_to_end_offset_model(im2gps_csv, tmp_path):
     model = OffsetModel()
+    model.metadata = {"recommended_guidance": 2.0}  # the guess at 2, the density at 0
     report = evaluate(
         model,
         im2gps_csv,
