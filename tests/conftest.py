@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent."""
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent, and fail
+when CI=true (CI has it: a missing copy there is an error, not a reason to test less)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,17 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def require_shared(path: Path, what: str) -> None:
+    """Skip (fail under CI=true) when ``path`` of ../shared is missing."""
+    if path.exists():
+        return
+    message = f"{what} not found at {path} (set GLOBEFLOW_SHARED to the shared folder)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; CI=true: tests that need ../shared fail instead of skipping")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def plonk_compat() -> Path:
-    if not (PLONK_COMPAT / "tiny" / "vectors.json").is_file():
-        pytest.skip(f"PLONK compat files not found at {PLONK_COMPAT}")
+    require_shared(PLONK_COMPAT / "tiny" / "vectors.json", "PLONK compat files")
     return PLONK_COMPAT

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SHARED, require_shared
 from PIL import Image
 
 from globeflow.data.encoders import (
@@ -39,8 +39,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def compat() -> Path:
-    if not (COMPAT / "expected_embeddings.safetensors").is_file():
-        pytest.skip(f"encoder parity vectors not found at {COMPAT}")
+    require_shared(COMPAT / "expected_embeddings.safetensors", "encoder parity vectors")
     pytest.importorskip("transformers", reason="transformers not installed (optional hub extra)")
     return COMPAT
 
