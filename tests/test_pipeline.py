@@ -27,7 +27,19 @@ def test_defaults_are_used_and_recorded():
     loc = _locator()
     res = loc.locate_embeddings(torch.randn(2, 6), localizability_samples=32)
     s = res[0]["settings"]
-    assert s["num_samples"] == DEFAULT_SAMPLER.num_samples == len(res[0]["samples"])
+    assert s["num_samples"] == DEFAULT_SAMPLER.num_samples
+    assert s["first_samples"] == DEFAULT_SAMPLER.first_samples
+    for r in res:  # adaptive: the first draw, and more (up to num_samples) only where needed
+        drawn = len(r["samples"])
+        assert r["monte_carlo"]["samples"] == drawn
+        assert DEFAULT_SAMPLER.first_samples <= drawn <= DEFAULT_SAMPLER.num_samples
+        mc = r["monte_carlo"]
+        within = (
+            mc["guess_score_stderr"] <= mc["guess_score_tolerance"]
+            and max(mc["region_probability_stderr"], default=0.0)
+            <= mc["region_probability_tolerance"]
+        )
+        assert within or drawn == DEFAULT_SAMPLER.num_samples
     assert (s["solver"], s["grid"], s["steps"], s["precision"]) == (
         DEFAULT_SAMPLER.solver,
         DEFAULT_SAMPLER.grid,

@@ -7,46 +7,120 @@ answer's initial states, then (unless one pass gives both) the localizability's.
 on S^2, with a solver that carries log-densities on its own grid, the answer's samples follow the
 model's density and one pass (:func:`globeflow.core.likelihood.sample_with_log_density`) gives
 samples and log-densities; otherwise the localizability takes its own unguided one-pass samples
-with the recipe's localizability solver and (bulk) steps.
+with the recipe's localizability solver and (bulk) steps. An adaptive recipe then draws more
+answer samples, from the same stream, for the photos whose answer needs them
+(:mod:`globeflow.answers.monte_carlo`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from globeflow.answers.decode import best_guess, top_regions
+from globeflow.answers.monte_carlo import answer_errors, samples_needed
 from globeflow.core.random_streams import stream_noise
 from globeflow.core.sampler_settings import SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
-__all__ = ["bits_and_stderr", "draw_answers"]
+__all__ = ["bits_and_stderr", "draw_answers", "more_samples"]
 
-Draw = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Draw = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
 
 def draw_answers(
     model, emb: torch.Tensor, generators: Sequence[torch.Generator], recipe: SamplerSettings
 ) -> Draw:
-    """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its Monte Carlo standard
-    error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn from its
-    own generator, with a resolved ``recipe``
-    (:func:`~globeflow.core.sampler_settings.resolve`)."""
+    """Samples [(N_i, 2) degrees on CPU per photo], localizability bits (B,) and its Monte Carlo
+    standard error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn
+    from its own generator, with a resolved ``recipe``
+    (:func:`~globeflow.core.sampler_settings.resolve`).
+
+    An adaptive recipe (``recipe.adaptive``) first draws ``first_samples`` per photo, then more,
+    up to ``num_samples``, for the photos whose answer is not yet within the recipe's Monte
+    Carlo tolerances (:func:`more_samples`), and again until each is within them or at
+    ``num_samples`` (every round adds at least ``first_samples``); a photo's count depends on
+    its own samples only.
+    """
     if hasattr(model, "prepare_embeddings"):
         emb = model.prepare_embeddings(emb)
+    if not recipe.adaptive:
+        return _draw_batch(model, emb, generators, recipe)
+    first = dataclasses.replace(recipe, num_samples=recipe.first_samples)
+    samples, bits, stderr = _draw_batch(model, emb, generators, first)
+    extra = dataclasses.replace(recipe, localizability_samples=0)
+    one_pass = _one_pass(model, recipe)
+    while any(wanted := [more_samples(s, recipe) for s in samples]):
+        for count in sorted(set(wanted) - {0}):  # one batched solve per extra count
+            rows = [i for i, w in enumerate(wanted) if w == count]
+            drawn, _, _ = _draw_batch(
+                model, emb[rows], [generators[i] for i in rows],
+                dataclasses.replace(extra, num_samples=count), one_pass=one_pass,
+            )  # fmt: skip
+            for i, more in zip(rows, drawn, strict=True):
+                samples[i] = torch.cat([samples[i], more])
+    return samples, bits, stderr
+
+
+def more_samples(samples: torch.Tensor, recipe: SamplerSettings) -> int:
+    """How many more samples an answer drawn from ``samples`` (N, 2) degrees needs for its best
+    guess's expected GeoScore and its region probabilities to be within ``recipe``'s
+    tolerances (0: none; at most ``recipe.num_samples`` in all)."""
+    guess = best_guess(samples)
+    errors = answer_errors(samples, guess, [r.probability for r in top_regions(samples)])
+    needed = samples_needed(
+        errors, recipe.guess_score_tolerance, recipe.region_probability_tolerance,
+        block=recipe.first_samples, cap=recipe.num_samples,
+    )  # fmt: skip
+    return needed - samples.shape[0]
+
+
+def _draw_batch(
+    model,
+    emb: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    recipe: SamplerSettings,
+    one_pass: bool | None = None,
+) -> Draw:
+    """:func:`draw_answers` of ``recipe.num_samples`` per photo from prepared embeddings;
+    ``one_pass`` (default: whether ``recipe`` takes the one pass, :func:`_one_pass`) draws the
+    answer's samples by the one-pass solve even where no localizability is asked."""
+    if one_pass is None:
+        one_pass = _one_pass(model, recipe)
     if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
         parts = [
-            _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count))
+            _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count), one_pass)
             for i, g in enumerate(generators)
         ]
-        return tuple(torch.cat(part) for part in zip(*parts, strict=True))  # type: ignore[return-value]
+        samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
+        return list(samples.unbind(0)), bits, stderr
 
     def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
         return stream_noise(model, generators, count, emb)
 
-    return _draw_from(model, emb, recipe, None, noise)
+    samples, bits, stderr = _draw_from(model, emb, recipe, None, noise, one_pass)
+    return list(samples.unbind(0)), bits, stderr
+
+
+def _one_pass(model, recipe: SamplerSettings) -> bool:
+    """Whether the answer's samples and the localizability come from one solve: without
+    guidance on S^2, for a Lie-group solver that carries log-densities, on its own grid
+    (uniform in gamma, then in log(1 - gamma) at a stiff end). Taken only where the asked-for
+    recipe runs such a solver on its own grid, so the answer's samples come from the same kind
+    of solve as asked, only finer at the end."""
+    solver = recipe.solver
+    return (
+        recipe.guidance == 0.0
+        and recipe.localizability_samples > 0
+        and getattr(model, "geometry", None) is SPHERE
+        and solver in SOLVERS and SOLVERS[solver].carries_log_density
+        and solver != getattr(model, "published_solver", None)
+        and recipe.grid in (None, "quadratic")
+    )  # fmt: skip
 
 
 def _draw_from(
@@ -55,30 +129,24 @@ def _draw_from(
     recipe: SamplerSettings,
     generator: torch.Generator | None,
     noise: Callable[[int], tuple[torch.Tensor | None, int]],
-) -> Draw:
-    """:func:`draw_answers` from ``generator`` or, where ``noise(count)`` gives initial states
-    (and their padded count), from those: the answer's first, then the localizability's."""
+    one_pass: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples (B, N, 2), bits and standard errors (B,) from ``generator`` or, where
+    ``noise(count)`` gives initial states (and their padded count), from those: the answer's
+    first, then the localizability's."""
     n, n_loc, solver = recipe.num_samples, recipe.localizability_samples, recipe.solver
-    on_sphere = getattr(model, "geometry", None) is SPHERE
     nan = torch.full((emb.shape[0],), float("nan"))
     # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
     how = {"settings": recipe} if solver_for(model, solver) is not None else {}
-    # The one pass runs a Lie-group solver that carries log-densities, on its own grid (uniform
-    # in gamma, then in log(1 - gamma) at a stiff end): taken only where the asked-for recipe
-    # runs such a solver on its own grid, so the answer's samples come from the same kind of
-    # solve as asked, only finer at the end.
-    one_pass = (
-        solver in SOLVERS and SOLVERS[solver].carries_log_density
-        and solver != getattr(model, "published_solver", None)
-        and recipe.grid in (None, "quadratic")
-    )  # fmt: skip
-    if recipe.guidance == 0.0 and on_sphere and one_pass and n_loc > 0:
+    if one_pass:
         steps = max(recipe.steps, recipe.localizability_steps)
         x0, padded = noise(n)
         x, log_p = model.sample_with_log_density(
             emb, padded, steps, generator, method="path", solver=solver, noise=x0,
             settings=recipe,
         )  # fmt: skip
+        if n_loc <= 0:
+            return unit_to_latlon(x[:, :n]).cpu(), nan, nan
         return (unit_to_latlon(x[:, :n]).cpu(), *bits_and_stderr(log_p[:, :n]))
     x0, padded = noise(n)
     if x0 is None:  # models that draw inside sample() (baselines, duck-typed stand-ins)

@@ -19,6 +19,7 @@ from PIL import Image
 from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
 from globeflow.answers.draw import draw_answers
 from globeflow.answers.geocode import region_label
+from globeflow.answers.monte_carlo import answer_errors
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
 from globeflow.apps.threads import network_threads
 from globeflow.core.checkpoints import load_model
@@ -150,35 +151,44 @@ class Locator:
                 self._draw(emb[photos], recipe, generators[photos])
                 for photos in photo_chunks(emb.shape[0], settings["num_samples"])
             ]
-            samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
+            samples = [s for part in parts for s in part[0]]
+            bits, stderr = (torch.cat([part[k] for part in parts]) for k in (1, 2))
         return self._decode(samples, bits, stderr, settings, top_k, region_radius_km, with_density)
 
     def _decode(
         self,
-        samples: torch.Tensor,
+        samples: Sequence[torch.Tensor],
         bits: torch.Tensor,
         stderr: torch.Tensor,
         settings: dict,
         top_k: int,
         region_radius_km: float | None,
         with_density: bool,
+        effective_samples: float | None = None,
     ) -> list[dict]:
-        """Result dicts from samples (B, N, 2) degrees and localizability bits (B,) +- (B,)."""
+        """Result dicts from each photo's samples (N_i, 2) degrees and localizability bits (B,)
+        +- (B,); ``effective_samples``: the independent draws a resampled set stands for."""
         with network_threads(_network_width(self.model)):
             guesses = torch.stack([best_guess(s) for s in samples])  # alone: batch-free
             regions = [
                 top_regions(samples[i], k=top_k, radius_km=region_radius_km)
-                for i in range(samples.shape[0])
+                for i in range(len(samples))
             ]
         places = _place_names(guesses, regions)
         # Only densities per steradian compare with the uniform one (not the R^3 families').
         on_sphere = getattr(self.model, "density_space", "sphere") == "sphere"
         uniform = UNIFORM_LOCALIZABILITY_BITS if on_sphere else math.nan
         results = []
-        for i in range(samples.shape[0]):
+        for i in range(len(samples)):
             extent = answer_extent(samples[i], guesses[i].tolist(), regions[i])
+            answer = _answer_at_scale(guesses[i], regions[i], places[i], extent)
+            shares = [r.probability for r in regions[i]]
+            errors = answer_errors(samples[i], guesses[i], shares, effective_samples)
+            for region, se in zip(answer["regions"], errors.region_probability, strict=True):
+                region["probability_stderr"] = se
             result = {
-                **_answer_at_scale(guesses[i], regions[i], places[i], extent),
+                **answer,
+                "monte_carlo": {**errors.to_dict(), **_tolerances(settings)},
                 "localizability_bits": _finite_or_none(float(bits[i])),
                 "localizability_vs_uniform_bits": _finite_or_none(float(bits[i]) - uniform),
                 "localizability_stderr_bits": _finite_or_none(float(stderr[i])),
@@ -373,6 +383,9 @@ class Locator:
             "family": self.model.family,
             "encoder": self.encoder.name,
             "num_samples": recipe.num_samples,
+            "first_samples": recipe.first_samples if recipe.adaptive else recipe.num_samples,
+            "guess_score_tolerance": recipe.guess_score_tolerance,
+            "region_probability_tolerance": recipe.region_probability_tolerance,
             "guidance": float(recipe.guidance),
             "steps": recipe.steps,
             "solver": solver,
@@ -424,7 +437,10 @@ class Locator:
         top_k, radius_km, with_density = decode
         settings = {**settings, "region_radius_km": radius_km}
         samples = draw.samples[None].float()
-        result = self._decode(samples, bits, stderr, settings, top_k, radius_km, with_density)[0]
+        result = self._decode(
+            samples, bits, stderr, settings, top_k, radius_km, with_density,
+            effective_samples=draw.effective_sample_size,
+        )[0]  # fmt: skip
         result.update(extra)
         return result
 
@@ -604,6 +620,15 @@ def _normaliser_check(draw, names: list[str]) -> dict | None:
         "log_integral": dict(zip(keys, map(_finite_or_none, logs), strict=True)),
         "stderr": dict(zip(keys, map(_finite_or_none, ses), strict=True)),
         "worst_z": _finite_or_none(max(z)),
+    }
+
+
+def _tolerances(settings: dict) -> dict:
+    """The Monte Carlo tolerances an answer was drawn to (see
+    :class:`~globeflow.core.sampler_settings.SamplerSettings`), from its ``settings`` block."""
+    return {
+        "guess_score_tolerance": settings.get("guess_score_tolerance"),
+        "region_probability_tolerance": settings.get("region_probability_tolerance"),
     }
 
 

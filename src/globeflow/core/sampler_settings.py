@@ -57,6 +57,20 @@ step, was 0.35-0.38 bit low on the 25-km and 1,000-km exact testbeds at 16 steps
 LOCALIZABILITY_SAMPLES = 128
 """Unguided samples per photo of the localizability estimate (and of evaluate's calibration)."""
 
+FIRST_SAMPLES = 256
+"""Samples per photo of an answer's first draw. Every accuracy table of docs/defaults.md holds at
+this count (``benchmarks/confident.py`` compares 256 samples of each sampler); more are drawn,
+up to ``num_samples``, only where the first draw's Monte Carlo errors exceed the tolerances
+below (:mod:`globeflow.answers.monte_carlo`)."""
+
+GUESS_SCORE_TOLERANCE = 50.0
+"""Largest Monte Carlo standard error of the best guess's expected GeoScore (points of 5,000:
+1%, about 15 km of distance near the guess) that an answer accepts without drawing more."""
+
+REGION_PROBABILITY_TOLERANCE = 0.02
+"""Largest Monte Carlo standard error of a region's probability that an answer accepts without
+drawing more (a 1/3 region needs ~560 samples; a single sharp region has none at any count)."""
+
 EVALUATE_BATCH_SIZE = 64
 """Images per model call of ``evaluate`` (how the work is cut, not what the rows are)."""
 
@@ -71,6 +85,12 @@ class SamplerSettings:
     classifier-free guidance scale (None: the model's recommended one);
     ``localizability_*``: the unguided samples, (bulk) steps and solver of the localizability
     estimate; a sharp posterior adds steps at the data end (:mod:`globeflow.core.likelihood`).
+
+    Adaptive sample count: an answer first draws ``first_samples`` per photo, then, up to
+    ``num_samples``, as many more as bring the Monte Carlo standard errors of its best guess's
+    expected GeoScore and of its region probabilities within ``guess_score_tolerance`` and
+    ``region_probability_tolerance`` (:mod:`globeflow.answers.monte_carlo`). ``first_samples``
+    0 (or >= ``num_samples``) draws ``num_samples`` at once.
     """
 
     solver: str = "lagged-midpoint"
@@ -82,6 +102,9 @@ class SamplerSettings:
     localizability_samples: int = LOCALIZABILITY_SAMPLES
     localizability_steps: int = LOCALIZABILITY_BULK_STEPS
     localizability_solver: str = LOCALIZABILITY_SOLVER
+    first_samples: int = FIRST_SAMPLES
+    guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
+    region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
@@ -90,6 +113,15 @@ class SamplerSettings:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {PRECISIONS}")
         if self.steps < 1 or self.num_samples < 1 or self.localizability_steps < 1:
             raise ValueError("steps, num_samples and localizability_steps must be >= 1")
+        if self.first_samples < 0:
+            raise ValueError("first_samples must be >= 0 (0: draw num_samples at once)")
+        if self.guess_score_tolerance <= 0 or self.region_probability_tolerance <= 0:
+            raise ValueError("the Monte Carlo tolerances must be > 0")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether answers draw ``first_samples`` first and more only where needed."""
+        return 0 < self.first_samples < self.num_samples
 
     def with_overrides(self, **overrides: object) -> SamplerSettings:
         """A copy with the given fields replaced; None values leave a field as it is. A solver
@@ -120,10 +152,10 @@ DEFAULT_SAMPLER = SamplerSettings()
 told otherwise."""
 
 AUTHORS_SAMPLER = SamplerSettings(
-    solver="euler", grid="published", steps=250, precision="fp32", guidance=0.0
+    solver="euler", grid="published", steps=250, precision="fp32", guidance=0.0, first_samples=0
 )
 """The authors' pipeline default: their Euler step on their grid, 250 steps, float32, no
-guidance (``cfg=0`` in their ``PlonkPipeline.__call__``): the reference of
+guidance (``cfg=0`` in their ``PlonkPipeline.__call__``), all samples at once: the reference of
 benchmarks/confident.py and the sampler of ``PlonkPipeline``."""
 
 
