@@ -143,8 +143,8 @@ ALLOWED = {
     ("core/guidance.py", "__init__", "guidance"): "GuidedField: 0 is the unguided field",
     ("jobs/embed.py", "embed_images", "precision"): ENCODER,
     ("apps/cli.py", "embed", "precision"): ENCODER,
-    ("jobs/training.py", "train_step", "precision"): TRAINING,
-    ("jobs/training.py", "validate", "precision"): TRAINING,
+    ("jobs/train_step.py", "train_step", "precision"): TRAINING,
+    ("jobs/validation.py", "validate", "precision"): TRAINING,
     ("apps/cli.py", "train", "precision"): TRAINING,
 }
 """Literal defaults of those names that are not sampling defaults, each with why."""

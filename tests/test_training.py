@@ -1,4 +1,5 @@
-"""The train job: schedule, LAMB, EMA, batches, validation outputs and exact resume after a kill."""
+"""The train job: batches, validation outputs and exact resume after a kill (the optimiser pieces:
+test_optim.py; rows from a store: test_train_inputs.py)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,11 @@ from globeflow.data.embedding_store import store_parts
 from globeflow.jobs import training
 from globeflow.jobs.training import (
     BatchOrder,
-    Lamb,
     TrainConfig,
     assemble_batch,
     build_model,
-    ema_decay_at,
-    learning_rate,
     split_rows,
     train,
-    update_ema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,53 +104,6 @@ def reference(tmp_path_factory) -> Path:
 
 
 # ---- pieces ----------------------------------------------------------------------------------
-def test_learning_rate_warmup_and_cosine():
-    c = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert [learning_rate(s, c) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert learning_rate(9, c) == pytest.approx(1.0)
-    assert learning_rate(10, c) == pytest.approx(1.0)
-    assert learning_rate(60, c) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
-    assert learning_rate(110, c) == pytest.approx(0.1)
-    assert learning_rate(500, c) == pytest.approx(0.1)  # floor after max_steps
-    lrs = [learning_rate(s, c) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-
-
-def test_lamb_decreases_a_quadratic_and_uses_the_trust_ratio():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(20, 5, generator=g), torch.randn(20, generator=g)
-    w = torch.nn.Parameter(torch.randn(5, generator=g))
-    opt = Lamb([w], lr=0.05, weight_decay=0.0)
-
-    def loss_fn() -> torch.Tensor:
-        return ((a @ w - b) ** 2).mean()
-
-    start = float(loss_fn().detach())
-    w0 = w.detach().clone()
-    opt.zero_grad()
-    loss_fn().backward()
-    opt.step()
-    # First Adam step is ~sign(grad) per coordinate; the trust ratio scales it to lr * ||w||.
-    assert float((w.detach() - w0).norm()) == pytest.approx(0.05 * float(w0.norm()), rel=1e-4)
-    for _ in range(200):
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-    best = float(((a @ torch.linalg.lstsq(a, b[:, None]).solution[:, 0] - b) ** 2).mean())
-    assert float(loss_fn().detach()) - best < 0.05 * (start - best)
-
-
-def test_ema_update_math():
-    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    e0 = [p.detach().clone() for p in ema.parameters()]
-    update_ema(ema, model, 0.9)
-    for e, p, before in zip(ema.parameters(), model.parameters(), e0):
-        torch.testing.assert_close(e, 0.9 * before + 0.1 * p.detach())
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
-    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
-    assert ema_decay_at(10**7, 0.999) == 0.999
-
-
 def test_condition_dropout_rate(monkeypatch):
     model = build_model(TrainConfig(dim=16, depth=1, cond_drop_prob=0.2), cond_dim=4)
     seen = []
@@ -208,6 +158,18 @@ def test_split_rows_by_author_keeps_authors_apart():
     )
     tr2, va2 = split_rows(None, 100, 0.2, seed=0)
     assert len(va2) == 20 and len(tr2) == 80
+
+
+def test_the_pieces_stay_importable_from_the_training_module():
+    from globeflow.jobs import optim, train_config, train_data, validation
+
+    for name in training.__all__:
+        assert getattr(training, name) is not None, name
+    assert training.Lamb is optim.Lamb and training.update_ema is optim.update_ema
+    assert training.TrainConfig is train_config.TrainConfig
+    assert training.FAMILIES is train_config.FAMILIES
+    assert training.split_rows is train_data.split_rows
+    assert training.validate is validation.validate
 
 
 # ---- whole runs ------------------------------------------------------------------------------
@@ -479,29 +441,6 @@ def test_exclude_authors_keeps_the_store_dtype(tmp_path: Path) -> None:
     kept = read_embeddings(copy)
     assert kept.ids == ["b"] and kept.authors == ["bob"]
     assert kept.embeddings[0, 0] == torch.tensor(1 / 3).half().float()
-
-
-def test_located_rows_share_the_table_when_none_is_dropped() -> None:
-    from globeflow.data.embedding_store import EmbeddingTable
-
-    emb = torch.randn(4, 3)
-    latlon = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=torch.float64)
-    table = EmbeddingTable(["a", "b", "c", "d"], [""] * 4, latlon, ["x"] * 4, emb, "toy")
-    said: list[str] = []
-    kept, kept_latlon, _ = training._located(table, "store", said.append)
-    assert kept.data_ptr() == emb.data_ptr() and said == []  # no copy of the embeddings
-    latlon[1] = float("nan")
-    kept, kept_latlon, authors = training._located(table, "store", said.append)
-    assert torch.equal(kept, emb[[0, 2, 3]]) and len(authors) == 3
-    assert said == ["store: dropped 1 of 4 rows (1 no coordinates)"]
-    latlon[2, 0], latlon[3, 1] = 200.0, 400.0  # stored by an older embed: never trained on
-    said.clear()
-    kept, kept_latlon, _ = training._located(table, "store", said.append)
-    assert torch.equal(kept, emb[[0]]) and torch.equal(kept_latlon, latlon[[0]])
-    assert said == [
-        "store: dropped 3 of 4 rows (1 no coordinates, 1 latitude outside [-90, 90], "
-        "1 longitude outside [-180, 180])"
-    ]
 
 
 SLOW_CLI = (

@@ -2,7 +2,9 @@
 
 A checkpoint is a directory with ``state.safetensors`` (weights, EMA weights, optimiser moments)
 and ``state.json`` (step, validation bookkeeping, config, data fingerprint, optimiser groups).
-Random draws in training are pure functions of (seed, step), so no RNG state is needed.
+Random draws in training are pure functions of (seed, step), so no RNG state is needed. A
+checkpoint is resumed only by a run of the same config (but for
+:data:`~globeflow.jobs.train_config.RESUME_MUTABLE`) on the same data.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from globeflow.core.checkpoints import save_tensors
+from globeflow.jobs.train_config import resumable_view
 
-__all__ = ["find_checkpoint", "load_checkpoint", "rewrite_metrics", "save_checkpoint"]
+__all__ = [
+    "find_checkpoint",
+    "load_checkpoint",
+    "resume_problem",
+    "rewrite_metrics",
+    "save_checkpoint",
+]
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -86,6 +95,30 @@ def find_checkpoint(directory: Path) -> Path | None:
         if (candidate / STATE_JSON).is_file() and (candidate / STATE_TENSORS).is_file():
             return candidate
     return None
+
+
+def resume_problem(
+    found: Path, config_json: dict, fingerprint: str, out: Path
+) -> tuple[dict | None, str | None]:
+    """(saved state, None) when the checkpoint ``found`` can be resumed by a run of this config
+    (JSON view) on data of this fingerprint, else (None, the reason, naming the run ``out``)."""
+    saved_state = json.loads((found / STATE_JSON).read_text())
+    saved = saved_state["config"]
+    before, now = resumable_view(saved), resumable_view(config_json)
+    if before != now:
+        diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        return None, (
+            f"{out}: checkpoint was written with a different config ({', '.join(diff)}); "
+            "use another output directory or start afresh (--restart, resume=False)"
+        )
+    old = saved_state.get("data_fingerprint")
+    if old is not None and old != fingerprint:
+        return None, (
+            f"{out}: checkpoint was trained on different data (fingerprint {old}, now "
+            f"{fingerprint}): the embedding store, the validation split or the prior locations "
+            "changed; use another output directory or start afresh (--restart, resume=False)"
+        )
+    return saved_state, None
 
 
 def load_checkpoint(

@@ -57,12 +57,14 @@ from globeflow.jobs.distributed import Placement, rank_slice
 __all__ = [
     "Batch",
     "BatchOrder",
+    "BatchRecipe",
     "InMemoryRows",
     "StreamedRows",
     "ValidationRows",
     "assemble_batch",
     "exclude_authors",
     "read_prior_locations",
+    "run_data_fingerprint",
     "split_rows",
     "tensor_fingerprint",
 ]
@@ -88,6 +90,18 @@ class Batch:
     emb: torch.Tensor
     rows: slice | None
     weight: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchRecipe:
+    """How every global batch is made: ``batch_size`` rows, the last ``prior_rows`` of them
+    prior locations drawn from ``prior_x0`` ((M, 3) unit vectors; None: no prior rows) under the
+    null condition; ``seed`` of the row order and of every random draw."""
+
+    batch_size: int
+    prior_x0: torch.Tensor | None
+    prior_rows: int
     seed: int
 
 
@@ -190,10 +204,7 @@ class InMemoryRows:
         self,
         emb: torch.Tensor,
         latlon: torch.Tensor,
-        batch_size: int,
-        prior_x0: torch.Tensor | None,
-        prior_rows: int,
-        seed: int,
+        recipe: BatchRecipe,
         fingerprint: str | None = None,
     ) -> None:
         self.emb = torch.as_tensor(emb, dtype=torch.float32)
@@ -206,9 +217,8 @@ class InMemoryRows:
         if bad:
             raise ValueError(f"{bad} training row(s) have non-finite embeddings; drop them first")
         self.x0 = to_unit(self.latlon)
-        self.batch_size, self.prior_rows, self.seed = batch_size, prior_rows, seed
-        self.prior_x0 = prior_x0
-        self.order = BatchOrder(len(self.x0), batch_size - prior_rows, seed)
+        self.recipe = recipe
+        self.order = BatchOrder(len(self.x0), recipe.batch_size - recipe.prior_rows, recipe.seed)
         self._fingerprint = fingerprint
 
     @property
@@ -225,16 +235,16 @@ class InMemoryRows:
 
     def batches(self, start_step: int, place: Placement) -> Iterator[Batch]:
         """Batches from ``start_step`` on: the global batch, and this process's rows of it."""
-        rows, weight = None, 1.0
+        recipe, rows, weight = self.recipe, None, 1.0
         if place.distributed:
-            rows = rank_slice(self.batch_size, place.rank, place.world_size)
-            weight = (rows.stop - rows.start) * place.world_size / self.batch_size
+            rows = rank_slice(recipe.batch_size, place.rank, place.world_size)
+            weight = (rows.stop - rows.start) * place.world_size / recipe.batch_size
         for step in count(start_step):
-            g = torch.Generator().manual_seed(derived_seed(self.seed, "batch", step))
+            g = torch.Generator().manual_seed(derived_seed(recipe.seed, "batch", step))
             x0, emb = assemble_batch(
-                self.x0, self.emb, self.order.indices(step), self.prior_x0, self.prior_rows, g
+                self.x0, self.emb, self.order.indices(step), recipe.prior_x0, recipe.prior_rows, g
             )
-            yield Batch(x0, emb, rows, weight, derived_seed(self.seed, "loss", step))
+            yield Batch(x0, emb, rows, weight, derived_seed(recipe.seed, "loss", step))
 
 
 class StreamedRows:
@@ -244,18 +254,14 @@ class StreamedRows:
         self,
         groups: list[RowGroup],
         dim: int,
-        batch_size: int,
-        prior_x0: torch.Tensor | None,
-        prior_rows: int,
-        seed: int,
+        recipe: BatchRecipe,
         buffer_rows: int,
         store_fingerprint: str,
     ) -> None:
         if not groups:
             raise ValueError("no row groups left to train on")
         self.groups, self._dim = groups, dim
-        self.batch_size, self.prior_rows, self.seed = batch_size, prior_rows, seed
-        self.prior_x0, self.buffer_rows = prior_x0, buffer_rows
+        self.recipe, self.buffer_rows = recipe, buffer_rows
         self._store_fingerprint = store_fingerprint
         self._stats: dict | None = None
 
@@ -302,23 +308,24 @@ class StreamedRows:
     def batches(self, start_step: int, place: Placement) -> Iterator[Batch]:
         """This process's rows of each step from ``start_step`` on (its stream is replayed
         up to that step first, reading but not converting the skipped rows)."""
-        share = rank_slice(self.batch_size, place.rank, place.world_size)
-        prior = _prior_share(self.batch_size, self.prior_rows, share)
+        recipe = self.recipe
+        share = rank_slice(recipe.batch_size, place.rank, place.world_size)
+        prior = _prior_share(recipe.batch_size, recipe.prior_rows, share)
         data_rows = share.stop - share.start - prior
-        weight = (share.stop - share.start) * place.world_size / self.batch_size
+        weight = (share.stop - share.start) * place.world_size / recipe.batch_size
         stream = RowStream(
             shuffled_rows(
-                self.groups, self.dim, self.seed, self.buffer_rows, place.rank, place.world_size
+                self.groups, self.dim, recipe.seed, self.buffer_rows, place.rank, place.world_size
             )
         )
         stream.skip(start_step * data_rows)
         for step in count(start_step):
             emb, latlon = stream.take(data_rows)
-            g = torch.Generator().manual_seed(derived_seed(self.seed, "batch", step, place.rank))
+            g = torch.Generator().manual_seed(derived_seed(recipe.seed, "batch", step, place.rank))
             x0, emb = assemble_batch(
-                to_unit(latlon), emb.to(torch.float32), slice(None), self.prior_x0, prior, g
+                to_unit(latlon), emb.to(torch.float32), slice(None), recipe.prior_x0, prior, g
             )
-            seed = derived_seed(self.seed, "loss", step, place.rank)
+            seed = derived_seed(recipe.seed, "loss", step, place.rank)
             yield Batch(x0, emb, None, weight, seed)
 
 
@@ -359,6 +366,14 @@ class ValidationRows:
             self.stats,
             self.fingerprint,
         )
+
+
+def run_data_fingerprint(
+    data: InMemoryRows | StreamedRows, val: ValidationRows | None, prior_latlon: torch.Tensor | None
+) -> str:
+    """What a run learns from: training rows, validation rows and prior locations (M, 2)."""
+    parts = (data.fingerprint(), val.fingerprint if val else "-", tensor_fingerprint(prior_latlon))
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
 
 def read_group_rows(groups: list[RowGroup], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
