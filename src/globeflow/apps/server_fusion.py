@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from globeflow.apps.settings import LOCATE_LIMITS
+from globeflow.apps.uploads import RejectedUpload, prepare_job
 
 WITHIN_HELP = (
     "a region the photos are in: lat0,lon0,lat1,lon1 (degrees, south-west corner first), an ISO "
@@ -50,8 +51,6 @@ def parse_web_region(within: str | None) -> Any:
 
 def add_fusion_route(app: FastAPI, locator: Any, limit: int, max_files: int) -> None:
     """Register ``POST /v1/locate-together`` on ``app``."""
-    from globeflow.apps import server
-
     lock = threading.Lock()
     low, high = LOCATE_LIMITS["num_samples"].low, LOCATE_LIMITS["num_samples"].high
 
@@ -75,8 +74,8 @@ def add_fusion_route(app: FastAPI, locator: Any, limit: int, max_files: int) -> 
         for i, upload in enumerate(file):
             name = Path(upload.filename or f"upload-{i + 1}").name
             try:
-                jobs.append(await server._prepare_job(upload, name, limit, ()))
-            except server._Rejected as rejected:
+                jobs.append(await prepare_job(upload, name, limit, ()))
+            except RejectedUpload as rejected:
                 skipped.append(rejected.to_result())
         if len(jobs) < 2:
             unusable = "; ".join(r["error"] for r in skipped)  # each names its file
