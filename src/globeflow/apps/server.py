@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from globeflow.answers.export import results_to_geojson
 from globeflow.apps.heap import release_free_heap
 from globeflow.apps.pipeline import Locator
 from globeflow.apps.request_guards import (
@@ -376,8 +378,6 @@ def create_app(
             raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
         results = [next(answers) if isinstance(p, PhotoJob) else p.to_result() for p in prepared]
         if format == "geojson":
-            from globeflow.answers.export import results_to_geojson
-
             collection = results_to_geojson(results)
             failed = [r for r in results if not r["ok"]]
             if failed:  # a foreign member: the files that have no features, and why
@@ -392,8 +392,6 @@ def create_app(
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("globeflow")
     except Exception:  # noqa: BLE001 - running from a source tree
         return "0"
@@ -443,6 +441,7 @@ def build_server(
     ``max_connections`` open connections, requests get 503. Idle keep-alive connections close
     after 5 s.
     """
+    # Imported here: uvicorn loads only to serve, not for create_app (tests, embedding the app).
     import uvicorn
 
     from globeflow.apps.http_deadlines import deadline_protocol

@@ -17,6 +17,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from globeflow.answers.within import RegionError, parse_region
 from globeflow.apps.settings import LOCATE_LIMITS
 from globeflow.apps.uploads import RejectedUpload, prepare_job
 
@@ -30,8 +31,6 @@ WITHIN_HELP = (
 def parse_web_region(within: str | None) -> Any:
     """The region of a ``within`` form field, or None; 422 naming the problem. Unlike the
     command line, never a file name: a request must not make the server read its files."""
-    from globeflow.answers.within import RegionError, parse_region
-
     if within is None or not within.strip():
         return None
     text = within.strip()
