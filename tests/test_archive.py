@@ -413,9 +413,9 @@ def test_ctrl_c_keeps_the_answers_so_far_and_exits_130(tmp_path, tiny_model, mon
 
 
 def test_small_run_outputs_are_refused_for_large_runs_before_any_work(tmp_path, monkeypatch):
-    from globeflow.apps import cli
+    from globeflow.apps.cli import _common
 
-    monkeypatch.setattr(cli, "SMALL_RUN_PHOTOS", 3)
+    monkeypatch.setattr(_common, "SMALL_RUN_PHOTOS", 3)
     store = write_store(tmp_path / "emb.parquet", 5)
     monkeypatch.setattr(pipeline.Locator, "from_pretrained", None)  # refused before loading
     result = CliRunner().invoke(

@@ -93,6 +93,7 @@ PREDICT_BAD = [
     ),
     (["--precision", "fp16"], "--precision fp16: must be one of fp32, bf16"),
     (["--localizability-samples", "-1"], "--localizability-samples -1: must be an integer in"),
+    (["--fusion-proposals", "10"], "--fusion-proposals 10: must be an integer in [64, 65536]"),
 ]
 
 

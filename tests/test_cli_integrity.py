@@ -20,8 +20,8 @@ from _fake_locator import sharp_locator  # noqa: E402
 from test_cli_checks import _save_tiny  # noqa: E402
 from test_fusion import _locator  # noqa: E402
 
-from globeflow.apps import cli, pipeline  # noqa: E402
-from globeflow.apps.cli import app  # noqa: E402
+from globeflow.apps import pipeline  # noqa: E402
+from globeflow.apps.cli import app, predict_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_the_mass_inside_is_printed_with_its_digits(capsys):
         {"image": "b.jpg", "mass_inside": {"probability": 0.4137, "stderr": 0.012,
                                            "region": region}},
     ]  # fmt: skip
-    cli._report_region_and_fusion(results)
+    predict_output.report_region_and_fusion(results)
     out = capsys.readouterr().out
     assert "a.jpg: 0.0092% ± 0.0053% of the model's mass inside" in out
     assert "b.jpg: 41.4% ± 1.2% of the model's mass" in out
@@ -63,7 +63,7 @@ def test_no_region_of_a_fixed_radius_says_why_and_the_link_keeps_the_answers_zoo
     assert result["regions"] == []
     zoom = int(re.search(r"#map=(\d+)/", result["osm_url"]).group(1))
     assert 7 <= zoom <= 11  # a window of some 100-200 km; zoom 1 would be the world
-    row = cli._predict_rows([{**result, "ok": True}], ["a.jpg"], fixed_radius=True)[0]
+    row = predict_output._predict_rows([{**result, "ok": True}], ["a.jpg"], fixed_radius=True)[0]
     assert row[3] == "none holds 1%"
 
 

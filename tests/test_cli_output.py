@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from globeflow.answers.geocode import format_km, region_label, reverse_geocode
 from globeflow.answers.zoom import osm_zoom
-from globeflow.apps.cli import PIPED_COLUMNS, app
+from globeflow.apps.cli import app
+from globeflow.apps.cli._common import PIPED_COLUMNS
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families import (
     UNIFORM_LOCALIZABILITY_BITS,

@@ -142,10 +142,10 @@ TRAINING = "the training's precision, not the sampler's"
 ALLOWED = {
     ("core/guidance.py", "__init__", "guidance"): "GuidedField: 0 is the unguided field",
     ("jobs/embed.py", "embed_images", "precision"): ENCODER,
-    ("apps/cli.py", "embed", "precision"): ENCODER,
+    ("apps/cli/embed.py", "embed", "precision"): ENCODER,
     ("jobs/train_step.py", "train_step", "precision"): TRAINING,
     ("jobs/validation.py", "validate", "precision"): TRAINING,
-    ("apps/cli.py", "train", "precision"): TRAINING,
+    ("apps/cli/train.py", "train", "precision"): TRAINING,
 }
 """Literal defaults of those names that are not sampling defaults, each with why."""
 
@@ -324,18 +324,23 @@ def test_the_command_lines_help_states_the_recipe(monkeypatch):
 
     import globeflow.apps.cli as cli
     import globeflow.core.sampler_settings as recipe_module
+    from globeflow.apps.cli import evaluate, predict
+
+    # the help is built when the command modules are imported, then registered by the root
+    modules = [predict, evaluate, cli]
 
     other = SamplerSettings(steps=7, num_samples=333, localizability_samples=55)
     monkeypatch.setattr(recipe_module, "DEFAULT_SAMPLER", other)
     monkeypatch.setattr(recipe_module, "DEFAULT_GUIDANCE", 4.5)
     try:
-        fresh = importlib.reload(cli)
+        fresh = [importlib.reload(module) for module in modules][-1]
         env = {"COLUMNS": "400"}
         predict = CliRunner().invoke(fresh.app, ["predict", "--help"], env=env).output
         evaluate = CliRunner().invoke(fresh.app, ["evaluate", "--help"], env=env).output
     finally:
         monkeypatch.undo()
-        importlib.reload(cli)
+        for module in modules:
+            importlib.reload(module)
     for text in ("default: 333", f"default: 7 {other.solver}", "default 55", "else 4.5"):
         assert text in predict, text
     for text in ("predict's, 333", "default 55", "else 4.5"):

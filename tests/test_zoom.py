@@ -22,7 +22,7 @@ from globeflow.answers.zoom import (
     osm_url,
     osm_zoom,
 )
-from globeflow.apps.cli import _area_km2
+from globeflow.apps.cli.predict_output import _area_km2
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
 Z975 = 1.959964  # the standard normal's 97.5% quantile

@@ -8,7 +8,6 @@ never runs model code. Uploads are processed in memory and checked by decoding t
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import math
 import queue
@@ -16,8 +15,8 @@ import socket
 import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from globeflow.answers.export import results_to_geojson
 from globeflow.apps.heap import release_free_heap
 from globeflow.apps.pipeline import Locator
 from globeflow.apps.request_guards import (
@@ -40,8 +39,8 @@ from globeflow.apps.request_guards import (
 from globeflow.apps.server_basemap import DEFAULT_TILES, add_basemap_routes
 from globeflow.apps.server_fusion import WITHIN_HELP, add_fusion_route, parse_web_region
 from globeflow.apps.settings import LOCATE_LIMITS, Range, Rule, SettingError, check_settings
+from globeflow.apps.uploads import PhotoJob, RejectedUpload, prepare_job
 from globeflow.core.sampler_settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-from globeflow.data.images import load_image_bytes, read_exif_gps
 
 __all__ = [
     "build_server",
@@ -61,7 +60,6 @@ log = logging.getLogger("globeflow.apps.server")
 MIN_SAMPLES, MAX_SAMPLES = LOCATE_LIMITS["num_samples"].low, LOCATE_LIMITS["num_samples"].high
 MIN_GUIDANCE, MAX_GUIDANCE = LOCATE_LIMITS["guidance"].low, LOCATE_LIMITS["guidance"].high
 MAX_STEPS = LOCATE_LIMITS["steps"].high
-_CHUNK = 1 << 20
 
 
 def _static_dir() -> Path:
@@ -73,34 +71,7 @@ def _coastlines_file() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image checks
-
-
-def _load_image(data: bytes, name: str):
-    """Decode ``data`` to an RGB PIL image; ``ValueError`` naming the file otherwise."""
-    return load_image_bytes(data, name)
-
-
-def _exif_gps(data: bytes) -> tuple[float, float] | None:
-    """EXIF GPS of the original bytes (decoding to RGB may drop the EXIF block)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return read_exif_gps(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no truth"
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
 # The single inference worker
-
-
-@dataclass
-class _Job:
-    name: str
-    image: Any
-    gps: tuple[float, float] | None
-    params: tuple[int, float, int | None, Any]
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 class BatchWorker:
@@ -114,7 +85,7 @@ class BatchWorker:
         self.locator = locator
         self.max_batch = max(1, int(max_batch))
         self.gather_s = gather_ms / 1000.0
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[PhotoJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.batches_run = 0
@@ -142,7 +113,7 @@ class BatchWorker:
         """Images waiting in the queue."""
         return self._queue.qsize()
 
-    def submit(self, jobs: Sequence[_Job]) -> list[concurrent.futures.Future]:
+    def submit(self, jobs: Sequence[PhotoJob]) -> list[concurrent.futures.Future]:
         """Queue jobs; returns their futures (each resolves to one result dict)."""
         self.start()
         for job in jobs:
@@ -170,7 +141,7 @@ class BatchWorker:
                     stop = True
                     break
                 jobs.append(job)
-            groups: dict[tuple, list[_Job]] = {}
+            groups: dict[tuple, list[PhotoJob]] = {}
             for job in jobs:
                 groups.setdefault(job.params, []).append(job)
             for params, group in groups.items():
@@ -180,7 +151,7 @@ class BatchWorker:
             if stop:
                 return
 
-    def _run_group(self, params: tuple[int, float, int | None, Any], group: list[_Job]) -> None:
+    def _run_group(self, params: tuple[int, float, int | None, Any], group: list[PhotoJob]) -> None:
         live = [job for job in group if job.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -219,47 +190,7 @@ def _first(*values: Any) -> Any:
     return None
 
 
-class _Rejected(Exception):
-    """One uploaded file that cannot be located; the other files of the request go on."""
-
-    def __init__(self, name: str, message: str, status: int) -> None:
-        super().__init__(message if name in message else f"{name}: {message}")
-        self.name = name
-        self.status = status  # 413: too large, 422: not a usable image
-
-    def to_result(self) -> dict:
-        return {"image": self.name, "ok": False, "error": str(self)}
-
-
-async def _read_limited(upload: UploadFile, name: str, limit: int) -> bytes:
-    """The upload's bytes; :class:`_Rejected` (413) as soon as it exceeds ``limit``."""
-    buf = bytearray()
-    while True:
-        chunk = await upload.read(_CHUNK)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > limit:
-            raise _Rejected(
-                name,
-                f"file too large (more than {limit / 2**20:.3g} MB); the limit is "
-                f"{limit / 2**20:.3g} MB per file",
-                413,
-            )
-
-
-async def _prepare_job(upload: UploadFile, name: str, limit: int, params: tuple) -> _Job:
-    """Read, size-check and decode one upload; :class:`_Rejected` naming the file otherwise."""
-    data = await _read_limited(upload, name, limit)
-    try:
-        image = await run_in_threadpool(_load_image, data, name)
-    except ValueError as exc:
-        raise _Rejected(name, str(exc), 422) from None
-    gps = await run_in_threadpool(_exif_gps, data)
-    return _Job(name=name, image=image, gps=gps, params=params)
-
-
-def _all_rejected(rejected: list[_Rejected]) -> JSONResponse:
+def _all_rejected(rejected: list[RejectedUpload]) -> JSONResponse:
     """The answer when no file of a request could be used: 413 if all were too large, else 422."""
     status = 413 if all(r.status == 413 for r in rejected) else 422
     return JSONResponse(
@@ -429,14 +360,14 @@ def create_app(
         except SettingError as exc:
             raise HTTPException(422, str(exc)) from None
         # A bad file is answered in its own result; the good ones of the request still run.
-        prepared: list[_Job | _Rejected] = []
+        prepared: list[PhotoJob | RejectedUpload] = []
         for i, upload in enumerate(uploads):
             name = Path(upload.filename or f"upload-{i + 1}").name
             try:
-                prepared.append(await _prepare_job(upload, name, limit, params))
-            except _Rejected as rejected:
+                prepared.append(await prepare_job(upload, name, limit, params))
+            except RejectedUpload as rejected:
                 prepared.append(rejected)
-        jobs = [p for p in prepared if isinstance(p, _Job)]
+        jobs = [p for p in prepared if isinstance(p, PhotoJob)]
         if not jobs:
             return _all_rejected(prepared)
         try:  # a request whose client has gone is dropped from the queue, not computed
@@ -445,10 +376,8 @@ def create_app(
             return JSONResponse({"detail": "client closed the request"}, status_code=499)
         except Exception as exc:  # noqa: BLE001 - inference errors become a readable 500
             raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
-        results = [next(answers) if isinstance(p, _Job) else p.to_result() for p in prepared]
+        results = [next(answers) if isinstance(p, PhotoJob) else p.to_result() for p in prepared]
         if format == "geojson":
-            from globeflow.answers.export import results_to_geojson
-
             collection = results_to_geojson(results)
             failed = [r for r in results if not r["ok"]]
             if failed:  # a foreign member: the files that have no features, and why
@@ -463,8 +392,6 @@ def create_app(
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("globeflow")
     except Exception:  # noqa: BLE001 - running from a source tree
         return "0"
@@ -514,6 +441,7 @@ def build_server(
     ``max_connections`` open connections, requests get 503. Idle keep-alive connections close
     after 5 s.
     """
+    # Imported here: uvicorn loads only to serve, not for create_app (tests, embedding the app).
     import uvicorn
 
     from globeflow.apps.http_deadlines import deadline_protocol

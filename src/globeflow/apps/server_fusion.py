@@ -17,7 +17,9 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from globeflow.answers.within import RegionError, parse_region
 from globeflow.apps.settings import LOCATE_LIMITS
+from globeflow.apps.uploads import RejectedUpload, prepare_job
 
 WITHIN_HELP = (
     "a region the photos are in: lat0,lon0,lat1,lon1 (degrees, south-west corner first), an ISO "
@@ -29,8 +31,6 @@ WITHIN_HELP = (
 def parse_web_region(within: str | None) -> Any:
     """The region of a ``within`` form field, or None; 422 naming the problem. Unlike the
     command line, never a file name: a request must not make the server read its files."""
-    from globeflow.answers.within import RegionError, parse_region
-
     if within is None or not within.strip():
         return None
     text = within.strip()
@@ -50,8 +50,6 @@ def parse_web_region(within: str | None) -> Any:
 
 def add_fusion_route(app: FastAPI, locator: Any, limit: int, max_files: int) -> None:
     """Register ``POST /v1/locate-together`` on ``app``."""
-    from globeflow.apps import server
-
     lock = threading.Lock()
     low, high = LOCATE_LIMITS["num_samples"].low, LOCATE_LIMITS["num_samples"].high
 
@@ -75,8 +73,8 @@ def add_fusion_route(app: FastAPI, locator: Any, limit: int, max_files: int) -> 
         for i, upload in enumerate(file):
             name = Path(upload.filename or f"upload-{i + 1}").name
             try:
-                jobs.append(await server._prepare_job(upload, name, limit, ()))
-            except server._Rejected as rejected:
+                jobs.append(await prepare_job(upload, name, limit, ()))
+            except RejectedUpload as rejected:
                 skipped.append(rejected.to_result())
         if len(jobs) < 2:
             unusable = "; ".join(r["error"] for r in skipped)  # each names its file

@@ -83,6 +83,8 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "top_k": Range(1, 100, integer=True),
     # None (the default): regions at the answer's own scale; a number fixes their radius.
     "region_radius_km": Range(0.0, MAX_REGION_RADIUS_KM, low_open=True),
+    # Proposal points per round of a fused answer (predict --same-place).
+    "fusion_proposals": Range(64, 65536, integer=True),
 }
 """Settings of one locate call (``globeflow predict``, ``POST /v1/locate``)."""
 

@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from globeflow.answers.decode import best_guess
+from globeflow.answers.draw import draw_answers
+from globeflow.answers.geocode import country_name, reverse_geocode
 from globeflow.core.random_streams import sample_streams
 from globeflow.core.sampler_settings import (
     DEFAULT_SAMPLER,
@@ -37,6 +40,8 @@ from globeflow.data.datasets import Dataset, GeoRecord, load_record_image, open_
 from globeflow.data.file_names import printable, printable_tree
 from globeflow.jobs import metrics as M
 from globeflow.jobs.distributed import Placement, join_process_group, leave_process_group
+from globeflow.jobs.evaluation_rows import PREDICTION_COLUMNS, evaluate_rows
+from globeflow.jobs.locate import model_fingerprint
 
 __all__ = [
     "EvaluationReport",
@@ -46,33 +51,6 @@ __all__ = [
     "summary_from_table",
     "PREDICTION_COLUMNS",
 ]
-
-PREDICTION_COLUMNS = (
-    "id",
-    "path",
-    "true_lat",
-    "true_lon",
-    "pred_lat",
-    "pred_lon",
-    "error_km",
-    "geoscore",
-    "log_prob",
-    "nll_bpd",
-    "localizability",
-    "hpd_mass",
-    "in_hpd50",
-    "in_hpd90",
-    "sample_lat",
-    "sample_lon",
-    "pred_country",
-    "pred_country_code",
-    "pred_region",
-    "pred_city",
-    "true_country",
-    "true_country_code",
-    "true_region",
-    "true_city",
-)
 
 _LN2 = math.log(2.0)
 
@@ -413,8 +391,6 @@ def _has_admin_labels(record: GeoRecord) -> bool:
 
 def _true_place(record: GeoRecord) -> dict[str, str]:
     """The dataset's own labels as a place (country may be an ISO code or a name)."""
-    from globeflow.answers.geocode import country_name
-
     labels = record.labels() or {}
     country = labels.get("country", "")
     code = M._country_key(labels).upper()
@@ -504,9 +480,6 @@ def evaluate(
     Returns:
         An :class:`EvaluationReport`; call ``.write(out_dir)`` for the files.
     """
-    from globeflow.jobs.evaluation_rows import evaluate_rows
-    from globeflow.jobs.locate import model_fingerprint
-
     started = time.time()
     recipe = resolve(model, sampler, num_samples=num_samples, steps=steps, guidance=guidance)
     num_samples, steps, guidance = recipe.num_samples, recipe.steps, recipe.guidance
@@ -599,8 +572,6 @@ class _PhotoProgress:
         self.bar, self.dataset, self.limit, self.taken = None, dataset, limit, 0
         if not enabled:
             return
-        from tqdm.auto import tqdm
-
         size = dataset.size if dataset is not None else getattr(records, "__len__", None)
         size = size() if callable(size) else size
         total = min(size, limit) if size is not None and limit is not None else size or limit
@@ -638,9 +609,6 @@ def _batch_rows(
     """The rows of one batch of (dataset index, record) with embeddings (B, D), each image's
     samples drawn from its generator: the answer's and the localizability's as predict draws
     them (:func:`globeflow.answers.draw.draw_answers`), then the HPD samples."""
-    from globeflow.answers.draw import draw_answers
-    from globeflow.answers.geocode import reverse_geocode
-
     emb = _to_tensor(emb, device)
     batch = [r for _, r in indexed]
     b = emb.shape[0]

@@ -13,6 +13,7 @@ are committed within ``max_unsaved_seconds`` of being computed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,19 +23,49 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
-from globeflow.answers.result_store import RowWriter, read_results, remove_results
+from globeflow.answers.result_store import RowWriter, read_results
 from globeflow.core.random_streams import photo_generators
 from globeflow.data.datasets import GeoRecord
 from globeflow.data.file_names import printable
 from globeflow.data.id_index import IdIndex
-from globeflow.jobs.distributed import Placement, on_main_first
+from globeflow.jobs.distributed import Placement
+from globeflow.jobs.resumable_output import open_resumable_writer
 from globeflow.jobs.run_lock import run_lock
 
-__all__ = ["ROWS_NAME", "ROW_SCHEMA", "evaluate_rows"]
+__all__ = ["PREDICTION_COLUMNS", "ROWS_NAME", "ROW_SCHEMA", "evaluate_rows"]
 
 ROWS_NAME = "rows"
 """The folder of row parts inside the report folder."""
+
+PREDICTION_COLUMNS = (
+    "id",
+    "path",
+    "true_lat",
+    "true_lon",
+    "pred_lat",
+    "pred_lon",
+    "error_km",
+    "geoscore",
+    "log_prob",
+    "nll_bpd",
+    "localizability",
+    "hpd_mass",
+    "in_hpd50",
+    "in_hpd90",
+    "sample_lat",
+    "sample_lon",
+    "pred_country",
+    "pred_country_code",
+    "pred_region",
+    "pred_city",
+    "true_country",
+    "true_country_code",
+    "true_region",
+    "true_city",
+)
+"""An image's row, after its ``index`` in the dataset (also the columns of predictions.csv)."""
 
 _TEXT_COLUMNS = {"id", "path"} | {
     f"{side}_{key}"
@@ -44,8 +75,6 @@ _TEXT_COLUMNS = {"id", "path"} | {
 
 
 def _row_schema() -> pa.Schema:
-    from globeflow.jobs.evaluation import PREDICTION_COLUMNS
-
     fields = [pa.field("index", pa.int64())]
     for name in PREDICTION_COLUMNS:
         kind = pa.string() if name in _TEXT_COLUMNS else pa.float64()
@@ -103,17 +132,11 @@ def _evaluate_rows(
     writer, done = None, None
     if output is not None:
         folder = Path(output) / ROWS_NAME
-
-        def open_writer(main: bool) -> RowWriter:
-            if main and overwrite and folder.is_dir():
-                remove_results(folder)
-            rank = place.rank if place.distributed else None
-            return RowWriter(folder, settings, ROW_SCHEMA, rank=rank, clean_stale=main,
-                             max_unsaved_seconds=max_unsaved_seconds, legacy=legacy)  # fmt: skip
-
-        writer = on_main_first(place, open_writer)
-        done = writer.done_ids()
-        place.barrier()  # every rank has listed the stored parts before any writes a new one
+        make = functools.partial(
+            RowWriter, folder, settings, ROW_SCHEMA, max_unsaved_seconds=max_unsaved_seconds,
+            legacy=legacy,
+        )  # fmt: skip
+        writer, done = open_resumable_writer(folder, place, overwrite, make)
     kept: list[dict] = []
     todo = _not_done(enumerate(records), done)
     bar = _bar(progress and place.is_main) if isinstance(progress, bool) else progress
@@ -156,8 +179,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 def _bar(show: bool):
     if not show:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(desc="evaluate", unit="image")
 
 

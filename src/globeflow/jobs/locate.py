@@ -18,6 +18,7 @@ depend on its batch or rank either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -29,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from globeflow.answers.decode import attach_truth
-from globeflow.answers.result_store import ResultWriter, check_resolved, remove_results
+from globeflow.answers.result_store import ResultWriter, check_resolved
 from globeflow.data.coordinates import valid_latlon_mask
 from globeflow.data.embedding_store import iter_embedding_batches, store_parts, store_repeats
 from globeflow.data.id_index import IdIndex
@@ -39,7 +41,6 @@ from globeflow.jobs.distributed import (
     Placement,
     join_process_group,
     leave_process_group,
-    on_main_first,
     rank_slice,
 )
 from globeflow.jobs.embed import (
@@ -49,6 +50,7 @@ from globeflow.jobs.embed import (
     _write_errors,
     collect_inputs,
 )
+from globeflow.jobs.resumable_output import open_resumable_writer
 from globeflow.jobs.run_lock import run_lock
 
 __all__ = ["LocateReport", "locate_archive", "model_fingerprint"]
@@ -177,25 +179,18 @@ def resolved_settings(locator, settings: dict) -> dict:
     return {**resolved, "top_k": settings.get("top_k", default)}
 
 
-def _open_writer(output, settings, place, overwrite, locator, **options) -> ResultWriter:
-    """The answers' writer on every rank; rank 0 checks the settings (and clears the folder on
-    ``overwrite``) first, and the others raise the same error when it refuses."""
+def _open_writer(
+    output, settings, place, overwrite, locator, **options
+) -> tuple[ResultWriter, IdIndex]:
+    """The answers' writer on every rank and the ids already answered
+    (:func:`~globeflow.jobs.resumable_output.open_resumable_writer`: rank 0 checks the settings,
+    and clears the folder on ``overwrite``, first)."""
     weights = {"model_weights": model_fingerprint(locator.model), "encoder": locator.encoder_name,
                "keep_samples": options["keep_samples"]}  # fmt: skip
     fingerprint = {**resolved_settings(locator, settings), **weights, "jsonl": options["jsonl"]}
     legacy = {**settings, **weights}  # as earlier versions recorded them
-
-    def make(main: bool) -> ResultWriter:
-        if main and overwrite and Path(output).is_dir():
-            remove_results(Path(output))
-        return ResultWriter(output, fingerprint, rank=_rank(place), clean_stale=main,
-                            legacy=[legacy], **options)  # fmt: skip
-
-    return on_main_first(place, make)
-
-
-def _rank(place: Placement) -> int | None:
-    return place.rank if place.distributed else None
+    make = functools.partial(ResultWriter, output, fingerprint, legacy=[legacy], **options)
+    return open_resumable_writer(Path(output), place, overwrite, make)
 
 
 @dataclass
@@ -259,12 +254,10 @@ def _locate_placed(
     input_errors = len(report.errors)
     writer, done = None, None
     if output is not None:
-        writer = _open_writer(
+        writer, done = _open_writer(
             output, settings, place, overwrite, locator=locator, chunk_size=chunk_size,
             max_unsaved_seconds=max_unsaved_seconds, keep_samples=keep_samples, jsonl=jsonl,
         )  # fmt: skip
-        done = writer.done_ids()
-        place.barrier()  # every rank has listed the stored parts before any writes a new one
     listing = _todo(items, embeddings, done, report)
     share = rank_slice(math.ceil(len(listing) / batch_size), place.rank, place.world_size)
     mine = slice(share.start * batch_size, share.stop * batch_size)  # of the photos to answer
@@ -314,8 +307,6 @@ def _locate_placed(
 def _bar(total: int, show: bool, locator):
     if not show:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="photo", desc=f"locating ({locator.model_name})", smoothing=0.1)
 
 

@@ -4,16 +4,19 @@
 Memory stays bounded whatever the number of photos: answers go to ``--out`` as they come, and
 the terminal keeps only the first :data:`TABLE_PHOTOS` answers, for the per-photo table of a
 small run. ``--json``/``--csv``/``--geojson``/``--map`` hold every answer with its samples in
-memory and are refused above :data:`~globeflow.apps.cli.SMALL_RUN_PHOTOS` photos (before any
-work); ``--out`` is the archive's output.
+memory and are refused above :data:`~globeflow.apps.cli._common.SMALL_RUN_PHOTOS` photos
+(before any work); ``--out`` is the archive's output.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
+
+import globeflow.apps.cli._common as common
+from globeflow.apps.cli._common import fail, fail_no_photos, is_main_process
+from globeflow.apps.cli.predict_output import show_answers
 
 TABLE_PHOTOS = 50
 """Runs of at most this many photos print a table of the answers; larger ones a summary."""
@@ -23,6 +26,7 @@ LISTED_ERRORS = 20
 
 def _count_inputs(photos, embeddings) -> int:
     """How many photos the input holds (a store: from its parts' footers)."""
+    # Imported here: pyarrow and the job modules (torch) load only when predict runs.
     import pyarrow.parquet as pq
 
     from globeflow.data.embedding_store import store_parts
@@ -35,11 +39,10 @@ def _count_inputs(photos, embeddings) -> int:
 
 def check_small_run(asked: list[str], photos, embeddings) -> None:
     """Refuse the in-memory outputs (``asked``: their option names) for a large input."""
-    from globeflow.apps import cli
-
-    if asked and (n := _count_inputs(photos, embeddings)) > cli.SMALL_RUN_PHOTOS:
-        cli._fail(
-            f"{asked[0]} holds every answer in memory: at most {cli.SMALL_RUN_PHOTOS} photos, "
+    limit = common.SMALL_RUN_PHOTOS  # looked up when called: tests lower it
+    if asked and (n := _count_inputs(photos, embeddings)) > limit:
+        fail(
+            f"{asked[0]} holds every answer in memory: at most {limit} photos, "
             f"here {n}; use --out DIR (parquet parts, resumable) for larger runs"
         )
 
@@ -62,13 +65,13 @@ def run_predict(
     progress: bool,
 ) -> None:
     """Locate, stream to ``out``, print the table or a summary; exits as ``predict`` says."""
-    from globeflow.apps import cli
+    # Imported here: the locate job and torch load only when predict runs (instant --help).
     from globeflow.core.families import NonFiniteOutputError
     from globeflow.jobs.locate import locate_archive
 
     asked = [name for name, path in {**small_outputs, "--map": map_dir}.items() if path]
     # The answers of every process (torchrun) come back to rank 0, for the table or outputs.
-    keep = cli.SMALL_RUN_PHOTOS if asked else TABLE_PHOTOS
+    keep = common.SMALL_RUN_PHOTOS if asked else TABLE_PHOTOS
     try:
         report = locate_archive(
             locator, settings, photos=photos, embeddings=embeddings, output=out,
@@ -77,40 +80,29 @@ def run_predict(
             decode_workers=decode_workers, keep_answers=keep,
         )  # fmt: skip
     except NonFiniteOutputError as exc:
-        cli._fail(f"{locator.model_name}: {exc}", code=1)
+        fail(f"{locator.model_name}: {exc}", code=1)
     except (ValueError, OSError) as exc:
-        cli._fail(str(exc))
+        fail(str(exc))
     if report.interrupted:
         where = f"; {out} holds the answers so far: rerun the same command to resume" if out else ""
         typer.secho(f"interrupted after {report.located} photos{where}", err=True, fg="yellow")
         raise typer.Exit(130)
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return
     if report.total == 0 and photos:
-        from globeflow.data.file_names import printable_path
-        from globeflow.data.images import IMAGE_EXTENSIONS
-
-        where = ", ".join(printable_path(p) for p in photos)
-        cli._fail(f"no photos found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        fail_no_photos(photos)
     _report(locator, report, report.answers or [], small_outputs, map_dir, progress)
 
 
 def _report(locator, report, kept, small_outputs, map_dir, progress) -> None:
     """The table (small runs) or a summary, the small outputs, the unreadable photos."""
-    from globeflow.apps import cli
-    from globeflow.apps.outputs import map_file_names, photo_labels, with_map_names
+    # Imported here: apps.outputs imports torch (instant --help).
+    from globeflow.apps.outputs import photo_labels
 
     labels = photo_labels([r["image"] for r in kept])
-    if any(r.get("ok") for r in kept):
-        title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
-        radius = kept[0].get("settings", {}).get("region_radius_km")
-        cli._print_predict_table(kept, labels, title, radius)
-    names = map_file_names(labels)
-    if map_dir:  # each answer names its map file (same-named photos in different folders)
-        kept = with_map_names(kept, names)
-    cli._write_predict_outputs(kept, *small_outputs.values())
-    if map_dir:
-        cli._write_maps(kept, labels, names, map_dir, progress)
+    title = f"globeflow ({locator.model_name}, {locator.encoder_name})"
+    radius = kept[0].get("settings", {}).get("region_radius_km") if kept else None
+    kept = show_answers(title, kept, labels, radius, small_outputs, map_dir, progress)
     if report.errors:
         typer.echo(f"{report.failed} of {report.total} photos could not be read:", err=True)
     for path, reason in report.errors[:LISTED_ERRORS]:
@@ -125,4 +117,4 @@ def _report(locator, report, kept, small_outputs, map_dir, progress) -> None:
             + (f" -> {report.output}" if report.output else "; not saved (give --out DIR)")
         )
     if report.located + report.skipped_existing == 0:
-        cli._fail(f"none of the {report.failed} photos could be read (listed above)", code=1)
+        fail(f"none of the {report.failed} photos could be read (listed above)", code=1)
