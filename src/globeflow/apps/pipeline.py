@@ -121,6 +121,7 @@ class Locator:
         photo_ids: Sequence[str] | None = None,
         grid: str | None = None,
         sampler: SamplerSettings | None = None,
+        first_samples: int | None = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
@@ -133,11 +134,14 @@ class Locator:
         samples' own scale unless ``region_radius_km`` fixes their radius
         (``answers.decode.top_regions``). ``within`` (a region, see
         :func:`globeflow.answers.within.parse_region`): answers from the model's density
-        truncated to it, with the mass inside (``mass_inside``).
+        truncated to it, with the mass inside (``mass_inside``). ``first_samples``: samples of
+        the first draw of an adaptive recipe (0: all ``num_samples`` at once); each answer's
+        ``monte_carlo`` block gives the samples drawn and the standard errors of its numbers.
         """
         recipe = self._recipe(
             sampler, solver, grid, num_samples=num_samples, guidance=guidance, steps=steps,
             precision=precision, localizability_samples=localizability_samples,
+            first_samples=first_samples,
         )  # fmt: skip
         recipe = resolve(self.model, recipe)
         settings = {**self._settings(recipe, seed), "region_radius_km": region_radius_km}

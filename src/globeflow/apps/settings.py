@@ -72,6 +72,8 @@ SOLVERS = tuple(sorted({name for family in DENOISING_FAMILIES.values() for name 
 
 LOCATE_LIMITS: dict[str, Rule] = {
     "num_samples": Range(16, 4096, integer=True),
+    # 0: all num_samples at once; else the first draw of an adaptive answer.
+    "first_samples": Range(0, 4096, integer=True),
     # Guidance in (-1, 0) leans towards the unconditional branch (a flatter answer); 10 is the
     # web page's slider maximum and the server's long-standing cap.
     "guidance": Range(-1.0, 10.0),

@@ -58,8 +58,14 @@ def predict(
     encoder_path: EncoderPathOption = None,
     num_samples: int = typer.Option(
         None,
-        help=f"Samples per photo, 16 to 4096 (default: {DEFAULT_SAMPLER.num_samples}, see "
+        help=f"Most samples per photo, 16 to 4096 (default: {DEFAULT_SAMPLER.num_samples}, see "
         "docs/defaults.md).",
+    ),
+    first_samples: int = typer.Option(
+        None,
+        help=f"Samples of the first draw (default: {DEFAULT_SAMPLER.first_samples}); more, up "
+        "to --num-samples, only for photos whose best guess or region probabilities are not yet "
+        "within the Monte Carlo tolerances. 0: all --num-samples at once.",
     ),
     guidance: float = typer.Option(
         None,
@@ -173,6 +179,7 @@ def predict(
     check_options(
         LOCATE_LIMITS,
         num_samples=num_samples,
+        first_samples=first_samples,
         guidance=guidance,
         steps=steps,
         solver=solver,
@@ -209,6 +216,7 @@ def predict(
         fail(f"--keep-samples {keep_samples}: must be at most --num-samples ({samples})")
     settings = dict(
         num_samples=num_samples,
+        first_samples=first_samples,
         guidance=resolved_guidance(guidance, locator, LOCATE_LIMITS),
         steps=steps,
         solver=_model_solver(solver, locator),
@@ -252,7 +260,7 @@ def _listed_photos(inputs: list[Path]) -> list[Path]:
         return []  # nothing to protect; the run itself reports the inputs
 
 
-UNFUSED_SETTINGS = ("guidance", "localizability_samples", "grid")
+UNFUSED_SETTINGS = ("guidance", "localizability_samples", "grid", "first_samples")
 """predict's settings that a fused answer does not take."""
 
 
