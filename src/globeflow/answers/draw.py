@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from globeflow.core.families import GeoModel
 from globeflow.core.random_streams import stream_noise
 from globeflow.core.sampler_settings import SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
@@ -34,9 +35,9 @@ def draw_answers(
     error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn from its
     own generator, with a resolved ``recipe``
     (:func:`~globeflow.core.sampler_settings.resolve`)."""
-    if hasattr(model, "prepare_embeddings"):
+    if isinstance(model, GeoModel):  # else a duck-typed stand-in that takes embeddings as given
         emb = model.prepare_embeddings(emb)
-    if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
+    if not model.draws_initial_noise:  # baselines draw inside sample(): per photo
         parts = [
             _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count))
             for i, g in enumerate(generators)
@@ -89,7 +90,7 @@ def _draw_from(
     samples = samples[:, :n].cpu()
     if n_loc <= 0:
         return samples, nan, nan
-    if not hasattr(model, "sample_with_log_density"):  # duck-typed stand-ins: their own estimate
+    if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
     x0, padded = noise(n_loc)

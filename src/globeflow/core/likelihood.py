@@ -41,7 +41,7 @@ from globeflow.core.sampler_settings import (
     LOCALIZABILITY_BULK_STEPS,
     LOCALIZABILITY_SOLVER,
 )
-from globeflow.core.solvers import SOLVERS, SPHERE, TABLEAUS
+from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
 DEFAULT_LIKELIHOOD_STEPS = 48
@@ -56,9 +56,6 @@ tests/test_likelihood.py::test_exact_log_likelihood_of_a_1km_target_matches_its_
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges slowly in the number
 # of steps, because its field is stiff near gamma = 0 (no test pins its accuracy); the R^3
 # diffusion density is the paper's comparison number, not our default model.
-DIFFUSION_GAMMA_END = 1e-5
-"""The diffusion ODE is singular at gamma = 0; it is integrated down to this signal level and
-scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
 
 
 STIFF_LOG_STEP = 0.2
@@ -127,23 +124,28 @@ def divergence_weights(
     step integrates c / (1 - gamma + width) exactly (the shape of the divergence at the stiff
     end), instead of only to second order; None where ``width`` is None (no stiff end). The
     factors are 1 + O(h^2 / (1 - gamma + width)^2): ~1 in the bulk (both pinned by
-    tests/test_stiffness.py::test_divergence_weights_integrate_the_stiff_shape_exactly)."""
+    tests/test_stiffness.py::test_divergence_weights_integrate_the_stiff_shape_exactly). The
+    nodes and their weights are the solver's own (``Solver.divergence_quadrature``); a solver
+    that carries no log-density raises ``ValueError``."""
+    rule = SOLVERS[solver].divergence_quadrature
+    if rule is None:
+        raise ValueError(
+            f"solver {solver!r} carries no log-density; choose one of "
+            f"{sorted(name for name, s in SOLVERS.items() if s.carries_log_density)}"
+        )
     if width is None:
         return None
-    method = SOLVERS[solver]
-    levels = method.levels(gammas)
+    levels = SOLVERS[solver].levels(gammas)
     g = gammas.to(torch.float64)
     a = float(width)
     exact = torch.log((1.0 - g[:-1] + a) / (1.0 - g[1:] + a))  # int dgamma / (1 - gamma + a)
     h = g[1:] - g[:-1]
-    if solver == "lagged-midpoint":
-        step, weight = torch.arange(len(levels)) - 1, torch.ones(len(levels), dtype=g.dtype)
-    else:
-        tableau = TABLEAUS[solver]
-        step = torch.arange(len(levels)) // tableau.stages
-        weight = torch.tensor(tableau.b, dtype=g.dtype).repeat(len(h))
-    weight[step < 0] = 0.0
-    step = step.clamp_min(0)
+    step, weight = rule.nodes(len(h), g.dtype)
+    if len(step) != len(levels):
+        raise ValueError(
+            f"solver {solver!r}: its divergence quadrature has {len(step)} nodes on "
+            f"{len(h)} steps, its levels {len(levels)}"
+        )
     terms = weight * h[step] / (1.0 - levels.to(torch.float64) + a)
     quadrature = torch.zeros_like(h).index_add_(0, step, terms)
     factor = exact / quadrature.where(quadrature != 0, torch.ones_like(quadrature))
@@ -282,23 +284,20 @@ def field_and_divergence(
         return outs - radial[..., None] * x, trace - 2.0 * radial
     # R^3 families: convert the network output into d x / d gamma (linear in the output).
     velocity = model.velocity_from_output(x, outs, gamma)
-    if model.family == "diffusion":
-        # v = (x - s1 eps)/(2g) - eps/(2 s1): div v = 3/(2g) - (s1/(2g) + 1/(2 s1)) tr(J_eps)
-        s1 = (1 - gamma).clamp_min(1e-12).sqrt()
-        return velocity, 3.0 / (2 * gamma) - (s1 / (2 * gamma) + 1 / (2 * s1)) * trace
-    return velocity, trace
+    return velocity, model.divergence_from_output(x, outs, trace, gamma)
 
 
 def _t_end(model) -> float:
-    if model.family != "diffusion":
+    """The time where the likelihood ODE stops: 1, or where the signal level falls to the
+    family's ``likelihood_end_level``."""
+    end_level = model.likelihood_end_level
+    if end_level is None:
         return 1.0
-    # Solve gamma(t) = DIFFUSION_GAMMA_END by bisection (schedules are monotone).
+    # Solve gamma(t) = end_level by bisection (schedules are monotone).
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if float(model.schedule.signal_level(torch.tensor(mid, dtype=torch.float64))) > (
-            DIFFUSION_GAMMA_END
-        ):
+        if float(model.schedule.signal_level(torch.tensor(mid, dtype=torch.float64))) > end_level:
             lo = mid
         else:
             hi = mid
@@ -403,7 +402,7 @@ def _midpoint_log_prob(
 def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     """Solver for chunks of points: RK4 from data (t = 0) to noise along a grid in t; the stage
     times of every step share one batched condition path."""
-    spacing = spacing or ("mixed-log" if model.family == "diffusion" else "gamma")
+    spacing = spacing or model.likelihood_spacing
     ts = integration_grid(model.schedule, steps, _t_end(model), spacing)
     stage_t = torch.stack([ts[:-1], (ts[:-1] + ts[1:]) / 2, ts[1:]], -1).reshape(-1)
     gammas = model.schedule.signal_level(stage_t).to(emb.dtype)

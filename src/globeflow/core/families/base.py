@@ -13,7 +13,7 @@ from torch import nn
 from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.network import Denoiser
 from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, resolve
-from globeflow.core.schedules import Schedule, SigmoidSchedule
+from globeflow.core.schedules import Schedule, SigmoidSchedule, schedule_from_config
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
 from globeflow.core.time_grids import sampling_grid
@@ -36,11 +36,31 @@ class GeoModel(nn.Module):
 
     cond_dim: int
 
+    draws_initial_noise: bool = False
+    """Whether :meth:`sample_unit` starts from initial states (B, N, 3) that
+    :meth:`initial_noise` draws and ``noise=`` takes (the denoising families): callers then draw
+    each photo's states from its own random stream and solve the batch at once. The others
+    (the closed-form baselines) draw inside :meth:`sample_unit`, so callers call them once per
+    photo with its own generator."""
+
     def loss(
         self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Training loss (scalar) for unit vectors x0 (B, 3) and embeddings emb (B, D)."""
         raise NotImplementedError
+
+    def initial_noise(
+        self, batch: int, num_samples: int, generator: torch.Generator | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The sampler's initial states (batch, num_samples, 3) on ``like``'s device and dtype:
+        unit vectors on S^2 or standard Gaussians in R^3 (only where
+        :attr:`draws_initial_noise`)."""
+        raise NotImplementedError(f"the {self.family!r} family draws no initial states")
+
+    def base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Natural log density (...,) of the noise distribution at x (..., 3), where the
+        likelihood ODE ends: per steradian on S^2, in R^3 for the R^3 families."""
+        raise NotImplementedError(f"the {self.family!r} family has no noise distribution")
 
     def sample_unit(
         self,
@@ -194,7 +214,13 @@ class GeoModel(nn.Module):
         return emb.to(device=self.device, dtype=dtype)
 
     def config_dict(self) -> dict:
-        """Constructor arguments, saved to config.json."""
+        """Constructor arguments, saved to config.json (with ``"family"``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict) -> GeoModel:
+        """An untrained model from a dict :meth:`config_dict` wrote (extra keys such as
+        ``"format"`` and ``"metadata"`` are ignored)."""
         raise NotImplementedError
 
 
@@ -208,6 +234,13 @@ UNIFORM_LOCALIZABILITY_BITS = LOG_UNIFORM_DENSITY / math.log(2.0)
 Every density on the sphere scores at least this much in expectation (the difference is its
 KL divergence from uniform), so localizability minus this is >= 0 bits up to Monte Carlo error;
 each bit above it halves the effective area, 2^-bits x 4 pi x R^2 = 5.1e8 km^2 x 2^-bits."""
+
+
+class _SolverNames:
+    """``family.solvers`` (on the class or a model): :meth:`DenoisingModel.solver_names`."""
+
+    def __get__(self, model: object, family: type[DenoisingModel]) -> tuple[str, ...]:
+        return family.solver_names()
 
 
 def drop_condition(
@@ -252,6 +285,14 @@ class DenoisingModel(GeoModel):
             "cond_drop_prob": self.cond_drop_prob,
         }
 
+    @classmethod
+    def from_config(cls, config: dict) -> DenoisingModel:
+        return cls(
+            Denoiser(**config["network"]),
+            schedule=schedule_from_config(config.get("schedule")),
+            cond_drop_prob=config.get("cond_drop_prob", 0.1),
+        )
+
     # ---- training ---------------------------------------------------------------------------
     def loss(
         self,
@@ -292,16 +333,33 @@ class DenoisingModel(GeoModel):
         return torch.rand(batch, generator=generator, device=device)
 
     # ---- family-specific pieces ---------------------------------------------------------------
-    def initial_noise(
-        self, batch: int, num_samples: int, generator: torch.Generator | None, like: torch.Tensor
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    draws_initial_noise = True
 
     def velocity_from_output(
         self, x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor
     ) -> torch.Tensor:
         """d x / d gamma of the probability-flow ODE, from the network output at (x, gamma)."""
         raise NotImplementedError
+
+    def divergence_from_output(
+        self, x: torch.Tensor, out: torch.Tensor, trace: torch.Tensor, gamma: torch.Tensor
+    ) -> torch.Tensor:
+        """Divergence (B, N) in R^3 of :meth:`velocity_from_output` at x (B, N, 3), given the
+        trace (B, N) of the network output's Jacobian there. Default: the velocity is the
+        output, so its divergence is that trace. (On S^2 the likelihood takes the Riemannian
+        divergence of the tangent projection instead, :func:`~globeflow.core.likelihood.
+        field_and_divergence`.)"""
+        return trace
+
+    likelihood_end_level: float | None = None
+    """The signal level where the likelihood ODE stops and the base density is scored; None:
+    the schedule's end, t = 1."""
+    likelihood_spacing: str = "gamma"
+    """The time grid of the R^3 likelihood's RK4 steps
+    (:func:`~globeflow.core.likelihood.integration_grid`)."""
+    runs_ode_solvers: bool = True
+    """Whether the solvers of :data:`~globeflow.core.solvers.SOLVERS` integrate this family's
+    probability-flow ODE (else it samples with its published step only)."""
 
     def sampler_step(
         self,
@@ -472,4 +530,13 @@ class DenoisingModel(GeoModel):
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""
     default_solver: str = "euler"
-    solvers: tuple[str, ...] = ("euler", "midpoint", "heun", "lagged-midpoint")
+
+    @classmethod
+    def solver_names(cls) -> tuple[str, ...]:
+        """The published step, then every solver of :data:`~globeflow.core.solvers.SOLVERS` that
+        runs on the family's geometry (none where :attr:`runs_ode_solvers` is False); read when
+        asked, so that solvers registered later count."""
+        ode = [name for name, s in SOLVERS.items() if cls.geometry in s.geometries]
+        return tuple(dict.fromkeys([cls.published_solver, *(ode if cls.runs_ode_solvers else [])]))
+
+    solvers = _SolverNames()
