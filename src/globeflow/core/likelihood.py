@@ -315,15 +315,18 @@ def log_prob_ode(
     method: str | None = None,
     stiff: float | None = None,
     log_step: float = LIKELIHOOD_LOG_STEP,
+    solver: str = "lagged-midpoint",
 ) -> torch.Tensor:
     """log p(x | emb) by the likelihood ODE from data to noise: x (B, M, 3), emb (B, D) -> (B, M).
 
     ``method="midpoint"`` (default on S^2): ``steps`` Lie-group midpoint steps uniform in gamma,
     with the divergence (2 JVPs) at each step's midpoint only: 3 network rows per step
-    (:func:`_midpoint_log_prob`). ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the
-    ``spacing`` grid (4 evaluations with 2 or 3 JVPs each). Points are processed in chunks of
-    about ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps;
-    the accuracy figures above are float32).
+    (:func:`_midpoint_log_prob`); ``solver`` names another solver of
+    :data:`~globeflow.core.solvers.SOLVERS` that carries log-densities to run instead.
+    ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the ``spacing`` grid (4
+    evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
+    ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps; the
+    accuracy figures above are float32).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
@@ -331,7 +334,7 @@ def log_prob_ode(
     per_chunk = max(1, chunk_size // max(b, 1))
     with torch.no_grad():
         if method == "midpoint":
-            solve = _midpoint_log_prob(model, emb, steps, precision, stiff, log_step)
+            solve = _midpoint_log_prob(model, emb, steps, precision, stiff, log_step, solver)
         elif method == "rk4":
             solve = _rk4_log_prob(model, emb, steps, spacing, precision)
         else:
@@ -361,17 +364,23 @@ def _grid_floor(width: float | None) -> float | None:
 
 
 def _midpoint_log_prob(
-    model, emb, steps: int, precision: str, stiff: float | None, log_step: float
+    model,
+    emb,
+    steps: int,
+    precision: str,
+    stiff: float | None,
+    log_step: float,
+    solver: str = "lagged-midpoint",
 ):
     """Solver for chunks of points: data (gamma = 1) to noise with the lagged midpoint rule of
     :mod:`globeflow.core.solvers` (one evaluation per step, at its midpoint, with the divergence:
-    3 network rows), on :func:`stiff_end_levels` with ``steps`` bulk steps; ``stiff`` None: the
-    floor is probed at each point (:func:`stiffness_floor`), and points are solved in groups of
-    equal quantized floor (:func:`solve_by_floor`); a number: that width for all (inf: no
-    stiff end)."""
+    3 network rows; or the log-density-carrying ``solver`` named), on :func:`stiff_end_levels`
+    with ``steps`` bulk steps; ``stiff`` None: the floor is probed at each point
+    (:func:`stiffness_floor`), and points are solved in groups of equal quantized floor
+    (:func:`solve_by_floor`); a number: that width for all (inf: no stiff end)."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
-    method = SOLVERS["lagged-midpoint"]
+    method = SOLVERS[solver]
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
@@ -386,7 +395,7 @@ def _midpoint_log_prob(
     def solve_at(x: torch.Tensor, emb: torch.Tensor, width: float) -> torch.Tensor:
         width = None if width == math.inf else width
         gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
-        factors = divergence_weights(gammas, "lagged-midpoint", width)
+        factors = divergence_weights(gammas, solver, width)
         gammas = gammas.to(device=emb.device, dtype=emb.dtype)
         levels = method.levels(gammas)
         field = GuidedField(model.network, emb, levels, precision=precision)

@@ -209,7 +209,8 @@ class Solver:
         return self.divergence_quadrature is not None
 
 
-def _runge_kutta(tableau: Tableau) -> Solver:
+def runge_kutta(tableau: Tableau) -> Solver:
+    """The solver of an explicit Runge-Kutta tableau, carrying log-densities with weights b."""
     return Solver(
         name=tableau.name,
         order=tableau.order,
@@ -223,7 +224,7 @@ def _runge_kutta(tableau: Tableau) -> Solver:
 
 
 SOLVERS: dict[str, Solver] = {
-    **{name: _runge_kutta(tableau) for name, tableau in TABLEAUS.items()},
+    **{name: runge_kutta(tableau) for name, tableau in TABLEAUS.items()},
     "lagged-midpoint": Solver(
         name="lagged-midpoint",
         order=2,
