@@ -35,6 +35,7 @@ import math
 import torch
 
 from globeflow.core.guidance import GuidedField
+from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
     FULL_PRECISION,
@@ -74,6 +75,9 @@ on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 po
 +0.04..+0.14 nats at 0.35, -0.08..+0.04 at 0.2, -0.006..+0.027 at 0.15 (its sign is set by how
 closely the divergence follows -2 / (1 - gamma + w)); 0.15 costs ~35% more time than 0.35, on
 sharp models only (docs/benchmarks.md, "Exact log-likelihood of sharp posteriors")."""
+LIKELIHOOD_SOLVER = "lagged-midpoint"
+"""The solver of the likelihood ODE on S^2 (:func:`log_prob_ode`): one evaluation per step, at
+its midpoint, with the divergence."""
 STIFF_FLOOR_RATIO = 4.0
 """The stiff-end grid's floor is the probed bound (:func:`stiffness_floor`) over this: a margin
 for the ladder's factor-4 rungs, between which kappa is not read."""
@@ -313,9 +317,9 @@ def log_prob_ode(
     spacing: str | None = None,
     precision: str = FULL_PRECISION,
     method: str | None = None,
-    stiff: float | None = None,
+    stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = LIKELIHOOD_LOG_STEP,
-    solver: str = "lagged-midpoint",
+    solver: str = LIKELIHOOD_SOLVER,
 ) -> torch.Tensor:
     """log p(x | emb) by the likelihood ODE from data to noise: x (B, M, 3), emb (B, D) -> (B, M).
 
@@ -334,7 +338,9 @@ def log_prob_ode(
     per_chunk = max(1, chunk_size // max(b, 1))
     with torch.no_grad():
         if method == "midpoint":
-            solve = _midpoint_log_prob(model, emb, steps, precision, stiff, log_step, solver)
+            solve = _midpoint_log_prob(
+                model, emb, steps, precision, as_stiff_end(stiff), log_step, solver
+            )
         elif method == "rk4":
             solve = _rk4_log_prob(model, emb, steps, spacing, precision)
         else:
@@ -358,6 +364,16 @@ def _path_field(
     return velocity
 
 
+def _fixed_width(stiff: StiffEndWidth) -> float | None:
+    """The stiff-end width of an explicit ``stiff`` (a width, or ``StiffEnd.NONE``: None)."""
+    return None if stiff is StiffEnd.NONE else float(stiff)  # type: ignore[arg-type]
+
+
+def _floor_as_stiff_end(floor: float) -> StiffEndWidth:
+    """A probed (quantized) floor as an explicit stiff end: ``inf`` (never stiff) is none."""
+    return StiffEnd.NONE if floor == math.inf else floor
+
+
 def _grid_floor(width: float | None) -> float | None:
     """The floor of the stiff-end grid for a field that stops steepening at ``width``."""
     return None if width is None else max(width / STIFF_FLOOR_RATIO, SHARPEST_LEVEL_FLOOR)
@@ -368,32 +384,34 @@ def _midpoint_log_prob(
     emb,
     steps: int,
     precision: str,
-    stiff: float | None,
+    stiff: StiffEndWidth,
     log_step: float,
-    solver: str = "lagged-midpoint",
+    solver: str = LIKELIHOOD_SOLVER,
 ):
     """Solver for chunks of points: data (gamma = 1) to noise with the lagged midpoint rule of
     :mod:`globeflow.core.solvers` (one evaluation per step, at its midpoint, with the divergence:
     3 network rows; or the log-density-carrying ``solver`` named), on :func:`stiff_end_levels`
-    with ``steps`` bulk steps; ``stiff`` None: the floor is probed at each point
+    with ``steps`` bulk steps; ``stiff`` ``StiffEnd.PROBED``: the floor is probed at each point
     (:func:`stiffness_floor`), and points are solved in groups of equal quantized floor
-    (:func:`solve_by_floor`); a number: that width for all (inf: no stiff end)."""
+    (:func:`solve_by_floor`); a number: that width for all; ``StiffEnd.NONE``: no stiff end."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
     method = SOLVERS[solver]
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
-        if stiff is None:  # each point's own floor: its answer does not depend on the batch
+        if stiff is StiffEnd.PROBED:  # each point's own floor: its answer is batch-free
             floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step))
             (out,) = solve_by_floor(
-                floors, x, lambda rows, points, w: (solve_at(points, emb[rows], w),)
+                floors,
+                x,
+                lambda rows, points, w: (solve_at(points, emb[rows], _floor_as_stiff_end(w)),),
             )
             return out
         return solve_at(x, emb, stiff)
 
-    def solve_at(x: torch.Tensor, emb: torch.Tensor, width: float) -> torch.Tensor:
-        width = None if width == math.inf else width
+    def solve_at(x: torch.Tensor, emb: torch.Tensor, stiff_end: StiffEndWidth) -> torch.Tensor:
+        width = _fixed_width(stiff_end)
         gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
         factors = divergence_weights(gammas, solver, width)
         gammas = gammas.to(device=emb.device, dtype=emb.dtype)
@@ -453,7 +471,7 @@ def sample_with_log_density(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     precision: str = FULL_PRECISION,
-    stiff: float | None = None,
+    stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unguided samples of a sphere model and log p at each, in one pass.
@@ -464,10 +482,11 @@ def sample_with_log_density(
     and carries d log p / d gamma = -div v with the same tableau (divergence weights of
     :func:`divergence_weights`), so log p is exact up to the solver's discretisation
     (tests/test_likelihood.py::test_path_log_density_is_exact_on_a_known_flow).
-    ``stiff``: the stiff end's width for all samples; None: each sample's own floor
-    (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state lands,
-    samples of equal quantized floor solved together (:func:`solve_by_floor`); inf: no stiff
-    end (``steps`` uniform steps).
+    ``stiff``: the stiff end's width for all samples; ``StiffEnd.PROBED``: each sample's own
+    floor (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state
+    lands, samples of equal quantized floor solved together (:func:`solve_by_floor`);
+    ``StiffEnd.NONE``: no stiff end (``steps`` uniform steps). None and ``math.inf`` are the
+    older spellings of these two (:func:`~globeflow.core.log_density_settings.as_stiff_end`).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
     """
@@ -477,7 +496,8 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    if stiff is None:  # each sample's own floor: its answer does not depend on the batch
+    stiff = as_stiff_end(stiff)
+    if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         floors = quantized_floors(
             stiffness_floor(model, emb, pilot(model, emb, x0), steps, log_step)
         )
@@ -485,11 +505,11 @@ def sample_with_log_density(
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
                 model, emb[rows], points.shape[1], steps, solver, None, points, precision,
-                stiff=width, log_step=log_step,
+                stiff=_floor_as_stiff_end(width), log_step=log_step,
             )  # fmt: skip
 
         return solve_by_floor(floors, x0, solve)
-    width = None if stiff == math.inf else stiff
+    width = _fixed_width(stiff)
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
     factors = divergence_weights(gammas, solver, width)

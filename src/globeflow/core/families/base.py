@@ -5,14 +5,16 @@ Internally everything works on unit vectors (B, N, 3); the public methods speak 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from globeflow.core.guidance import GuidedField, GuidedVelocity
+from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY, LogDensitySettings
 from globeflow.core.network import Denoiser
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, resolve
+from globeflow.core.sampler_settings import SamplerSettings, resolve
 from globeflow.core.schedules import Schedule, SigmoidSchedule, schedule_from_config
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
@@ -95,13 +97,13 @@ class GeoModel(nn.Module):
         num_samples: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        *,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        settings: SamplerSettings | None = None,
         solver: str | None = None,
         precision: str | None = None,
         grid: str | None = None,
-        *,
-        settings: SamplerSettings | None = None,
     ) -> torch.Tensor:
         """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
 
@@ -150,28 +152,64 @@ class GeoModel(nn.Module):
         num_samples: int | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
-        likelihood_steps: int | None = None,
-        noise: torch.Tensor | None = None,
-        precision: str | None = None,
         *,
+        noise: torch.Tensor | None = None,
         settings: SamplerSettings | None = None,
+        density: LogDensitySettings | None = None,
+        **shorthands: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
 
-        Generic version: sample (from ``noise``, the initial state, when given) with the recipe
-        ``settings`` (default: :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`) at
-        guidance 0, ``steps`` steps and ``num_samples`` samples (None: its
-        ``localizability_steps`` / ``localizability_samples``), then evaluate
-        :meth:`log_prob_unit` at the samples.
+        The samples follow the recipe ``settings`` (default: :data:`~globeflow.core.
+        sampler_settings.DEFAULT_SAMPLER`) at its ``localizability_*`` fields, ``num_samples``
+        and ``steps`` (None: the recipe's) replacing ``localizability_samples`` and
+        ``localizability_steps``; ``density`` (default: :data:`~globeflow.core.
+        log_density_settings.DEFAULT_LOG_DENSITY`) says how they are scored. ``noise`` (B, N, 3)
+        is the initial state (default: drawn from ``generator``). Keyword shorthands:
+        ``solver`` and ``precision`` (the recipe's ``localizability_solver`` and
+        ``precision``), ``method``, ``likelihood_steps`` and ``stiff`` (``density``'s fields).
         """
-        base = settings or DEFAULT_SAMPLER
+        recipe, density = self.log_density_recipe(
+            settings, density, num_samples, steps, **shorthands
+        )
+        return self.sample_unit_with_log_density(emb, recipe, density, noise, generator)
+
+    def log_density_recipe(
+        self,
+        settings: SamplerSettings | None = None,
+        density: LogDensitySettings | None = None,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        *,
+        solver: str | None = None,
+        precision: str | None = None,
+        **density_fields: object,
+    ) -> tuple[SamplerSettings, LogDensitySettings]:
+        """The resolved recipe and density settings of :meth:`sample_with_log_density`."""
         recipe = resolve(
-            self, base, guidance=0.0, precision=precision,
-            num_samples=num_samples or base.localizability_samples,
-            steps=steps or base.localizability_steps,
+            self, settings, precision=precision, localizability_solver=solver,
+            localizability_samples=num_samples or None, localizability_steps=steps or None,
         )  # fmt: skip
-        x = self.sample_unit(emb, recipe, noise, generator)
-        return x, self.log_prob_unit(x, emb, steps=likelihood_steps)
+        return recipe, (density or DEFAULT_LOG_DENSITY).with_overrides(**density_fields)
+
+    def sample_unit_with_log_density(
+        self,
+        emb: torch.Tensor,
+        recipe: SamplerSettings,
+        density: LogDensitySettings,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_with_log_density` with resolved settings. Generic version: sample with
+        the recipe at guidance 0, ``localizability_samples`` samples and
+        ``localizability_steps`` steps, then evaluate :meth:`log_prob_unit` at the samples
+        (``density.likelihood_steps`` steps)."""
+        sampling = dataclasses.replace(
+            recipe, guidance=0.0, num_samples=recipe.localizability_samples,
+            steps=recipe.localizability_steps,
+        )  # fmt: skip
+        x = self.sample_unit(emb, sampling, noise, generator)
+        return x, self.log_prob_unit(x, emb, steps=density.likelihood_steps)
 
     @torch.no_grad()
     def localizability(
@@ -482,49 +520,20 @@ class DenoisingModel(GeoModel):
 
         return log_prob_ode(self, x, emb, steps=steps)
 
-    @torch.no_grad()
-    def sample_with_log_density(
-        self,
-        emb: torch.Tensor,
-        num_samples: int | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        likelihood_steps: int | None = None,
-        method: str | None = None,
-        solver: str | None = None,
-        precision: str | None = None,
-        noise: torch.Tensor | None = None,
-        stiff: float | None = None,
-        *,
-        settings: SamplerSettings | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unguided samples (B, N, 3) and log p at each (B, N).
-
-        ``method="path"`` (default on S^2): one pass of ``steps`` ``solver`` steps that carries
-        the log-density along the sampling path (:func:`~globeflow.core.likelihood.
-        sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
-        onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
-        ``num_samples``, ``steps``, ``solver`` and ``precision`` default to the recipe's
-        (``settings``, default :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`)
-        ``localizability_*`` fields and precision. ``noise`` (B, N, 3) is the initial state
-        (default: drawn from ``generator``). ``stiff``: the path method's stiff-end width
-        (:func:`~globeflow.core.likelihood.sample_with_log_density`; None: probed per image).
-        """
+    def sample_unit_with_log_density(self, emb, recipe, density, noise=None, generator=None):
+        """``density.method="path"`` (default on S^2): one pass of the recipe's
+        ``localizability_steps`` ``localizability_solver`` steps that carries the log-density
+        along the sampling path (:func:`~globeflow.core.likelihood.sample_with_log_density`,
+        with ``density.stiff``). ``"ode"`` (default in R^3, where samples are projected onto
+        S^2 after the solve): sample, then solve the likelihood ODE at every sample."""
         from globeflow.core.likelihood import sample_with_log_density
 
-        method = method or ("path" if self.geometry is SPHERE else "ode")
+        method = density.method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
-            return super().sample_with_log_density(
-                emb, num_samples, steps, generator, likelihood_steps, noise, precision,
-                settings=settings,
-            )  # fmt: skip
-        if method != "path":
-            raise ValueError(f"unknown density method {method!r}; choose path or ode")
-        recipe = resolve(self, settings, precision=precision)
+            return super().sample_unit_with_log_density(emb, recipe, density, noise, generator)
         return sample_with_log_density(
-            self, emb, num_samples or recipe.localizability_samples,
-            steps or recipe.localizability_steps, solver or recipe.localizability_solver,
-            generator, noise, recipe.precision, stiff=stiff,
+            self, emb, recipe.localizability_samples, recipe.localizability_steps,
+            recipe.localizability_solver, generator, noise, recipe.precision, stiff=density.stiff,
         )  # fmt: skip
 
     published_solver: str = "euler"
