@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from globeflow.core.families import GeoModel
+
 PARIS = {"city": "Paris", "region": "Ile-de-France", "country": "France", "country_code": "FR"}
 LYON = {"city": "Lyon", "region": "Auvergne-Rhone-Alpes", "country": "France", "country_code": "FR"}
 NYC = {
@@ -139,11 +141,12 @@ SHARP_MODES = ((EIFFEL_TOWER, 0.1, 0.7), (LOUVRE, 0.3, 0.3))
 """(centre, per-axis sd in km, weight): a street-scale answer with two sharp modes 3 km apart."""
 
 
-class SharpModel:
+class SharpModel(GeoModel):
     """Stands in for a generative model whose posterior is :data:`SHARP_MODES` whatever the
     photo: ``sample`` draws from the mixture, ``localizability`` returns its entropy. Behind a
     real :class:`globeflow.apps.pipeline.Locator`, everything after sampling (regions, names,
-    map window, OSM link, formatting) is the product's own code."""
+    map window, OSM link, formatting) is the product's own code. A :class:`GeoModel` (it draws
+    inside ``sample``, as the baselines do) whose every method in use is its own."""
 
     family = "sharp-stub"
     cond_dim = 4
@@ -151,6 +154,7 @@ class SharpModel:
     device = "cpu"
 
     def __init__(self, modes=SHARP_MODES) -> None:
+        super().__init__()
         self.modes = modes
 
     def eval(self):

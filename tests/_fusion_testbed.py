@@ -17,12 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from globeflow.core.families.baselines import (
-    VonMisesFisherMixture,
-    sample_vmf,
-    vmf_log_normalizer,
-)
+from globeflow.core.families.baselines import VonMisesFisherMixture
 from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
+from globeflow.core.vmf import sample_vmf, vmf_log_normalizer
 
 PRUNE_NATS = 40.0
 """Components this far below the heaviest one in a product are dropped (weight < e^-40)."""

@@ -15,13 +15,15 @@ from globeflow.core.families.baselines import (
     VonMisesFisher,
     VonMisesFisherMixture,
     fit_vmf_mixture_em,
+)
+from globeflow.core.sampler_settings import resolve
+from globeflow.core.sphere import angle_between, latlon_grid, latlon_to_unit, sample_uniform_sphere
+from globeflow.core.vmf import (
     sample_vmf,
     vmf_kappa_from_resultant,
     vmf_log_density,
     vmf_mean_resultant,
 )
-from globeflow.core.sampler_settings import resolve
-from globeflow.core.sphere import angle_between, latlon_grid, latlon_to_unit, sample_uniform_sphere
 
 
 def _unit(v) -> torch.Tensor:

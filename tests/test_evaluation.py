@@ -35,6 +35,8 @@ class FakeEncoder:
 class OffsetModel:
     """Samples are the truth shifted north by a known offset; density uniform on the sphere."""
 
+    draws_initial_noise = False  # it draws inside sample(), as the baselines do
+
     def __init__(self):
         self.calls = []
 
@@ -56,6 +58,8 @@ class OffsetModel:
 
 
 class UniformModel:
+    draws_initial_noise = False
+
     def sample(self, emb, num_samples=64, steps=32, guidance=0.0, generator=None):
         x = sample_uniform_sphere((emb.shape[0], num_samples), generator=generator)
         return unit_to_latlon(x)

@@ -20,9 +20,9 @@ import _fusion_testbed as tb  # noqa: E402
 from globeflow.answers.fusion import draw_posterior, fused_sample, single_sample
 from globeflow.answers.within import RegionError, bbox_region, parse_region
 from globeflow.apps.pipeline import Locator
-from globeflow.core.families.baselines import vmf_mean_resultant
 from globeflow.core.fusion import effective_sample_size, mass_inside, normalised_weights
 from globeflow.core.sphere import latlon_to_unit, unit_to_latlon
+from globeflow.core.vmf import vmf_mean_resultant
 from globeflow.jobs.metrics import sliced_wasserstein_km
 
 

@@ -28,7 +28,6 @@ from globeflow.answers.within import parse_region  # noqa: E402
 from globeflow.apps.pipeline import Locator  # noqa: E402
 from globeflow.core import fusion as core_fusion  # noqa: E402
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
-from globeflow.core.families.baselines import vmf_log_normalizer  # noqa: E402
 from globeflow.core.fusion import (  # noqa: E402
     Kernels,
     log_normaliser,
@@ -38,6 +37,7 @@ from globeflow.core.fusion import (  # noqa: E402
 )
 from globeflow.core.network import Denoiser  # noqa: E402
 from globeflow.core.sphere import latlon_to_unit  # noqa: E402
+from globeflow.core.vmf import vmf_log_normalizer  # noqa: E402
 
 
 class _Encoder:

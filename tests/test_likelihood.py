@@ -13,7 +13,6 @@ from globeflow.core.families import (
 from globeflow.core.families.flow import gaussian_log_prob
 from globeflow.core.guidance import GuidedField
 from globeflow.core.likelihood import (
-    DIFFUSION_GAMMA_END,
     integration_grid,
     log_prob_adaptive,
     log_prob_ode,
@@ -79,7 +78,7 @@ def test_diffusion_divergence_formula_on_a_known_field():
     model = _zero_output(Diffusion(Denoiser(dim=32, depth=2, cond_dim=4)).double())
     y = torch.randn(1, 5, 3, dtype=f64)
     lp = model.log_prob_unit(y, torch.randn(1, 4, dtype=f64), steps=128)
-    g_end = DIFFUSION_GAMMA_END
+    g_end = Diffusion.likelihood_end_level
     expected = gaussian_log_prob(y * math.sqrt(g_end)) + 1.5 * math.log(g_end)
     assert torch.allclose(lp, expected, atol=0.02)
 

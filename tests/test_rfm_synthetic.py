@@ -28,10 +28,10 @@ import pytest
 import torch
 
 from globeflow.core.families import RiemannianFlowMatching
-from globeflow.core.families.baselines import sample_vmf, vmf_log_density
 from globeflow.core.network import Denoiser
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER, resolve
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, angle_between
+from globeflow.core.vmf import sample_vmf, vmf_log_density
 
 KAPPA = 50.0
 WEIGHTS = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]], dtype=torch.float64)

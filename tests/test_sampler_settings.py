@@ -255,8 +255,9 @@ def test_models_and_evaluate_default_to_the_recipe():
     ):
         d = DEFAULT_SAMPLER
         spelled = model.sample(
-            emb, d.num_samples, d.steps, w, None, seeded(), d.solver, d.precision, d.grid
-        )
+            emb, d.num_samples, d.steps, w, noise=None, generator=seeded(), solver=d.solver,
+            precision=d.precision, grid=d.grid,
+        )  # fmt: skip
         assert torch.equal(model.sample(emb, generator=seeded()), spelled)
         assert torch.equal(model.sample(emb, generator=seeded(), settings=d), spelled)
         assert resolve(model).guidance == w
@@ -271,12 +272,13 @@ def test_models_and_evaluate_default_to_the_recipe():
     torch.manual_seed(0)
     flow = FlowMatching(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
     assert d.solver in flow.solvers
-    spelled = flow.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(),
-                          d.solver, grid=d.grid)  # fmt: skip
+    spelled = flow.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, noise=None,
+                          generator=seeded(), solver=d.solver, grid=d.grid)  # fmt: skip
     assert torch.equal(flow.sample(emb, generator=seeded()), spelled)
     diffusion = Diffusion(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
     assert d.solver not in diffusion.solvers
-    own = diffusion.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, None, seeded(), "ddim")
+    own = diffusion.sample(emb, d.num_samples, d.steps, DEFAULT_GUIDANCE, generator=seeded(),
+                           solver="ddim")  # fmt: skip
     assert torch.equal(diffusion.sample(emb, generator=seeded()), own)
 
     class Store:
@@ -357,3 +359,34 @@ def test_the_recipe_module_imports_no_torch():
     )
     env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_log_density_settings_object_and_shorthands_agree():
+    """``sample_with_log_density(settings=, density=)`` is what its keyword shorthands spell,
+    and the stiff end's older spellings (None: probed, inf: none) mean the explicit ones."""
+    import math
+
+    from globeflow.core.log_density_settings import LogDensitySettings, StiffEnd, as_stiff_end
+
+    assert as_stiff_end(None) is StiffEnd.PROBED and as_stiff_end(math.inf) is StiffEnd.NONE
+    assert as_stiff_end(1e-3) == 1e-3
+    with pytest.raises(ValueError, match="> 0"):
+        as_stiff_end(0.0)
+    model = _tiny_rfm()
+    emb = torch.randn(2, 4)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    for stiff, explicit in ((math.inf, StiffEnd.NONE), (None, StiffEnd.PROBED), (2e-3, 2e-3)):
+        spelled = model.sample_with_log_density(
+            emb, 8, 4, seeded(), solver="lagged-midpoint", stiff=stiff
+        )
+        recipe = DEFAULT_SAMPLER.with_overrides(localizability_solver="lagged-midpoint")
+        density = LogDensitySettings(stiff=explicit)
+        got = model.sample_with_log_density(emb, 8, 4, seeded(), settings=recipe, density=density)
+        assert all(torch.equal(a, b) for a, b in zip(spelled, got, strict=True))
+    with pytest.raises(TypeError):
+        model.sample_with_log_density(emb, 8, 4, seeded(), stiffness=1e-3)
+    with pytest.raises(ValueError, match="density method"):
+        LogDensitySettings(method="rk4")

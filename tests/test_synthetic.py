@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from globeflow.core.families.baselines import vmf_mean_resultant
 from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     exp_map,
@@ -17,6 +16,7 @@ from globeflow.core.sphere import (
     tangent_basis,
     unit_to_latlon,
 )
+from globeflow.core.vmf import vmf_mean_resultant
 from globeflow.data import synthetic
 from globeflow.data.embedding_store import read_embeddings
 

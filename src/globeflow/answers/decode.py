@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from globeflow.core.families.baselines import vmf_log_normalizer
 from globeflow.core.sphere import EARTH_RADIUS_KM, haversine_km, latlon_grid, latlon_to_unit
+from globeflow.core.vmf import vmf_log_normalizer
 
 GEOSCORE_SCALE_KM = 1492.7
 GEOSCORE_MAX = 5000.0

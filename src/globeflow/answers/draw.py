@@ -22,6 +22,7 @@ import torch
 
 from globeflow.answers.decode import best_guess, top_regions
 from globeflow.answers.monte_carlo import answer_errors, samples_needed
+from globeflow.core.families import GeoModel
 from globeflow.core.random_streams import stream_noise
 from globeflow.core.sampler_settings import SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
@@ -46,7 +47,7 @@ def draw_answers(
     ``num_samples`` (every round adds at least ``first_samples``); a photo's count depends on
     its own samples only.
     """
-    if hasattr(model, "prepare_embeddings"):
+    if isinstance(model, GeoModel):  # else a duck-typed stand-in that takes embeddings as given
         emb = model.prepare_embeddings(emb)
     if not recipe.adaptive:
         return _draw_batch(model, emb, generators, recipe)
@@ -91,7 +92,7 @@ def _draw_batch(
     answer's samples by the one-pass solve even where no localizability is asked."""
     if one_pass is None:
         one_pass = _one_pass(model, recipe)
-    if not hasattr(model, "initial_noise"):  # baselines draw inside sample(): per photo
+    if not model.draws_initial_noise:  # baselines draw inside sample(): per photo
         parts = [
             _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count), one_pass)
             for i, g in enumerate(generators)
@@ -157,7 +158,7 @@ def _draw_from(
     samples = samples[:, :n].cpu()
     if n_loc <= 0:
         return samples, nan, nan
-    if not hasattr(model, "sample_with_log_density"):  # duck-typed stand-ins: their own estimate
+    if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
     x0, padded = noise(n_loc)

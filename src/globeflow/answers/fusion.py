@@ -208,7 +208,7 @@ def own_samples(
     with their log-densities from one path pass (:func:`globeflow.core.likelihood.
     sample_with_log_density` on S^2, the generic sample-then-density otherwise)."""
     generators = photo_generators(seed, ids, model.device)
-    if getattr(model, "geometry", None) is SPHERE and hasattr(model, "initial_noise"):
+    if model.draws_initial_noise and model.geometry is SPHERE:
         from globeflow.core.random_streams import stream_noise
 
         noise, padded = stream_noise(model, generators, k, conditions)

@@ -482,7 +482,7 @@ def serve(
     """
     check_settings({"max_upload_mb": max_upload_mb, "max_batch": max_batch}, SERVE_LIMITS)
     check_listen_address(host, port)
-    if hasattr(model, "locate_images"):
+    if model is not None and not isinstance(model, (str, Path)):  # a ready locator
         locator = model
     else:
         locator = Locator.from_pretrained(

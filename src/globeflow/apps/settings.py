@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from globeflow.core.families import DENOISING_FAMILIES
+from globeflow.core.families import FAMILIES, denoising_family_names
 from globeflow.core.sampler_settings import AUTO, GRIDS, PRECISIONS
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
@@ -67,7 +67,9 @@ class OneOf:
         return "one of " + ", ".join(self.names)
 
 
-SOLVERS = tuple(sorted({name for family in DENOISING_FAMILIES.values() for name in family.solvers}))
+SOLVERS = tuple(
+    sorted({name for family in denoising_family_names() for name in FAMILIES[family].solvers})
+)
 """Every family's solvers; whether a model's family has the one asked for is its own check."""
 
 LOCATE_LIMITS: dict[str, Rule] = {

@@ -22,11 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.families import (
+    FAMILIES,
+    GeoModel,
+    RiemannianFlowMatching,
+    denoising_family_names,
+)
 from globeflow.core.hub_downloads import known_repo, looks_like_hub_id, snapshot
 from globeflow.core.network import Denoiser
 from globeflow.core.sampler_settings import PUBLISHED_GUIDANCE
-from globeflow.core.schedules import schedule_from_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -38,37 +42,22 @@ class CheckpointError(ValueError):
 
 
 def _infer_family(name: str) -> str:
+    """The family of a published checkpoint from its name: a denoising family's name as its
+    suffix (``*_flow``, ``*-diffusion``), else RFM (the bare ``PLONK_*`` names)."""
     name = name.rstrip("/").lower()
-    if name.endswith("_flow") or name.endswith("-flow"):
-        return "flow"
-    if name.endswith("_diffusion") or name.endswith("-diffusion"):
-        return "diffusion"
-    return "rfm"
-
-
-def _baseline_classes() -> dict[str, type[GeoModel]]:
-    try:
-        from globeflow.core.families.baselines import BASELINES
-    except ImportError:  # pragma: no cover - baselines are part of the package
-        return {}
-    return BASELINES
+    for family in denoising_family_names():
+        if name.endswith((f"_{family}", f"-{family}")):
+            return family
+    return RiemannianFlowMatching.family
 
 
 def model_from_config(config: dict, family: str | None = None, name: str = "") -> GeoModel:
     """Build an (untrained) model from a config dict of either flavour."""
     if config.get("format") == FORMAT:
         family = family or config["family"]
-        if family in DENOISING_FAMILIES:
-            network = Denoiser(**config["network"])
-            return DENOISING_FAMILIES[family](
-                network,
-                schedule=schedule_from_config(config.get("schedule")),
-                cond_drop_prob=config.get("cond_drop_prob", 0.1),
-            )
-        baselines = _baseline_classes()
-        if family in baselines:
-            return baselines[family].from_config(config)
-        raise CheckpointError(f"unknown family {family!r} in config of {name or 'model'}")
+        if family not in FAMILIES:
+            raise CheckpointError(f"unknown family {family!r} in config of {name or 'model'}")
+        return FAMILIES[family].from_config(config)
     required = {"input_dim", "dim", "depth", "expansion", "cond_dim"}
     if not required <= set(config):
         raise CheckpointError(
@@ -76,13 +65,13 @@ def model_from_config(config: dict, family: str | None = None, name: str = "") -
             f"{sorted(required - set(config))})"
         )
     family = family or _infer_family(name)
-    if family not in DENOISING_FAMILIES:
+    if family not in denoising_family_names():
         raise CheckpointError(
             f"family {family!r} cannot hold a PLONK network; "
-            f"choose from {sorted(DENOISING_FAMILIES)}"
+            f"choose from {sorted(denoising_family_names())}"
         )
     network = Denoiser(**{k: config[k] for k in sorted(required)})
-    return DENOISING_FAMILIES[family](network)
+    return FAMILIES[family](network)
 
 
 def _resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from globeflow.core.families.baselines import KAPPA_MAX, sample_vmf, vmf_log_normalizer
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere
+from globeflow.core.vmf import KAPPA_MAX, sample_vmf, vmf_log_normalizer
 
 
 def fused_log_density(

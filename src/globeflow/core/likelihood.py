@@ -35,13 +35,14 @@ import math
 import torch
 
 from globeflow.core.guidance import GuidedField
+from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
     FULL_PRECISION,
     LOCALIZABILITY_BULK_STEPS,
     LOCALIZABILITY_SOLVER,
 )
-from globeflow.core.solvers import SOLVERS, SPHERE, TABLEAUS
+from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import project_to_sphere, tangent_basis
 
 DEFAULT_LIKELIHOOD_STEPS = 48
@@ -56,9 +57,6 @@ tests/test_likelihood.py::test_exact_log_likelihood_of_a_1km_target_matches_its_
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges slowly in the number
 # of steps, because its field is stiff near gamma = 0 (no test pins its accuracy); the R^3
 # diffusion density is the paper's comparison number, not our default model.
-DIFFUSION_GAMMA_END = 1e-5
-"""The diffusion ODE is singular at gamma = 0; it is integrated down to this signal level and
-scored there under the standard normal (the marginal is N(sqrt(gamma) x0, (1-gamma) I))."""
 
 
 STIFF_LOG_STEP = 0.2
@@ -77,6 +75,9 @@ on the trained 1-km and 5-km patterns of syn-small, against dopri5 at 1e-6 (8 po
 +0.04..+0.14 nats at 0.35, -0.08..+0.04 at 0.2, -0.006..+0.027 at 0.15 (its sign is set by how
 closely the divergence follows -2 / (1 - gamma + w)); 0.15 costs ~35% more time than 0.35, on
 sharp models only (docs/benchmarks.md, "Exact log-likelihood of sharp posteriors")."""
+LIKELIHOOD_SOLVER = "lagged-midpoint"
+"""The solver of the likelihood ODE on S^2 (:func:`log_prob_ode`): one evaluation per step, at
+its midpoint, with the divergence."""
 STIFF_FLOOR_RATIO = 4.0
 """The stiff-end grid's floor is the probed bound (:func:`stiffness_floor`) over this: a margin
 for the ladder's factor-4 rungs, between which kappa is not read."""
@@ -127,23 +128,28 @@ def divergence_weights(
     step integrates c / (1 - gamma + width) exactly (the shape of the divergence at the stiff
     end), instead of only to second order; None where ``width`` is None (no stiff end). The
     factors are 1 + O(h^2 / (1 - gamma + width)^2): ~1 in the bulk (both pinned by
-    tests/test_stiffness.py::test_divergence_weights_integrate_the_stiff_shape_exactly)."""
+    tests/test_stiffness.py::test_divergence_weights_integrate_the_stiff_shape_exactly). The
+    nodes and their weights are the solver's own (``Solver.divergence_quadrature``); a solver
+    that carries no log-density raises ``ValueError``."""
+    rule = SOLVERS[solver].divergence_quadrature
+    if rule is None:
+        raise ValueError(
+            f"solver {solver!r} carries no log-density; choose one of "
+            f"{sorted(name for name, s in SOLVERS.items() if s.carries_log_density)}"
+        )
     if width is None:
         return None
-    method = SOLVERS[solver]
-    levels = method.levels(gammas)
+    levels = SOLVERS[solver].levels(gammas)
     g = gammas.to(torch.float64)
     a = float(width)
     exact = torch.log((1.0 - g[:-1] + a) / (1.0 - g[1:] + a))  # int dgamma / (1 - gamma + a)
     h = g[1:] - g[:-1]
-    if solver == "lagged-midpoint":
-        step, weight = torch.arange(len(levels)) - 1, torch.ones(len(levels), dtype=g.dtype)
-    else:
-        tableau = TABLEAUS[solver]
-        step = torch.arange(len(levels)) // tableau.stages
-        weight = torch.tensor(tableau.b, dtype=g.dtype).repeat(len(h))
-    weight[step < 0] = 0.0
-    step = step.clamp_min(0)
+    step, weight = rule.nodes(len(h), g.dtype)
+    if len(step) != len(levels):
+        raise ValueError(
+            f"solver {solver!r}: its divergence quadrature has {len(step)} nodes on "
+            f"{len(h)} steps, its levels {len(levels)}"
+        )
     terms = weight * h[step] / (1.0 - levels.to(torch.float64) + a)
     quadrature = torch.zeros_like(h).index_add_(0, step, terms)
     factor = exact / quadrature.where(quadrature != 0, torch.ones_like(quadrature))
@@ -282,23 +288,20 @@ def field_and_divergence(
         return outs - radial[..., None] * x, trace - 2.0 * radial
     # R^3 families: convert the network output into d x / d gamma (linear in the output).
     velocity = model.velocity_from_output(x, outs, gamma)
-    if model.family == "diffusion":
-        # v = (x - s1 eps)/(2g) - eps/(2 s1): div v = 3/(2g) - (s1/(2g) + 1/(2 s1)) tr(J_eps)
-        s1 = (1 - gamma).clamp_min(1e-12).sqrt()
-        return velocity, 3.0 / (2 * gamma) - (s1 / (2 * gamma) + 1 / (2 * s1)) * trace
-    return velocity, trace
+    return velocity, model.divergence_from_output(x, outs, trace, gamma)
 
 
 def _t_end(model) -> float:
-    if model.family != "diffusion":
+    """The time where the likelihood ODE stops: 1, or where the signal level falls to the
+    family's ``likelihood_end_level``."""
+    end_level = model.likelihood_end_level
+    if end_level is None:
         return 1.0
-    # Solve gamma(t) = DIFFUSION_GAMMA_END by bisection (schedules are monotone).
+    # Solve gamma(t) = end_level by bisection (schedules are monotone).
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if float(model.schedule.signal_level(torch.tensor(mid, dtype=torch.float64))) > (
-            DIFFUSION_GAMMA_END
-        ):
+        if float(model.schedule.signal_level(torch.tensor(mid, dtype=torch.float64))) > end_level:
             lo = mid
         else:
             hi = mid
@@ -314,17 +317,20 @@ def log_prob_ode(
     spacing: str | None = None,
     precision: str = FULL_PRECISION,
     method: str | None = None,
-    stiff: float | None = None,
+    stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = LIKELIHOOD_LOG_STEP,
+    solver: str = LIKELIHOOD_SOLVER,
 ) -> torch.Tensor:
     """log p(x | emb) by the likelihood ODE from data to noise: x (B, M, 3), emb (B, D) -> (B, M).
 
     ``method="midpoint"`` (default on S^2): ``steps`` Lie-group midpoint steps uniform in gamma,
     with the divergence (2 JVPs) at each step's midpoint only: 3 network rows per step
-    (:func:`_midpoint_log_prob`). ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the
-    ``spacing`` grid (4 evaluations with 2 or 3 JVPs each). Points are processed in chunks of
-    about ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps;
-    the accuracy figures above are float32).
+    (:func:`_midpoint_log_prob`); ``solver`` names another solver of
+    :data:`~globeflow.core.solvers.SOLVERS` that carries log-densities to run instead.
+    ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the ``spacing`` grid (4
+    evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
+    ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps; the
+    accuracy figures above are float32).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
@@ -332,7 +338,9 @@ def log_prob_ode(
     per_chunk = max(1, chunk_size // max(b, 1))
     with torch.no_grad():
         if method == "midpoint":
-            solve = _midpoint_log_prob(model, emb, steps, precision, stiff, log_step)
+            solve = _midpoint_log_prob(
+                model, emb, steps, precision, as_stiff_end(stiff), log_step, solver
+            )
         elif method == "rk4":
             solve = _rk4_log_prob(model, emb, steps, spacing, precision)
         else:
@@ -356,38 +364,56 @@ def _path_field(
     return velocity
 
 
+def _fixed_width(stiff: StiffEndWidth) -> float | None:
+    """The stiff-end width of an explicit ``stiff`` (a width, or ``StiffEnd.NONE``: None)."""
+    return None if stiff is StiffEnd.NONE else float(stiff)  # type: ignore[arg-type]
+
+
+def _floor_as_stiff_end(floor: float) -> StiffEndWidth:
+    """A probed (quantized) floor as an explicit stiff end: ``inf`` (never stiff) is none."""
+    return StiffEnd.NONE if floor == math.inf else floor
+
+
 def _grid_floor(width: float | None) -> float | None:
     """The floor of the stiff-end grid for a field that stops steepening at ``width``."""
     return None if width is None else max(width / STIFF_FLOOR_RATIO, SHARPEST_LEVEL_FLOOR)
 
 
 def _midpoint_log_prob(
-    model, emb, steps: int, precision: str, stiff: float | None, log_step: float
+    model,
+    emb,
+    steps: int,
+    precision: str,
+    stiff: StiffEndWidth,
+    log_step: float,
+    solver: str = LIKELIHOOD_SOLVER,
 ):
     """Solver for chunks of points: data (gamma = 1) to noise with the lagged midpoint rule of
     :mod:`globeflow.core.solvers` (one evaluation per step, at its midpoint, with the divergence:
-    3 network rows), on :func:`stiff_end_levels` with ``steps`` bulk steps; ``stiff`` None: the
-    floor is probed at each point (:func:`stiffness_floor`), and points are solved in groups of
-    equal quantized floor (:func:`solve_by_floor`); a number: that width for all (inf: no
-    stiff end)."""
+    3 network rows; or the log-density-carrying ``solver`` named), on :func:`stiff_end_levels`
+    with ``steps`` bulk steps; ``stiff`` ``StiffEnd.PROBED``: the floor is probed at each point
+    (:func:`stiffness_floor`), and points are solved in groups of equal quantized floor
+    (:func:`solve_by_floor`); a number: that width for all; ``StiffEnd.NONE``: no stiff end."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
-    method = SOLVERS["lagged-midpoint"]
+    method = SOLVERS[solver]
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
-        if stiff is None:  # each point's own floor: its answer does not depend on the batch
+        if stiff is StiffEnd.PROBED:  # each point's own floor: its answer is batch-free
             floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step))
             (out,) = solve_by_floor(
-                floors, x, lambda rows, points, w: (solve_at(points, emb[rows], w),)
+                floors,
+                x,
+                lambda rows, points, w: (solve_at(points, emb[rows], _floor_as_stiff_end(w)),),
             )
             return out
         return solve_at(x, emb, stiff)
 
-    def solve_at(x: torch.Tensor, emb: torch.Tensor, width: float) -> torch.Tensor:
-        width = None if width == math.inf else width
+    def solve_at(x: torch.Tensor, emb: torch.Tensor, stiff_end: StiffEndWidth) -> torch.Tensor:
+        width = _fixed_width(stiff_end)
         gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
-        factors = divergence_weights(gammas, "lagged-midpoint", width)
+        factors = divergence_weights(gammas, solver, width)
         gammas = gammas.to(device=emb.device, dtype=emb.dtype)
         levels = method.levels(gammas)
         field = GuidedField(model.network, emb, levels, precision=precision)
@@ -403,7 +429,7 @@ def _midpoint_log_prob(
 def _rk4_log_prob(model, emb, steps: int, spacing: str | None, precision: str):
     """Solver for chunks of points: RK4 from data (t = 0) to noise along a grid in t; the stage
     times of every step share one batched condition path."""
-    spacing = spacing or ("mixed-log" if model.family == "diffusion" else "gamma")
+    spacing = spacing or model.likelihood_spacing
     ts = integration_grid(model.schedule, steps, _t_end(model), spacing)
     stage_t = torch.stack([ts[:-1], (ts[:-1] + ts[1:]) / 2, ts[1:]], -1).reshape(-1)
     gammas = model.schedule.signal_level(stage_t).to(emb.dtype)
@@ -445,7 +471,7 @@ def sample_with_log_density(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     precision: str = FULL_PRECISION,
-    stiff: float | None = None,
+    stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = STIFF_LOG_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unguided samples of a sphere model and log p at each, in one pass.
@@ -456,10 +482,11 @@ def sample_with_log_density(
     and carries d log p / d gamma = -div v with the same tableau (divergence weights of
     :func:`divergence_weights`), so log p is exact up to the solver's discretisation
     (tests/test_likelihood.py::test_path_log_density_is_exact_on_a_known_flow).
-    ``stiff``: the stiff end's width for all samples; None: each sample's own floor
-    (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state lands,
-    samples of equal quantized floor solved together (:func:`solve_by_floor`); inf: no stiff
-    end (``steps`` uniform steps).
+    ``stiff``: the stiff end's width for all samples; ``StiffEnd.PROBED``: each sample's own
+    floor (:func:`stiffness_floor`) probed where its :func:`pilot` from the same initial state
+    lands, samples of equal quantized floor solved together (:func:`solve_by_floor`);
+    ``StiffEnd.NONE``: no stiff end (``steps`` uniform steps). None and ``math.inf`` are the
+    older spellings of these two (:func:`~globeflow.core.log_density_settings.as_stiff_end`).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
     """
@@ -469,7 +496,8 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
-    if stiff is None:  # each sample's own floor: its answer does not depend on the batch
+    stiff = as_stiff_end(stiff)
+    if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         floors = quantized_floors(
             stiffness_floor(model, emb, pilot(model, emb, x0), steps, log_step)
         )
@@ -477,11 +505,11 @@ def sample_with_log_density(
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
                 model, emb[rows], points.shape[1], steps, solver, None, points, precision,
-                stiff=width, log_step=log_step,
+                stiff=_floor_as_stiff_end(width), log_step=log_step,
             )  # fmt: skip
 
         return solve_by_floor(floors, x0, solve)
-    width = None if stiff == math.inf else stiff
+    width = _fixed_width(stiff)
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
     factors = divergence_weights(gammas, solver, width)

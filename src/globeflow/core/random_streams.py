@@ -62,9 +62,10 @@ def sample_streams(
     model, emb: torch.Tensor, generators: Sequence[torch.Generator], num_samples: int, **options
 ) -> torch.Tensor:
     """``model.sample(emb, num_samples, **options)`` (B, N, 2) degrees with each photo's samples
-    from its own generator: one batched solve from per-photo initial states for the denoising
-    families, one call per photo for the others (they draw inside ``sample``)."""
-    if not hasattr(model, "initial_noise"):
+    from its own generator: one batched solve from per-photo initial states for the families
+    that draw them (``model.draws_initial_noise``), one call per photo for the others (they draw
+    inside ``sample``)."""
+    if not model.draws_initial_noise:
         return torch.cat(
             [
                 model.sample(emb[i : i + 1], num_samples, generator=g, **options)

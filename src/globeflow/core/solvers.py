@@ -158,6 +158,34 @@ def integrate_lagged_midpoint(
 
 
 @dataclass(frozen=True)
+class DivergenceQuadrature:
+    """How a solver integrates d log p / dgamma = -div v over each step: its nodes (the signal
+    levels of ``Solver.levels``) are ``lead`` nodes before the first step, weighted 0, then
+    ``len(weights)`` nodes per step, node k of step i weighted ``weights[k]``: the step adds
+    -h_i sum_k weights[k] div v(node). A Runge-Kutta tableau's is its b; the lagged midpoint
+    rule's is one node per step (its midpoint) after the lead node at the start."""
+
+    weights: tuple[float, ...]
+    lead: int = 0
+
+    def nodes(
+        self, steps: int, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step index (lead + steps * len(weights),) long, weight per node, same length):
+        the lead nodes get step 0 and weight 0."""
+        per_step = len(self.weights)
+        node = torch.arange(self.lead + steps * per_step)
+        step = (node - self.lead).div(per_step, rounding_mode="floor").clamp_min(0)
+        weight = torch.cat(
+            [
+                torch.zeros(self.lead, dtype=dtype),
+                torch.tensor(self.weights, dtype=dtype).repeat(steps),
+            ]
+        )
+        return step, weight
+
+
+@dataclass(frozen=True)
 class Solver:
     """A named fixed-step solver: the signal levels its field is evaluated at, and the solve."""
 
@@ -167,13 +195,22 @@ class Solver:
     integrate: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     evaluations: Callable[[int], int]
     """Network evaluations for a number of steps."""
+    divergence_quadrature: DivergenceQuadrature | None
+    """How ``integrate(..., with_log_density=True)`` weights the divergence at its nodes; None
+    where it carries no log-density."""
     grid: str = "quadratic"
     """Its default time grid (:mod:`globeflow.core.time_grids`)."""
-    carries_log_density: bool = True
-    """Whether ``integrate(..., with_log_density=True)`` works (localizability in one pass)."""
+    geometries: tuple[Geometry, ...] = (SPHERE, EUCLIDEAN)
+    """Where it runs (S^2 and R^3, or S^2 alone)."""
+
+    @property
+    def carries_log_density(self) -> bool:
+        """Whether ``integrate(..., with_log_density=True)`` works (localizability in one pass)."""
+        return self.divergence_quadrature is not None
 
 
-def _runge_kutta(tableau: Tableau) -> Solver:
+def runge_kutta(tableau: Tableau) -> Solver:
+    """The solver of an explicit Runge-Kutta tableau, carrying log-densities with weights b."""
     return Solver(
         name=tableau.name,
         order=tableau.order,
@@ -182,17 +219,19 @@ def _runge_kutta(tableau: Tableau) -> Solver:
             field, x, gammas, tableau, geometry, with_log_density
         ),
         evaluations=lambda steps: steps * tableau.stages,
+        divergence_quadrature=DivergenceQuadrature(weights=tableau.b),
     )
 
 
 SOLVERS: dict[str, Solver] = {
-    **{name: _runge_kutta(tableau) for name, tableau in TABLEAUS.items()},
+    **{name: runge_kutta(tableau) for name, tableau in TABLEAUS.items()},
     "lagged-midpoint": Solver(
         name="lagged-midpoint",
         order=2,
         levels=lagged_midpoint_levels,
         integrate=integrate_lagged_midpoint,
         evaluations=lambda steps: steps + 1,
+        divergence_quadrature=DivergenceQuadrature(weights=(1.0,), lead=1),
     ),
     "data-2m": Solver(
         name="data-2m",
@@ -200,7 +239,19 @@ SOLVERS: dict[str, Solver] = {
         levels=data_multistep_levels,
         integrate=integrate_data_multistep,
         evaluations=lambda steps: steps,
+        divergence_quadrature=None,
         grid="log-width",
-        carries_log_density=False,
+        geometries=(SPHERE,),
     ),
 }
+"""Every solver by name: the families' solver lists (beside their published step) are read from
+here, so a solver registered here (:func:`register_solver`) runs in every family whose geometry
+it supports."""
+
+
+def register_solver(solver: Solver) -> Solver:
+    """Add ``solver`` to :data:`SOLVERS` under its name (a name already taken raises)."""
+    if solver.name in SOLVERS:
+        raise ValueError(f"a solver named {solver.name!r} is already registered")
+    SOLVERS[solver.name] = solver
+    return solver

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from globeflow.core.families.baselines import sample_vmf, vmf_log_density
 from globeflow.core.sphere import EARTH_RADIUS_KM, latlon_to_unit, unit_to_latlon
+from globeflow.core.vmf import sample_vmf, vmf_log_density
 from globeflow.data.embedding_store import EmbeddingWriter
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Generative families behind one interface (:class:`GeoModel`)."""
+"""Generative families behind one interface (:class:`GeoModel`), by name in
+:mod:`~globeflow.core.families.registry`."""
 
 from globeflow.core.families.base import (
     UNIFORM_LOCALIZABILITY_BITS,
@@ -9,13 +10,20 @@ from globeflow.core.families.base import (
 )
 from globeflow.core.families.diffusion import Diffusion
 from globeflow.core.families.flow import FlowMatching
+from globeflow.core.families.registry import (
+    FAMILIES,
+    FAMILY_NAMES,
+    denoising_family_names,
+    family_class,
+    family_names,
+    register_family,
+)
 from globeflow.core.families.riemannian_flow import RiemannianFlowMatching
 
 DENOISING_FAMILIES: dict[str, type[DenoisingModel]] = {
-    "rfm": RiemannianFlowMatching,
-    "flow": FlowMatching,
-    "diffusion": Diffusion,
+    name: FAMILIES[name] for name in denoising_family_names()
 }
+"""The built-in families that hold a denoising network (rfm, flow, diffusion), by name."""
 
 __all__ = [
     "GeoModel",
@@ -24,6 +32,12 @@ __all__ = [
     "FlowMatching",
     "Diffusion",
     "DENOISING_FAMILIES",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "denoising_family_names",
+    "family_class",
+    "family_names",
+    "register_family",
     "NonFiniteOutputError",
     "effective_area_km2",
     "UNIFORM_LOCALIZABILITY_BITS",

@@ -5,15 +5,17 @@ Internally everything works on unit vectors (B, N, 3); the public methods speak 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from globeflow.core.guidance import GuidedField, GuidedVelocity
+from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY, LogDensitySettings
 from globeflow.core.network import Denoiser
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER, SamplerSettings, resolve
-from globeflow.core.schedules import Schedule, SigmoidSchedule
+from globeflow.core.sampler_settings import SamplerSettings, resolve
+from globeflow.core.schedules import Schedule, SigmoidSchedule, schedule_from_config
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
 from globeflow.core.time_grids import sampling_grid
@@ -36,11 +38,31 @@ class GeoModel(nn.Module):
 
     cond_dim: int
 
+    draws_initial_noise: bool = False
+    """Whether :meth:`sample_unit` starts from initial states (B, N, 3) that
+    :meth:`initial_noise` draws and ``noise=`` takes (the denoising families): callers then draw
+    each photo's states from its own random stream and solve the batch at once. The others
+    (the closed-form baselines) draw inside :meth:`sample_unit`, so callers call them once per
+    photo with its own generator."""
+
     def loss(
         self, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Training loss (scalar) for unit vectors x0 (B, 3) and embeddings emb (B, D)."""
         raise NotImplementedError
+
+    def initial_noise(
+        self, batch: int, num_samples: int, generator: torch.Generator | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The sampler's initial states (batch, num_samples, 3) on ``like``'s device and dtype:
+        unit vectors on S^2 or standard Gaussians in R^3 (only where
+        :attr:`draws_initial_noise`)."""
+        raise NotImplementedError(f"the {self.family!r} family draws no initial states")
+
+    def base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Natural log density (...,) of the noise distribution at x (..., 3), where the
+        likelihood ODE ends: per steradian on S^2, in R^3 for the R^3 families."""
+        raise NotImplementedError(f"the {self.family!r} family has no noise distribution")
 
     def sample_unit(
         self,
@@ -75,13 +97,13 @@ class GeoModel(nn.Module):
         num_samples: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        *,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        settings: SamplerSettings | None = None,
         solver: str | None = None,
         precision: str | None = None,
         grid: str | None = None,
-        *,
-        settings: SamplerSettings | None = None,
     ) -> torch.Tensor:
         """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
 
@@ -130,28 +152,64 @@ class GeoModel(nn.Module):
         num_samples: int | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
-        likelihood_steps: int | None = None,
-        noise: torch.Tensor | None = None,
-        precision: str | None = None,
         *,
+        noise: torch.Tensor | None = None,
         settings: SamplerSettings | None = None,
+        density: LogDensitySettings | None = None,
+        **shorthands: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
 
-        Generic version: sample (from ``noise``, the initial state, when given) with the recipe
-        ``settings`` (default: :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`) at
-        guidance 0, ``steps`` steps and ``num_samples`` samples (None: its
-        ``localizability_steps`` / ``localizability_samples``), then evaluate
-        :meth:`log_prob_unit` at the samples.
+        The samples follow the recipe ``settings`` (default: :data:`~globeflow.core.
+        sampler_settings.DEFAULT_SAMPLER`) at its ``localizability_*`` fields, ``num_samples``
+        and ``steps`` (None: the recipe's) replacing ``localizability_samples`` and
+        ``localizability_steps``; ``density`` (default: :data:`~globeflow.core.
+        log_density_settings.DEFAULT_LOG_DENSITY`) says how they are scored. ``noise`` (B, N, 3)
+        is the initial state (default: drawn from ``generator``). Keyword shorthands:
+        ``solver`` and ``precision`` (the recipe's ``localizability_solver`` and
+        ``precision``), ``method``, ``likelihood_steps`` and ``stiff`` (``density``'s fields).
         """
-        base = settings or DEFAULT_SAMPLER
+        recipe, density = self.log_density_recipe(
+            settings, density, num_samples, steps, **shorthands
+        )
+        return self.sample_unit_with_log_density(emb, recipe, density, noise, generator)
+
+    def log_density_recipe(
+        self,
+        settings: SamplerSettings | None = None,
+        density: LogDensitySettings | None = None,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        *,
+        solver: str | None = None,
+        precision: str | None = None,
+        **density_fields: object,
+    ) -> tuple[SamplerSettings, LogDensitySettings]:
+        """The resolved recipe and density settings of :meth:`sample_with_log_density`."""
         recipe = resolve(
-            self, base, guidance=0.0, precision=precision,
-            num_samples=num_samples or base.localizability_samples,
-            steps=steps or base.localizability_steps,
+            self, settings, precision=precision, localizability_solver=solver,
+            localizability_samples=num_samples or None, localizability_steps=steps or None,
         )  # fmt: skip
-        x = self.sample_unit(emb, recipe, noise, generator)
-        return x, self.log_prob_unit(x, emb, steps=likelihood_steps)
+        return recipe, (density or DEFAULT_LOG_DENSITY).with_overrides(**density_fields)
+
+    def sample_unit_with_log_density(
+        self,
+        emb: torch.Tensor,
+        recipe: SamplerSettings,
+        density: LogDensitySettings,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_with_log_density` with resolved settings. Generic version: sample with
+        the recipe at guidance 0, ``localizability_samples`` samples and
+        ``localizability_steps`` steps, then evaluate :meth:`log_prob_unit` at the samples
+        (``density.likelihood_steps`` steps)."""
+        sampling = dataclasses.replace(
+            recipe, guidance=0.0, num_samples=recipe.localizability_samples,
+            steps=recipe.localizability_steps,
+        )  # fmt: skip
+        x = self.sample_unit(emb, sampling, noise, generator)
+        return x, self.log_prob_unit(x, emb, steps=density.likelihood_steps)
 
     @torch.no_grad()
     def localizability(
@@ -194,7 +252,13 @@ class GeoModel(nn.Module):
         return emb.to(device=self.device, dtype=dtype)
 
     def config_dict(self) -> dict:
-        """Constructor arguments, saved to config.json."""
+        """Constructor arguments, saved to config.json (with ``"family"``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict) -> GeoModel:
+        """An untrained model from a dict :meth:`config_dict` wrote (extra keys such as
+        ``"format"`` and ``"metadata"`` are ignored)."""
         raise NotImplementedError
 
 
@@ -208,6 +272,13 @@ UNIFORM_LOCALIZABILITY_BITS = LOG_UNIFORM_DENSITY / math.log(2.0)
 Every density on the sphere scores at least this much in expectation (the difference is its
 KL divergence from uniform), so localizability minus this is >= 0 bits up to Monte Carlo error;
 each bit above it halves the effective area, 2^-bits x 4 pi x R^2 = 5.1e8 km^2 x 2^-bits."""
+
+
+class _SolverNames:
+    """``family.solvers`` (on the class or a model): :meth:`DenoisingModel.solver_names`."""
+
+    def __get__(self, model: object, family: type[DenoisingModel]) -> tuple[str, ...]:
+        return family.solver_names()
 
 
 def drop_condition(
@@ -252,6 +323,14 @@ class DenoisingModel(GeoModel):
             "cond_drop_prob": self.cond_drop_prob,
         }
 
+    @classmethod
+    def from_config(cls, config: dict) -> DenoisingModel:
+        return cls(
+            Denoiser(**config["network"]),
+            schedule=schedule_from_config(config.get("schedule")),
+            cond_drop_prob=config.get("cond_drop_prob", 0.1),
+        )
+
     # ---- training ---------------------------------------------------------------------------
     def loss(
         self,
@@ -292,16 +371,33 @@ class DenoisingModel(GeoModel):
         return torch.rand(batch, generator=generator, device=device)
 
     # ---- family-specific pieces ---------------------------------------------------------------
-    def initial_noise(
-        self, batch: int, num_samples: int, generator: torch.Generator | None, like: torch.Tensor
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    draws_initial_noise = True
 
     def velocity_from_output(
         self, x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor
     ) -> torch.Tensor:
         """d x / d gamma of the probability-flow ODE, from the network output at (x, gamma)."""
         raise NotImplementedError
+
+    def divergence_from_output(
+        self, x: torch.Tensor, out: torch.Tensor, trace: torch.Tensor, gamma: torch.Tensor
+    ) -> torch.Tensor:
+        """Divergence (B, N) in R^3 of :meth:`velocity_from_output` at x (B, N, 3), given the
+        trace (B, N) of the network output's Jacobian there. Default: the velocity is the
+        output, so its divergence is that trace. (On S^2 the likelihood takes the Riemannian
+        divergence of the tangent projection instead, :func:`~globeflow.core.likelihood.
+        field_and_divergence`.)"""
+        return trace
+
+    likelihood_end_level: float | None = None
+    """The signal level where the likelihood ODE stops and the base density is scored; None:
+    the schedule's end, t = 1."""
+    likelihood_spacing: str = "gamma"
+    """The time grid of the R^3 likelihood's RK4 steps
+    (:func:`~globeflow.core.likelihood.integration_grid`)."""
+    runs_ode_solvers: bool = True
+    """Whether the solvers of :data:`~globeflow.core.solvers.SOLVERS` integrate this family's
+    probability-flow ODE (else it samples with its published step only)."""
 
     def sampler_step(
         self,
@@ -424,52 +520,32 @@ class DenoisingModel(GeoModel):
 
         return log_prob_ode(self, x, emb, steps=steps)
 
-    @torch.no_grad()
-    def sample_with_log_density(
-        self,
-        emb: torch.Tensor,
-        num_samples: int | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        likelihood_steps: int | None = None,
-        method: str | None = None,
-        solver: str | None = None,
-        precision: str | None = None,
-        noise: torch.Tensor | None = None,
-        stiff: float | None = None,
-        *,
-        settings: SamplerSettings | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unguided samples (B, N, 3) and log p at each (B, N).
-
-        ``method="path"`` (default on S^2): one pass of ``steps`` ``solver`` steps that carries
-        the log-density along the sampling path (:func:`~globeflow.core.likelihood.
-        sample_with_log_density`). ``method="ode"`` (default in R^3, where samples are projected
-        onto S^2 after the solve): sample, then solve the likelihood ODE at every sample.
-        ``num_samples``, ``steps``, ``solver`` and ``precision`` default to the recipe's
-        (``settings``, default :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`)
-        ``localizability_*`` fields and precision. ``noise`` (B, N, 3) is the initial state
-        (default: drawn from ``generator``). ``stiff``: the path method's stiff-end width
-        (:func:`~globeflow.core.likelihood.sample_with_log_density`; None: probed per image).
-        """
+    def sample_unit_with_log_density(self, emb, recipe, density, noise=None, generator=None):
+        """``density.method="path"`` (default on S^2): one pass of the recipe's
+        ``localizability_steps`` ``localizability_solver`` steps that carries the log-density
+        along the sampling path (:func:`~globeflow.core.likelihood.sample_with_log_density`,
+        with ``density.stiff``). ``"ode"`` (default in R^3, where samples are projected onto
+        S^2 after the solve): sample, then solve the likelihood ODE at every sample."""
         from globeflow.core.likelihood import sample_with_log_density
 
-        method = method or ("path" if self.geometry is SPHERE else "ode")
+        method = density.method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
-            return super().sample_with_log_density(
-                emb, num_samples, steps, generator, likelihood_steps, noise, precision,
-                settings=settings,
-            )  # fmt: skip
-        if method != "path":
-            raise ValueError(f"unknown density method {method!r}; choose path or ode")
-        recipe = resolve(self, settings, precision=precision)
+            return super().sample_unit_with_log_density(emb, recipe, density, noise, generator)
         return sample_with_log_density(
-            self, emb, num_samples or recipe.localizability_samples,
-            steps or recipe.localizability_steps, solver or recipe.localizability_solver,
-            generator, noise, recipe.precision, stiff=stiff,
+            self, emb, recipe.localizability_samples, recipe.localizability_steps,
+            recipe.localizability_solver, generator, noise, recipe.precision, stiff=density.stiff,
         )  # fmt: skip
 
     published_solver: str = "euler"
     """The authors' sampler step (:meth:`sampler_step`)."""
     default_solver: str = "euler"
-    solvers: tuple[str, ...] = ("euler", "midpoint", "heun", "lagged-midpoint")
+
+    @classmethod
+    def solver_names(cls) -> tuple[str, ...]:
+        """The published step, then every solver of :data:`~globeflow.core.solvers.SOLVERS` that
+        runs on the family's geometry (none where :attr:`runs_ode_solvers` is False); read when
+        asked, so that solvers registered later count."""
+        ode = [name for name, s in SOLVERS.items() if cls.geometry in s.geometries]
+        return tuple(dict.fromkeys([cls.published_solver, *(ode if cls.runs_ode_solvers else [])]))
+
+    solvers = _SolverNames()

@@ -23,7 +23,12 @@ class Diffusion(DenoisingModel):
     default_solver = "ddim"
     # Only the published DDIM step: the eps-parameterised probability-flow velocity is singular
     # at the noise end (gamma = 0), where every ODE solver starts.
-    solvers = ("ddim",)
+    runs_ode_solvers = False
+    likelihood_end_level = 1e-5
+    """The ODE is singular at gamma = 0; the likelihood integrates it down to this signal level
+    and scores it there under the standard normal (the marginal is N(sqrt(gamma) x0,
+    (1 - gamma) I))."""
+    likelihood_spacing = "mixed-log"
 
     def noising_path(self, x0, eps, gamma):
         g = gamma[:, None]
@@ -39,6 +44,11 @@ class Diffusion(DenoisingModel):
         # with x0 = (x - sqrt(1-g) eps) / sqrt(g).
         s1 = (1 - gamma).clamp_min(1e-12).sqrt()
         return (x - s1 * out) / (2 * gamma) - out / (2 * s1)
+
+    def divergence_from_output(self, x, out, trace, gamma):
+        # v = (x - s1 eps)/(2g) - eps/(2 s1): div v = 3/(2g) - (s1/(2g) + 1/(2 s1)) tr(J_eps)
+        s1 = (1 - gamma).clamp_min(1e-12).sqrt()
+        return 3.0 / (2 * gamma) - (s1 / (2 * gamma) + 1 / (2 * s1)) * trace
 
     def sampler_step(self, x, out, gamma_now, gamma_next):
         s_now, n_now = gamma_now.sqrt(), (1 - gamma_now).sqrt()

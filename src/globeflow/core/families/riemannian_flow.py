@@ -45,7 +45,6 @@ class RiemannianFlowMatching(DenoisingModel):
     family = "rfm"
     density_space = "sphere"
     geometry = SPHERE
-    solvers = ("euler", "midpoint", "heun", "lagged-midpoint", "data-2m")
 
     def training_noise(self, x0, generator):
         return sample_uniform_sphere(
