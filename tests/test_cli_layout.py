@@ -53,3 +53,11 @@ def test_python_dash_m_runs_the_command_line():
     assert f"Usage: python -m {ROOT} [OPTIONS] COMMAND" in result.stdout
     for name in COMMANDS:
         assert name in result.stdout
+
+
+def test_train_family_choices_are_the_registered_families():
+    """The CLI keeps its choices torch-free (instant --help); they must be the registry's."""
+    from globeflow.apps.cli.train import Family
+    from globeflow.core.families import FAMILY_NAMES
+
+    assert [f.value for f in Family] == list(FAMILY_NAMES)

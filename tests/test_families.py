@@ -140,11 +140,6 @@ def test_embedding_shape_is_checked():
         model.sample(torch.randn(2, 5), 4, 2)
 
 
-FAMILY_TESTS_PENDING = {"jobs/training.py"}
-"""Modules still testing ``family ==`` (build_model's baseline constructor arguments), being
-restructured on another branch."""
-
-
 def _family_probes(tree) -> list[int]:
     """Lines of ``<x>.family ==/!=`` comparisons and ``hasattr(model, ...)`` /
     ``hasattr(self.model, ...)`` calls in a parsed module."""
@@ -187,7 +182,7 @@ def test_only_the_families_ask_which_family_a_model_is():
     found = {}
     for path in sorted(root.rglob("*.py")):
         name = path.relative_to(root).as_posix()
-        if name.startswith("core/families/") or name in FAMILY_TESTS_PENDING:
+        if name.startswith("core/families/"):
             continue
         lines = _family_probes(ast.parse(path.read_text(encoding="utf-8")))
         if lines:

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from globeflow.core.families import DENOISING_FAMILIES, GeoModel
+from globeflow.core.families import DENOISING_FAMILIES, FAMILY_NAMES, GeoModel, family_class
 from globeflow.core.guidance import check_precision
 from globeflow.core.network import Denoiser
 from globeflow.core.schedules import schedule_from_config
 
 __all__ = ["FAMILIES", "RESUME_MUTABLE", "Runtime", "TrainConfig", "build_model", "resumable_view"]
 
-FAMILIES = ("rfm", "flow", "diffusion", "vmf", "vmf-mixture", "uniform")
+FAMILIES = FAMILY_NAMES
 
 RESUME_MUTABLE = ("max_steps", "val_every", "checkpoint_every", "log_every")
 """Config fields that may change between a kill and its resume without changing the trajectory
@@ -178,16 +178,5 @@ def build_model(config: TrainConfig, cond_dim: int) -> GeoModel:
                 schedule=schedule_from_config({"name": config.schedule}),
                 cond_drop_prob=config.cond_drop_prob,
             )
-        from globeflow.core.families.baselines import BASELINES
-
-        cls = BASELINES[config.family]
-        if config.family == "vmf":
-            return cls(cond_dim, hidden=config.hidden, depth=config.head_depth)
-        if config.family == "vmf-mixture":
-            return cls(
-                cond_dim,
-                num_components=config.num_components,
-                hidden=config.hidden,
-                depth=config.head_depth,
-            )
-        return cls(cond_dim)
+        cls = family_class(config.family)
+        return cls(cond_dim, **{a: getattr(config, f) for a, f in cls.training_options.items()})

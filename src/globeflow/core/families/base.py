@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +38,11 @@ class GeoModel(nn.Module):
     in R^3."""
 
     cond_dim: int
+
+    training_options: ClassVar[dict[str, str]] = {}
+    """Constructor arguments a closed-form family takes from the training config, as {argument:
+    ``TrainConfig`` field} (``jobs/train_config.build_model``: ``cls(cond_dim, **those)``);
+    the denoising families are built from their network instead."""
 
     draws_initial_noise: bool = False
     """Whether :meth:`sample_unit` starts from initial states (B, N, 3) that

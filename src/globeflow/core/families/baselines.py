@@ -113,6 +113,11 @@ class VonMisesFisherMixture(GeoModel):
     """
 
     family = "vmf-mixture"
+    training_options = {
+        "num_components": "num_components",
+        "hidden": "hidden",
+        "depth": "head_depth",
+    }
     density_space = "sphere"
 
     def __init__(
@@ -202,6 +207,7 @@ class VonMisesFisher(GeoModel):
     """vMF regression: p(x | c) = vMF(x; mu(c), kappa(c)), mu and kappa from an MLP of c."""
 
     family = "vmf"
+    training_options = {"hidden": "hidden", "depth": "head_depth"}
     density_space = "sphere"
 
     def __init__(
