@@ -186,7 +186,7 @@ def process_runs(paths: dict[int, Path], work: Path, seed: int) -> tuple[list[di
     quick={
         "store": Path(tempfile.gettempdir()) / "globeflow-archive-quick.parquet",
         "sizes": "",
-        "trace_rows": 32,
+        "trace_rows": 0,
         "toy_rows": 256,
     },
 )

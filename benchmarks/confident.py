@@ -330,7 +330,7 @@ def confident(
         PARTIAL.write_text(json.dumps({**report, "testbeds": results}, indent=1))
     labels = [s.with_overrides(num_samples=samples).label() for s in settings]
     passing = [label for label in labels if passes_everywhere(label, results)]
-    timings = locator_ms_per_photo([AUTHORS_SAMPLER, *settings], 16) if timings else {}
+    locator_ms = locator_ms_per_photo([AUTHORS_SAMPLER, *settings], 16) if timings else {}
     columns = ["testbed", "guidance", "label", "NFE", "miss_median_km", "within_1_km"]
     columns += ["within_25_km", "within_200_km", "sw_km", "guess_error_km", "place_mass_tv"]
     columns += ["acc_25_km", "s/photo", "within noise"]
@@ -353,9 +353,9 @@ def confident(
     )
     print_table(refs + rows, columns)
     print("\nLocator ms/photo (bundled model, 16 photos, 1 thread):")
-    print_table([{"label": k, "ms/photo": v} for k, v in timings.items()], ["label", "ms/photo"])
+    print_table([{"label": k, "ms/photo": v} for k, v in locator_ms.items()], ["label", "ms/photo"])
     print(f"\nwithin noise on every testbed: {passing}")
-    report.update({"testbeds": results, "passing": passing, "locator_ms_per_photo": timings})
+    report.update({"testbeds": results, "passing": passing, "locator_ms_per_photo": locator_ms})
     report["gemm_gflops_after"] = gemm_rates()
     report["load_average_after"] = loadavg()
     return report

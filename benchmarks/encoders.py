@@ -234,9 +234,9 @@ def encoders(
             **summarise(base_km),
         }
     ]
-    no_flip = set(filter(None, no_flip.split(",")))
+    unflipped = set(filter(None, no_flip.split(",")))
     for variant in filter(None, variants.split(",")):
-        flip = variant not in no_flip
+        flip = variant not in unflipped
         res = embed_variant(variant, data, names, cache, flip, batch_size)
         arrays = res["arrays"]
         # a single pass (no mirror) costs half of a 2-pass run; report per-option speed

@@ -80,11 +80,10 @@ def run(
         for bed in beds:
             start = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
-            samples = bed.model.sample(bed.emb, samples, guidance=w, generator=g, settings=sampler)
+            drawn = bed.model.sample(bed.emb, samples, guidance=w, generator=g, settings=sampler)
             truth = bed.truth(truth_samples, torch.Generator().manual_seed(99))
             scores = [
-                photo_scores(samples[p], truth[p], bed.true_location[p])
-                for p in range(len(bed.emb))
+                photo_scores(drawn[p], truth[p], bed.true_location[p]) for p in range(len(bed.emb))
             ]
             claimed = [c for s in scores for c in s["claimed"]]
             true_mass = [q for s in scores for q in s["true_mass"]]

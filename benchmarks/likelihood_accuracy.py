@@ -74,11 +74,11 @@ def run(
     truth = model.network.target_samples(0, exact_samples, torch.Generator().manual_seed(5))
     true_bits = model.network.target_log_density(truth[None], index)[0] / LN2
     exact, exact_se = float(true_bits.mean()), float(true_bits.std()) / math.sqrt(len(true_bits))
-    points = truth[None, :points]
+    scored = truth[None, :points]
     start = time.perf_counter()
-    lp = L.log_prob_ode(model, points, emb)
+    lp = L.log_prob_ode(model, scored, emb)
     ll_seconds = time.perf_counter() - start
-    ll_error = float((lp - model.network.target_log_density(points, index)).abs().max())
+    ll_error = float((lp - model.network.target_log_density(scored, index)).abs().max())
     rows = []
     for label, (solver, steps, log_step) in recipes.items():
         start = time.perf_counter()

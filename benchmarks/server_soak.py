@@ -107,7 +107,7 @@ def soak(name: str, env: dict[str, str], plan: dict) -> dict:
         "every": 2,
         "warmup": 2,
         "settle_s": 0.1,
-        "num_samples": 8,
+        "num_samples": 16,
         "steps": 4,
         "variants": "after:",
     },
