@@ -33,15 +33,15 @@ class Experiment:
     ``quick``: parameter overrides of the smoke run (tiny sizes, a few minutes for all of them;
     None: no smoke run, e.g. a recipe that builds data); ``default``: part of the default set
     (``make bench``); ``threads``: torch threads unless the
-    runner's ``--threads`` says otherwise (an experiment with a ``threads`` parameter gets the
-    same number); ``module``: where it is defined.
+    runner's ``--threads`` says otherwise (None: torch's own default, one per core; an
+    experiment with a ``threads`` parameter gets the same number); ``module``: where it is defined.
     """
 
     name: str
     run: Callable[..., dict]
     quick: dict | None = field(default_factory=dict)
     default: bool = False
-    threads: int = 1
+    threads: int | None = 1
     module: str = ""
 
     @property
@@ -87,7 +87,7 @@ EXPERIMENTS: dict[str, Experiment] = {}
 
 
 def experiment(
-    name: str, *, quick: dict | None = None, default: bool = False, threads: int = 1
+    name: str, *, quick: dict | None = None, default: bool = False, threads: int | None = 1
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Register the decorated function as experiment ``name`` (see :class:`Experiment`;
     ``quick`` None: the experiment has no smoke run)."""

@@ -189,6 +189,7 @@ def process_runs(paths: dict[int, Path], work: Path, seed: int) -> tuple[list[di
         "trace_rows": 0,
         "toy_rows": 256,
     },
+    threads=None,
 )
 def archive(
     *,

@@ -57,6 +57,7 @@ def _testbed(folder: str, pattern: int):
     "density_map",
     quick={"resolution": 30.0, "check": 4, "steps": 4, "net_dim": 16, "net_depth": 1},
     default=True,
+    threads=None,
 )
 def density_map(
     *,

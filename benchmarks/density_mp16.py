@@ -167,6 +167,7 @@ def train_rfm(
         "check_points": 2,
     },
     default=True,
+    threads=None,
 )
 def density_mp16(
     *,

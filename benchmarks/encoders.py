@@ -194,6 +194,7 @@ OPTIONS = {  # name -> (components with pooling, flip)
         "limit": 40,
         "no_flip": "lite0",
     },
+    threads=None,
 )
 def encoders(
     *,

@@ -272,7 +272,7 @@ def print_answer(answer: dict) -> None:
     )
 
 
-@experiment("encoders_paper", quick={"quick": True, "reps": 1})
+@experiment("encoders_paper", quick={"quick": True, "reps": 1}, threads=None)
 def encoders_paper(
     *,
     images: int = 2,

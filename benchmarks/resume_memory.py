@@ -149,7 +149,7 @@ def runs(work: Path, rows: int, extra: int, src: str | None = None) -> list[dict
     return measured
 
 
-@experiment("resume_memory", quick={"rows": 2000, "extra": 16})
+@experiment("resume_memory", quick={"rows": 2000, "extra": 16}, threads=None)
 def resume_memory(
     *,
     rows: int = 1_000_000,

@@ -26,6 +26,9 @@ import torch
 from _common import machine, print_table
 from _registry import Experiment, discover
 
+TORCH_THREADS = torch.get_num_threads()
+"""torch's own thread count in this process (one per core): for experiments that set none."""
+
 
 def parse_params(pairs: list[str], selected: list[Experiment]) -> dict[str, dict]:
     """{experiment name: {parameter: value}} from ``key=value`` / ``NAME.key=value`` pairs;
@@ -77,11 +80,12 @@ def list_experiments(registry: dict[str, Experiment]) -> None:
             "experiment": e.name,
             "default set": "yes" if e.default else "",
             "quick": "yes" if e.quick is not None else "no",
+            "threads": e.threads or "torch's",
             "what": e.summary,
         }
         for e in registry.values()
     ]
-    print_table(rows, ["experiment", "default set", "quick", "what"])
+    print_table(rows, ["experiment", "default set", "quick", "threads", "what"])
     for e in registry.values():
         quick = e.defaults(quick=True)
         params = ", ".join(
@@ -98,7 +102,7 @@ def run_one(
     values = {**e.defaults(quick=quick), **params}
     if threads is not None and "threads" in values:
         values["threads"] = threads
-    torch.set_num_threads(threads or values.get("threads") or e.threads)
+    torch.set_num_threads(threads or values.get("threads") or e.threads or TORCH_THREADS)
     print(f"\n## {e.name}\n", flush=True)
     start = time.perf_counter()
     try:

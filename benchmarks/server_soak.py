@@ -111,6 +111,7 @@ def soak(name: str, env: dict[str, str], plan: dict) -> dict:
         "steps": 4,
         "variants": "after:",
     },
+    threads=None,
 )
 def server_soak(
     *,

@@ -339,7 +339,7 @@ def report(
     return saved
 
 
-@experiment("testbeds_build", quick=None)
+@experiment("testbeds_build", quick=None, threads=None)
 def testbeds_build(*, only: str = "", root: Path = ROOT, max_steps: int | None = None) -> dict:
     """Build the trained testbeds (``only``: comma-separated names, "": all) under ``root``;
     ``max_steps``: train longer than the recipe (the run resumes)."""
@@ -356,6 +356,7 @@ def testbeds_build(*, only: str = "", root: Path = ROOT, max_steps: int | None =
         "samples": 4,
         "results": Path(tempfile.gettempdir()) / "globeflow-testbeds-quick.json",
     },
+    threads=None,
 )
 def testbeds_report(
     *,

@@ -169,7 +169,7 @@ def print_table(report: dict) -> None:
         )
 
 
-@experiment("threads", quick={"quick": True, "variants": "1,policy"}, default=True)
+@experiment("threads", quick={"quick": True, "variants": "1,policy"}, default=True, threads=None)
 def threads(
     *,
     reps: int = 3,

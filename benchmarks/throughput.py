@@ -129,7 +129,9 @@ def measure(gf: Globeflow, folder: Path, work: Path, requests: int, concurrency:
     }
 
 
-@experiment("throughput", quick={"photos": 2, "requests": 2, "concurrency": 2}, default=True)
+@experiment(
+    "throughput", quick={"photos": 2, "requests": 2, "concurrency": 2}, default=True, threads=None
+)
 def throughput(
     *,
     photos: int = 64,
