@@ -52,17 +52,10 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-## Benchmarks (not part of the tests): speed ratios, density on MP-16, encoders, methods.
+## Benchmarks (not part of the tests): the runner's default set (hours; `benchmarks/run.py --list`).
 bench: setup
 	$(PIP) install -q --disable-pip-version-check -e ".[bench]"
-	$(PY) benchmarks/vs_reference.py --out out/bench/vs_reference.json
-	$(PY) benchmarks/threads.py --out out/bench/threads.json
-	$(PY) benchmarks/solvers.py --out out/bench/solvers.json
-	$(PY) benchmarks/localizability.py --out out/bench/localizability.json
-	$(PY) benchmarks/density_map.py --out out/bench/density_map.json
-	$(PY) benchmarks/defaults.py --out out/bench/defaults.json
-	$(PY) benchmarks/throughput.py --busy --out out/bench/throughput.json
-	$(PY) benchmarks/density_mp16.py --out out/bench/density_mp16.json
+	$(PY) benchmarks/run.py --out out/bench -p throughput.busy=true
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -6,7 +6,6 @@ say so (skipping those parts) when it is absent.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -29,15 +28,17 @@ MP16 = SHARED / "data" / "mp16-locations-100k" / "locations.csv"
 CACHE = REPO / "out" / "bench" / "cache"
 
 
-def machine() -> dict:
+def machine(gemm_seconds: float = 0.5) -> dict:
     """The facts a reader needs next to a timing: CPU (and its model name), threads, load, torch
-    version."""
+    version and the matrix-product rates measured now (:func:`gemm_rates`, ``gemm_seconds`` per
+    kernel and precision)."""
     return {
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": loadavg(),
+        "gemm_gflops": gemm_rates(gemm_seconds),
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -281,7 +282,7 @@ def bundled_validation(limit: int | None = None):
 def mp16_rfm(budget_s: float = 300.0):
     """An unconditional RFM trained on the MP-16 locations (benchmarks/density_mp16.py recipe,
     ``budget_s`` seconds), cached in out/bench/cache. None when the data is absent."""
-    from density_mp16 import load_points, train_rfm
+    from density_mp16 import RfmRecipe, load_points, train_rfm
 
     from globeflow.core.checkpoints import load_model, save_model
 
@@ -290,26 +291,21 @@ def mp16_rfm(budget_s: float = 300.0):
         return load_model(directory)
     if not MP16.exists():
         return None
-    args = argparse.Namespace(
-        seed=0, dim=128, depth=4, expansion=4, schedule="sigmoid", device="cpu", lr=2e-3,
-        weight_decay=0.0, batch=1024, budget_s=budget_s, max_steps=0, warmup_steps=100,
-        ema=0.995, train_noise_km=0.0,
-    )  # fmt: skip
     print(f"training an unconditional MP-16 RFM for {budget_s:.0f} s (cached afterwards)")
-    model, _ = train_rfm(load_points(MP16), args, [])
+    model, _ = train_rfm(load_points(MP16), RfmRecipe(budget_s=budget_s), [])
     save_model(model, directory)
     return model
 
 
-def yfcc_size_model(seed: int = 0):
+def yfcc_size_model(seed: int = 0, dim: int = 512, depth: int = 12):
     """(model, emb (1, 1024)): an RFM with a random network of the published YFCC layout (dim
-    512, depth 12, cond_dim 1024; 36M parameters), weights N(0, 0.02) as in the authors'
-    ``make_yfcc_size.py``."""
+    512, depth 12, cond_dim 1024; 36M parameters; a smoke run may shrink ``dim`` and ``depth``),
+    weights N(0, 0.02) as in the authors' ``make_yfcc_size.py``."""
     from globeflow.core.families import RiemannianFlowMatching
     from globeflow.core.network import Denoiser
 
     torch.manual_seed(seed)
-    net = Denoiser(dim=512, depth=12, expansion=4, cond_dim=1024)
+    net = Denoiser(dim=dim, depth=depth, expansion=4, cond_dim=1024)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)

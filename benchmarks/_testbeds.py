@@ -13,7 +13,7 @@ Testbeds here:
   from a 1-km kernel around three cities to 1,000-km clusters.
 - ``trained_testbeds(name)``: RFMs trained by ``globeflow train`` on synthetic conditioning with
   a known posterior (:mod:`globeflow.data.synthetic`; 1 to 2,000 km, 1 or 3 cities), built by
-  ``python benchmarks/testbeds.py build`` into ``$GLOBEFLOW_TESTBEDS`` (/work/testbeds).
+  ``python benchmarks/run.py testbeds_build`` into ``$GLOBEFLOW_TESTBEDS`` (/work/testbeds).
   ``all_trained_testbeds()``: every one built there.
 - the diffuse models (bundled, MP-16) have no known posterior: ``places`` and ``truth`` are None
   and the benchmarks compare with the reference sampler's samples instead.
@@ -236,7 +236,7 @@ def posterior_metrics(
     return out
 
 
-# ---- trained on synthetic conditioning (``python benchmarks/testbeds.py build``) -----------
+# ---- trained on synthetic conditioning (``python benchmarks/run.py testbeds_build``) -----------
 TRAINED_ROOT = Path(os.environ.get("GLOBEFLOW_TESTBEDS", "/work/testbeds"))
 TRAINED_NAMES = ("syn-small", "syn-small-flow", "syn-small-diffusion", "syn-published")
 """Models trained by ``globeflow train`` on :mod:`globeflow.data.synthetic` patterns: RFMs of dim
@@ -257,7 +257,7 @@ def trained_testbeds(
     if not (directory / "model").is_dir():
         raise FileNotFoundError(
             f"{directory / 'model'}: missing; build it with "
-            f"`python benchmarks/testbeds.py build --only {name}` (recipe in that file)"
+            f"`python benchmarks/run.py testbeds_build -p only={name}` (recipe in that file)"
         )
     model = load_model(directory / "model")
     patterns = synthetic.load_patterns(directory)
@@ -305,5 +305,5 @@ def all_trained_testbeds(root: Path = TRAINED_ROOT, per_pattern: int = 2) -> lis
     is there."""
     names = sorted(d.name for d in Path(root).glob("*") if (d / "model" / "config.json").exists())
     if not names:
-        print(f"no trained testbeds in {root}: python benchmarks/testbeds.py build")
+        print(f"no trained testbeds in {root}: python benchmarks/run.py testbeds_build")
     return [bed for name in names for bed in trained_testbeds(name, root, per_pattern)]

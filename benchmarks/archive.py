@@ -3,29 +3,28 @@ default settings, on a synthetic embedding store.
 
 Measured:
 
-- cost per row and peak RSS against the number of rows (``--sizes``): one process each; the
+- cost per row and peak RSS against the number of rows (``sizes``): one process each; the
   per-row cost is the job's own time (model loading excluded) over the rows; peak RSS is the
   ``ru_maxrss`` of the predict process, which must not grow with the rows (answers go to parquet
   parts as they come, without their samples);
 - photos/s for 1 and 2 processes (``torchrun --nproc_per_node 2``, gloo on the CPU) on the
   largest size;
-- resident memory every few batches of one in-process run (``--trace-rows`` rows with the
-  bundled model, ``--toy-rows`` with a tiny network whose rows cost milliseconds, so that the
+- resident memory every few batches of one in-process run (``trace_rows`` rows with the
+  bundled model, ``toy_rows`` with a tiny network whose rows cost milliseconds, so that the
   job's own memory is traced over tens of thousands of rows);
 - kill -9 at a random point (seeded) of a run committing every ``--save-every-s`` seconds, then
   the same command again: no row lost or duplicated, and the answers equal those of the
   uninterrupted run (sorted by id), bit for bit.
 
 The store (float16 embeddings named for the bundled model's encoder, coordinates uniform on the
-sphere) is written by ``benchmarks/streaming.py``'s ``write_store`` to ``--store``.
+sphere) is written by ``benchmarks/streaming.py``'s ``write_store`` to ``store``.
 
-Usage: ``python benchmarks/archive.py --store /tmp/globeflow-archive.parquet [--sizes 32 64 128]
-[--out out/bench/archive.json]``. Run it alone (``flock /tmp/globeflow-bench.lock``).
+Usage: ``python benchmarks/run.py archive -p store=/tmp/globeflow-archive.parquet
+[-p sizes=32,64,128]``. Run it alone (``flock /tmp/globeflow-bench.lock``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -37,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import loadavg, print_table, write_json
+from _common import loadavg, print_table
+from _registry import experiment
 from streaming import write_store
 
 BIN = Path(sys.executable).parent
@@ -181,31 +181,31 @@ def process_runs(paths: dict[int, Path], work: Path, seed: int) -> tuple[list[di
     return rows, kill_and_resume(paths[big], work, big, seed, work / f"one-{big}", run_s)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", type=Path, default=Path("/tmp/globeflow-archive.parquet"))
-    parser.add_argument(
-        "--sizes",
-        type=int,
-        nargs="*",
-        default=[32, 64, 128],
-        help="Store sizes run by one process (none: only the memory traces).",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the kill's moment.")
-    parser.add_argument(
-        "--trace-rows",
-        type=int,
-        default=512,
-        help="Rows of the in-process memory trace with the bundled model.",
-    )
-    parser.add_argument(
-        "--toy-rows",
-        type=int,
-        default=20000,
-        help="Rows of the memory trace with a tiny network (the job's own memory).",
-    )
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+@experiment(
+    "archive",
+    quick={
+        "store": Path(tempfile.gettempdir()) / "globeflow-archive-quick.parquet",
+        "sizes": "",
+        "trace_rows": 0,
+        "toy_rows": 256,
+    },
+    threads=None,
+)
+def archive(
+    *,
+    store: Path = Path("/tmp/globeflow-archive.parquet"),
+    sizes: str = "32,64,128",
+    seed: int = 0,
+    trace_rows: int = 512,
+    toy_rows: int = 20000,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``sizes``: Store sizes run by one process, comma-separated ("": only the memory traces).
+    - ``seed``: Seed of the kill's moment.
+    - ``trace_rows``: Rows of the in-process memory trace with the bundled model.
+    - ``toy_rows``: Rows of the memory trace with a tiny network (the job's own memory).
+    """
 
     from globeflow.apps.pipeline import default_model_path
 
@@ -214,12 +214,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="globeflow-archive-"))
     rows, kill, traces = [], {}, {}
     try:
-        if args.sizes:
-            rows, kill = process_runs(stores(args.store, args.sizes, dim, encoder), work, args.seed)
-        for name, n, toy in (("bundled", args.trace_rows, False), ("toy", args.toy_rows, True)):
+        counts = [int(n) for n in sizes.split(",") if n]
+        if counts:
+            rows, kill = process_runs(stores(store, counts, dim, encoder), work, seed)
+        for name, n, toy in (("bundled", trace_rows, False), ("toy", toy_rows, True)):
             if n:
-                store = stores(args.store, [n], dim, encoder)[n]
-                traces[name] = rss_trace(store, work / f"trace-{name}", max(n // 16, 32), toy)
+                path = stores(store, [n], dim, encoder)[n]
+                traces[name] = rss_trace(path, work / f"trace-{name}", max(n // 16, 32), toy)
                 print(name, traces[name], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -235,8 +236,4 @@ def main() -> None:
     print_table(rows, ["rows", "processes", "photos_per_s", "ms_per_row", "wall_s", "peak_rss_mib"])
     if kill:
         print_table([kill], list(kill))
-    write_json(report, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return report

@@ -6,21 +6,19 @@ bf16. Reported per testbed: the paired distance between the two (median, p90), a
 miss and best-guess error of each against the truth. Tolerance (docs/defaults.md): bf16's sample
 miss and best-guess error within 10% + 0.1 km of fp32's.
 
-    python benchmarks/bf16_sharp.py --out out/bench/bf16_sharp.json
+    python benchmarks/run.py bf16_sharp
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
-from _common import machine, print_table, write_json
+from _common import print_table
+from _registry import experiment
 from _testbeds import all_trained_testbeds, posterior_metrics
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.precision import native_bf16
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, solver_for
 from globeflow.core.sphere import haversine_km, sample_uniform_sphere
 
 
@@ -57,21 +55,21 @@ def compare(bed, samples: int) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--max-scale-km", type=float, default=25.0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    beds = [b for b in all_trained_testbeds(per_pattern=1) if b.scale_km <= args.max_scale_km]
-    rows = [compare(bed, args.samples) for bed in beds]
+@experiment("bf16_sharp", quick={"samples": 16, "max_scale_km": 1.0})
+def bf16_sharp(
+    *,
+    samples: int = 512,
+    max_scale_km: float = 25.0,
+) -> dict:
+    """fp32 against bf16 on the trained testbeds up to ``max_scale_km`` whose family runs the
+    default solver (the sphere's; the R^3 families' own steps start from other noise)."""
+    default = DEFAULT_SAMPLER.solver
+    beds = [
+        b
+        for b in all_trained_testbeds(per_pattern=1)
+        if b.scale_km <= max_scale_km and solver_for(b.model, DEFAULT_SAMPLER.solver) == default
+    ]
+    rows = [compare(bed, samples) for bed in beds]
     print(f"default sampler {DEFAULT_SAMPLER.label()}, native bf16 here: {native_bf16('cpu')}")
     print_table(rows, list(rows[0]) if rows else ["testbed"])
-    write_json({"machine": machine(), "native_bf16": native_bf16("cpu"), "rows": rows}, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"native_bf16": native_bf16("cpu"), "rows": rows}

@@ -9,9 +9,9 @@ mean GeoScore over the training set).
 Protocol: author-grouped split ``split_rows(authors, n, 0.15, seed)``; every trained method gets
 the same number of optimiser steps at the same batch size, learning rate and schedule; the final
 EMA weights are evaluated (no model selection, since the validation photos are the test set
-here). Point prediction: best guess of ``--num-samples`` samples drawn with guidance
-``--guidance`` (paper: 2). Densities: guidance 0, exact likelihood ODE (16 RK4 steps) for the
-denoising families; HPD calibration and localizability from ``--hpd-samples`` samples per image.
+here). Point prediction: best guess of ``num_samples`` samples drawn with guidance
+``guidance`` (paper: 2). Densities: guidance 0, exact likelihood ODE (16 RK4 steps) for the
+denoising families; HPD calibration and localizability from ``hpd_samples`` samples per image.
 
 Table 1: GeoScore, mean / median km, accuracy within 25 / 200 / 750 / 2500 km, country / region /
 city accuracy (offline reverse geocoding of prediction and truth).
@@ -19,26 +19,25 @@ Table 2: NLL (bits/dim), localizability (bits), precision / recall / density / c
 unguided sample per image against the true locations (k = 3), and the share of truths inside the
 50 % / 90 % highest-density regions.
 
-    python benchmarks/compare_methods.py [--embeddings runs/im2gps3k-train.parquet]
-        [--steps 2000] [--batch-size 256] [--dim 256] [--depth 4] [--num-samples 64]
-        [--out-json results.json] [--out-md results.md]
+    python benchmarks/run.py compare_methods [-p embeddings=runs/im2gps3k-train.parquet]
+        [-p steps=2000] [-p batch_size=256] [-p dim=256] [-p depth=4] [-p num_samples=64]
+        [-p out_md=results.md]
 
 Exits 0 with a message when the embeddings file is absent.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import platform
-import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from _registry import experiment
 
 from globeflow.core.sampler_settings import DEFAULT_GUIDANCE
 
@@ -72,31 +71,28 @@ TABLE2 = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--embeddings", default=str(REPO / "runs/im2gps3k-train.parquet"))
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps per trained method")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--dim", type=int, default=256, help="width of the denoising network")
-    p.add_argument("--depth", type=int, default=4, help="blocks of the denoising network")
-    p.add_argument("--num-samples", type=int, default=64, help="samples per image (best guess)")
-    p.add_argument("--sample-steps", type=int, default=16, help="sampler steps")
-    p.add_argument(
-        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance for point prediction"
-    )
-    p.add_argument("--hpd-samples", type=int, default=32, help="samples for HPD/localizability")
-    p.add_argument("--knn-k", type=int, default=10)
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    p.add_argument("--methods", default=None, help="comma-separated subset of family names")
-    p.add_argument("--work-dir", default=None, help="where training runs go (default: temp)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-json", default=None)
-    p.add_argument("--out-md", default=None)
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class Protocol:
+    """The run's settings (see :func:`compare_methods`, whose parameters they are)."""
+
+    embeddings: str
+    val_fraction: float
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    dim: int
+    depth: int
+    num_samples: int
+    sample_steps: int
+    guidance: float
+    hpd_samples: int
+    knn_k: int
+    limit: int | None
+    methods: str | None
+    work_dir: str | None
+    out_md: str | None
 
 
 # ---- references without a density --------------------------------------------------------------
@@ -139,24 +135,24 @@ def point_summary(truth: np.ndarray, pred: np.ndarray, sample: np.ndarray) -> di
 
 
 # ---- trained methods ----------------------------------------------------------------------------
-def train_and_evaluate(family: str, data: dict, args: argparse.Namespace, work: Path) -> dict:
-    """Train ``family`` for ``args.steps`` steps, then run :func:`evaluate` on the held-out rows."""
+def train_and_evaluate(family: str, data: dict, spec: Protocol, work: Path) -> dict:
+    """Train ``family`` for ``spec.steps`` steps, then run :func:`evaluate` on the held-out rows."""
     from globeflow.core.checkpoints import load_model
     from globeflow.jobs.evaluation import evaluate
     from globeflow.jobs.training import TrainConfig, train
 
     config = TrainConfig(
         family=family,
-        dim=args.dim,
-        depth=args.depth,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
-        seed=args.seed,
-        val_every=max(1, args.steps),
-        checkpoint_every=max(1, args.steps),
-        log_every=max(1, args.steps // 10),
+        dim=spec.dim,
+        depth=spec.depth,
+        lr=spec.lr,
+        warmup_steps=spec.warmup_steps,
+        batch_size=spec.batch_size,
+        max_steps=spec.steps,
+        seed=spec.seed,
+        val_every=max(1, spec.steps),
+        checkpoint_every=max(1, spec.steps),
+        log_every=max(1, spec.steps // 10),
     )
     t0 = time.perf_counter()
     # No validation set: the held-out rows are the test set, so no checkpoint is picked on them.
@@ -169,13 +165,13 @@ def train_and_evaluate(family: str, data: dict, args: argparse.Namespace, work: 
     report = evaluate(
         model,
         data["val"],
-        num_samples=args.num_samples,
-        guidance=args.guidance,
-        steps=args.sample_steps,
-        hpd_samples=args.hpd_samples,
+        num_samples=spec.num_samples,
+        guidance=spec.guidance,
+        steps=spec.sample_steps,
+        hpd_samples=spec.hpd_samples,
         batch_size=32,
-        seed=args.seed,
-        limit=args.limit,
+        seed=spec.seed,
+        limit=spec.limit,
         thresholds_km=THRESHOLDS_KM,
         progress=False,
     )
@@ -234,22 +230,68 @@ def _clean(obj: object) -> object:
     return obj
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not Path(args.embeddings).exists():
-        print(f"skipping: {args.embeddings} not found (make it with `globeflow embed`)")
-        return 0
-    torch.set_num_threads(args.threads)
+@experiment(
+    "compare_methods",
+    quick={
+        "steps": 3,
+        "batch_size": 16,
+        "warmup_steps": 1,
+        "dim": 16,
+        "depth": 1,
+        "num_samples": 4,
+        "sample_steps": 2,
+        "hpd_samples": 4,
+        "limit": 8,
+        "methods": "rfm",
+    },
+)
+def compare_methods(
+    *,
+    embeddings: str = str(REPO / "runs/im2gps3k-train.parquet"),
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    warmup_steps: int = 200,
+    dim: int = 256,
+    depth: int = 4,
+    num_samples: int = 64,
+    sample_steps: int = 16,
+    guidance: float = DEFAULT_GUIDANCE,
+    hpd_samples: int = 32,
+    knn_k: int = 10,
+    limit: int | None = None,
+    methods: str | None = None,
+    work_dir: str | None = None,
+    out_md: str | None = None,
+) -> dict:
+    """The paper's Tables 1 and 2 for every method (see the module docstring).
+
+    - ``steps``: optimiser steps per trained method
+    - ``dim``, ``depth``: width and blocks of the denoising network
+    - ``num_samples``, ``sample_steps``: samples per image (best guess) and sampler steps
+    - ``guidance``: guidance for point prediction
+    - ``hpd_samples``: samples for HPD / localizability
+    - ``limit``: evaluate at most this many images
+    - ``methods``: comma-separated subset of family names
+    - ``work_dir``: where training runs go (default: temp)
+    - ``out_md``: also write the tables as markdown here
+    """
+    spec = Protocol(**locals())
+    if not Path(spec.embeddings).exists():
+        print(f"skipping: {spec.embeddings} not found (make it with `globeflow embed`)")
+        return {"skipped": f"{spec.embeddings} not found"}
     from types import SimpleNamespace
 
     from globeflow.data.embedding_store import read_embeddings
     from globeflow.jobs.training import split_rows
 
-    table = read_embeddings(args.embeddings)
+    table = read_embeddings(spec.embeddings)
     n = len(table.ids)
-    tr, va = split_rows(table.authors, n, args.val_fraction, args.seed)
-    if args.limit is not None:
-        va = va[: args.limit]
+    tr, va = split_rows(table.authors, n, spec.val_fraction, spec.seed)
+    if spec.limit is not None:
+        va = va[: spec.limit]
     emb = torch.as_tensor(table.embeddings, dtype=torch.float32)
     latlon = torch.as_tensor(table.latlon, dtype=torch.float64)
     data = {
@@ -262,22 +304,22 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     truth = latlon[va].numpy()
-    wanted = set(args.methods.split(",")) if args.methods else None
+    wanted = set(spec.methods.split(",")) if spec.methods else None
     print(
         f"{table.encoder_name}: {n} photos, D={emb.shape[1]}; train {len(tr)}, "
-        f"held-out {len(va)} (author-grouped, fraction {args.val_fraction})",
+        f"held-out {len(va)} (author-grouped, fraction {spec.val_fraction})",
         flush=True,
     )
 
     results: dict[str, dict] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compare_methods_") as tmp:
-        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        work = Path(spec.work_dir) if spec.work_dir else Path(tmp)
         for family, name in GENERATIVE + BASELINES:
             if wanted is not None and family not in wanted:
                 continue
             print(f"[{time.perf_counter() - started:7.0f}s] {name}: training", flush=True)
-            results[name] = train_and_evaluate(family, data, args, work)
+            results[name] = train_and_evaluate(family, data, spec, work)
             r = results[name]
             print(
                 f"[{time.perf_counter() - started:7.0f}s] {name}: GeoScore {r['geoscore']:.0f}, "
@@ -286,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    pred, neighbours = knn_predict(emb[va], emb[tr], latlon[tr], args.knn_k)
-    g = torch.Generator().manual_seed(args.seed)
+    pred, neighbours = knn_predict(emb[va], emb[tr], latlon[tr], spec.knn_k)
+    g = torch.Generator().manual_seed(spec.seed)
     pick = torch.randint(neighbours.shape[1], (len(va),), generator=g)
     # One neighbour location per image stands for a draw from k-NN's empirical distribution.
     sample = neighbours[torch.arange(len(va)), pick]
@@ -298,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     budget = (
-        f"{args.steps} steps at batch {args.batch_size} for every trained method (AdamW, lr "
-        f"{args.lr:g}, {args.warmup_steps} warmup steps then cosine, EMA, seed {args.seed}); "
-        f"denoising networks dim {args.dim} depth {args.depth}; vMF heads: MLP hidden 512, "
-        f"depth 2. Evaluation: {args.num_samples} samples x {args.sample_steps} steps at "
-        f"guidance {args.guidance:g} for the best guess; guidance 0 densities; "
-        f"{args.hpd_samples} samples per image for HPD and localizability; k-NN k = "
-        f"{args.knn_k}."
+        f"{spec.steps} steps at batch {spec.batch_size} for every trained method (AdamW, lr "
+        f"{spec.lr:g}, {spec.warmup_steps} warmup steps then cosine, EMA, seed {spec.seed}); "
+        f"denoising networks dim {spec.dim} depth {spec.depth}; vMF heads: MLP hidden 512, "
+        f"depth 2. Evaluation: {spec.num_samples} samples x {spec.sample_steps} steps at "
+        f"guidance {spec.guidance:g} for the best guess; guidance 0 densities; "
+        f"{spec.hpd_samples} samples per image for HPD and localizability; k-NN k = "
+        f"{spec.knn_k}."
     )
     md = "\n\n".join(
         [
@@ -317,26 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(md)
     report = {
-        "embeddings": str(args.embeddings),
+        "embeddings": str(spec.embeddings),
         "encoder": table.encoder_name,
         "n_train": len(tr),
         "n_heldout": len(va),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out_json", "out_md")},
+        "settings": asdict(spec),
         "budget": budget,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch "
-        f"{torch.__version__}, {args.threads} thread(s)",
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
         "seconds": round(elapsed, 1),
         "fixed_location": fixed.tolist(),
         "results": _clean(results),
     }
-    if args.out_json:
-        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_json).write_text(json.dumps(report, indent=1) + "\n")
-    if args.out_md:
-        Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_md).write_text(md + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if spec.out_md:
+        Path(spec.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec.out_md).write_text(md + "\n")
+    return report

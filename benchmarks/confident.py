@@ -3,17 +3,17 @@ same guidance, then the cheapest.
 
 For every testbed (:mod:`_testbeds`: exact RFM fields of sharp, multimodal targets from 1 km to
 1,000 km; trained synthetic testbeds in /work/testbeds when present; the bundled model on its
-validation photos; the unconditional MP-16 RFM), at every guidance of ``--guidances`` (default:
+validation photos; the unconditional MP-16 RFM), at every guidance of ``guidances`` (default:
 0 and the model's default guidance, what ``predict`` runs: the recommended guidance of the
 bundled model, the fallback of models without one elsewhere) and every setting (solver x time
-grid x steps x precision, at ``--samples`` samples), the answer's samples are scored by
+grid x steps x precision, at ``samples`` samples), the answer's samples are scored by
 :func:`_testbeds.posterior_metrics` (sample miss, samples within 1/25/200 km, sliced
 Wasserstein, best-guess error, acc@1/25/200 km, the mass on each true place) against the truth
 where it is known (exact guided fields: a tight solve), else against the reference's samples
 and the photos' labels.
 
 Reference: the authors' sampler (Euler on the published grid, 250 steps, fp32) at the same
-guidance, run with ``--ref-seeds`` seeds (cached in out/bench/cache/confident, as are the guided
+guidance, run with ``ref_seeds`` seeds (cached in out/bench/cache/confident, as are the guided
 exact truths); every setting runs from the same seeds (paired: the same initial noise), so its
 mean shift from the reference is its systematic effect. Noise band of a metric: twice its
 seed-to-seed standard deviation under the reference (the Monte Carlo noise of one answer), at
@@ -22,29 +22,27 @@ least ``10% + 0.1 km`` (km metrics), 0.05 (fractions of samples, place masses) o
 band; the cheapest setting (network evaluations, then ms/photo of the bundled model's full
 ``Locator`` answer) that passes every testbed at every guidance is the default.
 
-    python benchmarks/confident.py --out out/bench/confident.json
+    python benchmarks/run.py confident    # writes out/bench/confident.json
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from _common import (
     CACHE,
     bundled_validation,
+    cpu_model,
     gemm_rates,
-    machine,
+    loadavg,
     mp16_rfm,
     print_table,
-    write_json,
 )
+from _registry import experiment
 from _testbeds import (
     TRAINED_ROOT,
     Testbed,
@@ -63,11 +61,11 @@ from globeflow.core.solvers import SOLVERS
 
 CANDIDATES = [
     DEFAULT_SAMPLER.with_overrides(num_samples=1024),
-    SamplerSettings(solver="euler", grid="published", steps=24, precision="fp32"),
-    SamplerSettings(solver="euler", grid="published", steps=32, precision="fp32"),
-    SamplerSettings(solver="data-2m", grid="published", steps=16, precision="fp32"),
-    SamplerSettings(solver="data-2m", grid="published", steps=32, precision="fp32"),
-    SamplerSettings(solver="lagged-midpoint", grid="published", steps=24, precision="fp32"),
+    DEFAULT_SAMPLER.with_overrides(solver="euler", steps=24),
+    DEFAULT_SAMPLER.with_overrides(solver="euler", steps=32),
+    DEFAULT_SAMPLER.with_overrides(solver="data-2m", steps=16),
+    DEFAULT_SAMPLER.with_overrides(solver="data-2m", steps=32),
+    DEFAULT_SAMPLER.with_overrides(solver="lagged-midpoint", steps=24),
 ]
 """The default, the authors' step at 24 and 32 steps, and the second-order candidates (bf16
 rows only on float32 networks: the exact fields run in float64 whatever the precision)."""
@@ -76,13 +74,17 @@ SAMPLE_FRACTIONS = ("within_1_km", "within_25_km", "within_200_km", "place_mass_
 PHOTO_FRACTIONS = ("acc_1_km", "acc_25_km", "acc_200_km")
 CRITERIA = KM_METRICS + SAMPLE_FRACTIONS + PHOTO_FRACTIONS
 """The metrics a setting must match the reference on (the others are reported)."""
+PARTIAL = CACHE / "confident-partial.json"
+"""The testbeds done so far, rewritten after each (in case the run is cut short)."""
 REFERENCE_CACHE = CACHE / "confident"
 
 
 def parse_setting(text: str) -> SamplerSettings:
-    """ "solver/grid/steps/precision" -> SamplerSettings."""
+    """ "solver/grid/steps/precision" -> the default recipe with those fields."""
     solver, grid, steps, precision = text.split("/")
-    return SamplerSettings(solver=solver, grid=grid, steps=int(steps), precision=precision)
+    return DEFAULT_SAMPLER.with_overrides(
+        solver=solver, grid=grid, steps=int(steps), precision=precision
+    )
 
 
 def evaluations(s: SamplerSettings) -> int:
@@ -135,19 +137,21 @@ def bed_key(bed: Testbed) -> str:
     return f"{bed.name}|w={bed.guidance:g}|{len(bed.emb)}|{digest}"
 
 
-def run_testbed(bed: Testbed, args) -> dict:
+def run_testbed(
+    bed: Testbed, samples: int, ref_seeds: int, candidates: list[SamplerSettings]
+) -> dict:
     """Reference seeds, then every candidate from the same seeds: metrics, bands and verdict.
 
     Paired: seed k of a candidate starts from the noise of seed k of the reference, so the mean
     difference over seeds is the setting's systematic effect, free of the Monte Carlo noise
     that the band measures (how much a metric moves from seed to seed of the reference)."""
     known = bed.places is not None
-    seeds = list(range(args.ref_seeds))
-    extra = [] if known else [args.ref_seeds]  # unknown truth: one more seed stands in
+    seeds = list(range(ref_seeds))
+    extra = [] if known else [ref_seeds]  # unknown truth: one more seed stands in
 
     def reference(seed: int) -> torch.Tensor:
-        key = f"{bed_key(bed)}|{AUTHORS_SAMPLER.label()}|{args.samples}|{seed}"
-        return cached(key, lambda: draw(bed, AUTHORS_SAMPLER, args.samples, seed))
+        key = f"{bed_key(bed)}|{AUTHORS_SAMPLER.label()}|{samples}|{seed}"
+        return cached(key, lambda: draw(bed, AUTHORS_SAMPLER, samples, seed))
 
     drawn = [reference(seed) for seed in seeds + extra]
     refs = [value for value, _ in drawn]
@@ -155,9 +159,7 @@ def run_testbed(bed: Testbed, args) -> dict:
     ref_s = statistics.fmean(times) / len(bed.emb) if times else None
     if known:
         truth_seed = torch.Generator().manual_seed(99)
-        truth, _ = cached(
-            f"{bed_key(bed)}|truth|{args.samples}", lambda: bed.truth(args.samples, truth_seed)
-        )
+        truth, _ = cached(f"{bed_key(bed)}|truth|{samples}", lambda: bed.truth(samples, truth_seed))
     else:  # diffuse models: the reference's extra seed stands in for the truth
         truth = refs.pop()
     ref_metrics = [score(bed, r, truth) for r in refs]
@@ -166,12 +168,12 @@ def run_testbed(bed: Testbed, args) -> dict:
     bands = {m: band(m, [r[m] for r in ref_metrics], len(bed.emb)) for m in names}
     rows = []
     float64 = next(bed.model.parameters()).dtype == torch.float64
-    for s in CANDIDATES:
-        s = s.with_overrides(num_samples=args.samples)
+    for s in candidates:
+        s = s.with_overrides(num_samples=samples)
         if float64 and s.precision == "bf16":
             continue
         start = time.perf_counter()
-        per_seed = [score(bed, draw(bed, s, args.samples, seed), truth) for seed in seeds]
+        per_seed = [score(bed, draw(bed, s, samples, seed), truth) for seed in seeds]
         seconds = (time.perf_counter() - start) / len(seeds)
         metrics = {m: statistics.fmean(r[m] for r in per_seed) for m in names}
         shift = {m: metrics[m] - ref_mean[m] for m in names}
@@ -198,18 +200,18 @@ def passes_everywhere(label: str, results: list[dict]) -> bool:
     return bool(verdicts) and all(v == "yes" for v in verdicts)
 
 
-def diffuse_testbeds(args, guidance: str) -> list[Testbed]:
+def diffuse_testbeds(guidance: str, bundled_photos: int, mp16_budget_s: float) -> list[Testbed]:
     """The bundled model (validation photos, labels as true locations) at ``guidance`` ("default":
     its recommended one) and, at guidance 0 only, the unconditional MP-16 RFM."""
     beds = []
-    bundled = bundled_validation(args.bundled_photos)
+    bundled = bundled_validation(bundled_photos)
     if bundled is not None:
         locator, emb, labels = bundled
         w = locator.default_guidance if guidance == "default" else float(guidance)
         beds.append(Testbed("bundled", locator.model, emb, truth=None, places=None,
                             true_location=labels, scale_km=2000.0, guidance=w,
                             regime="diffuse"))  # fmt: skip
-    model = mp16_rfm(args.mp16_budget_s) if guidance in ("0", "0.0") else None
+    model = mp16_rfm(mp16_budget_s) if guidance in ("0", "0.0") else None
     if model is not None:
         g = torch.Generator().manual_seed(3)
         labels = model.sample(torch.zeros(4, 0), 1, 32, generator=g)[:, 0]
@@ -222,30 +224,40 @@ def trained_names() -> list[str]:
     """The trained testbeds built in TRAINED_ROOT (saying so when there is none)."""
     names = sorted(d.name for d in TRAINED_ROOT.glob("*") if (d / "model/config.json").exists())
     if not names:
-        print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/testbeds.py build")
+        print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/run.py testbeds_build")
     return names
 
 
-def testbeds_at(guidance: str, args) -> list[Testbed]:
-    """Every testbed asked for by ``--only`` at ``guidance``: a number, or "default" (what
+def testbeds_at(
+    guidance: str,
+    only: str,
+    per_pattern: int,
+    photos: int,
+    bundled_photos: int,
+    mp16_budget_s: float,
+) -> list[Testbed]:
+    """Every testbed asked for by ``only`` (names or prefixes, comma-separated; "": all) at
+    ``guidance``: a number, or "default" (what
     ``predict`` runs: the bundled model's recommended guidance; the fallback DEFAULT_GUIDANCE
     for the trained testbeds and the exact fields, which carry no recommendation)."""
     w = DEFAULT_GUIDANCE if guidance == "default" else float(guidance)
-    only = [name for name in args.only.split(",") if name]
+    wanted_names = [name for name in only.split(",") if name]
 
     def wanted(group: str) -> bool:
-        return not only or any(name.startswith(group) or group.startswith(name) for name in only)
+        return not wanted_names or any(
+            name.startswith(group) or group.startswith(name) for name in wanted_names
+        )
 
     beds = [
         bed
         for name in trained_names()
         if wanted(name)
-        for bed in trained_testbeds(name, per_pattern=args.per_pattern, guidance=w)
+        for bed in trained_testbeds(name, per_pattern=per_pattern, guidance=w)
     ]
     if wanted("bundled") or wanted("mp16-rfm"):
-        beds += diffuse_testbeds(args, guidance)
+        beds += diffuse_testbeds(guidance, bundled_photos, mp16_budget_s)
     if wanted("exact-"):
-        beds += exact_field_testbeds(args.photos, guidance=w)
+        beds += exact_field_testbeds(photos, guidance=w)
     return beds
 
 
@@ -264,55 +276,61 @@ def locator_ms_per_photo(settings: list[SamplerSettings], photos: int) -> dict[s
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.num_samples)
-    ap.add_argument("--photos", type=int, default=4, help="photos per exact-field testbed")
-    ap.add_argument("--per-pattern", type=int, default=2, help="photos per trained pattern")
-    ap.add_argument("--bundled-photos", type=int, default=16)
-    ap.add_argument("--ref-seeds", type=int, default=3)
-    ap.add_argument("--mp16-budget-s", type=float, default=300.0)
-    ap.add_argument(
-        "--only",
-        default="",
-        help="comma-separated testbed names or trained "
-        "testbed prefixes such as syn-small (default: all)",
-    )
-    ap.add_argument(
-        "--guidances",
-        default="0,default",
-        help="comma-separated guidance scales; 'default': what predict runs",
-    )
-    ap.add_argument(
-        "--candidates",
-        default="",
-        help="comma-separated solver/grid/steps/precision (default: all)",
-    )
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--no-timings",
-        dest="timings",
-        action="store_false",
-        help="skip the bundled model's Locator timings",
-    )
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.candidates:
-        CANDIDATES[:] = [parse_setting(text) for text in args.candidates.split(",")]
-    report = {"machine": machine(), "gemm_gflops": gemm_rates(), "samples": args.samples}
-    beds = [bed for g in args.guidances.split(",") for bed in testbeds_at(g, args)]
-    if args.only:
-        wanted = args.only.split(",")
+@experiment(
+    "confident",
+    quick={
+        "samples": 16,
+        "photos": 1,
+        "ref_seeds": 2,
+        "only": "exact-200km",
+        "guidances": "0",
+        "candidates": "lagged-midpoint/published/8/fp32",
+        "timings": False,
+    },
+    default=True,
+)
+def confident(
+    *,
+    samples: int = DEFAULT_SAMPLER.num_samples,
+    photos: int = 4,
+    per_pattern: int = 2,
+    bundled_photos: int = 16,
+    ref_seeds: int = 3,
+    mp16_budget_s: float = 300.0,
+    only: str = "",
+    guidances: str = "0,default",
+    candidates: str = "",
+    timings: bool = True,
+) -> dict:
+    """Every candidate setting against the authors' sampler on every testbed asked for.
+
+    - ``samples``: samples per photo
+    - ``photos``: photos per exact-field testbed
+    - ``per_pattern``: photos per trained pattern
+    - ``only``: comma-separated testbed names or trained testbed prefixes such as syn-small
+      (default: all)
+    - ``guidances``: comma-separated guidance scales; 'default': what predict runs
+    - ``candidates``: comma-separated solver/grid/steps/precision (default: all)
+    - ``timings``: time the candidates' whole Locator answer on the bundled model
+    """
+    settings = [parse_setting(t) for t in candidates.split(",")] if candidates else CANDIDATES
+    report = {"gemm_gflops": gemm_rates(), "samples": samples}
+    beds = [
+        bed
+        for g in guidances.split(",")
+        for bed in testbeds_at(g, only, per_pattern, photos, bundled_photos, mp16_budget_s)
+    ]
+    if only:
+        wanted = only.split(",")
         beds = [b for b in beds if any(b.name.startswith(name) for name in wanted)]
     results = []
     for bed in beds:
-        results.append(run_testbed(bed, args))
-        if args.out:  # partial results, in case the run is cut short
-            Path(args.out).write_text(json.dumps({**report, "testbeds": results}, indent=1))
-    labels = [s.with_overrides(num_samples=args.samples).label() for s in CANDIDATES]
+        results.append(run_testbed(bed, samples, ref_seeds, settings))
+        PARTIAL.parent.mkdir(parents=True, exist_ok=True)  # in case the run is cut short
+        PARTIAL.write_text(json.dumps({**report, "testbeds": results}, indent=1))
+    labels = [s.with_overrides(num_samples=samples).label() for s in settings]
     passing = [label for label in labels if passes_everywhere(label, results)]
-    timings = locator_ms_per_photo([AUTHORS_SAMPLER, *CANDIDATES], 16) if args.timings else {}
+    locator_ms = locator_ms_per_photo([AUTHORS_SAMPLER, *settings], 16) if timings else {}
     columns = ["testbed", "guidance", "label", "NFE", "miss_median_km", "within_1_km"]
     columns += ["within_25_km", "within_200_km", "sw_km", "guess_error_km", "place_mass_tv"]
     columns += ["acc_25_km", "s/photo", "within noise"]
@@ -330,18 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rates = report["gemm_gflops"]
     print(
-        f"CPU: {report['machine']['cpu_model']}, {args.threads} thread(s), GEMM "
+        f"CPU: {cpu_model()}, {torch.get_num_threads()} thread(s), GEMM "
         f"{rates['float32']['peak']:.0f} GFLOP/s fp32, {rates['bfloat16']['peak']:.0f} bf16"
     )
     print_table(refs + rows, columns)
     print("\nLocator ms/photo (bundled model, 16 photos, 1 thread):")
-    print_table([{"label": k, "ms/photo": v} for k, v in timings.items()], ["label", "ms/photo"])
+    print_table([{"label": k, "ms/photo": v} for k, v in locator_ms.items()], ["label", "ms/photo"])
     print(f"\nwithin noise on every testbed: {passing}")
-    report.update({"testbeds": results, "passing": passing, "locator_ms_per_photo": timings})
-    report["machine_after"] = machine()
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report.update({"testbeds": results, "passing": passing, "locator_ms_per_photo": locator_ms})
+    report["gemm_gflops_after"] = gemm_rates()
+    report["load_average_after"] = loadavg()
+    return report

@@ -6,19 +6,17 @@ best guess of prior samples, i.e. the same decoding as the model but without the
 
 Prints a table and JSON: GeoScore, median km, accuracy at 25/200/750/2500 km.
 
-    python benchmarks/default_model.py --model src/globeflow/default_model \
-        --embeddings runs/default-rfm/train-embeddings.parquet
+    python benchmarks/run.py default_model -p model=src/globeflow/default_model \
+        -p embeddings=runs/default-rfm/train-embeddings.parquet
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from _registry import experiment
 
 from globeflow import load_model
 from globeflow.answers.decode import best_guess, expected_geoscore
@@ -52,27 +50,27 @@ def model_guesses(model, emb, num_samples, steps, guidance, seed, batch=64) -> t
     return torch.cat(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=str(REPO / "src/globeflow/default_model"))
-    p.add_argument("--embeddings", default=str(REPO / "runs/default-rfm/train-embeddings.parquet"))
-    p.add_argument(
-        "--prior", default=str(REPO.parent / "shared/data/mp16-locations-100k/locations.csv")
-    )
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=512)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0])
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    for path in (args.embeddings, args.prior):
+@experiment("default_model", quick={"num_samples": 8, "steps": 4, "guidance": "2"})
+def default_model(
+    *,
+    model: str = str(REPO / "src/globeflow/default_model"),
+    embeddings: str = str(REPO / "runs/default-rfm/train-embeddings.parquet"),
+    prior: str = str(REPO.parent / "shared/data/mp16-locations-100k/locations.csv"),
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    num_samples: int = 512,
+    steps: int = 32,
+    guidance: str = "0,1,2,3",
+) -> dict:
+    """The model, the best fixed location and MP-16 prior samples on the validation photos.
+
+    ``guidance``: comma-separated guidance scales of the model's rows."""
+    for path in (embeddings, prior):
         if not Path(path).exists():
             print(f"skipping: {path} not found (needs ../shared/data and `globeflow embed`)")
-            return 0
-    torch.set_num_threads(1)
-    table = read_embeddings(args.embeddings)
-    tr, va = split_rows(table.authors, len(table.ids), args.val_fraction, args.seed)
+            return {"skipped": f"{path} not found"}
+    table = read_embeddings(embeddings)
+    tr, va = split_rows(table.authors, len(table.ids), val_fraction, seed)
     truth = table.latlon[va]
     rows: dict[str, dict] = {}
 
@@ -80,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     rows["best fixed location"] = distance_metrics(
         fixed[None].expand(len(va), 2).numpy(), truth.numpy(), THRESHOLDS
     )
-    prior = read_prior_locations(args.prior).double()
+    prior_latlon = read_prior_locations(prior).double()
     rows["MP-16 prior samples"] = distance_metrics(
-        prior_guesses(prior, len(va), args.num_samples, args.seed).numpy(),
+        prior_guesses(prior_latlon, len(va), num_samples, seed).numpy(),
         truth.numpy(),
         THRESHOLDS,
     )
-    model = load_model(args.model)
+    network = load_model(model)
     emb = table.embeddings[va]
-    for w in args.guidance:
-        guesses = model_guesses(model, emb, args.num_samples, args.steps, w, args.seed)
+    for w in (float(text) for text in guidance.split(",")):
+        guesses = model_guesses(network, emb, num_samples, steps, w, seed)
         rows[f"globeflow default (guidance {w:g})"] = distance_metrics(
             guesses.numpy(), truth.numpy(), THRESHOLDS
         )
@@ -105,12 +103,4 @@ def main(argv: list[str] | None = None) -> int:
         "fixed_location": fixed.tolist(),
         "results": {k: {m: float(np.asarray(v)) for m, v in r.items()} for k, r in rows.items()},
     }
-    print(json.dumps(report, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report

@@ -2,8 +2,8 @@
 of a trained sharp model.
 
 Network: the published YFCC layout (36M parameters, random weights as in the authors' script);
-with ``--testbed DIR`` a trained testbed's model (``DIR/model``, e.g. /work/testbeds/syn-small,
-dim 256, depth 4) at the first held-out photo of pattern ``--pattern`` (0: a 1-km one), whose
+with ``testbed=DIR`` a trained testbed's model (``DIR/model``, e.g. /work/testbeds/syn-small,
+dim 256, depth 4) at the first held-out photo of pattern ``pattern`` (0: a 1-km one), whose
 map has a peak a few km wide: the zoom patches (<= 1 km cells) and the map's total mass are
 reported, and the baseline also includes the map as it was before them (no samples, no
 patches: where its largest value lies, and its mass).
@@ -14,31 +14,30 @@ nats). Reported:
 - seconds for the whole map, and how many of the 64,800 nodes were solved exactly;
 - the baseline: the measured cost per exact point (same solver, same batch size) times 64,800,
   i.e. solving every node as the authors' ``compute_likelihood_grid`` does (with our solver);
-- accuracy: at ``--check`` random nodes, the map against exact values from the same solver
+- accuracy: at ``check`` random nodes, the map against exact values from the same solver
   (interpolation error) and against a tight float32 solve (midpoint, 128 steps; total error).
 
-    python benchmarks/density_map.py --out out/bench/density_map.json
-    python benchmarks/density_map.py --testbed /work/testbeds/syn-small --pattern 0 \
-        --out out/bench/density_map_sharp.json
+    python benchmarks/run.py density_map
+    python benchmarks/run.py density_map -p testbed=/work/testbeds/syn-small -p pattern=0 \
+        --out out/bench/sharp
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import machine, print_table, write_json, yfcc_size_model
+from _common import loadavg, print_table, yfcc_size_model
+from _registry import experiment
 
 from globeflow.answers.density_map import (
-    KM_PER_DEGREE,
     _mass,
     adaptive_log_density_grid,
     grid_axes,
     model_log_density_map,
 )
+from globeflow.answers.zoom import KM_PER_DEG
 from globeflow.core.checkpoints import load_model
 from globeflow.core.likelihood import log_prob_ode
 from globeflow.core.sphere import latlon_to_unit
@@ -54,42 +53,49 @@ def _testbed(folder: str, pattern: int):
     return model, model.prepare_embeddings(heldout["embeddings"][row : row + 1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--resolution", type=float, default=1.0)
-    ap.add_argument("--tolerance", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--check", type=int, default=256, help="random nodes checked exactly")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads (0: one per core; run with OMP_WAIT_POLICY=PASSIVE as the CLI does)",
-    )
-    ap.add_argument("--testbed", default=None, help="a trained testbed folder (model/, heldout.pt)")
-    ap.add_argument("--pattern", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, emb = yfcc_size_model() if args.testbed is None else _testbed(args.testbed, args.pattern)
-    report = {"machine": machine(), "settings": vars(args)}
+@experiment(
+    "density_map",
+    quick={"resolution": 30.0, "check": 4, "steps": 4, "net_dim": 16, "net_depth": 1},
+    default=True,
+    threads=None,
+)
+def density_map(
+    *,
+    resolution: float = 1.0,
+    tolerance: float = 0.1,
+    steps: int = 16,
+    precision: str = "bf16",
+    check: int = 256,
+    testbed: str | None = None,
+    pattern: int = 0,
+    net_dim: int = 512,
+    net_depth: int = 12,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``check``: random nodes checked exactly
+    - ``testbed``: a trained testbed folder (model/, heldout.pt)
+    - ``net_dim``, ``net_depth``: the random network's size without a testbed (the published
+      512 x 12; smaller only for a smoke run)
+    """
+    if testbed is None:
+        model, emb = yfcc_size_model(dim=net_dim, depth=net_depth)
+    else:
+        model, emb = _testbed(testbed, pattern)
+    report = {}
 
     start = time.perf_counter()
-    result = model_log_density_map(
-        model, emb, args.resolution, args.tolerance, args.steps, args.precision
-    )
+    result = model_log_density_map(model, emb, resolution, tolerance, steps, precision)
     seconds = time.perf_counter() - start
     values, exact = result["log_density"], result["exact"]
 
-    lat, lon = grid_axes(args.resolution)
+    lat, lon = grid_axes(resolution)
     grid = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
     g = torch.Generator().manual_seed(0)
-    nodes = torch.randperm(len(grid), generator=g)[: args.check]
+    nodes = torch.randperm(len(grid), generator=g)[:check]
     x = latlon_to_unit(grid[nodes]).float()[None]
     t0 = time.perf_counter()
-    same = log_prob_ode(model, x, emb, steps=args.steps, precision=args.precision)[0].double()
+    same = log_prob_ode(model, x, emb, steps=steps, precision=precision)[0].double()
     per_point = (time.perf_counter() - t0) / len(nodes)
     tight = log_prob_ode(model, x[:, :32], emb, steps=128)[0].double()
     mapped = values.reshape(-1)[nodes]
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         {
-            "method": f"adaptive map + zoom patches (tolerance {args.tolerance} nats)",
+            "method": f"adaptive map + zoom patches (tolerance {tolerance} nats)",
             "seconds": seconds,
             "exact nodes": int(result["evaluations"]),
             "mass": result["mass"],
@@ -112,20 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             "exact nodes": len(grid),
         },
     ]
-    if args.testbed is not None:  # the map as it was: no samples, no zoom patches
+    if testbed is not None:  # the map as it was: no samples, no zoom patches
         start = time.perf_counter()
         blind = adaptive_log_density_grid(
-            lambda x: log_prob_ode(model, x.to(emb.dtype)[None], emb, steps=args.steps,
-                                   precision=args.precision)[0],
-            args.resolution, args.tolerance, 16,
+            lambda x: log_prob_ode(model, x.to(emb.dtype)[None], emb, steps=steps,
+                                   precision=precision)[0],
+            resolution, tolerance, 16,
         )  # fmt: skip
         rows.append(
             {
                 "method": "before: adaptive map, no samples, no patches",
                 "seconds": time.perf_counter() - start,
                 "exact nodes": int(blind["evaluations"]),
-                "mass": float(_mass(blind["log_density"], blind["lat"], args.resolution).sum()),
-                "finest cell km": args.resolution * KM_PER_DEGREE,
+                "mass": float(_mass(blind["log_density"], blind["lat"], resolution).sum()),
+                "finest cell km": resolution * KM_PER_DEG,
                 "max log p": float(blind["log_density"].max()),
             }
         )
@@ -150,10 +156,5 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(rows, ["method", "seconds", "exact nodes", "mass", "finest cell km", "max log p"])
     report["rows"] = rows
-    report["machine_after"] = machine()
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report["load_average_after"] = loadavg()
+    return report

@@ -4,30 +4,29 @@ Data: a CSV with columns LAT,LON (default: the 100k MP-16 locations). Protocol: 
 90/10 split; every model is fitted on the 90 % and scored on the held-out 10 % in bits per
 dimension on S^2, ``-log2 p / 3`` with p the density per steradian (uniform: log2(4 pi) / 3 =
 1.217). The RFM is scored with the exact likelihood ODE (fixed-step RK4, ``model.log_prob_unit``)
-on the held-out points (``--eval-points`` takes a random subset to save time; the baselines are
+on the held-out points (``eval_points`` takes a random subset to save time; the baselines are
 then also reported on that same subset), and the RK4 values are checked against an adaptive
 dopri5 solve (float64) on a few points.
 
-On shared or oversubscribed CPUs pass ``--threads 1``: two intra-op threads competing with other
-processes slowed training steps by more than 10x in our runs.
+On shared or oversubscribed CPUs pass the runner ``--threads 1``: two intra-op threads competing
+with other processes slowed training steps by more than 10x in our runs.
 
-Usage: ``python benchmarks/density_mp16.py [--data CSV] [--budget-s 600] [--out results.json]``.
+Usage: ``python benchmarks/run.py density_mp16 [-p data=CSV] [-p budget_s=600]``.
 Exits 0 with a message when the data file is absent.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from _registry import experiment
 
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.families.baselines import fit_vmf_mixture_em
@@ -70,39 +69,61 @@ def jitter(x: torch.Tensor, sigma_rad: float, generator: torch.Generator) -> tor
     return project_to_sphere(x + project_to_tangent(x, v))
 
 
+@dataclass(frozen=True)
+class RfmRecipe:
+    """How :func:`train_rfm` trains: seed, network (dim, depth, expansion), noise schedule,
+    device, AdamW (lr, weight_decay), batch, wall-clock budget (seconds; ``max_steps`` > 0 stops
+    earlier), warm-up steps, EMA decay and the training jitter (km)."""
+
+    seed: int = 0
+    dim: int = 128
+    depth: int = 4
+    expansion: int = 4
+    schedule: str = "sigmoid"
+    device: str = "cpu"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch: int = 1024
+    budget_s: float = 600.0
+    max_steps: int = 0
+    warmup_steps: int = 100
+    ema: float = 0.995
+    train_noise_km: float = 0.0
+
+
 def train_rfm(
-    train: torch.Tensor, args: argparse.Namespace, log: list
+    train: torch.Tensor, recipe: RfmRecipe, log: list
 ) -> tuple[RiemannianFlowMatching, dict]:
-    """Train an unconditional RFM for args.budget_s seconds; returns the EMA model and stats."""
-    torch.manual_seed(args.seed)
+    """Train an unconditional RFM for recipe.budget_s seconds; returns the EMA model and stats."""
+    torch.manual_seed(recipe.seed)
     with warnings.catch_warnings():  # Linear(0, dim) warns that its empty weight is not initialised
         warnings.simplefilter("ignore")
-        net = Denoiser(dim=args.dim, depth=args.depth, expansion=args.expansion, cond_dim=0)
-    schedule = schedule_from_config({"name": args.schedule})
-    device = torch.device(args.device)
+        net = Denoiser(dim=recipe.dim, depth=recipe.depth, expansion=recipe.expansion, cond_dim=0)
+    schedule = schedule_from_config({"name": recipe.schedule})
+    device = torch.device(recipe.device)
     model = RiemannianFlowMatching(net, schedule=schedule, cond_drop_prob=0.0).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    g = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    g = torch.Generator().manual_seed(recipe.seed)
     # The noise of the loss is drawn on the training device.
-    g_dev = torch.Generator(device=device).manual_seed(args.seed)
+    g_dev = torch.Generator(device=device).manual_seed(recipe.seed)
     n = train.shape[0]
-    sigma = args.train_noise_km / EARTH_RADIUS_KM
-    emb = torch.zeros(args.batch, 0, device=device)
+    sigma = recipe.train_noise_km / EARTH_RADIUS_KM
+    emb = torch.zeros(recipe.batch, 0, device=device)
     start = time.perf_counter()
     step, losses = 0, []
     while True:
-        frac = (time.perf_counter() - start) / args.budget_s
-        if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
+        frac = (time.perf_counter() - start) / recipe.budget_s
+        if frac >= 1.0 or (recipe.max_steps and step >= recipe.max_steps):
             break
         # Warmup then cosine decay in wall-clock fraction, so any budget gets a full schedule.
-        warm = min(1.0, (step + 1) / args.warmup_steps)
-        lr = args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        warm = min(1.0, (step + 1) / recipe.warmup_steps)
+        lr = recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(n, (args.batch,), generator=g)
+        idx = torch.randint(n, (recipe.batch,), generator=g)
         x0 = jitter(train[idx], sigma, g).to(device)
         loss = model.loss(x0, emb, generator=g_dev)
         opt.zero_grad(set_to_none=True)
@@ -110,7 +131,7 @@ def train_rfm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # EMA with a warm start: decay min(target, (1 + s) / (10 + s)).
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = min(recipe.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
@@ -119,7 +140,7 @@ def train_rfm(
         if step % 100 == 0:
             msg = (
                 f"  rfm step {step}  loss {np.mean(losses[-100:]):.4f}  lr {lr:.2e}  "
-                f"{time.perf_counter() - start:.0f}/{args.budget_s:.0f}s"
+                f"{time.perf_counter() - start:.0f}/{recipe.budget_s:.0f}s"
             )
             print(msg, flush=True)
             log.append(msg)
@@ -131,49 +152,75 @@ def train_rfm(
     return ema.cpu(), stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--out", default=None, help="also write the JSON results here")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ks", default="1,4,16,64", help="vMF mixture sizes")
-    ap.add_argument("--em-iters", type=int, default=200)
-    ap.add_argument("--em-tol", type=float, default=1e-6, help="EM stop: mean log-lik gain, nats")
-    ap.add_argument("--em-restarts", type=int, default=1, help="k-means++ seeds per K (best kept)")
-    ap.add_argument("--skip-rfm", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=600.0, help="RFM training wall-clock budget")
-    ap.add_argument("--max-steps", type=int, default=0, help="cap on RFM steps (0: none)")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--expansion", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--schedule", default="sigmoid", choices=["sigmoid", "linear", "cosine"])
-    ap.add_argument("--train-noise-km", type=float, default=0.0, help="jitter of train points")
-    ap.add_argument("--eval-points", type=int, default=10000, help="held-out subset for the RFM")
-    ap.add_argument("--rk4-steps", type=int, default=32)
-    ap.add_argument("--check-points", type=int, default=16, help="points checked against dopri5")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
-    ap.add_argument("--device", default="cpu", help="device for RFM training (cpu, cuda)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@experiment(
+    "density_mp16",
+    quick={
+        "ks": "1",
+        "em_iters": 5,
+        "budget_s": 2.0,
+        "max_steps": 3,
+        "dim": 16,
+        "depth": 1,
+        "batch": 64,
+        "eval_points": 32,
+        "rk4_steps": 2,
+        "check_points": 2,
+    },
+    default=True,
+    threads=None,
+)
+def density_mp16(
+    *,
+    data: str = DEFAULT_DATA,
+    seed: int = 0,
+    ks: str = "1,4,16,64",
+    em_iters: int = 200,
+    em_tol: float = 1e-6,
+    em_restarts: int = 1,
+    skip_rfm: bool = False,
+    budget_s: float = 600.0,
+    max_steps: int = 0,
+    dim: int = 128,
+    depth: int = 4,
+    expansion: int = 4,
+    batch: int = 1024,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 100,
+    ema: float = 0.995,
+    schedule: str = "sigmoid",
+    train_noise_km: float = 0.0,
+    eval_points: int = 10000,
+    rk4_steps: int = 32,
+    check_points: int = 16,
+    device: str = "cpu",
+) -> dict:
+    """Held-out NLL of uniform, vMF mixtures (EM) and an RFM (training fields:
+    :class:`RfmRecipe`).
 
-    path = Path(args.data)
+    - ``ks``: vMF mixture sizes
+    - ``em_tol``: EM stop: mean log-lik gain, nats
+    - ``em_restarts``: k-means++ seeds per K (best kept)
+    - ``budget_s``: RFM training wall-clock budget
+    - ``max_steps``: cap on RFM steps (0: none)
+    - ``train_noise_km``: jitter of train points
+    - ``eval_points``: held-out subset for the RFM
+    - ``check_points``: points checked against dopri5
+    - ``device``: device for RFM training (cpu, cuda)
+    """
+
+    path = Path(data)
     if not path.is_file():
         print(f"density_mp16: data file {path} not found; skipping.")
-        return 0
+        return {"skipped": f"{path} not found"}
     t0 = time.perf_counter()
     points = load_points(path)
     n = points.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = n // 10
     test, train = points[perm[:n_test]], points[perm[n_test:]]
-    sub_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(args.seed + 1))
-    sub_idx = sub_idx[: min(args.eval_points, n_test)]
+    sub_idx = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed + 1))
+    sub_idx = sub_idx[: min(eval_points, n_test)]
     train_set = {tuple(r) for r in train.numpy().round(6).tolist()}
     dup = float(np.mean([tuple(r) in train_set for r in test.numpy().round(6).tolist()]))
     print(
@@ -200,13 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     add_row("uniform", lp_uniform, lp_uniform[sub_idx])
 
     emb0 = torch.zeros(1, 0)
-    for k in [int(s) for s in args.ks.split(",") if s]:
+    for k in [int(s) for s in ks.split(",") if s]:
         t = time.perf_counter()
         best = None
-        for r in range(args.em_restarts if k > 1 else 1):
-            m = fit_vmf_mixture_em(
-                train, k, iters=args.em_iters, seed=args.seed + r, tol=args.em_tol
-            )
+        for r in range(em_restarts if k > 1 else 1):
+            m = fit_vmf_mixture_em(train, k, iters=em_iters, seed=seed + r, tol=em_tol)
             if best is None or m.em_log_likelihood > best.em_log_likelihood:
                 best = m
         with torch.no_grad():
@@ -220,39 +265,41 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     log: list[str] = []
-    if not args.skip_rfm:
+    if not skip_rfm:
         print(
-            f"RFM: dim {args.dim} depth {args.depth} batch {args.batch} schedule {args.schedule} "
-            f"train noise {args.train_noise_km} km, budget {args.budget_s:.0f}s",
+            f"RFM: dim {dim} depth {depth} batch {batch} schedule {schedule} "
+            f"train noise {train_noise_km} km, budget {budget_s:.0f}s",
             flush=True,
         )
-        model, stats = train_rfm(train, args, log)
+        fields = {k: v for k, v in locals().items() if k in RfmRecipe.__dataclass_fields__}
+        recipe = RfmRecipe(**fields)
+        model, stats = train_rfm(train, recipe, log)
+        # A float64 copy for the check, taken before inference packs the weights (a packed
+        # oneDNN weight cannot be deep-copied).
+        model64 = copy.deepcopy(model).double() if check_points > 0 else None
         sub = test[sub_idx]
         t = time.perf_counter()
         lp_parts = []
         with torch.no_grad():
             for s in range(0, sub.shape[0], 500):
                 lp_parts.append(
-                    model.log_prob_unit(sub[None, s : s + 500], emb0, steps=args.rk4_steps)[0]
+                    model.log_prob_unit(sub[None, s : s + 500], emb0, steps=rk4_steps)[0]
                 )
                 print(f"  rfm likelihood {s + lp_parts[-1].numel()}/{sub.shape[0]}", flush=True)
         lp = torch.cat(lp_parts).double()
         eval_s = time.perf_counter() - t
         check = {}
-        if args.check_points > 0:
+        if check_points > 0:
             from globeflow.core.likelihood import log_prob_adaptive
 
-            c = sub[: args.check_points][None].double()
-            model64 = copy.deepcopy(model).double()
+            c = sub[:check_points][None].double()
             t = time.perf_counter()
             ref = log_prob_adaptive(model64, c, emb0.double(), rtol=1e-6, atol=1e-6)[0]
-            rk = model64.log_prob_unit(c, emb0.double(), steps=args.rk4_steps)[0]
+            rk = model64.log_prob_unit(c, emb0.double(), steps=rk4_steps)[0]
             check = {
-                "points": args.check_points,
+                "points": check_points,
                 "max_abs_diff_rk4_vs_dopri5_nats": float((rk - ref).abs().max()),
-                "max_abs_diff_float32_vs_float64_nats": float(
-                    (lp[: args.check_points] - rk).abs().max()
-                ),
+                "max_abs_diff_float32_vs_float64_nats": float((lp[:check_points] - rk).abs().max()),
                 "seconds": round(time.perf_counter() - t, 1),
             }
             print(f"  likelihood check: {check}", flush=True)
@@ -261,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             lp if sub_idx.numel() == n_test else None,
             lp,
             config={
-                k: getattr(args, k)
-                for k in ("dim", "depth", "expansion", "batch", "lr", "ema", "schedule")
+                k: v
+                for k, v in asdict(recipe).items()
+                if k in ("dim", "depth", "expansion", "batch", "lr", "ema", "schedule")
             }
-            | {"train_noise_km": args.train_noise_km, "rk4_steps": args.rk4_steps},
+            | {"train_noise_km": train_noise_km, "rk4_steps": rk4_steps},
             training=stats,
             eval_seconds=round(eval_s, 1),
             likelihood_check=check,
@@ -276,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_test": int(n_test),
         "n_subset": int(sub_idx.numel()),
         "test_duplicate_fraction": dup,
-        "seed": args.seed,
+        "seed": seed,
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
@@ -286,11 +334,4 @@ def main(argv: list[str] | None = None) -> int:
         full = f"{r['test_bpd']:.4f}+-{r['test_bpd_sem']:.4f}" if r["test_bpd"] is not None else "-"
         subset = f"{r['subset_bpd']:.4f}+-{r['subset_bpd_sem']:.4f}"
         print(f"{r['model']:<26}{full:>18}{subset:>18}")
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result

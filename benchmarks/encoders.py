@@ -7,8 +7,8 @@ Reported per option: embedding speed on this CPU (images/s, load + preprocess + 
 validation mean GeoScore, median km and accuracy within 25/200/750/2500 km, plus the baseline
 "always answer the training location with the highest mean GeoScore over training photos".
 
-    python benchmarks/encoders.py [--data ../shared/data/im2gps3k-train] [--cache .cache/enc]
-                                  [--out results.json] [--variants lite0,lite1,lite2]
+    python benchmarks/run.py encoders [-p data=../shared/data/im2gps3k-train] [-p cache=.cache/enc]
+                                      [-p variants=lite0,lite1,lite2]
 
 Embedding passes are cached per variant (all components, plain and mirrored), so re-runs and new
 combinations are fast. Exits 0 with a message when the data folder is absent.
@@ -16,16 +16,17 @@ combinations are fast. Exits 0 with a message when the data folder is absent.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _registry import experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EARTH_RADIUS_KM = 6371.0
@@ -185,29 +186,43 @@ OPTIONS = {  # name -> (components with pooling, flip)
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/im2gps3k-train")
-    ap.add_argument("--cache", type=Path, default=REPO / ".cache/bench_encoders")
-    ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    ap.add_argument("--variants", default="lite0,lite1,lite2")
-    ap.add_argument("--no-flip", default="", help="variants embedded without the mirrored view")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N photos (smoke)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+@experiment(
+    "encoders",
+    quick={
+        "cache": Path(tempfile.gettempdir()) / "globeflow-bench-encoders-quick",
+        "variants": "lite0",
+        "limit": 40,
+        "no_flip": "lite0",
+    },
+    threads=None,
+)
+def encoders(
+    *,
+    data: Path = REPO.parent / "shared/data/im2gps3k-train",
+    cache: Path = REPO / ".cache/bench_encoders",
+    variants: str = "lite0,lite1,lite2",
+    no_flip: str = "",
+    k: int = 10,
+    limit: int = 0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict:
+    """Options (see the module docstring for the rest):
 
-    if not (args.data / "locations.csv").exists():
-        print(f"skipping: im2gps3k data not found at {args.data} (pass --data)")
-        return 0
+    - ``no_flip``: variants embedded without the mirrored view
+    - ``limit``: use only the first N photos (smoke)
+    """
+
+    if not (data / "locations.csv").exists():
+        print(f"skipping: im2gps3k data not found at {data} (pass -p data=DIR)")
+        return {"skipped": f"{data} not found"}
     if str(REPO / "src") not in sys.path:
         sys.path.insert(0, str(REPO / "src"))
 
-    names, locs, authors = read_locations(args.data)
-    if args.limit:
-        names, locs, authors = names[: args.limit], locs[: args.limit], authors[: args.limit]
-    val = author_split(authors, seed=args.seed)
+    names, locs, authors = read_locations(data)
+    if limit:
+        names, locs, authors = names[:limit], locs[:limit], authors[:limit]
+    val = author_split(authors, seed=seed)
     train = ~val
     fixed = best_fixed_location(locs[train])
     base_km = haversine_matrix(locs[val], fixed[None, :])[:, 0]
@@ -220,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             **summarise(base_km),
         }
     ]
-    no_flip = set(filter(None, args.no_flip.split(",")))
-    for variant in filter(None, args.variants.split(",")):
-        flip = variant not in no_flip
-        res = embed_variant(variant, args.data, names, args.cache, flip, args.batch_size)
+    unflipped = set(filter(None, no_flip.split(",")))
+    for variant in filter(None, variants.split(",")):
+        flip = variant not in unflipped
+        res = embed_variant(variant, data, names, cache, flip, batch_size)
         arrays = res["arrays"]
         # a single pass (no mirror) costs half of a 2-pass run; report per-option speed
         one_pass = res["n"] * res["passes"] / res["seconds"]
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(p not in arrays for p in parts):
                 continue
             z = compose(arrays, parts, use_flip)
-            pred = knn_predict(z[val], z[train], locs[train], k=args.k)
+            pred = knn_predict(z[val], z[train], locs[train], k=k)
             km = np.array(
                 [haversine_matrix(p[None], t[None])[0, 0] for p, t in zip(pred, locs[val])]
             )
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {
             "n_train": int(train.sum()),
             "n_val": int(val.sum()),
-            "k": args.k,
+            "k": k,
             "split": "sha256(seed:author) < 0.2 -> validation",
             "threads": torch.get_num_threads(),
         },
@@ -267,13 +282,4 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['encoder']:48s} {r['dim']:5d} {ips:>6s} {r['geoscore']:8.0f} "
             f"{r['median_km']:7.0f} {accs}"
         )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result

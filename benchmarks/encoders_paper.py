@@ -9,15 +9,15 @@ the same run, and the minimum cosine of the embeddings to that baseline's. Then 
 for `predict` at its default settings with the YFCC-size network (dim 512, depth 12, cond_dim
 1024, random weights) and the DINOv2 encoder at its default precision, through Locator.
 
-With ``--answer-photos N`` only the answer part beyond the encoder is timed (no encoder is
+With ``answer_photos=N`` only the answer part beyond the encoder is timed (no encoder is
 built): ``Locator.locate_embeddings`` at its defaults on N random embeddings, seconds per photo
 by stage (samples, localizability, best guess, regions, place names), the matrix-product FLOPs
 of a photo's answer and the seconds they take at the GEMM rate measured in the run, with the
 CPU model.
 
-    python benchmarks/encoders_paper.py [--images 2] [--batch-sizes 1,2] [--reps 2] [--out x.json]
-    python benchmarks/encoders_paper.py --quick      # tiny models, a smoke run of ~1 minute
-    python benchmarks/encoders_paper.py --answer-photos 4 --reps 3   # predict beyond the encoder
+    python benchmarks/run.py encoders_paper [-p images=2] [-p batch_sizes=1,2] [-p reps=2]
+    python benchmarks/run.py encoders_paper --quick    # tiny models, a smoke run of ~1 minute
+    python benchmarks/run.py encoders_paper -p answer_photos=4 -p reps=3   # beyond the encoder
 
 Random weights stand in for the real ones: speeds are those of the real architectures, while the
 cosines only estimate the bf16 error on real weights.
@@ -25,17 +25,16 @@ cosines only estimate the bf16 error on real weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _registry import experiment
 from PIL import Image
 
 MODES = [  # (precision, attention); the first is the baseline
@@ -273,24 +272,27 @@ def print_answer(answer: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=2, help="images per measurement")
-    ap.add_argument("--batch-sizes", default="1,2")
-    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best counts")
-    ap.add_argument("--encoders", default="dinov2-vitl14-reg,streetclip")
-    ap.add_argument("--predict-photos", type=int, default=1, help="0 skips the predict timing")
-    ap.add_argument(
-        "--answer-photos",
-        type=int,
-        default=0,
-        help="time only the answer part (from embeddings, no encoder) on this many photos",
-    )
-    ap.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = ap.parse_args(argv)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    images = synthetic_photos(2 if args.quick else args.images)
+@experiment("encoders_paper", quick={"quick": True, "reps": 1}, threads=None)
+def encoders_paper(
+    *,
+    images: int = 2,
+    batch_sizes: str = "1,2",
+    reps: int = 2,
+    encoders: str = "dinov2-vitl14-reg,streetclip",
+    predict_photos: int = 1,
+    answer_photos: int = 0,
+    quick: bool = False,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``images``: images per measurement
+    - ``reps``: interleaved repetitions; best counts
+    - ``predict_photos``: 0 skips the predict timing
+    - ``answer_photos``: time only the answer part (from embeddings, no encoder) on this many photos
+    - ``quick``: tiny models: a smoke run
+    """
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    photos = synthetic_photos(2 if quick else images)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -298,46 +300,30 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "machine": platform.machine(),
         "load_average_start": os.getloadavg(),
-        "images": len(images),
-        "reps": args.reps,
-        "quick": args.quick,
+        "images": len(photos),
+        "reps": reps,
+        "quick": quick,
     }
-    if args.answer_photos > 0:  # no encoder: the answer part only
+    if answer_photos > 0:  # no encoder: the answer part only
         from _common import cpu_model, gemm_rates
 
         meta.update(cpu_model=cpu_model(), gemm_gflops=gemm_rates())
         print(json.dumps(meta), flush=True)
-        answer = bench_answer(args.answer_photos, args.reps, args.quick, meta["gemm_gflops"])
+        answer = bench_answer(answer_photos, reps, quick, meta["gemm_gflops"])
         meta["load_average_end"] = os.getloadavg()
-        result = {"meta": meta, "answer": answer}
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result))
         print_answer(answer)
-        return 0
+        return {"meta": meta, "answer": answer}
     print(json.dumps(meta), flush=True)
     print("| encoder | precision | attention | batch | images/s | vs fp32+eager | min cosine |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_random_models(Path(tmp), args.quick)
+        paths = build_random_models(Path(tmp), quick)
         rows = []
-        for name in [n for n in args.encoders.split(",") if n]:  # --encoders "": predict only
-            rows += bench_encoder(name, paths[name], images, batch_sizes, args.reps)
+        for name in [n for n in encoders.split(",") if n]:  # --encoders "": predict only
+            rows += bench_encoder(name, paths[name], photos, sizes, reps)
         predict = None
-        if args.predict_photos > 0:
-            predict = bench_predict(
-                paths["dinov2-vitl14-reg"], args.predict_photos, args.quick, Path(tmp)
-            )
+        if predict_photos > 0:
+            predict = bench_predict(paths["dinov2-vitl14-reg"], predict_photos, quick, Path(tmp))
             print(f"predict end to end: {json.dumps(predict)}", flush=True)
     meta["load_average_end"] = os.getloadavg()
-    result = {"meta": meta, "encoders": rows, "predict": predict}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"meta": meta, "encoders": rows, "predict": predict}

@@ -3,7 +3,7 @@
 Counted (``torch.utils.flop_counter.FlopCounterMode``, matrix products and convolutions; a
 multiply-add is 2 FLOPs):
 
-- the network (``--net-dim``/``--net-depth``, default the paper's dim 512, depth 12, expansion 4,
+- the network (``net_dim``/``net_depth``, default the paper's dim 512, depth 12, expansion 4,
   cond_dim 1024, 36M parameters): FLOPs per sample of the RFM loss forward and of a training
   step (forward + backward), and the operator count of one whole training step with AdamW and
   with LAMB (on a GPU each operator is at least one kernel launch);
@@ -12,22 +12,22 @@ multiply-add is 2 FLOPs):
   DINOv2 ViT-L/14 with 4 registers), built from their published configurations on the meta
   device (no weights needed: FLOPs depend on shapes only).
 
-Measured on this machine's CPU (float32): network training steps/s at batch ``--batch-size``,
+Measured on this machine's CPU (float32): network training steps/s at batch ``batch_size``,
 Lite0 images/s (forward only, batch 32), ViT-L/14-336 seconds per image (random weights,
 forward only) and JPEG decode + preprocessing images/s on one thread. GPU times in
 docs/scaling.md are estimates from these counts and published peak rates, not measurements.
 
-Usage: ``python benchmarks/flops.py [--threads 2] [--out out/bench/flops.json]``.
+Usage: ``python benchmarks/run.py flops [--threads 2]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
-from _common import count_flops, loadavg, write_json
+from _common import count_flops, loadavg
+from _registry import experiment
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from globeflow.core.families import RiemannianFlowMatching
@@ -193,34 +193,35 @@ def measure_decode(reps: int) -> float:
     return reps * len(photos) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--net-dim", type=int, default=512)
-    p.add_argument("--net-depth", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--train-steps", type=int, default=5)
-    p.add_argument("--vit-images", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    load_start = loadavg()
-    net = network_counts(args.net_dim, args.net_depth, args.batch_size)
-    net["cpu_train_steps_per_s"] = measure_train_steps(
-        args.net_dim, args.net_depth, args.batch_size, args.train_steps
-    )
+@experiment(
+    "flops",
+    quick={"net_dim": 32, "net_depth": 1, "batch_size": 16, "train_steps": 1, "vit_images": 0},
+    threads=2,
+)
+def flops(
+    *,
+    net_dim: int = 512,
+    net_depth: int = 12,
+    batch_size: int = 1024,
+    train_steps: int = 5,
+    vit_images: int = 2,
+) -> dict:
+    """FLOP counts of the network and encoders, and their CPU rates here (the run's threads)."""
+    load_start, threads = loadavg(), torch.get_num_threads()
+    net = network_counts(net_dim, net_depth, batch_size)
+    net["cpu_train_steps_per_s"] = measure_train_steps(net_dim, net_depth, batch_size, train_steps)
     encoders = lite_counts_and_speed(batch=32, reps=3)
     encoders.update(vit_counts())
-    encoders["streetclip (CLIP ViT-L/14-336)"]["cpu_seconds_per_image"] = measure_vit_cpu(
-        args.vit_images
-    )
+    if vit_images:  # 0: the counts alone (a smoke run)
+        vit = encoders["streetclip (CLIP ViT-L/14-336)"]
+        vit["cpu_seconds_per_image"] = measure_vit_cpu(vit_images)
     torch.set_num_threads(1)
     decode = measure_decode(reps=20)
     result = {
-        "network": {"dim": args.net_dim, "depth": args.net_depth, "batch": args.batch_size, **net},
+        "network": {"dim": net_dim, "depth": net_depth, "batch": batch_size, **net},
         "encoders": encoders,
         "decode_preprocess_images_per_s_one_thread": decode,
-        "threads": args.threads,
+        "threads": threads,
         "loadavg": {"start": load_start, "end": loadavg()},
         "torch": torch.__version__,
     }
@@ -228,7 +229,7 @@ def main() -> None:
     print(f"  forward {net['forward_flops_per_sample'] / 1e6:.1f} MFLOP/sample")
     print(f"  training step {net['train_flops_per_sample'] / 1e6:.1f} MFLOP/sample")
     print(f"  operators per step {net['ops_per_step']}")
-    print(f"  CPU: {net['cpu_train_steps_per_s']:.3f} steps/s at batch {args.batch_size}")
+    print(f"  CPU: {net['cpu_train_steps_per_s']:.3f} steps/s at batch {batch_size}")
     for name, e in encoders.items():
         line = f"{name}: {e['flops_per_image'] / 1e9:.2f} GFLOP/image"
         if "cpu_images_per_s" in e:
@@ -237,8 +238,4 @@ def main() -> None:
             line += f", CPU {e['cpu_seconds_per_image']:.1f} s/image"
         print(line)
     print(f"JPEG decode + 336 px preprocessing: {decode:.0f} images/s on one thread")
-    write_json(result, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return result

@@ -1,7 +1,7 @@
 """Several photos of one place: accuracy against a known answer, and seconds.
 
 1. Accuracy (testbed with a known answer, tests/_fusion_testbed.py): around each of
-   ``--cases`` random true locations, four "photos" each reveal one cue (country scale, a coast,
+   ``cases`` random true locations, four "photos" each reveal one cue (country scale, a coast,
    the latitude band, city scale); every density is a von Mises-Fisher mixture, so the exact
    fused posterior (the oracle) is known. For the fused answer (globeflow.answers.fusion, as
    Locator.locate_together runs it) and for each single photo: sliced Wasserstein distance to
@@ -11,25 +11,25 @@
 2. Seconds for fusing 2, 5 and 20 photos with the bundled model (crops of examples/paris.jpg as
    views of one place), with the usual one-photo answer measured in the same run as baseline.
 3. Real photos (../shared/data/im2gps3k-train) with the bundled model: groups of 2-4 photos by
-   one photographer within ``--group-km`` of each other (one place) and pairs of photos by
-   different photographers over ``--far-km`` apart (different places). For each: every single
+   one photographer within ``group_km`` of each other (one place) and pairs of photos by
+   different photographers over ``far_km`` apart (different places). For each: every single
    photo's usual answer, the fused answer with the tempered product (the default for this
    model) and with the exact product; errors against the truth, the same-place log Bayes
    factor, and, over refusal thresholds, false refusals (groups refused) against false fusions
    (far pairs answered).
 
-    python benchmarks/fusion.py --threads 1 --out out/bench/fusion.json
+    python benchmarks/run.py fusion --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 
 import torch
-from _common import REPO, machine, print_table, write_json
+from _common import REPO, print_table
+from _registry import experiment
 
 sys.path.insert(0, str(REPO / "tests"))
 import _fusion_testbed as tb  # noqa: E402
@@ -374,57 +374,69 @@ def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
     return summary, all_cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cases", type=int, default=12)
-    ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--photos", default="2,5,20", help="numbers of photos to time")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--groups", type=int, default=8, help="real one-place groups (0: none)")
-    ap.add_argument("--pairs", type=int, default=8, help="real far-apart pairs")
-    ap.add_argument("--group-km", type=float, default=5.0)
-    ap.add_argument("--far-km", type=float, default=3000.0)
-    ap.add_argument("--real-samples", type=int, default=256)
-    ap.add_argument("--products", default="exact,tempered", help=f"of {', '.join(PRODUCTS)}")
-    ap.add_argument("--shard", default="0/1", help="i/k: the i-th of k interleaved case shares")
-    ap.add_argument("--per-author", type=int, default=2, help="places per photographer at most")
-    ap.add_argument(
-        "--trained-photographers", action="store_true",
-        help="take photos of every photographer, also those the bundled model was trained on",
-    )  # fmt: skip
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    summary, cases = accuracy(args.cases, args.samples) if args.cases else ([], [])
+@experiment(
+    "fusion",
+    quick={"cases": 1, "samples": 64, "photos": "2", "groups": 1, "pairs": 1, "real_samples": 32},
+)
+def fusion(
+    *,
+    cases: int = 12,
+    samples: int = 1024,
+    photos: str = "2,5,20",
+    groups: int = 8,
+    pairs: int = 8,
+    group_km: float = 5.0,
+    far_km: float = 3000.0,
+    real_samples: int = 256,
+    products: str = "exact,tempered",
+    shard: str = "0/1",
+    per_author: int = 2,
+    trained_photographers: bool = False,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``photos``: numbers of photos to time
+    - ``groups``: real one-place groups (0: none)
+    - ``pairs``: real far-apart pairs
+    - ``products``: comma-separated, of :data:`PRODUCTS`
+    - ``shard``: i/k: the i-th of k interleaved case shares
+    - ``per_author``: places per photographer at most
+    - ``trained_photographers``: take photos of every photographer, also those the bundled
+      model was trained on
+    """
+    summary, case_rows = accuracy(cases, samples) if cases else ([], [])
     calibration: dict = {}
-    if cases:
-        z_bf = [c["log BF z"] for c in cases]
-        z_loc = [c["localizability z"] for c in cases]
+    if case_rows:
+        z_bf = [c["log BF z"] for c in case_rows]
+        z_loc = [c["localizability z"] for c in case_rows]
         calibration = {
             "log BF |z| <= 2": sum(abs(z) <= 2 for z in z_bf),
             "localizability |z| <= 2": sum(abs(z) <= 2 for z in z_loc),
-            "cases": len(cases),
-            "min ESS": min(c["ESS"] for c in cases),
-            "median ESS": sorted(c["ESS"] for c in cases)[len(cases) // 2],
+            "cases": len(case_rows),
+            "min ESS": min(c["ESS"] for c in case_rows),
+            "median ESS": sorted(c["ESS"] for c in case_rows)[len(case_rows) // 2],
         }
         print(f"\n{calibration}")
     real = {}
-    if args.groups or args.pairs:
+    if groups or pairs:
         from _common import IM2GPS
 
         if not (IM2GPS / "locations.csv").is_file():
             print(f"\n{IM2GPS} is absent: skipping the real photos")
         else:
             rows, real_summary, thresholds = real_photos(
-                args.groups, args.pairs, args.group_km, args.far_km, args.real_samples,
-                args.products.split(","), not args.trained_photographers, args.per_author,
-                args.shard,
+                groups, pairs, group_km, far_km, real_samples,
+                products.split(","), not trained_photographers, per_author,
+                shard,
             )  # fmt: skip
             real = {"cases": rows, "summary": real_summary, "thresholds": thresholds}
-    counts = [int(v) for v in args.photos.split(",") if v]
-    speed = timing(counts, args.samples) if counts else []
+    counts = [int(v) for v in photos.split(",") if v]
+    speed = timing(counts, samples) if counts else []
     if speed:
-        print(f"\nSeconds with the bundled model ({args.samples} samples, {args.threads} thread)")
+        print(
+            f"\nSeconds with the bundled model ({samples} samples, "
+            f"{torch.get_num_threads()} thread)"
+        )
         print_table(
             speed,
             [
@@ -439,19 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                 "note",
             ],
         )
-    write_json(
-        {
-            "machine": machine(),
-            "accuracy": summary,
-            "calibration": calibration,
-            "cases": cases,
-            "timing": speed,
-            "real_photos": real,
-        },
-        args.out,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return {
+        "accuracy": summary,
+        "calibration": calibration,
+        "cases": case_rows,
+        "timing": speed,
+        "real_photos": real,
+    }

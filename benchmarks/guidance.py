@@ -3,7 +3,7 @@
 A checkpoint may carry ``recommended_guidance`` in its metadata; every model trained with
 ``globeflow train`` and every published PLONK checkpoint carries none and gets the fallback
 ``DEFAULT_GUIDANCE``. This benchmark measures what each guidance scale gives on the trained
-synthetic testbeds (``python benchmarks/testbeds.py build``), whose true posterior is known:
+synthetic testbeds (``python benchmarks/run.py testbeds_build``), whose true posterior is known:
 
 - the best guess: its expected distance to the true location under the true posterior (mean
   over photos of E_truth[d(guess, y)], from truth samples), the median distance to one drawn
@@ -16,20 +16,19 @@ synthetic testbeds (``python benchmarks/testbeds.py build``), whose true posteri
 - ``truth_in_top_region``: how often the drawn true location lies in the top region, beside the
   mean probability the answer claims for it.
 
-Samples are drawn with ``predict``'s recipe (``--sampler`` to change it) at each guidance.
+Samples are drawn with ``predict``'s recipe (``sampler`` to change it) at each guidance.
 
-    python benchmarks/guidance.py --out out/bench/guidance.json
+    python benchmarks/run.py guidance
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 import torch
-from _common import machine, print_table, write_json
+from _common import loadavg, print_table
+from _registry import experiment
 from _testbeds import TRAINED_ROOT, trained_testbeds
 
 from globeflow.answers.decode import best_guess, top_regions
@@ -65,21 +64,26 @@ def photo_scores(samples: torch.Tensor, truth: torch.Tensor, true_location: torc
     }
 
 
-def run(name: str, args) -> list[dict]:
+def run(
+    name: str,
+    guidances: list[float],
+    per_pattern: int,
+    samples: int,
+    truth_samples: int,
+    seed: int,
+    sampler: SamplerSettings,
+) -> list[dict]:
     """Rows per (testbed cell, guidance) for one trained testbed model."""
     rows = []
-    for w in args.guidances:
-        beds = trained_testbeds(name, per_pattern=args.per_pattern, guidance=w)
+    for w in guidances:
+        beds = trained_testbeds(name, per_pattern=per_pattern, guidance=w)
         for bed in beds:
             start = time.perf_counter()
-            g = torch.Generator().manual_seed(args.seed)
-            samples = bed.model.sample(
-                bed.emb, args.samples, guidance=w, generator=g, settings=args.sampler
-            )
-            truth = bed.truth(args.truth_samples, torch.Generator().manual_seed(99))
+            g = torch.Generator().manual_seed(seed)
+            drawn = bed.model.sample(bed.emb, samples, guidance=w, generator=g, settings=sampler)
+            truth = bed.truth(truth_samples, torch.Generator().manual_seed(99))
             scores = [
-                photo_scores(samples[p], truth[p], bed.true_location[p])
-                for p in range(len(bed.emb))
+                photo_scores(drawn[p], truth[p], bed.true_location[p]) for p in range(len(bed.emb))
             ]
             claimed = [c for s in scores for c in s["claimed"]]
             true_mass = [q for s in scores for q in s["true_mass"]]
@@ -117,43 +121,50 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--testbeds", default="syn-small,syn-published")
-    ap.add_argument("--guidances", default=",".join(f"{w:g}" for w in GUIDANCES))
-    ap.add_argument("--per-pattern", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.num_samples)
-    ap.add_argument("--truth-samples", type=int, default=4096)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--sampler", default=None, help="solver/grid/steps/precision (default: predict's recipe)"
-    )
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    args.guidances = [float(w) for w in args.guidances.split(",")]
-    if args.sampler:
-        solver, grid, steps, precision = args.sampler.split("/")
-        args.sampler = SamplerSettings(solver=solver, grid=grid, steps=int(steps),
-                                       precision=precision)  # fmt: skip
-    else:
-        args.sampler = DEFAULT_SAMPLER
-    torch.set_num_threads(args.threads)
-    names = [n for n in args.testbeds.split(",") if (TRAINED_ROOT / n / "model").is_dir()]
+@experiment(
+    "guidance",
+    quick={
+        "testbeds": "syn-small",
+        "guidances": "0",
+        "per_pattern": 1,
+        "samples": 16,
+        "truth_samples": 64,
+    },
+)
+def guidance(
+    *,
+    testbeds: str = "syn-small,syn-published",
+    guidances: str = ",".join(f"{w:g}" for w in GUIDANCES),
+    per_pattern: int = 2,
+    samples: int = DEFAULT_SAMPLER.num_samples,
+    truth_samples: int = 4096,
+    seed: int = 0,
+    sampler: str | None = None,
+) -> dict:
+    """Each guidance of ``guidances`` (comma-separated) on the trained ``testbeds``.
+
+    ``sampler``: "solver/grid/steps/precision" (None: predict's recipe)."""
+    scales = [float(w) for w in guidances.split(",")]
+    recipe = DEFAULT_SAMPLER
+    if sampler:
+        solver, grid, steps, precision = sampler.split("/")
+        recipe = DEFAULT_SAMPLER.with_overrides(
+            solver=solver, grid=grid, steps=int(steps), precision=precision
+        )
+    names = [n for n in testbeds.split(",") if (TRAINED_ROOT / n / "model").is_dir()]
     if not names:
-        print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/testbeds.py build")
-        return 1
-    report = {"machine": machine(), "sampler": args.sampler.describe(), "samples": args.samples}
-    rows = [row for name in names for row in run(name, args)]
+        print(f"no trained testbeds in {TRAINED_ROOT}: python benchmarks/run.py testbeds_build")
+        return {"skipped": f"no trained testbeds in {TRAINED_ROOT}"}
+    report = {"sampler": recipe.describe(), "samples": samples}
+    rows = [
+        row
+        for name in names
+        for row in run(name, scales, per_pattern, samples, truth_samples, seed, recipe)
+    ]
     summary = summarise(rows)
     columns = ["model", "guidance", "cells", "expected_error_km", "guess_error_median_km"]
     columns += ["acc_1_km", "acc_25_km", "calibration_error", "overconfidence"]
     columns += ["truth_in_top_region", "top_region_claim"]
     print_table(summary, columns)
-    report.update({"rows": rows, "summary": summary, "machine_after": machine()})
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report.update({"rows": rows, "summary": summary, "load_average_after": loadavg()})
+    return report

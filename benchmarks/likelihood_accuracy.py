@@ -13,18 +13,18 @@ kappa grows like s^2, not s), and a 100-km smooth posterior with a sharp (1-km) 
   samples, in bits (its discretisation bias; target |bias| <= 0.1), the estimate minus the exact
   E_p[log2 p] with the SE of both Monte Carlo means, and seconds.
 
-    python benchmarks/likelihood_accuracy.py --threads 1 --out docs/results/likelihood_accuracy.json
+    python benchmarks/run.py likelihood_accuracy --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 
 import torch
-from _common import machine, print_table, write_json
+from _common import loadavg, print_table
+from _registry import experiment
 from _testbeds import CITIES, exact_targets
 
 from globeflow.core import likelihood as L
@@ -60,23 +60,30 @@ def all_targets() -> dict[str, MixtureTarget]:
     return targets
 
 
-def run(name: str, target: MixtureTarget, args) -> list[dict]:
+def run(
+    name: str,
+    target: MixtureTarget,
+    recipes: dict[str, tuple],
+    samples: int,
+    points: int,
+    exact_samples: int,
+) -> list[dict]:
     model = exact_rfm_model([target])
     emb = torch.ones(1, 1, dtype=torch.float64)
     index = torch.tensor([0])
-    truth = model.network.target_samples(0, args.exact_samples, torch.Generator().manual_seed(5))
+    truth = model.network.target_samples(0, exact_samples, torch.Generator().manual_seed(5))
     true_bits = model.network.target_log_density(truth[None], index)[0] / LN2
     exact, exact_se = float(true_bits.mean()), float(true_bits.std()) / math.sqrt(len(true_bits))
-    points = truth[None, : args.points]
+    scored = truth[None, :points]
     start = time.perf_counter()
-    lp = L.log_prob_ode(model, points, emb)
+    lp = L.log_prob_ode(model, scored, emb)
     ll_seconds = time.perf_counter() - start
-    ll_error = float((lp - model.network.target_log_density(points, index)).abs().max())
+    ll_error = float((lp - model.network.target_log_density(scored, index)).abs().max())
     rows = []
-    for label, (solver, steps, log_step) in RECIPES.items():
+    for label, (solver, steps, log_step) in recipes.items():
         start = time.perf_counter()
         x, log_p = L.sample_with_log_density(
-            model, emb, args.samples, steps, solver, torch.Generator().manual_seed(1),
+            model, emb, samples, steps, solver, torch.Generator().manual_seed(1),
             log_step=log_step,
         )  # fmt: skip
         seconds = time.perf_counter() - start
@@ -96,33 +103,37 @@ def run(name: str, target: MixtureTarget, args) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--points", type=int, default=32, help="exact samples scored by log_prob_ode")
-    ap.add_argument("--exact-samples", type=int, default=20000)
-    ap.add_argument("--testbeds", nargs="*", default=None)
-    ap.add_argument("--recipes", nargs="*", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.recipes:
-        for key in [k for k in RECIPES if k not in args.recipes]:
-            del RECIPES[key]
+@experiment(
+    "likelihood_accuracy",
+    quick={
+        "samples": 16,
+        "points": 4,
+        "exact_samples": 256,
+        "testbeds": "exact-200km-1city",
+        "recipes": "midpoint 16 / 0.2",
+    },
+)
+def likelihood_accuracy(
+    *,
+    samples: int = 256,
+    points: int = 32,
+    exact_samples: int = 20000,
+    testbeds: str = "",
+    recipes: str = "",
+) -> dict:
+    """Log-likelihood error and localizability bias per recipe on each exact-field testbed.
+
+    ``points``: exact samples scored by log_prob_ode; ``testbeds``, ``recipes``: comma-separated
+    names ("": all)."""
+    chosen = {k: v for k, v in RECIPES.items() if not recipes or k in recipes.split(",")}
     targets = all_targets()
-    report = {"machine": machine(), "settings": vars(args), "rows": []}
-    for name in args.testbeds or list(targets):
-        report["rows"] += run(name, targets[name], args)
+    report = {"rows": []}
+    for name in testbeds.split(",") if testbeds else list(targets):
+        report["rows"] += run(name, targets[name], chosen, samples, points, exact_samples)
         print(f"{name} done", file=sys.stderr, flush=True)
     columns = ["testbed", "recipe", "bias bits", "minus exact bits", "its SE", "seconds",
                "loglik max err nats", "loglik seconds"]  # fmt: skip
     print_table(report["rows"], columns)
     report["targets"] = {"localizability_bias_bits": 0.1, "loglik_error_nats": 0.02}
-    report["machine_after"] = machine()
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report["load_average_after"] = loadavg()
+    return report

@@ -11,21 +11,20 @@ For each estimator on the bundled model's validation photos: ms per photo at N s
 standard error (SE, from the per-photo sample variance, averaged over photos), the cost at equal
 SE relative to ``ode`` (time x SE^2 ratio: halving the SE costs 4x the samples), and the
 discretisation bias of the path estimators: the mean over photos of the estimate minus the same
-estimator at ``--ref-steps`` steps from the same noise (common random numbers, so the Monte
+estimator at ``ref_steps`` steps from the same noise (common random numbers, so the Monte
 Carlo noise cancels), with its standard error over photos.
 
-    python benchmarks/localizability.py --out out/bench/localizability.json
+    python benchmarks/run.py localizability
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 
 import torch
-from _common import bundled_validation, machine, print_table, write_json
+from _common import bundled_validation, loadavg, print_table
+from _registry import experiment
 
 from globeflow.core.likelihood import log_prob_ode
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, resolve
@@ -60,24 +59,22 @@ def estimate(model, emb, n, options, seed=0):
     return bits.double(), se.double(), time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--photos", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLER.localizability_samples)
-    ap.add_argument("--ref-steps", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    bundled = bundled_validation(args.photos)
+@experiment("localizability", quick={"photos": 2, "samples": 8, "ref_steps": 16}, default=True)
+def localizability(
+    *,
+    photos: int = 16,
+    samples: int = DEFAULT_SAMPLER.localizability_samples,
+    ref_steps: int = 128,
+) -> dict:
+    bundled = bundled_validation(photos)
     if bundled is None:
-        return 0
+        return {"skipped": "no validation photos"}
     locator, emb, _ = bundled
     model = locator.model
     rows = []
     for name, options in ESTIMATORS:
         estimate(model, emb[:2], 8, options)  # warm-up
-        bits, se, seconds = estimate(model, emb, args.samples, options, seed=1)
+        bits, se, seconds = estimate(model, emb, samples, options, seed=1)
         row = {
             "estimator": name,
             "ms/photo": 1000 * seconds / len(emb),
@@ -85,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             "mean bits": float(bits.mean()),
         }
         if options["method"] == "path":  # same noise, many steps: the discretisation bias
-            ref_options = {**options, "steps": args.ref_steps, "precision": "fp32"}
-            ref, _, _ = estimate(model, emb, args.samples, ref_options, seed=1)
+            ref_options = {**options, "steps": ref_steps, "precision": "fp32"}
+            ref, _, _ = estimate(model, emb, samples, ref_options, seed=1)
             diff = bits - ref
             row["bias bits"] = float(diff.mean())
             row["bias SE"] = float(diff.std() / math.sqrt(len(diff)))
@@ -96,22 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         row["cost at equal SE"] = (row["ms/photo"] * row["SE bits"] ** 2) / (
             base["ms/photo"] * base["SE bits"] ** 2
         )
-    print(f"\n{len(emb)} photos, N = {args.samples} samples; bias against {args.ref_steps} steps")
+    print(f"\n{len(emb)} photos, N = {samples} samples; bias against {ref_steps} steps")
     columns = ["estimator", "ms/photo", "SE bits", "cost at equal SE", "mean bits", "bias bits"]
     print_table(rows, columns + ["bias SE"])
     report = {
-        "machine": machine(),
         "photos": len(emb),
-        "samples": args.samples,
-        "bias_reference_steps": args.ref_steps,
+        "samples": samples,
+        "bias_reference_steps": ref_steps,
         "rows": rows,
         "target_cost_ratio": 0.25,
         "se_note": f"SE scales as 1/sqrt(N); ln2 = {math.log(2):.4f}",
-        "machine_after": machine(),
+        "load_average_after": loadavg(),
     }
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report

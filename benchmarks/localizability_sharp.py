@@ -11,7 +11,7 @@ exact samples. For each estimator, from the same noise (common random numbers):
 - ``lagged 32 + stiff end``: the same at 32 bulk steps;
 - ``reference``: the same at 256 bulk steps.
 
-Trained testbeds (``--trained``, default /work/testbeds/syn-small when present): one held-out
+Trained testbeds (``trained``, default /work/testbeds/syn-small when present): one held-out
 photo per pattern; per estimator the worst pattern's bias against the reference and its SE, the
 number of patterns whose bias exceeds 0.1 bits by more than 2 SE, and the mean |bias|.
 
@@ -21,12 +21,11 @@ log-density against the closed form at the sample (bits), the estimate minus the
 localizability (with the SE of both means), the fraction of samples that landed outside every
 kernel's support (density 0: a sampler error), steps and seconds.
 
-    python benchmarks/localizability_sharp.py --out out/bench/localizability_sharp.json
+    python benchmarks/run.py localizability_sharp
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -34,7 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, print_table, write_json
+from _common import loadavg, print_table
+from _registry import experiment
 from _testbeds import EXACT_TARGETS, exact_targets
 
 from globeflow.core.checkpoints import load_model
@@ -164,47 +164,42 @@ def _pattern_names(path: Path, count: int) -> list[str]:
         return [str(i) for i in range(count)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--exact-samples", type=int, default=20000)
-    ap.add_argument("--testbeds", nargs="*", default=list(EXACT_TARGETS))
-    ap.add_argument(
-        "--trained",
-        nargs="*",
-        default=["/work/testbeds/syn-small"],
-        help="trained testbeds (folders with model/ and heldout.pt); missing: skipped",
-    )
-    ap.add_argument("--trained-samples", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+@experiment(
+    "localizability_sharp",
+    quick={"samples": 16, "exact_samples": 256, "testbeds": "exact-200km-1city", "trained": ""},
+)
+def localizability_sharp(
+    *,
+    samples: int = 256,
+    exact_samples: int = 20000,
+    testbeds: str = ",".join(EXACT_TARGETS),
+    trained: str = "/work/testbeds/syn-small",
+    trained_samples: int = 128,
+) -> dict:
+    """The localizability estimators on the exact sharp fields and trained testbeds.
+
+    ``testbeds``: comma-separated exact testbeds; ``trained``: comma-separated trained testbed
+    folders (with model/ and heldout.pt; missing: skipped)."""
     targets = exact_targets()
-    report = {"machine": machine(), "settings": vars(args), "rows": []}
-    for name in args.testbeds:
-        report["rows"] += run_testbed(name, targets[name], args.samples, args.exact_samples)
+    report = {"rows": []}
+    for name in testbeds.split(","):
+        report["rows"] += run_testbed(name, targets[name], samples, exact_samples)
         print(f"{name} done", file=sys.stderr, flush=True)
     columns = ["testbed", "estimator", "bits", "vs uniform bits", "bias vs 256 bits", "bias SE",
                "minus exact bits", "its SE", "per-sample error bits", "outside support",
                "seconds"]  # fmt: skip
     print_table(report["rows"], columns)
     report["trained_rows"] = []
-    for folder in map(Path, args.trained):
+    for folder in map(Path, filter(None, trained.split(","))):
         if not (folder / "heldout.pt").exists():
             print(f"skipping trained testbed {folder}: no heldout.pt", file=sys.stderr)
             continue
-        report["trained_rows"] += run_trained(folder, args.trained_samples)
+        report["trained_rows"] += run_trained(folder, trained_samples)
     trained_columns = ["testbed", "estimator", "bits", "vs uniform bits", "bias vs 256 bits",
                        "bias SE", "worst pattern", "patterns over 0.1 + 2 SE",
                        "mean abs bias bits", "seconds"]  # fmt: skip
     if report["trained_rows"]:
         print_table(report["trained_rows"], trained_columns)
     report["target_bias_bits"] = 0.1
-    report["machine_after"] = machine()
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report["load_average_after"] = loadavg()
+    return report

@@ -9,22 +9,21 @@ a minute or two. Each phase runs in its own process and reports its own peak RSS
 
 - ``imports``: the modules and the stand-in locator, nothing run (the floor);
 - ``fresh``: every row of an N-row store answered into an empty folder;
-- ``resume``: the same folder, the store grown by ``--extra`` rows: N already answered, the
+- ``resume``: the same folder, the store grown by ``extra`` rows: N already answered, the
   extra ones answered now;
 - ``index``: the resume index of the folder alone (:class:`globeflow.data.id_index.IdIndex`);
 - ``set``: the Python set of the stored ids that resume held before (``done_ids``), for
   comparison;
-- with ``--baseline-src DIR`` (the ``src`` folder of an earlier version, e.g. from ``git
+- with ``baseline_src=DIR`` (the ``src`` folder of an earlier version, e.g. from ``git
   archive``), ``fresh`` and ``resume`` again with that version's job, on its own folder.
 
-Usage: ``python benchmarks/resume_memory.py [--rows 1000000] [--extra 256] [--baseline-src DIR]
-[--out out/bench/resume_memory.json]``. Writes the stores and the answers under ``--work`` (a
-temporary folder by default, removed at the end).
+Usage: ``python benchmarks/run.py resume_memory [-p rows=1000000] [-p extra=256]
+[-p baseline_src=DIR]``. Writes the stores and the answers under ``work`` (a temporary folder by
+default, removed at the end).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -35,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import gemm_rates, machine, print_table, write_json
+from _common import gemm_rates, print_table
+from _registry import experiment
+from _worker import command
 
 ENCODER = "bench-stand-in"
 DIM = 8
@@ -88,8 +89,10 @@ def write_store(path: Path, start: int, stop: int) -> None:
             writer.add(_ids(lo, hi), rng.standard_normal((hi - lo, DIM)).astype(np.float32))
 
 
-def phase(name: str, store: Path, out: Path) -> dict:
-    """Run one phase in this process; its peak RSS and seconds."""
+def phase(name: str, store: str, answers: str) -> dict:
+    """Run one phase in this process (on the store and answers folders); its peak RSS and
+    seconds."""
+    store, out = Path(store), Path(answers)
     started = time.perf_counter()
     extra: dict = {}
     if name.startswith("store:"):  # rows start:stop, written by the version measured
@@ -123,7 +126,8 @@ def phase(name: str, store: Path, out: Path) -> dict:
 
 def run_phase(name: str, store: Path, out: Path, src: str | None = None) -> dict:
     """:func:`phase` in a fresh process (with the package from ``src`` when given)."""
-    cmd = [sys.executable, __file__, "--phase", name, "--store", str(store), "--answers", str(out)]
+    kwargs = {"name": name, "store": str(store), "answers": str(out)}
+    cmd = [sys.executable, *command("resume_memory", "phase", kwargs)]
     env = {**os.environ, "PYTHONPATH": src} if src else None
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -145,39 +149,38 @@ def runs(work: Path, rows: int, extra: int, src: str | None = None) -> list[dict
     return measured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--extra", type=int, default=256)
-    parser.add_argument("--work", default=None, help="folder for the store and the answers")
-    parser.add_argument("--baseline-src", default=None, help="src folder of an earlier version")
-    parser.add_argument("--out", default=None, help="JSON report")
-    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--answers", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.phase:
-        print(json.dumps(phase(args.phase, Path(args.store), Path(args.answers))))
-        return
-    work = Path(args.work or tempfile.mkdtemp(prefix="globeflow-resume-"))
+@experiment("resume_memory", quick={"rows": 2000, "extra": 16}, threads=None)
+def resume_memory(
+    *,
+    rows: int = 1_000_000,
+    extra: int = 256,
+    work: str | None = None,
+    baseline_src: str | None = None,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``work``: folder for the store and the answers
+    - ``baseline_src``: src folder of an earlier version
+    """
+    folder = Path(work or tempfile.mkdtemp(prefix="globeflow-resume-"))
     try:
-        rows = [run_phase("imports", work / "none", work / "none")]
-        rows += runs(work / "now", args.rows, args.extra)
-        if args.baseline_src:
-            rows += runs(work / "baseline", args.rows, args.extra, args.baseline_src)
+        measured = [run_phase("imports", folder / "none", folder / "none")]
+        measured += runs(folder / "now", rows, extra)
+        if baseline_src:
+            measured += runs(folder / "baseline", rows, extra, baseline_src)
     finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-    floor = rows[0]["peak_rss_mib"]
-    for row in rows:
+        if work is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    floor = measured[0]["peak_rss_mib"]
+    for row in measured:
         row["above_imports_mib"] = row["peak_rss_mib"] - floor
-    by = {row["phase"]: row for row in rows}
+    by = {row["phase"]: row for row in measured}
     report = {
-        "machine": {**machine(), "gemm": gemm_rates(0.3)},
-        "rows": args.rows,
-        "extra": args.extra,
-        "baseline_src": args.baseline_src,
-        "phases": rows,
+        "gemm": gemm_rates(0.3),
+        "rows": rows,
+        "extra": extra,
+        "baseline_src": baseline_src,
+        "phases": measured,
         "resume_over_fresh_rss": by["resume"]["peak_rss_mib"] / by["fresh"]["peak_rss_mib"],
         "baseline_resume_over_resume_rss": by["resume (baseline)"]["peak_rss_mib"]
         / by["resume"]["peak_rss_mib"]
@@ -186,10 +189,6 @@ def main() -> None:
         "set_over_index_above_imports": by["set"]["above_imports_mib"]
         / max(by["index"]["above_imports_mib"], 1e-9),
     }
-    print_table(rows, ["phase", "peak_rss_mib", "above_imports_mib", "seconds", "located",
+    print_table(measured, ["phase", "peak_rss_mib", "above_imports_mib", "seconds", "located",
                        "skipped_existing", "ids"])  # fmt: skip
-    write_json(report, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return report

@@ -1,30 +1,29 @@
 """Streaming a store larger than a process should hold: read speed, training speed, peak RSS,
 for 1 and 2 processes (torchrun, gloo on the CPU).
 
-The store is synthetic: ``--rows`` rows (default 1,000,000) of ``--dim`` (1024) float16
+The store is synthetic: ``rows`` rows (default 1,000,000) of ``dim`` (1024) float16
 embeddings drawn from a seeded normal, coordinates uniform on the sphere, in parts of 65,536 rows
-with row groups of 4,096 rows (about 2 GiB for the defaults). It is written once to ``--store``
+with row groups of 4,096 rows (about 2 GiB for the defaults). It is written once to ``store``
 (put it under /tmp, never in the repository) and reused while its row count and dim match.
 
 Measured, for P = 1 and 2 processes (each process its own rank's share of the row groups):
 
 - read: rows/s of the shuffled stream (``shuffled_rows``: row-group read, float16 decode,
-  shuffle buffer of ``--buffer-rows`` rows), over ``--read-rows`` rows in total, and the peak
+  shuffle buffer of ``buffer_rows`` rows), over ``read_rows`` rows in total, and the peak
   RSS of each reading process;
 - train: ``globeflow train --stream`` steady-state steps/s (between the first and the last
-  validation, which are cheap here) of an RFM network (``--net-dim``, ``--net-depth``) at global
-  batch ``--batch-size``, and the peak RSS of each training process.
+  validation, which are cheap here) of an RFM network (``net_dim``, ``net_depth``) at global
+  batch ``batch_size``, and the peak RSS of each training process.
 
 Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of each worker at its end; "after
 imports" is the same before any data is touched (torch and the package alone).
 
-Usage: ``python benchmarks/streaming.py --store /tmp/globeflow-stream-1m.parquet
-[--quick] [--out out/bench/streaming.json]``. Run it alone (``flock /tmp/globeflow-bench.lock``).
+Usage: ``python benchmarks/run.py streaming -p store=/tmp/globeflow-stream-1m.parquet
+[--quick]``. Run it alone (``flock /tmp/globeflow-bench.lock``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import loadavg, write_json
+import torch
+from _common import loadavg
+from _registry import experiment
+from _worker import command
 
 BIN = Path(sys.executable).parent
 
@@ -85,14 +87,16 @@ def write_store(
 
 
 # ---- workers (one per rank, started by torchrun) -------------------------------------------
-def worker_read(args: argparse.Namespace) -> dict:
+def worker_read(*, store: str, buffer_rows: int, threads: int, read_rows: int) -> dict:
+    """One rank's read of its share of ``read_rows`` rows: rows, seconds, peak RSS."""
     from globeflow.data.embedding_stream import list_row_groups, shuffled_rows
 
+    torch.set_num_threads(threads)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     after_imports = peak_rss_mib()
-    groups, _, dim = list_row_groups(args.store)
-    share = args.read_rows // world
-    stream = shuffled_rows(groups, dim, 0, args.buffer_rows, rank, world)
+    groups, _, dim = list_row_groups(store)
+    share = read_rows // world
+    stream = shuffled_rows(groups, dim, 0, buffer_rows, rank, world)
     start, got = time.perf_counter(), 0
     while got < share:
         got += len(next(stream)[0])
@@ -107,30 +111,42 @@ def worker_read(args: argparse.Namespace) -> dict:
     }
 
 
-def worker_train(args: argparse.Namespace) -> dict:
+def worker_train(
+    *,
+    store: str,
+    buffer_rows: int,
+    threads: int,
+    run_dir: str,
+    steps: int,
+    batch_size: int,
+    net_dim: int,
+    net_depth: int,
+) -> dict:
+    """One rank of ``globeflow train --stream``: steady-state steps/s (rank 0) and peak RSS."""
     from globeflow.jobs.training import Runtime, train_from_embeddings
 
+    torch.set_num_threads(threads)
     rank = int(os.environ.get("RANK", 0))
     after_imports = peak_rss_mib()
-    out = Path(args.run_dir)
+    out = Path(run_dir)
     result = train_from_embeddings(
-        args.store,
+        store,
         "rfm",
         out,
         val_split=0.01,
         stream=True,
-        shuffle_buffer_rows=args.buffer_rows,
+        shuffle_buffer_rows=buffer_rows,
         progress=False,
         resume=False,
         runtime=Runtime(device="cpu"),
-        dim=args.net_dim,
-        depth=args.net_depth,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
+        dim=net_dim,
+        depth=net_depth,
+        batch_size=batch_size,
+        max_steps=steps,
         warmup_steps=10,
-        val_every=args.steps // 4,
-        checkpoint_every=args.steps,
-        log_every=args.steps // 4,
+        val_every=steps // 4,
+        checkpoint_every=steps,
+        log_every=steps // 4,
         val_loss_rows=1024,
         val_geo_rows=32,
         val_num_samples=8,
@@ -146,13 +162,14 @@ def worker_train(args: argparse.Namespace) -> dict:
     return report
 
 
-def run_workers(mode: str, nproc: int, args: argparse.Namespace, extra: list[str]) -> list[dict]:
-    """Start ``nproc`` workers under torchrun; their JSON reports, in rank order."""
+def run_workers(mode: str, nproc: int, threads: int, kwargs: dict) -> list[dict]:
+    """Start ``nproc`` workers (``worker_<mode>(threads=threads, **kwargs)``) under torchrun;
+    their JSON reports, in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += [__file__, "--worker", mode, "--report-dir", tmp, "--store", str(args.store)]
-        cmd += ["--buffer-rows", str(args.buffer_rows), *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        kwargs = {**kwargs, "threads": threads}
+        cmd += command("streaming", f"worker_{mode}", kwargs, str(Path(tmp) / "{rank}.json"))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(f"{mode} x{nproc} failed:\n{done.stdout}\n{done.stderr}")
@@ -160,55 +177,67 @@ def run_workers(mode: str, nproc: int, args: argparse.Namespace, extra: list[str
 
 
 # ---- main --------------------------------------------------------------------------------------
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", type=Path, required=True, help="where the synthetic store lives")
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--buffer-rows", type=int, default=65536)
-    p.add_argument("--read-rows", type=int, default=1_000_000, help="rows read, all ranks")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--net-dim", type=int, default=128)
-    p.add_argument("--net-depth", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--quick", action="store_true", help="100k rows, short runs (smoke test)")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--worker", choices=["read", "train"], help=argparse.SUPPRESS)
-    p.add_argument("--report-dir", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
+@experiment(
+    "streaming",
+    quick={
+        "store": Path(tempfile.gettempdir()) / "globeflow-stream-quick.parquet",
+        "rows": 8192,
+        "dim": 64,
+        "read_rows": 8192,
+        "buffer_rows": 1024,
+        "steps": 8,
+        "batch_size": 64,
+        "net_dim": 16,
+        "net_depth": 1,
+        "procs": "1",
+    },
+)
+def streaming(
+    *,
+    store: Path = Path("/tmp/globeflow-stream-1m.parquet"),
+    rows: int = 1_000_000,
+    dim: int = 1024,
+    buffer_rows: int = 65536,
+    read_rows: int = 1_000_000,
+    batch_size: int = 1024,
+    steps: int = 120,
+    net_dim: int = 128,
+    net_depth: int = 3,
+    procs: str = "1,2",
+    quick: bool = False,
+    threads: int = 1,
+) -> dict:
+    """Options (see the module docstring for the rest):
 
-    if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        report = worker_read(args) if args.worker == "read" else worker_train(args)
-        Path(args.report_dir, f"{report['rank']}.json").write_text(json.dumps(report))
-        return
-
-    if args.quick:
-        args.rows, args.read_rows, args.steps = 100_000, 100_000, 40
-    print(f"store {args.store}: {args.rows} rows x {args.dim} float16", flush=True)
-    write_s, size = write_store(args.store, args.rows, args.dim)
+    - ``store``: where the synthetic store lives
+    - ``read_rows``: rows read, all ranks
+    - ``quick``: 100k rows, short runs (smoke test)
+    - ``procs``: comma-separated process counts
+    - ``threads``: torch threads of each process
+    """
+    if quick:
+        rows, read_rows, steps = 100_000, 100_000, 40
+    print(f"store {store}: {rows} rows x {dim} float16", flush=True)
+    write_s, size = write_store(store, rows, dim)
     result = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),
         "store": {
-            "rows": args.rows,
-            "dim": args.dim,
+            "rows": rows,
+            "dim": dim,
             "dtype": "float16",
             "bytes": size,
             "write_seconds": write_s,
         },
-        "buffer_rows": args.buffer_rows,
+        "buffer_rows": buffer_rows,
         "read": {},
         "train": {},
     }
-    for nproc in args.procs:
-        reports = run_workers("read", nproc, args, ["--read-rows", str(args.read_rows)])
+    counts = [int(p) for p in procs.split(",")]
+    shared = {"store": str(store), "buffer_rows": buffer_rows}
+    for nproc in counts:
+        reports = run_workers("read", nproc, threads, {**shared, "read_rows": read_rows})
         total = sum(r["rows"] for r in reports)
         result["read"][nproc] = {
             "rows_per_s": total / max(r["seconds"] for r in reports),
@@ -216,27 +245,26 @@ def main() -> None:
         }
         print(f"read x{nproc}: {result['read'][nproc]['rows_per_s']:.0f} rows/s", flush=True)
     with tempfile.TemporaryDirectory() as runs:
-        for nproc in args.procs:
-            extra = ["--run-dir", str(Path(runs) / f"run{nproc}"), "--steps", str(args.steps)]
-            extra += ["--batch-size", str(args.batch_size), "--net-dim", str(args.net_dim)]
-            extra += ["--net-depth", str(args.net_depth)]
-            reports = run_workers("train", nproc, args, extra)
+        for nproc in counts:
+            run = {"run_dir": str(Path(runs) / f"run{nproc}"), "steps": steps}
+            run |= {"batch_size": batch_size, "net_dim": net_dim, "net_depth": net_depth}
+            reports = run_workers("train", nproc, threads, {**shared, **run})
             result["train"][nproc] = {
                 "steps_per_s": reports[0]["steps_per_s"],
-                "rows_per_s": reports[0]["steps_per_s"] * args.batch_size,
+                "rows_per_s": reports[0]["steps_per_s"] * batch_size,
                 "per_rank": reports,
             }
             print(f"train x{nproc}: {reports[0]['steps_per_s']:.2f} steps/s", flush=True)
     result["loadavg_end"] = loadavg()
     result["train_settings"] = {
-        "net_dim": args.net_dim,
-        "net_depth": args.net_depth,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "threads_per_process": args.threads,
+        "net_dim": net_dim,
+        "net_depth": net_depth,
+        "batch_size": batch_size,
+        "steps": steps,
+        "threads_per_process": threads,
     }
     print_table(result)
-    write_json(result, args.out)
+    return result
 
 
 def print_table(result: dict) -> None:
@@ -254,7 +282,3 @@ def print_table(result: dict) -> None:
             f"| {train.get('rows_per_s', 0):.0f} | {rss_t} |"
         )
     print(f"load average: start {result['loadavg_start']}, end {result['loadavg_end']}")
-
-
-if __name__ == "__main__":
-    main()

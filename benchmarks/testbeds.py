@@ -1,11 +1,11 @@
 """Trained confident testbeds: RFMs trained by ``globeflow train`` on synthetic patterns whose
 true posterior is known (globeflow.data.synthetic), and how close each gets to its truth.
 
-    python benchmarks/testbeds.py build [--only NAME] [--root /work/testbeds]
-    python benchmarks/testbeds.py report [--only NAME] [--root /work/testbeds]
+    python benchmarks/run.py testbeds_build [-p only=NAME] [-p root=/work/testbeds]
+    python benchmarks/run.py testbeds_report [-p only=NAME] [-p root=/work/testbeds]
 
-``build`` is the recipe (fixed seeds): the patterns, a training store and a small validation
-store under ROOT/_data, then each model through the real ``globeflow train`` CLI in a
+``testbeds_build`` is the recipe (fixed seeds): the patterns, a training store and a small
+validation store under ROOT/_data, then each model through the real ``globeflow train`` CLI in a
 subprocess (what users run; a killed build resumes where it stopped). Each testbed lands in
 ROOT/NAME/ as soon as it is trained:
 
@@ -16,22 +16,22 @@ ROOT/NAME/ as soon as it is trained:
     run/                 the training run (log, metrics, resumable checkpoint)
     report_samples.pt    the report's model samples (cached per cell and guidance)
 
-``report`` samples held-out embeddings with the authors' sampler (Euler, 250 steps, fp32) at
-guidance 0 and 2 and compares them with exact samples of the true posterior, per scale and
+``testbeds_report`` samples held-out embeddings with the authors' sampler (Euler, 250 steps,
+fp32) at guidance 0 and 2 and compares them with exact samples of the true posterior, per scale and
 modality, through ``_testbeds.posterior_metrics`` (testbeds served by
 ``_testbeds.trained_testbeds``); JSON in docs/results/testbeds.json and a table.
-``--max-steps N`` trains a testbed longer (the run resumes); ``--cached-only`` reports the cells
+``max_steps=N`` trains a testbed longer (the run resumes); ``cached_only=true`` reports the cells
 already sampled.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine  # noqa: E402
+from _registry import experiment  # noqa: E402
 
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER  # noqa: E402
 from globeflow.data import synthetic  # noqa: E402
@@ -190,6 +191,8 @@ THRESHOLDS_KM = (1.0, 25.0, 200.0)
 GUIDANCES = (0.0, 2.0)
 # Held-out embeddings per pattern and samples per embedding (Euler 250 costs 250 network
 # evaluations per sample and guidance doubles them; the published width is ~8x the small).
+RESULTS = REPO / "docs" / "results" / "testbeds.json"
+"""Where the report's results live (updated per testbed)."""
 REPORT_SIZE = {
     "syn-small": (1, 128, 128),
     "syn-small-flow": (1, 128, 128),
@@ -320,41 +323,53 @@ def report(
     root: Path,
     size: tuple[int, int, int] | None = None,
     cached_only: bool = False,
-) -> None:
-    path = REPO / "docs" / "results" / "testbeds.json"
+    path: Path = RESULTS,
+) -> dict:
+    """Report each testbed of ``names``, updating the JSON at ``path``; all it holds."""
     saved = json.loads(path.read_text()) if path.is_file() else {"testbeds": {}}
     for name in names:
         per_pattern, *samples = size or REPORT_SIZE[name]
         result = report_one(name, root, per_pattern, tuple(samples), cached_only)
-        result["machine"] = machine()
+        result["machine"] = machine(gemm_seconds=0.1)
         saved["testbeds"][name] = result
         print(_table(result), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=1) + "\n")
     print(f"\nJSON: {path}")
+    return saved
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["build", "report"])
-    parser.add_argument("--only", action="append", choices=sorted(TESTBEDS))
-    parser.add_argument("--root", type=Path, default=ROOT)
-    parser.add_argument("--max-steps", type=int, help="build: train longer than the recipe")
-    parser.add_argument("--per-pattern", type=int, help="held-out embeddings per pattern")
-    parser.add_argument("--samples", type=int, help="samples per embedding")
-    parser.add_argument(
-        "--cached-only", action="store_true", help="report: only cells already sampled"
-    )
-    args = parser.parse_args(argv)
-    names = args.only or list(TESTBEDS)
-    if args.command == "build":
-        build(names, args.root, args.max_steps)
-    else:
-        size = None
-        if args.per_pattern and args.samples:
-            size = (args.per_pattern, args.samples, args.samples)
-        report(names, args.root, size, args.cached_only)
+@experiment("testbeds_build", quick=None, threads=None)
+def testbeds_build(*, only: str = "", root: Path = ROOT, max_steps: int | None = None) -> dict:
+    """Build the trained testbeds (``only``: comma-separated names, "": all) under ``root``;
+    ``max_steps``: train longer than the recipe (the run resumes)."""
+    names = only.split(",") if only else list(TESTBEDS)
+    build(names, root, max_steps)
+    return {"built": names, "root": str(root)}
 
 
-if __name__ == "__main__":
-    main()
+@experiment(
+    "testbeds_report",
+    quick={
+        "only": "syn-small",
+        "per_pattern": 1,
+        "samples": 4,
+        "results": Path(tempfile.gettempdir()) / "globeflow-testbeds-quick.json",
+    },
+    threads=None,
+)
+def testbeds_report(
+    *,
+    only: str = "",
+    root: Path = ROOT,
+    per_pattern: int | None = None,
+    samples: int | None = None,
+    cached_only: bool = False,
+    results: Path = RESULTS,
+) -> dict:
+    """The authors' sampler against the truth on each built testbed (``only``: comma-separated
+    names, "": all); ``per_pattern`` x ``samples`` overrides :data:`REPORT_SIZE`;
+    ``cached_only``: only the cells already sampled; ``results``: the JSON updated per testbed."""
+    names = only.split(",") if only else list(TESTBEDS)
+    size = (per_pattern, samples, samples) if per_pattern and samples else None
+    return report(names, root, size, cached_only, results)

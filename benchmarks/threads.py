@@ -11,7 +11,7 @@ take effect exactly as they do for the command line:
 
 Variants: ``N``: N threads with OpenMP's default wait (spinning; what ``torch.set_num_threads``
 gave before the policy); ``N-passive``: N threads, ``OMP_WAIT_POLICY=PASSIVE``; ``N-spinK``: N
-threads that spin K rounds before sleeping (``GOMP_SPINCOUNT=K``; only with ``--variants``);
+threads that spin K rounds before sleeping (``GOMP_SPINCOUNT=K``; only with ``variants``);
 ``policy``: what ``globeflow`` does without ``--threads`` (``apply_thread_policy`` before torch
 is imported).
 
@@ -22,19 +22,20 @@ after it.
 Repetitions interleave every variant; each cell is the median over repetitions of the median of
 ``--runs`` timed runs after a warm-up.
 
-Usage: ``python benchmarks/threads.py [--reps 3] [--quick] [--out FILE.json]``
+Usage: ``python benchmarks/run.py threads [-p reps=3] [-p quick=true]``
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 from contextlib import nullcontext
-from pathlib import Path
+
+from _registry import experiment
+from _worker import command
 
 TARGET = 1.2
 """The policy may be at most this much slower than the best fixed variant (issue 8, item 6)."""
@@ -52,7 +53,7 @@ THREAD_ENV = (
 
 
 # ---- the worker (a fresh process per measurement) ---------------------------------------------
-def _worker(spec: dict) -> dict:
+def measure(spec: dict) -> dict:
     """Set threads as the variant says, *then* import torch, and time the workload."""
     choice = None
     if spec["variant"] == "policy":
@@ -110,7 +111,7 @@ def _worker(spec: dict) -> dict:
 def run_worker(spec: dict, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        [sys.executable, *command("threads", "measure", {"spec": spec})],
         capture_output=True,
         text=True,
         env=env,
@@ -122,7 +123,7 @@ def run_worker(spec: dict, timeout: float) -> dict:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
-def variants(cpus: int) -> list[str]:
+def default_variants(cpus: int) -> list[str]:
     counts = list(range(1, cpus + 1)) if cpus <= 4 else sorted({1, cpus // 2, cpus})
     return [str(k) for k in counts] + [f"{k}-passive" for k in counts if k > 1] + ["policy"]
 
@@ -168,53 +169,53 @@ def print_table(report: dict) -> None:
         )
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument(
-        "--variants",
-        nargs="+",
-        help="e.g. 1 2 2-passive 2-spin10000 policy (default: every count, spinning and passive)",
-    )
-    ap.add_argument("--quick", action="store_true", help="bundled model, 128 samples, 1 rep")
-    ap.add_argument("--timeout", type=float, default=600.0, help="per measurement (s)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
+@experiment("threads", quick={"quick": True, "variants": "1,policy"}, default=True, threads=None)
+def threads(
+    *,
+    reps: int = 3,
+    workloads: str = ",".join(WORKLOADS),
+    variants: str = "",
+    quick: bool = False,
+    timeout: float = 600.0,
+) -> dict:
+    """Options (see the module docstring for the rest):
 
-    from _common import busy_process, loadavg, uptime, write_json
+    - ``workloads``: comma-separated, of :data:`WORKLOADS`
+    - ``variants``: comma-separated, e.g. 1,2,2-passive,2-spin10000,policy ("": every count,
+      spinning and passive)
+    - ``quick``: bundled model, 128 samples, 1 rep
+    - ``timeout``: per measurement (s)
+    """
+    from _common import busy_process, loadavg, uptime
 
-    if args.quick:
-        args.reps, args.workloads = 1, ["bundled"]
+    chosen = ["bundled"] if quick else workloads.split(",")
+    if quick:
+        reps = 1
     from globeflow.apps.threads import usable_cpus
 
     cpus = usable_cpus()
-    names = args.variants or variants(cpus)
+    names = variants.split(",") if variants else default_variants(cpus)
     if "policy" not in names:
         names.append("policy")
     report = {
         "cpus": cpus,
         "busy": "one pure-Python loop",
         "variants": names,
-        "workloads": {w: WORKLOADS[w] for w in args.workloads},
-        "reps": args.reps,
+        "workloads": {w: WORKLOADS[w] for w in chosen},
+        "reps": reps,
         "loadavg_start": loadavg(),
         "uptime_start": uptime(),
     }
     cells: dict[str, dict[str, list]] = {}
-    for rep in range(args.reps):
+    for rep in range(reps):
         for scenario in ("idle", "busy"):
-            for workload in args.workloads:
+            for workload in chosen:
                 for name in names:
                     spec = {"workload": workload, "variant": name}
-                    if args.quick:
+                    if quick:
                         spec.update(samples=128, runs=3)
                     with busy_process() if scenario == "busy" else nullcontext():
-                        result = run_worker(spec, args.timeout)
+                        result = run_worker(spec, timeout)
                     cells.setdefault(f"{workload}/{scenario}", {}).setdefault(name, [])
                     cells[f"{workload}/{scenario}"][name].append(result)
                     print(
@@ -226,10 +227,5 @@ def main(argv=None) -> int:
     report["results"] = {key: summarize(cell) for key, cell in cells.items()}
     report["loadavg_end"] = loadavg()
     report["uptime_end"] = uptime()
-    write_json(report, args.out)
     print_table(report)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return report

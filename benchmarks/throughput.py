@@ -2,24 +2,23 @@
 
 - ``embed`` (encoder only) and ``predict`` (encoder + model + answers) on the same photos,
   photos/s each and the ratio (target: predict >= 50% of embed);
-- ``serve`` at concurrency 8 (one photo per request, ``--requests`` in all): requests/s and p50
+- ``serve`` at concurrency 8 (one photo per request, ``requests`` in all): requests/s and p50
   latency (target: >= 4x the 0.53 req/s of globeflow before this work);
 - ``globeflow --help`` wall time (target < 0.5 s);
-- with ``--baseline-ref REF`` the same commands of an older globeflow (a git ref of this
+- with ``baseline_ref=REF`` the same commands of an older globeflow (a git ref of this
   repository, checked out to a temporary worktree and run from its source tree with this
   environment) in the same run, interleaved, for in-run ratios.
-- ``--busy`` adds a scenario with one CPU-bound process running beside (as on a shared 2-core
+- ``busy`` adds a scenario with one CPU-bound process running beside (as on a shared 2-core
   machine).
 
-Photos: the bundled model's validation photos from ../shared/data (``--photos`` of them),
+Photos: the bundled model's validation photos from ../shared/data (``photos`` of them),
 else the example photos repeated.
 
-    python benchmarks/throughput.py --baseline-ref 17e6921 --busy --out out/bench/throughput.json
+    python benchmarks/run.py throughput -p baseline_ref=17e6921 -p busy=true
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import os
@@ -36,12 +35,11 @@ from _common import (
     busy_process,
     free_port,
     loadavg,
-    machine,
     print_table,
     start_server,
     validation_photos,
-    write_json,
 )
+from _registry import experiment
 
 
 def photo_folder(n: int, root: Path) -> Path:
@@ -131,21 +129,28 @@ def measure(gf: Globeflow, folder: Path, work: Path, requests: int, concurrency:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--photos", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--baseline-ref", default=None, help="git ref of an older globeflow")
-    ap.add_argument("--busy", action="store_true", help="also measure beside a busy process")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    report = {"machine": machine(), "settings": vars(args), "runs": []}
+@experiment(
+    "throughput", quick={"photos": 2, "requests": 2, "concurrency": 2}, default=True, threads=None
+)
+def throughput(
+    *,
+    photos: int = 64,
+    requests: int = 32,
+    concurrency: int = 8,
+    baseline_ref: str | None = None,
+    busy: bool = False,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``baseline_ref``: git ref of an older globeflow
+    - ``busy``: also measure beside a busy process
+    """
+    report = {"runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = photo_folder(args.photos, work)
+        folder = photo_folder(photos, work)
         versions = [Globeflow("current")]
-        if args.baseline_ref:
+        if baseline_ref:
             tree = work / "baseline"
             subprocess.run(
                 [
@@ -156,24 +161,24 @@ def main(argv: list[str] | None = None) -> int:
                     "add",
                     "--detach",
                     str(tree),
-                    args.baseline_ref,
+                    baseline_ref,
                 ],
                 check=True,
                 capture_output=True,
             )
-            versions.append(Globeflow(f"baseline {args.baseline_ref}", tree / "src"))
-        scenarios = ["idle"] + (["busy"] if args.busy else [])
+            versions.append(Globeflow(f"baseline {baseline_ref}", tree / "src"))
+        scenarios = ["idle"] + (["busy"] if busy else [])
         try:
             for scenario in scenarios:
                 ctx = busy_process() if scenario == "busy" else contextlib.nullcontext()
                 with ctx:
                     for gf in versions:
-                        row = measure(gf, folder, work, args.requests, args.concurrency)
+                        row = measure(gf, folder, work, requests, concurrency)
                         row.update(version=gf.name, scenario=scenario, load=loadavg()[0])
                         report["runs"].append(row)
                         print(row, flush=True)
         finally:
-            if args.baseline_ref:
+            if baseline_ref:
                 subprocess.run(
                     ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                     capture_output=True,
@@ -181,10 +186,5 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["scenario", "version", "embed_photos_per_s", "predict_photos_per_s"]
     columns += ["predict_over_embed", "serve_req_per_s", "serve_p50_s", "help_s", "load"]
     print_table(report["runs"], columns)
-    report["machine_after"] = machine()
-    write_json(report, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    report["load_average_after"] = loadavg()
+    return report

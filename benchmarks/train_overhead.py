@@ -1,24 +1,23 @@
 """Does the multi-process machinery slow the single-process path? ``train()`` of this checkout
-against ``train()`` of an earlier commit (``--baseline-ref``, default: the commit before the
+against ``train()`` of an earlier commit (``baseline_ref``, default: the commit before the
 torchrun work), on the same in-memory data, in one process, in the same run.
 
 The baseline's ``src/globeflow/jobs/training.py`` is read with ``git show`` and imported as a
 separate module (it uses the same, unchanged core modules). Each repetition runs both, in
-alternating order, for 5 and for ``--steps`` steps of a network (default: the default config,
+alternating order, for 5 and for ``steps`` steps of a network (default: the default config,
 dim 256, depth 6, batch 512; cond_dim 1024, AdamW, EMA) with no validation set and one
-checkpoint at the end. A tiny network (``--net-dim 32 --net-depth 1 --batch-size 64``) makes the
-per-step bookkeeping visible in microseconds. ``--from-store`` times the ``globeflow train``
+checkpoint at the end. A tiny network (``net_dim=32 net_depth=1 batch_size=64``) makes the
+per-step bookkeeping visible in microseconds. ``from_store=true`` times the ``globeflow train``
 job (``train_from_embeddings``) on a store of the same rows instead: read, split, train. The
 difference of the two wall times gives the time per step; the rest is start-up and the end
 (checkpoint, final model). Reported: the ratio of median times per step, and of median wall
 times of the long run (everything ``train()`` does).
 
-Usage: ``python benchmarks/train_overhead.py [--steps 60] [--reps 3] [--out FILE]``.
+Usage: ``python benchmarks/run.py train_overhead [-p steps=60] [-p reps=3]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import subprocess
@@ -28,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import loadavg, write_json
+from _common import loadavg
+from _registry import experiment
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a119c43"
@@ -93,33 +93,32 @@ def timed_run(module, emb, latlon, steps: int, net: dict, store: Path | None = N
         return time.perf_counter() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline-ref", default=BASELINE_REF)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rows", type=int, default=50_000)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--net-dim", type=int, default=256)
-    p.add_argument("--net-depth", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument(
-        "--from-store", action="store_true", help="time the train job on a store (the CLI path)"
-    )
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+@experiment(
+    "train_overhead",
+    quick={"steps": 6, "reps": 1, "rows": 512, "net_dim": 16, "net_depth": 1, "batch_size": 32},
+)
+def train_overhead(
+    *,
+    baseline_ref: str = BASELINE_REF,
+    steps: int = 60,
+    reps: int = 3,
+    rows: int = 50_000,
+    net_dim: int = 256,
+    net_depth: int = 6,
+    batch_size: int = 512,
+    from_store: bool = False,
+) -> dict:
+    """Options (see the module docstring for the rest):
+
+    - ``from_store``: time the train job on a store (the CLI path)
+    """
 
     from globeflow.jobs import training as current
 
-    baseline = load_baseline(args.baseline_ref)
-    emb, latlon = data(args.rows, 1024)
-    net = {"dim": args.net_dim, "depth": args.net_depth, "batch_size": args.batch_size}
-    store = (
-        write_store(Path(tempfile.mkdtemp()) / "s.parquet", emb, latlon)
-        if args.from_store
-        else None
-    )
+    baseline = load_baseline(baseline_ref)
+    emb, latlon = data(rows, 1024)
+    net = {"dim": net_dim, "depth": net_depth, "batch_size": batch_size}
+    store = write_store(Path(tempfile.mkdtemp()) / "s.parquet", emb, latlon) if from_store else None
     load_start = loadavg()
     timed_run(current, emb, latlon, 3, net, store)  # warm-up (allocator, first-call costs)
     timed_run(baseline, emb, latlon, 3, net, store)
@@ -127,33 +126,33 @@ def main() -> None:
     times: dict[str, list[float]] = {"baseline": [], "current": []}
     per_step: dict[str, list[float]] = {"baseline": [], "current": []}
     fixed: dict[str, list[float]] = {"baseline": [], "current": []}
-    for rep in range(args.reps):
+    for rep in range(reps):
         order = [("baseline", baseline), ("current", current)]
         for name, module in order if rep % 2 == 0 else order[::-1]:
             t_short = timed_run(module, emb, latlon, short, net, store)
-            t_long = timed_run(module, emb, latlon, args.steps, net, store)
-            step_s = (t_long - t_short) / (args.steps - short)
+            t_long = timed_run(module, emb, latlon, steps, net, store)
+            step_s = (t_long - t_short) / (steps - short)
             times[name].append(t_long)
             per_step[name].append(step_s)
             fixed[name].append(t_short - short * step_s)
             print(
-                f"rep {rep} {name}: {args.steps / t_long:.2f} steps/s overall, "
+                f"rep {rep} {name}: {steps / t_long:.2f} steps/s overall, "
                 f"{1 / step_s:.2f} steps/s per step, start-up and end {fixed[name][-1]:.2f} s",
                 flush=True,
             )
     med = {k: statistics.median(v) for k, v in times.items()}
     med_step = {k: statistics.median(v) for k, v in per_step.items()}
     result = {
-        "baseline_ref": args.baseline_ref,
-        "steps": args.steps,
-        "rows": args.rows,
-        "threads": args.threads,
+        "baseline_ref": baseline_ref,
+        "steps": steps,
+        "rows": rows,
+        "threads": torch.get_num_threads(),
         "network": net,
-        "from_store": args.from_store,
+        "from_store": from_store,
         "seconds": times,
         "seconds_per_step": per_step,
         "fixed_seconds": fixed,
-        "steps_per_s": {k: args.steps / v for k, v in med.items()},
+        "steps_per_s": {k: steps / v for k, v in med.items()},
         "current_over_baseline_speed": med["baseline"] / med["current"],
         "current_over_baseline_per_step_speed": med_step["baseline"] / med_step["current"],
         "per_rep_ratio": [b / c for b, c in zip(times["baseline"], times["current"])],
@@ -173,8 +172,4 @@ def main() -> None:
         print(f"| {k} | {result['steps_per_s'][k]:.2f} |")
     print(f"speed ratio current/baseline: {result['current_over_baseline_speed']:.3f} overall, "
           f"{result['current_over_baseline_per_step_speed']:.3f} per step")  # fmt: skip
-    write_json(result, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return result

@@ -5,7 +5,7 @@ parameters) written in the published checkpoint format by the authors' ``make_yf
 the authors' ``GeoAdaLNMLP`` and globeflow's ``load_model`` both read it. float32.
 
 Workloads (the authors' code from ``PLONK_REF_SRC``, default ``../shared/reference/plonk``; see
-``benchmarks/reference_code.py``):
+``benchmarks/_reference_code.py``):
 
 * sampling: N samples of one image, S steps, guidance w (default 256 x 32, w = 2), from the same
   noise: their ``riemannian_flow_sampler`` (in this process) against our ``model.sample`` for
@@ -14,11 +14,12 @@ Workloads (the authors' code from ``PLONK_REF_SRC``, default ``../shared/referen
   (pipe.py's algorithm: dopri5, atol = rtol = 1e-6, trace by vmap(jacrev); a subprocess of the
   same Python, timed by the script around its solve) against our ``model.log_prob`` for every
   configuration in :data:`LOGLIK_CONFIGS`. Accuracy of ours: max |delta log p| against a tight
-  adaptive solve of OUR field (``log_prob_adaptive``, ``--tight-tol``). Their trace is the
+  adaptive solve of OUR field (``log_prob_adaptive``, ``tight_tol``). Their trace is the
   ambient R^3 one, ours the Riemannian one, so their values are reported but are not the
   accuracy reference.
 
-* time at equal accuracy on the sharp testbed (``--sharp``; ``benchmarks/vs_reference_sharp.py``):
+* time at equal accuracy on the sharp testbed (``sharp=true``;
+  ``benchmarks/_vs_reference_sharp.py``):
   a trained model whose true posterior is known, the authors' Euler 250 and 32 steps (fp32)
   against ``predict``'s default sampler and whole answer: seconds per photo and accuracy against
   the true posterior, interleaved.
@@ -30,9 +31,9 @@ to the authors' code that ours could reach at most with that many FLOPs.
 
 Usage::
 
-    python benchmarks/vs_reference.py [--threads 2] [--reps 3] [--quick] [--out FILE.json]
-        [--sampling-config 'NAME={"solver": "heun", "steps": 16}'] [--loglik-config NAME=JSON]
-        [--sharp [--sharp-testbed syn-published] [--sharp-per-pattern 1] [--sharp-reps 3]]
+    python benchmarks/run.py vs_reference [--threads 2] [-p reps=3] [--quick]
+        [-p 'sampling_config=NAME={"solver": "heun", "steps": 16}'] [-p loglik_config=NAME=JSON]
+        [-p sharp=true [-p sharp_testbed=syn-published] [-p sharp_per_pattern=1] [-p sharp_reps=3]]
 
 Both sides share this process's thread settings (the authors' subprocess inherits them): run
 with ``OMP_WAIT_POLICY=PASSIVE`` on a machine that other jobs share, where spinning threads make
@@ -44,19 +45,20 @@ the ratios are skipped, with a message.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from _common import count_flops, cpu_model, gemm_rates, loadavg, timed, uptime, write_json
-from reference_code import ReferenceCode, find_source, loglik_points
-from vs_reference_sharp import bench_sharp, find_testbed, print_sharp, sharp_testbed
+from _common import count_flops, cpu_model, gemm_rates, loadavg, timed, uptime
+from _reference_code import ReferenceCode, find_source, loglik_points
+from _registry import experiment
+from _vs_reference_sharp import bench_sharp, find_testbed, print_sharp, sharp_testbed
 
 from globeflow.core.checkpoints import load_model, save_plonk_network
 from globeflow.core.families import RiemannianFlowMatching
@@ -154,9 +156,9 @@ def interleaved(
 
 
 # ---- sampling -----------------------------------------------------------------------------------
-def bench_sampling(model, emb, ref, ref_net, configs, args) -> dict:
-    n, steps, w = args.samples, args.steps, args.guidance
-    noise = sample_uniform_sphere((1, n), generator=torch.Generator().manual_seed(args.seed))
+def bench_sampling(model, emb, ref, ref_net, configs, opts) -> dict:
+    n, steps, w = opts.samples, opts.steps, opts.guidance
+    noise = sample_uniform_sphere((1, n), generator=torch.Generator().manual_seed(opts.seed))
     runs = {}
     if ref is not None:
         runs["authors"] = partial(ref.sample, ref_net, emb, noise[0], steps, w)
@@ -167,12 +169,12 @@ def bench_sampling(model, emb, ref, ref_net, configs, args) -> dict:
     if ref is not None:
         ref.sample(ref_net, emb, noise[0], 2, w)
 
-    timing, rates = interleaved(runs, args.reps, "sampling")
+    timing, rates = interleaved(runs, opts.reps, "sampling")
     report = {
         "samples": n,
         "steps": steps,
         "guidance": w,
-        "repetitions": args.reps,
+        "repetitions": opts.reps,
         "gemm_gflops": rates,
         "runs": {},
     }
@@ -205,13 +207,13 @@ def bench_sampling(model, emb, ref, ref_net, configs, args) -> dict:
 
 
 # ---- log-likelihood -----------------------------------------------------------------------------
-def bench_loglik(model, emb, ref, net_dir, configs, args) -> dict:
-    sizes = args.loglik_points
+def bench_loglik(model, emb, ref, net_dir, configs, opts) -> dict:
+    sizes = opts.loglik_points
     points = {m: loglik_points(m) for m in sizes}
     allx = torch.cat([points[m] for m in sizes])[None]
-    print(f"  tight solve of our field, dopri5 rtol=atol={args.tight_tol}, {allx.shape[1]} pts")
+    print(f"  tight solve of our field, dopri5 rtol=atol={opts.tight_tol}, {allx.shape[1]} pts")
     tight_all, t_tight = timed(
-        lambda: log_prob_adaptive(model, allx, emb, rtol=args.tight_tol, atol=args.tight_tol)
+        lambda: log_prob_adaptive(model, allx, emb, rtol=opts.tight_tol, atol=opts.tight_tol)
     )
     tight, start = {}, 0
     for m in sizes:
@@ -219,19 +221,19 @@ def bench_loglik(model, emb, ref, net_dir, configs, args) -> dict:
 
     report = {
         "points": sizes,
-        "tight_reference": {"rtol_atol": args.tight_tol, "seconds": t_tight},
+        "tight_reference": {"rtol_atol": opts.tight_tol, "seconds": t_tight},
         "by_points": {},
     }
     for m in sizes:
         latlon = unit_to_latlon(points[m])[None]
         runs = {}
         if ref is not None:
-            runs["authors"] = partial(ref.log_likelihood, net_dir, m, args.threads)
+            runs["authors"] = partial(ref.log_likelihood, net_dir, m, opts.threads)
         for name, kwargs in configs.items():
             runs[name] = partial(model.log_prob, latlon, emb, **kwargs)
             runs[name]()  # warm-up
-        reps = max(args.reps, args.ref_loglik_reps)
-        timing, rates = interleaved(runs, reps, f"log p M={m}", {"authors": args.ref_loglik_reps})
+        reps = max(opts.reps, opts.ref_loglik_reps)
+        timing, rates = interleaved(runs, reps, f"log p M={m}", {"authors": opts.ref_loglik_reps})
         entry = {"gemm_gflops": rates, "runs": {}}
         for name, (times, result) in timing.items():
             if name == "authors":
@@ -384,93 +386,49 @@ def _named_configs(base: dict, extra: list[str]) -> dict:
     return configs
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads, both sides (2; --quick: 1)"
-    )
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians)")
-    ap.add_argument(
-        "--ref-loglik-reps",
-        type=int,
-        default=1,
-        help="repetitions of the authors' log-likelihood (minutes each at M = 64)",
-    )
-    ap.add_argument("--quick", action="store_true", help="small network and sizes (< 1 minute)")
-    ap.add_argument("--out", type=Path, help="write the JSON report here")
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    ap.add_argument("--loglik-points", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--tight-tol", type=float, default=1e-7)
-    ap.add_argument("--skip-sampling", action="store_true")
-    ap.add_argument("--skip-loglik", action="store_true")
-    ap.add_argument(
-        "--sampling-config",
-        action="append",
-        default=[],
-        metavar="NAME=JSON",
-        help="add a variant of ours: keyword arguments of model.sample",
-    )
-    ap.add_argument(
-        "--loglik-config",
-        action="append",
-        default=[],
-        metavar="NAME=JSON",
-        help="add a variant of ours: keyword arguments of model.log_prob",
-    )
-    ap.add_argument(
-        "--sharp",
-        action="store_true",
-        help="also: time at equal accuracy on the sharp trained testbed (vs_reference_sharp.py)",
-    )
-    ap.add_argument("--sharp-only", action="store_true", help="only the sharp comparison")
-    ap.add_argument(
-        "--sharp-testbed", help="trained testbed name or folder (syn-published, else syn-small)"
-    )
-    ap.add_argument("--sharp-per-pattern", type=int, default=1, help="photos per sharp pattern")
-    ap.add_argument(
-        "--sharp-every",
-        type=int,
-        default=2,
-        help="every k-th sharp pattern (2: one one-city and one three-city pattern per scale)",
-    )
-    ap.add_argument(
-        "--sharp-samples", type=int, default=None, help="samples per photo (predict's default)"
-    )
-    ap.add_argument(
-        "--sharp-guidance",
-        type=float,
-        default=0.0,
-        help="guidance of both sides (0: the true posterior is the unguided one)",
-    )
-    ap.add_argument("--sharp-reps", type=int, default=3, help="repetitions (Euler 250: one)")
-    ap.add_argument("--ref-src", help="folder holding the authors' plonk/ (else PLONK_REF_SRC)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.reps, args.samples, args.steps = min(args.reps, 2), 64, 8
-        args.loglik_points, args.tight_tol = [2], 1e-5
-        args.sharp_reps, args.sharp_samples = min(args.sharp_reps, 2), args.sharp_samples or 128
-    if args.sharp_only:
-        args.sharp = args.skip_sampling = args.skip_loglik = True
-    args.threads = args.threads or (1 if args.quick else 2)
-    return args
+@dataclass(frozen=True)
+class Options:
+    """A run's options: :func:`vs_reference`'s parameters after ``quick`` and ``sharp_only``
+    have adjusted them (lists parsed)."""
+
+    threads: int
+    reps: int
+    ref_loglik_reps: int
+    quick: bool
+    samples: int
+    steps: int
+    guidance: float
+    loglik_points: list[int]
+    tight_tol: float
+    skip_sampling: bool
+    skip_loglik: bool
+    sampling_config: list[str]
+    loglik_config: list[str]
+    sharp: bool
+    sharp_only: bool
+    sharp_testbed: str | None
+    sharp_per_pattern: int
+    sharp_every: int
+    sharp_samples: int | None
+    sharp_guidance: float
+    sharp_reps: int
+    ref_src: str | None
+    seed: int
 
 
-def run_sharp(ref, args) -> dict:
-    """The sharp comparison (vs_reference_sharp.py) on the trained testbed, or why it was not
+def run_sharp(ref, opts) -> dict:
+    """The sharp comparison (_vs_reference_sharp.py) on the trained testbed, or why it was not
     run."""
-    directory = find_testbed(args.sharp_testbed)
+    directory = find_testbed(opts.sharp_testbed)
     if directory is None:
         print("note: no trained testbed found (GLOBEFLOW_TESTBEDS); sharp comparison skipped")
         return {"skipped": "no trained testbed"}
     print(f"time at equal accuracy on {directory}", flush=True)
-    per_pattern = 1 if args.quick else args.sharp_per_pattern
-    bed = sharp_testbed(directory, per_pattern, args.sharp_every)
-    if args.quick:
+    per_pattern = 1 if opts.quick else opts.sharp_per_pattern
+    bed = sharp_testbed(directory, per_pattern, opts.sharp_every)
+    if opts.quick:
         bed = _first_photos(bed, 3)
-    return bench_sharp(bed, ref, args, interleaved)
+    return bench_sharp(bed, ref, opts, interleaved)
 
 
 def _first_photos(bed, count: int):
@@ -488,10 +446,63 @@ def _first_photos(bed, count: int):
     )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    src, why = find_source(args.ref_src)
+@experiment("vs_reference", quick={"quick": True, "threads": 1}, default=True, threads=2)
+def vs_reference(
+    *,
+    threads: int = 2,
+    reps: int = 3,
+    ref_loglik_reps: int = 1,
+    quick: bool = False,
+    samples: int = 256,
+    steps: int = 32,
+    guidance: float = DEFAULT_GUIDANCE,
+    loglik_points: str = "8,64",
+    tight_tol: float = 1e-7,
+    skip_sampling: bool = False,
+    skip_loglik: bool = False,
+    sampling_config: str = "",
+    loglik_config: str = "",
+    sharp: bool = False,
+    sharp_only: bool = False,
+    sharp_testbed: str | None = None,
+    sharp_per_pattern: int = 1,
+    sharp_every: int = 2,
+    sharp_samples: int | None = None,
+    sharp_guidance: float = 0.0,
+    sharp_reps: int = 3,
+    ref_src: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Ours against the authors' code (see the module docstring).
+
+    - ``threads``: intra-op threads, both sides (the runner sets them)
+    - ``reps``: interleaved repetitions (medians)
+    - ``ref_loglik_reps``: repetitions of the authors' log-likelihood (minutes each at M = 64)
+    - ``quick``: small network and sizes (< 1 minute)
+    - ``loglik_points``: comma-separated point counts M
+    - ``sampling_config``, ``loglik_config``: variants of ours, ``NAME=JSON`` separated by ";"
+      (keyword arguments of model.sample / model.log_prob)
+    - ``sharp``: also time at equal accuracy on the sharp trained testbed
+      (_vs_reference_sharp.py); ``sharp_only``: only that
+    - ``sharp_testbed``: trained testbed name or folder (syn-published, else syn-small)
+    - ``sharp_per_pattern``: photos per sharp pattern; ``sharp_every``: every k-th sharp
+      pattern (2: one one-city and one three-city pattern per scale)
+    - ``sharp_samples``: samples per photo (None: predict's default)
+    - ``sharp_guidance``: guidance of both sides (0: the true posterior is the unguided one)
+    - ``sharp_reps``: repetitions (Euler 250: one)
+    - ``ref_src``: folder holding the authors' plonk/ (else PLONK_REF_SRC)
+    """
+    values = dict(locals())
+    values["loglik_points"] = [int(m) for m in loglik_points.split(",")]
+    values["sampling_config"] = [c for c in sampling_config.split(";") if c]
+    values["loglik_config"] = [c for c in loglik_config.split(";") if c]
+    if quick:
+        values.update(reps=min(reps, 2), samples=64, steps=8, loglik_points=[2], tight_tol=1e-5)
+        values.update(sharp_reps=min(sharp_reps, 2), sharp_samples=sharp_samples or 128)
+    if sharp_only:
+        values.update(sharp=True, skip_sampling=True, skip_loglik=True)
+    opts = Options(**values)
+    src, why = find_source(opts.ref_src)
     ref = None
     if src is not None:
         try:
@@ -500,7 +511,7 @@ def main(argv=None) -> int:
             why = str(exc)
     if ref is None:
         print(f"note: {why}; timing ours only", flush=True)
-    size = QUICK_SIZE if args.quick else YFCC_SIZE
+    size = QUICK_SIZE if opts.quick else YFCC_SIZE
     report = {
         "machine": {
             "cpu_model": cpu_model(),
@@ -513,33 +524,28 @@ def main(argv=None) -> int:
         },
         "network": {**size, "dtype": "float32", "weights": "random N(0, 0.02)"},
         "reference": {"available": ref is not None, "source": str(src), "why_not": why or None},
-        "quick": args.quick,
+        "quick": opts.quick,
     }
     print("measuring matrix-product rates", flush=True)
     report["machine"]["gemm_gflops_at_start"] = gemm_rates()
     print(json.dumps(report, indent=1), flush=True)
     with tempfile.TemporaryDirectory(prefix="gf-vs-ref-") as tmp:
         net_dir = Path(tmp)
-        write_network(net_dir, size, ref, args.seed)
+        write_network(net_dir, size, ref, opts.seed)
         model = load_model(net_dir, family="rfm")
         emb = torch.load(net_dir / "emb.pt", weights_only=True)
         ref_net = ref.load_network(net_dir) if ref is not None else None
-        if not args.skip_sampling:
+        if not opts.skip_sampling:
             print("sampling", flush=True)
-            configs = _named_configs(SAMPLING_CONFIGS, args.sampling_config)
-            report["sampling"] = bench_sampling(model, emb, ref, ref_net, configs, args)
-        if not args.skip_loglik:
+            configs = _named_configs(SAMPLING_CONFIGS, opts.sampling_config)
+            report["sampling"] = bench_sampling(model, emb, ref, ref_net, configs, opts)
+        if not opts.skip_loglik:
             print("exact log-likelihood", flush=True)
-            configs = _named_configs(LOGLIK_CONFIGS, args.loglik_config)
-            report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, args)
-    if args.sharp:
-        report["sharp"] = run_sharp(ref, args)
+            configs = _named_configs(LOGLIK_CONFIGS, opts.loglik_config)
+            report["loglik"] = bench_loglik(model, emb, ref, net_dir, configs, opts)
+    if opts.sharp:
+        report["sharp"] = run_sharp(ref, opts)
     report["machine"]["loadavg_end"] = loadavg()
     report["machine"]["uptime_end"] = uptime()
-    write_json(report, args.out)
     print_table(report)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return report

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from naive import naive_field_and_divergence, naive_log_prob, naive_sample  # noqa: E402
+from _naive import naive_field_and_divergence, naive_log_prob, naive_sample  # noqa: E402
 
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
 from globeflow.core.guidance import GuidedField  # noqa: E402

@@ -75,5 +75,5 @@ def test_metrics_of_exact_samples_and_of_a_misplaced_answer(root):
 
 
 def test_missing_testbed_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="testbeds.py build --only syn-small"):
+    with pytest.raises(FileNotFoundError, match="run.py testbeds_build -p only=syn-small"):
         trained_testbeds("syn-small", tmp_path)

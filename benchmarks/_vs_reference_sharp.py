@@ -136,7 +136,7 @@ def equal_accuracy(ours: dict, theirs: dict, photos: int, floor: dict) -> dict:
     return {"met": not outside, "outside_tolerance": outside, "by_metric": out}
 
 
-def bench_sharp(bed: Testbed, ref, args, interleaved) -> dict:
+def bench_sharp(bed: Testbed, ref, opts, interleaved) -> dict:
     """Time and accuracy of the authors' Euler 250 / 32 and of ours at predict's defaults on
     ``bed``, interleaved by ``interleaved`` (vs_reference's timer). ``ref``: the authors' code,
     or None (ours only)."""
@@ -144,11 +144,11 @@ def bench_sharp(bed: Testbed, ref, args, interleaved) -> dict:
     if model.schedule != SigmoidSchedule():
         raise SystemExit(f"{bed.name}: schedule {model.schedule} is not the authors' sigmoid")
     locator = Locator(model, EmbeddingsOnly(model.cond_dim), model_name=bed.name)
-    w = args.sharp_guidance
+    w = opts.sharp_guidance
     settings, kwargs = predict_settings(locator, emb, w)
-    n = args.sharp_samples or settings["num_samples"]
+    n = opts.sharp_samples or settings["num_samples"]
     photos = emb.shape[0]
-    noise = sample_uniform_sphere((photos, n), generator=torch.Generator().manual_seed(args.seed))
+    noise = sample_uniform_sphere((photos, n), generator=torch.Generator().manual_seed(opts.seed))
     runs = {}
     with tempfile.TemporaryDirectory(prefix="gf-sharp-") as tmp:
         if ref is not None:
@@ -162,12 +162,12 @@ def bench_sharp(bed: Testbed, ref, args, interleaved) -> dict:
     sample = partial(model.sample, emb, n, guidance=w, noise=noise, **kwargs)
     runs["ours-default-sampler"] = sample
     runs["ours-default-predict"] = partial(
-        locator.locate_embeddings, emb, num_samples=n, guidance=w, seed=args.seed
+        locator.locate_embeddings, emb, num_samples=n, guidance=w, seed=opts.seed
     )
     sample()  # warm-up
     first_only = {"authors-euler-250": 1}
-    timing, rates = interleaved(runs, args.sharp_reps, "sharp", first_only)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    timing, rates = interleaved(runs, opts.sharp_reps, "sharp", first_only)
+    g = torch.Generator().manual_seed(opts.seed + 1)
     truth = bed.truth(n, g)
     report = {
         "testbed": bed.name,
