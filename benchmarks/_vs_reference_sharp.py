@@ -108,7 +108,10 @@ def predict_settings(locator: Locator, emb: torch.Tensor, guidance: float) -> tu
 
 
 def _answer_samples(results: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["samples"] for r in results], dtype=torch.float64)
+    """The answers' samples (P, N, 2): an adaptive answer holds N_i >= N per photo; the first N
+    of each are an independent draw of its distribution like the rest."""
+    n = min(len(r["samples"]) for r in results)
+    return torch.tensor([r["samples"][:n] for r in results], dtype=torch.float64)
 
 
 NOISE_METRICS = ("sw_km", "guess_vs_oracle_km")
