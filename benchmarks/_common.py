@@ -279,6 +279,16 @@ def bundled_validation(limit: int | None = None):
     return locator, emb, truth
 
 
+def require_bundled_validation(limit: int | None = None):
+    """:func:`bundled_validation`, or :class:`_registry.Skipped` when its data is absent."""
+    from _registry import Skipped
+
+    found = bundled_validation(limit)
+    if found is None:
+        raise Skipped("no validation photos of the bundled model")
+    return found
+
+
 def mp16_rfm(budget_s: float = 300.0):
     """An unconditional RFM trained on the MP-16 locations (benchmarks/density_mp16.py recipe,
     ``budget_s`` seconds), cached in out/bench/cache. None when the data is absent."""

@@ -83,6 +83,11 @@ class Experiment:
         return text
 
 
+class Skipped(Exception):
+    """An experiment cannot run here (its data is absent): the runner records it as skipped,
+    with this message, instead of as failed."""
+
+
 EXPERIMENTS: dict[str, Experiment] = {}
 
 

@@ -23,7 +23,7 @@ import math
 import time
 
 import torch
-from _common import bundled_validation, loadavg, print_table
+from _common import loadavg, print_table, require_bundled_validation
 from _registry import experiment
 
 from globeflow.core.likelihood import log_prob_ode
@@ -66,10 +66,7 @@ def localizability(
     samples: int = DEFAULT_SAMPLER.localizability_samples,
     ref_steps: int = 128,
 ) -> dict:
-    bundled = bundled_validation(photos)
-    if bundled is None:
-        return {"skipped": "no validation photos"}
-    locator, emb, _ = bundled
+    locator, emb, _ = require_bundled_validation(photos)
     model = locator.model
     rows = []
     for name, options in ESTIMATORS:

@@ -14,7 +14,7 @@ import math
 import time
 
 import torch
-from _common import bundled_validation, gemm_rates, loadavg, print_table
+from _common import gemm_rates, loadavg, print_table, require_bundled_validation
 from _registry import experiment
 
 from globeflow.core import likelihood as L
@@ -30,10 +30,7 @@ def localizability_cost(
     samples: int = 128,
     repeats: int = 3,
 ) -> dict:
-    found = bundled_validation(photos)
-    if found is None:
-        return {"skipped": "no validation photos"}
-    locator, emb, _ = found
+    locator, emb, _ = require_bundled_validation(photos)
     model = locator.model
     emb = model.prepare_embeddings(emb)
     after = {"solver": LOCALIZABILITY_SOLVER, "steps": LOCALIZABILITY_BULK_STEPS,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from _common import machine, print_table
-from _registry import Experiment, discover
+from _registry import Experiment, Skipped, discover
 
 TORCH_THREADS = torch.get_num_threads()
 """torch's own thread count in this process (one per core): for experiments that set none."""
@@ -107,6 +107,9 @@ def run_one(
     start = time.perf_counter()
     try:
         report, status = e.run(**values), "ok"
+    except Skipped as why:
+        print(f"skipped: {why}")
+        report, status = {"skipped": str(why)}, "skipped"
     except Exception:  # one failing experiment must not lose the others' results
         traceback.print_exc()
         report, status = {"error": traceback.format_exc()}, "failed"

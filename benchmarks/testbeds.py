@@ -54,44 +54,23 @@ SEEDS = {"patterns": 0, "train": 1, "heldout": 2, "val": 3}
 
 # Training recipes. Budget on the project's shared 2-core CPU: ~10 min for the small model,
 # <= ~45 min for the published width (dim 512, depth 12, cond_dim 1024: 36M parameters).
+SMALL_RECIPE = {
+    "dim": 256,
+    "depth": 4,
+    "batch_size": 512,
+    "lr": 1e-3,
+    "max_steps": 3000,
+    "warmup_steps": 200,
+    "ema_decay": 0.998,
+    "val_every": 750,
+    "checkpoint_every": 250,
+}
 TESTBEDS: dict[str, dict] = {
-    "syn-small": {
-        "dim": 256,
-        "depth": 4,
-        "batch_size": 512,
-        "lr": 1e-3,
-        "max_steps": 3000,
-        "warmup_steps": 200,
-        "ema_decay": 0.998,
-        "val_every": 750,
-        "checkpoint_every": 250,
-    },
+    "syn-small": SMALL_RECIPE,
     # The R^3 families on the small recipe: what their own sampler step (Euler / DDIM) gives at
     # predict's step count against 250 steps (benchmarks/confident.py).
-    "syn-small-flow": {
-        "family": "flow",
-        "dim": 256,
-        "depth": 4,
-        "batch_size": 512,
-        "lr": 1e-3,
-        "max_steps": 3000,
-        "warmup_steps": 200,
-        "ema_decay": 0.998,
-        "val_every": 750,
-        "checkpoint_every": 250,
-    },
-    "syn-small-diffusion": {
-        "family": "diffusion",
-        "dim": 256,
-        "depth": 4,
-        "batch_size": 512,
-        "lr": 1e-3,
-        "max_steps": 3000,
-        "warmup_steps": 200,
-        "ema_decay": 0.998,
-        "val_every": 750,
-        "checkpoint_every": 250,
-    },
+    "syn-small-flow": {"family": "flow", **SMALL_RECIPE},
+    "syn-small-diffusion": {"family": "diffusion", **SMALL_RECIPE},
     "syn-published": {
         "dim": 512,
         "depth": 12,

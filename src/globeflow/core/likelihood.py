@@ -379,6 +379,29 @@ def _grid_floor(width: float | None) -> float | None:
     return None if width is None else max(width / STIFF_FLOOR_RATIO, SHARPEST_LEVEL_FLOOR)
 
 
+def _integrate_with_log_density(
+    model,
+    emb: torch.Tensor,
+    x: torch.Tensor,
+    gammas: torch.Tensor,
+    solver: str,
+    width: float | None,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrate the unguided path field from x (B, N, 3) over the signal levels ``gammas``
+    (float64, either direction) with ``solver``, carrying the log-density: (end point, the
+    change of log p along the way (B, N)), with the divergence weights of the stiff end of
+    ``width``."""
+    method = SOLVERS[solver]
+    factors = divergence_weights(gammas, solver, width)
+    gammas = gammas.to(device=emb.device, dtype=emb.dtype)
+    levels = method.levels(gammas)
+    field = GuidedField(model.network, emb, levels, precision=precision)
+    return method.integrate(
+        _path_field(model, field, levels, factors), x, gammas, SPHERE, with_log_density=True
+    )
+
+
 def _midpoint_log_prob(
     model,
     emb,
@@ -396,7 +419,8 @@ def _midpoint_log_prob(
     (:func:`solve_by_floor`); a number: that width for all; ``StiffEnd.NONE``: no stiff end."""
     if model.geometry is not SPHERE:
         raise ValueError(f"the midpoint likelihood needs a model on S^2, not {model.family!r}")
-    method = SOLVERS[solver]
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
 
     def solve(x: torch.Tensor) -> torch.Tensor:
@@ -413,13 +437,7 @@ def _midpoint_log_prob(
     def solve_at(x: torch.Tensor, emb: torch.Tensor, stiff_end: StiffEndWidth) -> torch.Tensor:
         width = _fixed_width(stiff_end)
         gammas = stiff_end_levels(noise_level, steps, _grid_floor(width), log_step).flip(0)
-        factors = divergence_weights(gammas, solver, width)
-        gammas = gammas.to(device=emb.device, dtype=emb.dtype)
-        levels = method.levels(gammas)
-        field = GuidedField(model.network, emb, levels, precision=precision)
-        end, delta = method.integrate(
-            _path_field(model, field, levels, factors), x, gammas, SPHERE, with_log_density=True
-        )
+        end, delta = _integrate_with_log_density(model, emb, x, gammas, solver, width, precision)
         # delta = log p_noise(end) - log p_data(x) along the flow.
         return model.base_log_prob(end) - delta
 
@@ -494,7 +512,6 @@ def sample_with_log_density(
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
-    method = SOLVERS[solver]
     x0 = model._prepare_noise(emb, num_samples, noise, generator)
     stiff = as_stiff_end(stiff)
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
@@ -512,13 +529,7 @@ def sample_with_log_density(
     width = _fixed_width(stiff)
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, _grid_floor(width), log_step)
-    factors = divergence_weights(gammas, solver, width)
-    gammas = gammas.to(device=emb.device, dtype=emb.dtype)
-    levels = method.levels(gammas)
-    field = GuidedField(model.network, emb, levels, precision=precision)
-    x, delta = method.integrate(
-        _path_field(model, field, levels, factors), x0, gammas, SPHERE, with_log_density=True
-    )
+    x, delta = _integrate_with_log_density(model, emb, x0, gammas, solver, width, precision)
     return x, model.base_log_prob(x0) + delta
 
 

@@ -105,7 +105,24 @@ class UniformSphere(GeoModel):
         return cls(**_strip(config))
 
 
-class VonMisesFisherMixture(GeoModel):
+class _ConcentrationHead(GeoModel):
+    """A family whose head maps an embedding to vMF parameters: its config is its family,
+    ``cond_dim``, the sizes it takes from training (:attr:`training_options`) and
+    ``kappa_max``."""
+
+    kappa_max: float
+
+    def config_dict(self) -> dict:
+        sizes = {arg: getattr(self, arg) for arg in self.training_options}
+        return {"family": self.family, "cond_dim": self.cond_dim, **sizes,
+                "kappa_max": self.kappa_max}  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict) -> GeoModel:
+        return cls(**_strip(config))
+
+
+class VonMisesFisherMixture(_ConcentrationHead):
     """p(x | c) = sum_k pi_k(c) vMF(x; mu_k(c), kappa_k(c)), parameters from an MLP of c.
 
     ``steps``, ``guidance``, ``solver``, ``precision`` and ``noise`` of the GeoModel API are
@@ -171,20 +188,6 @@ class VonMisesFisherMixture(GeoModel):
             kappa_s = torch.gather(kappa, 1, idx)
             return sample_vmf(mu_s, kappa_s, generator).to(emb.dtype)
 
-    def config_dict(self) -> dict:
-        return {
-            "family": self.family,
-            "cond_dim": self.cond_dim,
-            "num_components": self.num_components,
-            "hidden": self.hidden,
-            "depth": self.depth,
-            "kappa_max": self.kappa_max,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict) -> VonMisesFisherMixture:
-        return cls(**_strip(config))
-
     @torch.no_grad()
     def set_unconditional_parameters(
         self, weights: torch.Tensor, means: torch.Tensor, kappas: torch.Tensor
@@ -203,7 +206,7 @@ class VonMisesFisherMixture(GeoModel):
         self.head.bias.copy_(vec.to(self.head.bias.dtype))
 
 
-class VonMisesFisher(GeoModel):
+class VonMisesFisher(_ConcentrationHead):
     """vMF regression: p(x | c) = vMF(x; mu(c), kappa(c)), mu and kappa from an MLP of c."""
 
     family = "vmf"
@@ -245,19 +248,6 @@ class VonMisesFisher(GeoModel):
             mu_s = mu[:, None, :].expand(b, num_samples, 3)
             kappa_s = kappa[:, None].expand(b, num_samples)
             return sample_vmf(mu_s, kappa_s, generator).to(emb.dtype)
-
-    def config_dict(self) -> dict:
-        return {
-            "family": self.family,
-            "cond_dim": self.cond_dim,
-            "hidden": self.hidden,
-            "depth": self.depth,
-            "kappa_max": self.kappa_max,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict) -> VonMisesFisher:
-        return cls(**_strip(config))
 
     @torch.no_grad()
     def set_unconditional_parameters(self, mean: torch.Tensor, kappa: float) -> None:
