@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField
 from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
 from globeflow.core.sampler_settings import (
@@ -194,10 +195,8 @@ def stiffness_floor(
     (H the bulk step) to :data:`SHARPEST_LEVEL_FLOOR` (one evaluation with the divergence per
     rung); each point's floor depends on that point alone, never on the others of its batch
     (tests/test_stiffness.py::test_log_density_of_a_point_does_not_depend_on_its_batch).
-    Raises :class:`~globeflow.core.families.base.NonFiniteOutputError` where the divergence is
+    Raises :class:`~globeflow.core.errors.NonFiniteOutputError` where the divergence is
     not finite (a silent fallback would hide a broken model)."""
-    from globeflow.core.families.base import NonFiniteOutputError
-
     noise_level = float(model.schedule.signal_level(torch.ones(1, dtype=torch.float64)))
     knee = (1.0 - noise_level) / bulk_steps / log_step
     ladder = probe_ladder(knee)

@@ -12,7 +12,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField, GuidedVelocity
+from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
 from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY, LogDensitySettings
 from globeflow.core.network import Denoiser
 from globeflow.core.sampler_settings import SamplerSettings, resolve
@@ -20,10 +22,6 @@ from globeflow.core.schedules import Schedule, SigmoidSchedule, schedule_from_co
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
 from globeflow.core.sphere import KM2_PER_SR, LOG_UNIFORM_DENSITY, latlon_to_unit, unit_to_latlon
 from globeflow.core.time_grids import sampling_grid
-
-
-class NonFiniteOutputError(ValueError):
-    """A model gave NaN or infinite values (corrupt weights, non-finite guidance or input)."""
 
 
 class GeoModel(nn.Module):
@@ -522,8 +520,6 @@ class DenoisingModel(GeoModel):
     def log_prob_unit(
         self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
     ) -> torch.Tensor:
-        from globeflow.core.likelihood import log_prob_ode
-
         return log_prob_ode(self, x, emb, steps=steps)
 
     def sample_unit_with_log_density(self, emb, recipe, density, noise=None, generator=None):
@@ -532,7 +528,6 @@ class DenoisingModel(GeoModel):
         along the sampling path (:func:`~globeflow.core.likelihood.sample_with_log_density`,
         with ``density.stiff``). ``"ode"`` (default in R^3, where samples are projected onto
         S^2 after the solve): sample, then solve the likelihood ODE at every sample."""
-        from globeflow.core.likelihood import sample_with_log_density
 
         method = density.method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
