@@ -108,12 +108,12 @@ def _parse_country_table() -> dict[str, str]:
     return out
 
 
-_COUNTRY_NAMES = _parse_country_table()
+COUNTRY_NAMES = _parse_country_table()
 
 
 def country_name(code: str) -> str:
     """English short name of an ISO 3166-1 alpha-2 code (the code itself when unknown)."""
-    return _COUNTRY_NAMES.get(code.upper(), code)
+    return COUNTRY_NAMES.get(code.upper(), code)
 
 
 _lock = threading.Lock()

@@ -492,7 +492,7 @@ def _not_a_store(path: Path) -> str:
     return f"{path}: no embedding parts (part-*.parquet) in this folder"
 
 
-def _store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
+def store_meta(parts: list[Path], path: Path) -> tuple[str, int]:
     """(encoder name, dim) shared by every part; a clear error when the parts disagree."""
     if not parts:
         raise FileNotFoundError(_not_a_store(path))
@@ -538,7 +538,7 @@ def read_embeddings(path: str | os.PathLike[str]) -> EmbeddingTable:
     """Load a whole store into memory (parts in order; each id once, see the module doc)."""
     p = Path(path)
     parts = store_parts(p)
-    encoder, dim = _store_meta(parts, p)
+    encoder, dim = store_meta(parts, p)
     repeats = store_repeats(p, parts)
     tables = [without_rows(pq.read_table(part), repeats.get(i)) for i, part in enumerate(parts)]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -562,7 +562,7 @@ def iter_embedding_batches(
     caller that counts rows by their position in the store)."""
     p = Path(path)
     parts = store_parts(p)
-    encoder, dim = _store_meta(parts, p)
+    encoder, dim = store_meta(parts, p)
     repeats = store_repeats(p, parts) if unique else {}
     stop = math.inf if stop is None else stop
     offset = 0  # index of the row group's first row in the store

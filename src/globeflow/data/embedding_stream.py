@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from globeflow.data.coordinates import valid_latlon_mask
-from globeflow.data.embedding_store import _store_meta, store_parts, store_repeats
+from globeflow.data.embedding_store import store_meta, store_parts, store_repeats
 
 __all__ = [
     "RowGroup",
@@ -63,7 +63,7 @@ def list_row_groups(store: str | os.PathLike[str]) -> tuple[list[RowGroup], str,
     """(row groups in store order, encoder name, dim), from the parquet footers (and one pass
     over the ids: the rows that repeat an earlier row's id are left out of their groups)."""
     parts = store_parts(store)
-    encoder, dim = _store_meta(parts, Path(store))
+    encoder, dim = store_meta(parts, Path(store))
     repeats = store_repeats(store, parts)
     groups = []
     for k, part in enumerate(parts):

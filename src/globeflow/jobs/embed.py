@@ -184,7 +184,7 @@ def collect_inputs(
     return unique
 
 
-def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
+def write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -291,7 +291,7 @@ def _embed_placed(
     finished = False
     batches = (mine[i : i + batch_size] for i in range(0, len(mine), batch_size))
     try:
-        for loaded in _loaded_batches(batches, exif_gps, decode_workers):
+        for loaded in loaded_batches(batches, exif_gps, decode_workers):
             with autocast(torch.device(device), precision):
                 _embed_batch(loaded, encoder, writer, report)
             if bar is not None:
@@ -303,12 +303,12 @@ def _embed_placed(
             bar.close()
         report.seconds = time.perf_counter() - t0
         if not finished and place.is_main:  # interrupted: keep what this process knows
-            _write_errors(report.errors_path, report.errors)
+            write_errors(report.errors_path, report.errors)
     if place.distributed:
         reports = place.gather(report)
         report = reports[0].merged(reports[1:])
     if place.is_main:
-        _write_errors(report.errors_path, report.errors)
+        write_errors(report.errors_path, report.errors)
     return report
 
 
@@ -336,7 +336,7 @@ def _load_one(item: ImageItem, exif_gps: bool) -> _Loaded:
     return _Loaded(item, img, latlon, None, from_exif)
 
 
-def _loaded_batches(
+def loaded_batches(
     batches: Iterable[list[ImageItem]], exif_gps: bool, workers: int
 ) -> Iterator[list[_Loaded]]:
     """Each batch's photos loaded, in order: inline, or decoded by ``workers`` threads up to two

@@ -46,9 +46,9 @@ from globeflow.jobs.distributed import (
 from globeflow.jobs.embed import (
     ERRORS_NAME,
     ImageItem,
-    _loaded_batches,
-    _write_errors,
     collect_inputs,
+    loaded_batches,
+    write_errors,
 )
 from globeflow.jobs.resumable_output import open_resumable_writer
 from globeflow.jobs.run_lock import run_lock
@@ -300,7 +300,7 @@ def _locate_placed(
     if report.answers is not None and len(report.answers) > keep_answers:
         report.answers = None
     if output is not None and place.is_main:
-        _write_errors(Path(output) / ERRORS_NAME, report.errors)
+        write_errors(Path(output) / ERRORS_NAME, report.errors)
     return report
 
 
@@ -320,7 +320,7 @@ def _batches(locator, listing: _Todo, mine: slice, embeddings, batch_size, decod
         return
     items, todo = listing.items, listing.todo[mine]
     chunks = ([items[i] for i in todo[s : s + batch_size]] for s in range(0, len(todo), batch_size))
-    for loaded in _loaded_batches(chunks, True, decode_workers):
+    for loaded in loaded_batches(chunks, True, decode_workers):
         good = [x for x in loaded if x.image is not None]
         answers = iter(
             locator.locate_images(

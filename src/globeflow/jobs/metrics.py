@@ -341,9 +341,9 @@ def _country_key(place: Mapping[str, Any]) -> str:
         return name
     if name:
         if _NAME_TO_CODE is None:
-            from globeflow.answers.geocode import _COUNTRY_NAMES
+            from globeflow.answers.geocode import COUNTRY_NAMES
 
-            _NAME_TO_CODE = {_norm(v): k.casefold() for k, v in _COUNTRY_NAMES.items()}
+            _NAME_TO_CODE = {_norm(v): k.casefold() for k, v in COUNTRY_NAMES.items()}
         return _NAME_TO_CODE.get(name, name)
     return ""
 
