@@ -56,7 +56,7 @@ def before(model, emb, n, generator):
     """The one-pass estimator before the stiff-end grid: 16 lagged midpoint steps on the
     quadratic sampling grid (samples (B, N, 3), log p (B, N))."""
     method = SOLVERS["lagged-midpoint"]
-    x0 = model._prepare_noise(emb, n, None, generator)
+    x0 = model.prepare_noise(emb, n, None, generator)
     gammas = model.sampling_levels(16, emb)
     levels = method.levels(gammas)
     field = GuidedField(model.network, emb, levels)

@@ -511,7 +511,7 @@ def sample_with_log_density(
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
-    x0 = model._prepare_noise(emb, num_samples, noise, generator)
+    x0 = model.prepare_noise(emb, num_samples, noise, generator)
     stiff = as_stiff_end(stiff)
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         floors = quantized_floors(

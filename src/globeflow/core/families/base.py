@@ -421,7 +421,7 @@ class DenoisingModel(GeoModel):
     """Where the ODE lives: S^2 (Lie-group solvers) or R^3."""
 
     # ---- sampling ---------------------------------------------------------------------------
-    def _prepare_noise(
+    def prepare_noise(
         self,
         emb: torch.Tensor,
         num_samples: int,
@@ -486,7 +486,7 @@ class DenoisingModel(GeoModel):
             recipe.precision,
             recipe.grid,
         )
-        x = self._prepare_noise(emb, recipe.num_samples, noise, generator)
+        x = self.prepare_noise(emb, recipe.num_samples, noise, generator)
         solver = self.check_solver(recipe.solver)
         if solver not in SOLVERS or solver == self.published_solver:
             gammas = self.sampling_levels(steps, emb, grid=grid or "published")
