@@ -72,11 +72,14 @@ def more_samples(samples: torch.Tensor, recipe: SamplerSettings) -> int:
     guess's expected GeoScore and its region probabilities to be within ``recipe``'s
     tolerances (0: none; at most ``recipe.num_samples`` in all)."""
     guess = best_guess(samples)
-    errors = answer_errors(samples, guess, [r.probability for r in top_regions(samples)])
-    needed = samples_needed(
-        errors, recipe.guess_score_tolerance, recipe.region_probability_tolerance,
-        block=recipe.first_samples, cap=recipe.num_samples,
-    )  # fmt: skip
+    tolerances = (recipe.guess_score_tolerance, recipe.region_probability_tolerance)
+    sizes = {"block": recipe.first_samples, "cap": recipe.num_samples}
+    # The guess's error alone may already ask for every sample: then the regions (the costly
+    # part of the check) cannot change the count.
+    needed = samples_needed(answer_errors(samples, guess, []), *tolerances, **sizes)
+    if needed < recipe.num_samples:
+        shares = [r.probability for r in top_regions(samples)]
+        needed = samples_needed(answer_errors(samples, guess, shares), *tolerances, **sizes)
     return needed - samples.shape[0]
 
 
