@@ -33,12 +33,20 @@ def pairwise_km(
     return angle * EARTH_RADIUS_KM
 
 
+def geoscores(
+    candidates: torch.Tensor, samples: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """GeoScore (0-5000) of each candidate (..., C, 2) against each sample (..., N, 2) ->
+    (..., C, N)."""
+    km = pairwise_km(candidates, samples, dtype)
+    return GEOSCORE_MAX * torch.exp(-km / GEOSCORE_SCALE_KM)
+
+
 def expected_geoscore(
     candidates: torch.Tensor, samples: torch.Tensor, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """Mean GeoScore of each candidate (..., C, 2) against samples (..., N, 2) -> (..., C)."""
-    km = pairwise_km(candidates, samples, dtype)
-    return (GEOSCORE_MAX * torch.exp(-km / GEOSCORE_SCALE_KM)).mean(-1)
+    return geoscores(candidates, samples, dtype).mean(-1)
 
 
 def self_expected_geoscore(samples: torch.Tensor, chunk: int = 256) -> torch.Tensor:

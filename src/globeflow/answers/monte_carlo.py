@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from globeflow.answers.decode import GEOSCORE_MAX, GEOSCORE_SCALE_KM, pairwise_km
+from globeflow.answers.decode import geoscores
 
 __all__ = ["AnswerErrors", "answer_errors", "samples_needed"]
 
@@ -71,8 +71,7 @@ def answer_errors(
     n_eff = min(float(effective_samples), n) if effective_samples is not None else float(n)
     if n < 2 or n_eff <= 0:
         return AnswerErrors(n, math.inf, tuple(math.inf for _ in region_probabilities))
-    km = pairwise_km(guess[None].double(), samples.double())[0]
-    scores = GEOSCORE_MAX * torch.exp(-km / GEOSCORE_SCALE_KM)
+    scores = geoscores(guess[None], samples)[0]
     score_se = float(scores.std()) / math.sqrt(n_eff)
     regions = tuple(math.sqrt(max(p * (1.0 - p), 0.0) / n_eff) for p in region_probabilities)
     return AnswerErrors(samples=n, guess_score=score_se, region_probability=regions)
