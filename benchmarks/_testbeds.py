@@ -22,6 +22,7 @@ Testbeds here:
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,18 @@ def place_shares(samples: torch.Tensor, places: list[torch.Tensor]) -> list[torc
         nearest = d.argmin(-1)
         shares.append(torch.bincount(nearest, minlength=len(spots)).double() / len(nearest))
     return shares
+
+
+def noise_band(kind: str, refs: list[float], photos: int) -> float:
+    """How far a setting's mean metric may sit from the reference's: twice the reference's
+    seed-to-seed standard deviation (the Monte Carlo noise of one answer), at least a floor by
+    ``kind``: "km" 10% + 0.1 km, "share" (of samples) 0.05, "photos" (a fraction) one photo."""
+    spread = 2.0 * statistics.stdev(refs) if len(refs) > 1 else 0.0
+    if kind == "km":
+        return max(spread, 0.1 * abs(statistics.fmean(refs)) + 0.1)
+    if kind == "share":
+        return max(spread, 0.05)
+    return max(spread, 1.0 / photos + 1e-9)
 
 
 def posterior_metrics(

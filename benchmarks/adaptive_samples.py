@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from _common import print_table
 from _registry import experiment
-from _testbeds import TRAINED_ROOT, Testbed, place_shares, trained_testbeds
+from _testbeds import TRAINED_ROOT, Testbed, noise_band, place_shares, trained_testbeds
 
 from globeflow.answers.decode import best_guess, top_regions
 from globeflow.answers.draw import draw_answers
@@ -36,8 +36,10 @@ COUNTS = {
     "fixed 256": {"num_samples": 256, "first_samples": 0},
 }
 """Sample counts compared, as overrides of the default recipe (the first is the reference)."""
-CRITERIA = ("guess_error_km", "acc_1_km", "acc_25_km", "acc_200_km", "place_mass_tv",
-            "top_region_p")  # fmt: skip
+CRITERIA = {"guess_error_km": "km", "acc_1_km": "photos", "acc_25_km": "photos",
+            "acc_200_km": "photos", "place_mass_tv": "share", "top_region_p": "share"}  # fmt: skip
+"""The metrics a count must match fixed 1,024 on, with their kind of noise floor
+(:func:`_testbeds.noise_band`)."""
 
 
 def answer_metrics(bed: Testbed, samples: list[torch.Tensor]) -> dict[str, float]:
@@ -58,15 +60,6 @@ def answer_metrics(bed: Testbed, samples: list[torch.Tensor]) -> dict[str, float
         "top_region_p": statistics.fmean(top_regions(s)[0].probability for s in samples),
         "samples": statistics.fmean(s.shape[0] for s in samples),
     }
-
-
-def band(metric: str, refs: list[float], photos: int) -> float:
-    spread = 2 * statistics.stdev(refs) if len(refs) > 1 else 0.0
-    if metric.endswith("_km"):
-        return max(spread, 0.1 * abs(statistics.fmean(refs)) + 0.1)
-    if metric.startswith("acc"):
-        return max(spread, 1 / photos + 1e-9)
-    return max(spread, 0.05)
 
 
 @experiment("adaptive_samples", quick={"cells": "1km-x1", "seeds": 2, "guidances": "0"})
@@ -106,8 +99,8 @@ def adaptive_samples(
             for label, res in results.items():
                 res["within_noise"] = all(
                     abs(res["mean"][k] - ref["mean"][k])
-                    <= band(k, [r[k] for r in ref["runs"]], len(ids))
-                    for k in CRITERIA
+                    <= noise_band(kind, [r[k] for r in ref["runs"]], len(ids))
+                    for k, kind in CRITERIA.items()
                 )
                 rows.append({"cell": cell, "guidance": guidance, "count": label,
                              **{k: round(v, 3) for k, v in res["mean"].items()},

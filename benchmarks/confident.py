@@ -47,6 +47,7 @@ from _testbeds import (
     TRAINED_ROOT,
     Testbed,
     exact_field_testbeds,
+    noise_band,
     posterior_metrics,
     trained_testbeds,
 )
@@ -99,15 +100,9 @@ def draw(bed: Testbed, s: SamplerSettings, n: int, seed: int) -> torch.Tensor:
 
 
 def band(metric: str, refs: list[float], photos: int) -> float:
-    """How far a setting's mean may sit from the reference's: twice the metric's own
-    seed-to-seed standard deviation (the Monte Carlo noise of one answer), at least a floor."""
-    spread = 2.0 * statistics.stdev(refs) if len(refs) > 1 else 0.0
-    mean = statistics.fmean(refs)
-    if metric in KM_METRICS:
-        return max(spread, 0.1 * abs(mean) + 0.1)
-    if metric in SAMPLE_FRACTIONS:
-        return max(spread, 0.05)
-    return max(spread, 1.0 / photos + 1e-9)
+    """:func:`_testbeds.noise_band` of one of :data:`CRITERIA`."""
+    kind = "km" if metric in KM_METRICS else "share" if metric in SAMPLE_FRACTIONS else "photos"
+    return noise_band(kind, refs, photos)
 
 
 def score(bed: Testbed, samples: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
