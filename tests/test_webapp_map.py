@@ -33,6 +33,9 @@ from test_webapp_e2e import (  # noqa: E402, F401 (fixtures)
 from test_webapp_sharp import sharp_url  # noqa: E402, F401 (fixture)
 
 TILE_RGB = (255, 0, 255)  # a colour no other layer of the page uses
+UI_WAIT_MS = 30_000
+"""How long a step of the page may take: generous, because CI shares its CPU (a 10-s wait once
+timed out in a full run that passes alone in 4 s)."""
 
 
 def _open(browser, url: str, photo: Path, errors: list[str]):  # noqa: F811
@@ -156,7 +159,7 @@ def test_a_sharp_answer_opens_on_its_region_with_town_names(browser, sharp_url, 
         assert view["south"] < lat < view["north"] and view["west"] < lon < view["east"]
     assert view["north"] - view["south"] < 0.15
     # the offline base map names the Paris districts around the answer
-    page.wait_for_selector(".gf-town span", timeout=10_000)
+    page.wait_for_selector(".gf-town span", timeout=UI_WAIT_MS)
     towns = the_map.locator(".gf-town").all_inner_texts()
     assert any(t.startswith("Paris") for t in towns), towns
     assert "Natural Earth" in the_map.locator(".leaflet-control-attribution").inner_text()
@@ -234,7 +237,7 @@ def test_tiles_from_a_reachable_tile_server(browser, tile_server, tmp_path):  # 
         errors: list[str] = []
         page, the_map = _open(browser, url, _photo(tmp_path / "a.jpg"), errors)
         page.wait_for_function(
-            "e => e.dataset.tiles === 'loaded'", arg=the_map.element_handle(), timeout=10_000
+            "e => e.dataset.tiles === 'loaded'", arg=the_map.element_handle(), timeout=UI_WAIT_MS
         )
         assert the_map.get_attribute("data-base") == "tiles"
         srcs = the_map.locator("img.leaflet-tile-loaded").evaluate_all("l => l.map(i => i.src)")
@@ -245,17 +248,17 @@ def test_tiles_from_a_reachable_tile_server(browser, tile_server, tmp_path):  # 
         assert page.locator("[data-testid=tiles-note]").first.is_hidden()
         # zooming in asks the server for the next zoom's tiles
         the_map.locator(".leaflet-control-zoom-in").click()
-        the_map.locator("img.leaflet-tile-loaded[src*='/2/']").first.wait_for(timeout=10_000)
+        the_map.locator("img.leaflet-tile-loaded[src*='/2/']").first.wait_for(timeout=UI_WAIT_MS)
         # the offline map is one click away in the layers control
         the_map.locator(".leaflet-control-layers-toggle").focus()
         page.keyboard.press("Enter")
         offline_choice = the_map.locator("label", has_text="Offline map").locator("input")
-        offline_choice.wait_for(state="visible", timeout=10_000)  # the control expands first
+        offline_choice.wait_for(state="visible", timeout=UI_WAIT_MS)  # the control expands first
         offline_choice.focus()
         page.keyboard.press("Space")
         # Leaflet switches layers in its change handler; wait for it rather than race it
         page.wait_for_function(
-            "e => e.dataset.base === 'offline'", arg=the_map.element_handle(), timeout=10_000
+            "e => e.dataset.base === 'offline'", arg=the_map.element_handle(), timeout=UI_WAIT_MS
         )
         assert _magenta_share(the_map) < 0.01
         assert not errors, errors
@@ -272,7 +275,7 @@ def test_the_offline_map_when_tiles_are_unreachable(browser, tmp_path):  # noqa:
         errors: list[str] = []
         page, the_map = _open(browser, url, _photo(tmp_path / "a.jpg"), errors)
         page.wait_for_function(
-            "e => e.dataset.base === 'offline'", arg=the_map.element_handle(), timeout=10_000
+            "e => e.dataset.base === 'offline'", arg=the_map.element_handle(), timeout=UI_WAIT_MS
         )
         note = page.locator("[data-testid=tiles-note]").first
         note.wait_for(state="visible", timeout=5_000)
