@@ -342,6 +342,87 @@ def real_photos(
     return rows, summary, table
 
 
+def pattern_pairs(cities: list[tuple[str, ...]], limit: int) -> list[tuple[int, int, str | None]]:
+    """Pairs of synthetic patterns (i, j, the one city they share or None): pairs sharing
+    exactly one city where at least one pattern says "one of these three places" (two
+    three-city patterns first: only one place fits both), and pairs of one-city patterns
+    sharing none; ``limit`` of each kind, spread over the candidates."""
+    shared, apart = [], []
+    for i in range(len(cities)):
+        for j in range(i + 1, len(cities)):
+            common = set(cities[i]) & set(cities[j])
+            if len(common) == 1 and max(len(cities[i]), len(cities[j])) == 3:
+                shared.append((i, j, common.pop()))
+            elif not common and len(cities[i]) == len(cities[j]) == 1:
+                apart.append((i, j, None))
+    shared.sort(key=lambda pair: -min(len(cities[pair[0]]), len(cities[pair[1]])))
+
+    def spread(pairs: list) -> list:  # evenly over the list, not the first pattern's pairs only
+        return pairs[:: max(1, len(pairs) // max(limit, 1))][:limit]
+
+    return spread(shared) + spread(apart)
+
+
+def trained_pairs(testbed: str, limit: int, num_samples: int) -> list[dict]:
+    """Two held-out photos of a model trained by ``globeflow train`` on synthetic patterns
+    (benchmarks/_testbeds.py; no recommended guidance, so the exact product): pairs of patterns
+    that share one city (is the fused best guess there, where a single photo of a three-city
+    pattern is right a third of the time?) and pairs that share none (refused?). Seconds per
+    fused answer beside the two single answers'."""
+    from _common import EmbeddingsOnly
+    from _testbeds import TRAINED_ROOT
+
+    from globeflow.apps.pipeline import Locator
+    from globeflow.core.checkpoints import load_model
+    from globeflow.data import synthetic
+
+    directory = TRAINED_ROOT / testbed
+    if not (directory / "model" / "config.json").is_file():
+        print(f"\n{directory}: no trained testbed (python benchmarks/run.py testbeds_build "
+              f"-p only={testbed}); skipping the trained pairs")  # fmt: skip
+        return []
+    model = load_model(directory / "model")
+    locator = Locator(model, EmbeddingsOnly(model.cond_dim), testbed)
+    patterns = synthetic.load_patterns(directory)
+    held = synthetic.load_heldout(directory / "heldout.pt")
+    locator.locate_embeddings(held["embeddings"][:1], num_samples=64)  # warm-up
+    rows = []
+    for i, j, city in pattern_pairs(patterns.cities, limit):
+        first = [int((held["pattern"] == p).nonzero()[0]) for p in (i, j)]
+        emb = held["embeddings"][first]
+        start = time.perf_counter()
+        singles = locator.locate_embeddings(emb, num_samples=num_samples)
+        single_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fused = locator.locate_together(emb, num_samples=num_samples)
+        seconds = time.perf_counter() - start
+        row = {
+            "patterns": f"{patterns.names[i]} + {patterns.names[j]}",
+            "shared city": city or "none",
+            "seconds": seconds,
+            "vs two single answers": seconds / single_s,
+            "log BF": fused["fusion"]["log_bayes_factor_same_place"],
+            "answered": "best_guess" in fused,
+        }
+        if city is not None:
+            p = i if city in patterns.cities[i] else j
+            centre = patterns.centres[p, patterns.cities[p].index(city)][None].float()
+
+            def km(result: dict, centre=centre) -> float:
+                guess = [[result["best_guess"]["lat"], result["best_guess"]["lon"]]]
+                return float(haversine_km(torch.tensor(guess), centre))
+
+            row["single km"] = [round(km(r), 1) for r in singles]
+            row["fused km"] = km(fused) if row["answered"] else None
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nTwo photos of {testbed} (exact product, {num_samples} samples, "
+          f"{torch.get_num_threads()} threads): km from the shared city's centre")  # fmt: skip
+    columns = ["patterns", "shared city", "single km", "fused km", "log BF", "answered"]
+    print_table(rows, [*columns, "seconds", "vs two single answers"])
+    return rows
+
+
 def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
     """Summary rows and per-case rows of both testbeds: all four cues, and without the city one
     (where the fused answer is much sharper than any single photo)."""
@@ -376,7 +457,15 @@ def accuracy(count: int, num_samples: int) -> tuple[list[dict], list[dict]]:
 
 @experiment(
     "fusion",
-    quick={"cases": 1, "samples": 64, "photos": "2", "groups": 1, "pairs": 1, "real_samples": 32},
+    quick={
+        "cases": 1,
+        "samples": 64,
+        "photos": "2",
+        "groups": 1,
+        "pairs": 1,
+        "real_samples": 32,
+        "testbed_pairs": 1,
+    },
 )
 def fusion(
     *,
@@ -392,6 +481,8 @@ def fusion(
     shard: str = "0/1",
     per_author: int = 2,
     trained_photographers: bool = False,
+    testbed: str = "syn-small",
+    testbed_pairs: int = 6,
 ) -> dict:
     """Options (see the module docstring for the rest):
 
@@ -403,6 +494,8 @@ def fusion(
     - ``per_author``: places per photographer at most
     - ``trained_photographers``: take photos of every photographer, also those the bundled
       model was trained on
+    - ``testbed``, ``testbed_pairs``: a trained synthetic testbed and how many pattern pairs
+      of each kind (sharing one city, sharing none) to fuse (0: none)
     """
     summary, case_rows = accuracy(cases, samples) if cases else ([], [])
     calibration: dict = {}
@@ -430,6 +523,7 @@ def fusion(
                 shard,
             )  # fmt: skip
             real = {"cases": rows, "summary": real_summary, "thresholds": thresholds}
+    trained = trained_pairs(testbed, testbed_pairs, samples) if testbed_pairs else []
     counts = [int(v) for v in photos.split(",") if v]
     speed = timing(counts, samples) if counts else []
     if speed:
@@ -457,4 +551,5 @@ def fusion(
         "cases": case_rows,
         "timing": speed,
         "real_photos": real,
+        "trained_pairs": trained,
     }

@@ -156,6 +156,8 @@ def test_disagreeing_photos_are_refused_with_a_message() -> None:
     assert "disagree" in result["error"] and "c.jpg" in result["error"]
     assert result["disagreement"]["least_consistent_photo"] == "c.jpg"
     assert result["disagreement"]["log_bayes_factor"] < math.log(1 / 20)
+    # Decided after the first round: more proposal rounds would only sharpen the refusal.
+    assert result["fusion"]["rounds"] == 1
     agreeing = locator.locate_together(torch.eye(3)[:2], names=["a.jpg", "b.jpg"], num_samples=128)
     assert agreeing["ok"] is True and agreeing["disagreement"] is None
     assert agreeing["fusion"]["log_bayes_factor_same_place"] > 0

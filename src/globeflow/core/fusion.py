@@ -346,10 +346,13 @@ def importance_sample(
     generator: torch.Generator | None = None,
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     exponent: float = 1.0,
+    decided: Callable[[WeightedSample], bool] | None = None,
 ) -> WeightedSample:
     """Proposal points for the fused posterior, drawn in rounds until the ESS reaches
     ``target_ess`` or ``max_rounds`` rounds are done. ``keep`` (points (M, 3) -> (M,) bool):
-    the ESS counts only the points it keeps (a region's truncation).
+    the ESS counts only the points it keeps (a region's truncation). ``decided`` (the sample so
+    far -> bool): stop early when it says more rounds cannot change the outcome (photos already
+    known to show different places: more points would only sharpen a refusal).
 
     ``own_samples``: each photo's samples (and the null's, or any others) (K_j, 3): the first
     round draws equally from kernels around each set (:func:`sample_point_kernels`) and a share
@@ -390,6 +393,8 @@ def importance_sample(
         )
         log_w = sample.log_weight.masked_fill(~torch.cat(kept), -math.inf)
         if effective_sample_size(log_w) >= target_ess or round_ == max_rounds:
+            break
+        if decided is not None and decided(sample):
             break
         if effective_sample_size(log_w) > 0:
             fitted = kde_fit(sample.points, log_w, generator)
