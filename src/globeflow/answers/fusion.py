@@ -325,6 +325,7 @@ def fused_sample(
         list(own.points.double()), densities, per_round, target_ess, max_rounds,
         generator=generator, keep=keep if region is not None else None, exponent=exponent,
         decided=refusal_decided if emb.shape[0] > 1 else None,
+        photo_sets=emb.shape[0] if emb.shape[0] > 1 else 0,
     )  # fmt: skip
 
 
