@@ -27,7 +27,12 @@ from _common import loadavg, print_table, require_bundled_validation
 from _registry import experiment
 
 from globeflow.core.likelihood import log_prob_ode
-from globeflow.core.sampler_settings import AUTHORS_SAMPLER, DEFAULT_SAMPLER, resolve
+from globeflow.core.sampler_settings import (
+    AUTHORS_SAMPLER,
+    DEFAULT_SAMPLER,
+    LOCALIZABILITY_SOLVER,
+    resolve,
+)
 
 LAGGED = {"method": "path", "solver": "lagged-midpoint"}
 ESTIMATORS = [
@@ -59,17 +64,31 @@ def estimate(model, emb, n, options, seed=0):
     return bits.double(), se.double(), time.perf_counter() - start
 
 
+def bulk_step_estimators(bulk_steps: str) -> list[tuple[str, dict]]:
+    """The default estimator (path, :data:`LOCALIZABILITY_SOLVER`, probed stiff end) at each of
+    the comma-separated ``bulk_steps``."""
+    solver = LOCALIZABILITY_SOLVER
+    return [
+        (f"path {solver} {n} fp32", {"method": "path", "solver": solver, "steps": int(n)})
+        for n in bulk_steps.split(",")
+    ]
+
+
 @experiment("localizability", quick={"photos": 2, "samples": 8, "ref_steps": 16}, default=True)
 def localizability(
     *,
     photos: int = 16,
     samples: int = DEFAULT_SAMPLER.localizability_samples,
     ref_steps: int = 128,
+    bulk_steps: str = "",
 ) -> dict:
+    """The estimators of :data:`ESTIMATORS` on the bundled model, or with ``bulk_steps``
+    (comma-separated, e.g. "8,12,24") the default estimator at those bulk steps."""
     locator, emb, _ = require_bundled_validation(photos)
     model = locator.model
     rows = []
-    for name, options in ESTIMATORS:
+    estimators = bulk_step_estimators(bulk_steps) if bulk_steps else ESTIMATORS
+    for name, options in estimators:
         estimate(model, emb[:2], 8, options)  # warm-up
         bits, se, seconds = estimate(model, emb, samples, options, seed=1)
         row = {
@@ -98,6 +117,7 @@ def localizability(
         "samples": samples,
         "bias_reference_steps": ref_steps,
         "rows": rows,
+        "bulk_steps": bulk_steps,
         "target_cost_ratio": 0.25,
         "se_note": f"SE scales as 1/sqrt(N); ln2 = {math.log(2):.4f}",
         "load_average_after": loadavg(),

@@ -3,9 +3,16 @@
 Weights are stored in float16 (half the size; loading casts them back to float32), and the
 metadata keeps the encoder name, training config and validation metrics.
 
-    python scripts/export_default_model.py runs/default-rfm/best src/globeflow/default_model [W]
+    python scripts/export_default_model.py runs/default-rfm/best src/globeflow/default_model \
+        [W [SAMPLER]]
 
-W, if given, is stored as the model's ``recommended_guidance`` (used when the user gives none).
+W, if given, is stored as the model's ``recommended_guidance`` (used when the user gives none);
+SAMPLER, a JSON object of sampler fields and a ``measured`` note, as its
+``recommended_sampler`` (the recipe it runs when the user gives none; measure it anew for each
+model: docs/defaults.md, "The bundled model's recommended sampler"). The bundled model's:
+
+    '{"solver": "lagged-midpoint", "grid": "quadratic", "steps": 4, "precision": "fp32",
+      "localizability_steps": 8, "measured": "..."}'
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from globeflow.core.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_model
+from globeflow.core.sampler_settings import RECOMMENDED_SAMPLER_KEY, sampler_recommendation
 
 
-def main(src: str, dst: str, guidance: str | None = None) -> None:
+def main(src: str, dst: str, guidance: str | None = None, sampler: str | None = None) -> None:
     model = load_model(src)
     out = Path(dst)
     if out.exists():
@@ -30,6 +38,10 @@ def main(src: str, dst: str, guidance: str | None = None) -> None:
     config = json.loads((Path(src) / CONFIG_NAME).read_text())
     if guidance is not None:
         config.setdefault("metadata", {})["recommended_guidance"] = float(guidance)
+    if sampler is not None:
+        recommendation = json.loads(sampler)
+        sampler_recommendation(recommendation)  # refuses fields the recipe does not have
+        config.setdefault("metadata", {})[RECOMMENDED_SAMPLER_KEY] = recommendation
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     state = {
         k: (v.half() if v.is_floating_point() else v).contiguous()
@@ -52,4 +64,4 @@ def main(src: str, dst: str, guidance: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

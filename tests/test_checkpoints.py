@@ -120,6 +120,16 @@ CORRUPTIONS = {
         lambda c: _set(c, "metadata", "recommended_guidance", float("nan")),
         "recommended_guidance",
     ),
+    "sampler-field": (
+        None,
+        lambda c: _set(c, "metadata", "recommended_sampler", {"stepz": 8}),
+        "recommended_sampler: stepz not among the recipe's fields",
+    ),
+    "sampler-value": (
+        None,
+        lambda c: _set(c, "metadata", "recommended_sampler", {"grid": "cubic"}),
+        "unknown time grid 'cubic'",
+    ),
 }
 
 

@@ -322,6 +322,27 @@ def test_a_named_solver_runs_on_the_grid_it_was_chosen_on():
     assert torch.equal(on_recipe_grid, spelled)
 
 
+def test_answers_show_the_recommended_recipe_they_ran():
+    """A model recommending its own recipe (metadata ``recommended_sampler``): the Locator's
+    answers run it and their settings block says so; the same samples as that recipe given
+    whole; a count given still wins."""
+    recommended = {"grid": "quadratic", "steps": 6, "localizability_steps": 10}
+    model = _tiny_rfm({"recommended_sampler": {**recommended, "measured": "a test"}})
+    locator = Locator(model, _OneHotEncoder(4))
+    emb = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    common = {"num_samples": 32, "localizability_samples": 16}
+    answers = locator.locate_embeddings(emb, **common)
+    assert {k: answers[0]["settings"][k] for k in recommended} == recommended
+    whole = DEFAULT_SAMPLER.with_overrides(**recommended)
+    spelled = Locator(model, _OneHotEncoder(4), sampler=whole).locate_embeddings(emb, **common)
+    assert [r["samples"] for r in answers] == [r["samples"] for r in spelled]
+    assert [r["localizability_bits"] for r in answers] == [
+        r["localizability_bits"] for r in spelled
+    ]
+    asked = locator.locate_embeddings(emb, steps=DEFAULT_SAMPLER.steps, **common)[0]["settings"]
+    assert (asked["steps"], asked["grid"]) == (DEFAULT_SAMPLER.steps, "quadratic")
+
+
 def test_the_command_lines_help_states_the_recipe(monkeypatch):
     """predict's and evaluate's help print the recipe's values (built from DEFAULT_SAMPLER, not
     typed in): with another recipe in place, the help says so."""

@@ -26,8 +26,8 @@ from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.sampler_settings import (
-    DEFAULT_SAMPLER,
     SamplerSettings,
+    model_recipe,
     recommended_guidance,
     resolve,
     solver_for,
@@ -53,7 +53,7 @@ class Locator:
         model: GeoModel,
         encoder,
         model_name: str = "model",
-        sampler: SamplerSettings = DEFAULT_SAMPLER,
+        sampler: SamplerSettings | None = None,
     ):
         if encoder.dim != model.cond_dim:
             raise ValueError(
@@ -64,8 +64,9 @@ class Locator:
         self.encoder = encoder
         self.default_guidance = recommended_guidance(model)
         self.model_name = model_name
-        self.sampler = sampler
-        """The default sampling recipe; each call may override fields of it."""
+        self.sampler = sampler if sampler is not None else model_recipe(model)
+        """The default sampling recipe (default: the model's own, :func:`~globeflow.core.
+        sampler_settings.model_recipe`); each call may override fields of it."""
 
     @property
     def encoder_name(self) -> str:

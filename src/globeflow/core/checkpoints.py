@@ -30,7 +30,11 @@ from globeflow.core.families import (
 )
 from globeflow.core.hub_downloads import known_repo, looks_like_hub_id, snapshot
 from globeflow.core.network import Denoiser
-from globeflow.core.sampler_settings import PUBLISHED_GUIDANCE
+from globeflow.core.sampler_settings import (
+    PUBLISHED_GUIDANCE,
+    RECOMMENDED_SAMPLER_KEY,
+    sampler_recommendation,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,6 +171,10 @@ def _read_config(config_path: Path) -> dict:
         raise CheckpointError(
             f"{config_path}: metadata recommended_guidance {guidance!r} is not a finite number"
         )
+    try:
+        sampler_recommendation(metadata.get(RECOMMENDED_SAMPLER_KEY, {}))
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: metadata {exc}") from exc
     return config
 
 

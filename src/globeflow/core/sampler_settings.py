@@ -149,7 +149,8 @@ class SamplerSettings:
 
 DEFAULT_SAMPLER = SamplerSettings()
 """What ``predict``, ``serve``, ``evaluate``, ``Locator`` and ``GeoModel.sample`` use unless
-told otherwise."""
+told otherwise, less the fields a model's metadata recommends for itself
+(:func:`recommended_sampler`, e.g. the bundled model's)."""
 
 AUTHORS_SAMPLER = SamplerSettings(
     solver="euler", grid="published", steps=250, precision="fp32", guidance=0.0, first_samples=0
@@ -166,6 +167,46 @@ def recommended_guidance(model: object) -> float:
     return float(meta.get("recommended_guidance", DEFAULT_GUIDANCE))
 
 
+RECOMMENDED_SAMPLER_KEY = "recommended_sampler"
+"""The metadata key of a model's recommended recipe: a dict of :class:`SamplerSettings` fields
+(all but ``guidance``, which has ``recommended_guidance``) and an optional ``measured`` note
+saying how it was chosen; read by :func:`recommended_sampler`."""
+
+
+def sampler_recommendation(value: object) -> dict[str, Any]:
+    """The :class:`SamplerSettings` fields of a ``recommended_sampler`` metadata value (its
+    ``measured`` note left out); ``ValueError`` naming what is wrong with it (not a dict, a field
+    that is not a recipe field, or a value the recipe refuses)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{RECOMMENDED_SAMPLER_KEY} is not an object: {value!r}")
+    fields = {k: v for k, v in value.items() if k != "measured"}
+    allowed = {f.name for f in dataclasses.fields(SamplerSettings)} - {"guidance"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{RECOMMENDED_SAMPLER_KEY}: {', '.join(unknown)} not among the recipe's fields "
+            f"({', '.join(sorted(allowed))}; the guidance is recommended_guidance)"
+        )
+    try:
+        dataclasses.replace(DEFAULT_SAMPLER, **fields)
+    except (TypeError, ValueError) as exc:  # a value the recipe refuses (or of the wrong type)
+        raise ValueError(f"{RECOMMENDED_SAMPLER_KEY}: {exc}") from exc
+    return fields
+
+
+def recommended_sampler(model: object) -> dict[str, Any]:
+    """The recipe fields ``model``'s metadata recommends (``recommended_sampler``, see
+    :func:`sampler_recommendation`), else none (an empty dict)."""
+    meta = getattr(model, "metadata", None) or {}
+    return sampler_recommendation(meta.get(RECOMMENDED_SAMPLER_KEY, {}))
+
+
+def model_recipe(model: object) -> SamplerSettings:
+    """The recipe ``model`` runs when the caller gives none: :data:`DEFAULT_SAMPLER` with the
+    fields of :func:`recommended_sampler` (the guidance left None: :func:`resolve` fills it)."""
+    return dataclasses.replace(DEFAULT_SAMPLER, **recommended_sampler(model))
+
+
 def solver_for(model: object, solver: str) -> str | None:
     """``solver`` where ``model``'s family has it, else the family's own default (the published
     step; the R^3 families have no data-2m); None for models without solvers (baselines)."""
@@ -178,9 +219,14 @@ def solver_for(model: object, solver: str) -> str | None:
 def resolve(
     model: object, settings: SamplerSettings | None = None, **overrides: object
 ) -> SamplerSettings:
-    """The recipe ``model`` runs: ``settings`` (default :data:`DEFAULT_SAMPLER`) with the
-    ``overrides`` that are not None, completed for the model.
+    """The recipe ``model`` runs: ``settings`` (default: the model's own, :func:`model_recipe`)
+    with the ``overrides`` that are not None, completed for the model.
 
+    - ``settings`` None: :data:`DEFAULT_SAMPLER` with the fields the model's metadata
+      recommends (:func:`recommended_sampler`). A recipe given is run as given, the model's
+      recommendation aside (so a benchmark's reference and candidates are what they say,
+      :data:`DEFAULT_SAMPLER` itself included); an override given is run as given, also where it
+      equals the default (``steps=48`` on a model recommending 8 runs 48).
     - ``guidance`` None: the model's :func:`recommended_guidance`.
     - ``solver`` given without ``grid``: that solver on the recipe's grid. A recipe's grid was
       chosen with its solver and steps by measurement; naming only the solver changes only the
@@ -193,7 +239,7 @@ def resolve(
       kept as given (the model names what it lacks).
     - ``precision`` "auto": resolved for the model's device.
     """
-    recipe = (settings or DEFAULT_SAMPLER).with_overrides(**overrides)
+    recipe = (settings or model_recipe(model)).with_overrides(**overrides)
     if recipe.guidance is None:
         recipe = dataclasses.replace(recipe, guidance=recommended_guidance(model))
     if overrides.get("solver") is None:

@@ -30,7 +30,6 @@ from globeflow.answers.draw import draw_answers
 from globeflow.answers.geocode import country_name, reverse_geocode
 from globeflow.core.random_streams import sample_streams
 from globeflow.core.sampler_settings import (
-    DEFAULT_SAMPLER,
     EVALUATE_BATCH_SIZE,
     SamplerSettings,
     resolve,
@@ -421,7 +420,7 @@ def evaluate(
     num_samples: int | None = None,
     guidance: float | None = None,
     steps: int | None = None,
-    sampler: SamplerSettings = DEFAULT_SAMPLER,
+    sampler: SamplerSettings | None = None,
     density_guidance: float = 0.0,
     hpd_samples: int | None = None,
     localizability_samples: int | None = None,
@@ -451,8 +450,9 @@ def evaluate(
             model's recommended one, :func:`~globeflow.core.sampler_settings.
             recommended_guidance`).
         steps: sampler steps (default: the sampler's).
-        sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, so the
-            accuracy measured is that of the answers users get).
+        sampler: the sampling recipe (solver, grid, precision; default: ``predict``'s, the
+            model's own :func:`~globeflow.core.sampler_settings.model_recipe`, so the accuracy
+            measured is that of the answers users get).
         density_guidance: guidance of the distribution used for calibration and the unguided
             sample columns (paper: 0). Non-zero needs a model whose ``log_prob`` takes
             ``guidance``. NLL is always the guidance-0 density of the truth.

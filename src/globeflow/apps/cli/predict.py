@@ -76,7 +76,8 @@ def predict(
     steps: int = typer.Option(
         None,
         help=f"Solver steps, 1 to 256 (default: {DEFAULT_SAMPLER.steps} "
-        f"{DEFAULT_SAMPLER.solver} steps).",
+        f"{DEFAULT_SAMPLER.solver} steps, or the recipe the model recommends: the bundled "
+        "model's, docs/defaults.md).",
     ),
     solver: str = typer.Option(
         None,

@@ -111,9 +111,9 @@ class GeoModel(nn.Module):
     ) -> torch.Tensor:
         """Sample locations: emb (B, D) -> (B, num_samples, 2) degrees (lat, lon).
 
-        The recipe is ``settings`` (default: :data:`~globeflow.core.sampler_settings.
-        DEFAULT_SAMPLER`, what ``predict`` runs) with the keyword settings that are given;
-        ``guidance`` None is the model's recommended one (:func:`~globeflow.core.
+        The recipe is ``settings`` (default: the model's own, :func:`~globeflow.core.
+        sampler_settings.model_recipe`, what ``predict`` runs) with the keyword settings that
+        are given; ``guidance`` None is the model's recommended one (:func:`~globeflow.core.
         sampler_settings.resolve` says how a solver given alone is run). ``noise`` is the initial
         state (B, N, 3): unit vectors for the sphere model, standard Gaussians for the R^3
         families. ``guidance`` is the classifier-free guidance scale w. ``solver``,
@@ -164,8 +164,8 @@ class GeoModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unguided samples (B, N, 3) and the model's natural log-density at each (B, N).
 
-        The samples follow the recipe ``settings`` (default: :data:`~globeflow.core.
-        sampler_settings.DEFAULT_SAMPLER`) at its ``localizability_*`` fields, ``num_samples``
+        The samples follow the recipe ``settings`` (default: the model's own, :func:`~globeflow.
+        core.sampler_settings.model_recipe`) at its ``localizability_*`` fields, ``num_samples``
         and ``steps`` (None: the recipe's) replacing ``localizability_samples`` and
         ``localizability_steps``; ``density`` (default: :data:`~globeflow.core.
         log_density_settings.DEFAULT_LOG_DENSITY`) says how they are scored. ``noise`` (B, N, 3)
@@ -228,11 +228,11 @@ class GeoModel(nn.Module):
         """Negative entropy E_p[log2 p(y|c)] in bits (B,), by Monte Carlo over model samples.
 
         Sampled without guidance, so that the samples follow the density being scored;
-        ``num_samples`` and ``steps`` default to the recipe's (``settings=``, default
-        :data:`~globeflow.core.sampler_settings.DEFAULT_SAMPLER`) ``localizability_samples``
-        and ``localizability_steps``. With ``return_stderr`` also the Monte Carlo standard error
-        (B,) in bits. Extra keyword arguments go to :meth:`sample_with_log_density` (estimator
-        options, ``settings``).
+        ``num_samples`` and ``steps`` default to the recipe's (``settings=``, default the
+        model's own, :func:`~globeflow.core.sampler_settings.model_recipe`)
+        ``localizability_samples`` and ``localizability_steps``. With ``return_stderr`` also
+        the Monte Carlo standard error (B,) in bits. Extra keyword arguments go to
+        :meth:`sample_with_log_density` (estimator options, ``settings``).
         """
         emb = self.prepare_embeddings(emb)
         _, log_p = self.sample_with_log_density(emb, num_samples, steps, generator, **estimator)
