@@ -10,13 +10,17 @@
    and localizability against their exact values, in standard errors.
 2. Seconds for fusing 2, 5 and 20 photos with the bundled model (crops of examples/paris.jpg as
    views of one place), with the usual one-photo answer measured in the same run as baseline.
-3. Real photos (../shared/data/im2gps3k-train) with the bundled model: groups of 2-4 photos by
-   one photographer within ``group_km`` of each other (one place) and pairs of photos by
-   different photographers over ``far_km`` apart (different places). For each: every single
-   photo's usual answer, the fused answer with the tempered product (the default for this
-   model) and with the exact product; errors against the truth, the same-place log Bayes
-   factor, and, over refusal thresholds, false refusals (groups refused) against false fusions
-   (far pairs answered).
+3. Real photos (../shared/data/im2gps3k-train) with the bundled model, photographers it never
+   saw: groups of 2-4 photos by one photographer within ``group_km`` of each other (one place)
+   and pairs of photos by different photographers over ``far_km`` apart (different places).
+   For each: every single photo's usual answer, one answer for the photos' mean embedding (a
+   heuristic), and the fused answer under each of ``products``; errors against the truth,
+   GeoScore gain over the single photos (paired, bootstrap interval, sign test), the same-place
+   log Bayes factor, and, over refusal thresholds, false refusals (groups refused) against false
+   fusions (far pairs answered).
+4. Two photos of a model trained on synthetic patterns (``testbed``, e.g. syn-small): pairs of
+   patterns sharing one city (is the fused answer there?) and sharing none (refused?), with
+   seconds.
 
     python benchmarks/run.py fusion --threads 1
 """
@@ -216,10 +220,17 @@ def real_cases(
 
 
 THRESHOLDS = (-math.inf, -6.0, math.log(1 / 20), -2.0, -1.0, 0.0)
-PRODUCTS = {"exact": 1.0, "tempered": 0.5, "e=0.75": 0.75, "pool": None}
-"""Products compared on real photos: name -> exponent e of each likelihood ratio; "pool": e =
-(1 + w) / n, the geometric mean of the n photos' usual answers (w = -0.5, the bundled model's
-recommended guidance)."""
+PRODUCTS = {
+    "exact": lambda n: 1.0,
+    "tempered": lambda n: 0.5,
+    "e=0.75": lambda n: 0.75,
+    "sqrt": lambda n: 0.5 / math.sqrt(n),
+    "pool": lambda n: 0.5 / n,
+}
+"""Products compared on real photos: name -> exponent e of each likelihood ratio for n photos
+(w = -0.5, the bundled model's recommended guidance): exact e = 1; tempered e = 1 + w; "sqrt"
+e = (1 + w) / sqrt(n); "pool" e = (1 + w) / n, the geometric mean of the n photos' usual
+answers (the default for this model)."""
 
 
 def fused_with(locator, emb: torch.Tensor, samples: int, exponent: float) -> dict:
@@ -240,6 +251,42 @@ def fused_with(locator, emb: torch.Tensor, samples: int, exponent: float) -> dic
 def median(values: list[float]) -> float:
     values, half = sorted(values), len(values) // 2
     return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
+
+
+def geoscore(km: float) -> float:
+    """The GeoScore of an error in km (5000 exp(-d / 1492.7), as in the paper's tables)."""
+    return 5000.0 * math.exp(-km / 1492.7)
+
+
+def versus_single(label: str, rows: list[dict], key: str | None, singles: list[list[float]]):
+    """One summary row: the answers' errors ``key`` (None: the single photos themselves)
+    against each group's single photos, paired: median km, mean GeoScore and its mean gain
+    over the group's single photos with a 95% bootstrap interval (4,000 resamples of the
+    groups, seed 0), groups where the answer is at least as close as the median single photo,
+    and the one-sided sign-test p-value of that count."""
+    base = [sum(geoscore(d) for d in g) / len(g) for g in singles]
+    if key is None:
+        km, score = [median(g) for g in singles], base
+    else:
+        km = [r[key] for r in rows]
+        score = [geoscore(d) for d in km]
+    gain = torch.tensor([a - b for a, b in zip(score, base, strict=True)], dtype=torch.float64)
+    pick = torch.randint(len(rows), (4000, len(rows)), generator=torch.Generator().manual_seed(0))
+    means = gain[pick].mean(1).sort().values
+    row = {
+        "answer": label,
+        "groups": len(rows),
+        "median km": median(km),
+        "mean GeoScore": sum(score) / len(score),
+        "gain": float(gain.mean()),
+        "gain 95% interval": f"{float(means[100]):.0f}..{float(means[3899]):.0f}",
+    }
+    if key is not None:
+        wins = sum(d <= median(g) for d, g in zip(km, singles, strict=True))
+        n = len(rows)
+        p = sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n
+        row |= {"at least as close": f"{wins} of {n}", "sign test p": p}
+    return row
 
 
 def real_photos(
@@ -269,16 +316,21 @@ def real_photos(
                                truth[i : i + 1]))
             for i, r in enumerate(singles)
         ]  # fmt: skip
+        # Not a product: one answer for the photos' mean embedding, a heuristic beside them.
+        mean_emb = locator.locate_embeddings(emb.mean(0, keepdim=True), num_samples=samples)[0]
+        mean_guess = [[mean_emb["best_guess"]["lat"], mean_emb["best_guess"]["lon"]]]
         row = {
             "kind": case["kind"],
             "author": case["author"],
             "photos": len(photos),
             "best single km": min(single_km),
             "median single km": median(single_km),
+            "single km": single_km,
+            "mean embedding km": median(haversine_km(torch.tensor(mean_guess), truth).tolist()),
         }
         for label in products:
             start = time.perf_counter()
-            exponent = PRODUCTS[label] or 0.5 / len(photos)
+            exponent = PRODUCTS[label](len(photos))
             fused = fused_with(locator, emb, samples, exponent)
             seconds = time.perf_counter() - start
             bf = fused["fusion"]["log_bayes_factor_same_place"]
@@ -312,31 +364,22 @@ def real_photos(
             )
     summary = []
     if same:
-        summary.append(
-            {
-                "product": "single photo",
-                "groups": len(same),
-                "median km": median([r["median single km"] for r in same]),
-                "fused <= median single": "",
-                "median seconds": "",
-            }
-        )
+        singles = [r["single km"] for r in same]
+        summary.append(versus_single("single photo (usual answer)", same, None, singles))
+        summary.append(versus_single("best single photo (oracle)", same, "best single km", singles))
+        summary.append(versus_single("mean embedding (heuristic)", same, "mean embedding km",
+                                     singles))  # fmt: skip
     for label in products:
         answered = [r for r in same if r[f"{label} km"] is not None]
-        if not answered:
-            continue
-        summary.append(
-            {
-                "product": label,
-                "groups": len(answered),
-                "median km": median([r[f"{label} km"] for r in answered]),
-                "fused <= median single": sum(r[f"{label} <= median single"] for r in answered),
-                "median seconds": median([r[f"{label} s"] for r in answered]),
-            }
-        )
+        if answered:
+            summary.append(
+                versus_single(label, answered, f"{label} km", [r["single km"] for r in answered])
+                | {"median seconds": median([r[f"{label} s"] for r in answered])}
+            )
     print("\nReal photos, bundled model: fused (median error over the group's photos) vs single")
     if summary:
-        print_table(summary, list(summary[0]))
+        columns = ["answer", "groups", "median km", "mean GeoScore", "gain", "gain 95% interval"]
+        print_table(summary, [*columns, "at least as close", "sign test p", "median seconds"])
     print("\nRefusal thresholds: false refusals (one place) vs false fusions (far-apart pairs)")
     print_table(table, list(table[0]))
     return rows, summary, table
@@ -477,7 +520,7 @@ def fusion(
     group_km: float = 5.0,
     far_km: float = 3000.0,
     real_samples: int = 256,
-    products: str = "exact,tempered",
+    products: str = "exact,tempered,sqrt,pool",
     shard: str = "0/1",
     per_author: int = 2,
     trained_photographers: bool = False,
