@@ -289,6 +289,12 @@ def sample_point_kernels(points: torch.Tensor) -> Kernels:
     return Kernels(x, (1.0 / h**2).clamp_max(KAPPA_MAX))
 
 
+PRODUCT_SHARE = 0.5
+"""Share of the first round drawn from :func:`product_kernels` (the rest from the photos' own
+kernels and the uniform). Measured (benchmarks/fusion.py, 2 threads, idle): at 0.8, two
+three-city syn-small photos sharing Sydney took 13 s but 20 photos of the bundled model (pooled
+product, whose kernel product is a poor guide) needed a second round, 9.4 s; at 0.5, 19 s and
+one round, 5.5 s; at 0.3, 18 s and 6.1 s with a lower ESS on the closed-form cues."""
 PRODUCT_KERNEL_WIDENING = 2.0
 """The product kernels are this many times wider than the own samples' kernels. Measured on the
 closed-form cue testbed (benchmarks/fusion.py, 12 cases): at the own bandwidth the first round
@@ -301,11 +307,11 @@ def product_kernels(
     own: list[Kernels], members: int, exponent: float, generator: torch.Generator | None = None
 ) -> Kernels | None:
     """Kernels at the own samples of every set (:data:`PRODUCT_KERNEL_WIDENING` times wider),
-    :data:`KDE_CENTRES` of them resampled in proportion to the share of the photos' product each
-    carries, read from the kernels alone:
-    the product of the first ``members`` sets' kernel densities (each ^ ``exponent``) over the
-    equal mixture of all sets' kernels, from which the samples came. Costs no density solve; None
-    when no sample has a finite weight.
+    :data:`KDE_CENTRES` of them resampled in proportion to the share of the fused density each
+    carries, read from the kernels alone: :func:`fused_log_density` of the first ``members``
+    sets' kernel densities and the next set's (the null's, half uniform; none: uniform), over
+    the equal mixture of all sets' kernels, from which the samples came. Costs no density
+    solve; None when no sample has a finite weight.
 
     Why: for photos that share one place among several each could show, only the samples at the
     shared one matter, and the photos' own kernels spend most proposals elsewhere (on syn-small,
@@ -313,7 +319,13 @@ def product_kernels(
     centres = torch.cat([k.centres for k in own])
     kappas = torch.cat([k.kappas for k in own])
     log_k = torch.stack([k.log_density(centres) for k in own])
-    log_w = exponent * log_k[:members].sum(0) - (torch.logsumexp(log_k, 0) - math.log(len(own)))
+    if len(own) > members:  # the next set is the null's: the kernels' own fused density
+        # Half uniform: 48 samples of a prior leave gaps where its kernels would divide by ~0.
+        null = torch.logaddexp(log_k[members], torch.full_like(log_k[members], LOG_UNIFORM_DENSITY))
+        guide = fused_log_density(log_k[:members], null - math.log(2.0), exponent)
+    else:
+        guide = exponent * log_k[:members].sum(0)
+    log_w = guide - (torch.logsumexp(log_k, 0) - math.log(len(own)))
     if not bool(torch.isfinite(log_w).any()):
         return None
     pick = systematic_resample(log_w, KDE_CENTRES, generator)
@@ -385,8 +397,8 @@ def importance_sample(
     the ESS counts only the points it keeps (a region's truncation). ``decided`` (the sample so
     far -> bool): stop early when it says more rounds cannot change the outcome (photos already
     known to show different places: more points would only sharpen a refusal). ``photo_sets``:
-    the first sets of ``own_samples`` are the photos'; the first round then draws its adaptive
-    share from :func:`product_kernels` (0: from the own kernels alone).
+    the first sets of ``own_samples`` are the photos' (the next one the null's); the first round
+    then draws :data:`PRODUCT_SHARE` of its points from :func:`product_kernels` (0: none).
 
     ``own_samples``: each photo's samples (and the null's, or any others) (K_j, 3): the first
     round draws equally from kernels around each set (:func:`sample_point_kernels`) and a share
@@ -404,7 +416,8 @@ def importance_sample(
     sample = None
     fitted = product_kernels(own, photo_sets, exponent, generator) if photo_sets else None
     for round_ in range(1, max_rounds + 1):
-        from_fit = round(ADAPTIVE_SHARE * per_round) if fitted is not None else 0
+        share = ADAPTIVE_SHARE if round_ > 1 else PRODUCT_SHARE
+        from_fit = round(share * per_round) if fitted is not None else 0
         per_own = max(1, math.ceil((per_round - from_fit - uniform) / len(own)))
         parts = [k.sample(per_own, generator) for k in own]
         if from_fit:
