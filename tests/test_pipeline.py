@@ -117,3 +117,35 @@ def test_locate_paths_shows_no_progress_bar_unless_asked(tmp_path, monkeypatch, 
     assert capsys.readouterr().err == ""
     loc.locate_paths(missing, progress=True)
     assert "locating" in capsys.readouterr().err
+
+
+def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkeypatch):
+    """Under the automatic thread policy a narrow network answers chunks of photos on parallel
+    workers (one thread each); every answer equals the one-worker answer, bit for bit."""
+    from globeflow.apps import threads
+
+    loc = _locator()
+    emb = torch.randn(5, 6)
+    kwargs = dict(num_samples=64, steps=4, localizability_samples=16, seed=3)
+    monkeypatch.setattr(threads, "_automatic", False)
+    assert threads.network_workers(128) == 1
+    alone = loc.locate_embeddings(emb, **kwargs)
+    workers = []
+    monkeypatch.setattr(threads, "_automatic", True)
+    real_threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    run = threads.map_in_workers
+    monkeypatch.setattr(
+        pipeline,
+        "map_in_workers",
+        lambda f, items, n: (workers.append((len(items), n)), run(f, items, n))[1],
+    )
+    try:
+        side_by_side = loc.locate_embeddings(emb, **kwargs)
+    finally:
+        torch.set_num_threads(real_threads)  # network_threads restored the patched count
+    assert workers == [(2, 2)]  # five photos in two chunks, one per worker
+    for a, b in zip(alone, side_by_side, strict=True):
+        assert a["samples"] == b["samples"] and a["best_guess"] == b["best_guess"]
+        assert a["localizability_bits"] == b["localizability_bits"]
+    assert threads.network_workers(512) == 1  # a wide network keeps its threads per operation

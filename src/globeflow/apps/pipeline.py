@@ -21,7 +21,7 @@ from globeflow.answers.draw import draw_answers
 from globeflow.answers.geocode import region_label
 from globeflow.answers.monte_carlo import answer_errors
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
-from globeflow.apps.threads import network_threads
+from globeflow.apps.threads import map_in_workers, network_threads, network_workers
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.random_streams import embedding_ids, photo_generators
@@ -151,11 +151,16 @@ class Locator:
         if within is not None:
             decode = (top_k, region_radius_km, with_density)
             return self._locate_within(emb, within, settings, generators, decode)
-        with network_threads(_network_width(self.model)):
-            parts = [
-                self._draw(emb[photos], recipe, generators[photos])
-                for photos in photo_chunks(emb.shape[0], settings["num_samples"])
-            ]
+        width = _network_width(self.model)
+        workers = network_workers(width)  # before network_threads drops to one thread
+        with network_threads(width):
+            # Each chunk draws from its own photos' streams: the answers do not depend on
+            # which worker runs it, or when.
+            parts = map_in_workers(
+                lambda photos: self._draw(emb[photos], recipe, generators[photos]),
+                photo_chunks(emb.shape[0], settings["num_samples"], workers),
+                workers,
+            )
             samples = [s for part in parts for s in part[0]]
             bits, stderr = (torch.cat([part[k] for part in parts]) for k in (1, 2))
         return self._decode(samples, bits, stderr, settings, top_k, region_radius_km, with_density)
@@ -524,10 +529,12 @@ class Locator:
         return results
 
 
-def photo_chunks(num_photos: int, num_samples: int) -> list[slice]:
+def photo_chunks(num_photos: int, num_samples: int, workers: int = 1) -> list[slice]:
     """Photos per solve so that each solve has at most :data:`ROWS_PER_SOLVE` samples (2 network
-    rows each with guidance), at least one photo per solve."""
+    rows each with guidance), at least one photo per solve, and at least ``workers`` solves
+    when there are that many photos (each worker gets one)."""
     per_solve = max(1, ROWS_PER_SOLVE // max(1, num_samples))
+    per_solve = min(per_solve, max(1, math.ceil(num_photos / max(1, workers))))
     return [slice(i, i + per_solve) for i in range(0, num_photos, per_solve)]
 
 

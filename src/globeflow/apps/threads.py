@@ -23,7 +23,8 @@ idle and beside a CPU-bound process, on the bundled model and the published-size
 
 So the default is one thread per usable core (the CPU affinity, capped by a cgroup CPU quota,
 which torch itself ignores) with ``OMP_WAIT_POLICY=PASSIVE``, and one thread while a network
-narrower than :data:`SMALL_NETWORK_WIDTH` answers (:func:`network_threads`). ``--threads N``
+narrower than :data:`SMALL_NETWORK_WIDTH` answers (:func:`network_threads`), with photos
+answered side by side on the cores instead (:func:`network_workers`). ``--threads N``
 (N >= 1) and ``OMP_NUM_THREADS`` win over the thread count; ``--threads 0`` means "automatic",
 as does leaving the option out. The wait policy applies whenever torch is not imported yet and
 the user has not set ``OMP_WAIT_POLICY``.
@@ -139,6 +140,28 @@ def threads_for_network(width: int | None, current: int) -> int:
     (also for ``width`` None: no network, as in the baselines)."""
     narrow = width is not None and width < SMALL_NETWORK_WIDTH
     return 1 if _automatic and narrow else current
+
+
+def network_workers(width: int | None) -> int:
+    """How many photo chunks to answer side by side for a network of this width: for a narrow
+    network under the automatic policy, one per thread the policy chose (each chunk then runs on
+    one thread, :func:`network_threads`, so the cores a narrow network cannot share within one
+    operation are shared across photos); 1 otherwise."""
+    import torch
+
+    narrow = width is not None and width < SMALL_NETWORK_WIDTH
+    return max(1, torch.get_num_threads()) if _automatic and narrow else 1
+
+
+def map_in_workers(function, items: list, workers: int) -> list:
+    """``[function(item) for item in items]``, on ``workers`` Python threads when more than one
+    (torch releases the GIL inside its operations); results in the order of ``items``."""
+    if workers <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(function, items))
 
 
 @contextmanager
