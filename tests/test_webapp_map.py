@@ -119,6 +119,7 @@ def test_zoom_pan_and_layer_toggles_by_mouse_and_keyboard(browser, server_url, t
         "Probability density", "Samples (1024)", "Top regions", "Best guess",
     ]  # fmt: skip
     samples = control.locator("label", has_text="Samples").locator("input")
+    _past_leaflet_click_guard(page)
     samples.focus()
     page.keyboard.press("Space")
     assert not _on(the_map, "Samples (1024)")
@@ -231,6 +232,14 @@ def _magenta_share(the_map) -> float:
     return float(close.mean())
 
 
+def _past_leaflet_click_guard(page) -> None:
+    """Leaflet ignores clicks on a layers control it is expanding until a setTimeout(0) of its
+    own has run, and Chromium runs input before timers: under load a Space pressed right after
+    the control opened was swallowed (about once in three full CI=true runs). A timer queued now
+    runs after Leaflet's."""
+    page.evaluate("() => new Promise(done => setTimeout(done, 0))")
+
+
 def test_tiles_from_a_reachable_tile_server(browser, tile_server, tmp_path):  # noqa: F811
     url, server, thread = _start_server(FakeLocator(), tiles=tile_server + "/{z}/{x}/{y}.png")
     try:
@@ -254,10 +263,7 @@ def test_tiles_from_a_reachable_tile_server(browser, tile_server, tmp_path):  # 
         page.keyboard.press("Enter")
         offline_choice = the_map.locator("label", has_text="Offline map").locator("input")
         offline_choice.wait_for(state="visible", timeout=UI_WAIT_MS)  # the control expands first
-        # Leaflet ignores clicks on an expanding control until a setTimeout(0) of its own has
-        # run, and Chromium runs input before timers: under load the Space below was swallowed
-        # (about once in three full CI=true runs). A timer queued now runs after Leaflet's.
-        page.evaluate("() => new Promise(done => setTimeout(done, 0))")
+        _past_leaflet_click_guard(page)
         offline_choice.focus()
         page.keyboard.press("Space")
         # Leaflet switches layers in its change handler; wait for it rather than race it
