@@ -42,7 +42,7 @@ from globeflow.answers.decode import best_guess  # noqa: E402
 from globeflow.answers.fusion import draw_posterior, fused_sample  # noqa: E402
 from globeflow.core import fusion as core_fusion  # noqa: E402
 from globeflow.core.sphere import haversine_km, unit_to_latlon  # noqa: E402
-from globeflow.jobs.metrics import sliced_wasserstein_km  # noqa: E402
+from globeflow.jobs.metrics import geoscore, sliced_wasserstein_km  # noqa: E402
 
 CUES = ("country", "coast", "latitude band", "city")
 
@@ -251,11 +251,6 @@ def fused_with(locator, emb: torch.Tensor, samples: int, exponent: float) -> dic
 def median(values: list[float]) -> float:
     values, half = sorted(values), len(values) // 2
     return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
-
-
-def geoscore(km: float) -> float:
-    """The GeoScore of an error in km (5000 exp(-d / 1492.7), as in the paper's tables)."""
-    return 5000.0 * math.exp(-km / 1492.7)
 
 
 def versus_single(label: str, rows: list[dict], key: str | None, singles: list[list[float]]):
