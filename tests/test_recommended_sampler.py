@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from globeflow.core.sampler_settings import (
+    AUTO,
     DEFAULT_SAMPLER,
+    PRECISIONS,
     RECOMMENDED_SAMPLER_KEY,
     SamplerSettings,
     model_recipe,
@@ -31,6 +33,13 @@ class StandIn:
     metadata: dict
 
 
+def _as_given(recipe: SamplerSettings) -> SamplerSettings:
+    """A resolved recipe with its localizability precision back to "auto" (``resolve`` fills it
+    for the device: tests/test_sampler_settings.py), after checking it was filled."""
+    assert recipe.localizability_precision in PRECISIONS
+    return dataclasses.replace(recipe, localizability_precision=AUTO)
+
+
 def _recommending(fields: dict = RECOMMENDATION) -> StandIn:
     return StandIn({RECOMMENDED_SAMPLER_KEY: {**fields, "measured": "how it was chosen"}})
 
@@ -39,7 +48,7 @@ def test_a_model_runs_its_recommended_recipe_where_the_caller_gives_none():
     model = _recommending()
     assert recommended_sampler(model) == RECOMMENDATION  # the note is not a field
     recipe = resolve(model)
-    assert recipe == dataclasses.replace(DEFAULT_SAMPLER, **RECOMMENDATION, guidance=0.0)
+    assert _as_given(recipe) == dataclasses.replace(DEFAULT_SAMPLER, **RECOMMENDATION, guidance=0.0)
     assert model_recipe(model) == dataclasses.replace(DEFAULT_SAMPLER, **RECOMMENDATION)
     assert resolve(model, recipe) == recipe  # resolving twice changes nothing
 
@@ -52,7 +61,7 @@ def test_settings_the_caller_gives_win_over_the_recommendation():
     # a whole recipe is run as given, DEFAULT_SAMPLER itself included
     assert resolve(model, DEFAULT_SAMPLER) == resolve(StandIn({}), DEFAULT_SAMPLER)
     mine = SamplerSettings(solver="euler", steps=3)
-    assert resolve(model, mine) == dataclasses.replace(mine, guidance=0.0)
+    assert _as_given(resolve(model, mine)) == dataclasses.replace(mine, guidance=0.0)
 
 
 def test_a_model_without_a_recommendation_runs_the_default_recipe():
@@ -60,7 +69,7 @@ def test_a_model_without_a_recommendation_runs_the_default_recipe():
         assert recommended_sampler(model) == {}
         assert model_recipe(model) == DEFAULT_SAMPLER
         recipe = resolve(model)
-        assert dataclasses.replace(recipe, guidance=None) == DEFAULT_SAMPLER
+        assert dataclasses.replace(_as_given(recipe), guidance=None) == DEFAULT_SAMPLER
 
 
 @pytest.mark.parametrize(

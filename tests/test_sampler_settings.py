@@ -35,7 +35,8 @@ def test_overrides_replace_only_what_is_given():
 @pytest.mark.parametrize(
     ("bad", "says"),
     [({"grid": "cubic"}, "time grid"), ({"precision": "fp16"}, "precision"),
-     ({"steps": 0}, ">= 1"), ({"num_samples": 0}, ">= 1")],
+     ({"steps": 0}, ">= 1"), ({"num_samples": 0}, ">= 1"),
+     ({"localizability_precision": "fp16"}, "precision")],
 )  # fmt: skip
 def test_bad_settings_are_named(bad, says):
     with pytest.raises(ValueError, match=says):
@@ -235,6 +236,33 @@ def _tiny_rfm(metadata: dict | None = None):
     return model
 
 
+def test_the_localizability_runs_at_its_own_precision():
+    """The localizability pass runs at ``localizability_precision`` ("auto": bf16 where native,
+    fp32 for a float64 model); the answer's samples keep ``precision``, also where one pass
+    draws both (guidance 0)."""
+    from globeflow.answers.draw import draw_answers
+    from globeflow.core.random_streams import photo_generators
+    from globeflow.core.sampler_settings import resolve
+
+    model = _tiny_rfm()
+    assert resolve(model).localizability_precision == fastest_precision("cpu")
+    assert resolve(_tiny_rfm().double()).localizability_precision == "fp32"
+    assert resolve(model, localizability_precision="fp32").precision == "fp32"
+    emb = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    for guidance in (0.0, 1.0):  # one pass, and samples then their own localizability pass
+        runs = {}
+        for p in ("fp32", "bf16"):
+            recipe = DEFAULT_SAMPLER.with_overrides(
+                guidance=guidance, num_samples=64, first_samples=0, localizability_samples=32
+            )
+            recipe = resolve(model, recipe, localizability_precision=p)
+            runs[p] = draw_answers(model, emb, photo_generators(0, ["a", "b"]), recipe)
+        for a, b in zip(runs["fp32"][0], runs["bf16"][0], strict=True):
+            assert torch.equal(a, b)
+        if guidance:  # bf16 matrix products round differently: the pass did run in bf16
+            assert not torch.equal(runs["fp32"][1], runs["bf16"][1])
+
+
 def test_models_and_evaluate_default_to_the_recipe():
     """``model.sample(emb)`` is DEFAULT_SAMPLER at the model's recommended guidance (or the
     fallback DEFAULT_GUIDANCE), bitwise; its localizability is the recipe's; evaluate draws its
@@ -264,7 +292,7 @@ def test_models_and_evaluate_default_to_the_recipe():
     model = _tiny_rfm()
     spelled = model.localizability(
         emb, d.localizability_samples, d.localizability_steps, seeded(),
-        solver=d.localizability_solver, precision=d.precision,
+        solver=d.localizability_solver, precision=d.localizability_precision,
     )  # fmt: skip
     assert torch.equal(model.localizability(emb, generator=seeded()), spelled)
     # The flow family has the recipe's solver and runs it on the recipe's grid; diffusion

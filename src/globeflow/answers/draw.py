@@ -28,7 +28,7 @@ from globeflow.core.sampler_settings import SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
-__all__ = ["bits_and_stderr", "draw_answers", "more_samples"]
+__all__ = ["bits_and_stderr", "draw_answers", "localizability_precision", "more_samples"]
 
 Draw = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -110,6 +110,13 @@ def _draw_batch(
     return list(samples.unbind(0)), bits, stderr
 
 
+def localizability_precision(model, recipe: SamplerSettings) -> str:
+    """The precision the localizability of a resolved ``recipe`` runs at: the answer's own
+    (``precision``) where one pass draws the answer's samples and their densities
+    (:func:`_one_pass`), else ``localizability_precision``."""
+    return recipe.precision if _one_pass(model, recipe) else recipe.localizability_precision
+
+
 def _one_pass(model, recipe: SamplerSettings) -> bool:
     """Whether the answer's samples and the localizability come from one solve: without
     guidance on S^2, for a Lie-group solver that carries log-densities, on its own grid
@@ -145,9 +152,10 @@ def _draw_from(
     if one_pass:
         steps = max(recipe.steps, recipe.localizability_steps)
         x0, padded = noise(n)
+        # The answer's own samples: at the answer's precision, not the localizability's.
         x, log_p = model.sample_with_log_density(
             emb, padded, steps, generator, method="path", solver=solver, noise=x0,
-            settings=recipe,
+            settings=recipe, precision=recipe.precision,
         )  # fmt: skip
         if n_loc <= 0:
             return unit_to_latlon(x[:, :n]).cpu(), nan, nan

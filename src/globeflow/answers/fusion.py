@@ -55,6 +55,7 @@ from globeflow.core.likelihood import (
     stiff_width,
 )
 from globeflow.core.random_streams import photo_generators, photo_seed
+from globeflow.core.sampler_settings import FULL_PRECISION
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
@@ -221,14 +222,15 @@ def own_samples(
         from globeflow.core.random_streams import stream_noise
 
         noise, padded = stream_noise(model, generators, k, conditions)
-        # Each sample's own stiffness floor (probed where its pilot lands), as the localizability.
+        # Each sample's own stiffness floor (probed where its pilot lands), as the localizability;
+        # in fp32, the precision fusion's proposals and weights were measured at (docs/fusion.md).
         x, log_p = model.sample_with_log_density(
             conditions, padded, steps, None, method="path", solver=LOCALIZABILITY_SOLVER,
-            noise=noise,
+            noise=noise, precision=FULL_PRECISION,
         )  # fmt: skip
         return OwnSamples(x[:, :k], log_p[:, :k], stiff_end=True)
     parts = [
-        model.sample_with_log_density(conditions[i : i + 1], k, steps, g)
+        model.sample_with_log_density(conditions[i : i + 1], k, steps, g, precision=FULL_PRECISION)
         for i, g in enumerate(generators)
     ]
     return OwnSamples(
@@ -359,6 +361,7 @@ def single_sample(
     drawn: exact rejection sampling of the truncated posterior. Each round asks for what the
     acceptance rate so far predicts is missing."""
     emb = model.prepare_embeddings(emb)
+    precision = precision or FULL_PRECISION  # the answer's samples: not the localizability's
     xs, log_ps = [], []
     inside = drawn = round_ = 0
     batch = num_samples
@@ -375,7 +378,9 @@ def single_sample(
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
             )  # fmt: skip
         else:
-            x, log_p = model.sample_with_log_density(emb, batch, steps, generator)
+            x, log_p = model.sample_with_log_density(
+                emb, batch, steps, generator, precision=precision
+            )
         xs.append(x[0].double())
         log_ps.append(log_p[0].double())
         drawn += batch

@@ -37,6 +37,7 @@ import torch
 from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField
 from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
+from globeflow.core.precision import fastest_precision
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
     FULL_PRECISION,
@@ -164,10 +165,13 @@ def stiffness_floor(
     x: torch.Tensor,
     bulk_steps: int,
     log_step: float = STIFF_LOG_STEP,
+    precision: str = FULL_PRECISION,
 ) -> torch.Tensor:
     """The largest floor f of the stiff-end grid that keeps every step's h |lambda| within
     ``log_step`` at each point x (B, M, 3): (B, M) float64, in s = 1 - gamma; ``math.inf``
-    where the field is never stiff there (uniform steps suffice).
+    where the field is never stiff there (uniform steps suffice). ``precision``: of the
+    probe's network evaluations (the floor only chooses a grid: bf16's ~1% error in the
+    divergence moves it by ~1%, inside the margin :data:`STIFF_FLOOR_RATIO`).
 
     Derivation. Near the data end the field contracts isotropically in the tangent plane at a
     rate |lambda| = |div v| / 2 (div v < 0: the flow converges on the mass). Write
@@ -202,7 +206,7 @@ def stiffness_floor(
     ladder = probe_ladder(knee)
     gammas = 1.0 - torch.tensor(ladder, dtype=torch.float64)
     gammas = gammas.to(device=emb.device, dtype=emb.dtype)
-    field = GuidedField(model.network, emb, gammas)
+    field = GuidedField(model.network, emb, gammas, precision=precision)
     floor = torch.full(x.shape[:-1], math.inf, dtype=torch.float64, device=x.device)
     for node, s in enumerate(ladder):
         _, div = field_and_divergence(model, x, field, node, gammas[node])
@@ -329,7 +333,8 @@ def log_prob_ode(
     ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the ``spacing`` grid (4
     evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
     ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps; the
-    accuracy figures above are float32).
+    accuracy figures above are float32). A float32 model's stiffness probe runs at the
+    device's fastest precision (it only chooses the grid, :func:`stiffness_floor`).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
@@ -424,7 +429,8 @@ def _midpoint_log_prob(
 
     def solve(x: torch.Tensor) -> torch.Tensor:
         if stiff is StiffEnd.PROBED:  # each point's own floor: its answer is batch-free
-            floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step))
+            probe = fastest_precision(x.device) if x.dtype == torch.float32 else FULL_PRECISION
+            floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step, probe))
             (out,) = solve_by_floor(
                 floors,
                 x,
@@ -505,7 +511,8 @@ def sample_with_log_density(
     ``StiffEnd.NONE``: no stiff end (``steps`` uniform steps). None and ``math.inf`` are the
     older spellings of these two (:func:`~globeflow.core.log_density_settings.as_stiff_end`).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
-    ``precision="bf16"`` runs the network's matrix products (JVPs included) in bfloat16.
+    ``precision="bf16"`` runs the network's matrix products (JVPs included; the pilot's and the
+    probe's too) in bfloat16.
     """
     if model.geometry is not SPHERE:
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
@@ -514,9 +521,8 @@ def sample_with_log_density(
     x0 = model.prepare_noise(emb, num_samples, noise, generator)
     stiff = as_stiff_end(stiff)
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
-        floors = quantized_floors(
-            stiffness_floor(model, emb, pilot(model, emb, x0), steps, log_step)
-        )
+        landed = pilot(model, emb, x0, precision)
+        floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, precision))
 
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
@@ -532,14 +538,18 @@ def sample_with_log_density(
     return x, model.base_log_prob(x0) + delta
 
 
-def pilot(model, emb: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def pilot(
+    model, emb: torch.Tensor, x0: torch.Tensor, precision: str = FULL_PRECISION
+) -> torch.Tensor:
     """Where each initial state x0 (B, N, 3) lands under :data:`PILOT_STEPS` Euler steps on the
     published grid, (B, N, 3): near the end of its own accurate path, so that the stiffness is
     probed where that sample's mass is. A pilot that lands between modes reads the field as
     stiffer than it is (there it pulls at the full rate 1 / s), which costs steps; one that
     misses a sharp mode its sample reaches gives that sample too coarse a grid (the strict xfail
     tests/test_stiffness.py::test_a_5_percent_sharp_minor_mode_is_integrated_on_its_own_grid)."""
-    recipe = AUTHORS_SAMPLER.with_overrides(steps=PILOT_STEPS, num_samples=x0.shape[1])
+    recipe = AUTHORS_SAMPLER.with_overrides(
+        steps=PILOT_STEPS, num_samples=x0.shape[1], precision=precision
+    )
     return model.sample_unit(emb, dataclasses.replace(recipe, guidance=0.0), x0, None)
 
 

@@ -13,6 +13,7 @@ This module imports no torch (the command line builds its help from it).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,14 @@ step, was 0.35-0.38 bit low on the 25-km and 1,000-km exact testbeds at 16 steps
 LOCALIZABILITY_SAMPLES = 128
 """Unguided samples per photo of the localizability estimate (and of evaluate's calibration)."""
 
+LOCALIZABILITY_PRECISION = AUTO
+"""Precision of the localizability pass (its pilot, stiffness probe and solve): bf16 where the
+device runs it natively, for float32 models. The estimate is a mean over samples with a Monte
+Carlo standard error of ~0.2 bit; bf16 moves it by -0.008 +- 0.008 bit on syn-small (dim 256),
+-0.004 +- 0.007 on syn-published (dim 512, depth 12) and -0.0005 on the bundled model (20, 20
+and 8 photos, the same noise; docs/benchmarks.md, "The cost of an answer"), and takes 1.4x /
+1.6x / 1.2x less time there. The answer's own samples keep ``precision``."""
+
 FIRST_SAMPLES = 256
 """Samples per photo of an answer's first draw. Every accuracy table of docs/defaults.md holds at
 this count (``benchmarks/confident.py`` compares 256 samples of each sampler); more are drawn,
@@ -83,8 +92,9 @@ class SamplerSettings:
     ``grid``: a time grid of :data:`GRIDS` (None: the solver's own); ``steps``: solver steps;
     ``precision``: "fp32", "bf16" or "auto"; ``num_samples``: samples per photo; ``guidance``:
     classifier-free guidance scale (None: the model's recommended one);
-    ``localizability_*``: the unguided samples, (bulk) steps and solver of the localizability
-    estimate; a sharp posterior adds steps at the data end (:mod:`globeflow.core.likelihood`).
+    ``localizability_*``: the unguided samples, (bulk) steps, solver and precision of the
+    localizability estimate; a sharp posterior adds steps at the data end
+    (:mod:`globeflow.core.likelihood`).
 
     Adaptive sample count: an answer first draws ``first_samples`` per photo, then, up to
     ``num_samples``, as many more as bring the Monte Carlo standard errors of its best guess's
@@ -102,6 +112,7 @@ class SamplerSettings:
     localizability_samples: int = LOCALIZABILITY_SAMPLES
     localizability_steps: int = LOCALIZABILITY_BULK_STEPS
     localizability_solver: str = LOCALIZABILITY_SOLVER
+    localizability_precision: str = LOCALIZABILITY_PRECISION
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
@@ -109,8 +120,9 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
             raise ValueError(f"unknown time grid {self.grid!r}; choose from {GRIDS}")
-        if self.precision != AUTO and self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {PRECISIONS}")
+        for precision in (self.precision, self.localizability_precision):
+            if precision != AUTO and precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
         if self.steps < 1 or self.num_samples < 1 or self.localizability_steps < 1:
             raise ValueError("steps, num_samples and localizability_steps must be >= 1")
         if self.first_samples < 0:
@@ -183,9 +195,11 @@ def sampler_recommendation(value: object) -> dict[str, Any]:
     allowed = {f.name for f in dataclasses.fields(SamplerSettings)} - {"guidance"}
     unknown = sorted(set(fields) - allowed)
     if unknown:
+        close = {m for name in unknown for m in difflib.get_close_matches(name, allowed, 2)}
+        hint = f"did you mean {', '.join(sorted(close))}? " if close else ""
         raise ValueError(
             f"{RECOMMENDED_SAMPLER_KEY}: {', '.join(unknown)} not among the recipe's fields "
-            f"({', '.join(sorted(allowed))}; the guidance is recommended_guidance)"
+            f"({hint}the fields are SamplerSettings'; the guidance is recommended_guidance)"
         )
     try:
         dataclasses.replace(DEFAULT_SAMPLER, **fields)
@@ -237,7 +251,8 @@ def resolve(
       family's own step, on its own grid, at :data:`AUTHORS_SAMPLER`'s step count when the
       recipe's is the default one (another count is kept). A solver given in ``overrides`` is
       kept as given (the model names what it lacks).
-    - ``precision`` "auto": resolved for the model's device.
+    - ``precision`` and ``localizability_precision`` "auto": resolved for the model's device
+      (a float64 model asks for its own precision: fp32).
     """
     recipe = (settings or model_recipe(model)).with_overrides(**overrides)
     if recipe.guidance is None:
@@ -251,7 +266,23 @@ def resolve(
             steps = AUTHORS_SAMPLER.steps if recipe.steps == DEFAULT_SAMPLER.steps else None
             recipe = dataclasses.replace(recipe, solver=solver, grid=None)
             recipe = recipe.with_overrides(steps=overrides.get("steps") or steps)
-    if recipe.precision == AUTO:
-        device = getattr(model, "device", "cpu")
-        recipe = dataclasses.replace(recipe, precision=recipe.resolved_precision(device))
-    return recipe
+    auto = _auto_precision(model)
+    return dataclasses.replace(
+        recipe,
+        precision=auto if recipe.precision == AUTO else recipe.precision,
+        localizability_precision=(
+            auto if recipe.localizability_precision == AUTO else recipe.localizability_precision
+        ),
+    )
+
+
+def _auto_precision(model: object) -> str:
+    """What "auto" runs for ``model``: fp32 for a float64 model (it asks for precision), else
+    the fastest precision of its device (:meth:`SamplerSettings.resolved_precision`)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    if first is not None and str(first.dtype) == "torch.float64":
+        return FULL_PRECISION
+    return DEFAULT_SAMPLER.with_overrides(precision=AUTO).resolved_precision(
+        getattr(model, "device", "cpu")
+    )

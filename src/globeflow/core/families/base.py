@@ -171,7 +171,8 @@ class GeoModel(nn.Module):
         log_density_settings.DEFAULT_LOG_DENSITY`) says how they are scored. ``noise`` (B, N, 3)
         is the initial state (default: drawn from ``generator``). Keyword shorthands:
         ``solver`` and ``precision`` (the recipe's ``localizability_solver`` and
-        ``precision``), ``method``, ``likelihood_steps`` and ``stiff`` (``density``'s fields).
+        ``localizability_precision``), ``method``, ``likelihood_steps`` and ``stiff``
+        (``density``'s fields).
         """
         recipe, density = self.log_density_recipe(
             settings, density, num_samples, steps, **shorthands
@@ -191,7 +192,7 @@ class GeoModel(nn.Module):
     ) -> tuple[SamplerSettings, LogDensitySettings]:
         """The resolved recipe and density settings of :meth:`sample_with_log_density`."""
         recipe = resolve(
-            self, settings, precision=precision, localizability_solver=solver,
+            self, settings, localizability_precision=precision, localizability_solver=solver,
             localizability_samples=num_samples or None, localizability_steps=steps or None,
         )  # fmt: skip
         return recipe, (density or DEFAULT_LOG_DENSITY).with_overrides(**density_fields)
@@ -210,7 +211,7 @@ class GeoModel(nn.Module):
         (``density.likelihood_steps`` steps)."""
         sampling = dataclasses.replace(
             recipe, guidance=0.0, num_samples=recipe.localizability_samples,
-            steps=recipe.localizability_steps,
+            steps=recipe.localizability_steps, precision=recipe.localizability_precision,
         )  # fmt: skip
         x = self.sample_unit(emb, sampling, noise, generator)
         return x, self.log_prob_unit(x, emb, steps=density.likelihood_steps)
@@ -534,7 +535,8 @@ class DenoisingModel(GeoModel):
             return super().sample_unit_with_log_density(emb, recipe, density, noise, generator)
         return sample_with_log_density(
             self, emb, recipe.localizability_samples, recipe.localizability_steps,
-            recipe.localizability_solver, generator, noise, recipe.precision, stiff=density.stiff,
+            recipe.localizability_solver, generator, noise, recipe.localizability_precision,
+            stiff=density.stiff,
         )  # fmt: skip
 
     published_solver: str = "euler"
