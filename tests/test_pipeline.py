@@ -10,7 +10,7 @@ from globeflow.apps import pipeline
 from globeflow.apps.pipeline import Locator
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.network import Denoiser
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, PRECISIONS
 
 
 class _Encoder:
@@ -121,15 +121,19 @@ def test_locate_paths_shows_no_progress_bar_unless_asked(tmp_path, monkeypatch, 
 
 def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkeypatch):
     """Under the automatic thread policy a narrow network answers chunks of photos on parallel
-    workers (one thread each); every answer equals the one-worker answer, bit for bit."""
+    workers (one thread each); every answer equals the one-worker answer, bit for bit in fp32.
+    A bf16 localizability pass rounds its matrix products by their row counts, which depend on
+    the chunk: it may move by rounding, far inside its Monte Carlo standard error."""
     from globeflow.apps import threads
 
     loc = _locator()
     emb = torch.randn(5, 6)
+    fp32, bf16 = (DEFAULT_SAMPLER.with_overrides(localizability_precision=p) for p in PRECISIONS)
     kwargs = dict(num_samples=64, steps=4, localizability_samples=16, seed=3)
     monkeypatch.setattr(threads, "_automatic", False)
     assert threads.network_workers(128) == 1
-    alone = loc.locate_embeddings(emb, **kwargs)
+    alone = loc.locate_embeddings(emb, sampler=fp32, **kwargs)
+    alone_bf16 = loc.locate_embeddings(emb, sampler=bf16, **kwargs)
     workers = []
     monkeypatch.setattr(threads, "_automatic", True)
     real_threads = torch.get_num_threads()
@@ -141,11 +145,16 @@ def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkey
         lambda f, items, n: (workers.append((len(items), n)), run(f, items, n))[1],
     )
     try:
-        side_by_side = loc.locate_embeddings(emb, **kwargs)
+        side_by_side = loc.locate_embeddings(emb, sampler=fp32, **kwargs)
+        side_by_side_bf16 = loc.locate_embeddings(emb, sampler=bf16, **kwargs)
     finally:
         torch.set_num_threads(real_threads)  # network_threads restored the patched count
-    assert workers == [(2, 2)]  # five photos in two chunks, one per worker
+    assert workers == [(2, 2), (2, 2)]  # five photos in two chunks, one per worker
     for a, b in zip(alone, side_by_side, strict=True):
         assert a["samples"] == b["samples"] and a["best_guess"] == b["best_guess"]
         assert a["localizability_bits"] == b["localizability_bits"]
+    for a, b in zip(alone_bf16, side_by_side_bf16, strict=True):
+        assert a["samples"] == b["samples"] and a["best_guess"] == b["best_guess"]
+        moved = abs(a["localizability_bits"] - b["localizability_bits"])
+        assert moved < 0.01 * a["localizability_stderr_bits"]
     assert threads.network_workers(512) == 1  # a wide network keeps its threads per operation

@@ -37,6 +37,7 @@ import torch
 from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField
 from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
+from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
 from globeflow.core.precision import fastest_precision
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
@@ -334,7 +335,9 @@ def log_prob_ode(
     evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
     ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps; the
     accuracy figures above are float32). A float32 model's stiffness probe runs at the
-    device's fastest precision (it only chooses the grid, :func:`stiffness_floor`).
+    device's fastest precision (it only chooses the grid, :func:`stiffness_floor`). On a CPU
+    the points are split across the cores, one worker thread each
+    (:mod:`globeflow.core.parallel`; the values change by float32 rounding at most).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
@@ -349,8 +352,14 @@ def log_prob_ode(
             solve = _rk4_log_prob(model, emb, steps, spacing, precision)
         else:
             raise ValueError(f"unknown likelihood method {method!r}; choose midpoint or rk4")
-        parts = [solve(x[:, i : i + per_chunk].detach()) for i in range(0, m, per_chunk)]
-    return torch.cat(parts, dim=1)
+
+        def solve_points(part: slice) -> torch.Tensor:
+            chunks = range(part.start, part.stop, per_chunk)
+            return torch.cat([solve(x[:, i : min(i + per_chunk, part.stop)]) for i in chunks], 1)
+
+        # Each point's value depends on that point alone: the points are split across the cores.
+        parts = split_evenly(m, cpu_workers(x.device, m))
+        return torch.cat(map_on_cores(solve_points, parts, len(parts)), dim=1)
 
 
 def _path_field(
@@ -512,7 +521,8 @@ def sample_with_log_density(
     older spellings of these two (:func:`~globeflow.core.log_density_settings.as_stiff_end`).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included; the pilot's and the
-    probe's too) in bfloat16.
+    probe's too) in bfloat16. On a CPU the samples are split across the cores, one worker
+    thread each (:mod:`globeflow.core.parallel`).
     """
     if model.geometry is not SPHERE:
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
@@ -520,6 +530,17 @@ def sample_with_log_density(
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
     x0 = model.prepare_noise(emb, num_samples, noise, generator)
     stiff = as_stiff_end(stiff)
+    workers = cpu_workers(x0.device, x0.shape[1])
+    if workers > 1:  # each sample's path depends on its own initial state alone
+        parts = map_on_cores(
+            lambda part: sample_with_log_density(
+                model, emb, part.stop - part.start, steps, solver, None, x0[:, part], precision,
+                stiff, log_step,
+            ),
+            split_evenly(x0.shape[1], workers),
+            workers,
+        )  # fmt: skip
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         landed = pilot(model, emb, x0, precision)
         floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, precision))
