@@ -182,8 +182,15 @@ def count_flops(fn) -> int:
     extra = {}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         extra[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
-        fn()
+    # The counter sees the calling thread only: on one intra-op thread the work stays in it
+    # (globeflow.core.parallel splits work across worker threads only where there are more).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     return int(counter.get_total_flops())
 
 
