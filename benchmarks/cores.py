@@ -2,9 +2,10 @@
 threads, in one process, as the command line runs torch (``OMP_WAIT_POLICY=PASSIVE``).
 
 Workloads: the exact log-likelihood of ``points`` points of one image on the YFCC-size random
-network (``model.log_prob``: 48 lagged-midpoint steps and the stiffness probe) and the
-localizability pass (``model.localizability``: ``samples`` samples) of one held-out photo of
-each of the first ``photos`` patterns of a trained testbed. "one pass": the work as one batch
+network (``model.log_prob``: 48 lagged-midpoint steps and the stiffness probe), and on one
+held-out photo of each of the first ``photos`` patterns of a trained testbed the localizability
+pass (``model.localizability``: ``samples`` samples) and 256 samples at guidance 2 with the
+default sampler (``model.sample``). "one pass": the work as one batch
 on the process's intra-op threads (:func:`globeflow.core.parallel.cpu_workers` made to answer
 1, the code path before); "side by side": the defaults (one Python worker per thread, each on
 one intra-op thread). Interleaved, best of ``repeats``; the values of both must be the same
@@ -26,6 +27,7 @@ from _registry import experiment
 from _testbeds import TRAINED_ROOT
 
 from globeflow.core import likelihood
+from globeflow.core.families import base as families_base
 from globeflow.core.sampler_settings import LOCALIZABILITY_SAMPLES
 
 
@@ -50,7 +52,13 @@ def _workloads(points: int, photos: int, samples: int, testbed: str) -> dict:
                 bed_emb, num_samples=samples, generator=torch.Generator().manual_seed(0)
             )
 
+        def guided_samples() -> torch.Tensor:
+            return bed.sample(
+                bed_emb, 256, guidance=2.0, generator=torch.Generator().manual_seed(0)
+            )
+
         runs[f"localizability, {testbed}, {photos} photos x {samples}"] = localizability
+        runs[f"samples at guidance 2 (defaults), {testbed}, {photos} photos x 256"] = guided_samples
     else:
         print(f"{directory}: missing, localizability not timed (benchmarks/run.py testbeds_build)")
     return runs
@@ -67,18 +75,21 @@ def cores(
 ) -> dict:
     real = likelihood.cpu_workers
     variants = {"one pass": lambda device, items: 1, "side by side": real}
+    modules = (likelihood, families_base)
     rows = []
     for name, run in _workloads(points, photos, samples, testbed).items():
         best, values = dict.fromkeys(variants, math.inf), {}
         try:
             for _ in range(repeats):
                 for label, workers in variants.items():
-                    likelihood.cpu_workers = workers
+                    for module in modules:
+                        module.cpu_workers = workers
                     start = time.perf_counter()
                     values[label] = run()
                     best[label] = min(best[label], time.perf_counter() - start)
         finally:
-            likelihood.cpu_workers = real
+            for module in modules:
+                module.cpu_workers = real
         rows.append({
             "workload": name, "one pass s": best["one pass"],
             "side by side s": best["side by side"],

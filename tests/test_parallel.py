@@ -8,6 +8,7 @@ import torch
 
 from globeflow.core import likelihood
 from globeflow.core.families import RiemannianFlowMatching
+from globeflow.core.families import base as families_base
 from globeflow.core.network import Denoiser
 from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
 
@@ -42,10 +43,11 @@ def _tiny_model() -> RiemannianFlowMatching:
 
 
 def test_points_and_samples_split_across_cores_give_the_one_pass_values(monkeypatch):
-    """Each point's log-likelihood and each sample's path depend on that point or sample alone:
-    split across 3 workers they are the one-pass values up to float32 rounding (a matrix
-    product's kernel, and so its last bit, may depend on its row count: float32's epsilon
-    1.2e-7 over the ~50 accumulated steps and layers bounds the change by ~1e-5)."""
+    """Each point's log-likelihood and each sample's path (with its log-density, or guided)
+    depend on that point or sample alone: split across 3 workers they are the one-pass values
+    up to float32 rounding (a matrix product's kernel, and so its last bit, may depend on its
+    row count: float32's epsilon 1.2e-7 over the ~50 accumulated steps and layers bounds the
+    change by ~1e-5)."""
     model, emb = _tiny_model(), torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
     x = torch.nn.functional.normalize(torch.randn(2, 20, 3), dim=-1)
     x0 = torch.nn.functional.normalize(torch.randn(2, 24, 3), dim=-1)
@@ -57,10 +59,12 @@ def test_points_and_samples_split_across_cores_give_the_one_pass_values(monkeypa
     torch.set_num_threads(2)
     try:
         for n in (1, 3):
-            monkeypatch.setattr(likelihood, "cpu_workers", workers_of(n))
+            for module in (likelihood, families_base):
+                monkeypatch.setattr(module, "cpu_workers", workers_of(n))
             runs[n] = (
                 likelihood.log_prob_ode(model, x, emb, steps=8),
                 *likelihood.sample_with_log_density(model, emb, 24, 8, noise=x0),
+                model.sample(emb, 24, 8, 1.5, noise=x0),  # guided: two branches per row
             )
     finally:
         torch.set_num_threads(before)

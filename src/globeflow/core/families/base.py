@@ -17,6 +17,7 @@ from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
 from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY, LogDensitySettings
 from globeflow.core.network import Denoiser
+from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
 from globeflow.core.sampler_settings import SamplerSettings, resolve
 from globeflow.core.schedules import Schedule, SigmoidSchedule, schedule_from_config
 from globeflow.core.solvers import EUCLIDEAN, SOLVERS, SPHERE, Geometry
@@ -479,7 +480,8 @@ class DenoisingModel(GeoModel):
         step) or, on S^2, ``"data-2m"`` (second order, one evaluation per step, exact at the
         stiff end). ``recipe.precision``: ``"fp32"`` or ``"bf16"``. ``recipe.grid``: the time
         grid (:mod:`globeflow.core.time_grids`); None: the solver's own (``"published"`` for the
-        published step).
+        published step). On a CPU the samples are split across the cores, one worker thread each
+        (:mod:`globeflow.core.parallel`).
         """
         steps, guidance, precision, grid = (
             recipe.steps,
@@ -489,6 +491,13 @@ class DenoisingModel(GeoModel):
         )
         x = self.prepare_noise(emb, recipe.num_samples, noise, generator)
         solver = self.check_solver(recipe.solver)
+        workers = cpu_workers(x.device, x.shape[1])
+        if workers > 1:  # each sample's path depends on its own initial state alone
+            parts = split_evenly(x.shape[1], workers)
+            return torch.cat(
+                map_on_cores(lambda part: self.sample_raw(emb, recipe, x[:, part]), parts, workers),
+                dim=1,
+            )
         if solver not in SOLVERS or solver == self.published_solver:
             gammas = self.sampling_levels(steps, emb, grid=grid or "published")
             field = GuidedField(self.network, emb, gammas[:-1], guidance, precision)
