@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -121,9 +122,11 @@ def test_locate_paths_shows_no_progress_bar_unless_asked(tmp_path, monkeypatch, 
 
 def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkeypatch):
     """Under the automatic thread policy a narrow network answers chunks of photos on parallel
-    workers (one thread each); every answer equals the one-worker answer, bit for bit in fp32.
-    A bf16 localizability pass rounds its matrix products by their row counts, which depend on
-    the chunk: it may move by rounding, far inside its Monte Carlo standard error."""
+    workers (one thread each); every answer is the one-worker answer up to float rounding: a
+    sample's coordinates (rounded to 1e-4 degree in the answer) at most one rounding step
+    apart, the best guess the same point, the localizability the same to float32 rounding in
+    fp32 and far inside its Monte Carlo standard error in bf16 (whose matrix products round by
+    their row counts, which depend on the chunk)."""
     from globeflow.apps import threads
 
     loc = _locator()
@@ -137,7 +140,13 @@ def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkey
     workers = []
     monkeypatch.setattr(threads, "_automatic", True)
     real_threads = torch.get_num_threads()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    # Two threads in the caller (the policy's count on a 2-core machine); a worker's own.
+    real_count = torch.get_num_threads
+    monkeypatch.setattr(
+        torch,
+        "get_num_threads",
+        lambda: 2 if threading.current_thread() is threading.main_thread() else real_count(),
+    )
     run = threads.map_in_workers
     monkeypatch.setattr(
         pipeline,
@@ -150,11 +159,15 @@ def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkey
     finally:
         torch.set_num_threads(real_threads)  # network_threads restored the patched count
     assert workers == [(2, 2), (2, 2)]  # five photos in two chunks, one per worker
-    for a, b in zip(alone, side_by_side, strict=True):
-        assert a["samples"] == b["samples"] and a["best_guess"] == b["best_guess"]
-        assert a["localizability_bits"] == b["localizability_bits"]
-    for a, b in zip(alone_bf16, side_by_side_bf16, strict=True):
-        assert a["samples"] == b["samples"] and a["best_guess"] == b["best_guess"]
-        moved = abs(a["localizability_bits"] - b["localizability_bits"])
-        assert moved < 0.01 * a["localizability_stderr_bits"]
+    step = 1e-4 + 1e-9  # one rounding step of the answer's coordinates
+    for pair, same_bits in (((alone, side_by_side), 1e-5), ((alone_bf16, side_by_side_bf16), None)):
+        for a, b in zip(*pair, strict=True):
+            samples = torch.tensor(a["samples"], dtype=torch.float64) - torch.tensor(
+                b["samples"], dtype=torch.float64
+            )
+            assert float(samples.abs().max()) <= step
+            guess = [a["best_guess"][k] - b["best_guess"][k] for k in ("lat", "lon")]
+            assert max(map(abs, guess)) <= step
+            moved = abs(a["localizability_bits"] - b["localizability_bits"])
+            assert moved < (same_bits or 0.01 * a["localizability_stderr_bits"])
     assert threads.network_workers(512) == 1  # a wide network keeps its threads per operation
