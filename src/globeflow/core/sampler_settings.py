@@ -61,10 +61,11 @@ LOCALIZABILITY_SAMPLES = 128
 LOCALIZABILITY_PRECISION = AUTO
 """Precision of the localizability pass (its pilot, stiffness probe and solve): bf16 where the
 device runs it natively, for float32 models. The estimate is a mean over samples with a Monte
-Carlo standard error of ~0.2 bit; bf16 moves it by -0.008 +- 0.008 bit on syn-small (dim 256),
--0.004 +- 0.007 on syn-published (dim 512, depth 12) and -0.0005 on the bundled model (20, 20
-and 8 photos, the same noise; docs/benchmarks.md, "The cost of an answer"), and takes 1.4x /
-1.6x / 1.2x less time there. The answer's own samples keep ``precision``."""
+Carlo standard error of 0.25-0.30 bit; bf16 moves it by -0.019 +- 0.008 bit on syn-small (dim
+256), -0.004 +- 0.010 on syn-published (dim 512, depth 12) and -0.001 on the bundled model (8
+photos each, the same noise), for 1.35x / 1.63x / 0.93x the speed of fp32
+(``benchmarks/run.py localizability_precision``; docs/benchmarks.md, "The cost of an answer").
+The answer's own samples keep ``precision``."""
 
 FIRST_SAMPLES = 256
 """Samples per photo of an answer's first draw. Every accuracy table of docs/defaults.md holds at
@@ -266,23 +267,20 @@ def resolve(
             steps = AUTHORS_SAMPLER.steps if recipe.steps == DEFAULT_SAMPLER.steps else None
             recipe = dataclasses.replace(recipe, solver=solver, grid=None)
             recipe = recipe.with_overrides(steps=overrides.get("steps") or steps)
-    auto = _auto_precision(model)
-    return dataclasses.replace(
-        recipe,
-        precision=auto if recipe.precision == AUTO else recipe.precision,
-        localizability_precision=(
-            auto if recipe.localizability_precision == AUTO else recipe.localizability_precision
-        ),
-    )
+    fields = ("precision", "localizability_precision")
+    auto = [name for name in fields if getattr(recipe, name) == AUTO]
+    if not auto:
+        return recipe
+    return dataclasses.replace(recipe, **dict.fromkeys(auto, _auto_precision(model)))
 
 
 def _auto_precision(model: object) -> str:
     """What "auto" runs for ``model``: fp32 for a float64 model (it asks for precision), else
-    the fastest precision of its device (:meth:`SamplerSettings.resolved_precision`)."""
+    the fastest precision of its device."""
     parameters = getattr(model, "parameters", None)
     first = next(parameters(), None) if callable(parameters) else None
     if first is not None and str(first.dtype) == "torch.float64":
         return FULL_PRECISION
-    return DEFAULT_SAMPLER.with_overrides(precision=AUTO).resolved_precision(
-        getattr(model, "device", "cpu")
-    )
+    from globeflow.core.precision import fastest_precision
+
+    return fastest_precision(getattr(model, "device", "cpu"))
