@@ -128,6 +128,7 @@ def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkey
     fp32 and far inside its Monte Carlo standard error in bf16 (whose matrix products round by
     their row counts, which depend on the chunk)."""
     from globeflow.apps import threads
+    from globeflow.core import parallel
 
     loc = _locator()
     emb = torch.randn(5, 6)
@@ -147,10 +148,10 @@ def test_narrow_networks_answer_photos_side_by_side_with_the_same_answers(monkey
         "get_num_threads",
         lambda: 2 if threading.current_thread() is threading.main_thread() else real_count(),
     )
-    run = threads.map_in_workers
+    run = parallel.map_on_cores
     monkeypatch.setattr(
         pipeline,
-        "map_in_workers",
+        "map_on_cores",
         lambda f, items, n: (workers.append((len(items), n)), run(f, items, n))[1],
     )
     try:

@@ -21,9 +21,10 @@ from globeflow.answers.draw import draw_answers, localizability_precision
 from globeflow.answers.geocode import region_label
 from globeflow.answers.monte_carlo import answer_errors
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
-from globeflow.apps.threads import map_in_workers, network_threads, network_workers
+from globeflow.apps.threads import network_threads, network_workers
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
+from globeflow.core.parallel import map_on_cores
 from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.sampler_settings import (
     SamplerSettings,
@@ -156,7 +157,7 @@ class Locator:
         with network_threads(width):
             # Each chunk draws from its own photos' streams: the answers do not depend on
             # which worker runs it, or when.
-            parts = map_in_workers(
+            parts = map_on_cores(
                 lambda photos: self._draw(emb[photos], recipe, generators[photos]),
                 photo_chunks(emb.shape[0], settings["num_samples"], workers),
                 workers,

@@ -146,22 +146,12 @@ def network_workers(width: int | None) -> int:
     """How many photo chunks to answer side by side for a network of this width: for a narrow
     network under the automatic policy, one per thread the policy chose (each chunk then runs on
     one thread, :func:`network_threads`, so the cores a narrow network cannot share within one
-    operation are shared across photos); 1 otherwise."""
+    operation are shared across photos, :func:`globeflow.core.parallel.map_on_cores`); 1
+    otherwise."""
     import torch
 
     narrow = width is not None and width < SMALL_NETWORK_WIDTH
     return max(1, torch.get_num_threads()) if _automatic and narrow else 1
-
-
-def map_in_workers(function, items: list, workers: int) -> list:
-    """``[function(item) for item in items]``, on ``workers`` Python threads when more than one
-    (torch releases the GIL inside its operations); results in the order of ``items``."""
-    if workers <= 1 or len(items) <= 1:
-        return [function(item) for item in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(function, items))
 
 
 @contextmanager
