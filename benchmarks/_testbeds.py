@@ -313,6 +313,18 @@ def trained_testbeds(
     return beds
 
 
+def photo_per_pattern(name: str, photos: int, root: Path = TRAINED_ROOT):
+    """(model, emb (P, D)): a trained testbed's model and the first held-out photo of each of
+    its first ``photos`` patterns."""
+    from globeflow.core.checkpoints import load_model
+    from globeflow.data import synthetic
+
+    held = synthetic.load_heldout(Path(root) / name / "heldout.pt")
+    pattern = held["pattern"]
+    rows = [int((pattern == p).nonzero()[0]) for p in torch.unique(pattern)][:photos]
+    return load_model(Path(root) / name / "model"), held["embeddings"][rows]
+
+
 def all_trained_testbeds(root: Path = TRAINED_ROOT, per_pattern: int = 2) -> list[Testbed]:
     """:func:`trained_testbeds` of every model built in ``root``; empty (saying why) when none
     is there."""

@@ -24,7 +24,7 @@ import torch
 from _common import gemm_rates, loadavg, print_table, yfcc_size_model
 from _reference_code import loglik_points
 from _registry import experiment
-from _testbeds import TRAINED_ROOT
+from _testbeds import TRAINED_ROOT, photo_per_pattern
 
 from globeflow.core import likelihood
 from globeflow.core.families import base as families_base
@@ -33,19 +33,14 @@ from globeflow.core.sampler_settings import LOCALIZABILITY_SAMPLES
 
 def _workloads(points: int, photos: int, samples: int, testbed: str) -> dict:
     """{name: callable returning a tensor}."""
-    from globeflow.core.checkpoints import load_model
     from globeflow.core.sphere import unit_to_latlon
-    from globeflow.data import synthetic
 
     model, emb = yfcc_size_model()
     latlon = unit_to_latlon(loglik_points(points))[None]
     runs = {f"log p, YFCC-size, {points} points": lambda: model.log_prob(latlon, emb)}
     directory = TRAINED_ROOT / testbed
     if (directory / "model" / "config.json").exists():
-        bed = load_model(directory / "model")
-        held = synthetic.load_heldout(directory / "heldout.pt")
-        rows = [int((held["pattern"] == p).nonzero()[0]) for p in range(photos)]
-        bed_emb = held["embeddings"][rows]
+        bed, bed_emb = photo_per_pattern(testbed, photos)
 
         def localizability() -> torch.Tensor:
             return bed.localizability(

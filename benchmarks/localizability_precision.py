@@ -20,21 +20,9 @@ import time
 import torch
 from _common import bundled_validation, gemm_rates, loadavg, print_table
 from _registry import experiment
-from _testbeds import TRAINED_ROOT
+from _testbeds import TRAINED_ROOT, photo_per_pattern
 
 from globeflow.core.sampler_settings import resolve
-
-
-def _testbed_photos(name: str, photos: int):
-    """(model, emb): one held-out photo per pattern of a trained testbed, at most ``photos``."""
-    from globeflow.core.checkpoints import load_model
-    from globeflow.data import synthetic
-
-    directory = TRAINED_ROOT / name
-    held = synthetic.load_heldout(directory / "heldout.pt")
-    pattern = held["pattern"]
-    rows = [int((pattern == p).nonzero()[0]) for p in torch.unique(pattern)][:photos]
-    return load_model(directory / "model"), held["embeddings"][rows]
 
 
 def _models(testbeds: str, photos: int) -> dict:
@@ -45,7 +33,7 @@ def _models(testbeds: str, photos: int) -> dict:
         found["bundled (diffuse)"] = (locator.model, emb)
     for name in [t for t in testbeds.split(",") if t]:
         if (TRAINED_ROOT / name / "model" / "config.json").exists():
-            found[f"{name} (sharp)"] = _testbed_photos(name, photos)
+            found[f"{name} (sharp)"] = photo_per_pattern(name, photos)
         else:
             print(f"{TRAINED_ROOT / name}: missing (benchmarks/run.py testbeds_build)")
     return found
