@@ -77,6 +77,33 @@ class GuidedField:
         return self.network.forward_with_jvp(x, tangents, self.cond.at(node), self.precision)
 
 
+class PointConditionedField:
+    """:class:`GuidedField`'s unguided evaluations with one conditioning row per point, for
+    points on grids of their own (:mod:`globeflow.core.point_grids`): ``cond`` (L, B, 1, C)
+    holds every level of every grid for images emb (B, D); the points x (P, 1, 3) are the
+    first P of the points whose images are ``images`` (R,) long, and ``node`` (P, 1) long is
+    each one's level in ``cond``."""
+
+    def __init__(self, network: Denoiser, cond: Conditioning, images: torch.Tensor, precision: str):
+        self.network = network
+        self.cond = cond
+        self.images = images
+        self.precision = check_precision(precision)
+
+    def output(self, x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """f(x | c) at each point's own level: (P, 1, 3)."""
+        return self.network.forward_conditioned(x, self._rows(x, node), self.precision)
+
+    def output_and_jvp(
+        self, x: torch.Tensor, tangents: torch.Tensor, node: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(x | c) (P, 1, 3) and J @ tangents (K, P, 1, 3) at each point's own level."""
+        return self.network.forward_with_jvp(x, tangents, self._rows(x, node), self.precision)
+
+    def _rows(self, x: torch.Tensor, node: torch.Tensor) -> Conditioning:
+        return self.cond.rows(node[:, 0], self.images[: x.shape[0]])
+
+
 def guided_combination(cond: torch.Tensor, null: torch.Tensor, guidance: float) -> torch.Tensor:
     """(1 + w) cond - w null: classifier-free guidance of any quantity that is affine in the
     network output (outputs, velocities, data predictions)."""

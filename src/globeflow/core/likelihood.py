@@ -35,9 +35,15 @@ import math
 import torch
 
 from globeflow.core.errors import NonFiniteOutputError
-from globeflow.core.guidance import GuidedField
+from globeflow.core.guidance import GuidedField, PointConditionedField
 from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
+from globeflow.core.network import Conditioning
 from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
+from globeflow.core.point_grids import (
+    POINT_GRID_SOLVERS,
+    integrate_on_point_grids,
+    longest_first,
+)
 from globeflow.core.precision import fastest_precision
 from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
@@ -415,6 +421,45 @@ def _integrate_with_log_density(
     )
 
 
+def _integrate_on_floor_grids(
+    model,
+    emb: torch.Tensor,
+    x: torch.Tensor,
+    floors: torch.Tensor,
+    start_level: float,
+    steps: int,
+    solver: str,
+    log_step: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_integrate_with_log_density` of each point of x (B, N, 3) from ``start_level``
+    on the grid of its own quantized floor (``floors`` (B, N)), all grids in one loop
+    (:mod:`globeflow.core.point_grids`): (end points (B, N, 3), change of log p (B, N))."""
+    b, n, _ = x.shape
+    values, grid_of_point = torch.unique(floors.reshape(-1), return_inverse=True)
+    widths = [_fixed_width(_floor_as_stiff_end(v)) for v in values.tolist()]
+    exact = [stiff_end_levels(start_level, steps, _grid_floor(w), log_step) for w in widths]
+    weights = [divergence_weights(g, solver, w) for g, w in zip(exact, widths, strict=True)]
+    grids = [g.to(device=emb.device, dtype=emb.dtype) for g in exact]
+    node_levels = [SOLVERS[solver].levels(g) for g in grids]  # as grid_nodes orders them
+    levels = torch.cat(node_levels)
+    weight = torch.cat([
+        torch.ones(len(lv), dtype=torch.float64) if w is None else w
+        for lv, w in zip(node_levels, weights, strict=True)
+    ])  # fmt: skip
+    # Each grid's condition path on its own, as its separate solve computes it.
+    cond = Conditioning.cat([model.network.condition_grid(emb, lv) for lv in node_levels])
+    order = longest_first(grids, grid_of_point)
+    images = torch.arange(b, device=x.device).repeat_interleave(n)[order]
+    field = PointConditionedField(model.network, cond, images, precision)
+    end, delta = integrate_on_point_grids(
+        _path_field(model, field, levels, weight.to(levels)), x.reshape(-1, 1, 3)[order],
+        grids, grid_of_point[order], solver,
+    )  # fmt: skip
+    back = torch.argsort(order)
+    return end[back].reshape(b, n, 3), delta[back].reshape(b, n)
+
+
 def _midpoint_log_prob(
     model,
     emb,
@@ -544,6 +589,12 @@ def sample_with_log_density(
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         landed = pilot(model, emb, x0, precision)
         floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, precision))
+        if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
+            start = float(model.sampling_levels(steps, emb)[0])
+            x, delta = _integrate_on_floor_grids(
+                model, emb, x0, floors, start, steps, solver, log_step, precision
+            )
+            return x, model.base_log_prob(x0) + delta
 
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(

@@ -142,6 +142,14 @@ class Conditioning:
         """The conditioning at one signal level of a grid (drops the leading axis)."""
         return Conditioning(blocks=[b[index] for b in self.blocks], final=self.final[index])
 
+    def rows(self, levels: torch.Tensor, images: torch.Tensor) -> Conditioning:
+        """One row per point of a grid's conditioning (L, B, 1, C): point i at level
+        ``levels[i]`` of image ``images[i]`` (both (R,) long) -> a batch of R images of one
+        point each, (R, 1, C)."""
+        return Conditioning(
+            blocks=[b[levels, images] for b in self.blocks], final=self.final[levels, images]
+        )
+
     def expand_batch(self, batch: int) -> Conditioning:
         """Broadcast a batch-1 conditioning (*lead, 1, 1, C) to ``batch`` rows (views)."""
         return Conditioning(
@@ -215,7 +223,13 @@ class Denoiser(nn.Module):
         Cached: rebuilt only when a parameter changed (training steps and ``load_state_dict``
         bump the parameters' version counters) or moved.
         """
-        params = [p for block in self.blocks for p in block.mlp.parameters()]
+        # The Parameter objects outlive dtype moves and loads (only their data and version
+        # change), and listing them through the module tree on every call cost ~8% of a narrow
+        # network's localizability pass.
+        params = self.__dict__.get("_mlp_parameters")
+        if params is None:
+            params = [p for block in self.blocks for p in block.mlp.parameters()]
+            self.__dict__["_mlp_parameters"] = params
         dtype = torch.bfloat16 if precision == "bf16" else params[0].dtype
         key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
         cache = self.__dict__.setdefault("_inference_cache", {})

@@ -83,20 +83,24 @@ def rk_step(
     field: Field,
     x: torch.Tensor,
     h: float | torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     tableau: Tableau,
     geometry: Geometry,
     with_log_density: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of size h (in gamma) from x (B, N, 3); returns (x_next, change of log-density
-    (B, N) or None). Only stages with a nonzero weight b compute a divergence."""
+    (B, N) or None). Only stages with a nonzero weight b compute a divergence. ``h`` may be
+    one size per point, (B, N), and ``step`` one step index per point, (B, N) long (the
+    field's ``node`` is then per point too: :mod:`globeflow.core.per_point_grids`)."""
+    per_point = isinstance(h, torch.Tensor) and h.dim() > 0
+    h_move = h[..., None] if per_point else h  # broadcast over the 3 coordinates
     generators: list[torch.Tensor] = []
     delta = None
     for k in range(tableau.stages):
         point = x
         if k:
             combo = sum(a * g for a, g in zip(tableau.a[k], generators) if a)
-            point = geometry.act(x, h * combo)
+            point = geometry.act(x, h_move * combo)
         need_div = with_log_density and tableau.b[k] != 0.0
         velocity, div = field(point, step * tableau.stages + k, need_div)
         generators.append(geometry.lift(point, velocity))
@@ -104,7 +108,7 @@ def rk_step(
             term = -h * tableau.b[k] * div
             delta = term if delta is None else delta + term
     combo = sum(b * g for b, g in zip(tableau.b, generators) if b)
-    return geometry.act(x, h * combo), delta
+    return geometry.act(x, h_move * combo), delta
 
 
 def integrate(
