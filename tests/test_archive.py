@@ -452,3 +452,24 @@ def test_answers_with_other_defaults_are_refused(tmp_path, monkeypatch):
     with pytest.raises(SettingsMismatchError, match=f"steps {steps} there, {steps + 1} now"):
         locate_archive(newer, kw, embeddings=bigger, output=out, progress=False)
     assert len(read_results(out)) == 4  # nothing of the refused run was written
+
+
+def test_batches_come_back_in_order_with_their_own_embeddings():
+    """The next batch is encoded while this one is answered: each batch still gets the
+    embeddings of its own readable images, in order (None where it has none)."""
+    from types import SimpleNamespace
+
+    from globeflow.jobs.locate import _encoded_ahead
+
+    class Encoder:
+        def embed(self, images):
+            return torch.tensor([[float(i)] for i in images])
+
+    def batch(*images):
+        return [SimpleNamespace(image=i) for i in images]
+
+    batches = [batch(1, None), batch(None), batch(2, 3)]
+    out = list(_encoded_ahead(SimpleNamespace(encoder=Encoder()), iter(batches)))
+    assert [b for b, _ in out] == batches
+    assert out[0][1].tolist() == [[1.0]] and out[1][1] is None
+    assert out[2][1].tolist() == [[2.0], [3.0]]

@@ -109,6 +109,22 @@ def test_photos_are_solved_in_chunks_and_all_answered(monkeypatch):
     assert all(math.isfinite(r["localizability_bits"]) for r in res)
 
 
+def test_an_adaptive_recipe_groups_photos_by_its_first_draw(monkeypatch):
+    """64 rows per solve and a first draw of 16 samples: four photos per solve (one, were
+    the photos grouped by all 64 samples), the later draws within those groups."""
+    loc = _locator()
+    calls = []
+    sample = loc.model.sample
+    monkeypatch.setattr(
+        loc.model, "sample", lambda emb, *a, **k: (calls.append(len(emb)), sample(emb, *a, **k))[1]
+    )
+    monkeypatch.setattr(pipeline, "ROWS_PER_SOLVE", 64)
+    res = loc.locate_embeddings(
+        torch.randn(5, 6), 64, steps=2, localizability_samples=8, first_samples=16
+    )
+    assert max(calls) == 4 and len(res) == 5
+
+
 def test_locate_paths_shows_no_progress_bar_unless_asked(tmp_path, monkeypatch, capsys):
     """A library stays quiet on stderr; the command line passes progress=True."""
     loc = _locator()

@@ -37,8 +37,10 @@ from globeflow.core.sphere import haversine_km
 
 DEFAULT_MODEL_DIR = "default_model"
 ROWS_PER_SOLVE = 2048
-"""Samples per batched solve (photos are grouped up to it): one solve over many photos' samples
-at once leaves the CPU caches and ran up to 2x slower per sample."""
+"""Samples per batched solve of a recipe's first draw (photos are grouped up to it): one solve
+over many photos' samples at once leaves the CPU caches and ran up to 2x slower per sample.
+An adaptive recipe's first draw is its ``first_samples`` (the bundled model's 256: 8 photos
+per solve, 8% more photos/s than 2 in ``predict``, docs/benchmarks.md)."""
 
 
 def default_model_path() -> Path:
@@ -159,7 +161,7 @@ class Locator:
             # which worker runs it, or when.
             parts = map_on_cores(
                 lambda photos: self._draw(emb[photos], recipe, generators[photos]),
-                photo_chunks(emb.shape[0], settings["num_samples"], workers),
+                photo_chunks(emb.shape[0], _first_draw(recipe), workers),
                 workers,
             )
             samples = [s for part in parts for s in part[0]]
@@ -472,15 +474,18 @@ class Locator:
         steps: int | None = None,
         exif_gps: Sequence[tuple[float, float] | None] | None = None,
         with_density: bool = True,
+        embeddings: torch.Tensor | None = None,
         **kwargs,
     ) -> list[dict]:
         """Answers for already-loaded images [(name, PIL image)], in order. Each image's random
         stream is seeded by its name (or its id in ``photo_ids``). ``embeddings_out`` (a list):
-        gets (name, embedding (D,)) per image, for a caller that uses them again (fusion)."""
+        gets (name, embedding (D,)) per image, for a caller that uses them again (fusion).
+        ``embeddings`` (B, D): the encoder's for these images, where the caller already has
+        them (a job that encodes the next batch while this one is answered)."""
         if not images:
             return []
         keep = kwargs.pop("embeddings_out", None)
-        emb = self.encoder.embed([img for _, img in images])
+        emb = embeddings if embeddings is not None else self.encoder.embed([i for _, i in images])
         if keep is not None:
             keep.extend((name, row) for (name, _), row in zip(images, emb, strict=True))
         kwargs.setdefault("photo_ids", [name for name, _ in images])
@@ -538,6 +543,12 @@ def photo_chunks(num_photos: int, num_samples: int, workers: int = 1) -> list[sl
     per_solve = max(1, ROWS_PER_SOLVE // max(1, num_samples))
     per_solve = min(per_solve, max(1, math.ceil(num_photos / max(1, workers))))
     return [slice(i, i + per_solve) for i in range(0, num_photos, per_solve)]
+
+
+def _first_draw(recipe: SamplerSettings) -> int:
+    """Samples per photo of a recipe's first solve: ``first_samples`` for an adaptive one
+    (the photos that need more draw them in later solves, a few photos each), else all."""
+    return recipe.first_samples if recipe.adaptive else recipe.num_samples
 
 
 def _network_width(model: GeoModel) -> int | None:

@@ -59,8 +59,8 @@ def integrate_on_point_grids(
 
     The points must come longest grid first (:func:`longest_first`). ``field(z, node,
     with_divergence)`` always sees a prefix, the first P points (P, 1, 3), and ``node`` (P, 1)
-    long, each point's level as an index into ``grid_nodes(grids, solver)[0]``. Returns (end points (R, 1, 3),
-    change of log-density (R, 1) or None)."""
+    long, each point's level as an index into ``grid_nodes(grids, solver)[0]``. Returns (end
+    points (R, 1, 3), change of log-density (R, 1) or None)."""
     if solver not in POINT_GRID_SOLVERS:
         raise ValueError(f"solver {solver!r} has no per-point loop; one of {POINT_GRID_SOLVERS}")
     lengths = torch.tensor([len(g) - 1 for g in grids])

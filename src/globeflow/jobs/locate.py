@@ -24,6 +24,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def _batches(locator, listing: _Todo, mine: slice, embeddings, batch_size, decod
         return
     items, todo = listing.items, listing.todo[mine]
     chunks = ([items[i] for i in todo[s : s + batch_size]] for s in range(0, len(todo), batch_size))
-    for loaded in loaded_batches(chunks, True, decode_workers):
+    for loaded, emb in _encoded_ahead(locator, loaded_batches(chunks, True, decode_workers)):
         good = [x for x in loaded if x.image is not None]
         answers = iter(
             locator.locate_images(
@@ -328,6 +329,7 @@ def _batches(locator, listing: _Todo, mine: slice, embeddings, batch_size, decod
                 exif_gps=[x.latlon for x in good],
                 photo_ids=[x.item.id for x in good],
                 with_density=False,
+                embeddings=emb,
                 **settings,
             )
         )
@@ -338,6 +340,23 @@ def _batches(locator, listing: _Todo, mine: slice, embeddings, batch_size, decod
             for x in loaded
         ]
         yield [x.item.id for x in loaded], results
+
+
+def _encoded_ahead(locator, batches: Iterator[list]) -> Iterator[tuple[list, torch.Tensor | None]]:
+    """(loaded batch, its readable images' embeddings or None) per batch, in order, each
+    batch encoded in a thread while the caller answers the one before: a narrow network's
+    sampling is mostly Python work under the GIL and leaves part of the cores to the
+    encoder's convolutions."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        pending: tuple[list, Future | None] | None = None
+        for loaded in batches:
+            images = [x.image for x in loaded if x.image is not None]
+            encoding = pool.submit(locator.encoder.embed, images) if images else None
+            if pending is not None:
+                yield pending[0], pending[1].result() if pending[1] is not None else None
+            pending = (loaded, encoding)
+        if pending is not None:
+            yield pending[0], pending[1].result() if pending[1] is not None else None
 
 
 def _nth_flagged(flags: np.ndarray, n: int, chunk: int = 1 << 20) -> int:
