@@ -95,13 +95,19 @@ def test_photo_chunks_cover_every_photo_within_the_row_budget():
         assert all(s * samples <= budget or s == 1 for s in sizes)
 
 
-def test_photos_are_solved_in_chunks_and_all_answered(monkeypatch):
-    loc = _locator()
-    calls = []
+def _photos_per_sample_call(monkeypatch, loc) -> list[int]:
+    """The number of photos of each call of the locator's model's ``sample``, as they come."""
+    calls: list[int] = []
     sample = loc.model.sample
     monkeypatch.setattr(
         loc.model, "sample", lambda emb, *a, **k: (calls.append(len(emb)), sample(emb, *a, **k))[1]
     )
+    return calls
+
+
+def test_photos_are_solved_in_chunks_and_all_answered(monkeypatch):
+    loc = _locator()
+    calls = _photos_per_sample_call(monkeypatch, loc)
     monkeypatch.setattr(pipeline, "ROWS_PER_SOLVE", 64)
     res = loc.locate_embeddings(torch.randn(5, 6), 32, steps=2, localizability_samples=8)
     assert calls == [2, 2, 1]  # 64 samples per solve: two photos of 32
@@ -113,11 +119,7 @@ def test_an_adaptive_recipe_groups_photos_by_its_first_draw(monkeypatch):
     """64 rows per solve and a first draw of 16 samples: four photos per solve (one, were
     the photos grouped by all 64 samples), the later draws within those groups."""
     loc = _locator()
-    calls = []
-    sample = loc.model.sample
-    monkeypatch.setattr(
-        loc.model, "sample", lambda emb, *a, **k: (calls.append(len(emb)), sample(emb, *a, **k))[1]
-    )
+    calls = _photos_per_sample_call(monkeypatch, loc)
     monkeypatch.setattr(pipeline, "ROWS_PER_SOLVE", 64)
     res = loc.locate_embeddings(
         torch.randn(5, 6), 64, steps=2, localizability_samples=8, first_samples=16
