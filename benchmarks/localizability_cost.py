@@ -19,6 +19,7 @@ from _registry import experiment
 
 from globeflow.core import likelihood as L
 from globeflow.core.sampler_settings import LOCALIZABILITY_BULK_STEPS, LOCALIZABILITY_SOLVER
+from globeflow.core.stiff_end import STIFF_LOG_STEP
 
 BEFORE = {"solver": "lagged-midpoint", "steps": 16, "log_step": 0.35}
 
@@ -34,7 +35,7 @@ def localizability_cost(
     model = locator.model
     emb = model.prepare_embeddings(emb)
     after = {"solver": LOCALIZABILITY_SOLVER, "steps": LOCALIZABILITY_BULK_STEPS,
-             "log_step": L.STIFF_LOG_STEP}  # fmt: skip
+             "log_step": STIFF_LOG_STEP}  # fmt: skip
 
     def before_run(g):
         _, log_p = L.sample_with_log_density(

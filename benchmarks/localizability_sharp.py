@@ -44,9 +44,9 @@ from globeflow.core.guidance import GuidedField
 from globeflow.core.likelihood import (
     LOCALIZABILITY_BULK_STEPS,
     LOCALIZABILITY_SOLVER,
-    _path_field,
     sample_with_log_density,
 )
+from globeflow.core.path_field import path_field
 from globeflow.core.solvers import SOLVERS, SPHERE
 
 LN2 = math.log(2.0)
@@ -60,7 +60,7 @@ def before(model, emb, n, generator):
     gammas = model.sampling_levels(16, emb)
     levels = method.levels(gammas)
     field = GuidedField(model.network, emb, levels)
-    x, delta = method.integrate(_path_field(model, field, levels), x0, gammas, SPHERE, True)
+    x, delta = method.integrate(path_field(model, field, levels), x0, gammas, SPHERE, True)
     return x, model.base_log_prob(x0) + delta
 
 

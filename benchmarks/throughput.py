@@ -8,6 +8,7 @@
 - with ``baseline_ref=REF`` the same commands of an older globeflow (a git ref of this
   repository, checked out to a temporary worktree and run from its source tree with this
   environment) in the same run, interleaved, for in-run ratios.
+- ``output=out`` times ``predict --out DIR`` (the archive job) instead of ``--json FILE``.
 - ``busy`` adds a scenario with one CPU-bound process running beside (as on a shared 2-core
   machine).
 
@@ -107,15 +108,18 @@ def serve_load(url: str, photos: list[Path], concurrency: int) -> dict:
     return {"req_per_s": len(photos) / wall, "p50_s": statistics.median(latencies)}
 
 
-def measure(gf: Globeflow, folder: Path, work: Path, requests: int, concurrency: int) -> dict:
+def measure(
+    gf: Globeflow, folder: Path, work: Path, requests: int, concurrency: int, output: str
+) -> dict:
     photos = sorted(folder.iterdir())
     n = len(photos)
     store = work / f"{gf.name}-emb.parquet"
     shutil.rmtree(store, ignore_errors=True)
     embed_s = gf.run("embed", str(folder), "-o", str(store), "--no-progress")
-    predict_s = gf.run(
-        "predict", str(folder), "--json", str(work / f"{gf.name}.json"), "--no-progress"
-    )
+    answers = work / f"{gf.name}-answers"
+    shutil.rmtree(answers, ignore_errors=True)
+    where = ["--out", str(answers)] if output == "out" else ["--json", f"{answers}.json"]
+    predict_s = gf.run("predict", str(folder), *where, "--no-progress")
     help_s = statistics.median(gf.run("--help") for _ in range(5))
     with server(gf, work) as url:
         served = serve_load(url, photos[:requests], concurrency)
@@ -139,12 +143,17 @@ def throughput(
     concurrency: int = 8,
     baseline_ref: str | None = None,
     busy: bool = False,
+    output: str = "json",
 ) -> dict:
     """Options (see the module docstring for the rest):
 
     - ``baseline_ref``: git ref of an older globeflow
     - ``busy``: also measure beside a busy process
+    - ``output``: ``predict --json FILE`` ("json") or the archive job ``predict --out DIR``
+      ("out")
     """
+    if output not in ("json", "out"):
+        raise ValueError(f"output={output!r}: json or out")
     report = {"runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -173,7 +182,7 @@ def throughput(
                 ctx = busy_process() if scenario == "busy" else contextlib.nullcontext()
                 with ctx:
                     for gf in versions:
-                        row = measure(gf, folder, work, requests, concurrency)
+                        row = measure(gf, folder, work, requests, concurrency, output)
                         row.update(version=gf.name, scenario=scenario, load=loadavg()[0])
                         report["runs"].append(row)
                         print(row, flush=True)

@@ -18,8 +18,9 @@ from _naive import naive_field_and_divergence, naive_log_prob, naive_sample  # n
 
 from globeflow.core.families import RiemannianFlowMatching  # noqa: E402
 from globeflow.core.guidance import GuidedField  # noqa: E402
-from globeflow.core.likelihood import field_and_divergence, log_prob_adaptive  # noqa: E402
+from globeflow.core.likelihood import log_prob_adaptive  # noqa: E402
 from globeflow.core.network import Denoiser  # noqa: E402
+from globeflow.core.path_field import field_and_divergence  # noqa: E402
 from globeflow.core.sampler_settings import AUTHORS_SAMPLER, resolve  # noqa: E402
 from globeflow.core.sphere import LOG_UNIFORM_DENSITY, sample_uniform_sphere  # noqa: E402
 

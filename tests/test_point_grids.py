@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from globeflow.core import likelihood
+from globeflow.core import likelihood, stiff_end
 from globeflow.core.exact_field import MixtureTarget, exact_rfm_model, kernel_width_for_rms_km
 from globeflow.core.families import RiemannianFlowMatching
 from globeflow.core.network import Denoiser
@@ -131,10 +131,45 @@ def test_localizability_in_one_loop_equals_one_solve_per_floor(
     model = make()
     x0 = model.prepare_noise(emb, 48, None, torch.Generator().manual_seed(2))
     landed = likelihood.pilot(model, emb, x0)
-    floors = likelihood.quantized_floors(likelihood.stiffness_floor(model, emb, landed, 8))
+    floors = stiff_end.quantized_floors(stiff_end.stiffness_floor(model, emb, landed, 8))
     assert len(torch.unique(floors)) >= 2  # the loop has grids of different lengths to align
     one_loop = likelihood.sample_with_log_density(model, emb, 48, 8, solver, noise=x0)
     monkeypatch.setattr(likelihood, "POINT_GRID_SOLVERS", ())
     per_floor = likelihood.sample_with_log_density(model, emb, 48, 8, solver, noise=x0)
     assert (one_loop[0] - per_floor[0]).abs().max() < tolerance
     assert (one_loop[1] - per_floor[1]).abs().max() < tolerance
+
+
+@pytest.mark.parametrize(
+    ("make", "emb", "tolerance"),
+    [
+        (_two_scale_model, torch.ones(1, 1, dtype=f64), 1e-10),
+        (_tiny_network_model, torch.randn(3, 6, generator=torch.Generator().manual_seed(1)), 1e-5),
+    ],
+)
+def test_log_likelihood_in_one_loop_equals_one_solve_per_floor(monkeypatch, make, emb, tolerance):
+    """log_prob_ode with every point's grid in one loop (data to noise: the grids differ at
+    their start) gives the values of one solve per quantized floor."""
+    model = make()
+    x, _ = likelihood.sample_with_log_density(
+        model, emb, 24, 8, generator=torch.Generator().manual_seed(3)
+    )
+    floors = stiff_end.quantized_floors(stiff_end.stiffness_floor(model, emb, x, 8, 0.15))
+    assert len(torch.unique(floors)) >= 2
+    one_loop = likelihood.log_prob_ode(model, x, emb, steps=8)
+    monkeypatch.setattr(likelihood, "POINT_GRID_SOLVERS", ())
+    per_floor = likelihood.log_prob_ode(model, x, emb, steps=8)
+    assert (one_loop - per_floor).abs().max() < tolerance
+
+
+def test_the_probe_reads_every_rung_alike_in_one_batch_or_one_rung_at_a_time(monkeypatch):
+    """The stiffness probe's rungs side by side in one batch give the floors of one batch
+    per rung."""
+    model = _two_scale_model()
+    x = model.prepare_noise(torch.ones(2, 1, dtype=f64), 40, None, torch.Generator().manual_seed(5))
+    together = stiff_end.stiffness_floor(model, torch.ones(2, 1, dtype=f64), x, 8)
+    monkeypatch.setattr(stiff_end, "PROBE_POINTS_PER_BATCH", 1)
+    one_by_one = stiff_end.stiffness_floor(model, torch.ones(2, 1, dtype=f64), x, 8)
+    assert torch.isfinite(together).any() and torch.equal(together.isinf(), one_by_one.isinf())
+    finite = torch.isfinite(together)
+    assert (together[finite] - one_by_one[finite]).abs().max() < 1e-12

@@ -17,17 +17,16 @@ from globeflow.core.exact_field import (
     smooth_target,
 )
 from globeflow.core.families import NonFiniteOutputError, RiemannianFlowMatching
-from globeflow.core.likelihood import (
-    divergence_weights,
-    log_prob_ode,
-    probe_ladder,
-    sample_with_log_density,
-    stiff_end_levels,
-    stiffness_floor,
-)
+from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
 from globeflow.core.network import Denoiser
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import EARTH_RADIUS_KM
+from globeflow.core.stiff_end import (
+    divergence_weights,
+    probe_ladder,
+    stiff_end_levels,
+    stiffness_floor,
+)
 
 f64 = torch.float64
 TOKYO = (35.68, 139.65)
@@ -54,7 +53,7 @@ def test_kappa_shapes_of_kernel_and_smooth_posteriors():
     (linear below w); a smooth posterior of per-axis width sigma has kappa ~ c s^2 / sigma^2
     below sigma (quadratic), c = KERNEL_RMS_ANGLE^2 / 2."""
     from globeflow.core.guidance import GuidedField
-    from globeflow.core.likelihood import field_and_divergence
+    from globeflow.core.path_field import field_and_divergence
 
     def kappa(model, x, s):
         gamma = torch.tensor([1.0 - s], dtype=f64)

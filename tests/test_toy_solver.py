@@ -11,14 +11,10 @@ import torch
 from _analytic_field import exact_height, exact_log_density, north_pull_model
 
 from globeflow.core.families import Diffusion, FlowMatching, RiemannianFlowMatching
-from globeflow.core.likelihood import (
-    divergence_weights,
-    log_prob_ode,
-    sample_with_log_density,
-    stiff_end_levels,
-)
+from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
 from globeflow.core.solvers import SOLVERS, SPHERE, Tableau, register_solver, runge_kutta
 from globeflow.core.sphere import latlon_to_unit, sample_uniform_sphere
+from globeflow.core.stiff_end import divergence_weights, stiff_end_levels
 
 f64 = torch.float64
 STRENGTH = 1.5

@@ -46,18 +46,12 @@ from globeflow.core.fusion import (
     systematic_resample,
     weighted_mean,
 )
-from globeflow.core.likelihood import (
-    LOCALIZABILITY_SOLVER,
-    STIFF_LOG_STEP,
-    by_width,
-    log_prob_ode,
-    quantized_width,
-    stiff_width,
-)
+from globeflow.core.likelihood import LOCALIZABILITY_SOLVER, log_prob_ode
 from globeflow.core.random_streams import photo_generators, photo_seed
 from globeflow.core.sampler_settings import FULL_PRECISION
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
+from globeflow.core.stiff_end import STIFF_LOG_STEP, by_width, quantized_width, stiff_width
 
 PROPOSALS_PER_ROUND = 512
 """Proposal points per round at most (shared out among the photos)."""
@@ -80,7 +74,7 @@ steps, the error of a two-photo log-weight has a standard deviation of 0.06 nats
 (0.05 at 48, 0.21 at 16), at half the cost of 48."""
 FUSION_LOG_STEP = STIFF_LOG_STEP
 """Steps in log(1 - gamma) at the stiff end of the fusion densities: the sampler's
-(:data:`~globeflow.core.likelihood.STIFF_LOG_STEP`), not the likelihood's finer one; its error is
+(:data:`~globeflow.core.stiff_end.STIFF_LOG_STEP`), not the likelihood's finer one; its error is
 shared by every photo's density at a point, so much of it cancels in the weights."""
 OWN_SAMPLES = 48
 """Samples of each photo's (and the null's) own posterior: the proposal kernels' centres."""

@@ -306,7 +306,7 @@ def smooth_target(
     area on ring i, weights by the Gaussian there), each smoothed by a kernel of RMS radius one
     ring spacing, so the mixture is smooth at every scale. Its RFM field is that of a smooth
     posterior of width sigma (not of a kernel: kappa grows like s^2, see
-    :func:`globeflow.core.likelihood.stiffness_floor`), with a closed-form density."""
+    :func:`globeflow.core.stiff_end.stiffness_floor`), with a closed-form density."""
     sigma = rms_km / math.sqrt(2.0) / EARTH_RADIUS_KM  # radians per axis
     spacing = 4.0 * sigma / rings
     radii, angles, weights = [0.0], [0.0], [math.pi / 4.0]  # the centre's cell: radius 1/2

@@ -45,9 +45,9 @@ photos; their checkpoints carry no metadata, so loading one records it."""
 
 LOCALIZABILITY_BULK_STEPS = 24
 """Bulk steps (uniform in gamma) of the one-pass localizability sampler, before the stiff end
-of :func:`globeflow.core.likelihood.stiff_end_levels` adds its steps. With
+of :func:`globeflow.core.stiff_end.stiff_end_levels` adds its steps. With
 :data:`LOCALIZABILITY_SOLVER` and the stiff-end step of
-:data:`globeflow.core.likelihood.STIFF_LOG_STEP`, the bias on the exact-field testbeds is within
+:data:`globeflow.core.stiff_end.STIFF_LOG_STEP`, the bias on the exact-field testbeds is within
 0.1 bit (docs/benchmarks.md, "Localizability accuracy and cost";
 ``benchmarks/likelihood_accuracy.py``)."""
 
