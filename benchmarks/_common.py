@@ -205,6 +205,20 @@ def median_time(fn, reps: int = 3) -> tuple[float, list[float]]:
     return sorted(runs)[len(runs) // 2], runs
 
 
+def best_of_interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each zero-argument callable of ``runs`` run ``repeats`` times, the variants interleaved
+    (so that a machine's slow phase hits them alike): ({name: best seconds}, {name: the last
+    run's value})."""
+    best = dict.fromkeys(runs, math.inf)
+    out = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out[name] = run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, out
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """A markdown table of the given columns (floats with 4 significant digits)."""
 

@@ -325,6 +325,68 @@ def photo_per_pattern(name: str, photos: int, root: Path = TRAINED_ROOT):
     return load_model(Path(root) / name / "model"), held["embeddings"][rows]
 
 
+def sharp_and_diffuse_models(testbeds: str, photos: int) -> dict:
+    """{label: (model, emb (P, D))}: the bundled model on ``photos`` of its validation photos
+    (diffuse), and each trained testbed named in ``testbeds`` (comma-separated) on one held-out
+    photo per pattern (:func:`photo_per_pattern`; sharp); a testbed not built is said and
+    skipped."""
+    from _common import bundled_validation
+
+    found = {}
+    bundled = bundled_validation(photos)
+    if bundled is not None:
+        locator, emb, _ = bundled
+        found["bundled (diffuse)"] = (locator.model, emb)
+    for name in [t for t in testbeds.split(",") if t]:
+        if (TRAINED_ROOT / name / "model" / "config.json").exists():
+            found[f"{name} (sharp)"] = photo_per_pattern(name, photos)
+        else:
+            print(f"{TRAINED_ROOT / name}: missing (benchmarks/run.py testbeds_build)")
+    return found
+
+
+def time_localizability(model, emb: torch.Tensor, samples: int, repeats: int, variants: dict):
+    """``model.localizability`` of photos emb (P, D) from the same noise under each variant
+    ({name: (context manager factory, keyword arguments)}), interleaved, best of ``repeats``
+    (:func:`_common.best_of_interleaved`): ({name: best seconds}, {name: (bits (P,), standard
+    error (P,))})."""
+    from _common import best_of_interleaved
+
+    def variant(context, kwargs: dict):
+        def run():
+            with context():
+                return model.localizability(
+                    emb, num_samples=samples, generator=torch.Generator().manual_seed(0),
+                    return_stderr=True, **kwargs,
+                )  # fmt: skip
+
+        return run
+
+    return best_of_interleaved({name: variant(*v) for name, v in variants.items()}, repeats)
+
+
+def localizability_comparison(
+    testbeds: str, photos: int, samples: int, repeats: int, variants, row
+) -> dict:
+    """A benchmark report comparing ``model.localizability`` variants on the models of
+    :func:`sharp_and_diffuse_models`: ``variants(model)`` gives each model's variants (as
+    :func:`time_localizability` takes them), ``row(model, emb, best, out)`` its table row
+    beyond the model and photo count."""
+    from _common import gemm_rates, loadavg, print_table
+
+    rows = []
+    for label, (model, emb) in sharp_and_diffuse_models(testbeds, photos).items():
+        emb = model.prepare_embeddings(emb)
+        best, out = time_localizability(model, emb, samples, repeats, variants(model))
+        rows.append({"model": label, "photos": emb.shape[0], **row(model, emb, best, out)})
+        print_table(rows[-1:], list(rows[-1]))
+    report = {"gemm_gflops": gemm_rates(), "samples": samples, "rows": rows}
+    if rows:
+        print_table(rows, list(rows[0]))
+    report["load_average_after"] = loadavg()
+    return report
+
+
 def all_trained_testbeds(root: Path = TRAINED_ROOT, per_pattern: int = 2) -> list[Testbed]:
     """:func:`trained_testbeds` of every model built in ``root``; empty (saying why) when none
     is there."""

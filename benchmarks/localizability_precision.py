@@ -14,29 +14,12 @@ one held-out photo per pattern, ``photos_per_model`` of them).
 
 from __future__ import annotations
 
-import math
-import time
+import contextlib
 
-import torch
-from _common import bundled_validation, gemm_rates, loadavg, print_table
 from _registry import experiment
-from _testbeds import TRAINED_ROOT, photo_per_pattern
+from _testbeds import localizability_comparison
 
 from globeflow.core.sampler_settings import resolve
-
-
-def _models(testbeds: str, photos: int) -> dict:
-    found = {}
-    bundled = bundled_validation(photos)
-    if bundled is not None:
-        locator, emb, _ = bundled
-        found["bundled (diffuse)"] = (locator.model, emb)
-    for name in [t for t in testbeds.split(",") if t]:
-        if (TRAINED_ROOT / name / "model" / "config.json").exists():
-            found[f"{name} (sharp)"] = photo_per_pattern(name, photos)
-        else:
-            print(f"{TRAINED_ROOT / name}: missing (benchmarks/run.py testbeds_build)")
-    return found
 
 
 @experiment(
@@ -50,33 +33,24 @@ def localizability_precision(
     repeats: int = 2,
     testbeds: str = "syn-small,syn-published",
 ) -> dict:
-    rows = []
-    for label, (model, emb) in _models(testbeds, photos).items():
-        emb = model.prepare_embeddings(emb)
-        auto = resolve(model).localizability_precision
-        best = {"fp32": math.inf, auto: math.inf}
-        out = {}
-        for _ in range(repeats):
-            for precision in best:
-                start = time.perf_counter()
-                out[precision] = model.localizability(
-                    emb, num_samples=samples, generator=torch.Generator().manual_seed(0),
-                    return_stderr=True, precision=precision,
-                )  # fmt: skip
-                best[precision] = min(best[precision], time.perf_counter() - start)
+    def variants(model) -> dict:
+        return {p: (contextlib.nullcontext, {"precision": p}) for p in ("fp32", _auto(model))}
+
+    def row(model, emb, best, out) -> dict:
+        auto = _auto(model)
         diff = out[auto][0] - out["fp32"][0]
-        rows.append({
-            "model": label, "photos": emb.shape[0], "default": auto,
-            "fp32 s": best["fp32"], "default s": best[auto],
+        return {
+            "default": auto, "fp32 s": best["fp32"], "default s": best[auto],
             "speed-up": best["fp32"] / best[auto],
             "diff mean bits": float(diff.mean()),
             "diff sd bits": float(diff.std()) if len(diff) > 1 else 0.0,
             "diff max bits": float(diff.abs().max()),
             "MC stderr bits": float(out["fp32"][1].mean()),
-        })  # fmt: skip
-        print_table(rows[-1:], list(rows[-1]))
-    report = {"gemm_gflops": gemm_rates(), "samples": samples, "rows": rows}
-    if rows:
-        print_table(rows, list(rows[0]))
-    report["load_average_after"] = loadavg()
-    return report
+        }  # fmt: skip
+
+    return localizability_comparison(testbeds, photos, samples, repeats, variants, row)
+
+
+def _auto(model) -> str:
+    """The recipe's own localizability precision for this model ("auto" resolved)."""
+    return resolve(model).localizability_precision
