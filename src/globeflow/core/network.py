@@ -94,10 +94,6 @@ class AdaLNBlock(nn.Module):
         return out.mul_(s).add_(x)
 
 
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
 def _modulated_layer_norm_jvp(
     stack: torch.Tensor, g: torch.Tensor, m: torch.Tensor
 ) -> torch.Tensor:
@@ -285,11 +281,11 @@ class Denoiser(nn.Module):
             h = _modulated_layer_norm_jvp(stack, g, m)
             z = linear(h.to(lin1.weight.dtype), _without_bias(lin1))
             z0 = (z[0] + lin1.bias).to(torch.promote_types(z.dtype, torch.float32))
-            cdf = torch.special.ndtr(z0)
-            # GELU(z) = z Phi(z); its derivative Phi(z) + z phi(z) scales the tangents.
-            slope = torch.exp(-0.5 * z0 * z0).mul_(_INV_SQRT_2PI).mul_(z0).add_(cdf)
+            # GELU(z) = z Phi(z); its derivative Phi(z) + z phi(z) scales the tangents. ATen's
+            # fused GELU kernels: a third of the time of ndtr, exp and four products.
+            slope = torch.ops.aten.gelu_backward(z0.new_ones(()).expand_as(z0), z0)
             z[1:] *= slope.to(z.dtype)
-            z[0] = z0.mul_(cdf).to(z.dtype)
+            z[0] = F.gelu(z0).to(z.dtype)
             out = linear(z.to(lin2.weight.dtype), _without_bias(lin2)).to(stream)
             out[0] += lin2.bias.to(stream)
             stack.addcmul_(out, s)
