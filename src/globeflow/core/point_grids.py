@@ -3,11 +3,13 @@
 The one-pass localizability (:func:`globeflow.core.likelihood.sample_with_log_density`) gives
 each sample the stiff end its own posterior needs: one heading for a sharp mode takes tens of
 steps uniform in log(1 - gamma), one in a broad mode the bulk steps alone. Solved one grid at a
-time, a photo pays one solver loop per distinct grid (a median of 7 on the bundled model), and on
-a narrow network it is the loop's per-operation overhead, not its arithmetic, that costs.
+time, a photo pays one solver loop per distinct grid (a median of 5 on the bundled model,
+``benchmarks/run.py point_grids``), and on a narrow network it is the loop's per-operation
+overhead, not its arithmetic, that costs.
 
-Here the grids are aligned at their data end and run in one loop: iteration k advances only the
-points whose grid has begun by then. With the points sorted longest grid first
+Here the grids are aligned at their last level (the data end when sampling, the noise end for a
+likelihood) and run in one loop: iteration k advances only the points whose grid has begun by
+then. With the points sorted longest grid first
 (:func:`longest_first`) those are always a prefix, so every network evaluation is one batch, each
 point conditioned on its own level (the field's ``node`` is one index per point into
 :func:`grid_nodes`). Each point takes exactly the steps, at exactly the levels, of a solve of its

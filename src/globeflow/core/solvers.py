@@ -91,7 +91,7 @@ def rk_step(
     """One step of size h (in gamma) from x (B, N, 3); returns (x_next, change of log-density
     (B, N) or None). Only stages with a nonzero weight b compute a divergence. ``h`` may be
     one size per point, (B, N), and ``step`` one step index per point, (B, N) long (the
-    field's ``node`` is then per point too: :mod:`globeflow.core.per_point_grids`)."""
+    field's ``node`` is then per point too: :mod:`globeflow.core.point_grids`)."""
     per_point = isinstance(h, torch.Tensor) and h.dim() > 0
     h_move = h[..., None] if per_point else h  # broadcast over the 3 coordinates
     generators: list[torch.Tensor] = []

@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -347,16 +348,19 @@ def _encoded_ahead(locator, batches: Iterator[list]) -> Iterator[tuple[list, tor
     batch encoded in a thread while the caller answers the one before: a narrow network's
     sampling is mostly Python work under the GIL and leaves part of the cores to the
     encoder's convolutions."""
+
+    def done(loaded: list, encoding: Future | None) -> tuple[list, torch.Tensor | None]:
+        return loaded, None if encoding is None else encoding.result()
+
     with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-        pending: tuple[list, Future | None] | None = None
+        pending: deque[tuple[list, Future | None]] = deque()
         for loaded in batches:
             images = [x.image for x in loaded if x.image is not None]
-            encoding = pool.submit(locator.encoder.embed, images) if images else None
-            if pending is not None:
-                yield pending[0], pending[1].result() if pending[1] is not None else None
-            pending = (loaded, encoding)
-        if pending is not None:
-            yield pending[0], pending[1].result() if pending[1] is not None else None
+            pending.append((loaded, pool.submit(locator.encoder.embed, images) if images else None))
+            if len(pending) > 1:  # one batch encoding ahead of the one answered
+                yield done(*pending.popleft())
+        while pending:
+            yield done(*pending.popleft())
 
 
 def _nth_flagged(flags: np.ndarray, n: int, chunk: int = 1 << 20) -> int:
