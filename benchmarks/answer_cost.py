@@ -41,7 +41,10 @@ from _testbeds import TRAINED_ROOT, Testbed, nearest_place_km, trained_testbeds
 from globeflow.answers import draw
 from globeflow.apps import pipeline
 from globeflow.core.checkpoints import save_plonk_network
+from globeflow.core.guidance import level_precisions
+from globeflow.core.solvers import SOLVERS
 from globeflow.core.sphere import haversine_km, sample_uniform_sphere, unit_to_latlon
+from globeflow.core.time_grids import sampling_grid
 
 STAGES = ("samples", "localizability", "decode", "place names", "other")
 
@@ -86,6 +89,9 @@ def _our_answer(bed: Testbed, guidance: float) -> dict:
         "settings": settings,
         "seconds_per_photo": {k: v / photos for k, v in stages.items()},
         "samples_drawn": statistics.fmean(len(s) for s in samples),
+        "localizability_stderr_bits": statistics.fmean(
+            r["localizability_stderr_bits"] for r in results
+        ),
         "gflop_per_photo": {
             "samples": answer_flops / photos / 1e9,
             "localizability": (all_flops - answer_flops) / photos / 1e9,
@@ -94,15 +100,27 @@ def _our_answer(bed: Testbed, guidance: float) -> dict:
     }
 
 
-def floor_seconds(gflop: dict, settings: dict, rates: dict) -> float:
+def precision_shares(model, settings: dict) -> dict[str, float]:
+    """The share of the answer's network evaluations at each precision: all at ``precision``,
+    or for "mixed" the share of its solver's levels on each side of the switch (every level is
+    evaluated once per step, for every sample)."""
+    precision = settings.get("precision", "fp32")
+    if precision != "mixed":
+        return {precision: 1.0}
+    gammas = sampling_grid(settings["grid"], model.schedule, settings["steps"])
+    per_level = level_precisions(precision, SOLVERS[settings["solver"]].levels(gammas))
+    return {p: per_level.count(p) / len(per_level) for p in set(per_level)}
+
+
+def floor_seconds(gflop: dict, shares: dict, settings: dict, rates: dict) -> float:
     """Seconds per photo of the answer's matrix products at this run's GEMM peak of the
-    precision each stage runs at (the samples at ``precision``, the localizability pass at
-    ``localizability_precision``): the floor of that arithmetic here."""
+    precision each runs at (the samples at ``shares`` of :func:`precision_shares`, the
+    localizability pass at ``localizability_precision``): the floor of that arithmetic here."""
     dtype = {"fp32": "float32", "bf16": "bfloat16"}
-    stages = {"samples": "precision", "localizability": "localizability_precision"}
-    return sum(
-        gflop[stage] / rates[dtype[settings.get(key, "fp32")]]["peak"]
-        for stage, key in stages.items()
+    peak = {p: rates[d]["peak"] for p, d in dtype.items()}
+    samples = sum(gflop["samples"] * share / peak[p] for p, share in shares.items())
+    return (
+        samples + gflop["localizability"] / peak[settings.get("localizability_precision", "fp32")]
     )
 
 
@@ -169,11 +187,13 @@ def answer_cost(
             )
             s = ours["seconds_per_photo"]
             flop = sum(ours["gflop_per_photo"].values())
-            floor = floor_seconds(ours["gflop_per_photo"], ours["settings"], rates)
+            shares = precision_shares(bed.model, ours["settings"])
+            floor = floor_seconds(ours["gflop_per_photo"], shares, ours["settings"], rates)
             row = {
                 "cell": bed.name,
                 "guidance": guidance,
                 "samples drawn": round(ours["samples_drawn"]),
+                "bf16 share": round(shares.get("bf16", 0.0), 2),
                 **{f"{k} s": round(s.get(k, 0.0), 3) for k in STAGES},
                 "total s": round(s["total"], 3),
                 "GFLOP": round(flop, 1),
@@ -181,6 +201,7 @@ def answer_cost(
                 "% of peak": round(100 * floor / s["total"], 1),
                 "guess km": round(ours["accuracy"]["guess_error_km"], 2),
                 "in 25 km": round(ours["accuracy"]["within_25_km"], 3),
+                "loc SE bits": round(ours["localizability_stderr_bits"], 3),
             }
             if theirs is not None:
                 row["authors s"] = round(theirs["seconds_per_photo"], 3)

@@ -179,7 +179,16 @@ def test_the_cli_resumes_with_spelled_out_defaults_and_refuses_jsonl_added_later
               "--num-samples", "32", "--localizability-samples", "16", "--no-progress"]  # fmt: skip
     first = CliRunner().invoke(app, [str(a) for a in [*common, "--steps", "2"]])
     assert first.exit_code == 0, first.output
-    spelled = [*common, "--steps", "2", "--precision", "fp32", "--solver", DEFAULT_SAMPLER.solver]
+    precision = DEFAULT_SAMPLER.resolved_precision("cpu")  # as the archive records it
+    spelled = [
+        *common,
+        "--steps",
+        "2",
+        "--precision",
+        precision,
+        "--solver",
+        DEFAULT_SAMPLER.solver,
+    ]
     again = CliRunner().invoke(app, [str(a) for a in spelled])
     assert again.exit_code == 0, again.output
     assert "0 photos" in again.output and "4 already answered" in again.output

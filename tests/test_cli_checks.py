@@ -367,7 +367,7 @@ def test_an_output_where_no_file_can_be_created_is_refused_before_work(photo, no
 def test_fp16_is_refused_with_one_message_everywhere(tmp_path, photo, no_model_loading):
     expected = "error: --precision fp16: must be one of fp32, bf16"
     for args, extra in (
-        (("predict", photo), ", auto"),  # predict alone also takes "auto" (bf16 where native)
+        (("predict", photo), ", mixed, auto"),  # predict alone also takes "mixed" and "auto"
         (("embed", photo, "-o", tmp_path / "e.parquet"), ""),
         (("train", "--embeddings", tmp_path / "e.parquet", "-o", tmp_path / "run"), ""),
     ):

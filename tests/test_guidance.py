@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from globeflow.core.exact_field import MixtureTarget, exact_rfm_model, kernel_width_for_rms_km
-from globeflow.core.guidance import GuidedVelocity, guided_combination
-from globeflow.core.sampler_settings import DEFAULT_SAMPLER
+from globeflow.core.guidance import (
+    GuidedField,
+    GuidedVelocity,
+    guided_combination,
+    level_precisions,
+)
+from globeflow.core.network import Denoiser
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, MIXED_BF16_BELOW
 from globeflow.core.solvers import SOLVERS
 from globeflow.core.sphere import haversine_km, sample_uniform_sphere
 
@@ -61,6 +67,27 @@ def test_guided_velocity_gives_branches_and_refuses_divergences():
     assert torch.allclose(velocity, 4 * (2.0 * x) - 3 * (0.5 * x))
     with pytest.raises(ValueError, match="no density"):
         field(x, 0, True)
+
+
+def test_mixed_precision_runs_bf16_early_and_fp32_at_the_data_end():
+    """ "mixed" evaluates the levels below MIXED_BF16_BELOW in bf16 and the rest in fp32: each
+    level's guided output is, bit for bit, that of a field of its own precision."""
+    gammas = torch.tensor([0.1, 0.5, MIXED_BF16_BELOW - 1e-3, MIXED_BF16_BELOW, 0.999])
+    assert level_precisions("mixed", gammas) == ["bf16"] * 3 + ["fp32"] * 2
+    assert level_precisions("fp32", gammas) == ["fp32"] * 5
+    with pytest.raises(ValueError, match="--precision fp16: must be one of fp32, bf16, mixed"):
+        level_precisions("fp16", gammas)
+    torch.manual_seed(0)
+    net = Denoiser(dim=32, depth=2, cond_dim=4).eval()
+    emb = torch.randn(2, 4)
+    x = torch.nn.functional.normalize(torch.randn(2, 16, 3), dim=-1)
+    fields = {p: GuidedField(net, emb, gammas, 2.0, p) for p in ("mixed", "fp32", "bf16")}
+    with torch.no_grad():
+        for node, want in enumerate(level_precisions("mixed", gammas)):
+            mixed = fields["mixed"].output(x, node)
+            assert torch.equal(mixed, fields[want].output(x, node))
+            other = "fp32" if want == "bf16" else "bf16"
+            assert not torch.equal(mixed, fields[other].output(x, node))  # bf16 really differs
 
 
 def test_the_null_condition_is_the_mixture_of_the_targets(sharp_field):

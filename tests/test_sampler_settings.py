@@ -17,7 +17,9 @@ from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
     DEFAULT_SAMPLER,
     EVALUATE_BATCH_SIZE,
+    PRECISIONS,
     SamplerSettings,
+    precision_on,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -49,6 +51,20 @@ def test_auto_precision_follows_the_device():
     assert auto.resolved_precision("cpu") == fastest_precision("cpu")
     assert fastest_precision("cpu") == ("bf16" if native_bf16("cpu") else "fp32")
     assert fastest_precision("cuda") == "bf16"
+
+
+def test_mixed_precision_runs_fp32_where_bf16_is_not_native():
+    """ "mixed" is bf16 early on the path only where bf16 is native (else emulated, slower than
+    fp32); a float64 model runs fp32 throughout; fp32 and bf16 asked for are run as asked."""
+    from globeflow.core.sampler_settings import resolve
+
+    assert precision_on("mixed", "bf16") == "mixed"
+    assert precision_on("mixed", "fp32") == "fp32"
+    assert [precision_on("auto", f) for f in ("bf16", "fp32")] == ["bf16", "fp32"]
+    assert [precision_on(p, "fp32") for p in PRECISIONS] == list(PRECISIONS)
+    assert resolve(_tiny_rfm().double()).precision == "fp32"
+    assert resolve(_tiny_rfm()).precision == precision_on("mixed", fastest_precision("cpu"))
+    assert SamplerSettings(precision="mixed").resolved_precision("cuda") == "mixed"
 
 
 def test_authors_sampler_is_their_pipeline_default():
@@ -247,7 +263,8 @@ def test_the_localizability_runs_at_its_own_precision():
     model = _tiny_rfm()
     assert resolve(model).localizability_precision == fastest_precision("cpu")
     assert resolve(_tiny_rfm().double()).localizability_precision == "fp32"
-    assert resolve(model, localizability_precision="fp32").precision == "fp32"
+    answers = precision_on(DEFAULT_SAMPLER.precision, fastest_precision("cpu"))
+    assert resolve(model, localizability_precision="fp32").precision == answers
     emb = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
     for guidance in (0.0, 1.0):  # one pass, and samples then their own localizability pass
         runs = {}

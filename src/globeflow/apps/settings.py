@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from globeflow.core.families import FAMILIES, denoising_family_names
-from globeflow.core.sampler_settings import AUTO, GRIDS, PRECISIONS
+from globeflow.core.sampler_settings import AUTO, GRIDS, SAMPLE_PRECISIONS
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
 MAX_REGION_RADIUS_KM = math.pi * EARTH_RADIUS_KM
@@ -82,7 +82,7 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "steps": Range(1, 256, integer=True),
     "solver": OneOf(SOLVERS),
     "grid": OneOf(GRIDS),
-    "precision": OneOf((*PRECISIONS, AUTO)),
+    "precision": OneOf((*SAMPLE_PRECISIONS, AUTO)),
     "localizability_samples": Range(0, 4096, integer=True),
     "top_k": Range(1, 100, integer=True),
     # None (the default): regions at the answer's own scale; a number fixes their radius.

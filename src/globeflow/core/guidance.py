@@ -14,7 +14,13 @@ from collections.abc import Callable
 import torch
 
 from globeflow.core.network import Conditioning, Denoiser
-from globeflow.core.sampler_settings import FULL_PRECISION, PRECISIONS
+from globeflow.core.sampler_settings import (
+    FULL_PRECISION,
+    MIXED,
+    MIXED_BF16_BELOW,
+    PRECISIONS,
+    SAMPLE_PRECISIONS,
+)
 
 
 def check_precision(precision: str) -> str:
@@ -25,8 +31,21 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def level_precisions(precision: str, gammas: torch.Tensor) -> list[str]:
+    """The precision of the network's evaluations at each signal level of ``gammas`` (S,):
+    ``precision`` at every level, or for "mixed" (:data:`~globeflow.core.sampler_settings.
+    MIXED`) bf16 below :data:`~globeflow.core.sampler_settings.MIXED_BF16_BELOW` and fp32 from
+    there to the data end."""
+    if precision not in SAMPLE_PRECISIONS:
+        raise ValueError(f"--precision {precision}: must be one of {', '.join(SAMPLE_PRECISIONS)}")
+    if precision != MIXED:
+        return [precision] * len(gammas)
+    return ["bf16" if level < MIXED_BF16_BELOW else "fp32" for level in gammas.tolist()]
+
+
 class GuidedField:
-    """Guided network outputs for embeddings emb (B, D) at signal levels gammas (S,).
+    """Guided network outputs for embeddings emb (B, D) at signal levels gammas (S,), each
+    level's at its precision (:func:`level_precisions`).
 
     ``output(x, node)`` gives the guided output at level ``gammas[node]`` for points x (B, N, 3);
     ``output_and_jvp`` the unguided output with Jacobian-vector products (for divergences).
@@ -42,8 +61,8 @@ class GuidedField:
     ):
         self.network = network
         self.guidance = float(guidance)
-        self.precision = check_precision(precision)
         self.gammas = gammas.to(emb.dtype)
+        self.precisions = level_precisions(precision, self.gammas)
         self.cond = network.condition_grid(emb, self.gammas)
         self.null = None
         if self.guidance != 0.0:
@@ -62,9 +81,9 @@ class GuidedField:
         one stacked batch."""
         cond = self.cond.at(node)
         if self.null is None:
-            return self.network.forward_conditioned(x, cond, self.precision), None
+            return self.network.forward_conditioned(x, cond, self.precisions[node]), None
         both = Conditioning.cat([cond, self.null.at(node)])
-        out = self.network.forward_conditioned(torch.cat([x, x]), both, self.precision)
+        out = self.network.forward_conditioned(torch.cat([x, x]), both, self.precisions[node])
         out_cond, out_null = out.chunk(2)
         return out_cond, out_null
 
@@ -74,7 +93,7 @@ class GuidedField:
         """Unguided output (B, N, 3) and J @ tangents (K, B, N, 3) at level node."""
         if self.null is not None:
             raise ValueError("densities are defined for the unguided model (guidance 0)")
-        return self.network.forward_with_jvp(x, tangents, self.cond.at(node), self.precision)
+        return self.network.forward_with_jvp(x, tangents, self.cond.at(node), self.precisions[node])
 
 
 class PointConditionedField:
@@ -82,13 +101,14 @@ class PointConditionedField:
     points on grids of their own (:mod:`globeflow.core.point_grids`): ``cond`` (L, B, 1, C)
     holds every level of every grid for images emb (B, D); the points x (P, 1, 3) are the
     first P of the points whose images are ``images`` (R,) long, and ``node`` (P, 1) long is
-    each one's level in ``cond``."""
+    each one's level in ``cond``. Its points sit at different levels, so "mixed" runs fp32, the
+    precision of its stiff end."""
 
     def __init__(self, network: Denoiser, cond: Conditioning, images: torch.Tensor, precision: str):
         self.network = network
         self.cond = cond
         self.images = images
-        self.precision = check_precision(precision)
+        self.precision = FULL_PRECISION if precision == MIXED else check_precision(precision)
 
     def output(self, x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
         """f(x | c) at each point's own level: (P, 1, 3)."""

@@ -30,6 +30,27 @@ value, not a choice of the recipe)."""
 AUTO = "auto"
 """Precision "auto": bf16 where the device runs it natively, else fp32."""
 
+MIXED = "mixed"
+"""Precision "mixed" (the answer's samples): bf16 at signal levels below
+:data:`MIXED_BF16_BELOW`, fp32 from there to the data end; fp32 throughout where bf16 is not
+native (:func:`resolve`). An error made early on the path is shrunk by the rest of it (in
+proportion to the answer's width over the noise's), so bf16 costs little there; at the data end
+bf16 moves a 1-km answer by ~1 km (docs/defaults.md, "bf16 in the sharp regime")."""
+
+MIXED_BF16_BELOW = 0.97
+"""Signal level up to which "mixed" runs bf16: the noise is still ~190 km (0.03 of a radian)
+wide there. Against fp32 from the same noise, the default sampler's samples move by a median
+0.001-0.08 km on the 1- to 25-km trained testbeds (best guesses by at most 0.09 km at
+guidance 0, 0.014 km at guidance 2) and ~1 km on 200- to 2,000-km ones (what bf16 moves them
+throughout); full bf16 moves 1-km answers by 0.5-1.1 km. 32 of the default's 48 levels run
+bf16: 1.35x (syn-small) to 1.55x (syn-published) the sampling speed of fp32
+(``benchmarks/run.py bf16_sharp``; docs/defaults.md, "bf16 in the sharp regime")."""
+
+SAMPLE_PRECISIONS = (*PRECISIONS, MIXED)
+"""Precisions of a sampler: one for every level, or :data:`MIXED` (a pass whose points sit on
+grids of their own, :mod:`globeflow.core.point_grids`, has no one level to switch at and runs
+"mixed" in fp32)."""
+
 DEFAULT_GUIDANCE = 0.0
 """The guidance of a model whose metadata recommends none (``recommended_guidance``, see
 :func:`recommended_guidance`), e.g. one trained with ``globeflow train``. Chosen on the trained
@@ -81,6 +102,16 @@ REGION_PROBABILITY_TOLERANCE = 0.02
 """Largest Monte Carlo standard error of a region's probability that an answer accepts without
 drawing more (a 1/3 region needs ~560 samples; a single sharp region has none at any count)."""
 
+LOCALIZABILITY_FIRST_SAMPLES = 64
+"""Samples per photo of the localizability's first draw; more, up to ``localizability_samples``,
+only where its Monte Carlo standard error exceeds :data:`LOCALIZABILITY_TOLERANCE`."""
+
+LOCALIZABILITY_TOLERANCE = 0.25
+"""Largest Monte Carlo standard error of the localizability (bits) that an answer accepts
+without drawing more: what the fixed 128 samples gave the diffuse bundled model (0.25 bit).
+A sharp answer's log-density varies by ~1.4 bits between its samples (a vMF-like mode; as much
+with several equal modes), so 64 samples give it ~0.18 bit."""
+
 EVALUATE_BATCH_SIZE = 64
 """Images per model call of ``evaluate`` (how the work is cut, not what the rows are)."""
 
@@ -91,8 +122,8 @@ class SamplerSettings:
 
     ``solver``: a solver name (:mod:`globeflow.core.solvers`, or the family's published step);
     ``grid``: a time grid of :data:`GRIDS` (None: the solver's own); ``steps``: solver steps;
-    ``precision``: "fp32", "bf16" or "auto"; ``num_samples``: samples per photo; ``guidance``:
-    classifier-free guidance scale (None: the model's recommended one);
+    ``precision``: "fp32", "bf16", "mixed" (:data:`MIXED`) or "auto"; ``num_samples``: samples
+    per photo; ``guidance``: classifier-free guidance scale (None: the model's recommended one);
     ``localizability_*``: the unguided samples, (bulk) steps, solver and precision of the
     localizability estimate; a sharp posterior adds steps at the data end
     (:mod:`globeflow.core.likelihood`).
@@ -101,13 +132,15 @@ class SamplerSettings:
     ``num_samples``, as many more as bring the Monte Carlo standard errors of its best guess's
     expected GeoScore and of its region probabilities within ``guess_score_tolerance`` and
     ``region_probability_tolerance`` (:mod:`globeflow.answers.monte_carlo`). ``first_samples``
-    0 (or >= ``num_samples``) draws ``num_samples`` at once.
+    0 (or >= ``num_samples``) draws ``num_samples`` at once. The localizability likewise draws
+    ``localizability_first_samples``, then up to ``localizability_samples`` where its standard
+    error exceeds ``localizability_tolerance`` (bits).
     """
 
     solver: str = "lagged-midpoint"
     grid: str | None = "published"
     steps: int = 48
-    precision: str = "fp32"
+    precision: str = MIXED
     num_samples: int = 1024
     guidance: float | None = None
     localizability_samples: int = LOCALIZABILITY_SAMPLES
@@ -117,18 +150,29 @@ class SamplerSettings:
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
+    localizability_first_samples: int = LOCALIZABILITY_FIRST_SAMPLES
+    localizability_tolerance: float = LOCALIZABILITY_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
             raise ValueError(f"unknown time grid {self.grid!r}; choose from {GRIDS}")
         for precision in (self.precision, self.localizability_precision):
-            if precision != AUTO and precision not in PRECISIONS:
-                raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+            if precision != AUTO and precision not in SAMPLE_PRECISIONS:
+                raise ValueError(
+                    f"unknown precision {precision!r}; choose from {(*SAMPLE_PRECISIONS, AUTO)}"
+                )
         if self.steps < 1 or self.num_samples < 1 or self.localizability_steps < 1:
             raise ValueError("steps, num_samples and localizability_steps must be >= 1")
-        if self.first_samples < 0:
-            raise ValueError("first_samples must be >= 0 (0: draw num_samples at once)")
-        if self.guess_score_tolerance <= 0 or self.region_probability_tolerance <= 0:
+        if self.first_samples < 0 or self.localizability_first_samples < 0:
+            raise ValueError(
+                "first_samples and localizability_first_samples must be >= 0 (0: draw all at once)"
+            )
+        tolerances = (
+            self.guess_score_tolerance,
+            self.region_probability_tolerance,
+            self.localizability_tolerance,
+        )
+        if min(tolerances) <= 0:
             raise ValueError("the Monte Carlo tolerances must be > 0")
 
     @property
@@ -136,18 +180,23 @@ class SamplerSettings:
         """Whether answers draw ``first_samples`` first and more only where needed."""
         return 0 < self.first_samples < self.num_samples
 
+    @property
+    def adaptive_localizability(self) -> bool:
+        """Whether the localizability draws ``localizability_first_samples`` first and more only
+        where needed."""
+        return 0 < self.localizability_first_samples < self.localizability_samples
+
     def with_overrides(self, **overrides: object) -> SamplerSettings:
         """A copy with the given fields replaced; None values leave a field as it is. A solver
         given without a grid keeps this recipe's grid (see :func:`resolve`)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def resolved_precision(self, device: Any) -> str:
-        """The precision to run on ``device`` (a torch device or its name; "auto" resolved)."""
-        if self.precision != AUTO:
-            return self.precision
+        """The precision the answer's samples run at on ``device`` (a torch device or its
+        name): :func:`precision_on` its fastest."""
         from globeflow.core.precision import fastest_precision
 
-        return fastest_precision(device)
+        return precision_on(self.precision, fastest_precision(device))
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict, plus a short ``label``."""
@@ -252,8 +301,9 @@ def resolve(
       family's own step, on its own grid, at :data:`AUTHORS_SAMPLER`'s step count when the
       recipe's is the default one (another count is kept). A solver given in ``overrides`` is
       kept as given (the model names what it lacks).
-    - ``precision`` and ``localizability_precision`` "auto": resolved for the model's device
-      (a float64 model asks for its own precision: fp32).
+    - ``precision`` and ``localizability_precision`` "auto", and ``precision`` "mixed":
+      resolved for the model's device by :func:`precision_on` (a float64 model asks for its own
+      precision: fp32).
     """
     recipe = (settings or model_recipe(model)).with_overrides(**overrides)
     if recipe.guidance is None:
@@ -267,11 +317,25 @@ def resolve(
             steps = AUTHORS_SAMPLER.steps if recipe.steps == DEFAULT_SAMPLER.steps else None
             recipe = dataclasses.replace(recipe, solver=solver, grid=None)
             recipe = recipe.with_overrides(steps=overrides.get("steps") or steps)
-    fields = ("precision", "localizability_precision")
-    auto = [name for name in fields if getattr(recipe, name) == AUTO]
-    if not auto:
+    if recipe.precision not in (AUTO, MIXED) and recipe.localizability_precision != AUTO:
         return recipe
-    return dataclasses.replace(recipe, **dict.fromkeys(auto, _auto_precision(model)))
+    fastest = _auto_precision(model)
+    return dataclasses.replace(
+        recipe,
+        precision=precision_on(recipe.precision, fastest),
+        localizability_precision=precision_on(recipe.localizability_precision, fastest),
+    )
+
+
+def precision_on(precision: str, fastest: str) -> str:
+    """``precision`` as it runs where ``fastest`` is the fastest precision ("bf16" where bf16
+    is native): "auto" becomes ``fastest``; "mixed" becomes fp32 where bf16 is not native (it
+    would be emulated, slower than fp32); any other is kept."""
+    if precision == AUTO:
+        return fastest
+    if precision == MIXED and fastest == FULL_PRECISION:
+        return FULL_PRECISION
+    return precision
 
 
 def _auto_precision(model: object) -> str:

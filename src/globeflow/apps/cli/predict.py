@@ -38,6 +38,7 @@ from globeflow.core.sampler_settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     GRIDS,
+    MIXED_BF16_BELOW,
     PRECISIONS,
 )
 from globeflow.data.file_names import find_photos, holds_photo
@@ -94,9 +95,10 @@ def predict(
     ),
     precision: str = typer.Option(
         None,
-        help=f"{', '.join(PRECISIONS)}, or {AUTO} (bf16 where the CPU/GPU runs it natively, "
-        f"else fp32); default: {DEFAULT_SAMPLER.precision} (bf16 moves sharp answers by ~1 km, "
-        "docs/defaults.md).",
+        help=f"{', '.join(PRECISIONS)}, mixed (bf16 up to signal level {MIXED_BF16_BELOW}, "
+        f"fp32 at the data end), or {AUTO} (bf16); mixed and {AUTO} run fp32 where the CPU/GPU "
+        f"lacks native bf16. Default: {DEFAULT_SAMPLER.precision} (bf16 to the end moves sharp "
+        "answers by ~1 km, docs/defaults.md).",
     ),
     localizability_samples: int = typer.Option(
         None,
