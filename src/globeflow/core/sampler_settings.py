@@ -39,12 +39,12 @@ bf16 moves a 1-km answer by ~1 km (docs/defaults.md, "bf16 in the sharp regime")
 
 MIXED_BF16_BELOW = 0.97
 """Signal level up to which "mixed" runs bf16: the noise is still ~190 km (0.03 of a radian)
-wide there. Against fp32 from the same noise, the default sampler's samples move by a median
-0.001-0.08 km on the 1- to 25-km trained testbeds (best guesses by at most 0.09 km at
-guidance 0, 0.014 km at guidance 2) and ~1 km on 200- to 2,000-km ones (what bf16 moves them
-throughout); full bf16 moves 1-km answers by 0.5-1.1 km. 32 of the default's 48 levels run
-bf16: 1.35x (syn-small) to 1.55x (syn-published) the sampling speed of fp32
-(``benchmarks/run.py bf16_sharp``; docs/defaults.md, "bf16 in the sharp regime")."""
+wide there; 32 of the default's 48 levels. Against fp32 from the same noise, on every trained
+testbed up to 25 km at guidance 0 and 2, the default sampler's samples move by a median
+0.000-0.16 km and its best guesses by at most 0.13 km (bf16 throughout: 0.25-1.5 km and up to
+5.5 km), at 1.31-1.52x the sampling speed of fp32; on 200- to 2,000-km answers by the ~1 km
+bf16 moves them throughout (``benchmarks/run.py bf16_sharp``; docs/defaults.md, "bf16 in the
+sharp regime")."""
 
 SAMPLE_PRECISIONS = (*PRECISIONS, MIXED)
 """Precisions of a sampler: one for every level, or :data:`MIXED` (a pass whose points sit on
