@@ -217,10 +217,11 @@ def own_samples(
 
         noise, padded = stream_noise(model, generators, k, conditions)
         # Each sample's own stiffness floor (probed where its pilot lands), as the localizability;
-        # in fp32, the precision fusion's proposals and weights were measured at (docs/fusion.md).
+        # in fp32, the precision fusion's proposals and weights were measured at (docs/fusion.md),
+        # and with the exact divergence: each sample's own density weighs it.
         x, log_p = model.sample_with_log_density(
             conditions, padded, steps, None, method="path", solver=LOCALIZABILITY_SOLVER,
-            noise=noise, precision=FULL_PRECISION,
+            noise=noise, precision=FULL_PRECISION, divergence="exact",
         )  # fmt: skip
         return OwnSamples(x[:, :k], log_p[:, :k], stiff_end=True)
     parts = [
@@ -368,7 +369,7 @@ def single_sample(
             # data-prediction solvers do not; the localizability solver then draws both).
             carries = solver in SOLVERS and SOLVERS[solver].carries_log_density
             x, log_p = model.sample_with_log_density(
-                emb, batch, path_steps, generator, method="path",
+                emb, batch, path_steps, generator, method="path", divergence="exact",
                 solver=solver if carries else LOCALIZABILITY_SOLVER, precision=precision,
             )  # fmt: skip
         else:

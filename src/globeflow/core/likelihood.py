@@ -32,10 +32,15 @@ import dataclasses
 import torch
 
 from globeflow.core.guidance import GuidedField, PointConditionedField
-from globeflow.core.log_density_settings import StiffEnd, StiffEndWidth, as_stiff_end
+from globeflow.core.log_density_settings import (
+    DIVERGENCES,
+    StiffEnd,
+    StiffEndWidth,
+    as_stiff_end,
+)
 from globeflow.core.network import Conditioning
 from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
-from globeflow.core.path_field import field_and_divergence, path_field
+from globeflow.core.path_field import field_and_divergence, path_field, probe_signs
 from globeflow.core.point_grids import (
     POINT_GRID_SOLVERS,
     integrate_on_point_grids,
@@ -162,18 +167,20 @@ def _integrate_with_log_density(
     solver: str,
     width: float | None,
     precision: str,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrate the unguided path field from x (B, N, 3) over the signal levels ``gammas``
     (float64, either direction) with ``solver``, carrying the log-density: (end point, the
     change of log p along the way (B, N)), with the divergence weights of the stiff end of
-    ``width``."""
+    ``width``; ``signs`` (B, N): the one-JVP divergence (:func:`~globeflow.core.path_field.
+    path_field`)."""
     method = SOLVERS[solver]
     factors = divergence_weights(gammas, solver, width)
     gammas = gammas.to(device=emb.device, dtype=emb.dtype)
     levels = method.levels(gammas)
     field = GuidedField(model.network, emb, levels, precision=precision)
     return method.integrate(
-        path_field(model, field, levels, factors), x, gammas, SPHERE, with_log_density=True
+        path_field(model, field, levels, factors, signs), x, gammas, SPHERE, with_log_density=True
     )
 
 
@@ -188,12 +195,14 @@ def _integrate_on_floor_grids(
     log_step: float,
     precision: str,
     to_noise: bool = False,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_integrate_with_log_density` of each point of x (B, N, 3) between
     ``start_level`` and the data on the grid of its own quantized floor (``floors`` (B, N)),
     all grids in one loop (:mod:`globeflow.core.point_grids`): (end points (B, N, 3), change
     of log p (B, N)). Noise to data (sampling), or data to noise with ``to_noise``
-    (likelihoods)."""
+    (likelihoods). ``signs`` (B, N): the one-JVP divergence (:func:`~globeflow.core.path_field.
+    path_field`)."""
     b, n, _ = x.shape
     values, grid_of_point = torch.unique(floors.reshape(-1), return_inverse=True)
     widths = [fixed_width(floor_as_stiff_end(v)) for v in values.tolist()]
@@ -212,8 +221,9 @@ def _integrate_on_floor_grids(
     order = longest_first(grids, grid_of_point)
     images = torch.arange(b, device=x.device).repeat_interleave(n)[order]
     field = PointConditionedField(model.network, cond, images, precision)
+    signs = None if signs is None else signs.reshape(-1, 1)[order]
     end, delta = integrate_on_point_grids(
-        path_field(model, field, levels, weight.to(levels)), x.reshape(-1, 1, 3)[order],
+        path_field(model, field, levels, weight.to(levels), signs), x.reshape(-1, 1, 3)[order],
         grids, grid_of_point[order], solver,
     )  # fmt: skip
     back = torch.argsort(order)
@@ -317,6 +327,7 @@ def sample_with_log_density(
     precision: str = FULL_PRECISION,
     stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = STIFF_LOG_STEP,
+    divergence: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unguided samples of a sphere model and log p at each, in one pass.
 
@@ -335,13 +346,18 @@ def sample_with_log_density(
     older spellings of these two (:func:`~globeflow.core.log_density_settings.as_stiff_end`).
     ``log_step``: the steps' size in log(1 - gamma) at the stiff end.
     ``precision="bf16"`` runs the network's matrix products (JVPs included; the pilot's and the
-    probe's too) in bfloat16. On a CPU the samples are split across the cores, one worker
-    thread each (:mod:`globeflow.core.parallel`).
+    probe's too) in bfloat16. ``divergence``: ``"exact"`` (two JVPs), or ``"hutchinson"`` (one,
+    along a random tangent; each sample's log p then carries a zero-mean error, so only means
+    over samples, the localizability, should take it: :func:`~globeflow.core.path_field.
+    path_field`, with each sample's sign from its own initial state). On a CPU the samples are
+    split across the cores, one worker thread each (:mod:`globeflow.core.parallel`).
     """
     if model.geometry is not SPHERE:
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose from {DIVERGENCES}")
     x0 = model.prepare_noise(emb, num_samples, noise, generator)
     stiff = as_stiff_end(stiff)
     workers = cpu_workers(x0.device, x0.shape[1])
@@ -349,33 +365,34 @@ def sample_with_log_density(
         parts = map_on_cores(
             lambda part: sample_with_log_density(
                 model, emb, part.stop - part.start, steps, solver, None, x0[:, part], precision,
-                stiff, log_step,
+                stiff, log_step, divergence,
             ),
             split_evenly(x0.shape[1], workers),
             workers,
         )  # fmt: skip
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    signs = probe_signs(x0) if divergence == "hutchinson" else None
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
         landed = pilot(model, emb, x0, precision)
         floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, precision))
         if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
             start = float(model.sampling_levels(steps, emb)[0])
             x, delta = _integrate_on_floor_grids(
-                model, emb, x0, floors, start, steps, solver, log_step, precision
+                model, emb, x0, floors, start, steps, solver, log_step, precision, signs=signs
             )
             return x, model.base_log_prob(x0) + delta
 
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
                 model, emb[rows], points.shape[1], steps, solver, None, points, precision,
-                stiff=floor_as_stiff_end(width), log_step=log_step,
+                stiff=floor_as_stiff_end(width), log_step=log_step, divergence=divergence,
             )  # fmt: skip
 
         return solve_by_floor(floors, x0, solve)
     width = fixed_width(stiff)
     start = model.sampling_levels(steps, emb)[0]
     gammas = stiff_end_levels(float(start), steps, grid_floor(width), log_step)
-    x, delta = _integrate_with_log_density(model, emb, x0, gammas, solver, width, precision)
+    x, delta = _integrate_with_log_density(model, emb, x0, gammas, solver, width, precision, signs)
     return x, model.base_log_prob(x0) + delta
 
 

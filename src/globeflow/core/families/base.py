@@ -536,8 +536,9 @@ class DenoisingModel(GeoModel):
         """``density.method="path"`` (default on S^2): one pass of the recipe's
         ``localizability_steps`` ``localizability_solver`` steps that carries the log-density
         along the sampling path (:func:`~globeflow.core.likelihood.sample_with_log_density`,
-        with ``density.stiff``). ``"ode"`` (default in R^3, where samples are projected onto
-        S^2 after the solve): sample, then solve the likelihood ODE at every sample."""
+        with ``density.stiff`` and ``density.divergence``). ``"ode"`` (default in R^3, where
+        samples are projected onto S^2 after the solve): sample, then solve the likelihood ODE
+        at every sample."""
 
         method = density.method or ("path" if self.geometry is SPHERE else "ode")
         if method == "ode":
@@ -545,7 +546,7 @@ class DenoisingModel(GeoModel):
         return sample_with_log_density(
             self, emb, recipe.localizability_samples, recipe.localizability_steps,
             recipe.localizability_solver, generator, noise, recipe.localizability_precision,
-            stiff=density.stiff,
+            stiff=density.stiff, divergence=density.divergence,
         )  # fmt: skip
 
     published_solver: str = "euler"
