@@ -107,8 +107,11 @@ def precision_shares(model, settings: dict) -> dict[str, float]:
     precision = settings.get("precision", "fp32")
     if precision != "mixed":
         return {precision: 1.0}
-    gammas = sampling_grid(settings["grid"], model.schedule, settings["steps"])
-    per_level = level_precisions(precision, SOLVERS[settings["solver"]].levels(gammas))
+    solver = SOLVERS.get(settings["solver"])  # None: the family's published step
+    grid = settings["grid"] or (solver.grid if solver else "published")
+    gammas = sampling_grid(grid, model.schedule, settings["steps"])
+    levels = solver.levels(gammas) if solver else gammas[:-1]  # its step: one per level
+    per_level = level_precisions(precision, levels)
     return {p: per_level.count(p) / len(per_level) for p in set(per_level)}
 
 
