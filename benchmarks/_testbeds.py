@@ -387,6 +387,32 @@ def localizability_comparison(
     return report
 
 
+def localizability_experiment(
+    name: str, module: str, variants, row, quick_testbeds: str = ""
+) -> Callable[..., dict]:
+    """Register experiment ``name`` of ``module``: :func:`localizability_comparison` of
+    ``variants(model)`` with table rows ``row(model, emb, best, out, samples)``, with the
+    options every such comparison takes (``photos`` per model, ``samples`` per photo,
+    ``repeats`` interleaved, ``testbeds`` comma-separated; the bundled model always)."""
+    from _registry import experiment
+
+    def run(
+        *,
+        photos: int = 8,
+        samples: int = 128,
+        repeats: int = 2,
+        testbeds: str = "syn-small,syn-published",
+    ) -> dict:
+        def table_row(model, emb, best, out) -> dict:
+            return row(model, emb, best, out, samples)
+
+        return localizability_comparison(testbeds, photos, samples, repeats, variants, table_row)
+
+    run.__module__, run.__qualname__, run.__name__ = module, name, name
+    quick = {"photos": 2, "samples": 16, "repeats": 1, "testbeds": quick_testbeds}
+    return experiment(name, quick=quick)(run)
+
+
 def all_trained_testbeds(root: Path = TRAINED_ROOT, per_pattern: int = 2) -> list[Testbed]:
     """:func:`trained_testbeds` of every model built in ``root``; empty (saying why) when none
     is there."""

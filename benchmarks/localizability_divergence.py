@@ -17,34 +17,27 @@ from __future__ import annotations
 
 import contextlib
 
-from _registry import experiment
-from _testbeds import localizability_comparison
+from _testbeds import localizability_experiment
 
 DIVERGENCES = ("exact", "hutchinson")
 
 
-@experiment(
-    "localizability_divergence", quick={"photos": 2, "samples": 16, "repeats": 1, "testbeds": ""}
+def variants(model) -> dict:
+    return {d: (contextlib.nullcontext, {"divergence": d}) for d in DIVERGENCES}
+
+
+def row(model, emb, best, out, samples: int) -> dict:
+    (exact, exact_se), (estimate, estimate_se) = (out[d] for d in DIVERGENCES)
+    diff = estimate - exact
+    return {
+        "exact s": best["exact"], "hutchinson s": best["hutchinson"],
+        "speed-up": best["exact"] / best["hutchinson"],
+        "diff mean bits": float(diff.mean()), "diff max bits": float(diff.abs().max()),
+        "MC stderr exact bits": float(exact_se.mean()),
+        "MC stderr hutchinson bits": float(estimate_se.mean()),
+    }  # fmt: skip
+
+
+localizability_divergence = localizability_experiment(
+    "localizability_divergence", __name__, variants, row
 )
-def localizability_divergence(
-    *,
-    photos: int = 8,
-    samples: int = 128,
-    repeats: int = 2,
-    testbeds: str = "syn-small,syn-published",
-) -> dict:
-    def variants(model) -> dict:
-        return {d: (contextlib.nullcontext, {"divergence": d}) for d in DIVERGENCES}
-
-    def row(model, emb, best, out) -> dict:
-        (exact, exact_se), (estimate, estimate_se) = (out[d] for d in DIVERGENCES)
-        diff = estimate - exact
-        return {
-            "exact s": best["exact"], "hutchinson s": best["hutchinson"],
-            "speed-up": best["exact"] / best["hutchinson"],
-            "diff mean bits": float(diff.mean()), "diff max bits": float(diff.abs().max()),
-            "MC stderr exact bits": float(exact_se.mean()),
-            "MC stderr hutchinson bits": float(estimate_se.mean()),
-        }  # fmt: skip
-
-    return localizability_comparison(testbeds, photos, samples, repeats, variants, row)

@@ -16,39 +16,31 @@ from __future__ import annotations
 
 import contextlib
 
-from _registry import experiment
-from _testbeds import localizability_comparison
+from _testbeds import localizability_experiment
 
 from globeflow.core.sampler_settings import resolve
 
 
-@experiment(
-    "localizability_precision",
-    quick={"photos": 2, "samples": 16, "repeats": 1, "testbeds": "syn-small"},
+def variants(model) -> dict:
+    return {p: (contextlib.nullcontext, {"precision": p}) for p in ("fp32", _auto(model))}
+
+
+def row(model, emb, best, out, samples: int) -> dict:
+    auto = _auto(model)
+    diff = out[auto][0] - out["fp32"][0]
+    return {
+        "default": auto, "fp32 s": best["fp32"], "default s": best[auto],
+        "speed-up": best["fp32"] / best[auto],
+        "diff mean bits": float(diff.mean()),
+        "diff sd bits": float(diff.std()) if len(diff) > 1 else 0.0,
+        "diff max bits": float(diff.abs().max()),
+        "MC stderr bits": float(out["fp32"][1].mean()),
+    }  # fmt: skip
+
+
+localizability_precision = localizability_experiment(
+    "localizability_precision", __name__, variants, row, quick_testbeds="syn-small"
 )
-def localizability_precision(
-    *,
-    photos: int = 8,
-    samples: int = 128,
-    repeats: int = 2,
-    testbeds: str = "syn-small,syn-published",
-) -> dict:
-    def variants(model) -> dict:
-        return {p: (contextlib.nullcontext, {"precision": p}) for p in ("fp32", _auto(model))}
-
-    def row(model, emb, best, out) -> dict:
-        auto = _auto(model)
-        diff = out[auto][0] - out["fp32"][0]
-        return {
-            "default": auto, "fp32 s": best["fp32"], "default s": best[auto],
-            "speed-up": best["fp32"] / best[auto],
-            "diff mean bits": float(diff.mean()),
-            "diff sd bits": float(diff.std()) if len(diff) > 1 else 0.0,
-            "diff max bits": float(diff.abs().max()),
-            "MC stderr bits": float(out["fp32"][1].mean()),
-        }  # fmt: skip
-
-    return localizability_comparison(testbeds, photos, samples, repeats, variants, row)
 
 
 def _auto(model) -> str:

@@ -18,10 +18,10 @@ from __future__ import annotations
 from unittest import mock
 
 import torch
-from _registry import experiment
-from _testbeds import localizability_comparison
+from _testbeds import localizability_experiment
 
 from globeflow.core import likelihood
+from globeflow.core.sampler_settings import resolve
 from globeflow.core.stiff_end import quantized_floors, stiffness_floor
 
 PATHS = {
@@ -46,28 +46,20 @@ def distinct_floors(model, emb: torch.Tensor, samples: int, recipe) -> float:
     return float(torch.tensor(counts, dtype=torch.float64).median())
 
 
-@experiment("point_grids", quick={"photos": 2, "samples": 16, "repeats": 1, "testbeds": ""})
-def point_grids(
-    *,
-    photos: int = 8,
-    samples: int = 128,
-    repeats: int = 2,
-    testbeds: str = "syn-small,syn-published",
-) -> dict:
-    from globeflow.core.sampler_settings import resolve
+def variants(model) -> dict:
+    return {path: (switch, {}) for path, switch in PATHS.items()}
 
-    def variants(model) -> dict:
-        return {path: (switch, {}) for path, switch in PATHS.items()}
 
-    def row(model, emb, best, out) -> dict:
-        before, after = list(PATHS)
-        diff = out[after][0] - out[before][0]
-        return {
-            "floors per photo (median)": distinct_floors(model, emb, samples, resolve(model)),
-            "per-floor s": best[before], "one loop s": best[after],
-            "speed-up": best[before] / best[after],
-            "diff max bits": float(diff.abs().max()),
-            "MC stderr bits": float(out[before][1].mean()),
-        }  # fmt: skip
+def row(model, emb, best, out, samples: int) -> dict:
+    before, after = list(PATHS)
+    diff = out[after][0] - out[before][0]
+    return {
+        "floors per photo (median)": distinct_floors(model, emb, samples, resolve(model)),
+        "per-floor s": best[before], "one loop s": best[after],
+        "speed-up": best[before] / best[after],
+        "diff max bits": float(diff.abs().max()),
+        "MC stderr bits": float(out[before][1].mean()),
+    }  # fmt: skip
 
-    return localizability_comparison(testbeds, photos, samples, repeats, variants, row)
+
+point_grids = localizability_experiment("point_grids", __name__, variants, row)
