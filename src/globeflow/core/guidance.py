@@ -23,11 +23,12 @@ from globeflow.core.sampler_settings import (
 )
 
 
-def check_precision(precision: str) -> str:
-    """Validate a precision name ("fp32" or "bf16"). The message is the one every command
-    gives (``predict`` checks with the same names through its settings table)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
+def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
+    """Validate a precision name (one of ``choices``: "fp32" or "bf16"; a sampler also takes
+    "mixed"). The message is the one every command gives (``predict`` checks with the same
+    names through its settings table)."""
+    if precision not in choices:
+        raise ValueError(f"--precision {precision}: must be one of {', '.join(choices)}")
     return precision
 
 
@@ -36,9 +37,7 @@ def level_precisions(precision: str, gammas: torch.Tensor) -> list[str]:
     ``precision`` at every level, or for "mixed" (:data:`~globeflow.core.sampler_settings.
     MIXED`) bf16 below :data:`~globeflow.core.sampler_settings.MIXED_BF16_BELOW` and fp32 from
     there to the data end."""
-    if precision not in SAMPLE_PRECISIONS:
-        raise ValueError(f"--precision {precision}: must be one of {', '.join(SAMPLE_PRECISIONS)}")
-    if precision != MIXED:
+    if check_precision(precision, SAMPLE_PRECISIONS) != MIXED:
         return [precision] * len(gammas)
     return ["bf16" if level < MIXED_BF16_BELOW else "fp32" for level in gammas.tolist()]
 
