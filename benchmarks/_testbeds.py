@@ -313,6 +313,14 @@ def trained_testbeds(
     return beds
 
 
+def runs_default_solver(bed: Testbed) -> bool:
+    """Whether ``bed``'s model samples with the default recipe's solver (a diffusion model runs
+    its own step, DDIM 250): where a trial of that recipe's levels or solver applies."""
+    from globeflow.core.sampler_settings import DEFAULT_SAMPLER, resolve
+
+    return resolve(bed.model, DEFAULT_SAMPLER).solver == DEFAULT_SAMPLER.solver
+
+
 def photo_per_pattern(name: str, photos: int, root: Path = TRAINED_ROOT):
     """(model, emb (P, D)): a trained testbed's model and the first held-out photo of each of
     its first ``photos`` patterns."""
