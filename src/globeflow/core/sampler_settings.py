@@ -102,16 +102,6 @@ REGION_PROBABILITY_TOLERANCE = 0.02
 """Largest Monte Carlo standard error of a region's probability that an answer accepts without
 drawing more (a 1/3 region needs ~560 samples; a single sharp region has none at any count)."""
 
-LOCALIZABILITY_FIRST_SAMPLES = 64
-"""Samples per photo of the localizability's first draw; more, up to ``localizability_samples``,
-only where its Monte Carlo standard error exceeds :data:`LOCALIZABILITY_TOLERANCE`."""
-
-LOCALIZABILITY_TOLERANCE = 0.25
-"""Largest Monte Carlo standard error of the localizability (bits) that an answer accepts
-without drawing more: what the fixed 128 samples gave the diffuse bundled model (0.25 bit).
-A sharp answer's log-density varies by ~1.4 bits between its samples (a vMF-like mode; as much
-with several equal modes), so 64 samples give it ~0.18 bit."""
-
 EVALUATE_BATCH_SIZE = 64
 """Images per model call of ``evaluate`` (how the work is cut, not what the rows are)."""
 
@@ -132,9 +122,7 @@ class SamplerSettings:
     ``num_samples``, as many more as bring the Monte Carlo standard errors of its best guess's
     expected GeoScore and of its region probabilities within ``guess_score_tolerance`` and
     ``region_probability_tolerance`` (:mod:`globeflow.answers.monte_carlo`). ``first_samples``
-    0 (or >= ``num_samples``) draws ``num_samples`` at once. The localizability likewise draws
-    ``localizability_first_samples``, then up to ``localizability_samples`` where its standard
-    error exceeds ``localizability_tolerance`` (bits).
+    0 (or >= ``num_samples``) draws ``num_samples`` at once.
     """
 
     solver: str = "lagged-midpoint"
@@ -150,8 +138,6 @@ class SamplerSettings:
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
-    localizability_first_samples: int = LOCALIZABILITY_FIRST_SAMPLES
-    localizability_tolerance: float = LOCALIZABILITY_TOLERANCE
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
@@ -163,28 +149,15 @@ class SamplerSettings:
                 )
         if self.steps < 1 or self.num_samples < 1 or self.localizability_steps < 1:
             raise ValueError("steps, num_samples and localizability_steps must be >= 1")
-        if self.first_samples < 0 or self.localizability_first_samples < 0:
-            raise ValueError(
-                "first_samples and localizability_first_samples must be >= 0 (0: draw all at once)"
-            )
-        tolerances = (
-            self.guess_score_tolerance,
-            self.region_probability_tolerance,
-            self.localizability_tolerance,
-        )
-        if min(tolerances) <= 0:
+        if self.first_samples < 0:
+            raise ValueError("first_samples must be >= 0 (0: draw num_samples at once)")
+        if self.guess_score_tolerance <= 0 or self.region_probability_tolerance <= 0:
             raise ValueError("the Monte Carlo tolerances must be > 0")
 
     @property
     def adaptive(self) -> bool:
         """Whether answers draw ``first_samples`` first and more only where needed."""
         return 0 < self.first_samples < self.num_samples
-
-    @property
-    def adaptive_localizability(self) -> bool:
-        """Whether the localizability draws ``localizability_first_samples`` first and more only
-        where needed."""
-        return 0 < self.localizability_first_samples < self.localizability_samples
 
     def with_overrides(self, **overrides: object) -> SamplerSettings:
         """A copy with the given fields replaced; None values leave a field as it is. A solver
