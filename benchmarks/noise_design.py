@@ -1,0 +1,168 @@
+"""Randomized quasi-Monte Carlo initial noise: how much Monte Carlo error of an answer it removes.
+
+The answer's samples are a deterministic map (the flow) of their initial noise, uniform on S^2.
+Each number of the answer is a mean over samples: a region's probability, the best guess's
+expected GeoScore, the localizability. Drawn independently (iid, as now), the error of such a
+mean falls like 1 / sqrt(N). With a scrambled Sobol net mapped to the sphere by an
+area-preserving map (z = 1 - 2u, phi = 2 pi v), each point is still uniform. The points cover
+the sphere evenly, so the mean of a function that is smooth in the noise converges faster:
+e.g. the share of noise that the flow carries to one place, where that preimage has a smooth
+boundary.
+
+For one photo of each cell asked, ``replicates`` independent answers per design (iid, and Sobol
+with independent scrambles) at each N. Reported: the standard deviation over replicates of
+- the place shares (the largest over the photo's true places),
+- the best guess's expected GeoScore, and the best guess's spread (median km from the
+  replicates' mean guess),
+- the localizability (its own pass, at ``localizability_samples``);
+and the "equivalent iid samples", N x (SD iid / SD Sobol)^2. Both designs use the default
+recipe at the cell's guidance; only the initial noise differs. This is a measurement, not a
+setting of the package: the answer's reported standard errors assume iid samples.
+
+    python benchmarks/run.py noise_design [-p cells=1km-x1,1km-x3] [-p guidances=0,2]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+from _common import gemm_rates, print_table
+from _registry import experiment
+from _testbeds import Testbed, place_shares, trained_testbeds
+
+from globeflow.answers.decode import best_guess
+from globeflow.answers.monte_carlo import geoscores
+from globeflow.core.sampler_settings import DEFAULT_SAMPLER, resolve
+from globeflow.core.sphere import haversine_km
+
+LN2 = math.log(2.0)
+
+
+def sobol_on_sphere(n: int, seed: int) -> torch.Tensor:
+    """The first n points of a scrambled 2-D Sobol sequence mapped to S^2 by the
+    area-preserving map (z = 1 - 2u, phi = 2 pi v): (n, 3) float64 unit vectors, each uniform."""
+    u = torch.quasirandom.SobolEngine(2, scramble=True, seed=seed).draw(n, dtype=torch.float64)
+    z = 1.0 - 2.0 * u[:, 0]
+    phi = 2.0 * math.pi * u[:, 1]
+    r = (1.0 - z * z).clamp_min(0.0).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=-1)
+
+
+def iid_on_sphere(n: int, seed: int) -> torch.Tensor:
+    """n independent uniform points on S^2, (n, 3) float64."""
+    gaussian = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(gaussian, dim=-1)
+
+
+DESIGNS = {"iid": iid_on_sphere, "sobol": sobol_on_sphere}
+
+
+def answer_spread(bed: Testbed, n: int, replicates: int, design: str) -> dict[str, float]:
+    """SDs over replicates of one photo's place shares, expected GeoScore and best guess."""
+    emb, places = bed.emb[:1], bed.places[:1]
+    shares, scores, guesses = [], [], []
+    for r in range(replicates):
+        noise = DESIGNS[design](n, 1000 + r).to(emb.dtype)[None]
+        samples = bed.model.sample(emb, n, guidance=bed.guidance, noise=noise)[0]
+        shares.append(place_shares(samples[None], places)[0])
+        guess = best_guess(samples)
+        guesses.append(guess)
+        scores.append(float(geoscores(guess[None].double(), samples.double())[0].mean()))
+    guesses = torch.stack(guesses).double()
+    centre = guesses.mean(0, keepdim=True).expand_as(guesses)
+    return {
+        "sd share": float(torch.stack(shares).std(0).max()),
+        "sd score": statistics.stdev(scores),
+        "guess spread km": float(haversine_km(guesses, centre).median()),
+    }
+
+
+def localizability_spread(bed: Testbed, n: int, replicates: int, design: str) -> float:
+    """SD over replicates of one photo's localizability (bits) from n samples."""
+    emb = bed.emb[:1]
+    recipe = resolve(bed.model, DEFAULT_SAMPLER)
+    values = []
+    for r in range(replicates):
+        noise = DESIGNS[design](n, 2000 + r).to(emb.dtype)[None]
+        _, log_p = bed.model.sample_with_log_density(emb, n, noise=noise, settings=recipe)
+        values.append(float(log_p.mean()) / LN2)
+    return statistics.stdev(values)
+
+
+def equivalent(n: int, sd_iid: float, sd_sobol: float) -> float | None:
+    """iid samples that would give the Sobol design's SD: n (sd_iid / sd_sobol)^2 (None where
+    neither varies, e.g. the place share of a one-city answer)."""
+    if sd_sobol == 0.0:
+        return None if sd_iid == 0.0 else math.inf
+    return n * (sd_iid / sd_sobol) ** 2
+
+
+@experiment(
+    "noise_design",
+    quick={
+        "cells": "1km-x1",
+        "guidances": "0",
+        "samples": "64",
+        "localizability_samples": "16",
+        "replicates": 3,
+    },
+)
+def noise_design(
+    *,
+    testbed: str = "syn-small",
+    cells: str = "1km-x1,1km-x3,25km-x1,200km-x3,2000km-x3",
+    guidances: str = "0,2",
+    samples: str = "256,1024",
+    localizability_samples: str = "32,128",
+    replicates: int = 16,
+) -> dict:
+    """iid against scrambled Sobol initial noise on one photo per cell.
+
+    - ``testbed``: a trained testbed (``GLOBEFLOW_TESTBEDS``)
+    - ``cells``: comma-separated cells (scale and cities, e.g. 1km-x3)
+    - ``guidances``: comma-separated guidance scales of the answer's samples
+    - ``samples``: comma-separated sample counts of the answer
+    - ``localizability_samples``: comma-separated sample counts of the localizability (guidance
+      0 only: it is unguided)
+    - ``replicates``: independent answers per design and count
+    """
+    report = {"gemm_gflops": gemm_rates(), "replicates": replicates}
+    wanted = cells.split(",")
+    rows, loc_rows = [], []
+    for w in (float(g) for g in guidances.split(",")):
+        beds = trained_testbeds(testbed, per_pattern=1, guidance=w)
+        for bed in [b for b in beds if b.name.removeprefix(testbed + "-") in wanted]:
+            for n in (int(v) for v in samples.split(",")):
+                spread = {d: answer_spread(bed, n, replicates, d) for d in DESIGNS}
+                row = {"cell": bed.name, "w": w, "N": n}
+                for key in ("sd share", "sd score", "guess spread km"):
+                    row.update({f"{key} {d}": spread[d][key] for d in DESIGNS})
+                row["iid-equivalent N (share)"] = equivalent(
+                    n, spread["iid"]["sd share"], spread["sobol"]["sd share"]
+                )
+                row["iid-equivalent N (score)"] = equivalent(
+                    n, spread["iid"]["sd score"], spread["sobol"]["sd score"]
+                )
+                rows.append(row)
+                print(row, flush=True)
+            if w != 0.0:
+                continue
+            for n in (int(v) for v in localizability_samples.split(",")):
+                sd = {d: localizability_spread(bed, n, replicates, d) for d in DESIGNS}
+                loc_rows.append(
+                    {
+                        "cell": bed.name,
+                        "N": n,
+                        "sd bits iid": sd["iid"],
+                        "sd bits sobol": sd["sobol"],
+                        "iid-equivalent N": equivalent(n, sd["iid"], sd["sobol"]),
+                    }
+                )
+                print(loc_rows[-1], flush=True)
+    print_table(rows, list(rows[0]) if rows else [])
+    print()
+    print_table(loc_rows, list(loc_rows[0]) if loc_rows else [])
+    report.update({"answers": rows, "localizability": loc_rows, "gemm_gflops_after": gemm_rates()})
+    return report
