@@ -101,7 +101,9 @@ def test_default_path_is_right_on_a_sharp_multimodal_answer(sampler):
     The old default (8 lagged-midpoint steps on the quadratic grid) put 17% within 25 km,
     60 km median: it must fail, the new one pass."""
     bed, locator = _sharp_locator(sampler)
-    results = locator.locate_embeddings(bed.emb, num_samples=512, localizability_samples=0)
+    results = locator.locate_embeddings(
+        bed.emb, num_samples=512, first_samples=0, localizability_samples=0
+    )  # every photo 512 samples, as many as the truth's
     samples = torch.tensor([r["samples"] for r in results], dtype=torch.float64)
     truth = bed.truth(512, torch.Generator().manual_seed(0))
     m = posterior_metrics(samples, truth, bed.places, bed.true_location)
@@ -139,7 +141,7 @@ def test_locator_keywords_override_the_recipe():
     from globeflow.core.random_streams import embedding_ids, photo_generators, stream_noise
 
     streams = photo_generators(0, embedding_ids(emb), model.device)  # the locator's, per photo
-    noise, padded = stream_noise(model, streams, 16, model.prepare_embeddings(emb))
+    noise, padded = stream_noise(model, streams, 16, model.prepare_embeddings(emb), recipe.noise)
     again = model.sample(
         emb, padded, 3, 0.0, noise=noise, solver="euler", grid="published"
     )[:, :16]  # fmt: skip

@@ -6,7 +6,7 @@ All functions take model samples in degrees, (B, N, 2) or (N, 2), and are pure.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,7 +98,8 @@ class Region:
 
     ``probability`` is the share of samples in the region (see :func:`top_regions`);
     ``radius_km`` the radius around (lat, lon) that holds ``share_within_radius`` of them;
-    ``spread_km`` the median distance of the region's samples to its centre.
+    ``spread_km`` the median distance of the region's samples to its centre; ``members`` which
+    of the samples it holds, (N,) bool (not part of the answer's JSON).
     """
 
     lat: float
@@ -107,6 +108,7 @@ class Region:
     radius_km: float
     spread_km: float
     share_within_radius: float = 1.0
+    members: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -152,7 +154,8 @@ def top_regions(
     for i in counts.argsort(descending=True, stable=True)[:k].tolist():
         if float(counts[i]) / n < min_probability:
             break
-        members = samples[labels == modes[i]]
+        mask = labels == modes[i]
+        members = samples[mask]
         centre = members[_mode_centre(members)]
         km = pairwise_km(centre[None], members)[0]
         regions.append(
@@ -163,6 +166,7 @@ def top_regions(
                 radius_km=float(km.quantile(credibility)),
                 spread_km=float(km.median()),
                 share_within_radius=credibility,
+                members=mask,
             )
         )
     return regions
@@ -313,6 +317,7 @@ def _fixed_radius_regions(
                 probability=share,
                 radius_km=radius_km,
                 spread_km=float(pairwise_km(samples[centre, None], samples[members])[0].median()),
+                members=members,
             )
         )
         unclaimed &= ~members

@@ -23,23 +23,33 @@ import torch
 from globeflow.answers.decode import best_guess, top_regions
 from globeflow.answers.monte_carlo import answer_errors, samples_needed
 from globeflow.core.families import GeoModel
-from globeflow.core.random_streams import stream_noise
-from globeflow.core.sampler_settings import SamplerSettings, solver_for
+from globeflow.core.random_streams import (
+    SOBOL_REPLICATES,
+    STREAM_BLOCK,
+    replicate_ids,
+    stream_design,
+    stream_noise,
+)
+from globeflow.core.sampler_settings import SOBOL, SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
 __all__ = ["bits_and_stderr", "draw_answers", "localizability_precision", "more_samples"]
 
-Draw = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
+Draw = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[torch.Tensor | None]]
+"""Samples [(N_i, 2) degrees on CPU per photo], localizability bits (B,), its standard error
+(B,), and the Sobol net of each sample [(N_i,) long per photo, or None where the photo's
+initial states were drawn iid] (:func:`globeflow.core.random_streams.replicate_ids`)."""
 
 
 def draw_answers(
     model, emb: torch.Tensor, generators: Sequence[torch.Generator], recipe: SamplerSettings
 ) -> Draw:
-    """Samples [(N_i, 2) degrees on CPU per photo], localizability bits (B,) and its Monte Carlo
-    standard error (B,) (NaN where ``recipe.localizability_samples`` is 0), each photo's drawn
-    from its own generator, with a resolved ``recipe``
-    (:func:`~globeflow.core.sampler_settings.resolve`).
+    """A :data:`Draw` (the localizability's bits and standard error NaN where
+    ``recipe.localizability_samples`` is 0), each photo's drawn from its own generator, with a
+    resolved ``recipe`` (:func:`~globeflow.core.sampler_settings.resolve`). The answer's
+    initial states follow ``recipe.noise`` (:func:`~globeflow.core.random_streams.stream_noise`);
+    the localizability's are iid (its standard error assumes them).
 
     An adaptive recipe (``recipe.adaptive``) first draws ``first_samples`` per photo, then more,
     up to ``num_samples``, for the photos whose answer is not yet within the recipe's Monte
@@ -52,34 +62,47 @@ def draw_answers(
     if not recipe.adaptive:
         return _draw_batch(model, emb, generators, recipe)
     first = dataclasses.replace(recipe, num_samples=recipe.first_samples)
-    samples, bits, stderr = _draw_batch(model, emb, generators, first)
+    samples, bits, stderr, nets = _draw_batch(model, emb, generators, first)
     extra = dataclasses.replace(recipe, localizability_samples=0)
     one_pass = _one_pass(model, recipe)
-    while any(wanted := [more_samples(s, recipe) for s in samples]):
+    draws = [1] * len(samples)  # each photo's draws so far (its next nets' ids follow them)
+    while any(wanted := [more_samples(s, recipe, n) for s, n in zip(samples, nets, strict=True)]):
         for count in sorted(set(wanted) - {0}):  # one batched solve per extra count
             rows = [i for i, w in enumerate(wanted) if w == count]
-            drawn, _, _ = _draw_batch(
+            drawn, _, _, more_nets = _draw_batch(
                 model, emb[rows], [generators[i] for i in rows],
                 dataclasses.replace(extra, num_samples=count), one_pass=one_pass,
             )  # fmt: skip
-            for i, more in zip(rows, drawn, strict=True):
+            for i, more, ids in zip(rows, drawn, more_nets, strict=True):
                 samples[i] = torch.cat([samples[i], more])
-    return samples, bits, stderr
+                if nets[i] is not None and ids is not None:
+                    nets[i] = torch.cat([nets[i], ids + draws[i] * SOBOL_REPLICATES])
+                draws[i] += 1
+    return samples, bits, stderr, nets
 
 
-def more_samples(samples: torch.Tensor, recipe: SamplerSettings) -> int:
+def more_samples(
+    samples: torch.Tensor, recipe: SamplerSettings, nets: torch.Tensor | None = None
+) -> int:
     """How many more samples an answer drawn from ``samples`` (N, 2) degrees needs for its best
     guess's expected GeoScore and its region probabilities to be within ``recipe``'s
-    tolerances (0: none; at most ``recipe.num_samples`` in all)."""
+    tolerances (0: none; at most ``recipe.num_samples`` in all). ``nets`` (N,) long: the Sobol
+    net of each sample (None: iid draws), see :func:`~globeflow.answers.monte_carlo.
+    answer_errors`."""
     guess = best_guess(samples)
     tolerances = (recipe.guess_score_tolerance, recipe.region_probability_tolerance)
     sizes = {"block": recipe.first_samples, "cap": recipe.num_samples}
     # The guess's error alone may already ask for every sample: then the regions (the costly
     # part of the check) cannot change the count.
-    needed = samples_needed(answer_errors(samples, guess, []), *tolerances, **sizes)
+    errors = answer_errors(samples, guess, [], replicates=nets)
+    needed = samples_needed(errors, *tolerances, **sizes)
     if needed < recipe.num_samples:
-        shares = [r.probability for r in top_regions(samples)]
-        needed = samples_needed(answer_errors(samples, guess, shares), *tolerances, **sizes)
+        regions = top_regions(samples)
+        errors = answer_errors(
+            samples, guess, [r.probability for r in regions], replicates=nets,
+            region_members=[r.members for r in regions],
+        )  # fmt: skip
+        needed = samples_needed(errors, *tolerances, **sizes)
     return needed - samples.shape[0]
 
 
@@ -97,17 +120,21 @@ def _draw_batch(
         one_pass = _one_pass(model, recipe)
     if not model.draws_initial_noise:  # baselines draw inside sample(): per photo
         parts = [
-            _draw_from(model, emb[i : i + 1], recipe, g, lambda count: (None, count), one_pass)
+            _draw_from(model, emb[i : i + 1], recipe, g, lambda count, _: (None, count), one_pass)
             for i, g in enumerate(generators)
         ]
         samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
-        return list(samples.unbind(0)), bits, stderr
+        return list(samples.unbind(0)), bits, stderr, [None] * len(generators)
 
-    def noise(count: int) -> tuple[torch.Tensor, int]:  # the next draws of each stream
-        return stream_noise(model, generators, count, emb)
+    def noise(count: int, design: str) -> tuple[torch.Tensor, int]:  # each stream's next draws
+        return stream_noise(model, generators, count, emb, design)
 
     samples, bits, stderr = _draw_from(model, emb, recipe, None, noise, one_pass)
-    return list(samples.unbind(0)), bits, stderr
+    n = samples.shape[1]
+    # One pass shares its samples with the localizability, whose error assumes iid draws.
+    sobol = not one_pass and stream_design(model, recipe.noise) == SOBOL
+    nets = replicate_ids(n, -(-n // STREAM_BLOCK) * STREAM_BLOCK, 0) if sobol else None
+    return list(samples.unbind(0)), bits, stderr, [nets] * len(generators)
 
 
 def localizability_precision(model, recipe: SamplerSettings) -> str:
@@ -139,19 +166,19 @@ def _draw_from(
     emb: torch.Tensor,
     recipe: SamplerSettings,
     generator: torch.Generator | None,
-    noise: Callable[[int], tuple[torch.Tensor | None, int]],
+    noise: Callable[[int, str], tuple[torch.Tensor | None, int]],
     one_pass: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples (B, N, 2), bits and standard errors (B,) from ``generator`` or, where
-    ``noise(count)`` gives initial states (and their padded count), from those: the answer's
-    first, then the localizability's."""
+    ``noise(count, design)`` gives initial states (and their padded count), from those: the
+    answer's first (``recipe.noise``; iid for one pass), then the localizability's (iid)."""
     n, n_loc, solver = recipe.num_samples, recipe.localizability_samples, recipe.solver
     nan = torch.full((emb.shape[0],), float("nan"))
     # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
     how = {"settings": recipe} if solver_for(model, solver) is not None else {}
     if one_pass:
         steps = max(recipe.steps, recipe.localizability_steps)
-        x0, padded = noise(n)
+        x0, padded = noise(n, "iid")
         # The answer's own samples: at the answer's precision, not the localizability's.
         x, log_p = model.sample_with_log_density(
             emb, padded, steps, generator, method="path", solver=solver, noise=x0,
@@ -160,7 +187,7 @@ def _draw_from(
         if n_loc <= 0:
             return unit_to_latlon(x[:, :n]).cpu(), nan, nan
         return (unit_to_latlon(x[:, :n]).cpu(), *bits_and_stderr(log_p[:, :n]))
-    x0, padded = noise(n)
+    x0, padded = noise(n, recipe.noise)
     if x0 is None:  # models that draw inside sample() (baselines, duck-typed stand-ins)
         samples = model.sample(emb, padded, recipe.steps, recipe.guidance, generator=generator,
                                **how)  # fmt: skip
@@ -172,7 +199,7 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
-    x0, padded = noise(n_loc)
+    x0, padded = noise(n_loc, "iid")
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return (samples, *bits_and_stderr(log_p[:, :n_loc]))
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
-from globeflow.answers.draw import draw_answers, localizability_precision
+from globeflow.answers.draw import Draw, draw_answers, localizability_precision
 from globeflow.answers.geocode import region_label
 from globeflow.answers.monte_carlo import answer_errors
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
@@ -27,6 +27,7 @@ from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effec
 from globeflow.core.parallel import map_on_cores
 from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.sampler_settings import (
+    SOBOL,
     SamplerSettings,
     model_recipe,
     recommended_guidance,
@@ -166,7 +167,10 @@ class Locator:
             )
             samples = [s for part in parts for s in part[0]]
             bits, stderr = (torch.cat([part[k] for part in parts]) for k in (1, 2))
-        return self._decode(samples, bits, stderr, settings, top_k, region_radius_km, with_density)
+            nets = [n for part in parts for n in part[3]]
+        return self._decode(
+            samples, bits, stderr, settings, top_k, region_radius_km, with_density, nets=nets
+        )
 
     def _decode(
         self,
@@ -178,9 +182,12 @@ class Locator:
         region_radius_km: float | None,
         with_density: bool,
         effective_samples: float | None = None,
+        nets: Sequence[torch.Tensor | None] | None = None,
     ) -> list[dict]:
         """Result dicts from each photo's samples (N_i, 2) degrees and localizability bits (B,)
-        +- (B,); ``effective_samples``: the independent draws a resampled set stands for."""
+        +- (B,); ``effective_samples``: the independent draws a resampled set stands for;
+        ``nets``: each photo's Sobol net per sample (None: iid draws), from which its Monte
+        Carlo errors are read (:func:`~globeflow.answers.monte_carlo.answer_errors`)."""
         with network_threads(_network_width(self.model)):
             guesses = torch.stack([best_guess(s) for s in samples])  # alone: batch-free
             regions = [
@@ -196,12 +203,18 @@ class Locator:
             extent = answer_extent(samples[i], guesses[i].tolist(), regions[i])
             answer = _answer_at_scale(guesses[i], regions[i], places[i], extent)
             shares = [r.probability for r in regions[i]]
-            errors = answer_errors(samples[i], guesses[i], shares, effective_samples)
+            replicates = None if nets is None else nets[i]
+            noise = "iid" if replicates is None else SOBOL
+            errors = answer_errors(
+                samples[i], guesses[i], shares, effective_samples,
+                replicates=replicates,
+                region_members=[r.members for r in regions[i]],
+            )  # fmt: skip
             for region, se in zip(answer["regions"], errors.region_probability, strict=True):
                 region["probability_stderr"] = se
             result = {
                 **answer,
-                "monte_carlo": {**errors.to_dict(), **_tolerances(settings)},
+                "monte_carlo": {**errors.to_dict(), "noise": noise, **_tolerances(settings)},
                 "localizability_bits": _finite_or_none(float(bits[i])),
                 "localizability_vs_uniform_bits": _finite_or_none(float(bits[i]) - uniform),
                 "localizability_stderr_bits": _finite_or_none(float(stderr[i])),
@@ -460,10 +473,11 @@ class Locator:
 
     def _draw(
         self, emb: torch.Tensor, recipe: SamplerSettings, generators: list[torch.Generator]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Samples (B, N, 2) degrees on CPU, localizability bits (B,) and its standard error,
-        each photo's drawn from its own generator with a resolved ``recipe``:
-        :func:`globeflow.answers.draw.draw_answers` (the draw ``evaluate`` makes too)."""
+    ) -> Draw:
+        """Samples (N_i, 2) degrees on CPU per photo, localizability bits (B,), its standard
+        error and each sample's Sobol net, each photo's drawn from its own generator with a
+        resolved ``recipe``: :func:`globeflow.answers.draw.draw_answers` (the draw
+        ``evaluate`` makes too)."""
         return draw_answers(self.model, emb, generators, recipe)
 
     def locate_images(

@@ -94,6 +94,15 @@ this count (``benchmarks/confident.py`` compares 256 samples of each sampler); m
 up to ``num_samples``, only where the first draw's Monte Carlo errors exceed the tolerances
 below (:mod:`globeflow.answers.monte_carlo`)."""
 
+SOBOL = "sobol"
+NOISE_DESIGNS = ("iid", SOBOL)
+"""How a photo's initial states are drawn (``SamplerSettings.noise``): "iid" (independent
+points of the model's noise) or "sobol" (randomized quasi-Monte Carlo: independently scrambled
+Sobol nets on S^2, :mod:`globeflow.core.random_streams`). Each sobol point is uniform on the
+sphere, so the answer's distribution is the same; the nets cover the sphere evenly, so the
+means an answer reads off its samples (region probabilities, expected GeoScore) scatter several
+times less than with iid points (``benchmarks/run.py noise_design``)."""
+
 GUESS_SCORE_TOLERANCE = 50.0
 """Largest Monte Carlo standard error of the best guess's expected GeoScore (points of 5,000:
 1%, about 15 km of distance near the guess) that an answer accepts without drawing more."""
@@ -123,6 +132,12 @@ class SamplerSettings:
     expected GeoScore and of its region probabilities within ``guess_score_tolerance`` and
     ``region_probability_tolerance`` (:mod:`globeflow.answers.monte_carlo`). ``first_samples``
     0 (or >= ``num_samples``) draws ``num_samples`` at once.
+
+    ``noise``: how an answer's initial states are drawn from each photo's stream
+    (:data:`NOISE_DESIGNS`): "sobol" (randomized quasi-Monte
+    Carlo on S^2, where the model draws its own noise there; the errors read off the spread of
+    independently scrambled nets) or "iid". It changes the answer's Monte Carlo error, not its
+    distribution; ``model.sample`` with a generator draws iid.
     """
 
     solver: str = "lagged-midpoint"
@@ -138,6 +153,7 @@ class SamplerSettings:
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
+    noise: str = SOBOL
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
@@ -153,6 +169,8 @@ class SamplerSettings:
             raise ValueError("first_samples must be >= 0 (0: draw num_samples at once)")
         if self.guess_score_tolerance <= 0 or self.region_probability_tolerance <= 0:
             raise ValueError("the Monte Carlo tolerances must be > 0")
+        if self.noise not in NOISE_DESIGNS:
+            raise ValueError(f"unknown noise design {self.noise!r}; choose from {NOISE_DESIGNS}")
 
     @property
     def adaptive(self) -> bool:
@@ -188,11 +206,17 @@ told otherwise, less the fields a model's metadata recommends for itself
 (:func:`recommended_sampler`, e.g. the bundled model's)."""
 
 AUTHORS_SAMPLER = SamplerSettings(
-    solver="euler", grid="published", steps=250, precision="fp32", guidance=0.0, first_samples=0
+    solver="euler",
+    grid="published",
+    steps=250,
+    precision="fp32",
+    guidance=0.0,
+    first_samples=0,
+    noise="iid",
 )
 """The authors' pipeline default: their Euler step on their grid, 250 steps, float32, no
-guidance (``cfg=0`` in their ``PlonkPipeline.__call__``), all samples at once: the reference of
-benchmarks/confident.py and the sampler of ``PlonkPipeline``."""
+guidance (``cfg=0`` in their ``PlonkPipeline.__call__``), all samples at once from independent
+noise: the reference of benchmarks/confident.py and the sampler of ``PlonkPipeline``."""
 
 
 def recommended_guidance(model: object) -> float:

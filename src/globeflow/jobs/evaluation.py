@@ -614,7 +614,7 @@ def _batch_rows(
     batch = [r for _, r in indexed]
     b = emb.shape[0]
     truth = torch.tensor([[r.lat, r.lon] for r in batch], dtype=torch.float32, device=device)
-    samples, loc, _ = draw_answers(model, emb, generators, recipe)
+    samples, loc, _, _ = draw_answers(model, emb, generators, recipe)
     pred = torch.stack([best_guess(x) for x in samples]).reshape(b, 2)  # alone: batch-free
     lp = model.log_prob(truth[:, None, :], emb).reshape(b)
     mass = torch.full((b,), math.nan, dtype=torch.float64)
