@@ -3,8 +3,8 @@
 On a trained testbed (its cells: one and three cities, 1 to 2,000 km), each photo's answer is
 drawn as ``predict`` draws it (``answers.draw.draw_answers``, the default sampler, no
 localizability) with four recipes (:data:`COUNTS`): fixed 1,024 from iid noise (the reference),
-adaptive from iid noise (256 first, more up to 1,024 where the Monte Carlo errors are beyond
-tolerance), adaptive from Sobol nets (the default: errors read off the nets' spread) and a fixed
+adaptive from iid noise (the default: 256 first, more up to 1,024 where the Monte Carlo errors
+are beyond tolerance), adaptive from Sobol nets (errors read off the nets' spread) and a fixed
 256 from Sobol nets. Over paired seeds: the best guess's error (median km), acc@1/25/200 km,
 the total variation between the samples' shares of the true places and the truth's, the top
 region's probability, the samples drawn and the seconds per photo. A recipe is within noise of
@@ -35,12 +35,12 @@ from globeflow.core.sphere import haversine_km
 COUNTS = {
     "fixed 1024 iid": {"first_samples": 0, "noise": "iid"},
     "adaptive iid": {"noise": "iid"},
-    "adaptive": {},
-    "fixed 256": {"num_samples": 256, "first_samples": 0},
+    "adaptive sobol": {"noise": "sobol"},
+    "fixed 256 sobol": {"num_samples": 256, "first_samples": 0, "noise": "sobol"},
 }
 """Sample counts and noise designs compared, as overrides of the default recipe (the first is
 the reference: every sample at once from independent noise, as the authors draw; "adaptive
-iid" is the default before Sobol nets)."""
+iid" is the default)."""
 CRITERIA = {"guess_error_km": "km", "acc_1_km": "photos", "acc_25_km": "photos",
             "acc_200_km": "photos", "place_mass_tv": "share", "top_region_p": "share"}  # fmt: skip
 """The metrics a count must match fixed 1,024 on, with their kind of noise floor

@@ -160,9 +160,9 @@ def test_sobol_draws_give_the_same_answer_as_iid_ones(sharp_and_split):
     nets' spread for Sobol), and the nets read a smaller error than the binomial one."""
     model, emb = sharp_and_split
     fixed = RECIPE.with_overrides(first_samples=0)
-    iid, _, _, _ = draw_answers(model, emb[1:], photo_generators(0, ["b"]),
-                                fixed.with_overrides(noise="iid"))  # fmt: skip
-    sobol, _, _, nets = draw_answers(model, emb[1:], photo_generators(0, ["b"]), fixed)
+    iid, _, _, _ = draw_answers(model, emb[1:], photo_generators(0, ["b"]), fixed)
+    sobol, _, _, nets = draw_answers(model, emb[1:], photo_generators(0, ["b"]),
+                                     fixed.with_overrides(noise="sobol"))  # fmt: skip
     regions = top_regions(sobol[0])
     assert len(regions) == 3
     for region in regions:

@@ -30,7 +30,7 @@ from globeflow.core.random_streams import (
     stream_design,
     stream_noise,
 )
-from globeflow.core.sampler_settings import SOBOL, SamplerSettings, solver_for
+from globeflow.core.sampler_settings import IID, SOBOL, SamplerSettings, solver_for
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
@@ -178,7 +178,7 @@ def _draw_from(
     how = {"settings": recipe} if solver_for(model, solver) is not None else {}
     if one_pass:
         steps = max(recipe.steps, recipe.localizability_steps)
-        x0, padded = noise(n, "iid")
+        x0, padded = noise(n, IID)
         # The answer's own samples: at the answer's precision, not the localizability's.
         x, log_p = model.sample_with_log_density(
             emb, padded, steps, generator, method="path", solver=solver, noise=x0,
@@ -199,7 +199,7 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
-    x0, padded = noise(n_loc, "iid")
+    x0, padded = noise(n_loc, IID)
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return (samples, *bits_and_stderr(log_p[:, :n_loc]))
 

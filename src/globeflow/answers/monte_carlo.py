@@ -6,7 +6,7 @@ share of samples it holds), the best guess's expected GeoScore (the mean GeoScor
 against it). Its Monte Carlo error depends on how the initial states were drawn:
 
 - independent draws: sqrt(p (1 - p) / N) for a share, std / sqrt(N) for a mean;
-- randomized quasi-Monte Carlo (``noise="sobol"``, the default on S^2,
+- randomized quasi-Monte Carlo (``noise="sobol"`` on S^2,
   :func:`globeflow.core.random_streams.stream_noise`): each draw is a few independently
   scrambled Sobol nets, whose means are independent estimates of the same number; the spread
   between them gives the error (:func:`replicate_stderr`), usually several times smaller than

@@ -27,6 +27,7 @@ from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effec
 from globeflow.core.parallel import map_on_cores
 from globeflow.core.random_streams import embedding_ids, photo_generators
 from globeflow.core.sampler_settings import (
+    IID,
     SOBOL,
     SamplerSettings,
     model_recipe,
@@ -204,7 +205,7 @@ class Locator:
             answer = _answer_at_scale(guesses[i], regions[i], places[i], extent)
             shares = [r.probability for r in regions[i]]
             replicates = None if nets is None else nets[i]
-            noise = "iid" if replicates is None else SOBOL
+            noise = IID if replicates is None else SOBOL
             errors = answer_errors(
                 samples[i], guesses[i], shares, effective_samples,
                 replicates=replicates,

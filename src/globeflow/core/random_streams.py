@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from globeflow.core.sampler_settings import NOISE_DESIGNS, SOBOL
+from globeflow.core.sampler_settings import IID, NOISE_DESIGNS, SOBOL
 from globeflow.core.solvers import SPHERE
 from globeflow.core.sphere import sobol_sphere
 
@@ -71,7 +71,7 @@ def stream_design(model, design: str) -> str:
     on_sphere = getattr(model, "draws_initial_noise", False) and (
         getattr(model, "geometry", None) is SPHERE
     )
-    return design if on_sphere else "iid"
+    return design if on_sphere else IID
 
 
 def stream_noise(
@@ -79,7 +79,7 @@ def stream_noise(
     generators: Sequence[torch.Generator],
     count: int,
     like: torch.Tensor,
-    design: str = "iid",
+    design: str = IID,
 ) -> tuple[torch.Tensor, int]:
     """The next initial states of each photo's stream for a denoising ``model``: (B, padded, 3)
     with ``padded`` = ``count`` rounded up to :data:`STREAM_BLOCK`, and ``padded``. ``design``

@@ -94,14 +94,18 @@ this count (``benchmarks/confident.py`` compares 256 samples of each sampler); m
 up to ``num_samples``, only where the first draw's Monte Carlo errors exceed the tolerances
 below (:mod:`globeflow.answers.monte_carlo`)."""
 
+IID = "iid"
 SOBOL = "sobol"
-NOISE_DESIGNS = ("iid", SOBOL)
+NOISE_DESIGNS = (IID, SOBOL)
 """How a photo's initial states are drawn (``SamplerSettings.noise``): "iid" (independent
-points of the model's noise) or "sobol" (randomized quasi-Monte Carlo: independently scrambled
-Sobol nets on S^2, :mod:`globeflow.core.random_streams`). Each sobol point is uniform on the
-sphere, so the answer's distribution is the same; the nets cover the sphere evenly, so the
-means an answer reads off its samples (region probabilities, expected GeoScore) scatter several
-times less than with iid points (``benchmarks/run.py noise_design``)."""
+points of the model's noise, the default) or "sobol" (randomized quasi-Monte Carlo:
+independently scrambled Sobol nets on S^2, :mod:`globeflow.core.random_streams`). Each sobol
+point is uniform on the sphere, so the answer's distribution is the same; the nets cover the
+sphere evenly, so the means an answer reads off its samples (region probabilities, expected
+GeoScore) scatter 3-6x less at 256 samples than with iid points (``benchmarks/run.py
+noise_design``). Not the default: an adaptive answer then stops at fewer samples, and the
+regions, whose decomposition depends on the sample count, move beyond noise on 2 of 20
+trained cells (docs/defaults.md, "Sobol nets")."""
 
 GUESS_SCORE_TOLERANCE = 50.0
 """Largest Monte Carlo standard error of the best guess's expected GeoScore (points of 5,000:
@@ -134,10 +138,10 @@ class SamplerSettings:
     0 (or >= ``num_samples``) draws ``num_samples`` at once.
 
     ``noise``: how an answer's initial states are drawn from each photo's stream
-    (:data:`NOISE_DESIGNS`): "sobol" (randomized quasi-Monte
-    Carlo on S^2, where the model draws its own noise there; the errors read off the spread of
-    independently scrambled nets) or "iid". It changes the answer's Monte Carlo error, not its
-    distribution; ``model.sample`` with a generator draws iid.
+    (:data:`NOISE_DESIGNS`): "iid", or "sobol" (randomized quasi-Monte Carlo on S^2, where the
+    model draws its own noise there; the errors read off the spread of independently
+    scrambled nets). It changes the answer's Monte Carlo error, not its distribution;
+    ``model.sample`` with a generator draws iid.
     """
 
     solver: str = "lagged-midpoint"
@@ -153,7 +157,7 @@ class SamplerSettings:
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
-    noise: str = SOBOL
+    noise: str = IID
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:
@@ -212,7 +216,7 @@ AUTHORS_SAMPLER = SamplerSettings(
     precision="fp32",
     guidance=0.0,
     first_samples=0,
-    noise="iid",
+    noise=IID,
 )
 """The authors' pipeline default: their Euler step on their grid, 250 steps, float32, no
 guidance (``cfg=0`` in their ``PlonkPipeline.__call__``), all samples at once from independent
