@@ -15,9 +15,10 @@ with independent scrambles) at each N. Reported: the standard deviation over rep
 - the best guess's expected GeoScore, and the best guess's spread (median km from the
   replicates' mean guess),
 - the localizability (its own pass, at ``localizability_samples``);
-and the "equivalent iid samples", N x (SD iid / SD Sobol)^2. Both designs use the default
-recipe at the cell's guidance; only the initial noise differs. This is a measurement, not a
-setting of the package: the answer's reported standard errors assume iid samples.
+and the "equivalent iid samples", N x (SD iid / SD Sobol)^2. The answer is also drawn as
+``noise="sobol"`` draws it ("sobol x8": 8 nets of N / 8), with the share's standard error it
+reads off its nets. Every design uses the default recipe at the cell's guidance; only the
+initial noise differs.
 
     python benchmarks/run.py noise_design [-p cells=1km-x1,1km-x3] [-p guidances=0,2]
 """
@@ -33,7 +34,8 @@ from _registry import experiment
 from _testbeds import Testbed, place_shares, trained_testbeds
 
 from globeflow.answers.decode import best_guess
-from globeflow.answers.monte_carlo import geoscores
+from globeflow.answers.monte_carlo import geoscores, replicate_stderr
+from globeflow.core.random_streams import photo_generators, replicate_ids, stream_noise
 from globeflow.core.sampler_settings import DEFAULT_SAMPLER, resolve
 from globeflow.core.sphere import haversine_km
 
@@ -57,26 +59,48 @@ def iid_on_sphere(n: int, seed: int) -> torch.Tensor:
 
 
 DESIGNS = {"iid": iid_on_sphere, "sobol": sobol_on_sphere}
+"""The localizability's designs: iid points, one scrambled net."""
+ANSWER_DESIGNS = ("iid", "sobol", "sobol x8")
+"""The answer's: also "sobol x8", the package's ``noise="sobol"`` layout (8 independently
+scrambled nets, :func:`globeflow.core.random_streams.stream_noise`), whose error the answer
+reads off the nets' spread."""
 
 
 def answer_spread(bed: Testbed, n: int, replicates: int, design: str) -> dict[str, float]:
-    """SDs over replicates of one photo's place shares, expected GeoScore and best guess."""
+    """SDs over replicates of one photo's place shares (the most variable place's), expected
+    GeoScore and best guess; for "sobol x8" also the root mean square of the share's standard
+    error as the answer reads it off its nets (``read SE share``)."""
     emb, places = bed.emb[:1], bed.places[:1]
-    shares, scores, guesses = [], [], []
+    shares, scores, guesses, read = [], [], [], []
     for r in range(replicates):
-        noise = DESIGNS[design](n, 1000 + r).to(emb.dtype)[None]
-        samples = bed.model.sample(emb, n, guidance=bed.guidance, noise=noise)[0]
+        nets = None
+        if design == "sobol x8":
+            noise, padded = stream_noise(bed.model, photo_generators(r, [bed.name]), n, emb,
+                                         "sobol")  # fmt: skip
+            nets = replicate_ids(n, padded, 0)
+        else:
+            noise = DESIGNS[design](n, 1000 + r).to(emb.dtype)[None]
+        samples = bed.model.sample(emb, n, guidance=bed.guidance, noise=noise[:, :n])[0]
         shares.append(place_shares(samples[None], places)[0])
+        if nets is not None:
+            d = haversine_km(samples[:, None, :].double(), places[0][None].double())
+            nearest = torch.nn.functional.one_hot(d.argmin(-1), len(places[0])).double()
+            read.append(replicate_stderr(nearest, nets))
         guess = best_guess(samples)
         guesses.append(guess)
         scores.append(float(geoscores(guess[None].double(), samples.double())[0].mean()))
     guesses = torch.stack(guesses).double()
     centre = guesses.mean(0, keepdim=True).expand_as(guesses)
-    return {
-        "sd share": float(torch.stack(shares).std(0).max()),
+    spread = torch.stack(shares).std(0)
+    place = int(spread.argmax())
+    out = {
+        "sd share": float(spread[place]),
         "sd score": statistics.stdev(scores),
         "guess spread km": float(haversine_km(guesses, centre).median()),
     }
+    if read:
+        out["read SE share"] = float(torch.stack(read)[:, place].pow(2).mean().sqrt())
+    return out
 
 
 def localizability_spread(bed: Testbed, n: int, replicates: int, design: str) -> float:
@@ -135,10 +159,11 @@ def noise_design(
         beds = trained_testbeds(testbed, per_pattern=1, guidance=w)
         for bed in [b for b in beds if b.name.removeprefix(testbed + "-") in wanted]:
             for n in (int(v) for v in samples.split(",")):
-                spread = {d: answer_spread(bed, n, replicates, d) for d in DESIGNS}
+                spread = {d: answer_spread(bed, n, replicates, d) for d in ANSWER_DESIGNS}
                 row = {"cell": bed.name, "w": w, "N": n}
                 for key in ("sd share", "sd score", "guess spread km"):
-                    row.update({f"{key} {d}": spread[d][key] for d in DESIGNS})
+                    row.update({f"{key} {d}": spread[d][key] for d in ANSWER_DESIGNS})
+                row["read SE share sobol x8"] = spread["sobol x8"].get("read SE share")
                 row["iid-equivalent N (share)"] = equivalent(
                     n, spread["iid"]["sd share"], spread["sobol"]["sd share"]
                 )

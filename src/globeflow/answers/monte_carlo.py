@@ -117,7 +117,7 @@ def replicate_stderr(values: torch.Tensor, replicates: torch.Tensor) -> torch.Te
     """Standard errors (M,) of the means over N samples of ``values`` (N, M), each sample from
     the net ``replicates`` (N,) long names.
 
-    The nets of one draw (ids ``round * SOBOL_REPLICATES + k``) are independent and
+    The nets of one draw (ids ``draw * SOBOL_REPLICATES + k``) are independent and
     identically scrambled, so their means scatter around the draw's mean as its error
     does; the draws of an answer are independent of each other. With n_r samples in draw r,
     n_k in its net k (K nets) and N in all: Var = sum_r (n_r / N)^2 K / (K - 1)

@@ -102,7 +102,8 @@ points of the model's noise, the default) or "sobol" (randomized quasi-Monte Car
 independently scrambled Sobol nets on S^2, :mod:`globeflow.core.random_streams`). Each sobol
 point is uniform on the sphere, so the answer's distribution is the same; the nets cover the
 sphere evenly, so the means an answer reads off its samples (region probabilities, expected
-GeoScore) scatter 3-6x less at 256 samples than with iid points (``benchmarks/run.py
+GeoScore) scatter less: at 256 samples, a three-city answer's shares 2.3-3.8x less than with
+iid points in the 8 nets an answer draws, 3.6-6.4x in one net (``benchmarks/run.py
 noise_design``). Not the default: an adaptive answer then stops at fewer samples, and the
 regions, whose decomposition depends on the sample count, move beyond noise on 2 of 20
 trained cells (docs/defaults.md, "Sobol nets")."""
