@@ -70,3 +70,22 @@ def test_points_and_samples_split_across_cores_give_the_one_pass_values(monkeypa
         torch.set_num_threads(before)
     for one, split in zip(runs[1], runs[3], strict=True):
         torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_fields_take_divergences_on_several_workers(monkeypatch):
+    """The exact fields' JVPs go through torch.func (one forward-AD level per process); split
+    across 2 worker threads, the log-likelihood is the one-worker value (it raised before)."""
+    from globeflow.core.exact_field import MixtureTarget, exact_rfm_model
+
+    target = MixtureTarget.from_latlon(torch.tensor([[48.86, 2.35]], dtype=torch.float64))
+    model, emb = exact_rfm_model([target]), torch.ones(1, 1, dtype=torch.float64)
+    x = target.atoms[None].expand(1, 8, 3).clone()
+    runs, before = {}, torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (1, 2):
+            monkeypatch.setattr(likelihood, "cpu_workers", lambda device, items, n=n: n)
+            runs[n] = likelihood.log_prob_ode(model, x, emb, steps=8)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(runs[2], runs[1])

@@ -23,6 +23,7 @@ to gamma = gamma_end tau.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,11 @@ def sample_mixture(
     return exp_map(centre, (width * d0)[:, None] * direction)
 
 
+_FORWARD_AD = threading.Lock()
+"""``torch.func.jvp`` enters forward-mode AD's dual level, which is one per process: the worker
+threads that split points across the cores (:mod:`globeflow.core.parallel`) take turns."""
+
+
 class ExactMixtureNetwork(nn.Module):
     """Stand-in for :class:`~globeflow.core.network.Denoiser` whose output is the exact RFM field
     of one of several :class:`MixtureTarget`, chosen by a one-hot embedding (B, K).
@@ -279,9 +285,10 @@ class ExactMixtureNetwork(nn.Module):
 
     def forward_with_jvp(self, y, tangents, cond, precision=FULL_PRECISION):
         out = self._field(y, cond)
-        jvps = torch.stack(
-            [torch.func.jvp(lambda z: self._field(z, cond), (y,), (t,))[1] for t in tangents]
-        )
+        with _FORWARD_AD:
+            jvps = torch.stack(
+                [torch.func.jvp(lambda z: self._field(z, cond), (y,), (t,))[1] for t in tangents]
+            )
         return out, jvps
 
     def target_log_density(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
