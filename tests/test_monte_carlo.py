@@ -139,6 +139,8 @@ def test_adaptive_draw_spends_samples_where_the_answer_needs_them(sharp_and_spli
     recipe = RECIPE.with_overrides(noise=noise)
     samples, _, _, nets = draw_answers(model, emb, photo_generators(0, ["a", "b"]), recipe)
     assert samples[0].shape[0] == 128 and samples[1].shape[0] > 128
+    if noise == "iid":  # region errors 0.042 at 128 samples, 0.021 at 512: the cap
+        assert samples[1].shape[0] == 512
     for s, n in zip(samples, nets, strict=True):
         guess = best_guess(s)
         regions = top_regions(s)
