@@ -126,13 +126,15 @@ def _draw_batch(
         samples, bits, stderr = (torch.cat(part) for part in zip(*parts, strict=True))
         return list(samples.unbind(0)), bits, stderr, [None] * len(generators)
 
-    def noise(count: int, design: str) -> tuple[torch.Tensor, int]:  # each stream's next draws
-        return stream_noise(model, generators, count, emb, design)
+    # One pass shares its samples with the localizability, whose error assumes iid draws.
+    answer_design = IID if one_pass else stream_design(model, recipe.noise)
+
+    def noise(count: int, answer: bool) -> tuple[torch.Tensor, int]:  # each stream's next draws
+        return stream_noise(model, generators, count, emb, answer_design if answer else IID)
 
     samples, bits, stderr = _draw_from(model, emb, recipe, None, noise, one_pass)
     n = samples.shape[1]
-    # One pass shares its samples with the localizability, whose error assumes iid draws.
-    sobol = not one_pass and stream_design(model, recipe.noise) == SOBOL
+    sobol = answer_design == SOBOL
     nets = replicate_ids(n, -(-n // STREAM_BLOCK) * STREAM_BLOCK, 0) if sobol else None
     return list(samples.unbind(0)), bits, stderr, [nets] * len(generators)
 
@@ -166,19 +168,20 @@ def _draw_from(
     emb: torch.Tensor,
     recipe: SamplerSettings,
     generator: torch.Generator | None,
-    noise: Callable[[int, str], tuple[torch.Tensor | None, int]],
+    noise: Callable[[int, bool], tuple[torch.Tensor | None, int]],
     one_pass: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples (B, N, 2), bits and standard errors (B,) from ``generator`` or, where
-    ``noise(count, design)`` gives initial states (and their padded count), from those: the
-    answer's first (``recipe.noise``; iid for one pass), then the localizability's (iid)."""
+    ``noise(count, answer)`` gives initial states (and their padded count), from those: the
+    answer's first (``answer`` True: the design the caller chose for it), then the
+    localizability's (``answer`` False: iid)."""
     n, n_loc, solver = recipe.num_samples, recipe.localizability_samples, recipe.solver
     nan = torch.full((emb.shape[0],), float("nan"))
     # The recipe goes to models with solvers; the others (baselines, stand-ins) take no options.
     how = {"settings": recipe} if solver_for(model, solver) is not None else {}
     if one_pass:
         steps = max(recipe.steps, recipe.localizability_steps)
-        x0, padded = noise(n, IID)
+        x0, padded = noise(n, True)
         # The answer's own samples: at the answer's precision, not the localizability's.
         x, log_p = model.sample_with_log_density(
             emb, padded, steps, generator, method="path", solver=solver, noise=x0,
@@ -187,7 +190,7 @@ def _draw_from(
         if n_loc <= 0:
             return unit_to_latlon(x[:, :n]).cpu(), nan, nan
         return (unit_to_latlon(x[:, :n]).cpu(), *bits_and_stderr(log_p[:, :n]))
-    x0, padded = noise(n, recipe.noise)
+    x0, padded = noise(n, True)
     if x0 is None:  # models that draw inside sample() (baselines, duck-typed stand-ins)
         samples = model.sample(emb, padded, recipe.steps, recipe.guidance, generator=generator,
                                **how)  # fmt: skip
@@ -199,7 +202,7 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
-    x0, padded = noise(n_loc, IID)
+    x0, padded = noise(n_loc, False)
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return (samples, *bits_and_stderr(log_p[:, :n_loc]))
 
