@@ -37,25 +37,20 @@ from globeflow.answers.decode import best_guess
 from globeflow.answers.monte_carlo import geoscores, replicate_stderr
 from globeflow.core.random_streams import photo_generators, replicate_ids, stream_noise
 from globeflow.core.sampler_settings import DEFAULT_SAMPLER, resolve
-from globeflow.core.sphere import haversine_km
+from globeflow.core.sphere import haversine_km, sample_uniform_sphere, sobol_sphere
 
 LN2 = math.log(2.0)
 
 
-def sobol_on_sphere(n: int, seed: int) -> torch.Tensor:
-    """The first n points of a scrambled 2-D Sobol sequence mapped to S^2 by the
-    area-preserving map (z = 1 - 2u, phi = 2 pi v): (n, 3) float64 unit vectors, each uniform."""
-    u = torch.quasirandom.SobolEngine(2, scramble=True, seed=seed).draw(n, dtype=torch.float64)
-    z = 1.0 - 2.0 * u[:, 0]
-    phi = 2.0 * math.pi * u[:, 1]
-    r = (1.0 - z * z).clamp_min(0.0).sqrt()
-    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=-1)
-
-
 def iid_on_sphere(n: int, seed: int) -> torch.Tensor:
     """n independent uniform points on S^2, (n, 3) float64."""
-    gaussian = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.normalize(gaussian, dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    return sample_uniform_sphere((n,), generator=generator, dtype=torch.float64)
+
+
+def sobol_on_sphere(n: int, seed: int) -> torch.Tensor:
+    """One scrambled Sobol net of n points on S^2, (n, 3) float64."""
+    return sobol_sphere(n, seed, dtype=torch.float64)
 
 
 DESIGNS = {"iid": iid_on_sphere, "sobol": sobol_on_sphere}
