@@ -135,3 +135,63 @@ def test_a_fixed_radius_keeps_its_meaning_at_street_scale():
     regions = top_regions(torch.cat([near, far]), radius_km=1.0)
     assert [r.probability for r in regions] == [0.7, 0.3]
     assert all(r.radius_km == 1.0 and r.share_within_radius == 1.0 for r in regions)
+
+
+def _offset(centre: tuple[float, float], east_km: float, north_km: float) -> tuple[float, float]:
+    km_per_deg = math.pi / 180 * EARTH_RADIUS_KM
+    return (
+        centre[0] + north_km / km_per_deg,
+        centre[1] + east_km / (km_per_deg * math.cos(math.radians(centre[0]))),
+    )
+
+
+# What guided sampling does to a sharp place: a few clusters 2 m wide, 10-25 m apart.
+CONDENSED_PARIS = [
+    (_offset(PARIS, 0.0, 0.0), 0.002, 0.35),
+    (_offset(PARIS, 0.015, 0.0), 0.002, 0.25),
+    (_offset(PARIS, 0.0, 0.02), 0.002, 0.2),
+    (_offset(PARIS, -0.025, -0.01), 0.002, 0.2),
+]
+
+
+@pytest.mark.parametrize("n", [256, 1024])
+def test_clusters_metres_apart_are_one_place(n):
+    samples = _mixture(CONDENSED_PARIS, n, seed=6)
+    # each cluster is a mode of its own at the samples' scale ...
+    assert len(top_regions(samples, k=10, min_separation_km=0.0)) == 4
+    # ... and the answer reports the place once, centred on one of them
+    (region,) = top_regions(samples)
+    assert region.probability == 1.0
+    assert _km(PARIS, region.lat, region.lon) < 0.03
+    assert region.radius_km < 0.05
+
+
+def test_places_further_apart_than_the_separation_stay_apart():
+    # 100 m clusters 1.5 km and 30 km from a third; each stays a region, with its share
+    modes = [
+        (PARIS, 0.1, 0.5),
+        (_offset(PARIS, 1.5, 0.0), 0.1, 0.3),
+        (_offset(PARIS, 0.0, 30.0), 0.1, 0.2),
+    ]
+    n = 1024
+    regions = top_regions(_mixture(modes, n, seed=7))
+    assert len(regions) == 3
+    for region, (_, _, weight) in zip(regions, modes, strict=True):
+        assert region.probability == pytest.approx(
+            weight, abs=4 * math.sqrt(weight * (1 - weight) / n)
+        )
+
+
+def test_a_merged_mode_is_named_by_its_densest_peak():
+    samples = _mixture(CONDENSED_PARIS + [(TOKYO, 0.002, 0.5)], 1024, seed=8)
+    labels = mode_labels(samples)
+    assert labels.unique().numel() == 2
+    assert torch.equal(labels[labels], labels)
+    split = mode_labels(samples, min_separation_km=0.0)
+    assert split.unique().numel() >= 5  # (float32 degrees resolve 2 m coarsely at lon 140)
+    # every merged mode's name is the peak of one of the modes it was made of, and members
+    # of one cluster never end up apart
+    assert set(labels.unique().tolist()) <= set(split.unique().tolist())
+    same_before = split[:, None] == split[None, :]
+    same_after = labels[:, None] == labels[None, :]
+    assert (same_after | ~same_before).all()

@@ -88,6 +88,11 @@ REGION_CREDIBILITY = 0.9
 PERSISTENCE_SDS = 3.0
 """Two modes stay apart when the lighter peak rises above their saddle by more than this many
 standard errors of the log-density estimate."""
+MIN_REGION_SEPARATION_KM = 1.0
+"""Modes whose peaks lie closer than this are one region: the paper's finest accuracy level
+(street, 1 km). Guided sampling (w > 0) condenses a sharp place into several clusters metres
+apart, each a mode of the samples; the answer reports the place once. A fixed scale, so the
+decomposition below it does not follow the sample count (issue 22)."""
 CHUNK_ROWS = 1024
 """Rows of the (rows x N) distance blocks: 16 MB of float32 per 1024 rows of 4096 samples."""
 
@@ -131,13 +136,16 @@ def top_regions(
     radius_km: float | None = None,
     min_probability: float = MIN_REGION_PROBABILITY,
     credibility: float = REGION_CREDIBILITY,
+    min_separation_km: float = MIN_REGION_SEPARATION_KM,
 ) -> list[Region]:
     """Up to k regions of samples (N, 2) degrees, most probable first, at the samples' own scale.
 
     Adaptive (``radius_km`` None): the modes of the samples, found by :func:`mode_labels` at the
     scale of each neighbourhood (0.1 km to thousands of km in one answer). A region's
     ``probability`` is its mode's share of the samples, its centre the sample at its peak, its
-    ``radius_km`` the distance from the centre within which ``credibility`` of them lie.
+    ``radius_km`` the distance from the centre within which ``credibility`` of them lie. Modes
+    whose peaks are closer than ``min_separation_km`` are one region (the clusters a few metres
+    apart that guidance condenses a sharp place into).
 
     Fixed (``radius_km`` given): greedy discs; repeatedly the sample with the most unclaimed
     samples within ``radius_km`` becomes a centre and claims them (``probability``: that share).
@@ -148,7 +156,7 @@ def top_regions(
     if radius_km is not None:
         return _fixed_radius_regions(samples, k, radius_km, min_probability)
     n = samples.shape[0]
-    labels = mode_labels(samples)
+    labels = mode_labels(samples, min_separation_km=min_separation_km)
     modes, counts = labels.unique(return_counts=True)
     regions: list[Region] = []
     for i in counts.argsort(descending=True, stable=True)[:k].tolist():
@@ -217,7 +225,11 @@ def nearest_neighbours(samples: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return torch.cat(kth), torch.cat(idx)
 
 
-def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.Tensor:
+def mode_labels(
+    samples: torch.Tensor,
+    neighbours: int | None = None,
+    min_separation_km: float = MIN_REGION_SEPARATION_KM,
+) -> torch.Tensor:
     """The mode each sample (N, 2) degrees belongs to, as the index of that mode's densest sample
     (N,) int64.
 
@@ -228,7 +240,8 @@ def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.T
     highest saddle first, where the lighter peak rises above the saddle joining them by less than
     :data:`PERSISTENCE_SDS` standard errors of the density estimate (1 / sqrt(k) in log): the
     persistence rule of ToMATo (Chazal et al., 2013), which keeps the noise of the estimate from
-    splitting one mode.
+    splitting one mode. Last, a mode whose peak lies within ``min_separation_km`` of a denser
+    mode's peak joins it (:data:`MIN_REGION_SEPARATION_KM`; 0 keeps every mode).
     """
     n = samples.shape[0]
     if n < 3:
@@ -245,7 +258,38 @@ def mode_labels(samples: torch.Tensor, neighbours: int | None = None) -> torch.T
         first >= 0, neighbour_idx.gather(1, first.clamp_min(0)[:, None])[:, 0], torch.arange(n)
     )
     labels = _roots(parent)
-    return _merge_modes(labels, neighbour_idx, log_density, PERSISTENCE_SDS / math.sqrt(k))
+    labels = _merge_modes(labels, neighbour_idx, log_density, PERSISTENCE_SDS / math.sqrt(k))
+    return _merge_close_peaks(samples, labels, log_density, min_separation_km)
+
+
+def _merge_close_peaks(
+    samples: torch.Tensor, labels: torch.Tensor, log_density: torch.Tensor, separation_km: float
+) -> torch.Tensor:
+    """Each mode of ``labels`` (N,) whose peak (its label, a sample of ``samples`` (N, 2)
+    degrees) lies within ``separation_km`` of a denser kept peak joins the nearest such; the
+    modes are visited densest peak first, so a region never reaches further than that from its
+    own peak by merging. No kNN edge is needed between them: clusters a few metres apart share
+    none."""
+    peaks = labels.unique()
+    if separation_km <= 0 or peaks.numel() < 2:
+        return labels
+    peaks = peaks[log_density[peaks].argsort(descending=True, stable=True)]
+    km = pairwise_km(samples[peaks].double(), samples[peaks].double())
+    target = peaks.clone()
+    kept: list[int] = []
+    for i in range(peaks.numel()):
+        if kept:
+            near = km[i, kept]
+            j = int(near.argmin())
+            if float(near[j]) < separation_km:
+                target[i] = peaks[kept[j]]
+                continue
+        kept.append(i)
+    if len(kept) == peaks.numel():
+        return labels
+    lookup = torch.empty(int(peaks.max()) + 1, dtype=torch.long)
+    lookup[peaks] = target
+    return lookup[labels]
 
 
 def _roots(parent: torch.Tensor) -> torch.Tensor:
