@@ -151,3 +151,35 @@ def test_the_default_recipe_follows_the_guided_field(sharp_field, guidance):
     miss = haversine_km(x, reference(guidance))
     assert float((miss > FAR_KM).double().mean()) <= 0.03
     assert float(miss.median()) < KERNEL_KM
+
+
+def test_point_conditioned_mixed_runs_each_point_at_its_own_levels_precision():
+    """Points on either side of the switch in one evaluation: each takes its level's precision,
+    exactly as if the points of each side were evaluated alone."""
+    from globeflow.core.guidance import PointConditionedField
+    from globeflow.core.network import Denoiser
+
+    torch.manual_seed(0)
+    network = Denoiser(dim=32, depth=2, cond_dim=6).eval()
+    levels = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    cond = network.condition_grid(torch.randn(2, 6), levels)
+    images = torch.tensor([0, 1, 1, 0, 1])
+    node = torch.tensor([[0], [2], [1], [3], [0]])  # levels 0.1, 0.6, 0.3, 0.9, 0.1
+    x = torch.nn.functional.normalize(torch.randn(5, 1, 3), dim=-1)
+    tangents = torch.randn(2, 5, 1, 3)
+    field = PointConditionedField(network, cond, images, "mixed", levels, bf16_below=0.5)
+    out, jvp = field.output_and_jvp(x, tangents, node)
+    low, high = torch.tensor([0, 2, 4]), torch.tensor([1, 3])
+    for rows, precision in ((low, "bf16"), (high, "fp32")):
+        alone = network.forward_with_jvp(
+            x[rows], tangents[:, rows], cond.rows(node[rows, 0], images[rows]), precision
+        )
+        assert torch.equal(out[rows], alone[0]) and torch.equal(jvp[:, rows], alone[1])
+        value = network.forward_conditioned(
+            x[rows], cond.rows(node[rows, 0], images[rows]), precision
+        )
+        assert torch.equal(field.output(x, node)[rows], value)
+    # bf16 moved the low points (by its rounding, ~2^-8), fp32 rows only by their row count
+    fp32 = PointConditionedField(network, cond, images, "fp32").output(x, node)
+    assert (fp32[low] - out[low]).abs().max() > 1e-4
+    torch.testing.assert_close(fp32[high], out[high], rtol=1e-6, atol=1e-6)

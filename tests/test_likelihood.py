@@ -13,6 +13,7 @@ from globeflow.core.families import (
 from globeflow.core.families.flow import gaussian_log_prob
 from globeflow.core.guidance import GuidedField
 from globeflow.core.likelihood import (
+    StiffEnd,
     integration_grid,
     log_prob_adaptive,
     log_prob_ode,
@@ -207,3 +208,66 @@ def test_one_pass_localizability_is_unbiased_on_a_1km_target(divergence):
     se = math.sqrt(float(bits.var()) / len(bits) + float(exact_bits.var()) / len(exact_bits))
     assert abs(float(bits.mean() - exact_bits.mean())) < 4 * se + 0.1
     assert float(exact_bits.mean()) - UNIFORM_LOCALIZABILITY_BITS > 25
+
+
+def _record_precisions(monkeypatch, network) -> list[str]:
+    """The precision of every ``forward_with_jvp`` call of ``network``, in order."""
+    seen: list[str] = []
+    original = network.forward_with_jvp
+
+    def recording(x, tangents, cond, precision="fp32"):
+        seen.append(precision)
+        return original(x, tangents, cond, precision)
+
+    monkeypatch.setattr(network, "forward_with_jvp", recording)
+    return seen
+
+
+def test_the_likelihood_runs_bf16_only_below_its_switch_where_bf16_is_native(monkeypatch):
+    import globeflow.core.likelihood as likelihood
+
+    model = _rfm(seed=3).float()
+    x = sample_uniform_sphere((1, 4), generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 4)
+    levels = []
+    original_grid = likelihood._integrate_on_floor_grids
+
+    def grid_levels(*args, **kwargs):
+        levels.append(kwargs["bf16_below"])
+        return original_grid(*args, **kwargs)
+
+    monkeypatch.setattr(likelihood, "_integrate_on_floor_grids", grid_levels)
+    monkeypatch.setattr(likelihood, "fastest_precision", lambda device: "bf16")
+    seen = _record_precisions(monkeypatch, model.network)
+    for stiff in (StiffEnd.PROBED, StiffEnd.NONE):  # every point's grid in one loop; one grid
+        seen.clear()
+        log_prob_ode(model, x, emb, steps=20, stiff=stiff)
+        if stiff is StiffEnd.PROBED:
+            assert levels == [likelihood.LIKELIHOOD_BF16_BELOW]
+            assert seen.pop(0) == "bf16"  # the stiffness probe: the device's fastest
+        # data (gamma = 1) to noise: fp32 first, bf16 from the switch on, never back
+        first_bf16 = seen.index("bf16")
+        assert set(seen[:first_bf16]) == {"fp32"} and set(seen[first_bf16:]) == {"bf16"}
+        # 20 uniform steps of ~0.05: the switch at 0.4 leaves about 8 midpoints in bf16
+        assert 6 <= len(seen) - first_bf16 <= 10, seen
+    seen.clear()
+    monkeypatch.setattr(likelihood, "fastest_precision", lambda device: "fp32")
+    log_prob_ode(model, x, emb, steps=20)
+    assert set(seen) == {"fp32"}  # where bf16 is not native: fp32 throughout
+    seen.clear()
+    monkeypatch.setattr(likelihood, "fastest_precision", lambda device: "bf16")
+    log_prob_ode(model.double(), x.double(), emb.double(), steps=20)
+    assert set(seen) == {"fp32"}  # float64 models keep their precision
+
+
+def test_the_mixed_likelihood_stays_within_its_bound_of_fp32():
+    """The default on a float32 network against fp32 from the same points: bf16 below signal
+    level 0.4 adds rounding errors to the divergence's integral, which must stay inside the
+    likelihood's 0.02-nat bound (the error of fp32 itself against a tight solve is ~0.01)."""
+    model = _rfm(seed=4, dim=64, depth=3).float()
+    x = sample_uniform_sphere((2, 16), generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(2, 4)
+    fp32 = log_prob_ode(model, x, emb, precision="fp32")
+    mixed = log_prob_ode(model, x, emb, precision="mixed")
+    assert not torch.equal(fp32, mixed)  # bf16 ran
+    assert (mixed - fp32).abs().max() < 0.02

@@ -32,14 +32,16 @@ def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> st
     return precision
 
 
-def level_precisions(precision: str, gammas: torch.Tensor) -> list[str]:
+def level_precisions(
+    precision: str, gammas: torch.Tensor, bf16_below: float = MIXED_BF16_BELOW
+) -> list[str]:
     """The precision of the network's evaluations at each signal level of ``gammas`` (S,):
     ``precision`` at every level, or for "mixed" (:data:`~globeflow.core.sampler_settings.
-    MIXED`) bf16 below :data:`~globeflow.core.sampler_settings.MIXED_BF16_BELOW` and fp32 from
-    there to the data end."""
+    MIXED`) bf16 below ``bf16_below`` (the sampler's :data:`~globeflow.core.sampler_settings.
+    MIXED_BF16_BELOW`) and fp32 from there to the data end."""
     if check_precision(precision, SAMPLE_PRECISIONS) != MIXED:
         return [precision] * len(gammas)
-    return ["bf16" if level < MIXED_BF16_BELOW else "fp32" for level in gammas.tolist()]
+    return ["bf16" if level < bf16_below else "fp32" for level in gammas.tolist()]
 
 
 class GuidedField:
@@ -57,11 +59,12 @@ class GuidedField:
         gammas: torch.Tensor,
         guidance: float = 0.0,
         precision: str = FULL_PRECISION,
+        bf16_below: float = MIXED_BF16_BELOW,
     ):
         self.network = network
         self.guidance = float(guidance)
         self.gammas = gammas.to(emb.dtype)
-        self.precisions = level_precisions(precision, self.gammas)
+        self.precisions = level_precisions(precision, self.gammas, bf16_below)
         self.cond = network.condition_grid(emb, self.gammas)
         self.null = None
         if self.guidance != 0.0:
@@ -100,27 +103,62 @@ class PointConditionedField:
     points on grids of their own (:mod:`globeflow.core.point_grids`): ``cond`` (L, B, 1, C)
     holds every level of every grid for images emb (B, D); the points x (P, 1, 3) are the
     first P of the points whose images are ``images`` (R,) long, and ``node`` (P, 1) long is
-    each one's level in ``cond``. Its points sit at different levels, so "mixed" runs fp32, the
-    precision of its stiff end."""
+    each one's level in ``cond``. "mixed" runs each point at the precision of its own level
+    (bf16 below ``bf16_below``, the levels read from ``levels`` (L,)), so that its value does
+    not depend on the others' levels; without ``levels`` it runs fp32."""
 
-    def __init__(self, network: Denoiser, cond: Conditioning, images: torch.Tensor, precision: str):
+    def __init__(
+        self,
+        network: Denoiser,
+        cond: Conditioning,
+        images: torch.Tensor,
+        precision: str,
+        levels: torch.Tensor | None = None,
+        bf16_below: float = MIXED_BF16_BELOW,
+    ):
         self.network = network
         self.cond = cond
         self.images = images
+        self.mixed_levels = levels if precision == MIXED else None
+        self.bf16_below = bf16_below
         self.precision = FULL_PRECISION if precision == MIXED else check_precision(precision)
 
     def output(self, x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
         """f(x | c) at each point's own level: (P, 1, 3)."""
-        return self.network.forward_conditioned(x, self._rows(x, node), self.precision)
+        groups = self._groups(node)
+        if len(groups) == 1:
+            return self.network.forward_conditioned(x, self._rows(node), groups[0][1])
+        out = torch.empty_like(x)
+        for rows, precision in groups:
+            out[rows] = self.network.forward_conditioned(x[rows], self._rows(node, rows), precision)
+        return out
 
     def output_and_jvp(
         self, x: torch.Tensor, tangents: torch.Tensor, node: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """f(x | c) (P, 1, 3) and J @ tangents (K, P, 1, 3) at each point's own level."""
-        return self.network.forward_with_jvp(x, tangents, self._rows(x, node), self.precision)
+        groups = self._groups(node)
+        if len(groups) == 1:
+            return self.network.forward_with_jvp(x, tangents, self._rows(node), groups[0][1])
+        out, jvp = torch.empty_like(x), torch.empty_like(tangents)
+        for rows, precision in groups:
+            out[rows], jvp[:, rows] = self.network.forward_with_jvp(
+                x[rows], tangents[:, rows], self._rows(node, rows), precision
+            )
+        return out, jvp
 
-    def _rows(self, x: torch.Tensor, node: torch.Tensor) -> Conditioning:
-        return self.cond.rows(node[:, 0], self.images[: x.shape[0]])
+    def _groups(self, node: torch.Tensor) -> list[tuple[torch.Tensor | slice, str]]:
+        """The points (rows of ``node`` (P, 1)) to evaluate at each precision."""
+        if self.mixed_levels is None:
+            return [(slice(None), self.precision)]
+        low = self.mixed_levels[node[:, 0]] < self.bf16_below
+        if bool(low.all()) or not bool(low.any()):
+            return [(slice(None), "bf16" if bool(low.all()) else FULL_PRECISION)]
+        return [(low.nonzero()[:, 0], "bf16"), ((~low).nonzero()[:, 0], FULL_PRECISION)]
+
+    def _rows(self, node: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> Conditioning:
+        images = self.images[: node.shape[0]]
+        return self.cond.rows(node[rows, 0], images[rows])
 
 
 def guided_combination(cond: torch.Tensor, null: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -52,6 +52,8 @@ from globeflow.core.sampler_settings import (
     FULL_PRECISION,
     LOCALIZABILITY_BULK_STEPS,
     LOCALIZABILITY_SOLVER,
+    MIXED,
+    MIXED_BF16_BELOW,
 )
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import project_to_sphere
@@ -79,6 +81,20 @@ tests/test_likelihood.py::test_exact_log_likelihood_of_a_1km_target_matches_its_
 # Known limitation: the diffusion ODE of an *untrained* eps-network converges slowly in the number
 # of steps, because its field is stiff near gamma = 0 (no test pins its accuracy); the R^3
 # diffusion density is the paper's comparison number, not our default model.
+
+
+LIKELIHOOD_PRECISION = MIXED
+"""The likelihood's precision on S^2 for float32 models where bfloat16 is native (fp32
+elsewhere): bf16 for the steps below signal level :data:`LIKELIHOOD_BF16_BELOW`, fp32 from
+there to the data end, where a sharp posterior's stiff end lies."""
+LIKELIHOOD_BF16_BELOW = 0.4
+"""Signal level below which the likelihood runs bf16 (issue 22). A log-density sums the
+divergence's errors along the whole path (unlike a sample, whose early errors the rest of the
+path shrinks), so the bf16 share sets the error: on the YFCC-size random network, 64 points,
+against dopri5 at 1e-7, max |delta log p| 0.0096 / 0.0072 nats in fp32 (two networks), 0.0116 /
+0.0101 with bf16 below 0.4, 0.0138 / 0.0124 below 0.5 and 0.020 / 0.017 in bf16 throughout
+(the bound is 0.02), for 1.13-1.2x the speed of fp32 below 0.4 (docs/benchmarks.md, "Exact
+log-likelihood")."""
 
 
 LIKELIHOOD_LOG_STEP = 0.15
@@ -116,7 +132,7 @@ def log_prob_ode(
     steps: int | None = None,
     chunk_size: int = 8192,
     spacing: str | None = None,
-    precision: str = FULL_PRECISION,
+    precision: str | None = None,
     method: str | None = None,
     stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = LIKELIHOOD_LOG_STEP,
@@ -130,14 +146,19 @@ def log_prob_ode(
     :data:`~globeflow.core.solvers.SOLVERS` that carries log-densities to run instead.
     ``method="rk4"`` (default in R^3): ``steps`` RK4 steps on the ``spacing`` grid (4
     evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
-    ``chunk_size``. ``precision="bf16"`` runs the matrix products in bfloat16 (for maps; the
-    accuracy figures above are float32). A float32 model's stiffness probe runs at the
-    device's fastest precision (it only chooses the grid, :func:`stiffness_floor`). On a CPU
+    ``chunk_size``. ``precision`` None: :data:`LIKELIHOOD_PRECISION` for the midpoint method of
+    a float32 model where bf16 is native, else fp32; "fp32" or "bf16" (for maps) at every
+    step, "mixed" bf16 below :data:`LIKELIHOOD_BF16_BELOW`. A float32 model's stiffness probe
+    runs at the device's fastest precision (it only chooses the grid, :func:`stiffness_floor`).
+    On a CPU
     the points are split across the cores, one worker thread each
     (:mod:`globeflow.core.parallel`; the values change by float32 rounding at most).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
+    if precision is None:
+        native = x.dtype == torch.float32 and fastest_precision(x.device) == "bf16"
+        precision = LIKELIHOOD_PRECISION if method == "midpoint" and native else FULL_PRECISION
     b, m, _ = x.shape
     per_chunk = max(1, chunk_size // max(b, 1))
     with torch.no_grad():
@@ -168,17 +189,18 @@ def _integrate_with_log_density(
     width: float | None,
     precision: str,
     signs: torch.Tensor | None = None,
+    bf16_below: float = MIXED_BF16_BELOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrate the unguided path field from x (B, N, 3) over the signal levels ``gammas``
     (float64, either direction) with ``solver``, carrying the log-density: (end point, the
     change of log p along the way (B, N)), with the divergence weights of the stiff end of
     ``width``; ``signs`` (B, N): the one-JVP divergence (:func:`~globeflow.core.path_field.
-    path_field`)."""
+    path_field`); ``bf16_below``: where "mixed" switches to fp32."""
     method = SOLVERS[solver]
     factors = divergence_weights(gammas, solver, width)
     gammas = gammas.to(device=emb.device, dtype=emb.dtype)
     levels = method.levels(gammas)
-    field = GuidedField(model.network, emb, levels, precision=precision)
+    field = GuidedField(model.network, emb, levels, precision=precision, bf16_below=bf16_below)
     return method.integrate(
         path_field(model, field, levels, factors, signs), x, gammas, SPHERE, with_log_density=True
     )
@@ -196,13 +218,14 @@ def _integrate_on_floor_grids(
     precision: str,
     to_noise: bool = False,
     signs: torch.Tensor | None = None,
+    bf16_below: float = MIXED_BF16_BELOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_integrate_with_log_density` of each point of x (B, N, 3) between
     ``start_level`` and the data on the grid of its own quantized floor (``floors`` (B, N)),
     all grids in one loop (:mod:`globeflow.core.point_grids`): (end points (B, N, 3), change
     of log p (B, N)). Noise to data (sampling), or data to noise with ``to_noise``
     (likelihoods). ``signs`` (B, N): the one-JVP divergence (:func:`~globeflow.core.path_field.
-    path_field`)."""
+    path_field`); ``bf16_below``: where "mixed" switches to fp32."""
     b, n, _ = x.shape
     values, grid_of_point = torch.unique(floors.reshape(-1), return_inverse=True)
     widths = [fixed_width(floor_as_stiff_end(v)) for v in values.tolist()]
@@ -220,7 +243,7 @@ def _integrate_on_floor_grids(
     cond = Conditioning.cat([model.network.condition_grid(emb, lv) for lv in node_levels])
     order = longest_first(grids, grid_of_point)
     images = torch.arange(b, device=x.device).repeat_interleave(n)[order]
-    field = PointConditionedField(model.network, cond, images, precision)
+    field = PointConditionedField(model.network, cond, images, precision, levels, bf16_below)
     signs = None if signs is None else signs.reshape(-1, 1)[order]
     end, delta = integrate_on_point_grids(
         path_field(model, field, levels, weight.to(levels), signs), x.reshape(-1, 1, 3)[order],
@@ -259,8 +282,9 @@ def _midpoint_log_prob(
             floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step, probe))
             if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
                 end, delta = _integrate_on_floor_grids(
-                    model, emb, x, floors, noise_level, steps, solver, log_step, precision, True
-                )
+                    model, emb, x, floors, noise_level, steps, solver, log_step, precision, True,
+                    bf16_below=LIKELIHOOD_BF16_BELOW,
+                )  # fmt: skip
                 return model.base_log_prob(end) - delta
             (out,) = solve_by_floor(
                 floors,
@@ -273,7 +297,9 @@ def _midpoint_log_prob(
     def solve_at(x: torch.Tensor, emb: torch.Tensor, stiff_end: StiffEndWidth) -> torch.Tensor:
         width = fixed_width(stiff_end)
         gammas = stiff_end_levels(noise_level, steps, grid_floor(width), log_step).flip(0)
-        end, delta = _integrate_with_log_density(model, emb, x, gammas, solver, width, precision)
+        end, delta = _integrate_with_log_density(
+            model, emb, x, gammas, solver, width, precision, bf16_below=LIKELIHOOD_BF16_BELOW
+        )
         # delta = log p_noise(end) - log p_data(x) along the flow.
         return model.base_log_prob(end) - delta
 
