@@ -84,8 +84,10 @@ SAMPLING_CONFIGS: dict[str, dict] = {
 
 LOGLIK_CONFIGS: dict[str, dict] = {
     "default": {},
+    "fp32": {"precision": "fp32"},
 }
-"""Our log-likelihood variants: keyword arguments of ``model.log_prob``. One line per variant."""
+"""Our log-likelihood variants: keyword arguments of ``model.log_prob``. One line per variant
+("fp32": every step in fp32, the default before bf16 ran below signal level 0.4)."""
 
 YFCC_SIZE = dict(input_dim=3, dim=512, depth=12, expansion=4, cond_dim=1024)
 QUICK_SIZE = dict(input_dim=3, dim=64, depth=2, expansion=4, cond_dim=64)

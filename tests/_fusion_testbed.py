@@ -164,7 +164,7 @@ class ClosedFormCues(VonMisesFisherMixture):
         log_w, mu, kappa = (t[row] for t in self.table)
         return log_w, mu, kappa
 
-    def log_prob_unit(self, x, emb, steps=None):
+    def log_prob_unit(self, x, emb, steps=None, precision=None):
         # The parent's (B, M, K) float64 tensor would not fit for thousands of components.
         parent = super().log_prob_unit
         return torch.cat(

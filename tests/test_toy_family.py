@@ -39,7 +39,7 @@ class ToyVonMisesFisher(GeoModel):
         kappa = torch.full(mu.shape[:-1], KAPPA, dtype=torch.float64)
         return sample_vmf(mu, kappa, generator).to(emb.dtype)
 
-    def log_prob_unit(self, x, emb, steps=None):
+    def log_prob_unit(self, x, emb, steps=None, precision=None):
         kappa = torch.tensor(KAPPA, dtype=torch.float64)
         return vmf_log_density(x.double(), self.mean(emb)[:, None, :], kappa).to(x.dtype)
 

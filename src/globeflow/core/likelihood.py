@@ -91,10 +91,10 @@ LIKELIHOOD_BF16_BELOW = 0.4
 """Signal level below which the likelihood runs bf16 (issue 22). A log-density sums the
 divergence's errors along the whole path (unlike a sample, whose early errors the rest of the
 path shrinks), so the bf16 share sets the error: on the YFCC-size random network, 64 points,
-against dopri5 at 1e-7, max |delta log p| 0.0096 / 0.0072 nats in fp32 (two networks), 0.0116 /
-0.0101 with bf16 below 0.4, 0.0138 / 0.0124 below 0.5 and 0.020 / 0.017 in bf16 throughout
-(the bound is 0.02), for 1.13-1.2x the speed of fp32 below 0.4 (docs/benchmarks.md, "Exact
-log-likelihood")."""
+against dopri5 at 1e-7 (two networks), max |delta log p| 0.0096 / 0.0072 nats in fp32, 0.0117 /
+0.0101 with bf16 below 0.4, 0.0138 / 0.0124 below 0.5 and 0.020 / 0.017 in bf16 throughout (the
+bound is 0.02), for 1.12-1.14x the speed of fp32 below 0.4 (``benchmarks/run.py
+likelihood_bf16``; docs/benchmarks.md, "The exact log-likelihood in bf16")."""
 
 
 LIKELIHOOD_LOG_STEP = 0.15

@@ -81,9 +81,14 @@ class GeoModel(nn.Module):
         raise NotImplementedError
 
     def log_prob_unit(
-        self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        steps: int | None = None,
+        precision: str | None = None,
     ) -> torch.Tensor:
-        """Natural log density at unit vectors x (B, M, 3) given emb (B, D) -> (B, M)."""
+        """Natural log density at unit vectors x (B, M, 3) given emb (B, D) -> (B, M);
+        ``precision`` of a solve (None: the likelihood's default)."""
         raise NotImplementedError
 
     # ---- public API in degrees -------------------------------------------------------------
@@ -137,18 +142,24 @@ class GeoModel(nn.Module):
         return unit_to_latlon(x)
 
     def log_prob(
-        self, latlon: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+        self,
+        latlon: torch.Tensor,
+        emb: torch.Tensor,
+        steps: int | None = None,
+        precision: str | None = None,
     ) -> torch.Tensor:
         """log p(latlon | emb): latlon (B, M, 2) degrees, emb (B, D) -> (B, M) natural log.
 
         A density per steradian on S^2 (``density_space == "sphere"``), or for the R^3 families
-        the paper's density in R^3 evaluated at the points.
+        the paper's density in R^3 evaluated at the points. ``precision``: of the likelihood
+        ODE (None: :func:`~globeflow.core.likelihood.log_prob_ode`'s default, bf16 below signal
+        level 0.4 where bf16 is native; "fp32" for values that do not depend on the batch).
         """
         emb = self.prepare_embeddings(emb)
         if latlon.dim() == 2:
             latlon = latlon[:, None, :]
         x = latlon_to_unit(latlon.to(emb.dtype))
-        return self.log_prob_unit(x, emb, steps=steps)
+        return self.log_prob_unit(x, emb, steps=steps, precision=precision)
 
     @torch.no_grad()
     def sample_with_log_density(
@@ -528,9 +539,13 @@ class DenoisingModel(GeoModel):
         return self.finalize(self.sample_raw(emb, recipe, noise, generator))
 
     def log_prob_unit(
-        self, x: torch.Tensor, emb: torch.Tensor, steps: int | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        steps: int | None = None,
+        precision: str | None = None,
     ) -> torch.Tensor:
-        return log_prob_ode(self, x, emb, steps=steps)
+        return log_prob_ode(self, x, emb, steps=steps, precision=precision)
 
     def sample_unit_with_log_density(self, emb, recipe, density, noise=None, generator=None):
         """``density.method="path"`` (default on S^2): one pass of the recipe's

@@ -84,7 +84,7 @@ class UniformSphere(GeoModel):
         # No parameters; the buffer gives the model a device and a non-empty state dict.
         self.register_buffer("anchor", torch.zeros(1))
 
-    def log_prob_unit(self, x, emb, steps=None):
+    def log_prob_unit(self, x, emb, steps=None, precision=None):
         return torch.full(x.shape[:-1], LOG_UNIFORM_DENSITY, dtype=x.dtype, device=x.device)
 
     def loss(self, x0, emb, generator=None):
@@ -169,7 +169,7 @@ class VonMisesFisherMixture(_ConcentrationHead):
         kappa = _kappa(out[:, 4 * k :], self.kappa_max)
         return log_w, mu, kappa
 
-    def log_prob_unit(self, x, emb, steps=None):
+    def log_prob_unit(self, x, emb, steps=None, precision=None):
         log_w, mu, kappa = self.parameters_for(emb)
         x64 = project_to_sphere(x.to(torch.float64))
         cos_minus_one = torch.einsum("bmd,bkd->bmk", x64, mu) - 1.0
@@ -232,7 +232,7 @@ class VonMisesFisher(_ConcentrationHead):
         mu = out[:, :3] / out[:, :3].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return mu, _kappa(out[:, 3], self.kappa_max)
 
-    def log_prob_unit(self, x, emb, steps=None):
+    def log_prob_unit(self, x, emb, steps=None, precision=None):
         mu, kappa = self.parameters_for(emb)
         x64 = project_to_sphere(x.to(torch.float64))
         return vmf_log_density(x64, mu[:, None, :], kappa[:, None]).to(x.dtype)
