@@ -148,11 +148,11 @@ def log_prob_ode(
     evaluations with 2 or 3 JVPs each). Points are processed in chunks of about
     ``chunk_size``. ``precision`` None: :data:`LIKELIHOOD_PRECISION` for the midpoint method of
     a float32 model where bf16 is native, else fp32; "fp32" or "bf16" (for maps) at every
-    step, "mixed" bf16 below :data:`LIKELIHOOD_BF16_BELOW`. A float32 model's stiffness probe
-    runs at the device's fastest precision (it only chooses the grid, :func:`stiffness_floor`).
-    On a CPU
-    the points are split across the cores, one worker thread each
-    (:mod:`globeflow.core.parallel`; the values change by float32 rounding at most).
+    step; "mixed" (midpoint method) bf16 below :data:`LIKELIHOOD_BF16_BELOW`. A float32
+    model's stiffness probe runs at the device's fastest precision (it only chooses the grid,
+    :func:`stiffness_floor`). On a CPU the points are split across the cores, one worker
+    thread each (:mod:`globeflow.core.parallel`; the values change by the rounding of the
+    precision that runs at most: a product's last bits follow its row count).
     """
     method = method or ("midpoint" if model.geometry is SPHERE else "rk4")
     steps = steps or DEFAULT_LIKELIHOOD_STEPS
