@@ -263,3 +263,35 @@ def test_models_without_a_null_density_on_the_sphere_cannot_fuse() -> None:
     no_dropout = RiemannianFlowMatching(Denoiser(dim=8, depth=1, cond_dim=4), cond_drop_prob=0.0)
     with pytest.raises(ValueError, match="condition dropout"):
         fused_sample(no_dropout, torch.eye(4)[:2], 1, g)
+
+
+@pytest.mark.parametrize("stiff_end", [False, True])
+def test_fusion_densities_stay_fp32_where_the_likelihood_would_run_bf16(monkeypatch, stiff_end):
+    """The fused weights multiply every photo's density, so their errors add up: fusion asks
+    for fp32 likelihoods even where the default would run bf16 below signal level 0.4."""
+    import globeflow.core.likelihood as likelihood
+    from globeflow.answers.fusion import OwnSamples, fusion_densities
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+
+    torch.manual_seed(0)
+    model = RiemannianFlowMatching(Denoiser(dim=16, depth=1, cond_dim=4)).eval()
+    conditions = torch.randn(3, 4)
+    points = torch.nn.functional.normalize(torch.randn(3, 8, 3), dim=-1)
+    own = OwnSamples(points, torch.zeros(3, 8), stiff_end=stiff_end)
+    monkeypatch.setattr(likelihood, "fastest_precision", lambda device: "bf16")
+    seen: list[str] = []
+    original = model.network.forward_with_jvp
+
+    def recording(x, tangents, cond, precision="fp32"):
+        seen.append(precision)
+        return original(x, tangents, cond, precision)
+
+    monkeypatch.setattr(model.network, "forward_with_jvp", recording)
+    fusion_densities(model, conditions, 8, own)(points[0])
+    if not stiff_end:  # each solve probes its floor at the device's fastest precision first
+        assert seen.pop(0) == "bf16"
+    assert seen and set(seen) == {"fp32"}
+    seen.clear()  # the same solve at the likelihood's default does run bf16: the test can fail
+    likelihood.log_prob_ode(model, points[:1], conditions[:1], steps=8)
+    assert "bf16" in seen

@@ -262,15 +262,17 @@ def fusion_densities(model, conditions: torch.Tensor, steps: int, own: OwnSample
     def densities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x.to(conditions.dtype)
         with torch.no_grad():
+            # fp32: the weights multiply every photo's density, so their errors add up
             if widths is None:
-                log_p = model.log_prob_unit(y[None].expand(conditions.shape[0], -1, -1),
-                                            conditions, steps=steps)  # fmt: skip
+                points = y[None].expand(conditions.shape[0], -1, -1)
+                log_p = model.log_prob_unit(points, conditions, steps, FULL_PRECISION)
             else:
                 log_p = by_width(
                     widths,
                     lambda rows, w: log_prob_ode(
                         model, y[None].expand(len(rows), -1, -1), conditions[rows], steps,
-                        chunk_size=ROWS_PER_CHUNK, stiff=w, log_step=FUSION_LOG_STEP,
+                        chunk_size=ROWS_PER_CHUNK, precision=FULL_PRECISION, stiff=w,
+                        log_step=FUSION_LOG_STEP,
                     ),
                 )  # fmt: skip
         return log_p[:-1], log_p[-1]
