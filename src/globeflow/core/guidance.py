@@ -152,8 +152,9 @@ class PointConditionedField:
         if self.mixed_levels is None:
             return [(slice(None), self.precision)]
         low = self.mixed_levels[node[:, 0]] < self.bf16_below
-        if bool(low.all()) or not bool(low.any()):
-            return [(slice(None), "bf16" if bool(low.all()) else FULL_PRECISION)]
+        count = int(low.sum())  # one device sync per evaluation
+        if count in (0, low.numel()):
+            return [(slice(None), "bf16" if count else FULL_PRECISION)]
         return [(low.nonzero()[:, 0], "bf16"), ((~low).nonzero()[:, 0], FULL_PRECISION)]
 
     def _rows(self, node: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> Conditioning:
