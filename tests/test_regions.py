@@ -195,3 +195,43 @@ def test_a_merged_mode_is_named_by_its_densest_peak():
     same_before = split[:, None] == split[None, :]
     same_after = labels[:, None] == labels[None, :]
     assert (same_after | ~same_before).all()
+
+
+def _split_rate(apart_km: float, n: int, seeds: int) -> float:
+    """Share of ``seeds`` draws of n samples of two equal 10 km modes ``apart_km`` apart that
+    the finder reports as two regions of at least a fifth each."""
+    modes = [(PARIS, 10.0, 0.5), (_offset(PARIS, apart_km, 0.0), 10.0, 0.5)]
+    hits = 0
+    for seed in range(seeds):
+        shares = [r.probability for r in top_regions(_mixture(modes, n, seed=100 + seed))]
+        hits += sum(share >= 0.2 for share in shares) >= 2
+    return hits / seeds
+
+
+@pytest.mark.parametrize("apart_km", [30.0, 35.0])
+def test_the_decomposition_does_not_follow_the_sample_count(apart_km):
+    # Two modes 3-3.5 widths apart, a saddle the old sqrt(N) neighbourhood split in 22-69% of
+    # draws of 256 and 66-100% of 1,024: an answer's regions then depended on how many samples
+    # it drew. The finder's scale is now a share of the samples, so both counts split alike:
+    # within two standard errors of a difference of two binomial shares (and one draw).
+    seeds = 32
+    small, large = _split_rate(apart_km, 256, seeds), _split_rate(apart_km, 1024, seeds)
+    pooled = (small + large) / 2
+    assert abs(small - large) <= 2 * math.sqrt(2 * pooled * (1 - pooled) / seeds) + 1 / seeds
+
+
+def test_modes_five_widths_apart_are_two_regions_at_either_count():
+    assert _split_rate(50.0, 256, 16) >= 0.9 and _split_rate(50.0, 1024, 16) >= 0.9
+
+
+@pytest.mark.parametrize("n", [256, 1024])
+def test_a_separate_cluster_smaller_than_the_density_scale_stays_a_region(n):
+    # 10% of the samples 400 km away: fewer than the density's neighbourhood at 256 (26 of
+    # 32), so their caps reach Paris; the graph links them only to each other, so they stay a
+    # region, with their share.
+    modes = [(PARIS, 5.0, 0.9), ((45.76, 4.84), 5.0, 0.1)]
+    samples = _mixture(modes, n, seed=9)
+    regions = top_regions(samples)
+    assert len(regions) == 2
+    assert _km((45.76, 4.84), regions[1].lat, regions[1].lon) < 10.0
+    assert regions[1].probability == pytest.approx(0.1, abs=4 * math.sqrt(0.09 / n))

@@ -86,8 +86,28 @@ def best_guess(samples: torch.Tensor) -> torch.Tensor:
 REGION_CREDIBILITY = 0.9
 """Share of an adaptive region's samples that lie within its ``radius_km``."""
 PERSISTENCE_SDS = 3.0
-"""Two modes stay apart when the lighter peak rises above their saddle by more than this many
-standard errors of the log-density estimate."""
+"""Two modes stay apart only when the lighter peak rises above their saddle by more than this
+many standard errors of the log-density estimate (the noise guard of a small sample)."""
+PERSISTENCE_NATS = 1.0
+"""...and by more than this in log-density (a peak e = 2.7 times its saddle): a fixed
+prominence, so that more samples, whose estimate is less noisy, do not split what fewer join
+(issue 22). At 256 samples the noise guard alone would split guided 200-km places into
+sub-modes that 1,024 samples join (benchmarks/run.py adaptive_samples)."""
+REGION_NEIGHBOUR_SHARE = 1 / 8
+"""Share of the samples whose neighbourhood sets the region finder's density: its density at
+a sample is read from the cap that holds this share of them. A share, not a count, so that
+the modes it resolves do not depend on how many samples an answer drew (32 of 256, 128 of
+1,024); the sample count sets only the noise of the estimate. Issue 22: the sqrt(N)
+neighbourhood before it split at 1,024 samples what it joined at 256, so an answer's regions
+followed its sample count (docs/defaults.md, "Regions that do not follow the sample count")."""
+REGION_GRAPH_NEIGHBOURS = 16
+"""Nearest neighbours each sample links to in the region finder's graph (its quick shift and
+its saddles). Fewer than the density's neighbourhood, so that a separate cluster of more
+samples than this links only to itself and stays a region of its own, however wide the
+density's cap."""
+MAX_REGION_NEIGHBOURS = 256
+"""Largest neighbourhood of the region finder's density (2,048 samples at
+:data:`REGION_NEIGHBOUR_SHARE`). Beyond it the scale shrinks as more samples are drawn."""
 MIN_REGION_SEPARATION_KM = 1.0
 """Modes whose peaks lie closer than this are one region: the paper's finest accuracy level
 (street, 1 km). Guided sampling (w > 0) condenses a sharp place into several clusters metres
@@ -208,8 +228,21 @@ def _chords(u: torch.Tensor, rows: slice) -> torch.Tensor:
 
 
 def default_neighbours(n: int) -> int:
-    """Neighbours that set the local scale of n samples: sqrt(n), 3 to 64."""
+    """Neighbours that set a density map's local bandwidth for n samples: sqrt(n), 3 to 64."""
     return min(64, max(3, round(math.sqrt(n))))
+
+
+def region_neighbours(n: int) -> int:
+    """Neighbours that set the region finder's local scale for n samples: the share
+    :data:`REGION_NEIGHBOUR_SHARE` of them, 3 to :data:`MAX_REGION_NEIGHBOURS`."""
+    return min(MAX_REGION_NEIGHBOURS, max(3, round(n * REGION_NEIGHBOUR_SHARE)))
+
+
+def persistence_threshold(k: int) -> float:
+    """The prominence (nats of log-density) a mode needs over its saddle to stay apart, for a
+    k-nearest-neighbour estimate: :data:`PERSISTENCE_SDS` of its standard errors (1 / sqrt(k))
+    and at least :data:`PERSISTENCE_NATS`."""
+    return max(PERSISTENCE_NATS, PERSISTENCE_SDS / math.sqrt(k))
 
 
 def nearest_neighbours(samples: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,20 +267,25 @@ def mode_labels(
     (N,) int64.
 
     The density at each sample is read from the cap reaching its ``neighbours``-th nearest sample
-    (default sqrt(N), 3 to 64), so the scale follows the samples: a 1 km mode and a 1000 km one
-    in the same answer are each seen at their own width. Each sample joins its nearest denser
-    neighbour (quick shift on the k-nearest-neighbour graph); the modes found so are then merged,
-    highest saddle first, where the lighter peak rises above the saddle joining them by less than
-    :data:`PERSISTENCE_SDS` standard errors of the density estimate (1 / sqrt(k) in log): the
-    persistence rule of ToMATo (Chazal et al., 2013), which keeps the noise of the estimate from
-    splitting one mode. Last, a mode whose peak lies within ``min_separation_km`` of a denser
-    mode's peak joins it (:data:`MIN_REGION_SEPARATION_KM`; 0 keeps every mode).
+    (default :func:`region_neighbours`: an eighth of the samples), so the scale follows the
+    samples: a 1 km mode and a 1000 km one in the same answer are each seen at their own width,
+    and the scale is a share of the mass, not a count, so the decomposition does not follow the
+    number of samples. Each sample joins its nearest denser neighbour among its
+    :data:`REGION_GRAPH_NEIGHBOURS` nearest (quick shift on the k-nearest-neighbour graph); the
+    modes found so are then merged along the graph's edges, highest saddle first, where the
+    lighter peak rises above the saddle joining them by less than
+    :func:`persistence_threshold` (a fixed prominence, raised for small samples to
+    :data:`PERSISTENCE_SDS` standard errors of the estimate): the persistence rule of ToMATo
+    (Chazal et al., 2013), which keeps the noise of the estimate from splitting one mode.
+    Last, a mode whose peak lies within ``min_separation_km`` of a denser mode's peak joins it
+    (:data:`MIN_REGION_SEPARATION_KM`; 0 keeps every mode).
     """
     n = samples.shape[0]
     if n < 3:
         return torch.zeros(n, dtype=torch.long)
-    k = min(neighbours or default_neighbours(n), n - 1)
+    k = min(neighbours or region_neighbours(n), n - 1)
     kth_chord2, neighbour_idx = nearest_neighbours(samples, k)
+    neighbour_idx = neighbour_idx[:, : min(k, REGION_GRAPH_NEIGHBOURS) + 1]
     # log density up to a constant: -log of the cap area 2 pi (1 - cos r) = pi chord^2.
     log_density = -kth_chord2.clamp_min(1e-30).log()
     rank = torch.empty(n, dtype=torch.long)
@@ -258,7 +296,7 @@ def mode_labels(
         first >= 0, neighbour_idx.gather(1, first.clamp_min(0)[:, None])[:, 0], torch.arange(n)
     )
     labels = _roots(parent)
-    labels = _merge_modes(labels, neighbour_idx, log_density, PERSISTENCE_SDS / math.sqrt(k))
+    labels = _merge_modes(labels, neighbour_idx, log_density, persistence_threshold(k))
     return _merge_close_peaks(samples, labels, log_density, min_separation_km)
 
 
