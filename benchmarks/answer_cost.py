@@ -27,6 +27,7 @@ samples within 25 km of a true place) in the same run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from _common import EmbeddingsOnly, count_flops, gemm_rates, print_table, stage_timers
 from _reference_code import ReferenceCode, find_source
-from _registry import experiment
+from _registry import Skipped, experiment
 from _testbeds import TRAINED_ROOT, Testbed, nearest_place_km, trained_testbeds
 
 from globeflow.answers import draw
@@ -49,8 +50,29 @@ from globeflow.core.time_grids import sampling_grid
 STAGES = ("samples", "localizability", "decode", "place names", "other")
 
 
+RANDOM_PUBLISHED = "random-published"
+"""The ``testbed`` of the issue's own measurement: the authors' published-size network with
+random weights (their ``make_yfcc_size.py``) and random embeddings. Speed only: it has no true
+answer, and its posterior is nearly uniform (localizability ~-3 bits against the uniform
+-3.65), the diffuse extreme that draws the most samples."""
+
+
+def _random_published(ref: ReferenceCode, photos: int, out: Path) -> Testbed:
+    """A :data:`RANDOM_PUBLISHED` testbed of ``photos`` photos, its network written to ``out``."""
+    from globeflow.core.checkpoints import load_model
+
+    ref.write_yfcc_size_network(out)
+    model = load_model(out)
+    emb = torch.randn(photos, model.cond_dim, generator=torch.Generator().manual_seed(0))
+    return Testbed(RANDOM_PUBLISHED, model, emb, None, None, torch.zeros(photos, 2), math.inf,
+                   regime="diffuse")  # fmt: skip
+
+
 def _accuracy(bed: Testbed, samples: list[torch.Tensor]) -> dict:
-    """Median best-guess error (km) and the share of samples within 25 km of a true place."""
+    """Median best-guess error (km) and the share of samples within 25 km of a true place (NaN
+    without a true answer)."""
+    if bed.places is None:
+        return {"guess_error_km": math.nan, "within_25_km": math.nan}
     guesses = torch.stack([pipeline.best_guess(s) for s in samples])
     error = haversine_km(guesses.double(), bed.true_location.double())
     near = [
@@ -167,7 +189,9 @@ def answer_cost(
 ) -> dict:
     """Options:
 
-    - ``testbed``: trained testbed (``syn-small``, ``syn-published``, ...)
+    - ``testbed``: trained testbed (``syn-small``, ``syn-published``, ...), or
+      ``random-published`` (:data:`RANDOM_PUBLISHED`: speed only, ``cells`` ignored, 2 photos
+      per ``per_pattern``)
     - ``cells``: its cells, as SCALE-xCITIES (e.g. 1km-x1, 200km-x3)
     - ``per_pattern``: held-out photos per pattern
     - ``guidances``: comma-separated guidance scales (both sides)
@@ -179,9 +203,19 @@ def answer_cost(
         print(why)
     rates = gemm_rates()
     rows, report = [], {"gemm_gflops": rates, "cells": []}
+    random_bed = None
+    if testbed == RANDOM_PUBLISHED:
+        if ref is None:
+            raise Skipped(f"{RANDOM_PUBLISHED} needs the authors' code: {why}")
+        with tempfile.TemporaryDirectory(prefix="gf-cost-net-") as tmp:
+            random_bed = _random_published(ref, 2 * per_pattern, Path(tmp))
     for guidance in (float(g) for g in guidances.split(",")):
-        beds = trained_testbeds(testbed, root, per_pattern, guidance)
-        for bed in (b for b in beds if b.name.split(f"{testbed}-", 1)[1] in cells.split(",")):
+        if random_bed is not None:
+            beds = [random_bed]
+        else:
+            beds = trained_testbeds(testbed, root, per_pattern, guidance)
+            beds = [b for b in beds if b.name.split(f"{testbed}-", 1)[1] in cells.split(",")]
+        for bed in beds:
             ours = _our_answer(bed, guidance)
             theirs = (
                 _authors_answer(ref, bed, guidance, authors_samples, authors_steps)

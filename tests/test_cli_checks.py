@@ -94,6 +94,7 @@ PREDICT_BAD = [
     (["--precision", "fp16"], "--precision fp16: must be one of fp32, bf16"),
     (["--localizability-samples", "-1"], "--localizability-samples -1: must be an integer in"),
     (["--fusion-proposals", "10"], "--fusion-proposals 10: must be an integer in [64, 65536]"),
+    (["--noise", "halton"], "--noise halton: must be one of iid, sobol"),
 ]
 
 
@@ -132,6 +133,16 @@ def test_a_models_recommended_guidance_is_checked_with_the_same_range(tmp_path, 
     ok = _run("predict", photo, "--model", model, "--guidance", "1", "--num-samples", "16",
               "--steps", "2", "--no-progress")  # fmt: skip
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("noise", ["iid", "sobol"])
+def test_noise_sets_the_answers_initial_states(tmp_path, photo, tiny_model, noise):
+    out = tmp_path / "a.json"
+    ok = _run("predict", photo, "--model", tiny_model, "--noise", noise, "--num-samples", "64",
+              "--steps", "2", "--no-progress", "--json", out)  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    (answer,) = json.loads(out.read_text())["results"]
+    assert answer["settings"]["noise"] == answer["monte_carlo"]["noise"] == noise
 
 
 def test_a_solver_the_models_family_lacks_is_refused(photo, tiny_model):

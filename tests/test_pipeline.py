@@ -48,6 +48,9 @@ def test_defaults_are_used_and_recorded():
         DEFAULT_SAMPLER.resolved_precision("cpu"),
     )
     assert s["guidance"] == loc.default_guidance
+    # a sphere model's answers start from Sobol nets, and read their errors off the nets
+    assert s["noise"] == DEFAULT_SAMPLER.noise == "sobol"
+    assert all(r["monte_carlo"]["noise"] == "sobol" for r in res)
 
 
 def test_localizability_and_its_standard_error():

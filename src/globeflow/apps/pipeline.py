@@ -25,7 +25,7 @@ from globeflow.apps.threads import network_threads, network_workers
 from globeflow.core.checkpoints import load_model
 from globeflow.core.families import UNIFORM_LOCALIZABILITY_BITS, GeoModel, effective_area_km2
 from globeflow.core.parallel import map_on_cores
-from globeflow.core.random_streams import embedding_ids, photo_generators
+from globeflow.core.random_streams import embedding_ids, photo_generators, stream_design
 from globeflow.core.sampler_settings import (
     IID,
     SOBOL,
@@ -128,6 +128,7 @@ class Locator:
         grid: str | None = None,
         sampler: SamplerSettings | None = None,
         first_samples: int | None = None,
+        noise: str | None = None,
     ) -> list[dict]:
         """Answers for embeddings (B, D); see docs/ARCHITECTURE.md for the result structure.
 
@@ -143,11 +144,13 @@ class Locator:
         truncated to it, with the mass inside (``mass_inside``). ``first_samples``: samples of
         the first draw of an adaptive recipe (0: all ``num_samples`` at once); each answer's
         ``monte_carlo`` block gives the samples drawn and the standard errors of its numbers.
+        ``noise``: the answer's initial states, "sobol" or "iid"
+        (:data:`~globeflow.core.sampler_settings.NOISE_DESIGNS`; default: the recipe's).
         """
         recipe = self._recipe(
             sampler, solver, grid, num_samples=num_samples, guidance=guidance, steps=steps,
             precision=precision, localizability_samples=localizability_samples,
-            first_samples=first_samples,
+            first_samples=first_samples, noise=noise,
         )  # fmt: skip
         recipe = resolve(self.model, recipe)
         settings = {**self._settings(recipe, seed), "region_radius_km": region_radius_km}
@@ -418,6 +421,7 @@ class Locator:
             "solver": solver,
             "grid": recipe.grid if solver is not None else None,
             "precision": recipe.precision,
+            "noise": stream_design(self.model, recipe.noise),
             "localizability_steps": recipe.localizability_steps,
             "localizability_solver": recipe.localizability_solver,
             "localizability_precision": localizability_precision(self.model, recipe),

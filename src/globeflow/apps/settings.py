@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from globeflow.core.families import FAMILIES, denoising_family_names
-from globeflow.core.sampler_settings import AUTO, GRIDS, SAMPLE_PRECISIONS
+from globeflow.core.sampler_settings import AUTO, GRIDS, NOISE_DESIGNS, SAMPLE_PRECISIONS
 from globeflow.core.sphere import EARTH_RADIUS_KM
 
 MAX_REGION_RADIUS_KM = math.pi * EARTH_RADIUS_KM
@@ -76,6 +76,7 @@ LOCATE_LIMITS: dict[str, Rule] = {
     "num_samples": Range(16, 4096, integer=True),
     # 0: all num_samples at once; else the first draw of an adaptive answer.
     "first_samples": Range(0, 4096, integer=True),
+    "noise": OneOf(NOISE_DESIGNS),
     # Guidance in (-1, 0) leans towards the unconditional branch (a flatter answer); 10 is the
     # web page's slider maximum and the server's long-standing cap.
     "guidance": Range(-1.0, 10.0),

@@ -97,16 +97,17 @@ below (:mod:`globeflow.answers.monte_carlo`)."""
 IID = "iid"
 SOBOL = "sobol"
 NOISE_DESIGNS = (IID, SOBOL)
-"""How a photo's initial states are drawn (``SamplerSettings.noise``): "iid" (independent
-points of the model's noise, the default) or "sobol" (randomized quasi-Monte Carlo:
-independently scrambled Sobol nets on S^2, :mod:`globeflow.core.random_streams`). Each sobol
-point is uniform on the sphere, so the answer's distribution is the same; the nets cover the
-sphere evenly, so the means an answer reads off its samples (region probabilities, expected
-GeoScore) scatter less: at 256 samples, a three-city answer's shares 2.3-3.8x less than with
-iid points in the 8 nets an answer draws, 3.6-6.4x in one net (``benchmarks/run.py
-noise_design``). Not the default: an adaptive answer then stops at fewer samples, and the
-regions, whose decomposition depends on the sample count, move beyond noise on 2 of 20
-trained cells (docs/defaults.md, "Sobol nets")."""
+"""How a photo's initial states are drawn (``SamplerSettings.noise``): "sobol" (randomized
+quasi-Monte Carlo: independently scrambled Sobol nets on S^2, :mod:`globeflow.core.
+random_streams`; the default where a model draws its noise there) or "iid" (independent points
+of the model's noise). Each sobol point is uniform on the sphere, so the answer's distribution
+is the same; the nets cover the sphere evenly, so the means an answer reads off its samples
+(region probabilities, expected GeoScore) scatter less: at 256 samples, a three-city answer's
+shares 2.3-3.8x less than with iid points in the 8 nets an answer draws, 3.6-6.4x in one net
+(``benchmarks/run.py noise_design``). An adaptive answer so stops at fewer samples: 256-560
+instead of 1,024 on the three-city cells, within noise of fixed 1,024 iid on every trained cell
+once the regions stopped following the sample count (issue 22; docs/defaults.md, "Sobol nets
+as the default")."""
 
 GUESS_SCORE_TOLERANCE = 50.0
 """Largest Monte Carlo standard error of the best guess's expected GeoScore (points of 5,000:
@@ -139,9 +140,9 @@ class SamplerSettings:
     0 (or >= ``num_samples``) draws ``num_samples`` at once.
 
     ``noise``: how an answer's initial states are drawn from each photo's stream
-    (:data:`NOISE_DESIGNS`): "iid", or "sobol" (randomized quasi-Monte Carlo on S^2, where the
-    model draws its own noise there; the errors read off the spread of independently
-    scrambled nets). It changes the answer's Monte Carlo error, not its distribution;
+    (:data:`NOISE_DESIGNS`): "sobol" (randomized quasi-Monte Carlo on S^2, where the model
+    draws its own noise there, else iid; the errors read off the spread of independently
+    scrambled nets) or "iid". It changes the answer's Monte Carlo error, not its distribution;
     ``model.sample`` with a generator draws iid.
     """
 
@@ -158,7 +159,7 @@ class SamplerSettings:
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
-    noise: str = IID
+    noise: str = SOBOL
 
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid not in GRIDS:

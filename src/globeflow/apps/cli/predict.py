@@ -68,6 +68,12 @@ def predict(
         "to --num-samples, only for photos whose best guess or region probabilities are not yet "
         "within the Monte Carlo tolerances. 0: all --num-samples at once.",
     ),
+    noise: str = typer.Option(
+        None,
+        help="Initial states of the answer's samples: sobol (scrambled Sobol nets, the default "
+        "on RFM models: the same answer with smaller Monte Carlo errors, so fewer samples) or "
+        "iid (independent draws, as the authors draw; the R^3 families always).",
+    ),
     guidance: float = typer.Option(
         None,
         help="Classifier-free guidance scale, -1 to 10 (default: the model's recommended "
@@ -183,6 +189,7 @@ def predict(
         LOCATE_LIMITS,
         num_samples=num_samples,
         first_samples=first_samples,
+        noise=noise,
         guidance=guidance,
         steps=steps,
         solver=solver,
@@ -220,6 +227,7 @@ def predict(
     settings = dict(
         num_samples=num_samples,
         first_samples=first_samples,
+        noise=noise,
         guidance=resolved_guidance(guidance, locator, LOCATE_LIMITS),
         steps=steps,
         solver=_model_solver(solver, locator),
@@ -263,7 +271,7 @@ def _listed_photos(inputs: list[Path]) -> list[Path]:
         return []  # nothing to protect; the run itself reports the inputs
 
 
-UNFUSED_SETTINGS = ("guidance", "localizability_samples", "grid", "first_samples")
+UNFUSED_SETTINGS = ("guidance", "localizability_samples", "grid", "first_samples", "noise")
 """predict's settings that a fused answer does not take."""
 
 
