@@ -105,7 +105,12 @@ def _our_answer(bed: Testbed, guidance: float) -> dict:
     samples = [torch.tensor(r["samples"], dtype=torch.float64) for r in results]
     settings = results[0]["settings"]
     no_loc = {"guidance": guidance, "localizability_samples": 0}
-    answer_flops = count_flops(lambda: locator.locate_embeddings(emb, **no_loc))
+    alone: list[dict] = []
+    answer_flops = count_flops(lambda: alone.extend(locator.locate_embeddings(emb, **no_loc)))
+    # Without the localizability's draws each stream runs on to other samples, and an adaptive
+    # answer may stop at another count: scale to the samples the timed answer drew (the
+    # answer's products are linear in its samples).
+    answer_flops *= sum(len(s) for s in samples) / sum(len(r["samples"]) for r in alone)
     all_flops = count_flops(lambda: locator.locate_embeddings(emb, guidance=guidance))
     return {
         "settings": settings,
