@@ -3,14 +3,14 @@
 On a trained testbed (its cells: one and three cities, 1 to 2,000 km), each photo's answer is
 drawn as ``predict`` draws it (``answers.draw.draw_answers``, the default sampler, no
 localizability) with four recipes (:data:`COUNTS`): fixed 1,024 from iid noise (the reference),
-adaptive from iid noise (the default: 256 first, more up to 1,024 where the Monte Carlo errors
-are beyond tolerance), adaptive from Sobol nets (errors read off the nets' spread) and a fixed
-256 from Sobol nets. Over paired seeds: the best guess's error (median km), acc@1/25/200 km,
-the total variation between the samples' shares of the true places and the truth's, the top
-region's probability, the samples drawn and the seconds per photo. A recipe is within noise of
-the reference when every metric's mean is within twice the reference's seed-to-seed standard
-deviation, at least 10% + 0.1 km (km), 0.05 (shares) or one photo (fractions of photos), as in
-``confident``.
+adaptive from iid noise (256 first, more up to 1,024 where the Monte Carlo errors are beyond
+tolerance), adaptive from Sobol nets (the default since issue 22: errors read off the nets'
+spread) and a fixed 256 from Sobol nets. Over paired seeds: the best guess's error (median km),
+acc@1/25/200 km, the total variation between the samples' shares of the true places and the
+truth's, the top region's probability, the samples drawn and the seconds per photo. A recipe is
+within noise of the reference when every metric's mean is within twice the reference's
+seed-to-seed standard deviation, at least 10% + 0.1 km (km), 0.05 (shares) or one photo
+(fractions of photos), as in ``confident``.
 
     python benchmarks/run.py adaptive_samples [-p testbed=syn-small] [-p guidances=0,2]
 """
@@ -40,7 +40,7 @@ COUNTS = {
 }
 """Sample counts and noise designs compared, as overrides of the default recipe (the first is
 the reference: every sample at once from independent noise, as the authors draw; "adaptive
-iid" is the default)."""
+sobol" is the default)."""
 CRITERIA = {"guess_error_km": "km", "acc_1_km": "photos", "acc_25_km": "photos",
             "acc_200_km": "photos", "place_mass_tv": "share", "top_region_p": "share"}  # fmt: skip
 """The metrics a count must match fixed 1,024 on, with their kind of noise floor

@@ -2,7 +2,7 @@
 
 The answer's samples are a deterministic map (the flow) of their initial noise, uniform on S^2.
 Each number of the answer is a mean over samples: a region's probability, the best guess's
-expected GeoScore, the localizability. Drawn independently (iid, as now), the error of such a
+expected GeoScore, the localizability. Drawn independently (iid), the error of such a
 mean falls like 1 / sqrt(N). With a scrambled Sobol net mapped to the sphere by an
 area-preserving map (z = 1 - 2u, phi = 2 pi v), each point is still uniform. The points cover
 the sphere evenly, so the mean of a function that is smooth in the noise converges faster:

@@ -92,7 +92,8 @@ PERSISTENCE_NATS = 1.0
 """...and by more than this in log-density (a peak e = 2.7 times its saddle): a fixed
 prominence, so that more samples, whose estimate is less noisy, do not split what fewer join
 (issue 22). At 256 samples the noise guard alone would split guided 200-km places into
-sub-modes that 1,024 samples join (benchmarks/run.py adaptive_samples)."""
+sub-modes that 1,024 samples join (docs/defaults.md, "Regions that do not follow the sample
+count")."""
 REGION_NEIGHBOUR_SHARE = 1 / 8
 """Share of the samples whose neighbourhood sets the region finder's density: its density at
 a sample is read from the cap that holds this share of them. A share, not a count, so that

@@ -104,7 +104,7 @@ of the model's noise). Each sobol point is uniform on the sphere, so the answer'
 is the same; the nets cover the sphere evenly, so the means an answer reads off its samples
 (region probabilities, expected GeoScore) scatter less: at 256 samples, a three-city answer's
 shares 2.3-3.8x less than with iid points in the 8 nets an answer draws, 3.6-6.4x in one net
-(``benchmarks/run.py noise_design``). An adaptive answer so stops at fewer samples: 256-560
+(``benchmarks/run.py noise_design``). An adaptive answer so stops at fewer samples: 400-544
 instead of 1,024 on the three-city cells, within noise of fixed 1,024 iid on every trained cell
 once the regions stopped following the sample count (issue 22; docs/defaults.md, "Sobol nets
 as the default")."""
