@@ -145,13 +145,14 @@ def precision_shares(model, settings: dict) -> dict[str, float]:
 def floor_seconds(gflop: dict, shares: dict, settings: dict, rates: dict) -> float:
     """Seconds per photo of the answer's matrix products at this run's GEMM peak of the
     precision each runs at (the samples at ``shares`` of :func:`precision_shares`, the
-    localizability pass at ``localizability_precision``): the floor of that arithmetic here."""
+    localizability pass at ``localizability_precision``; a ``mixed`` pass, whose samples each
+    switch to fp32 on a stiff-end grid of their own, at the bf16 peak: a lower bound): the
+    floor of that arithmetic here."""
     dtype = {"fp32": "float32", "bf16": "bfloat16"}
     peak = {p: rates[d]["peak"] for p, d in dtype.items()}
     samples = sum(gflop["samples"] * share / peak[p] for p, share in shares.items())
-    return (
-        samples + gflop["localizability"] / peak[settings.get("localizability_precision", "fp32")]
-    )
+    localizability = settings.get("localizability_precision", "fp32")
+    return samples + gflop["localizability"] / peak.get(localizability, peak["bf16"])
 
 
 def _authors_answer(

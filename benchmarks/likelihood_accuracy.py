@@ -43,6 +43,8 @@ RECIPES = {
     "lagged-midpoint 24 / 0.2": ("lagged-midpoint", 24, 0.2),
     "midpoint 16 / 0.2": ("midpoint", 16, 0.2),
     "midpoint 24 / 0.2": ("midpoint", 24, 0.2),
+    "midpoint 24 / 0.3": ("midpoint", 24, 0.3),
+    "midpoint 24 / 0.35": ("midpoint", 24, 0.35),
 }
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from globeflow.core.sampler_settings import (
-    AUTO,
     DEFAULT_SAMPLER,
-    PRECISIONS,
+    LOCALIZABILITY_PRECISION,
     RECOMMENDED_SAMPLER_KEY,
+    SAMPLE_PRECISIONS,
     SamplerSettings,
     model_recipe,
     recommended_sampler,
@@ -34,10 +34,10 @@ class StandIn:
 
 
 def _as_given(recipe: SamplerSettings) -> SamplerSettings:
-    """A resolved recipe with its localizability precision back to "auto" (``resolve`` fills it
-    for the device: tests/test_sampler_settings.py), after checking it was filled."""
-    assert recipe.localizability_precision in PRECISIONS
-    return dataclasses.replace(recipe, localizability_precision=AUTO)
+    """A resolved recipe with its localizability precision back to the default's (``resolve``
+    fills it for the device: tests/test_sampler_settings.py), after checking it was filled."""
+    assert recipe.localizability_precision in SAMPLE_PRECISIONS
+    return dataclasses.replace(recipe, localizability_precision=LOCALIZABILITY_PRECISION)
 
 
 def _recommending(fields: dict = RECOMMENDATION) -> StandIn:

@@ -17,6 +17,7 @@ from globeflow.core.sampler_settings import (
     AUTHORS_SAMPLER,
     DEFAULT_SAMPLER,
     EVALUATE_BATCH_SIZE,
+    MIXED,
     PRECISIONS,
     SamplerSettings,
     precision_on,
@@ -255,15 +256,15 @@ def _tiny_rfm(metadata: dict | None = None):
 
 
 def test_the_localizability_runs_at_its_own_precision():
-    """The localizability pass runs at ``localizability_precision`` ("auto": bf16 where native,
-    fp32 for a float64 model); the answer's samples keep ``precision``, also where one pass
-    draws both (guidance 0)."""
+    """The localizability pass runs at ``localizability_precision`` (default "mixed": bf16 in the
+    bulk where native, fp32 at the data end; fp32 for a float64 model); the answer's samples
+    keep ``precision``, also where one pass draws both (guidance 0)."""
     from globeflow.answers.draw import draw_answers
     from globeflow.core.random_streams import photo_generators
     from globeflow.core.sampler_settings import resolve
 
     model = _tiny_rfm()
-    assert resolve(model).localizability_precision == fastest_precision("cpu")
+    assert resolve(model).localizability_precision == precision_on(MIXED, fastest_precision("cpu"))
     assert resolve(_tiny_rfm().double()).localizability_precision == "fp32"
     answers = precision_on(DEFAULT_SAMPLER.precision, fastest_precision("cpu"))
     assert resolve(model, localizability_precision="fp32").precision == answers

@@ -79,14 +79,17 @@ step, was 0.35-0.38 bit low on the 25-km and 1,000-km exact testbeds at 16 steps
 LOCALIZABILITY_SAMPLES = 128
 """Unguided samples per photo of the localizability estimate (and of evaluate's calibration)."""
 
-LOCALIZABILITY_PRECISION = AUTO
-"""Precision of the localizability pass (its pilot, stiffness probe and solve): bf16 where the
-device runs it natively, for float32 models. The estimate is a mean over samples with a Monte
-Carlo standard error of 0.25-0.30 bit; bf16 moves it by -0.019 +- 0.008 bit on syn-small (dim
-256), -0.004 +- 0.010 on syn-published (dim 512, depth 12) and -0.001 on the bundled model (8
-photos each, the same noise), for 1.35x / 1.63x / 0.93x the speed of fp32
-(``benchmarks/run.py localizability_precision``; docs/benchmarks.md, "The cost of an answer").
-The answer's own samples keep ``precision``."""
+LOCALIZABILITY_PRECISION = MIXED
+"""Precision of the localizability pass (its pilot, stiffness probe and solve): :data:`MIXED`,
+bf16 below signal level :data:`MIXED_BF16_BELOW` and fp32 from there to the data end (fp32
+throughout where bf16 is not native). bf16 throughout ("auto", the default before) biased the
+estimate of sharp trained answers: against the exact log-likelihood (``log_prob_ode`` in fp32)
+at the pass's own samples, syn-small's 5-km one-city cell +0.25 bit (its Monte Carlo SE 0.17;
+fp32 +0.00, mixed +0.002) and 1-km +0.07 (mixed -0.01), 2 photos each; the stiff end's ~45
+steps each add a divergence of ~2 / (1 - gamma) with bf16's rounding. The earlier check
+(-0.019 +- 0.008 bit, one photo per pattern) averaged that cell away
+(``benchmarks/run.py localizability_answer_path``; docs/benchmarks.md, "Issue 22's last
+round"). The answer's own samples keep ``precision``."""
 
 FIRST_SAMPLES = 256
 """Samples per photo of an answer's first draw. Every accuracy table of docs/defaults.md holds at
@@ -304,7 +307,7 @@ def resolve(
       family's own step, on its own grid, at :data:`AUTHORS_SAMPLER`'s step count when the
       recipe's is the default one (another count is kept). A solver given in ``overrides`` is
       kept as given (the model names what it lacks).
-    - ``precision`` and ``localizability_precision`` "auto", and ``precision`` "mixed":
+    - ``precision`` and ``localizability_precision`` "auto" or "mixed":
       resolved for the model's device by :func:`precision_on` (a float64 model asks for its own
       precision: fp32).
     """
@@ -320,7 +323,7 @@ def resolve(
             steps = AUTHORS_SAMPLER.steps if recipe.steps == DEFAULT_SAMPLER.steps else None
             recipe = dataclasses.replace(recipe, solver=solver, grid=None)
             recipe = recipe.with_overrides(steps=overrides.get("steps") or steps)
-    if recipe.precision not in (AUTO, MIXED) and recipe.localizability_precision != AUTO:
+    if {recipe.precision, recipe.localizability_precision}.isdisjoint((AUTO, MIXED)):
         return recipe
     fastest = _auto_precision(model)
     return dataclasses.replace(
