@@ -399,8 +399,12 @@ def sample_with_log_density(
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     signs = probe_signs(x0) if divergence == "hutchinson" else None
     if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
-        landed = pilot(model, emb, x0, precision)
-        floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, precision))
+        # The pilot and the probe only choose each sample's grid: "mixed" runs them at its bulk
+        # precision (bf16 moved no floor enough to move the estimate: docs/benchmarks.md,
+        # "Issue 22's last round").
+        chooser = "bf16" if precision == MIXED else precision
+        landed = pilot(model, emb, x0, chooser)
+        floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, chooser))
         if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
             start = float(model.sampling_levels(steps, emb)[0])
             x, delta = _integrate_on_floor_grids(
