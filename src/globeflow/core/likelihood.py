@@ -402,7 +402,9 @@ def sample_with_log_density(
         # The pilot and the probe only choose each sample's grid: "mixed" runs them at its bulk
         # precision (bf16 moved no floor enough to move the estimate: docs/benchmarks.md,
         # "Issue 22's last round").
-        chooser = "bf16" if precision == MIXED else precision
+        chooser = precision
+        if precision == MIXED:
+            chooser = fastest_precision(x0.device) if x0.dtype == torch.float32 else FULL_PRECISION
         landed = pilot(model, emb, x0, chooser)
         floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, chooser))
         if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
