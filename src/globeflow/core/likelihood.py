@@ -278,7 +278,7 @@ def _midpoint_log_prob(
 
     def solve(x: torch.Tensor) -> torch.Tensor:
         if stiff is StiffEnd.PROBED:  # each point's own floor: its answer is batch-free
-            probe = fastest_precision(x.device) if x.dtype == torch.float32 else FULL_PRECISION
+            probe = grid_choosing_precision(x)
             floors = quantized_floors(stiffness_floor(model, emb, x, steps, log_step, probe))
             if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
                 end, delta = _integrate_on_floor_grids(
@@ -402,9 +402,7 @@ def sample_with_log_density(
         # The pilot and the probe only choose each sample's grid: "mixed" runs them at its bulk
         # precision (bf16 moved no floor enough to move the estimate: docs/benchmarks.md,
         # "Issue 22's last round").
-        chooser = precision
-        if precision == MIXED:
-            chooser = fastest_precision(x0.device) if x0.dtype == torch.float32 else FULL_PRECISION
+        chooser = grid_choosing_precision(x0) if precision == MIXED else precision
         landed = pilot(model, emb, x0, chooser)
         floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, chooser))
         if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
@@ -426,6 +424,12 @@ def sample_with_log_density(
     gammas = stiff_end_levels(float(start), steps, grid_floor(width), log_step)
     x, delta = _integrate_with_log_density(model, emb, x0, gammas, solver, width, precision, signs)
     return x, model.base_log_prob(x0) + delta
+
+
+def grid_choosing_precision(x: torch.Tensor) -> str:
+    """The precision of the passes that only choose a point's grid (the pilot and the stiffness
+    probe) for points x of a float32 model: the device's fastest; fp32 for float64 models."""
+    return fastest_precision(x.device) if x.dtype == torch.float32 else FULL_PRECISION
 
 
 def pilot(
