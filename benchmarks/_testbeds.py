@@ -31,6 +31,7 @@ import torch
 
 from globeflow.answers.decode import best_guess
 from globeflow.core.exact_field import MixtureTarget, exact_rfm_model, kernel_width_for_rms_km
+from globeflow.core.sampler_settings import PLAIN
 from globeflow.core.sphere import (
     EARTH_RADIUS_KM,
     exp_map,
@@ -357,7 +358,8 @@ def time_localizability(model, emb: torch.Tensor, samples: int, repeats: int, va
     """``model.localizability`` of photos emb (P, D) from the same noise under each variant
     ({name: (context manager factory, keyword arguments)}), interleaved, best of ``repeats``
     (:func:`_common.best_of_interleaved`): ({name: best seconds}, {name: (bits (P,), standard
-    error (P,))})."""
+    error (P,))}). The plain estimate (one pass over the samples) unless a variant says
+    otherwise: these comparisons are of the pass."""
     from _common import best_of_interleaved
 
     def variant(context, kwargs: dict):
@@ -365,7 +367,7 @@ def time_localizability(model, emb: torch.Tensor, samples: int, repeats: int, va
             with context():
                 return model.localizability(
                     emb, num_samples=samples, generator=torch.Generator().manual_seed(0),
-                    return_stderr=True, **kwargs,
+                    return_stderr=True, **{"estimator": PLAIN, **kwargs},
                 )  # fmt: skip
 
         return run
@@ -380,13 +382,23 @@ def localizability_comparison(
     :func:`sharp_and_diffuse_models`: ``variants(model)`` gives each model's variants (as
     :func:`time_localizability` takes them), ``row(model, emb, best, out)`` its table row
     beyond the model and photo count."""
+
+    def row_of(model, emb: torch.Tensor) -> dict:
+        best, out = time_localizability(model, emb, samples, repeats, variants(model))
+        return row(model, emb, best, out)
+
+    return comparison_on_models(testbeds, photos, samples, row_of)
+
+
+def comparison_on_models(testbeds: str, photos: int, samples: int, row_of) -> dict:
+    """A benchmark report with one table row per model of :func:`sharp_and_diffuse_models`:
+    ``row_of(model, prepared emb (P, D))`` gives the row beyond the model and photo count."""
     from _common import gemm_rates, loadavg, print_table
 
     rows = []
     for label, (model, emb) in sharp_and_diffuse_models(testbeds, photos).items():
         emb = model.prepare_embeddings(emb)
-        best, out = time_localizability(model, emb, samples, repeats, variants(model))
-        rows.append({"model": label, "photos": emb.shape[0], **row(model, emb, best, out)})
+        rows.append({"model": label, "photos": emb.shape[0], **row_of(model, emb)})
         print_table(rows[-1:], list(rows[-1]))
     report = {"gemm_gflops": gemm_rates(), "samples": samples, "rows": rows}
     if rows:

@@ -48,6 +48,8 @@ def test_defaults_are_used_and_recorded():
         DEFAULT_SAMPLER.resolved_precision("cpu"),
     )
     assert s["guidance"] == loc.default_guidance
+    # 32 localizability samples: two levels (8 fine, 40 coarse) with the default estimator
+    assert s["localizability_estimator"] == DEFAULT_SAMPLER.localizability_estimator == "two-level"
     # a sphere model's answers start from Sobol nets, and read their errors off the nets
     assert s["noise"] == DEFAULT_SAMPLER.noise == "sobol"
     assert all(r["monte_carlo"]["noise"] == "sobol" for r in res)

@@ -15,7 +15,6 @@ answer samples, from the same stream, for the photos whose answer needs them
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +22,13 @@ import torch
 from globeflow.answers.decode import best_guess, top_regions
 from globeflow.answers.monte_carlo import answer_errors, samples_needed
 from globeflow.core.families import GeoModel
+from globeflow.core.localizability import (
+    bits_and_stderr,
+    two_level_bits,
+    two_level_log_densities,
+    two_level_sizes,
+    uses_two_levels,
+)
 from globeflow.core.random_streams import (
     SOBOL_REPLICATES,
     STREAM_BLOCK,
@@ -30,11 +36,23 @@ from globeflow.core.random_streams import (
     stream_design,
     stream_noise,
 )
-from globeflow.core.sampler_settings import IID, SOBOL, SamplerSettings, solver_for
+from globeflow.core.sampler_settings import (
+    IID,
+    PLAIN,
+    SOBOL,
+    TWO_LEVEL,
+    SamplerSettings,
+    solver_for,
+)
 from globeflow.core.solvers import SOLVERS, SPHERE
 from globeflow.core.sphere import unit_to_latlon
 
-__all__ = ["bits_and_stderr", "draw_answers", "localizability_precision", "more_samples"]
+__all__ = [
+    "draw_answers",
+    "localizability_estimator",
+    "localizability_precision",
+    "more_samples",
+]
 
 Draw = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[torch.Tensor | None]]
 """Samples [(N_i, 2) degrees on CPU per photo], localizability bits (B,), its standard error
@@ -146,6 +164,15 @@ def localizability_precision(model, recipe: SamplerSettings) -> str:
     return recipe.precision if _one_pass(model, recipe) else recipe.localizability_precision
 
 
+def localizability_estimator(model, recipe: SamplerSettings) -> str:
+    """The estimator the localizability of a resolved ``recipe`` takes for ``model``:
+    "two-level" where :func:`~globeflow.core.localizability.uses_two_levels` and no one pass
+    gives it, else "plain" (:data:`~globeflow.core.sampler_settings.LOCALIZABILITY_ESTIMATORS`).
+    """
+    two = uses_two_levels(model, recipe) and not _one_pass(model, recipe)
+    return TWO_LEVEL if two else PLAIN
+
+
 def _one_pass(model, recipe: SamplerSettings) -> bool:
     """Whether the answer's samples and the localizability come from one solve: without
     guidance on S^2, for a Lie-group solver that carries log-densities, on its own grid
@@ -202,15 +229,11 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
+    if uses_two_levels(model, recipe):
+        fine, coarse = two_level_sizes(n_loc)
+        x0, _ = noise(coarse, False)
+        return (samples, *two_level_bits(*two_level_log_densities(model, emb, x0[:, :coarse],
+                                                                 recipe, fine)))  # fmt: skip
     x0, padded = noise(n_loc, False)
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return (samples, *bits_and_stderr(log_p[:, :n_loc]))
-
-
-def bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
-    samples, and its Monte Carlo standard error (NaN for one sample)."""
-    bits = log_p / math.log(2.0)
-    n = bits.shape[-1]
-    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
-    return bits.mean(-1).cpu(), stderr.cpu()

@@ -17,7 +17,12 @@ import torch
 from PIL import Image
 
 from globeflow.answers.decode import attach_truth, best_guess, sample_density_grid, top_regions
-from globeflow.answers.draw import Draw, draw_answers, localizability_precision
+from globeflow.answers.draw import (
+    Draw,
+    draw_answers,
+    localizability_estimator,
+    localizability_precision,
+)
 from globeflow.answers.geocode import region_label
 from globeflow.answers.monte_carlo import answer_errors
 from globeflow.answers.zoom import answer_extent, extent_radius_km, osm_url
@@ -425,6 +430,7 @@ class Locator:
             "localizability_steps": recipe.localizability_steps,
             "localizability_solver": recipe.localizability_solver,
             "localizability_precision": localizability_precision(self.model, recipe),
+            "localizability_estimator": localizability_estimator(self.model, recipe),
             "seed": seed,
         }
 

@@ -28,6 +28,7 @@ estimator (a Monte Carlo mean over samples, no second ODE per sample).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -354,7 +355,8 @@ def sample_with_log_density(
     stiff: StiffEndWidth | None = StiffEnd.PROBED,
     log_step: float = STIFF_LOG_STEP,
     divergence: str = "exact",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_floors: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Unguided samples of a sphere model and log p at each, in one pass.
 
     emb (B, D) -> (samples (B, N, 3) unit vectors, log p (B, N) natural log per steradian). The
@@ -377,6 +379,9 @@ def sample_with_log_density(
     over samples, the localizability, should take it: :func:`~globeflow.core.path_field.
     path_field`, with each sample's sign from its own initial state). On a CPU the samples are
     split across the cores, one worker thread each (:mod:`globeflow.core.parallel`).
+    ``return_floors``: also each sample's stiff-end width (B, N) float64 (its quantized probed
+    floor, or the one given; ``math.inf`` where it has no stiff end), e.g. for a coarser pass
+    on one grid (:mod:`globeflow.core.localizability`).
     """
     if model.geometry is not SPHERE:
         raise ValueError(f"path log-densities need a model on S^2, not {model.family!r}")
@@ -391,26 +396,36 @@ def sample_with_log_density(
         parts = map_on_cores(
             lambda part: sample_with_log_density(
                 model, emb, part.stop - part.start, steps, solver, None, x0[:, part], precision,
-                stiff, log_step, divergence,
+                stiff, log_step, divergence, return_floors,
             ),
             split_evenly(x0.shape[1], workers),
             workers,
         )  # fmt: skip
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return tuple(torch.cat(outs, 1) for outs in zip(*parts, strict=True))
     signs = probe_signs(x0) if divergence == "hutchinson" else None
-    if stiff is StiffEnd.PROBED:  # each sample's own floor: its answer does not depend on the batch
-        # The pilot and the probe only choose each sample's grid: "mixed" runs them at its bulk
-        # precision (bf16 moved no floor enough to move the estimate: docs/benchmarks.md,
-        # "Issue 22's last round").
-        chooser = grid_choosing_precision(x0) if precision == MIXED else precision
-        landed = pilot(model, emb, x0, chooser)
-        floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, chooser))
-        if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
-            start = float(model.sampling_levels(steps, emb)[0])
-            x, delta = _integrate_on_floor_grids(
-                model, emb, x0, floors, start, steps, solver, log_step, precision, signs=signs
-            )
-            return x, model.base_log_prob(x0) + delta
+    if stiff is not StiffEnd.PROBED:
+        width = fixed_width(stiff)
+        start = model.sampling_levels(steps, emb)[0]
+        gammas = stiff_end_levels(float(start), steps, grid_floor(width), log_step)
+        x, delta = _integrate_with_log_density(
+            model, emb, x0, gammas, solver, width, precision, signs
+        )
+        widths = torch.full(x0.shape[:2], math.inf if width is None else width)
+        floors = widths.to(device=x0.device, dtype=torch.float64)
+        return (x, model.base_log_prob(x0) + delta, *([floors] if return_floors else []))
+    # Each sample's own floor: its answer does not depend on the batch. The pilot and the probe
+    # only choose each sample's grid: "mixed" runs them at its bulk precision (bf16 moved no
+    # floor enough to move the estimate: docs/benchmarks.md, "Issue 22's last round").
+    chooser = grid_choosing_precision(x0) if precision == MIXED else precision
+    landed = pilot(model, emb, x0, chooser)
+    floors = quantized_floors(stiffness_floor(model, emb, landed, steps, log_step, chooser))
+    if solver in POINT_GRID_SOLVERS:  # every floor's grid in one loop
+        start = float(model.sampling_levels(steps, emb)[0])
+        x, delta = _integrate_on_floor_grids(
+            model, emb, x0, floors, start, steps, solver, log_step, precision, signs=signs
+        )
+        log_p = model.base_log_prob(x0) + delta
+    else:
 
         def solve(rows, points, width: float) -> tuple[torch.Tensor, torch.Tensor]:
             return sample_with_log_density(
@@ -418,12 +433,8 @@ def sample_with_log_density(
                 stiff=floor_as_stiff_end(width), log_step=log_step, divergence=divergence,
             )  # fmt: skip
 
-        return solve_by_floor(floors, x0, solve)
-    width = fixed_width(stiff)
-    start = model.sampling_levels(steps, emb)[0]
-    gammas = stiff_end_levels(float(start), steps, grid_floor(width), log_step)
-    x, delta = _integrate_with_log_density(model, emb, x0, gammas, solver, width, precision, signs)
-    return x, model.base_log_prob(x0) + delta
+        x, log_p = solve_by_floor(floors, x0, solve)
+    return (x, log_p, *([floors] if return_floors else []))
 
 
 def grid_choosing_precision(x: torch.Tensor) -> str:

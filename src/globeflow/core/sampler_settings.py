@@ -91,6 +91,34 @@ steps each add a divergence of ~2 / (1 - gamma) with bf16's rounding. The earlie
 (``benchmarks/run.py localizability_answer_path``; docs/benchmarks.md, "Issue 22's last
 round"). The answer's own samples keep ``precision``."""
 
+PLAIN = "plain"
+TWO_LEVEL = "two-level"
+LOCALIZABILITY_ESTIMATORS = (PLAIN, TWO_LEVEL)
+"""How the localizability's Monte Carlo mean is taken (:mod:`globeflow.core.localizability`):
+"plain", the mean of ``localizability_samples`` passes of the recipe above; "two-level", a
+coarse pass (:data:`COARSENING` times coarser steps, the device's fastest precision, one
+stiff end per photo) on ``localizability_samples`` x 5/4 samples, corrected by the
+recipe's pass on the first quarter of them: the same expectation as "plain", and the same
+standard error where the per-sample correction spreads at most a quarter as much as the
+log-density itself."""
+
+LOCALIZABILITY_ESTIMATOR = TWO_LEVEL
+"""The default estimator (issue 22). On syn-small's sharp cells the coarse pass costs 0.29-0.37
+of the recipe's per sample and the correction spreads 0.09-0.26 of the log-density (2 photos
+per cell, 128 samples); see docs/benchmarks.md, "The localizability in two levels"."""
+
+COARSENING = 2
+"""The two-level localizability's coarse pass takes the recipe's bulk steps / COARSENING (at
+least 1) and the stiff end's log step x COARSENING (the recipe's 24 and 0.2: 12 and 0.4)."""
+
+FINE_SHARE = 4
+"""The two-level estimate runs the recipe's pass on ``localizability_samples`` / FINE_SHARE of
+its samples, and the coarse pass on ``localizability_samples`` + that many."""
+
+MIN_FINE_SAMPLES = 8
+"""Below this many fine samples the two-level estimate is plain (a correction's spread is not
+read off fewer pairs)."""
+
 FIRST_SAMPLES = 256
 """Samples per photo of an answer's first draw. Every accuracy table of docs/defaults.md holds at
 this count (``benchmarks/confident.py`` compares 256 samples of each sampler); more are drawn,
@@ -134,7 +162,8 @@ class SamplerSettings:
     per photo; ``guidance``: classifier-free guidance scale (None: the model's recommended one);
     ``localizability_*``: the unguided samples, (bulk) steps, solver and precision of the
     localizability estimate; a sharp posterior adds steps at the data end
-    (:mod:`globeflow.core.likelihood`).
+    (:mod:`globeflow.core.likelihood`); ``localizability_estimator``: one of
+    :data:`LOCALIZABILITY_ESTIMATORS`.
 
     Adaptive sample count: an answer first draws ``first_samples`` per photo, then, up to
     ``num_samples``, as many more as bring the Monte Carlo standard errors of its best guess's
@@ -159,6 +188,7 @@ class SamplerSettings:
     localizability_steps: int = LOCALIZABILITY_BULK_STEPS
     localizability_solver: str = LOCALIZABILITY_SOLVER
     localizability_precision: str = LOCALIZABILITY_PRECISION
+    localizability_estimator: str = LOCALIZABILITY_ESTIMATOR
     first_samples: int = FIRST_SAMPLES
     guess_score_tolerance: float = GUESS_SCORE_TOLERANCE
     region_probability_tolerance: float = REGION_PROBABILITY_TOLERANCE
@@ -178,6 +208,11 @@ class SamplerSettings:
             raise ValueError("first_samples must be >= 0 (0: draw num_samples at once)")
         if self.guess_score_tolerance <= 0 or self.region_probability_tolerance <= 0:
             raise ValueError("the Monte Carlo tolerances must be > 0")
+        if self.localizability_estimator not in LOCALIZABILITY_ESTIMATORS:
+            raise ValueError(
+                f"unknown localizability estimator {self.localizability_estimator!r}; "
+                f"choose from {LOCALIZABILITY_ESTIMATORS}"
+            )
         if self.noise not in NOISE_DESIGNS:
             raise ValueError(f"unknown noise design {self.noise!r}; choose from {NOISE_DESIGNS}")
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from globeflow.answers.decode import best_guess
-from globeflow.answers.draw import draw_answers, localizability_precision
+from globeflow.answers.draw import draw_answers, localizability_estimator, localizability_precision
 from globeflow.answers.geocode import country_name, reverse_geocode
 from globeflow.core.random_streams import sample_streams
 from globeflow.core.sampler_settings import (
@@ -513,6 +513,7 @@ def evaluate(
         "localizability_steps": recipe.localizability_steps,
         "localizability_solver": recipe.localizability_solver,
         "localizability_precision": localizability_precision(model, recipe),
+        "localizability_estimator": localizability_estimator(model, recipe),
         "batch_size": batch_size,
         "seed": seed,
         "prdc_k": prdc_k,

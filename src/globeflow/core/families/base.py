@@ -15,6 +15,12 @@ from torch import nn
 from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
+from globeflow.core.localizability import (
+    two_level_bits,
+    two_level_log_densities,
+    two_level_sizes,
+    uses_two_levels,
+)
 from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY, LogDensitySettings
 from globeflow.core.network import Denoiser
 from globeflow.core.parallel import cpu_workers, map_on_cores, split_evenly
@@ -243,18 +249,33 @@ class GeoModel(nn.Module):
         Sampled without guidance, so that the samples follow the density being scored;
         ``num_samples`` and ``steps`` default to the recipe's (``settings=``, default the
         model's own, :func:`~globeflow.core.sampler_settings.model_recipe`)
-        ``localizability_samples`` and ``localizability_steps``. With ``return_stderr`` also
-        the Monte Carlo standard error (B,) in bits. Extra keyword arguments go to
+        ``localizability_samples`` and ``localizability_steps``, and the estimate is the
+        recipe's ``localizability_estimator`` (``estimator=`` "plain" or "two-level" to choose;
+        :mod:`globeflow.core.localizability`): two levels where they apply and the density
+        settings are the default ones, without ``noise``. With ``return_stderr`` also the Monte
+        Carlo standard error (B,) in bits. Extra keyword arguments go to
         :meth:`sample_with_log_density` (estimator options, ``settings``).
         """
         emb = self.prepare_embeddings(emb)
-        _, log_p = self.sample_with_log_density(emb, num_samples, steps, generator, **estimator)
-        bits = log_p / math.log(2.0)
-        mean = bits.mean(-1)
-        if not return_stderr:
-            return mean
-        stderr = bits.std(-1) / math.sqrt(bits.shape[-1]) if bits.shape[-1] > 1 else mean * 0
-        return mean, stderr
+        settings, kind = estimator.pop("settings", None), estimator.pop("estimator", None)
+        if kind is not None:
+            settings = resolve(self, settings, localizability_estimator=kind)
+        noise, density = estimator.pop("noise", None), estimator.pop("density", None)
+        recipe, density = self.log_density_recipe(
+            settings, density, num_samples, steps, **estimator
+        )
+        if noise is None and density == DEFAULT_LOG_DENSITY and uses_two_levels(self, recipe):
+            fine, coarse = two_level_sizes(recipe.localizability_samples)
+            x0 = self.prepare_noise(emb, coarse, None, generator)
+            bits, se = two_level_bits(*two_level_log_densities(self, emb, x0, recipe, fine))
+            mean, stderr = (v.to(device=emb.device, dtype=emb.dtype) for v in (bits, se))
+        else:
+            _, log_p = self.sample_unit_with_log_density(emb, recipe, density, noise, generator)
+            bits = log_p / math.log(2.0)
+            mean = bits.mean(-1)
+            n = bits.shape[-1]
+            stderr = bits.std(-1) / math.sqrt(n) if n > 1 else mean * 0
+        return (mean, stderr) if return_stderr else mean
 
     def prepare_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         emb = torch.as_tensor(emb)

@@ -1,0 +1,139 @@
+"""The localizability's Monte Carlo estimate, E_p[log2 p], in one level or two.
+
+The localizability is a mean over a photo's unguided samples of log p at each, and each log p
+comes from a pass that carries the divergence along the sample's path
+(:func:`globeflow.core.likelihood.sample_with_log_density`). On a sharp answer that pass is
+mostly its stiff end, run in fp32 (the recipe's ``mixed``), and it costs more than the answer's
+own samples.
+
+Two levels (Giles' multilevel Monte Carlo, with two levels; a control variate whose mean is
+estimated, not known): a coarse pass (fewer bulk steps, coarser stiff-end steps, the device's
+fastest precision, one stiff end per photo) scores C samples; the recipe's pass scores the first
+F of the same initial states, and
+
+    estimate = mean_C(coarse) + mean_F(fine - coarse).
+
+Its expectation is the recipe's pass's whatever the coarse pass's bias (both passes see the
+same noise, so the correction's mean is exactly the bias of the coarse mean). Its variance is
+
+    Var(coarse) / C + Var(d) / F + 2 Cov(coarse, d) / C   (d = fine - coarse)
+
+(the F pairs are the first F of the C). With C = N + N/4 and F = N/4 it equals the plain
+estimate's over N samples, Var(fine) / N, where sd(d) <= sd(fine) / 4, and it is reported
+from the samples themselves either way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from globeflow.core.likelihood import grid_choosing_precision, sample_with_log_density
+from globeflow.core.log_density_settings import DEFAULT_LOG_DENSITY
+from globeflow.core.sampler_settings import (
+    COARSENING,
+    FINE_SHARE,
+    MIN_FINE_SAMPLES,
+    TWO_LEVEL,
+    SamplerSettings,
+)
+from globeflow.core.solvers import SPHERE
+from globeflow.core.stiff_end import STIFF_LOG_STEP, by_width, floor_as_stiff_end
+
+__all__ = [
+    "bits_and_stderr",
+    "two_level_bits",
+    "two_level_log_densities",
+    "two_level_sizes",
+    "uses_two_levels",
+]
+
+
+def two_level_sizes(samples: int) -> tuple[int, int]:
+    """(fine, coarse) sample counts of a two-level estimate worth ``samples`` plain ones:
+    (samples / :data:`FINE_SHARE`, samples + that); (samples, 0) where the fine share would
+    be under :data:`MIN_FINE_SAMPLES` (the plain estimate)."""
+    fine = samples // FINE_SHARE
+    if fine < MIN_FINE_SAMPLES:
+        return samples, 0
+    return fine, samples + fine
+
+
+def uses_two_levels(model, recipe: SamplerSettings) -> bool:
+    """Whether ``recipe``'s localizability is taken in two levels for ``model``: asked for,
+    on S^2 by the path method (models that draw their own initial states), and enough
+    samples."""
+    return (
+        recipe.localizability_estimator == TWO_LEVEL
+        and getattr(model, "geometry", None) is SPHERE
+        and getattr(model, "draws_initial_noise", False)
+        and DEFAULT_LOG_DENSITY.method in (None, "path")
+        and two_level_sizes(recipe.localizability_samples)[1] > 0
+    )
+
+
+@torch.no_grad()
+def two_level_log_densities(
+    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings, fine: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural log-densities of the two levels from the initial states x0 (B, C, 3) of
+    prepared embeddings emb (B, D): the resolved ``recipe``'s localizability pass on the first
+    ``fine`` of them, (B, fine), and the coarse pass on all, (B, C). The coarse pass's stiff end
+    reaches the sharpest floor its photo's fine samples were probed at, one grid per photo."""
+    _, fine_log_p, floors = sample_with_log_density(
+        model, emb, fine, recipe.localizability_steps, recipe.localizability_solver, None,
+        x0[:, :fine], recipe.localizability_precision, stiff=DEFAULT_LOG_DENSITY.stiff,
+        divergence=DEFAULT_LOG_DENSITY.divergence, return_floors=True,
+    )  # fmt: skip
+    precision = grid_choosing_precision(x0)
+    steps = max(1, recipe.localizability_steps // COARSENING)
+
+    def coarse(rows: list[int], width: float) -> torch.Tensor:
+        return sample_with_log_density(
+            model, emb[rows], x0.shape[1], steps, recipe.localizability_solver, None, x0[rows],
+            precision, stiff=floor_as_stiff_end(width), log_step=STIFF_LOG_STEP * COARSENING,
+            divergence="hutchinson",
+        )[1]  # fmt: skip
+
+    widths = floors.min(1).values.tolist()
+    return fine_log_p, by_width(widths, coarse)
+
+
+def two_level_bits(
+    fine_log_p: torch.Tensor, coarse_log_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-level localizability (B,) in bits on CPU and its Monte Carlo standard error
+    (B,), from the fine pass's natural log-densities (B, F) and the coarse pass's (B, C) at the
+    same initial states (the fine ones first, F >= 2, C >= F)."""
+    fine = fine_log_p.double().cpu() / math.log(2.0)
+    coarse = coarse_log_p.double().cpu() / math.log(2.0)
+    f, c = fine.shape[-1], coarse.shape[-1]
+    if f < 2 or c < f:
+        raise ValueError(f"two levels need >= 2 fine samples and >= as many coarse, not {f}, {c}")
+    # Photo by photo: a reduction over a (B, N) tensor may round differently with B, and a
+    # photo's answer must not depend on its batch.
+    rows = [
+        _two_level_row(fine_row, coarse_row)
+        for fine_row, coarse_row in zip(fine, coarse, strict=True)
+    ]
+    bits, var = (torch.stack(column) for column in zip(*rows, strict=True))
+    return bits, var.clamp_min(0.0).sqrt()
+
+
+def _two_level_row(fine: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One photo's two-level estimate and its variance from fine (F,) and coarse (C,) bits."""
+    f, c = fine.shape[0], coarse.shape[0]
+    d = fine - coarse[:f]
+    paired = coarse[:f]
+    cov = ((d - d.mean()) * (paired - paired.mean())).sum() / (f - 1)
+    return coarse.mean() + d.mean(), coarse.var() / c + d.var() / f + 2.0 * cov / c
+
+
+def bits_and_stderr(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Localizability E[log2 p] (B,) on CPU from log-densities (B, N) of the model's own
+    samples, and its Monte Carlo standard error (NaN for one sample): the plain estimate."""
+    bits = log_p / math.log(2.0)
+    n = bits.shape[-1]
+    stderr = bits.std(-1) / math.sqrt(n) if n > 1 else torch.full_like(bits[:, 0], math.nan)
+    return bits.mean(-1).cpu(), stderr.cpu()
