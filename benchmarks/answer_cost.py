@@ -88,7 +88,7 @@ def _our_answer(bed: Testbed, guidance: float) -> dict:
     locator = pipeline.Locator(model, EmbeddingsOnly(model.cond_dim), bed.name)
     targets = [
         (locator, "_draw", "draw"),
-        (model, "sample_with_log_density", "localizability"),
+        (draw, "_localizability", "localizability"),
         (draw, "more_samples", "decode"),
         (pipeline, "best_guess", "decode"),
         (pipeline, "top_regions", "decode"),

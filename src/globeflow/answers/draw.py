@@ -229,11 +229,25 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
+    return (samples, *_localizability(model, emb, recipe, generator, lambda k: noise(k, False)))
+
+
+def _localizability(
+    model: GeoModel,
+    emb: torch.Tensor,
+    recipe: SamplerSettings,
+    generator: torch.Generator | None,
+    noise: Callable[[int], tuple[torch.Tensor | None, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The localizability's bits and standard error (B,) of a resolved ``recipe``, in two
+    levels where :func:`~globeflow.core.localizability.uses_two_levels`, else plain, from the
+    initial states (and their padded count) ``noise(count)`` gives."""
+    n = recipe.localizability_samples
     if uses_two_levels(model, recipe):
-        fine, coarse = two_level_sizes(n_loc)
-        x0, _ = noise(coarse, False)
-        return (samples, *two_level_bits(*two_level_log_densities(model, emb, x0[:, :coarse],
-                                                                 recipe, fine)))  # fmt: skip
-    x0, padded = noise(n_loc, False)
+        fine, coarse = two_level_sizes(n)
+        x0, _ = noise(coarse)
+        return two_level_bits(*two_level_log_densities(model, emb, x0[:, :coarse], recipe, fine))
+    x0, padded = noise(n)
+    how = {"settings": recipe} if solver_for(model, recipe.solver) is not None else {}
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
-    return (samples, *bits_and_stderr(log_p[:, :n_loc]))
+    return bits_and_stderr(log_p[:, :n])

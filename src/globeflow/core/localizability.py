@@ -13,14 +13,17 @@ F of the same initial states, and
 
     estimate = mean_C(coarse) + mean_F(fine - coarse).
 
-Its expectation is the recipe's pass's whatever the coarse pass's bias (both passes see the
-same noise, so the correction's mean is exactly the bias of the coarse mean). Its variance is
+Its expectation is the recipe's pass's whatever the coarse pass's bias: both passes see the
+same noise, so the correction's mean is the coarse mean's bias. (One caveat: the coarse grid's
+floor is the sharpest its photo's fine samples were probed at, a choice those F samples make;
+its effect is within the noise of the paired comparison with the plain estimate, docs/defaults.md,
+"The localizability in two levels".) Its variance is
 
     Var(coarse) / C + Var(d) / F + 2 Cov(coarse, d) / C   (d = fine - coarse)
 
-(the F pairs are the first F of the C). With C = N + N/4 and F = N/4 it equals the plain
-estimate's over N samples, Var(fine) / N, where sd(d) <= sd(fine) / 4, and it is reported
-from the samples themselves either way.
+(the F pairs are the first F of the C), that is Var(fine) / C + Var(d) (1 / F - 1 / C). With
+C = N + N/4 and F = N/4 it is at most the plain estimate's over N samples, Var(fine) / N, where
+sd(d) <= sd(fine) / 4, and it is reported from the samples themselves either way.
 """
 
 from __future__ import annotations

@@ -109,7 +109,9 @@ def predict(
     localizability_samples: int = typer.Option(
         None,
         help="Samples for the localizability estimate, 0 to 4096 (0: skip; default "
-        f"{DEFAULT_SAMPLER.localizability_samples}).",
+        f"{DEFAULT_SAMPLER.localizability_samples}). With N of them it is as precise as N "
+        "samples of the full pass: a coarser pass on N + N/4, corrected by the full one on N/4 "
+        "(docs/defaults.md).",
     ),
     top_k: int = typer.Option(5, help="Regions to report (1 to 100)."),
     region_radius_km: float = typer.Option(
