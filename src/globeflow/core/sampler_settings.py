@@ -98,14 +98,17 @@ LOCALIZABILITY_ESTIMATORS = (PLAIN, TWO_LEVEL)
 "plain", the mean of ``localizability_samples`` passes of the recipe above; "two-level", a
 coarse pass (:data:`COARSENING` times coarser steps, the device's fastest precision, one
 stiff end per photo) on ``localizability_samples`` x 5/4 samples, corrected by the
-recipe's pass on the first quarter of them: the same expectation as "plain", and the same
+recipe's pass on the first quarter of them: the same expectation as "plain", and at most its
 standard error where the per-sample correction spreads at most a quarter as much as the
 log-density itself."""
 
 LOCALIZABILITY_ESTIMATOR = TWO_LEVEL
-"""The default estimator (issue 22). On syn-small's sharp cells the coarse pass costs 0.29-0.37
-of the recipe's per sample and the correction spreads 0.09-0.26 of the log-density (2 photos
-per cell, 128 samples); see docs/benchmarks.md, "The localizability in two levels"."""
+"""The default estimator (issue 22): on 8 photos of syn-small and of syn-published (sharp), the
+pass 1.41-1.70x faster than plain in two runs, its standard error lower on average (0.238 /
+0.269 bit against 0.252 / 0.284), the paired difference within its noise, the correction's
+spread at most 0.23 of the log-density's (``benchmarks/run.py localizability_two_level``;
+docs/defaults.md, "The localizability in two levels"). The bundled model recommends
+:data:`PLAIN` (two levels there: 0.70-1.04x)."""
 
 COARSENING = 2
 """The two-level localizability's coarse pass takes the recipe's bulk steps / COARSENING (at
