@@ -390,13 +390,17 @@ def localizability_comparison(
     return comparison_on_models(testbeds, photos, samples, row_of)
 
 
-def comparison_on_models(testbeds: str, photos: int, samples: int, row_of) -> dict:
-    """A benchmark report with one table row per model of :func:`sharp_and_diffuse_models`:
-    ``row_of(model, prepared emb (P, D))`` gives the row beyond the model and photo count."""
+def comparison_on_models(
+    testbeds: str, photos: int, samples: int, row_of, models: dict | None = None
+) -> dict:
+    """A benchmark report with one table row per model of :func:`sharp_and_diffuse_models`
+    (or of ``models``, {label: (model, emb (P, D))}): ``row_of(model, prepared emb (P, D))``
+    gives the row beyond the model and photo count."""
     from _common import gemm_rates, loadavg, print_table
 
     rows = []
-    for label, (model, emb) in sharp_and_diffuse_models(testbeds, photos).items():
+    models = sharp_and_diffuse_models(testbeds, photos) if models is None else models
+    for label, (model, emb) in models.items():
         emb = model.prepare_embeddings(emb)
         rows.append({"model": label, "photos": emb.shape[0], **row_of(model, emb)})
         print_table(rows[-1:], list(rows[-1]))

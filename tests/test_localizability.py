@@ -2,9 +2,11 @@ import math
 
 import torch
 
+from globeflow.core import localizability
 from globeflow.core.localizability import (
     bits_and_stderr,
     two_level_bits,
+    two_level_localizability,
     two_level_log_densities,
     two_level_sizes,
     uses_two_levels,
@@ -82,6 +84,11 @@ def test_two_levels_on_a_1km_target_match_its_closed_form():
     exact_bits = model.network.target_log_density(exact, torch.tensor([0]))[0] / math.log(2)
     band = 4 * math.sqrt(float(se) ** 2 + float(exact_bits.var()) / len(exact_bits)) + 0.1
     assert abs(float(bits) - float(exact_bits.mean())) < band
+    recipe = resolve(model, DEFAULT_SAMPLER, localizability_samples=256)
+    bits2, se2, plain = two_level_localizability(model, emb, x0, recipe)
+    assert not plain.any()  # (the staged estimate: the same numbers where it keeps two levels)
+    torch.testing.assert_close(bits2, bits.double(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(se2, se.double(), rtol=0, atol=1e-9)
     # What the coarse level buys: the error of the fine samples' own mean would be over twice
     # as large (sqrt(C / F) = 2.2 with a perfect correction).
     fine_only_se = float((fine_log_p / math.log(2)).std()) / math.sqrt(fine)
@@ -113,3 +120,37 @@ def test_model_localizability_takes_the_recipes_estimator():
     exact = bits(divergence="exact")
     exact_plain = bits(divergence="exact", estimator=PLAIN)
     torch.testing.assert_close(exact, exact_plain, rtol=0, atol=0)
+
+
+def test_a_photo_whose_correction_spreads_too_much_falls_back_to_the_plain_estimate(monkeypatch):
+    """Where the coarse level says nothing about the fine one (here: pure noise), the two-level
+    error would exceed the plain one's, so that photo takes the plain estimate over N, the
+    same numbers as the full pass on its first N initial states; a photo whose coarse level
+    is close keeps two levels."""
+    from globeflow.core.families import RiemannianFlowMatching
+    from globeflow.core.network import Denoiser
+
+    torch.manual_seed(0)
+    model = RiemannianFlowMatching(Denoiser(dim=16, depth=1, cond_dim=3)).double()
+    emb = model.prepare_embeddings(torch.randn(2, 3, dtype=f64))
+    recipe = resolve(model, localizability_samples=64)
+    fine, coarse = two_level_sizes(64)
+    x0 = model.prepare_noise(emb, coarse, None, torch.Generator().manual_seed(2))
+    original = localizability._coarse_pass
+
+    def useless_for_the_first_photo(model, emb, x0, recipe, widths):
+        log_p = original(model, emb, x0, recipe, widths)
+        if emb.shape[0] == 2:  # the first F samples of both photos
+            noise = 50.0 * torch.randn(log_p.shape[1], generator=torch.Generator().manual_seed(3))
+            log_p[0] = noise.to(log_p)
+        return log_p
+
+    monkeypatch.setattr(localizability, "_coarse_pass", useless_for_the_first_photo)
+    bits, se, plain = two_level_localizability(model, emb, x0, recipe)
+    assert plain.tolist() == [True, False]
+    _, log_p = model.sample_with_log_density(
+        emb[:1], 64, noise=x0[:1, :64], settings=resolve(model, localizability_estimator=PLAIN)
+    )
+    plain_bits, plain_se = bits_and_stderr(log_p)
+    torch.testing.assert_close(bits[:1], plain_bits.double(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(se[:1], plain_se.double(), rtol=0, atol=1e-9)

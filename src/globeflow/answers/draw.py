@@ -24,8 +24,7 @@ from globeflow.answers.monte_carlo import answer_errors, samples_needed
 from globeflow.core.families import GeoModel
 from globeflow.core.localizability import (
     bits_and_stderr,
-    two_level_bits,
-    two_level_log_densities,
+    two_level_localizability,
     two_level_sizes,
     uses_two_levels,
 )
@@ -244,9 +243,8 @@ def _localizability(
     initial states (and their padded count) ``noise(count)`` gives."""
     n = recipe.localizability_samples
     if uses_two_levels(model, recipe):
-        fine, coarse = two_level_sizes(n)
-        x0, _ = noise(coarse)
-        return two_level_bits(*two_level_log_densities(model, emb, x0[:, :coarse], recipe, fine))
+        x0, _ = noise(two_level_sizes(n)[1])
+        return two_level_localizability(model, emb, x0, recipe)[:2]
     x0, padded = noise(n)
     how = {"settings": recipe} if solver_for(model, recipe.solver) is not None else {}
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)

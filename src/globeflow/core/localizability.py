@@ -24,6 +24,10 @@ its effect is within the noise of the paired comparison with the plain estimate,
 (the F pairs are the first F of the C), that is Var(fine) / C + Var(d) (1 / F - 1 / C). With
 C = N + N/4 and F = N/4 it is at most the plain estimate's over N samples, Var(fine) / N, where
 sd(d) <= sd(fine) / 4, and it is reported from the samples themselves either way.
+
+Both passes score the first F samples first; a photo whose correction spreads more than that
+there takes the plain estimate instead (the full pass scores the other N - F), so no photo's
+error grows (:func:`two_level_localizability`).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from globeflow.core.stiff_end import STIFF_LOG_STEP, by_width, floor_as_stiff_en
 
 __all__ = [
     "bits_and_stderr",
+    "correction_spread_limit",
     "two_level_bits",
+    "two_level_localizability",
     "two_level_log_densities",
     "two_level_sizes",
     "uses_two_levels",
@@ -77,18 +83,71 @@ def uses_two_levels(model, recipe: SamplerSettings) -> bool:
 
 
 @torch.no_grad()
-def two_level_log_densities(
-    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings, fine: int
+def two_level_localizability(
+    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The localizability (B,) in bits on CPU, its Monte Carlo standard error (B,), and which
+    photos took the plain estimate (B,) bool, for the resolved ``recipe`` from the initial
+    states x0 (B, >= C, 3) of prepared embeddings emb (B, D) (C, F: :func:`two_level_sizes` of
+    ``recipe.localizability_samples`` = N).
+
+    Both passes score the first F initial states first. Where the correction spreads at most
+    :func:`correction_spread_limit` as much as the log-density there, the coarse pass scores
+    the other C - F and the photo takes two levels (:func:`two_level_bits`: at most the plain
+    estimate's error over N); elsewhere the full pass scores the other N - F and the photo
+    takes the plain estimate over N (on the exact fields, where a perfect network's
+    log-densities spread by about a bit, the correction spreads 0.7-0.8 of it). The choice
+    reads the first F samples, which both estimates share."""
+    n = recipe.localizability_samples
+    fine, coarse = two_level_sizes(n)
+    fine_log_p, floors = _full_pass(model, emb, x0[:, :fine], recipe)
+    widths = floors.min(1).values.tolist()
+    first = _coarse_pass(model, emb, x0[:, :fine], recipe, widths)
+    spread = (fine_log_p - first).double().std(-1) / fine_log_p.double().std(-1)
+    plain = ~(spread <= correction_spread_limit(n)).cpu()  # NaN (no spread at all): plain
+    bits = torch.empty(emb.shape[0], dtype=torch.float64)
+    stderr = torch.empty_like(bits)
+    if (~plain).any():
+        rows = (~plain).nonzero().flatten().tolist()
+        rest = _coarse_pass(model, emb[rows], x0[rows, fine:coarse], recipe,
+                            [widths[i] for i in rows])  # fmt: skip
+        bits[rows], stderr[rows] = two_level_bits(
+            fine_log_p[rows], torch.cat([first[rows], rest], 1)
+        )
+    if plain.any():
+        rows = plain.nonzero().flatten().tolist()
+        rest = _full_pass(model, emb[rows], x0[rows, fine:n], recipe)[0]
+        plain_bits, plain_stderr = bits_and_stderr(torch.cat([fine_log_p[rows], rest], 1))
+        bits[rows], stderr[rows] = plain_bits.double(), plain_stderr.double()
+    return bits, stderr, plain
+
+
+def correction_spread_limit(samples: int) -> float:
+    """The largest sd(full - coarse) / sd(full) at which two levels of ``samples`` plain ones
+    are at least as precise as the plain estimate: Var(full) / C + Var(d) (1 / F - 1 / C) <=
+    Var(full) / N (1/4 for the default sizes)."""
+    fine, coarse = two_level_sizes(samples)
+    return math.sqrt((1 / samples - 1 / coarse) / (1 / fine - 1 / coarse))
+
+
+def _full_pass(
+    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Natural log-densities of the two levels from the initial states x0 (B, C, 3) of
-    prepared embeddings emb (B, D): the resolved ``recipe``'s localizability pass on the first
-    ``fine`` of them, (B, fine), and the coarse pass on all, (B, C). The coarse pass's stiff end
-    reaches the sharpest floor its photo's fine samples were probed at, one grid per photo."""
-    _, fine_log_p, floors = sample_with_log_density(
-        model, emb, fine, recipe.localizability_steps, recipe.localizability_solver, None,
-        x0[:, :fine], recipe.localizability_precision, stiff=DEFAULT_LOG_DENSITY.stiff,
+    """The recipe's localizability pass from x0 (B, M, 3): natural log p (B, M) and each
+    sample's probed stiff-end width (B, M)."""
+    _, log_p, floors = sample_with_log_density(
+        model, emb, x0.shape[1], recipe.localizability_steps, recipe.localizability_solver,
+        None, x0, recipe.localizability_precision, stiff=DEFAULT_LOG_DENSITY.stiff,
         divergence=DEFAULT_LOG_DENSITY.divergence, return_floors=True,
     )  # fmt: skip
+    return log_p, floors
+
+
+def _coarse_pass(
+    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings, widths: list[float]
+) -> torch.Tensor:
+    """The coarse pass from x0 (B, M, 3), each photo's stiff end of its ``widths``: natural
+    log p (B, M)."""
     precision = grid_choosing_precision(x0)
     steps = max(1, recipe.localizability_steps // COARSENING)
 
@@ -99,8 +158,19 @@ def two_level_log_densities(
             divergence="hutchinson",
         )[1]  # fmt: skip
 
-    widths = floors.min(1).values.tolist()
-    return fine_log_p, by_width(widths, coarse)
+    return by_width(widths, coarse)
+
+
+@torch.no_grad()
+def two_level_log_densities(
+    model, emb: torch.Tensor, x0: torch.Tensor, recipe: SamplerSettings, fine: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural log-densities of the two levels from the initial states x0 (B, C, 3) of
+    prepared embeddings emb (B, D): the resolved ``recipe``'s localizability pass on the first
+    ``fine`` of them, (B, fine), and the coarse pass on all, (B, C). The coarse pass's stiff end
+    reaches the sharpest floor its photo's fine samples were probed at, one grid per photo."""
+    fine_log_p, floors = _full_pass(model, emb, x0[:, :fine], recipe)
+    return fine_log_p, _coarse_pass(model, emb, x0, recipe, floors.min(1).values.tolist())
 
 
 def two_level_bits(

@@ -100,7 +100,7 @@ coarse pass (:data:`COARSENING` times coarser steps, the device's fastest precis
 stiff end per photo) on ``localizability_samples`` x 5/4 samples, corrected by the
 recipe's pass on the first quarter of them: the same expectation as "plain", and at most its
 standard error where the per-sample correction spreads at most a quarter as much as the
-log-density itself."""
+log-density itself; a photo where it spreads more (read off the first quarter) takes "plain"."""
 
 LOCALIZABILITY_ESTIMATOR = TWO_LEVEL
 """The default estimator (issue 22): on 8 photos of syn-small and of syn-published (sharp), the

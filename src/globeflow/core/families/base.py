@@ -16,8 +16,7 @@ from globeflow.core.errors import NonFiniteOutputError
 from globeflow.core.guidance import GuidedField, GuidedVelocity
 from globeflow.core.likelihood import log_prob_ode, sample_with_log_density
 from globeflow.core.localizability import (
-    two_level_bits,
-    two_level_log_densities,
+    two_level_localizability,
     two_level_sizes,
     uses_two_levels,
 )
@@ -265,9 +264,9 @@ class GeoModel(nn.Module):
             settings, density, num_samples, steps, **estimator
         )
         if noise is None and density == DEFAULT_LOG_DENSITY and uses_two_levels(self, recipe):
-            fine, coarse = two_level_sizes(recipe.localizability_samples)
+            coarse = two_level_sizes(recipe.localizability_samples)[1]
             x0 = self.prepare_noise(emb, coarse, None, generator)
-            bits, se = two_level_bits(*two_level_log_densities(self, emb, x0, recipe, fine))
+            bits, se, _ = two_level_localizability(self, emb, x0, recipe)
             mean, stderr = (v.to(device=emb.device, dtype=emb.dtype) for v in (bits, se))
         else:
             _, log_p = self.sample_unit_with_log_density(emb, recipe, density, noise, generator)
