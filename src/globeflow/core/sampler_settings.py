@@ -104,7 +104,7 @@ log-density itself; a photo where it spreads more (read off the first quarter) t
 
 LOCALIZABILITY_ESTIMATOR = TWO_LEVEL
 """The default estimator (issue 22): on 8 photos of syn-small and of syn-published (sharp), the
-pass 1.41-1.70x faster than plain in two runs, its standard error lower on average (0.238 /
+pass 1.38-1.70x faster than plain in three runs, its standard error lower on average (0.238 /
 0.269 bit against 0.252 / 0.284), the paired difference within its noise, the correction's
 spread at most 0.23 of the log-density's (``benchmarks/run.py localizability_two_level``;
 docs/defaults.md, "The localizability in two levels"). The bundled model recommends
