@@ -228,7 +228,10 @@ def _draw_from(
     if not isinstance(model, GeoModel):  # duck-typed stand-ins: their own estimate
         bits = model.localizability(emb, num_samples=n_loc, generator=generator)
         return samples, torch.as_tensor(bits).double().reshape(-1).cpu(), nan
-    return (samples, *_localizability(model, emb, recipe, generator, lambda k: noise(k, False)))
+    return (
+        samples,
+        *_localizability(model, emb, recipe, generator, lambda k: noise(k, False), how),
+    )
 
 
 def _localizability(
@@ -237,15 +240,16 @@ def _localizability(
     recipe: SamplerSettings,
     generator: torch.Generator | None,
     noise: Callable[[int], tuple[torch.Tensor | None, int]],
+    how: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The localizability's bits and standard error (B,) of a resolved ``recipe``, in two
     levels where :func:`~globeflow.core.localizability.uses_two_levels`, else plain, from the
-    initial states (and their padded count) ``noise(count)`` gives."""
+    initial states (and their padded count) ``noise(count)`` gives; ``how``: the sampling
+    options :func:`_draw_from` passes the model."""
     n = recipe.localizability_samples
     if uses_two_levels(model, recipe):
         x0, _ = noise(two_level_sizes(n)[1])
         return two_level_localizability(model, emb, x0, recipe)[:2]
     x0, padded = noise(n)
-    how = {"settings": recipe} if solver_for(model, recipe.solver) is not None else {}
     _, log_p = model.sample_with_log_density(emb, padded, generator=generator, noise=x0, **how)
     return bits_and_stderr(log_p[:, :n])

@@ -71,13 +71,12 @@ def two_level_sizes(samples: int) -> tuple[int, int]:
 
 def uses_two_levels(model, recipe: SamplerSettings) -> bool:
     """Whether ``recipe``'s localizability is taken in two levels for ``model``: asked for,
-    on S^2 by the path method (models that draw their own initial states), and enough
-    samples."""
+    on S^2 (where its density is the path method's; models that draw their own initial
+    states), and enough samples."""
     return (
         recipe.localizability_estimator == TWO_LEVEL
         and getattr(model, "geometry", None) is SPHERE
         and getattr(model, "draws_initial_noise", False)
-        and DEFAULT_LOG_DENSITY.method in (None, "path")
         and two_level_sizes(recipe.localizability_samples)[1] > 0
     )
 
